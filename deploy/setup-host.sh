@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# setup-host.sh - install what ssi-pager, its tests and its demo need on Debian 12 / Ubuntu.
+# Idempotent; run as root (or through sudo). Non-interactive: safe for CI.
+#   deploy/setup-host.sh            system packages + `pip install -e .[test]` of this checkout
+# Environment: SSI_PAGER_SKIP_APT=1 skips apt (packages already there).
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+export DEBIAN_FRONTEND=noninteractive
+PY=${PYTHON:-python3}
+
+if [ "${SSI_PAGER_SKIP_APT:-0}" != 1 ]; then
+  apt-get update -qq
+  # gcc/libc6-dev: cffi extension, preload shim, test helpers; qemu + busybox: test guests;
+  # prometheus: promtool and the scrape test; systemd: systemd-analyze verify of the units;
+  # iproute2: network namespaces; python3-pyverbs/rdma-core: the RDMA path (falls back to TCP
+  # where the kernel has no RDMA, as on CI).
+  apt-get install -y -qq --no-install-recommends \
+    gcc libc6-dev make cpio kmod iproute2 procps \
+    qemu-system-x86 busybox-static \
+    prometheus systemd \
+    python3-pyverbs rdma-core ibverbs-providers >/dev/null
+fi
+
+# guest kernel for the QEMU tests and `ssi-pager vm` examples, cached across runs
+"$here/tests/guest/fetch-kernel.sh" || echo "setup-host: guest kernel not fetched; QEMU tests will skip" >&2
+
+cd "$here"
+"$PY" -m pip install -q -e '.[test]'
+echo "setup-host: ready (ssi-pager $("$PY" -c 'import pager; print(pager.__version__)'))" >&2

@@ -1,0 +1,1 @@
+"""Shared pytest configuration: the suite runs against the real kernel, sockets and processes."""

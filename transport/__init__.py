@@ -1,0 +1,1 @@
+"""SSI-HV page transport: PageTransport over TCP (default) or RDMA (automatic upgrade)."""

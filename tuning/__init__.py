@@ -1,0 +1,1 @@
+"""Host tuning for ssi-pager: check, plan, apply and revert sysctl and device settings."""
