@@ -1,0 +1,351 @@
+"""The client handoff: Firecracker's UFFD handshake on a Unix stream socket.
+
+A client (Firecracker, the QEMU shim, our workload) connects and sends ONE ``sendmsg``: a JSON
+array of regions ``{"base_host_virt_addr", "size", "offset", "page_size", "page_size_kib"}``
+with its userfaultfd as SCM_RIGHTS data. Firecracker never closes its end after sending, so the
+array is parsed as soon as it is complete, and the socket's hang-up is the client's exit.
+
+Extensions, ignored by Firecracker-style parsers of unknown keys: a region may carry
+``"space": "NAME"`` (the memory-node address space; default the pager's) and ``"memfd": true``
+(then a second fd, the memfd backing guest RAM, follows the uffd in the same SCM_RIGHTS).
+
+``parse_regions`` and ``check_fds`` are pure; ``HandoffServer`` is the asyncio shell: socket
+mode 0600, the peer checked with SO_PEERCRED, a timeout for silent or truncated sends, one
+state per client, a bad client logged and closed without disturbing the others.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from pager.errors import HandoffError
+from pager.region import PAGE_SIZE, Region, RegionTable
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE = 64 * 1024  # Firecracker sends a few hundred bytes; a QEMU guest a few KiB
+MAX_REGIONS = 1024
+MAX_FDS = 8  # room to receive (and then reject) a few too many
+HANDSHAKE_TIMEOUT = 5.0
+
+
+def parse_regions(body: bytes) -> list[Region]:
+    """Parse the handshake's JSON array of regions (complete message, no trailing garbage).
+
+    Page size: ``page_size``, else ``page_size_kib`` (bytes, despite its name, as Firecracker
+    fills it), else 4096 (older Firecracker sends only base, size and offset). Unknown keys are
+    ignored. Raises HandoffError for anything that cannot be served.
+    """
+    if len(body) > MAX_MESSAGE:
+        raise HandoffError(f"handshake of {len(body)} bytes exceeds {MAX_MESSAGE}; "
+                           "send one JSON array of regions")
+    try:
+        doc = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HandoffError(f"handshake is not valid JSON ({exc}); send a JSON array of "
+                           "regions") from None
+    if not isinstance(doc, list) or not doc:
+        raise HandoffError("handshake must be a non-empty JSON array of region objects")
+    if len(doc) > MAX_REGIONS:
+        raise HandoffError(f"handshake has {len(doc)} regions, more than {MAX_REGIONS}")
+    regions = [_region(i, item) for i, item in enumerate(doc)]
+    RegionTable(regions)  # validates each region and rejects overlaps
+    return regions
+
+
+def _region(i: int, item: object) -> Region:
+    if not isinstance(item, dict):
+        raise HandoffError(f"region {i} is not a JSON object")
+
+    def num(key: str, required: bool = True) -> int | None:
+        v = item.get(key)
+        if v is None:
+            if required:
+                raise HandoffError(f"region {i} lacks {key!r}; send base_host_virt_addr, "
+                                   "size and offset")
+            return None
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise HandoffError(f"region {i}: {key!r} must be a non-negative integer, got {v!r}")
+        return v
+
+    base, size, offset = num("base_host_virt_addr"), num("size"), num("offset")
+    page_size = num("page_size", False) or num("page_size_kib", False) or PAGE_SIZE
+    space = item.get("space")
+    if space is not None and (not isinstance(space, str) or not space or len(space) > 255):
+        raise HandoffError(f"region {i}: 'space' must be a non-empty string")
+    memfd = item.get("memfd", False)
+    if not isinstance(memfd, bool):
+        raise HandoffError(f"region {i}: 'memfd' must be true or false")
+    r = Region(base=base, size=size, offset=offset, page_size=page_size,  # type: ignore[arg-type]
+               space=space, memfd=memfd)
+    r.validate()
+    return r
+
+
+def check_fds(regions: list[Region], fds: list[int]) -> None:
+    """Exactly one fd (the uffd), or two when a region declares ``memfd`` (uffd, memfd)."""
+    want = 2 if any(r.memfd for r in regions) else 1
+    if len(fds) != want:
+        what = "the uffd and the memfd" if want == 2 else "exactly one fd (the uffd)"
+        raise HandoffError(f"handshake carried {len(fds)} fds; send {what} as SCM_RIGHTS "
+                           "in the same sendmsg as the JSON")
+
+
+def message_complete(buf: bytes) -> bool:
+    """True once ``buf`` holds a whole JSON array (or is certainly not going to be one).
+
+    Scans brackets outside strings, so a truncated send waits for more data while garbage is
+    reported at once by parse_regions.
+    """
+    text = buf.lstrip()
+    if not text:
+        return False
+    if text[:1] != b"[":
+        return True  # not an array: let the parser say so
+    depth, in_str, esc = 0, False, False
+    for c in text:
+        if in_str:
+            if esc:
+                esc = False
+            elif c == 0x5C:  # backslash
+                esc = True
+            elif c == 0x22:
+                in_str = False
+        elif c == 0x22:
+            in_str = True
+        elif c in (0x5B, 0x7B):
+            depth += 1
+        elif c in (0x5D, 0x7D):
+            depth -= 1
+            if depth == 0:
+                return True
+    return False
+
+
+def recv_handshake_part(sock: socket.socket, fds: list[int]) -> bytes:
+    """One recvmsg: returns the bytes, appends any SCM_RIGHTS fds (closed later by the caller)."""
+    fdsize = array.array("i").itemsize
+    data, ancdata, flags, _ = sock.recvmsg(MAX_MESSAGE + 1, socket.CMSG_SPACE(MAX_FDS * fdsize))
+    for level, kind, cdata in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            a = array.array("i")
+            a.frombytes(cdata[: len(cdata) - len(cdata) % fdsize])
+            fds.extend(a)
+    if flags & socket.MSG_CTRUNC:
+        raise HandoffError(f"handshake carried more than {MAX_FDS} fds; send one uffd "
+                           "(and the memfd when declared)")
+    return data
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the connected peer."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
+@dataclass
+class Handshake:
+    """A completed, validated handshake; the fds are owned by whoever takes it."""
+
+    regions: list[Region]
+    uffd: int
+    memfd: int | None
+    pid: int
+    uid: int
+    body: bytes
+    conn: socket.socket = field(repr=False)
+
+
+class ClientHandle:
+    """What the server's owner returns for an accepted client: closed on hang-up."""
+
+    def close(self) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+OnClient = Callable[[Handshake], Awaitable[ClientHandle | None]]
+
+
+class HandoffServer:
+    """Accepts clients on a Unix socket and hands each validated handshake to ``on_client``."""
+
+    def __init__(self, path: str, on_client: OnClient, *,
+                 allowed_uids: set[int] | None = None,
+                 timeout: float = HANDSHAKE_TIMEOUT,
+                 listen_fd: int | None = None) -> None:
+        self.path = path
+        self.on_client = on_client
+        self.allowed_uids = {0, os.getuid()} if allowed_uids is None else allowed_uids
+        self.timeout = timeout
+        self.rejected = 0  # handshakes refused (counted for metrics)
+        self.accepted = 0
+        self._listen_fd = listen_fd
+        self._sock: socket.socket | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._serve_task: asyncio.Task | None = None
+
+    @staticmethod
+    def bind(path: str) -> socket.socket:
+        """Create the listening socket, mode 0600 (a stale socket file is replaced)."""
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.exists(path) and not _is_socket(path):
+                raise HandoffError(f"{path} exists and is not a socket; choose another --socket")
+            os.unlink(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        sock.listen(64)
+        return sock
+
+    async def start(self) -> None:
+        if self._listen_fd is not None:
+            self._sock = socket.socket(fileno=self._listen_fd)
+        else:
+            self._sock = self.bind(self.path)
+        self._sock.setblocking(False)
+        self._serve_task = asyncio.get_running_loop().create_task(self._accept_loop())
+
+    async def close(self) -> None:
+        if self._serve_task:
+            self._serve_task.cancel()
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._sock:
+            self._sock.close()
+            if self._listen_fd is None:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._sock is not None
+        while True:
+            conn, _ = await loop.sock_accept(self._sock)
+            conn.setblocking(False)
+            t = loop.create_task(self._client(conn))
+            self._tasks.add(t)
+            t.add_done_callback(self._tasks.discard)
+
+    async def _client(self, conn: socket.socket) -> None:
+        handle: ClientHandle | None = None
+        fds: list[int] = []
+        try:
+            try:
+                pid, uid, _ = peer_credentials(conn)
+                if uid not in self.allowed_uids:
+                    raise HandoffError(f"peer pid {pid} uid {uid} is not allowed; run the "
+                                       "client as the pager's user or root")
+                hs = await asyncio.wait_for(self._read_handshake(conn, fds, pid, uid),
+                                            self.timeout)
+            except TimeoutError:
+                raise HandoffError(f"no complete handshake within {self.timeout:g} s; send the "
+                                   "regions JSON and the uffd in one sendmsg") from None
+            fds = []  # owned by the handshake now
+            try:
+                handle = await self.on_client(hs)
+            except Exception:
+                for fd in (hs.uffd, hs.memfd):
+                    if fd is not None:
+                        with contextlib.suppress(OSError):
+                            os.close(fd)
+                raise
+            self.accepted += 1
+            await self._wait_hangup(conn)
+            log.info("client pid %d hung up", hs.pid)
+        except HandoffError as exc:
+            self.rejected += 1
+            log.warning("handoff refused: %s", exc)
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            self.rejected += 1
+            log.exception("handoff failed")
+        finally:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            if handle is not None:
+                try:
+                    handle.close()
+                except Exception:
+                    log.exception("closing a client failed")
+            conn.close()
+
+    async def _read_handshake(self, conn: socket.socket, fds: list[int], pid: int,
+                              uid: int) -> Handshake:
+        loop = asyncio.get_running_loop()
+        buf = b""
+        while True:
+            await _wait_readable(loop, conn)
+            try:
+                part = recv_handshake_part(conn, fds)
+            except BlockingIOError:
+                continue
+            if not part:
+                raise HandoffError(f"peer pid {pid} closed the socket before a complete "
+                                   f"handshake ({len(buf)} bytes received)")
+            buf += part
+            if len(buf) > MAX_MESSAGE:
+                raise HandoffError(f"handshake longer than {MAX_MESSAGE} bytes; send one JSON "
+                                   "array of regions")
+            if message_complete(buf):
+                break
+        regions = parse_regions(buf)
+        check_fds(regions, fds)
+        return Handshake(regions=regions, uffd=fds[0], memfd=fds[1] if len(fds) > 1 else None,
+                         pid=pid, uid=uid, body=buf, conn=conn)
+
+    async def _wait_hangup(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await _wait_readable(loop, conn)
+            extra: list[int] = []
+            try:
+                data = recv_handshake_part(conn, extra)
+            except BlockingIOError:
+                continue
+            except (ConnectionResetError, HandoffError):
+                data = b""
+            finally:
+                for fd in extra:
+                    os.close(fd)
+            if not data:
+                return
+            log.warning("ignoring %d bytes sent after the handshake", len(data))
+
+
+def _is_socket(path: str) -> bool:
+    import stat
+    return stat.S_ISSOCK(os.stat(path).st_mode)
+
+
+async def _wait_readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    fut = loop.create_future()
+    fd = sock.fileno()
+    loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
+    try:
+        await fut
+    finally:
+        loop.remove_reader(fd)
+
+
+def send_handshake(sock: socket.socket, regions: list[dict], fds: list[int]) -> None:
+    """Client side (tests, workload, supervisor): one sendmsg with the JSON and the fds."""
+    body = json.dumps(regions).encode()
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+    sock.sendmsg([body], anc)

@@ -1,0 +1,283 @@
+"""The fault engine's bookkeeping for one client, with no I/O (fed with plain events).
+
+``ClientState`` answers "what must be done for a fault at this address" and keeps what that
+depends on: the region table (following UNMAP / REMAP), the ranges a REMOVE dropped (zero on
+their next fault, never fetched again), the readahead ranges in flight (a fault there waits for
+them instead of fetching again), the faults deferred by EAGAIN, and the sequential-stream
+detector that asks for readahead. The fault thread (pager.engine) does the syscalls and the
+fetches; tests drive this object directly.
+
+Removed ranges are kept in *space offsets* (gpa), so they stay right when a range is mremap'ed.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from pager.region import Region, RegionTable
+
+
+class IntervalSet:
+    """Disjoint half-open integer intervals, merged on insert."""
+
+    __slots__ = ("_ends", "_starts")
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def __iter__(self):
+        return iter(zip(self._starts, self._ends, strict=True))
+
+    def copy(self) -> IntervalSet:
+        c = IntervalSet()
+        c._starts, c._ends = list(self._starts), list(self._ends)
+        return c
+
+    def add(self, start: int, end: int) -> None:
+        if start >= end:
+            return
+        i = bisect.bisect_left(self._ends, start)  # first interval ending at/after start
+        j = bisect.bisect_right(self._starts, end)  # first interval starting after end
+        if i < j:
+            start = min(start, self._starts[i])
+            end = max(end, self._ends[j - 1])
+        self._starts[i:j] = [start]
+        self._ends[i:j] = [end]
+
+    def discard(self, start: int, end: int) -> None:
+        if start >= end:
+            return
+        i = bisect.bisect_right(self._ends, start)
+        j = bisect.bisect_left(self._starts, end)
+        keep_s: list[int] = []
+        keep_e: list[int] = []
+        if i < j:
+            if self._starts[i] < start:
+                keep_s.append(self._starts[i])
+                keep_e.append(start)
+            if self._ends[j - 1] > end:
+                keep_s.append(end)
+                keep_e.append(self._ends[j - 1])
+            self._starts[i:j] = keep_s
+            self._ends[i:j] = keep_e
+
+    def find(self, x: int) -> tuple[int, int] | None:
+        """The interval containing ``x``."""
+        i = bisect.bisect_right(self._starts, x) - 1
+        if i >= 0 and x < self._ends[i]:
+            return self._starts[i], self._ends[i]
+        return None
+
+    def overlaps(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The parts of the set inside ``[start, end)``."""
+        i = bisect.bisect_right(self._ends, start)
+        out = []
+        while i < len(self._starts) and self._starts[i] < end:
+            out.append((max(start, self._starts[i]), min(end, self._ends[i])))
+            i += 1
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Fetch:
+    """Fetch ``length`` bytes at ``gpa`` of the region's space and install them at ``start``
+    (pages in ``removed`` are skipped: they are zero-filled only when faulted on)."""
+
+    region: Region
+    start: int
+    length: int
+    gpa: int
+    removed: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ZeroFill:
+    """A REMOVE'd range: fill ``[start, start+length)`` with zero pages, fetch nothing."""
+
+    region: Region
+    start: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """The chunk is being read ahead: the fault is resolved when that lands."""
+
+    key: tuple[int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Unknown:
+    """No region covers the address (a layout event we missed, or a bug): cannot serve."""
+
+    address: int
+
+
+Action = Fetch | ZeroFill | Wait | Unknown
+
+
+@dataclass
+class Readahead:
+    """Sequential-stream detector: consecutive faults in consecutive chunks of a region open
+    a readahead window that doubles on every further hit, up to ``max_chunks``."""
+
+    min_hits: int = 2
+    max_chunks: int = 32
+    last: tuple[int, int] | None = None  # (region base, chunk index) of the last fault
+    hits: int = 0
+    window: int = 0
+    ahead: int = -1  # chunks with index <= ahead are already requested (same region)
+
+    def on_fault(self, base: int, index: int, nchunks: int) -> range:
+        """Chunk indexes of ``base``'s region to read ahead after a fault at chunk ``index``."""
+        last = self.last
+        self.last = (base, index)
+        if last is not None and last[0] == base and (
+                index == last[1] + 1 or last[1] < index <= self.ahead + 1):
+            self.hits += 1
+        else:
+            self.hits, self.window, self.ahead = 0, 0, -1
+            return range(0)
+        if self.hits < self.min_hits:
+            return range(0)
+        self.window = min(self.max_chunks, max(2, self.window * 2))
+        first = max(index + 1, self.ahead + 1)
+        stop = min(nchunks, index + 1 + self.window)
+        if first >= stop:
+            return range(0)
+        self.ahead = stop - 1
+        return range(first, stop)
+
+
+@dataclass
+class ClientState:
+    """Per-client bookkeeping (one per uffd: a forked child gets a copy)."""
+
+    regions: RegionTable
+    chunk_size: int = 64 * 1024
+    removed: dict[str | None, IntervalSet] = field(default_factory=dict)
+    inflight: dict[tuple[int, int], list[int]] = field(default_factory=dict)
+    deferred: list[int] = field(default_factory=list)
+    readahead: Readahead = field(default_factory=Readahead)
+
+    def fork(self) -> ClientState:
+        """The state of a forked child: same layout and removed ranges, nothing in flight."""
+        return ClientState(regions=self.regions.copy(), chunk_size=self.chunk_size,
+                           removed={k: v.copy() for k, v in self.removed.items()},
+                           readahead=Readahead(self.readahead.min_hits,
+                                               self.readahead.max_chunks))
+
+    # -- faults ------------------------------------------------------------------------------
+    def on_fault(self, addr: int) -> Action:
+        r = self.regions.find(addr)
+        if r is None:
+            return Unknown(addr)
+        start, length = r.chunk(addr, self.chunk_size)
+        removed = self.removed.get(r.space)
+        if removed is not None:
+            page = r.page(addr)
+            hit = removed.find(r.gpa(page))
+            if hit is not None:
+                s = max(start, r.addr_of(hit[0]))
+                e = min(start + length, r.addr_of(hit[1]))
+                return ZeroFill(r, s, e - s)
+        key = (r.base, (start - r.base) // self.chunk_size)
+        waiters = self.inflight.get(key)
+        if waiters is not None:
+            waiters.append(addr)
+            return Wait(key)
+        gone: tuple[tuple[int, int], ...] = ()
+        if removed is not None:
+            gone = tuple((r.addr_of(s), r.addr_of(e))
+                         for s, e in removed.overlaps(r.gpa(start), r.gpa(start + length)))
+        return Fetch(r, start, length, r.gpa(start), gone)
+
+    def readahead_after(self, addr: int) -> list[Fetch]:
+        """Chunks to read ahead after a fault at ``addr`` (marked in flight here)."""
+        r = self.regions.find(addr)
+        if r is None:
+            return []
+        cs = self.chunk_size
+        nchunks = -(-r.size // cs)
+        out = []
+        for i in self.readahead.on_fault(r.base, (addr - r.base) // cs, nchunks):
+            key = (r.base, i)
+            if key in self.inflight:
+                continue
+            start = r.base + i * cs
+            length = min(cs, r.end - start)
+            removed = self.removed.get(r.space)
+            if removed is not None and removed.overlaps(r.gpa(start), r.gpa(start + length)):
+                continue  # balloon territory: never fetched again
+            self.inflight[key] = []
+            out.append(Fetch(r, start, length, r.gpa(start)))
+        return out
+
+    def landed(self, fetch: Fetch) -> list[int]:
+        """A readahead chunk finished (installed or failed): its waiting fault addresses."""
+        key = (fetch.region.base, (fetch.start - fetch.region.base) // self.chunk_size)
+        return self.inflight.pop(key, [])
+
+    def install_plan(self, fetch: Fetch) -> Fetch | None:
+        """Re-check a readahead chunk against the layout now (it may have been unmapped,
+        moved or removed while it was fetched): where to install it, or None to drop it."""
+        r = self.regions.find(fetch.start)
+        if r is None or r.space != fetch.region.space or r.gpa(fetch.start) != fetch.gpa:
+            return None
+        end = min(fetch.start + fetch.length, r.end)
+        removed = self.removed.get(r.space)
+        gone: tuple[tuple[int, int], ...] = ()
+        if removed is not None:
+            gone = tuple((r.addr_of(s), r.addr_of(e))
+                         for s, e in removed.overlaps(fetch.gpa, r.gpa(end)))
+        return Fetch(r, fetch.start, end - fetch.start, fetch.gpa, gone)
+
+    def defer(self, addr: int) -> None:
+        self.deferred.append(addr)
+
+    def take_deferred(self) -> list[int]:
+        d, self.deferred = self.deferred, []
+        return d
+
+    # -- layout events ----------------------------------------------------------------------
+    def on_remove(self, start: int, end: int) -> None:
+        """madvise(DONTNEED/REMOVE): those pages read as zero from now on."""
+        for r in self.regions.overlapping(start, end):
+            s, e = r.clip(start, end)  # type: ignore[misc]
+            self.removed.setdefault(r.space, IntervalSet()).add(r.gpa(s), r.gpa(e))
+
+    def on_unmap(self, start: int, end: int) -> None:
+        self.regions.remove_range(start, end)
+
+    def on_remap(self, old: int, new: int, length: int) -> None:
+        self.regions.move(old, new, length)
+
+
+def runs(start: int, length: int, page: int, zero_mask: int,
+         removed: tuple[tuple[int, int], ...] = ()) -> list[tuple[str, int, int]]:
+    """Split a fetched chunk into ("copy"|"zero", start, length) runs of contiguous pages,
+    leaving out removed ranges. Bit i of ``zero_mask`` = page i was never written."""
+    if not zero_mask and not removed:
+        return [("copy", start, length)]
+    out: list[tuple[str, int, int]] = []
+    n = length // page
+    kind_prev = None
+    run_start = start
+    for i in range(n):
+        a = start + i * page
+        if removed and any(s <= a < e for s, e in removed):
+            kind = None
+        else:
+            kind = "zero" if zero_mask >> i & 1 else "copy"
+        if kind != kind_prev:
+            if kind_prev is not None:
+                out.append((kind_prev, run_start, a - run_start))
+            kind_prev, run_start = kind, a
+    if kind_prev is not None:
+        out.append((kind_prev, run_start, start + length - run_start))
+    return out

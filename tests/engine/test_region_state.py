@@ -1,0 +1,141 @@
+"""Pure bookkeeping: regions, chunks, removed ranges, readahead, in-flight waits (no kernel)."""
+
+import pytest
+
+from pager.errors import HandoffError
+from pager.region import Region, RegionTable
+from pager.state import ClientState, Fetch, IntervalSet, Readahead, Unknown, Wait, ZeroFill, runs
+
+K = 4096
+
+
+def test_chunk_aligned_to_region_base_and_clipped():
+    r = Region(base=0x10000 + K, size=20 * K, offset=8 * K)
+    assert r.chunk(r.base + 5 * K + 7, 16 * K) == (r.base, 16 * K)
+    # last chunk clipped to the region end
+    assert r.chunk(r.base + 17 * K, 16 * K) == (r.base + 16 * K, 4 * K)
+    assert r.gpa(r.base + K) == 9 * K
+    assert r.addr_of(9 * K) == r.base + K
+    # a chunk size that is not a page multiple is rounded up
+    assert r.chunk(r.base, 5000) == (r.base, 2 * K)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(base=0x1000, size=0, offset=0),
+    dict(base=0x1001, size=K, offset=0),
+    dict(base=0x1000, size=K + 1, offset=0),
+    dict(base=0x1000, size=K, offset=12),
+    dict(base=0x1000, size=K, offset=0, page_size=3000),
+])
+def test_region_validation(kw):
+    with pytest.raises(HandoffError):
+        Region(**kw).validate()
+
+
+def test_table_overlap_unmap_remap():
+    t = RegionTable([Region(0x100000, 16 * K, 0), Region(0x200000, 4 * K, 16 * K)])
+    with pytest.raises(HandoffError, match="overlaps"):
+        t.add(Region(0x100000 + 15 * K, 2 * K, 0))
+    assert t.find(0x100000 + 3 * K).offset == 0
+    assert t.find(0x100000 + 16 * K) is None
+    t.remove_range(0x100000 + 4 * K, 0x100000 + 8 * K)
+    assert t.find(0x100000 + 5 * K) is None
+    tail = t.find(0x100000 + 9 * K)
+    assert tail.base == 0x100000 + 8 * K and tail.offset == 8 * K
+    t.move(0x100000 + 8 * K, 0x300000, 8 * K)
+    moved = t.find(0x300000 + K)
+    assert moved.offset == 8 * K and moved.gpa(0x300000 + K) == 9 * K
+    assert t.find(0x100000 + 9 * K) is None
+    assert [r.base for r in t] == [0x100000, 0x200000, 0x300000]
+
+
+def test_interval_set():
+    s = IntervalSet()
+    s.add(10, 20)
+    s.add(30, 40)
+    s.add(20, 30)
+    assert list(s) == [(10, 40)]
+    s.discard(15, 25)
+    assert list(s) == [(10, 15), (25, 40)]
+    assert s.find(14) == (10, 15) and s.find(15) is None
+    assert s.overlaps(0, 30) == [(10, 15), (25, 30)]
+    s.add(0, 100)
+    assert list(s) == [(0, 100)]
+
+
+def state(chunk=16 * K):
+    return ClientState(RegionTable([Region(0x100000, 64 * K, 1 << 20, space="vm")]),
+                       chunk_size=chunk)
+
+
+def test_fault_fetch_then_remove_gives_zero_never_fetch():
+    st = state()
+    a = st.on_fault(0x100000 + 5 * K + 1)
+    assert isinstance(a, Fetch) and a.start == 0x100000 and a.length == 16 * K
+    assert a.gpa == 1 << 20 and a.removed == ()
+    st.on_remove(0x100000 + 2 * K, 0x100000 + 6 * K)
+    z = st.on_fault(0x100000 + 3 * K)
+    assert isinstance(z, ZeroFill) and (z.start, z.length) == (0x100000 + 2 * K, 4 * K)
+    f = st.on_fault(0x100000 + 8 * K)
+    assert isinstance(f, Fetch) and f.removed == ((0x100000 + 2 * K, 0x100000 + 6 * K),)
+    # the removed range survives an mremap (kept in space offsets)
+    st.on_remap(0x100000, 0x900000, 64 * K)
+    z = st.on_fault(0x900000 + 3 * K)
+    assert isinstance(z, ZeroFill)
+    assert isinstance(st.on_fault(0x100000), Unknown)
+    # a forked child keeps the removed ranges, not the in-flight ones
+    st.inflight[(0x900000, 1)] = []
+    child = st.fork()
+    assert isinstance(child.on_fault(0x900000 + 3 * K), ZeroFill)
+    assert child.inflight == {}
+
+
+def test_runs_split_zero_copy_and_removed():
+    base = 0x100000
+    assert runs(base, 4 * K, K, 0) == [("copy", base, 4 * K)]
+    assert runs(base, 4 * K, K, 0b0110) == [("copy", base, K), ("zero", base + K, 2 * K),
+                                            ("copy", base + 3 * K, K)]
+    assert runs(base, 4 * K, K, 0b1000, ((base + K, base + 2 * K),)) == [
+        ("copy", base, K), ("copy", base + 2 * K, K), ("zero", base + 3 * K, K)]
+
+
+def test_readahead_on_sequential_stream_and_waits():
+    st = state(chunk=4 * K)
+    base = 0x100000
+    assert st.readahead_after(base) == []
+    assert st.readahead_after(base + 4 * K) == []
+    ra = st.readahead_after(base + 8 * K)
+    assert [f.start for f in ra] == [base + 12 * K, base + 16 * K]
+    # a fault on a chunk being read ahead waits for it
+    w = st.on_fault(base + 13 * K)
+    assert isinstance(w, Wait)
+    assert st.landed(ra[0]) == [base + 13 * K]
+    # the stream keeps going: the window grows, requested chunks are not requested again
+    more = st.readahead_after(base + 12 * K)
+    assert more[0].start == base + 20 * K
+    assert len(more) >= 2
+    # a random jump resets the detector
+    assert st.readahead_after(base + 60 * K) == []
+    assert Readahead().on_fault(0, 5, 10) == range(0)
+
+
+def test_readahead_skips_removed_and_install_plan_rechecks():
+    st = state(chunk=4 * K)
+    base = 0x100000
+    st.on_remove(base + 16 * K, base + 20 * K)
+    for i in (0, 1):
+        st.readahead_after(base + i * 4 * K)
+    ra = st.readahead_after(base + 8 * K)
+    assert [f.start for f in ra] == [base + 12 * K]
+    st.on_remove(base + 12 * K, base + 13 * K)
+    plan = st.install_plan(ra[0])
+    assert plan.removed == ((base + 12 * K, base + 13 * K),)
+    st.on_unmap(base, base + 64 * K)
+    assert st.install_plan(ra[0]) is None
+
+
+def test_deferred():
+    st = state()
+    st.defer(1)
+    st.defer(2)
+    assert st.take_deferred() == [1, 2] and st.take_deferred() == []
