@@ -1,7 +1,68 @@
-"""Errors of the transport package; every one says what to do about it."""
+"""Errors of the transport package; every one says what to do about it.
+
+One hierarchy: everything raised on purpose by ``transport`` derives from `TransportError`.
+``errno`` is kept when an OS error is the cause (``TransportError.errno``), and a memory node's
+error frame keeps its protocol code (`RemoteError.code`).
+"""
 
 from __future__ import annotations
 
 
 class TransportError(Exception):
     """Base of every transport error."""
+
+    def __init__(self, message: str, *, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+class ProtocolError(TransportError):
+    """A frame broke the wire protocol (bad magic, oversized, unknown type, bad fields).
+
+    ``code`` is the `protocol.ErrorCode` to answer with; ``fatal`` says the byte stream can no
+    longer be trusted and the connection must be closed after the error frame.
+    """
+
+    def __init__(self, message: str, code: int, *, fatal: bool = False,
+                 request_id: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+        self.fatal = fatal
+        self.request_id = request_id
+
+
+class AuthError(TransportError):
+    """The cluster-token handshake failed (wrong token, or the peer demands one we lack)."""
+
+
+class TokenError(TransportError):
+    """The cluster token file is missing, unreadable or too widely readable."""
+
+
+class RemoteError(TransportError):
+    """The memory node answered a request with an error frame."""
+
+    def __init__(self, message: str, code: int, request_id: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+        self.request_id = request_id
+
+
+class ConnectError(TransportError):
+    """No connection to the peer could be made (refused, unreachable, timed out)."""
+
+
+class ConnectionLost(TransportError):
+    """An established connection closed while requests were outstanding."""
+
+
+class NoFreePortError(TransportError):
+    """Every port of the auto-selection range is taken."""
+
+
+class StoreError(TransportError):
+    """The memory node's page store failed (bad space name, I/O error on the sparse file)."""
+
+
+class RdmaUnavailable(TransportError):
+    """RDMA cannot be used here (no pyverbs, no device); callers fall back to TCP."""

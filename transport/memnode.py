@@ -1,0 +1,269 @@
+"""The memory node: an asyncio (uvloop) TCP server holding guests' pages in a `PageStore`.
+
+Each connection is a `NodeConnection` (BufferedProtocol): received bytes land in the sans-IO
+`ServerSession`'s buffer, events come out, replies go back. Bad frames get an error frame
+(and a close when the stream cannot be trusted); other connections are never affected.
+A client that stops reading makes the node stop reading from it (write-side flow control),
+so no client can make the node queue unbounded replies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections import Counter
+from typing import Any
+
+from transport.errors import ProtocolError, StoreError
+from transport.protocol import (
+    DEFAULT_MAX_SPACE_BYTES,
+    HEADER,
+    HEADER_SIZE,
+    MAGIC,
+    NONCE_SIZE,
+    PAGE_SHIFT,
+    VERSION,
+    ErrorCode,
+    Fetch,
+    Hello,
+    Open,
+    Ping,
+    ServerSession,
+    StatsRequest,
+    Store,
+    T,
+    encode_control,
+    encode_error,
+    pack_header,
+)
+from transport.store import PageStore
+from transport.tcp import start_server, tune_socket
+
+log = logging.getLogger(__name__)
+
+_ZEROS = bytes(1 << 17)  # PONG payloads for bandwidth probes
+
+
+class NodeConnection(asyncio.BufferedProtocol):
+    def __init__(self, node: MemoryNode) -> None:
+        self.node = node
+        self.session = ServerSession(token=node.token, challenge=os.urandom(NONCE_SIZE),
+                                     node=node.name, max_space_bytes=node.max_space_bytes)
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.paused = False
+        self.closing = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    # asyncio callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            tune_socket(sock)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.node.connections.add(self)
+        self.node.counters["connections"] += 1
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self.node.handshake_timeout, self._handshake_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.node.connections.discard(self)
+        if self._timer:
+            self._timer.cancel()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.session.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.session.buffer_updated(nbytes)
+        self._drain()
+
+    def eof_received(self) -> bool:
+        # half-closed client: answer what it sent, then close (False = close after flush)
+        self._drain()
+        return False
+
+    def pause_writing(self) -> None:
+        self.paused = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self.transport is not None and not self.closing:
+            self.transport.resume_reading()
+            self._drain()
+
+    def _handshake_timeout(self) -> None:
+        if not self.session.authenticated and self.transport is not None:
+            log.warning("memnode: %s did not finish the handshake in %.0f s; closing",
+                        self.peer, self.node.handshake_timeout)
+            self.node.count("handshake", "timeout")
+            self._close()
+
+    def _close(self) -> None:
+        self.closing = True
+        if self.transport is not None:
+            self.transport.close()
+
+    # request handling
+    def _drain(self) -> None:
+        session = self.session
+        write = self.transport.write  # type: ignore[union-attr]
+        while not self.closing and not self.paused:
+            try:
+                ev = session.next_event()
+            except ProtocolError as exc:
+                self.node.count("bad_frame", ErrorCode(exc.code).name.lower())
+                log.info("memnode: %s: %s", self.peer, exc)
+                write(encode_error(exc.request_id, exc.code, str(exc)))
+                if exc.fatal:
+                    self._close()
+                    return
+                continue
+            if ev is None:
+                return
+            if type(ev) is Fetch:
+                write(self._fetch(ev))
+            elif type(ev) is Store:
+                write(self._store(ev))
+            else:
+                write(self._control(ev))
+
+    def _fetch(self, ev: Fetch) -> Any:
+        npages = ev.length >> PAGE_SHIFT
+        try:
+            space = self.node.store.open(ev.space)
+            reply = bytearray(HEADER_SIZE + ev.length)
+            view = memoryview(reply)
+            mask, nbytes = space.read_compact(ev.gpa, npages, view[HEADER_SIZE:])
+        except (OSError, StoreError) as exc:
+            self.node.count("fetch", "error")
+            return encode_error(ev.request_id, ErrorCode.IO_ERROR, f"read failed: {exc}")
+        HEADER.pack_into(reply, 0, MAGIC, VERSION, T.DATA, 0, ev.request_id, 0, ev.gpa,
+                         nbytes, mask)
+        stats = self.node.space_counters[ev.space]
+        stats["fetched_pages"] += npages
+        stats["zero_pages"] += mask.bit_count()
+        self.node.requests["fetch", "ok"] += 1
+        return view[:HEADER_SIZE + nbytes] if nbytes < ev.length else reply
+
+    def _store(self, ev: Store) -> bytes:
+        try:
+            self.node.store.open(ev.space).write(ev.gpa, ev.data)
+        except StoreError as exc:
+            self.node.count("store", "error")
+            return encode_error(ev.request_id, ErrorCode.IO_ERROR, str(exc))
+        self.node.space_counters[ev.space]["stored_pages"] += len(ev.data) >> PAGE_SHIFT
+        self.node.requests["store", "ok"] += 1
+        return pack_header(T.STORED, ev.request_id, gpa=ev.gpa, arg=len(ev.data))
+
+    def _control(self, ev: Any) -> bytes:
+        session = self.session
+        if type(ev) is Ping:
+            self.node.count("ping", "ok")
+            return pack_header(T.PONG, ev.request_id, length=ev.reply_bytes) + \
+                _ZEROS[:ev.reply_bytes]
+        if type(ev) is Open:
+            try:
+                self.node.store.open(ev.space)
+            except StoreError as exc:
+                self.node.count("open", "error")
+                return encode_error(ev.request_id, ErrorCode.IO_ERROR, str(exc))
+            self.node.count("open", "ok")
+            return session.opened(ev.request_id, ev.space)
+        if type(ev) is Hello:
+            self.node.count("hello", "ok")
+            return session.welcome(ev.request_id)
+        if type(ev) is StatsRequest:
+            self.node.count("stats", "ok")
+            return encode_control(T.STATS_REPLY, ev.request_id, self.node.stats())
+        # Auth: the session verified the proof (a bad one raised ProtocolError)
+        self.node.count("auth", "ok")
+        if self._timer:
+            self._timer.cancel()
+        return session.auth_ok(ev.request_id)
+
+
+class MemoryNode:
+    """A memory node server. ``token=None`` disables authentication (insecure)."""
+
+    def __init__(self, store: PageStore, *, token: bytes | None, host: str = "127.0.0.1",
+                 port: int | None = None, name: str = "memnode",
+                 max_space_bytes: int = DEFAULT_MAX_SPACE_BYTES,
+                 handshake_timeout: float = 10.0) -> None:
+        self.store = store
+        self.token = token
+        self.host = host
+        self.port = port
+        self.name = name
+        self.max_space_bytes = max_space_bytes
+        self.handshake_timeout = handshake_timeout
+        self.connections: set[NodeConnection] = set()
+        self.requests: Counter[tuple[str, str]] = Counter()
+        self.counters: Counter[str] = Counter()
+        self.space_counters: dict[str, Counter[str]] = {}
+        self._server: asyncio.Server | None = None
+
+    def count(self, op: str, result: str) -> None:
+        self.requests[op, result] += 1
+        if op in ("auth", "handshake") or result in ("auth_failed", "auth_required"):
+            self.counters["auth_failures"] += result != "ok"
+
+    async def start(self) -> str:
+        """Bind and listen; returns the endpoint "HOST:PORT"."""
+        def factory() -> NodeConnection:
+            return NodeConnection(self)
+
+        self.space_counters = _SpaceCounters()
+        self._server, self.port = await start_server(factory, self.host, self.port)
+        return self.endpoint
+
+    @property
+    def endpoint(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    async def serve_forever(self) -> None:
+        assert self._server is not None
+        await self._server.serve_forever()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for conn in list(self.connections):
+                conn._close()
+            await self._server.wait_closed()
+            self._server = None
+
+    def stats(self) -> dict[str, Any]:
+        """Requests by op and result, stored pages/bytes in total and per space."""
+        by_op: dict[str, dict[str, int]] = {}
+        for (op, result), n in sorted(self.requests.items()):
+            by_op.setdefault(op, {})[result] = n
+        spaces: dict[str, dict[str, int]] = {}
+        for name, st in self.store.stats().items():
+            spaces[name] = {**st, **self.space_counters.get(name, {})}
+        return {
+            "node": self.name,
+            "endpoint": self.endpoint,
+            "auth": self.token is not None,
+            "connections_open": len(self.connections),
+            "connections_total": self.counters["connections"],
+            "auth_failures": self.counters["auth_failures"],
+            "requests": by_op,
+            "stored_pages": sum(s["pages"] for s in spaces.values()),
+            "stored_bytes": sum(s["bytes"] for s in spaces.values()),
+            "spaces": spaces,
+        }
+
+
+class _SpaceCounters(dict[str, Counter[str]]):
+    def __missing__(self, key: str) -> Counter[str]:
+        value = self[key] = Counter()
+        return value
+

@@ -1,0 +1,80 @@
+"""`ssi-pager memnode`: run a memory node.
+
+Prints "memnode: listening on HOST:PORT" on stderr once it accepts connections (tests and
+scripts wait for that line). Authentication is on unless --insecure-no-auth is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from transport.memnode import MemoryNode
+from transport.protocol import DEFAULT_MAX_SPACE_BYTES
+from transport.store import PageStore
+from transport.tcp import DEFAULT_HOST, parse_endpoint
+from transport.tcp import run as run_loop
+from transport.token import default_store_dir, default_token_path, ensure_token
+
+log = logging.getLogger(__name__)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--listen", metavar="HOST:PORT", default=DEFAULT_HOST,
+                        help="address to listen on (default 127.0.0.1; with no port the first "
+                             "free one of 50051-50100)")
+    parser.add_argument("--store", metavar="PATH", default=None,
+                        help=f"page store directory (default {default_store_dir()})")
+    parser.add_argument("--token-file", metavar="F", default=None,
+                        help=f"cluster token, created 0600 on first start "
+                             f"(default {default_token_path()})")
+    parser.add_argument("--insecure-no-auth", action="store_true",
+                        help="accept unauthenticated peers (anyone reaching the port can read "
+                             "and overwrite guest memory)")
+    parser.add_argument("--fsync", action="store_true",
+                        help="fdatasync every write before acknowledging it (survives power "
+                             "loss, slower); without it a killed node still loses nothing")
+    parser.add_argument("--max-space-gib", type=int, default=DEFAULT_MAX_SPACE_BYTES >> 30,
+                        help="largest address space served, GiB (default %(default)s)")
+    parser.add_argument("--name", default="memnode", help="node name reported to peers")
+
+
+def run(args: argparse.Namespace) -> int:
+    host, port = parse_endpoint(args.listen)
+    if args.insecure_no_auth:
+        token = None
+        where = "reachable from other hosts" if host not in ("127.0.0.1", "::1",
+                                                             "localhost") else "local"
+        print(f"memnode: WARNING: --insecure-no-auth: any peer that reaches this {where} port "
+              f"can read and overwrite guest memory; drop the flag to require the cluster token",
+              file=sys.stderr)
+    else:
+        token = ensure_token(args.token_file)
+    store = PageStore(args.store or default_store_dir(), sync=args.fsync)
+    node = MemoryNode(store, token=token, host=host, port=port, name=args.name,
+                      max_space_bytes=args.max_space_gib << 30)
+    try:
+        return run_loop(_serve(node, args))
+    finally:
+        store.close()
+
+
+async def _serve(node: MemoryNode, args: argparse.Namespace) -> int:
+    endpoint = await node.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    auth = "off (insecure)" if node.token is None else \
+        f"token {args.token_file or default_token_path()}"
+    print(f"memnode: store {node.store.root}, auth {auth}, "
+          f"{sum(s.pages for s in node.store.spaces.values())} pages in "
+          f"{len(node.store.spaces)} spaces", file=sys.stderr)
+    print(f"memnode: listening on {endpoint}", file=sys.stderr, flush=True)
+    await stop.wait()
+    print("memnode: stopping", file=sys.stderr)
+    await node.close()
+    return 0

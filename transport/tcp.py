@@ -1,0 +1,376 @@
+"""TCP shells around `transport.protocol`: the server listener, the blocking channel used by the
+fault engine's hot thread, and the asyncio (uvloop) client transport.
+
+No parsing here beyond moving bytes between sockets and the sans-IO objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno as errno_mod
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+from transport.errors import (
+    AuthError,
+    ConnectError,
+    ConnectionLost,
+    NoFreePortError,
+    ProtocolError,
+    RemoteError,
+    TransportError,
+)
+from transport.protocol import (
+    HEADER,
+    HEADER_SIZE,
+    MAGIC,
+    MAX_CONTROL,
+    MAX_DATA,
+    NONCE_SIZE,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    VERSION,
+    ClientHandshake,
+    ErrorCode,
+    Flag,
+    Reply,
+    T,
+    data_length,
+    decode_reply_body,
+    zero_mask_runs,
+)
+
+log = logging.getLogger(__name__)
+
+PORT_RANGE = range(50051, 50101)  # auto-selected when no port is given
+DEFAULT_HOST = "127.0.0.1"
+_R = TypeVar("_R")
+
+
+def parse_endpoint(endpoint: str, *, default_port: int | None = None) -> tuple[str, int | None]:
+    """"HOST:PORT", "[v6]:PORT", "HOST" (port None or default) -> (host, port)."""
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or (host.count(":") and not host.startswith("[")):
+        host, port = endpoint, ""
+    host = host.strip("[]") or DEFAULT_HOST
+    if not port:
+        return host, default_port
+    try:
+        value = int(port)
+    except ValueError:
+        raise TransportError(f"bad endpoint {endpoint!r}: expected HOST:PORT") from None
+    if not 0 <= value < 65536:
+        raise TransportError(f"bad port in endpoint {endpoint!r}")
+    return host, value
+
+
+def run(coro: Coroutine[Any, Any, _R]) -> _R:
+    """Run a coroutine on uvloop when available (it is a dependency), else asyncio."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a declared dependency
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def tune_socket(sock: socket.socket) -> None:
+    """Small page requests must not wait for Nagle."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+async def start_server(factory: Callable[[], asyncio.BaseProtocol], host: str,
+                       port: int | None) -> tuple[asyncio.Server, int]:
+    """Listen on host:port, or on the first free port of 50051-50100 when port is None."""
+    loop = asyncio.get_running_loop()
+    candidates = list(PORT_RANGE) if port is None else [port]
+    last: OSError | None = None
+    for p in candidates:
+        try:
+            server = await loop.create_server(factory, host, p, reuse_address=True, backlog=128)
+        except OSError as exc:
+            if exc.errno != errno_mod.EADDRINUSE or port is not None:
+                raise TransportError(f"cannot listen on {host}:{p}: {exc.strerror}; pick "
+                                     f"another --listen address", errno=exc.errno) from exc
+            last = exc
+            continue
+        bound = server.sockets[0].getsockname()[1]
+        return server, bound
+    raise NoFreePortError(f"ports {PORT_RANGE.start}-{PORT_RANGE.stop - 1} on {host} are all "
+                          f"taken: pass --listen {host}:PORT with a free port",
+                          errno=last.errno if last else None)
+
+
+# --- blocking channel (the fault engine's hot path) ------------------------------------------
+
+class BlockingChannel:
+    """One authenticated blocking socket to a memory node, for one thread.
+
+    Lean by design: requests are packed into a preallocated header buffer and replies are
+    received with ``recv_into`` straight into the caller's buffer; no event loop, no per-call
+    allocation beyond a memoryview. A broken connection is re-established (with backoff, for
+    up to ``retry_for`` seconds) and the request retried: fetch and store are idempotent.
+    """
+
+    def __init__(self, endpoint: str, token: bytes | None, space: str, *,
+                 timeout: float = 10.0, retry_for: float = 5.0, node: str = "pager") -> None:
+        self.endpoint = endpoint
+        self.host, port = parse_endpoint(endpoint)
+        if port is None:
+            raise TransportError(f"endpoint {endpoint!r} has no port: use HOST:PORT")
+        self.port = port
+        self.token = token
+        self.space_name = space
+        self.timeout = timeout
+        self.retry_for = retry_for
+        self.node = node
+        self.sock: socket.socket | None = None
+        self.space = 0
+        self._req = 0
+        self._out = bytearray(HEADER_SIZE * ((1 << 20) // MAX_DATA))  # 1 MiB worth of requests
+        self._hdr = bytearray(HEADER_SIZE)
+        self._hdr_view = memoryview(self._hdr)
+        self._scratch = bytearray(MAX_CONTROL)
+        self._scratch_view = memoryview(self._scratch)
+
+    @classmethod
+    def connect(cls, endpoint: str, token: bytes | None, space: str, **kw: Any
+                ) -> BlockingChannel:
+        ch = cls(endpoint, token, space, **kw)
+        ch._connect()
+        return ch
+
+    def __enter__(self) -> BlockingChannel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def fileno(self) -> int:
+        return self.sock.fileno() if self.sock is not None else -1
+
+    # connection
+    def _connect(self) -> None:
+        try:
+            sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+        except OSError as exc:
+            raise ConnectError(f"cannot connect to memory node {self.endpoint}: "
+                               f"{exc.strerror or exc}; is `ssi-pager memnode` running there?",
+                               errno=exc.errno) from exc
+        tune_socket(sock)
+        # blocking mode for the hot path (no poll per recv); SO_RCVTIMEO/SO_SNDTIMEO bound it
+        sock.settimeout(None)
+        tv = int(self.timeout).to_bytes(8, "little") + int(
+            (self.timeout % 1) * 1e6).to_bytes(8, "little")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        self.sock = sock
+        try:
+            hs = ClientHandshake(self.token, self.space_name, node=self.node,
+                                 nonce=os.urandom(NONCE_SIZE))
+            sock.sendall(hs.start())
+            while not hs.done:
+                out = hs.receive(self._read_reply())
+                if out:
+                    sock.sendall(out)
+        except BaseException:
+            self.close()
+            raise
+        self.space = hs.space
+
+    def _recv_exact(self, view: memoryview) -> None:
+        sock = self.sock
+        assert sock is not None
+        want = len(view)
+        got = sock.recv_into(view, want, socket.MSG_WAITALL)
+        while got < want:
+            n = sock.recv_into(view[got:], want - got, socket.MSG_WAITALL)
+            if n == 0:
+                raise ConnectionLost(f"memory node {self.endpoint} closed the connection")
+            got += n
+
+    def _read_header(self) -> tuple[int, int, int, int, int]:
+        self._recv_exact(self._hdr_view)
+        magic, version, ftype, _f, req, space, _gpa, length, arg = HEADER.unpack_from(self._hdr)
+        if magic != MAGIC or version != VERSION or length > max(MAX_DATA, MAX_CONTROL):
+            raise ConnectionLost(f"memory node {self.endpoint} sent a corrupt frame header")
+        return ftype, req, space, length, arg
+
+    def _read_reply(self) -> Reply:
+        """A whole non-DATA frame (control, ack, error)."""
+        ftype, req, space, length, arg = self._read_header()
+        if length > MAX_CONTROL:
+            raise ConnectionLost(f"memory node {self.endpoint} sent an unexpected "
+                                 f"{length}-byte frame of type {ftype}")
+        payload = self._scratch_view[:length]
+        if length:
+            self._recv_exact(payload)
+        return decode_reply_body(Reply(ftype, req, space, arg, length), payload)
+
+    def _next_id(self) -> int:
+        self._req = (self._req + 1) & 0xFFFFFFFF or 1
+        return self._req
+
+    def _retrying(self, op: Callable[[], _R]) -> _R:
+        deadline = None
+        delay = 0.01
+        while True:
+            try:
+                if self.sock is None:
+                    self._connect()
+                return op()
+            except (ConnectionLost, ConnectError, OSError) as exc:
+                self.close()
+                if isinstance(exc, BlockingIOError | TimeoutError) or (
+                        isinstance(exc, OSError) and exc.errno == errno_mod.EAGAIN):
+                    raise ConnectionLost(f"memory node {self.endpoint} did not answer within "
+                                         f"{self.timeout:g} s") from exc
+                now = time.monotonic()
+                deadline = deadline or now + self.retry_for
+                if now >= deadline:
+                    if isinstance(exc, TransportError):
+                        raise
+                    raise ConnectionLost(f"connection to memory node {self.endpoint} failed: "
+                                         f"{exc}", errno=exc.errno) from exc
+                log.warning("memory node %s: %s; reconnecting", self.endpoint, exc)
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
+
+    # page operations
+    def fetch_into(self, gpa: int, buf: Any) -> int:
+        """Fill ``buf`` (len a multiple of 4096) with the pages from ``gpa``.
+
+        Returns the zero mask: bit i set = page i was never written; its bytes in ``buf``
+        are left as they were (use UFFDIO_ZEROPAGE, or zero them).
+        """
+        view = buf if type(buf) is memoryview else memoryview(buf)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        n = len(view)
+        if n & (PAGE_SIZE - 1) or not n or gpa & (PAGE_SIZE - 1):
+            raise TransportError(f"fetch of {n} bytes at {gpa:#x}: gpa and length must be "
+                                 f"non-zero multiples of 4096")
+        return self._retrying(lambda: self._fetch(gpa, view, n))
+
+    def _fetch(self, gpa: int, view: memoryview, n: int) -> int:
+        sock = self.sock
+        assert sock is not None
+        if n <= MAX_DATA:  # the hot case: one request, one reply
+            req = self._next_id()
+            HEADER.pack_into(self._out, 0, MAGIC, VERSION, T.FETCH, Flag.URGENT, req,
+                             self.space, gpa, 0, n)
+            sock.sendall(self._out[:HEADER_SIZE])
+            return self._recv_data(req, view)
+        # pipelined: send every request, then take the replies in order
+        mask = 0
+        pos = 0
+        while pos < n:
+            batch = min(n - pos, len(self._out) // HEADER_SIZE * MAX_DATA)
+            first = self._req + 1
+            k = 0
+            for off in range(pos, pos + batch, MAX_DATA):
+                HEADER.pack_into(self._out, k * HEADER_SIZE, MAGIC, VERSION, T.FETCH,
+                                 Flag.URGENT, self._next_id(), self.space, gpa + off, 0,
+                                 min(MAX_DATA, n - off))
+                k += 1
+            sock.sendall(memoryview(self._out)[:k * HEADER_SIZE])
+            error: Exception | None = None
+            for i, off in enumerate(range(pos, pos + batch, MAX_DATA)):
+                try:
+                    part = self._recv_data((first + i) & 0xFFFFFFFF or 1,
+                                           view[off:off + min(MAX_DATA, n - off)])
+                except RemoteError as exc:
+                    error = error or exc
+                    continue
+                mask |= part << (off >> PAGE_SHIFT)
+            if error is not None:
+                raise error
+            pos += batch
+        return mask
+
+    def _recv_data(self, req: int, view: memoryview) -> int:
+        ftype, rid, _space, length, mask = self._read_header()
+        if ftype == T.ERROR and rid == req:
+            payload = self._scratch_view[:length]
+            self._recv_exact(payload)
+            reply = decode_reply_body(Reply(ftype, rid, 0, mask, length), payload)
+            assert reply.error is not None
+            raise reply.error
+        npages = len(view) >> PAGE_SHIFT
+        if ftype != T.DATA or rid != req or length != data_length(npages, mask):
+            raise ConnectionLost(f"memory node {self.endpoint} answered request {req} with "
+                                 f"frame type {ftype} id {rid} length {length}")
+        if not mask:
+            self._recv_exact(view)
+        elif length:
+            for first, count in zero_mask_runs(npages, mask):
+                self._recv_exact(view[first << PAGE_SHIFT:(first + count) << PAGE_SHIFT])
+        return mask
+
+    def store(self, gpa: int, data: Any) -> None:
+        """Write pages at ``gpa``; returns once the node has written them (pwrite)."""
+        view = data if type(data) is memoryview else memoryview(data)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        n = len(view)
+        if n & (PAGE_SIZE - 1) or not n or gpa & (PAGE_SIZE - 1):
+            raise TransportError(f"store of {n} bytes at {gpa:#x}: gpa and length must be "
+                                 f"non-zero multiples of 4096")
+        self._retrying(lambda: self._store(gpa, view, n))
+
+    def _store(self, gpa: int, view: memoryview, n: int) -> None:
+        sock = self.sock
+        assert sock is not None
+        reqs = []
+        for off in range(0, n, MAX_DATA):
+            part = min(MAX_DATA, n - off)
+            req = self._next_id()
+            HEADER.pack_into(self._hdr, 0, MAGIC, VERSION, T.STORE, 0, req, self.space,
+                             gpa + off, part, 0)
+            chunk = view[off:off + part]
+            sent = sock.sendmsg([self._hdr, chunk])
+            if sent < HEADER_SIZE:  # partial sends: finish both parts
+                sock.sendall(self._hdr_view[sent:])
+                sock.sendall(chunk)
+            elif sent < HEADER_SIZE + part:
+                sock.sendall(chunk[sent - HEADER_SIZE:])
+            reqs.append(req)
+        error: Exception | None = None
+        for req in reqs:
+            reply = self._read_reply()
+            if reply.error is not None:
+                error = error or reply.error
+            elif reply.type != T.STORED or reply.request_id != req:
+                raise ConnectionLost(f"memory node {self.endpoint} answered store {req} with "
+                                     f"frame type {reply.type} id {reply.request_id}")
+        if error is not None:
+            raise error
+
+    def ping(self, reply_bytes: int = 0) -> float:
+        """Round trip of one PING (seconds)."""
+        def op() -> float:
+            assert self.sock is not None
+            req = self._next_id()
+            HEADER.pack_into(self._out, 0, MAGIC, VERSION, T.PING, 0, req, 0, 0, 0,
+                             reply_bytes)
+            t0 = time.perf_counter()
+            self.sock.sendall(self._out[:HEADER_SIZE])
+            reply = self._read_reply()
+            if reply.error is not None:
+                raise reply.error
+            return time.perf_counter() - t0
+        return self._retrying(op)
+
+
+__all__ = ["AuthError", "BlockingChannel", "ErrorCode", "ProtocolError", "parse_endpoint",
+           "run", "start_server"]
