@@ -1,0 +1,91 @@
+"""deploy/systemd units: `systemd-analyze verify` clean, hardened, and userfaultfd still allowed."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+UNITS = Path(__file__).resolve().parents[2] / "deploy" / "systemd"
+NAMES = ["ssi-pager.service", "ssi-pager-memnode.service"]
+INSTALLED_AT = "/usr/local/bin/ssi-pager"
+
+pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                                reason="systemd-analyze missing: deploy/setup-host.sh installs it")
+
+
+def copies(tmp_path: Path, edit: tuple[str, str] | None = None) -> list[Path]:
+    """The units with ExecStart pointing at an executable that exists on this machine."""
+    exe = shutil.which("ssi-pager")
+    if exe is None:
+        exe = str(tmp_path / "ssi-pager")
+        Path(exe).write_text("#!/bin/sh\nexit 0\n")
+        os.chmod(exe, 0o755)
+    out = []
+    for name in NAMES:
+        text = (UNITS / name).read_text()
+        assert f"ExecStart={INSTALLED_AT} " in text
+        text = text.replace(INSTALLED_AT, exe)
+        if edit:
+            text = text.replace(*edit)
+        (tmp_path / name).write_text(text)
+        out.append(tmp_path / name)
+    return out
+
+
+def verify(paths: list[Path]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["systemd-analyze", "verify", "--man=no", *map(str, paths)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def directives(name: str) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for line in (UNITS / name).read_text().splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            out.setdefault(key, []).append(value)
+    return out
+
+
+def test_units_verify_without_warnings(tmp_path: Path) -> None:
+    r = verify(copies(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip() == "", r.stderr
+
+
+def test_verify_catches_a_broken_directive(tmp_path: Path) -> None:
+    r = verify(copies(tmp_path, ("Restart=on-failure", "Restart=sometimes")))
+    assert "restart specifier" in r.stderr
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_units_keep_userfaultfd_and_secrets_reachable(name: str) -> None:
+    d = directives(name)
+    assert d.get("PrivateDevices", ["no"]) == ["no"]
+    assert d.get("MemoryDenyWriteExecute", ["no"]) == ["no"]
+    assert d["LoadCredential"] == ["token:/etc/ssi-pager/token"]
+    assert "%d/token" in d["ExecStart"][0]
+    assert d["StateDirectory"] and d["RuntimeDirectory"]
+    assert d["NoNewPrivileges"] == ["yes"]
+    assert d["DevicePolicy"] == ["closed"]
+    # the syscall allow-list lets userfaultfd(2) through
+    (filt,) = d["SystemCallFilter"]
+    groups = subprocess.run(["systemd-analyze", "syscall-filter", *filt.split()[:1]],
+                            capture_output=True, text=True, timeout=30).stdout
+    assert "userfaultfd" in filt.split() or re.search(r"^\s+userfaultfd$", groups, re.M)
+    if name == "ssi-pager.service":
+        assert "/dev/userfaultfd rw" in d["DeviceAllow"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_units_exposure_is_low(tmp_path: Path, name: str) -> None:
+    unit = next(p for p in copies(tmp_path) if p.name == name)
+    r = subprocess.run(["systemd-analyze", "security", "--offline=true", "--no-pager", str(unit)],
+                       capture_output=True, text=True, timeout=60)
+    m = re.search(r"Overall exposure level for \S+: ([0-9.]+)", r.stdout)
+    assert m, r.stdout + r.stderr
+    assert float(m.group(1)) < 4.0, r.stdout
