@@ -55,7 +55,7 @@ class GuestUnavailable(RuntimeError):
 
 
 def cache_dir() -> Path:
-    """The build cache: $SSI_PAGER_GUEST_CACHE, /var/cache/ssi-pager/guest if writable, else /tmp."""
+    """Build cache: $SSI_PAGER_GUEST_CACHE, else /var/cache/ssi-pager/guest, else a tmp dir."""
     env = os.environ.get("SSI_PAGER_GUEST_CACHE")
     if env:
         return Path(env)

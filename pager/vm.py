@@ -1,0 +1,695 @@
+"""`ssi-pager vm`: run an unmodified QEMU with all guest RAM behind the pager; suspend, resume.
+
+    ssi-pager vm [--memnode HOST:PORT] [--token-file F] [--space NAME] [--pager SOCKET]
+                 [--name NAME] -- qemu-system-x86_64 ARGS...
+    ssi-pager vm suspend NAME
+    ssi-pager vm resume NAME [--memnode HOST:PORT] [...] -- qemu-system-x86_64 ARGS...
+
+Run: joins the pager listening on ``--pager`` (or starts ``ssi-pager serve`` for this guest),
+turns a plain ``-m SIZE`` into a shared ``memory-backend-memfd`` (so the pager and ``suspend``
+can read guest RAM), preloads the shim (pager/shim/ssi_shim.c) which hands QEMU's guest RAM to
+the pager, adds a QMP socket for ``suspend``, and passes QEMU's exit code through.
+
+Suspend (lazy move, the SSI way): QMP ``stop``; every page the guest ever touched is read from
+the RAM memfd and stored in the memory node (pages never touched are already there or zero);
+migration with the ``x-ignore-shared`` capability writes only device state to a file; ``quit``.
+Resume: a new QEMU with ``-incoming defer``, the same RAM block id and size on a fresh backend,
+``x-ignore-shared``, ``migrate-incoming`` from the state file, ``cont``: the guest continues at
+once and its RAM is served on demand from the memory node (already during the load: QEMU's
+main thread reads guest RAM then).
+
+Per-VM state (QMP socket, vm.json, device state) lives in a 0700 runtime directory:
+$SSI_PAGER_RUNTIME_DIR, else $XDG_RUNTIME_DIR/ssi-pager/vm/NAME, else /run/ssi-pager/vm/NAME
+(root) or /tmp/ssi-pager-UID/vm/NAME.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pager.errors import VmError
+
+log = logging.getLogger(__name__)
+
+RAM_ID = "ssi-ram"  # the memory-backend id `vm` adds; resume must use the same RAM block id
+HANDOFF_TIMEOUT = 30.0  # QEMU maps guest RAM within a second or two of starting
+PAGER_START_TIMEOUT = 15.0
+QMP_TIMEOUT = 30.0
+SEEK_DATA, SEEK_HOLE = 3, 4
+STORE_CHUNK = 1 << 20
+EXIT_SIGNAL_BASE = 128
+
+
+def status(msg: str) -> None:
+    print(f"ssi-pager vm: {msg}", file=sys.stderr, flush=True)
+
+
+# --- paths and per-VM state ----------------------------------------------------------------
+
+def runtime_root() -> Path:
+    env = os.environ.get("SSI_PAGER_RUNTIME_DIR")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return Path(xdg) / "ssi-pager" / "vm"
+    if os.geteuid() == 0:
+        return Path("/run/ssi-pager/vm")
+    return Path(f"/tmp/ssi-pager-{os.getuid()}/vm")
+
+
+def vm_dir(name: str, create: bool = False) -> Path:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
+        raise VmError(f"VM name {name!r}: use letters, digits, '_', '.', '-' (max 64)")
+    d = runtime_root() / name
+    if create:
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(d, 0o700)
+    elif not d.is_dir():
+        raise VmError(f"no VM named {name!r} (no {d}); start it with `ssi-pager vm --name "
+                      f"{name} -- qemu-system-x86_64 ...`")
+    return d
+
+
+@dataclass
+class VmState:
+    """What `suspend` and `resume` need to know about a VM; saved as vm.json in its dir."""
+
+    name: str
+    space: str
+    ram_size: int
+    ram_id: str
+    memnode: str | None = None
+    token_file: str | None = None
+    qemu_pid: int = 0
+    memfd: int = -1
+    pager_socket: str = ""
+    state_file: str = ""
+    suspended: bool = False
+    stored_bytes: int = 0
+
+    def save(self, d: Path) -> None:
+        tmp = d / "vm.json.tmp"
+        tmp.write_text(json.dumps(asdict(self), indent=1))
+        os.replace(tmp, d / "vm.json")
+
+    @classmethod
+    def load(cls, d: Path) -> VmState:
+        try:
+            return cls(**json.loads((d / "vm.json").read_text()))
+        except (OSError, ValueError, TypeError) as exc:
+            raise VmError(f"cannot read {d / 'vm.json'} ({exc}); was the VM started with "
+                          f"`ssi-pager vm`?") from exc
+
+
+# --- the QEMU command line -------------------------------------------------------------------
+
+SIZE_RE = re.compile(r"^(\d+)([KMGT]?)(i?B)?$", re.I)
+
+
+def parse_size(text: str, default_unit: str = "M") -> int:
+    """QEMU's -m syntax: a number with optional K/M/G/T suffix (MiB when bare)."""
+    m = SIZE_RE.match(text.strip())
+    if not m:
+        raise VmError(f"cannot read memory size {text!r}; write it like 512M or 2G")
+    unit = (m.group(2) or default_unit).upper()
+    return int(m.group(1)) << {"B": 0, "K": 10, "M": 20, "G": 30, "T": 40}[unit]
+
+
+def _opts(value: str) -> dict[str, str]:
+    """`a=1,b=2` (first item may be a bare value, returned under "")."""
+    out: dict[str, str] = {}
+    for i, part in enumerate(value.split(",")):
+        k, eq, v = part.partition("=")
+        if not eq and i == 0:
+            out[""] = part
+        else:
+            out[k] = v
+    return out
+
+
+@dataclass
+class QemuCommand:
+    """A QEMU argv with guest RAM set up for the pager."""
+
+    argv: list[str]
+    ram_size: int
+    ram_id: str
+    shared: bool  # guest RAM on a shared memfd (needed by suspend)
+    notes: list[str] = field(default_factory=list)
+
+
+def prepare_qemu(argv: list[str], ram_id: str = RAM_ID) -> QemuCommand:
+    """Check the user's QEMU command line and add a shared memfd backend behind plain -m."""
+    if not argv:
+        raise VmError("no QEMU command given: ssi-pager vm [options] -- qemu-system-x86_64 ...")
+    out: list[str] = [argv[0]]
+    mem_value: str | None = None
+    backends: dict[str, dict[str, str]] = {}
+    machine_backend: str | None = None
+    notes: list[str] = []
+    i = 1
+    while i < len(argv):
+        a = argv[i]
+        opt = a[1:] if a.startswith("--") else a
+        val = argv[i + 1] if i + 1 < len(argv) else None
+        if opt in ("-m", "-mem-path", "-object", "-machine", "-M", "-numa") and val is None:
+            raise VmError(f"QEMU option {a} needs a value")
+        if opt == "-m":
+            mem_value = val
+            i += 2
+            continue  # re-added below, once
+        if opt == "-mem-path":
+            raise VmError("-mem-path (hugetlbfs) is not supported yet: guest RAM must be "
+                          "anonymous or a memfd; drop -mem-path")
+        if opt == "-mem-prealloc":
+            notes.append("-mem-prealloc faults all guest RAM in at start (no lazy paging)")
+        if opt == "-object" and val and val.startswith("memory-backend"):
+            o = _opts(val)
+            backends[o.get("id", "")] = o
+            if o.get("hugetlb") in ("on", "yes", "true"):
+                raise VmError("memory-backend-memfd with hugetlb=on is not supported yet")
+            if o.get("prealloc") in ("on", "yes", "true"):
+                notes.append("prealloc=on faults all guest RAM in at start (no lazy paging)")
+        if opt in ("-machine", "-M") and val:
+            mb = _opts(val).get("memory-backend")
+            if mb:
+                machine_backend = mb
+        if opt == "-numa" and val and "memdev=" in val:
+            raise VmError("NUMA guests (several RAM backends) are not supported yet")
+        out.append(a)
+        if opt in ("-m", "-object", "-machine", "-M", "-numa") and val is not None:
+            out.append(val)
+            i += 2
+        else:
+            i += 1
+    mem = _opts(mem_value) if mem_value else {"": "128M"}
+    if "maxmem" in mem or "slots" in mem:
+        raise VmError("memory hotplug (-m maxmem=/slots=) is not supported yet")
+    size = parse_size(mem.get("size") or mem.get("", "128M"))
+    if machine_backend is not None:
+        be = backends.get(machine_backend)
+        if be is None:
+            raise VmError(f"-machine memory-backend={machine_backend} names no -object")
+        be_size = parse_size(be.get("size", "0"), "B")
+        if be_size != size:
+            raise VmError(f"-m {mem_value} and backend {machine_backend} size differ")
+        shared = be.get("", "") == "memory-backend-memfd" and be.get("share") in ("on", "yes",
+                                                                                 "true")
+        return QemuCommand([*out, "-m", _mem_arg(size)], size, machine_backend, shared, notes)
+    out += ["-m", _mem_arg(size),
+            "-object", f"memory-backend-memfd,id={ram_id},size={size},share=on",
+            "-machine", f"memory-backend={ram_id}"]
+    return QemuCommand(out, size, ram_id, True, notes)
+
+
+def _mem_arg(size: int) -> str:
+    return f"{size >> 20}M" if size % (1 << 20) == 0 else f"{size}B"
+
+
+# --- QMP -------------------------------------------------------------------------------------
+
+class Qmp:
+    """A minimal synchronous QMP client (one command at a time; events are skipped)."""
+
+    def __init__(self, path: Path, timeout: float = QMP_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.settimeout(timeout)
+                self.sock.connect(str(path))
+                break
+            except OSError as exc:
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise VmError(f"cannot reach QEMU's QMP socket {path}: {exc.strerror}; "
+                                  f"is the VM running?") from exc
+                time.sleep(0.05)
+        self.buf = b""
+        self._read()  # greeting
+        self.execute("qmp_capabilities")
+
+    def _read(self) -> dict:
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise VmError("QEMU closed the QMP connection")
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        return json.loads(line)
+
+    def execute(self, command: str, **arguments: object) -> object:
+        msg: dict[str, object] = {"execute": command}
+        if arguments:
+            msg["arguments"] = arguments
+        self.sock.sendall(json.dumps(msg).encode() + b"\n")
+        while True:
+            reply = self._read()
+            if "return" in reply:
+                return reply["return"]
+            if "error" in reply:
+                raise VmError(f"QMP {command} failed: {reply['error'].get('desc', reply)}")
+
+    def wait_migration(self, timeout: float = 300.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = self.execute("query-migrate")
+            st = info.get("status") if isinstance(info, dict) else None
+            if st == "completed":
+                return info  # type: ignore[return-value]
+            if st in ("failed", "cancelled"):
+                raise VmError(f"migration {st}: {info.get('error-desc', '')}")  # type: ignore
+            time.sleep(0.02)
+        raise VmError("migration did not complete in time")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# --- the pager -------------------------------------------------------------------------------
+
+def socket_live(path: str) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(1.0)
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def start_pager(sock: Path, args: argparse.Namespace, space: str) -> subprocess.Popen:
+    """Start `ssi-pager serve` for this guest; returns once its socket accepts connections."""
+    cmd = [sys.executable, "-m", "pager.cli"]
+    cmd += ["-v"] * args.verbose if getattr(args, "verbose", 0) else []
+    cmd += ["serve", "--socket", str(sock), "--space", space]
+    if args.memnode:
+        cmd += ["--memnode", args.memnode]
+        if args.token_file:
+            cmd += ["--token-file", args.token_file]
+    cmd += list(args.pager_arg or [])
+    with contextlib.suppress(FileNotFoundError):
+        sock.unlink()
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + PAGER_START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise VmError(f"the pager exited with code {proc.returncode} before listening "
+                          f"(command: {' '.join(cmd)}); see its messages above")
+        if sock.exists() and socket_live(str(sock)):
+            return proc
+        time.sleep(0.05)
+    stop_process(proc)
+    raise VmError(f"the pager did not listen on {sock} within {PAGER_START_TIMEOUT:.0f} s")
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 5.0) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def exit_code(rc: int) -> int:
+    return EXIT_SIGNAL_BASE - rc if rc < 0 else rc
+
+
+# --- run / resume ----------------------------------------------------------------------------
+
+@dataclass
+class Launch:
+    """A started QEMU with guest RAM handed off (and the pager we started for it, if any)."""
+
+    qemu: subprocess.Popen
+    pager: subprocess.Popen | None
+    state: VmState
+    dir: Path
+
+
+def launch(args: argparse.Namespace, qemu_argv: list[str], name: str, *,
+           incoming: bool = False, ram_id: str = RAM_ID,
+           expect_size: int | None = None) -> Launch:
+    """Start (or join) the pager and QEMU with the shim; return after the handoff."""
+    from pager.shim import library
+
+    shim = library()
+    cmd = prepare_qemu(qemu_argv, ram_id)
+    if expect_size is not None and cmd.ram_size != expect_size:
+        raise VmError(f"resume needs the same RAM size as the suspended guest "
+                      f"({expect_size >> 20} MiB), got -m {cmd.ram_size >> 20} MiB")
+    for note in cmd.notes:
+        status(f"note: {note}")
+    d = vm_dir(name, create=True)
+    qmp_path = d / "qmp.sock"
+    with contextlib.suppress(FileNotFoundError):
+        qmp_path.unlink()
+    argv = [*cmd.argv, "-qmp", f"unix:{qmp_path},server=on,wait=off"]
+    if incoming:
+        argv += ["-incoming", "defer"]
+    space = args.space or name
+    pager_proc = None
+    if args.pager and socket_live(args.pager):
+        pager_sock = Path(args.pager)
+        status(f"joining the pager at {pager_sock}")
+    else:
+        pager_sock = Path(args.pager) if args.pager else d / "pager.sock"
+        pager_proc = start_pager(pager_sock, args, space)
+        status(f"started the pager (pid {pager_proc.pid}) on {pager_sock}")
+    r, w = os.pipe()
+    env = dict(os.environ)
+    env["LD_PRELOAD"] = " ".join(filter(None, [str(shim), env.get("LD_PRELOAD", "")]))
+    env.update(SSI_PAGER_SOCKET=str(pager_sock), SSI_PAGER_RAM_SIZE=str(cmd.ram_size),
+               SSI_PAGER_SPACE=space, SSI_PAGER_STATUS_FD=str(w))
+    try:
+        qemu = subprocess.Popen(argv, env=env, pass_fds=(w,))
+    except OSError as exc:
+        os.close(r)
+        os.close(w)
+        if pager_proc:
+            stop_process(pager_proc)
+        raise VmError(f"cannot start {argv[0]}: {exc.strerror}") from exc
+    os.close(w)
+    state = VmState(name=name, space=space, ram_size=cmd.ram_size, ram_id=cmd.ram_id,
+                    memnode=args.memnode, token_file=args.token_file, qemu_pid=qemu.pid,
+                    pager_socket=str(pager_sock), state_file=str(d / "device-state"))
+    try:
+        line = _wait_handoff(r, qemu)
+    except BaseException:
+        stop_process(qemu)
+        if pager_proc:
+            stop_process(pager_proc)
+        raise
+    finally:
+        os.close(r)
+    if line is None:  # QEMU exited before mapping RAM (bad arguments, shim refused)
+        if pager_proc:
+            stop_process(pager_proc)
+        return Launch(qemu, None, state, d)
+    m = re.search(r"memfd=(-?\d+)", line)
+    state.memfd = int(m.group(1)) if m else -1
+    if not cmd.shared:
+        state.memfd = -1
+    state.save(d)
+    status(f"guest RAM {cmd.ram_size >> 20} MiB handed to the pager (space {space!r}, "
+           f"{'shared memfd' if state.memfd >= 0 else 'anonymous'}); QEMU pid {qemu.pid}")
+    return Launch(qemu, pager_proc, state, d)
+
+
+def _wait_handoff(fd: int, qemu: subprocess.Popen) -> str | None:
+    """The shim's "ok ..." line; None if QEMU exited first; VmError after the timeout."""
+    deadline = time.monotonic() + HANDOFF_TIMEOUT
+    buf = b""
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.1)
+        if ready:
+            chunk = os.read(fd, 256)
+            buf += chunk
+            if b"\n" in buf:
+                return buf.decode(errors="replace").strip()
+            if not chunk:  # every writer gone: QEMU exited (or exec'd away) without handoff
+                qemu.wait()
+                return None
+        elif qemu.poll() is not None:
+            return None
+    raise VmError(f"QEMU mapped no guest RAM of the -m size within {HANDOFF_TIMEOUT:.0f} s, so "
+                  f"nothing was handed to the pager; use plain -m or a memory-backend-memfd of "
+                  f"the same size")
+
+
+def finish(launch_: Launch) -> int:
+    """Wait for QEMU, stop the pager we started, report; QEMU's exit code."""
+    def forward(signum: int, _frame: object) -> None:
+        if launch_.qemu.poll() is None:
+            launch_.qemu.send_signal(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        rc = launch_.qemu.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        if launch_.pager is not None:
+            stop_process(launch_.pager)
+    code = exit_code(rc)
+    d = launch_.dir
+    state = _reload(d)
+    if state is not None and state.suspended:
+        status(f"guest {state.name!r} suspended; resume with `ssi-pager vm resume "
+               f"{state.name} -- <same QEMU arguments>`")
+    else:
+        status(f"QEMU exited with code {code}")
+        _cleanup(d)
+    return code
+
+
+def _reload(d: Path) -> VmState | None:
+    try:
+        return VmState.load(d)
+    except VmError:
+        return None
+
+
+def _cleanup(d: Path) -> None:
+    for f in ("qmp.sock", "pager.sock", "vm.json", "vm.json.tmp", "device-state"):
+        with contextlib.suppress(FileNotFoundError):
+            (d / f).unlink()
+    with contextlib.suppress(OSError):
+        d.rmdir()
+
+
+def do_run(args: argparse.Namespace, qemu_argv: list[str]) -> int:
+    name = args.name or args.space or f"vm-{os.getpid()}"
+    d = runtime_root() / name
+    if (d / "vm.json").exists():
+        old = _reload(d)
+        if old is not None and (old.suspended or _alive(old.qemu_pid)):
+            raise VmError(f"a VM named {name!r} is {'suspended' if old.suspended else 'running'}"
+                          f" ({d}); pick another --name or resume/stop it")
+    return finish(launch(args, qemu_argv, name))
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def do_resume(args: argparse.Namespace, name: str, qemu_argv: list[str]) -> int:
+    d = vm_dir(name)
+    saved = VmState.load(d)
+    if not saved.suspended:
+        raise VmError(f"VM {name!r} is not suspended; suspend it first")
+    state_file = Path(args.state or saved.state_file)
+    if not state_file.is_file():
+        raise VmError(f"device state {state_file} missing; copy it from the suspending host "
+                      f"and pass --state FILE")
+    args.memnode = args.memnode or saved.memnode
+    args.token_file = args.token_file or saved.token_file
+    args.space = args.space or saved.space
+    if not args.memnode:
+        raise VmError("resume needs the memory node holding the guest's RAM: --memnode HOST:PORT")
+    # keep the device state out of the way of the new instance's own state file
+    held = d / "device-state.resume"
+    if state_file.resolve() == (d / "device-state").resolve():
+        os.replace(state_file, held)
+        state_file = held
+    t0 = time.monotonic()
+    lau = launch(args, qemu_argv, name, incoming=True, ram_id=saved.ram_id,
+                 expect_size=saved.ram_size)
+    if lau.pager is None and lau.qemu.poll() is not None:
+        return finish(lau)
+    try:
+        qmp = Qmp(lau.dir / "qmp.sock")
+        try:
+            qmp.execute("migrate-set-capabilities",
+                        capabilities=[{"capability": "x-ignore-shared", "state": True}])
+            qmp.execute("migrate-incoming", uri=f"exec:cat {_shell_quote(str(state_file))}")
+            qmp.wait_migration()
+            qmp.execute("cont")
+        finally:
+            qmp.close()
+    except (VmError, OSError) as exc:
+        stop_process(lau.qemu)
+        if lau.pager is not None:
+            stop_process(lau.pager)
+        raise VmError(f"resume of {name!r} failed: {exc}") from exc
+    status(f"guest {name!r} resumed in {time.monotonic() - t0:.2f} s (RAM served on demand "
+           f"from {args.memnode}, space {args.space!r})")
+    with contextlib.suppress(FileNotFoundError):
+        held.unlink()
+    return finish(lau)
+
+
+def _shell_quote(s: str) -> str:
+    return "'" + s.replace("'", "'\\''") + "'"
+
+
+# --- suspend ---------------------------------------------------------------------------------
+
+def data_ranges(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """(offset, length) of the allocated parts of a memfd: pages the guest ever touched."""
+    off = 0
+    while off < size:
+        try:
+            start = os.lseek(fd, off, SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == 6:  # ENXIO: no data after off
+                return
+            raise
+        if start >= size:
+            return
+        end = min(os.lseek(fd, start, SEEK_HOLE), size)
+        yield start, end - start
+        off = end
+
+
+def store_ram(memfd_path: str, size: int, memnode: str, token_file: str | None,
+              space: str) -> int:
+    """Copy every allocated page of guest RAM into the memory node; bytes stored."""
+    from transport.tcp import BlockingChannel
+    from transport.token import load_token
+
+    token = load_token(token_file)
+    fd = os.open(memfd_path, os.O_RDONLY | os.O_CLOEXEC)
+    stored = 0
+    buf = bytearray(STORE_CHUNK)
+    view = memoryview(buf)
+    try:
+        with BlockingChannel.connect(memnode, token, space) as ch:
+            for start, length in data_ranges(fd, size):
+                for off in range(start, start + length, STORE_CHUNK):
+                    n = min(STORE_CHUNK, start + length - off)
+                    got = os.preadv(fd, [view[:n]], off)
+                    if got != n:
+                        raise VmError(f"short read of guest RAM at {off:#x}")
+                    ch.store(off, view[:n])
+                    stored += n
+    finally:
+        os.close(fd)
+    return stored
+
+
+def do_suspend(args: argparse.Namespace, name: str) -> int:
+    d = vm_dir(name)
+    state = VmState.load(d)
+    if state.suspended:
+        raise VmError(f"VM {name!r} is already suspended")
+    memnode = args.memnode or state.memnode
+    if not memnode:
+        raise VmError("suspend needs a memory node to hold the guest's RAM: the VM was started "
+                      "without --memnode (or pass --memnode HOST:PORT)")
+    if state.memfd < 0:
+        raise VmError("suspend needs guest RAM on a shared memfd (plain -m, or "
+                      "memory-backend-memfd with share=on)")
+    t0 = time.monotonic()
+    qmp = Qmp(d / "qmp.sock")
+    try:
+        qmp.execute("stop")
+        stored = store_ram(f"/proc/{state.qemu_pid}/fd/{state.memfd}", state.ram_size,
+                           memnode, args.token_file or state.token_file, state.space)
+        t_ram = time.monotonic() - t0
+        qmp.execute("migrate-set-capabilities",
+                    capabilities=[{"capability": "x-ignore-shared", "state": True}])
+        state_file = Path(state.state_file)
+        with contextlib.suppress(FileNotFoundError):
+            state_file.unlink()
+        qmp.execute("migrate", uri=f"exec:cat > {_shell_quote(str(state_file))}")
+        qmp.wait_migration()
+        state.suspended = True
+        state.stored_bytes = stored
+        state.memnode = memnode
+        state.save(d)
+        qmp.execute("quit")
+    except BaseException:
+        with contextlib.suppress(VmError, OSError):
+            qmp.execute("cont")
+        raise
+    finally:
+        qmp.close()
+    dev = Path(state.state_file).stat().st_size
+    status(f"suspended {name!r}: {stored >> 20} MiB of RAM to {memnode} in {t_ram:.2f} s, "
+           f"device state {dev >> 10} KiB in {state.state_file}")
+    return 0
+
+
+# --- CLI -------------------------------------------------------------------------------------
+
+def _add_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--memnode", metavar="HOST:PORT",
+                   help="memory node holding guest RAM (default: the pager's own source)")
+    p.add_argument("--token-file", metavar="F", help="cluster token (default: the user's)")
+    p.add_argument("--space", metavar="NAME", help="memory-node address space (default: name)")
+    p.add_argument("--pager", metavar="SOCKET",
+                   help="join the pager on this socket (started here if nothing listens)")
+    p.add_argument("--name", metavar="NAME", help="VM name for suspend/resume (default: space)")
+    p.add_argument("--state", metavar="FILE", help="resume: device state file (default: saved)")
+    p.add_argument("--pager-arg", action="append", metavar="ARG",
+                   help="extra argument for the started `ssi-pager serve` (repeatable)")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.usage = ("ssi-pager vm [options] -- qemu-system-x86_64 ARGS...\n"
+                    "       ssi-pager vm suspend NAME\n"
+                    "       ssi-pager vm resume NAME [options] -- qemu-system-x86_64 ARGS...")
+    _add_options(parser)
+    parser.add_argument("words", nargs=argparse.REMAINDER,
+                        help="suspend NAME | resume NAME [options] -- QEMU ARGS | -- QEMU ARGS")
+
+
+def run(args: argparse.Namespace) -> int:
+    words = list(args.words)
+    if words and words[0] == "--":
+        words = words[1:]
+        action = None
+    else:
+        action = words[0] if words and words[0] in ("suspend", "resume") else None
+    if action is None:
+        if not words:
+            raise VmError("no QEMU command: ssi-pager vm [options] -- qemu-system-x86_64 ...")
+        return do_run(args, words)
+    if len(words) < 2:
+        raise VmError(f"usage: ssi-pager vm {action} NAME")
+    name = words[1]
+    rest = words[2:]
+    head, qemu_argv = (rest[:rest.index("--")], rest[rest.index("--") + 1:]) if "--" in rest \
+        else (rest, [])
+    if head:
+        sub = argparse.ArgumentParser(prog=f"ssi-pager vm {action} {name}")
+        _add_options(sub)
+        extra = sub.parse_args(head)
+        for k, v in vars(extra).items():
+            if v is not None:
+                setattr(args, k, v)
+    if action == "suspend":
+        return do_suspend(args, name)
+    if not qemu_argv:
+        raise VmError("resume needs the QEMU command: ssi-pager vm resume NAME -- "
+                      "qemu-system-x86_64 ARGS (same machine, devices and -m)")
+    return do_resume(args, name, qemu_argv)
+
