@@ -1,0 +1,316 @@
+"""linux/userfaultfd.h: structs, event kinds, feature / ioctl / mode bits, and thin C helpers.
+
+Every constant is ``...`` in the cdef: its value comes from the header the extension is compiled
+against. Values newer than that header (Debian 12 ships Linux 6.1's) are defined in
+CUSTOMIZATIONS under ``#ifndef`` from the kernel UAPI (include/uapi/linux/userfaultfd.h,
+Linux 6.8+), and ``SSI_HAS_<NAME>`` says whether the build header had them (1) or the fallback
+was used (0). Whether the *running* kernel supports them is detected at run time (UFFDIO_API
+features, the ioctl mask UFFDIO_REGISTER returns), never assumed from these flags.
+
+The helpers put the ioctl argument struct on the C stack, so one cffi call does one ioctl with no
+Python allocation, and they are safe to call from several threads at once.
+"""
+
+INCLUDES = """
+#include <errno.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/ioctl.h>
+#include <sys/syscall.h>
+#include <linux/userfaultfd.h>
+"""
+
+# constants whose value is read from the header at build time
+CONSTANTS = [
+    "UFFD_API",
+    "UFFD_USER_MODE_ONLY",
+    "USERFAULTFD_IOC", "USERFAULTFD_IOC_NEW",
+    # event kinds and page-fault flags
+    "UFFD_EVENT_PAGEFAULT", "UFFD_EVENT_FORK", "UFFD_EVENT_REMAP", "UFFD_EVENT_REMOVE",
+    "UFFD_EVENT_UNMAP",
+    "UFFD_PAGEFAULT_FLAG_WRITE", "UFFD_PAGEFAULT_FLAG_WP", "UFFD_PAGEFAULT_FLAG_MINOR",
+    # features
+    "UFFD_FEATURE_PAGEFAULT_FLAG_WP", "UFFD_FEATURE_EVENT_FORK", "UFFD_FEATURE_EVENT_REMAP",
+    "UFFD_FEATURE_EVENT_REMOVE", "UFFD_FEATURE_MISSING_HUGETLBFS", "UFFD_FEATURE_MISSING_SHMEM",
+    "UFFD_FEATURE_EVENT_UNMAP", "UFFD_FEATURE_SIGBUS", "UFFD_FEATURE_THREAD_ID",
+    "UFFD_FEATURE_MINOR_HUGETLBFS", "UFFD_FEATURE_MINOR_SHMEM", "UFFD_FEATURE_EXACT_ADDRESS",
+    "UFFD_FEATURE_WP_HUGETLBFS_SHMEM", "UFFD_FEATURE_WP_UNPOPULATED", "UFFD_FEATURE_POISON",
+    "UFFD_FEATURE_WP_ASYNC", "UFFD_FEATURE_MOVE",
+    # ioctl numbers (bit positions in the ioctl masks) and request codes
+    "_UFFDIO_REGISTER", "_UFFDIO_UNREGISTER", "_UFFDIO_WAKE", "_UFFDIO_COPY",
+    "_UFFDIO_ZEROPAGE", "_UFFDIO_MOVE", "_UFFDIO_WRITEPROTECT", "_UFFDIO_CONTINUE",
+    "_UFFDIO_POISON", "_UFFDIO_API",
+    "UFFDIO_API", "UFFDIO_REGISTER", "UFFDIO_UNREGISTER", "UFFDIO_WAKE", "UFFDIO_COPY",
+    "UFFDIO_ZEROPAGE", "UFFDIO_MOVE", "UFFDIO_WRITEPROTECT", "UFFDIO_CONTINUE",
+    "UFFDIO_POISON",
+    # modes
+    "UFFDIO_REGISTER_MODE_MISSING", "UFFDIO_REGISTER_MODE_WP", "UFFDIO_REGISTER_MODE_MINOR",
+    "UFFDIO_COPY_MODE_DONTWAKE", "UFFDIO_COPY_MODE_WP",
+    "UFFDIO_ZEROPAGE_MODE_DONTWAKE",
+    "UFFDIO_WRITEPROTECT_MODE_WP", "UFFDIO_WRITEPROTECT_MODE_DONTWAKE",
+    "UFFDIO_CONTINUE_MODE_DONTWAKE", "UFFDIO_CONTINUE_MODE_WP",
+    "UFFDIO_POISON_MODE_DONTWAKE",
+    "UFFDIO_MOVE_MODE_DONTWAKE", "UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES",
+]
+
+# (name, value from the kernel UAPI) for what a 6.1 header lacks; each guarded by #ifndef
+NEWER = [
+    ("UFFD_FEATURE_WP_UNPOPULATED", "(1<<13)"),          # Linux 6.4
+    ("UFFD_FEATURE_POISON", "(1<<14)"),                  # Linux 6.6
+    ("UFFD_FEATURE_WP_ASYNC", "(1<<15)"),                # Linux 6.7
+    ("UFFD_FEATURE_MOVE", "(1<<16)"),                    # Linux 6.8
+    ("_UFFDIO_MOVE", "(0x05)"),
+    ("_UFFDIO_POISON", "(0x08)"),
+    ("UFFDIO_CONTINUE_MODE_WP", "((__u64)1<<1)"),        # Linux 6.3
+    ("UFFDIO_POISON_MODE_DONTWAKE", "((__u64)1<<0)"),
+    ("UFFDIO_MOVE_MODE_DONTWAKE", "((__u64)1<<0)"),
+    ("UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES", "((__u64)1<<1)"),
+    ("USERFAULTFD_IOC", "0xAA"),                         # /dev/userfaultfd, Linux 6.1
+    ("USERFAULTFD_IOC_NEW", "_IO(USERFAULTFD_IOC, 0x00)"),
+    ("UFFD_USER_MODE_ONLY", "1"),                        # Linux 5.11
+]
+
+TYPES = """
+struct uffdio_api { uint64_t api; uint64_t features; uint64_t ioctls; };
+struct uffdio_range { uint64_t start; uint64_t len; };
+struct uffdio_register { struct uffdio_range range; uint64_t mode; uint64_t ioctls; };
+struct uffdio_copy { uint64_t dst; uint64_t src; uint64_t len; uint64_t mode; int64_t copy; };
+struct uffdio_zeropage { struct uffdio_range range; uint64_t mode; int64_t zeropage; };
+struct uffdio_writeprotect { struct uffdio_range range; uint64_t mode; };
+struct uffdio_continue { struct uffdio_range range; uint64_t mode; int64_t mapped; };
+struct uffdio_poison { struct uffdio_range range; uint64_t mode; int64_t updated; };
+struct uffdio_move { uint64_t dst; uint64_t src; uint64_t len; uint64_t mode; int64_t move; };
+struct uffd_msg {
+    uint8_t event;
+    uint8_t reserved1;
+    uint16_t reserved2;
+    uint32_t reserved3;
+    union {
+        struct { uint64_t flags; uint64_t address; union { uint32_t ptid; } feat; } pagefault;
+        struct { uint32_t ufd; } fork;
+        struct { uint64_t from; uint64_t to; uint64_t len; } remap;
+        struct { uint64_t start; uint64_t end; } remove;
+        struct { uint64_t reserved1; uint64_t reserved2; uint64_t reserved3; } reserved;
+    } arg;
+    ...;  /* __attribute__((packed)): the compiler gives the alignment */
+};
+""" + "".join(f"#define {name} ...\n" for name in CONSTANTS) + "".join(
+    f"static const int SSI_HAS_{name.lstrip('_')};\n" for name, _ in NEWER) + """
+static const int SSI_HAS_STRUCT_UFFDIO_POISON;
+static const int SSI_HAS_STRUCT_UFFDIO_MOVE;
+/* words per decoded event in ssi_uffd_read()'s output */
+#define SSI_EVENT_WORDS ...
+#define SSI_READ_MAX ...
+"""
+
+FUNCTIONS = """
+int ssi_uffd_open(int flags);
+int ssi_uffd_open_dev(int flags);
+int ssi_uffd_api(int fd, uint64_t features, struct uffdio_api *out);
+int ssi_uffd_register(int fd, uint64_t start, uint64_t len, uint64_t mode, uint64_t *ioctls);
+int ssi_uffd_range(int fd, unsigned long request, uint64_t start, uint64_t len);
+int64_t ssi_uffd_copy(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode);
+int64_t ssi_uffd_copy_buf(int fd, uint64_t dst, const void *src, uint64_t len, uint64_t mode);
+int64_t ssi_uffd_zeropage(int fd, uint64_t start, uint64_t len, uint64_t mode);
+int ssi_uffd_writeprotect(int fd, uint64_t start, uint64_t len, uint64_t mode);
+int64_t ssi_uffd_continue(int fd, uint64_t start, uint64_t len, uint64_t mode);
+int64_t ssi_uffd_poison(int fd, uint64_t start, uint64_t len, uint64_t mode);
+int64_t ssi_uffd_move(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode);
+int ssi_uffd_read(int fd, uint64_t *out, int max_events);
+uint64_t ssi_addr(const void *p);
+"""
+
+
+def _fallbacks() -> str:
+    lines = []
+    for name, value in NEWER:
+        flag = f"SSI_HAS_{name.lstrip('_')}"
+        lines.append(f"#ifndef {name}\n#define {name} {value}\nstatic const int {flag} = 0;\n"
+                     f"#else\nstatic const int {flag} = 1;\n#endif")
+    return "\n".join(lines)
+
+
+CUSTOMIZATIONS = _fallbacks() + """
+#ifndef UFFDIO_POISON
+struct uffdio_poison {
+    struct uffdio_range range;
+    __u64 mode;
+    __s64 updated;
+};
+#define UFFDIO_POISON _IOWR(UFFDIO, _UFFDIO_POISON, struct uffdio_poison)
+static const int SSI_HAS_STRUCT_UFFDIO_POISON = 0;
+#else
+static const int SSI_HAS_STRUCT_UFFDIO_POISON = 1;
+#endif
+#ifndef UFFDIO_MOVE
+struct uffdio_move {
+    __u64 dst;
+    __u64 src;
+    __u64 len;
+    __u64 mode;
+    __s64 move;
+};
+#define UFFDIO_MOVE _IOWR(UFFDIO, _UFFDIO_MOVE, struct uffdio_move)
+static const int SSI_HAS_STRUCT_UFFDIO_MOVE = 0;
+#else
+static const int SSI_HAS_STRUCT_UFFDIO_MOVE = 1;
+#endif
+
+#define SSI_EVENT_WORDS 4
+#define SSI_READ_MAX 256
+
+/* Every helper returns -errno on failure, so Python needs no ffi.errno round trip. */
+static int ssi_uffd_open(int flags)
+{
+    long fd = syscall(__NR_userfaultfd, flags);
+    return fd < 0 ? -errno : (int)fd;
+}
+
+static int ssi_uffd_open_dev(int flags)
+{
+    int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+    if (dev < 0)
+        return -errno;
+    int fd = ioctl(dev, USERFAULTFD_IOC_NEW, flags);
+    int err = errno;
+    close(dev);
+    return fd < 0 ? -err : fd;
+}
+
+static int ssi_uffd_api(int fd, uint64_t features, struct uffdio_api *out)
+{
+    struct uffdio_api api = { .api = UFFD_API, .features = features };
+    if (ioctl(fd, UFFDIO_API, &api) < 0)
+        return -errno;
+    *out = api;
+    return 0;
+}
+
+static int ssi_uffd_register(int fd, uint64_t start, uint64_t len, uint64_t mode,
+                             uint64_t *ioctls)
+{
+    struct uffdio_register reg = { .range = { start, len }, .mode = mode };
+    if (ioctl(fd, UFFDIO_REGISTER, &reg) < 0)
+        return -errno;
+    *ioctls = reg.ioctls;
+    return 0;
+}
+
+static int ssi_uffd_range(int fd, unsigned long request, uint64_t start, uint64_t len)
+{
+    struct uffdio_range range = { start, len };
+    return ioctl(fd, request, &range) < 0 ? -errno : 0;
+}
+
+/* For the filling ioctls the kernel writes the bytes done (or -errno) in the last field.
+ * A partial result (some bytes done, then EAGAIN/EEXIST...) returns the positive count; the
+ * caller compares it with len. Nothing done returns -errno. */
+static int64_t ssi_done(int rc, int64_t field)
+{
+    if (rc == 0)
+        return field;
+    if (field > 0)
+        return field;
+    return -errno;
+}
+
+static int64_t ssi_uffd_copy(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode)
+{
+    struct uffdio_copy c = { .dst = dst, .src = src, .len = len, .mode = mode, .copy = 0 };
+    int rc = ioctl(fd, UFFDIO_COPY, &c);
+    return ssi_done(rc, c.copy);
+}
+
+static int64_t ssi_uffd_copy_buf(int fd, uint64_t dst, const void *src, uint64_t len,
+                                 uint64_t mode)
+{
+    return ssi_uffd_copy(fd, dst, (uint64_t)(uintptr_t)src, len, mode);
+}
+
+static int64_t ssi_uffd_zeropage(int fd, uint64_t start, uint64_t len, uint64_t mode)
+{
+    struct uffdio_zeropage z = { .range = { start, len }, .mode = mode, .zeropage = 0 };
+    int rc = ioctl(fd, UFFDIO_ZEROPAGE, &z);
+    return ssi_done(rc, z.zeropage);
+}
+
+static int ssi_uffd_writeprotect(int fd, uint64_t start, uint64_t len, uint64_t mode)
+{
+    struct uffdio_writeprotect w = { .range = { start, len }, .mode = mode };
+    return ioctl(fd, UFFDIO_WRITEPROTECT, &w) < 0 ? -errno : 0;
+}
+
+static int64_t ssi_uffd_continue(int fd, uint64_t start, uint64_t len, uint64_t mode)
+{
+    struct uffdio_continue c = { .range = { start, len }, .mode = mode, .mapped = 0 };
+    int rc = ioctl(fd, UFFDIO_CONTINUE, &c);
+    return ssi_done(rc, c.mapped);
+}
+
+static int64_t ssi_uffd_poison(int fd, uint64_t start, uint64_t len, uint64_t mode)
+{
+    struct uffdio_poison p = { .range = { start, len }, .mode = mode, .updated = 0 };
+    int rc = ioctl(fd, UFFDIO_POISON, &p);
+    return ssi_done(rc, p.updated);
+}
+
+static int64_t ssi_uffd_move(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode)
+{
+    struct uffdio_move m = { .dst = dst, .src = src, .len = len, .mode = mode, .move = 0 };
+    int rc = ioctl(fd, UFFDIO_MOVE, &m);
+    return ssi_done(rc, m.move);
+}
+
+/* read() up to max_events messages at once and flatten each into SSI_EVENT_WORDS words:
+ *   PAGEFAULT [event, flags, address, ptid]   FORK  [event, ufd, 0, 0]
+ *   REMAP     [event, from, to, len]          REMOVE/UNMAP [event, start, end, 0]
+ * Returns the number of events, 0 when none is pending (non-blocking fd), or -errno. */
+static int ssi_uffd_read(int fd, uint64_t *out, int max_events)
+{
+    struct uffd_msg msgs[SSI_READ_MAX];
+    if (max_events > SSI_READ_MAX)
+        max_events = SSI_READ_MAX;
+    if (max_events < 1)
+        return -EINVAL;
+    ssize_t n;
+    do {
+        n = read(fd, msgs, sizeof(struct uffd_msg) * (size_t)max_events);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0)
+        return errno == EAGAIN ? 0 : -errno;
+    int count = (int)(n / (ssize_t)sizeof(struct uffd_msg));
+    for (int i = 0; i < count; i++) {
+        const struct uffd_msg *m = &msgs[i];
+        uint64_t *w = out + (size_t)i * SSI_EVENT_WORDS;
+        w[0] = m->event;
+        switch (m->event) {
+        case UFFD_EVENT_PAGEFAULT:
+            w[1] = m->arg.pagefault.flags;
+            w[2] = m->arg.pagefault.address;
+            w[3] = m->arg.pagefault.feat.ptid;
+            break;
+        case UFFD_EVENT_FORK:
+            w[1] = m->arg.fork.ufd; w[2] = 0; w[3] = 0;
+            break;
+        case UFFD_EVENT_REMAP:
+            w[1] = m->arg.remap.from; w[2] = m->arg.remap.to; w[3] = m->arg.remap.len;
+            break;
+        case UFFD_EVENT_REMOVE:
+        case UFFD_EVENT_UNMAP:
+            w[1] = m->arg.remove.start; w[2] = m->arg.remove.end; w[3] = 0;
+            break;
+        default:
+            w[1] = m->arg.reserved.reserved1; w[2] = m->arg.reserved.reserved2;
+            w[3] = m->arg.reserved.reserved3;
+        }
+    }
+    return count;
+}
+
+static uint64_t ssi_addr(const void *p)
+{
+    return (uint64_t)(uintptr_t)p;
+}
+"""
