@@ -32,8 +32,10 @@ import logging
 import os
 import re
 import select
+import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -295,15 +297,14 @@ def socket_live(path: str) -> bool:
         s.close()
 
 
-def start_pager(sock: Path, args: argparse.Namespace, space: str) -> subprocess.Popen:
+def start_pager(sock: Path, args: argparse.Namespace, space: str,
+                memnode: str) -> subprocess.Popen:
     """Start `ssi-pager serve` for this guest; returns once its socket accepts connections."""
     cmd = [sys.executable, "-m", "pager.cli"]
     cmd += ["-v"] * args.verbose if getattr(args, "verbose", 0) else []
-    cmd += ["serve", "--socket", str(sock), "--space", space]
-    if args.memnode:
-        cmd += ["--memnode", args.memnode]
-        if args.token_file:
-            cmd += ["--token-file", args.token_file]
+    cmd += ["serve", "--socket", str(sock), "--space", space, "--memnode", memnode]
+    if args.token_file:
+        cmd += ["--token-file", args.token_file]
     cmd += list(args.pager_arg or [])
     with contextlib.suppress(FileNotFoundError):
         sock.unlink()
@@ -313,11 +314,37 @@ def start_pager(sock: Path, args: argparse.Namespace, space: str) -> subprocess.
         if proc.poll() is not None:
             raise VmError(f"the pager exited with code {proc.returncode} before listening "
                           f"(command: {' '.join(cmd)}); see its messages above")
-        if sock.exists() and socket_live(str(sock)):
-            return proc
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(sock.stat().st_mode):
+                return proc  # bound; the shim retries a connect refused before listen()
         time.sleep(0.05)
     stop_process(proc)
     raise VmError(f"the pager did not listen on {sock} within {PAGER_START_TIMEOUT:.0f} s")
+
+
+MEMNODE_LISTENING = re.compile(r"listening on (\S+)")
+
+
+def start_local_memnode(d: Path, token_file: str | None) -> tuple[subprocess.Popen, str]:
+    """A memory node on loopback for a guest run without --memnode (fresh RAM: all zero)."""
+    store = d / "store"
+    logf = d / "memnode.log"
+    cmd = [sys.executable, "-m", "pager.cli", "memnode", "--listen", "127.0.0.1:0",
+           "--store", str(store)]
+    if token_file:
+        cmd += ["--token-file", token_file]
+    with open(logf, "wb") as log_out:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_out, stderr=log_out)
+    deadline = time.monotonic() + PAGER_START_TIMEOUT
+    while time.monotonic() < deadline:
+        m = MEMNODE_LISTENING.search(logf.read_text(errors="replace"))
+        if m:
+            return proc, m.group(1)
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    stop_process(proc)
+    raise VmError(f"the local memory node did not start: {logf.read_text(errors='replace')}")
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 5.0) -> None:
@@ -328,6 +355,12 @@ def stop_process(proc: subprocess.Popen, timeout: float = 5.0) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def stop_all(procs: list[subprocess.Popen]) -> None:
+    """Stop helpers in reverse start order (the pager before the memory node it uses)."""
+    for proc in reversed(procs):
+        stop_process(proc)
 
 
 def exit_code(rc: int) -> int:
@@ -341,7 +374,7 @@ class Launch:
     """A started QEMU with guest RAM handed off (and the pager we started for it, if any)."""
 
     qemu: subprocess.Popen
-    pager: subprocess.Popen | None
+    helpers: list[subprocess.Popen]  # pager and local memory node started for this guest
     state: VmState
     dir: Path
 
@@ -367,14 +400,23 @@ def launch(args: argparse.Namespace, qemu_argv: list[str], name: str, *,
     if incoming:
         argv += ["-incoming", "defer"]
     space = args.space or name
-    pager_proc = None
+    helpers: list[subprocess.Popen] = []
     if args.pager and socket_live(args.pager):
         pager_sock = Path(args.pager)
         status(f"joining the pager at {pager_sock}")
     else:
         pager_sock = Path(args.pager) if args.pager else d / "pager.sock"
-        pager_proc = start_pager(pager_sock, args, space)
-        status(f"started the pager (pid {pager_proc.pid}) on {pager_sock}")
+        memnode = args.memnode
+        if not memnode:
+            node, memnode = start_local_memnode(d, args.token_file)
+            helpers.append(node)
+            status(f"no --memnode: started a local memory node on {memnode} (fresh RAM)")
+        try:
+            helpers.append(start_pager(pager_sock, args, space, memnode))
+        except BaseException:
+            stop_all(helpers)
+            raise
+        status(f"started the pager (pid {helpers[-1].pid}) on {pager_sock}")
     r, w = os.pipe()
     env = dict(os.environ)
     env["LD_PRELOAD"] = " ".join(filter(None, [str(shim), env.get("LD_PRELOAD", "")]))
@@ -385,8 +427,7 @@ def launch(args: argparse.Namespace, qemu_argv: list[str], name: str, *,
     except OSError as exc:
         os.close(r)
         os.close(w)
-        if pager_proc:
-            stop_process(pager_proc)
+        stop_all(helpers)
         raise VmError(f"cannot start {argv[0]}: {exc.strerror}") from exc
     os.close(w)
     state = VmState(name=name, space=space, ram_size=cmd.ram_size, ram_id=cmd.ram_id,
@@ -396,15 +437,13 @@ def launch(args: argparse.Namespace, qemu_argv: list[str], name: str, *,
         line = _wait_handoff(r, qemu)
     except BaseException:
         stop_process(qemu)
-        if pager_proc:
-            stop_process(pager_proc)
+        stop_all(helpers)
         raise
     finally:
         os.close(r)
     if line is None:  # QEMU exited before mapping RAM (bad arguments, shim refused)
-        if pager_proc:
-            stop_process(pager_proc)
-        return Launch(qemu, None, state, d)
+        stop_all(helpers)
+        return Launch(qemu, [], state, d)
     m = re.search(r"memfd=(-?\d+)", line)
     state.memfd = int(m.group(1)) if m else -1
     if not cmd.shared:
@@ -412,7 +451,7 @@ def launch(args: argparse.Namespace, qemu_argv: list[str], name: str, *,
     state.save(d)
     status(f"guest RAM {cmd.ram_size >> 20} MiB handed to the pager (space {space!r}, "
            f"{'shared memfd' if state.memfd >= 0 else 'anonymous'}); QEMU pid {qemu.pid}")
-    return Launch(qemu, pager_proc, state, d)
+    return Launch(qemu, helpers, state, d)
 
 
 def _wait_handoff(fd: int, qemu: subprocess.Popen) -> str | None:
@@ -448,8 +487,7 @@ def finish(launch_: Launch) -> int:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-        if launch_.pager is not None:
-            stop_process(launch_.pager)
+        stop_all(launch_.helpers)
     code = exit_code(rc)
     d = launch_.dir
     state = _reload(d)
@@ -470,9 +508,11 @@ def _reload(d: Path) -> VmState | None:
 
 
 def _cleanup(d: Path) -> None:
-    for f in ("qmp.sock", "pager.sock", "vm.json", "vm.json.tmp", "device-state"):
+    for f in ("qmp.sock", "pager.sock", "vm.json", "vm.json.tmp", "device-state",
+              "memnode.log"):
         with contextlib.suppress(FileNotFoundError):
             (d / f).unlink()
+    shutil.rmtree(d / "store", ignore_errors=True)
     with contextlib.suppress(OSError):
         d.rmdir()
 
@@ -522,7 +562,7 @@ def do_resume(args: argparse.Namespace, name: str, qemu_argv: list[str]) -> int:
     t0 = time.monotonic()
     lau = launch(args, qemu_argv, name, incoming=True, ram_id=saved.ram_id,
                  expect_size=saved.ram_size)
-    if lau.pager is None and lau.qemu.poll() is not None:
+    if lau.qemu.poll() is not None:
         return finish(lau)
     try:
         qmp = Qmp(lau.dir / "qmp.sock")
@@ -536,8 +576,7 @@ def do_resume(args: argparse.Namespace, name: str, qemu_argv: list[str]) -> int:
             qmp.close()
     except (VmError, OSError) as exc:
         stop_process(lau.qemu)
-        if lau.pager is not None:
-            stop_process(lau.pager)
+        stop_all(lau.helpers)
         raise VmError(f"resume of {name!r} failed: {exc}") from exc
     status(f"guest {name!r} resumed in {time.monotonic() - t0:.2f} s (RAM served on demand "
            f"from {args.memnode}, space {args.space!r})")
