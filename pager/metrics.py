@@ -1,0 +1,321 @@
+"""Every Prometheus metric of ssi-pager, declared in one place, exported at scrape time.
+
+The fault path never touches prometheus-client: fault threads bump plain integers in the
+engine's ``EngineStats`` (and the memory node its ``Counter``s); the collectors below read those
+when Prometheus scrapes and turn them into metric families, on their own `CollectorRegistry`
+(not the global one, so tests and two services in one process never clash).
+
+Names follow the Prometheus naming guide and node_exporter: ``ssi_<component>_<name>_<unit>``,
+base units (seconds, bytes), ``_total`` on counters, no per-address or per-page labels.
+
+Hooking a service up (``--metrics HOST:PORT``, off by default, a bare port binds 127.0.0.1):
+
+    from pager import metrics
+    metrics.add_metrics_argument(parser)                          # in configure()
+    handle = await metrics.start_pager_metrics(args.metrics, engine)    # ssi-pager serve
+    handle = await metrics.start_memnode_metrics(args.metrics, node)    # ssi-pager memnode
+    ...
+    await handle.close()
+
+Both print ``metrics: http://HOST:PORT/metrics`` on stderr once listening (port 0 picks one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import start_http_server
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from pager import __version__
+from pager.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+PAGE = 4096
+NS = "ssi"
+
+# name -> (type, help, labels). The single declaration of every metric ssi-pager exports.
+METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "ssi_pager_faults": ("counter", "Page faults resolved, by uffd fault kind and outcome "
+                         "(fetched, zero, readahead, present, unknown, error)",
+                         ("kind", "outcome")),
+    "ssi_pager_fault_duration_seconds": ("histogram", "Time from reading a fault event to the "
+                                         "page being installed", ()),
+    "ssi_pager_fetched_bytes": ("counter", "Bytes fetched from page sources (faults and "
+                                "readahead)", ()),
+    "ssi_pager_installed_bytes": ("counter", "Bytes installed into guests (UFFDIO_COPY and "
+                                  "UFFDIO_ZEROPAGE)", ()),
+    "ssi_pager_written_back_bytes": ("counter", "Bytes written back to memory nodes", ()),
+    "ssi_pager_zero_filled_pages": ("counter", "Pages installed with UFFDIO_ZEROPAGE (never "
+                                    "written or removed)", ()),
+    "ssi_pager_pages_in_flight": ("gauge", "Pages being fetched right now", ()),
+    "ssi_pager_readahead_pages": ("counter", "Pages fetched ahead of faults, by whether they "
+                                  "were installed (hit) or dropped unused (waste)", ("result",)),
+    "ssi_pager_clients": ("gauge", "VMM clients (userfaultfds) being served", ()),
+    "ssi_pager_regions": ("gauge", "Guest memory regions being served", ()),
+    "ssi_pager_errors": ("counter", "Errors by kind (fetch attempts that failed, faults that "
+                         "could not be served, faults outside every region)", ("kind",)),
+    "ssi_pager_transport_rtt_seconds": ("gauge", "Last measured round-trip time to a memory "
+                                        "node", ("node",)),
+    "ssi_pager_transport_tier": ("gauge", "1 for the latency tier a memory node's transport is "
+                                 "in", ("node", "tier")),
+    "ssi_pager_build": ("info", "ssi-pager version and userfaultfd binding", ("version",
+                                                                              "binding")),
+    "ssi_memnode_requests": ("counter", "Memory node requests by operation and result",
+                             ("op", "result")),
+    "ssi_memnode_stored_pages": ("gauge", "Pages held by the memory node's store", ()),
+    "ssi_memnode_stored_bytes": ("gauge", "Bytes held by the memory node's store", ()),
+    "ssi_memnode_connections": ("gauge", "Open connections to the memory node", ()),
+}
+
+#: ``LATENCY_BUCKETS_US`` of the engine, as the histogram's upper bounds in seconds
+def _latency_buckets() -> tuple[float, ...]:
+    from pager.engine import LATENCY_BUCKETS_US
+    return tuple(us / 1e6 for us in LATENCY_BUCKETS_US)
+
+
+def family(name: str, **kwargs: Any) -> Metric:
+    """An empty metric family of a declared metric."""
+    kind, help_, labels = METRICS[name]
+    if "value" in kwargs:
+        labels = None  # an unlabelled sample given at once
+    if kind == "counter":
+        return CounterMetricFamily(name, help_, labels=labels, **kwargs)
+    if kind == "gauge":
+        return GaugeMetricFamily(name, help_, labels=labels, **kwargs)
+    if kind == "info":
+        return InfoMetricFamily(name, help_, labels=(), **kwargs)
+    return HistogramMetricFamily(name, help_, labels=labels, **kwargs)
+
+
+def build_info(binding: str = "cffi") -> Metric:
+    info = family("ssi_pager_build")
+    info.add_metric([], {"version": __version__, "binding": binding})
+    return info
+
+
+# ------------------------------------------------------------------ pager (engine) collector
+
+@dataclass
+class Peer:
+    """One memory node as the pager sees it (from the source's ``peers()`` when it has one)."""
+
+    node: str
+    transport: str = "tcp"
+    rtt_seconds: float | None = None
+    tier: str | None = None
+
+
+def engine_peers(engine: Any) -> list[Peer]:
+    """Peers of the engine's page source: ``source.peers()`` (dicts or Peer) if it has it,
+    else its one endpoint when it is a memory node source."""
+    source = getattr(engine, "source", None)
+    peers = getattr(source, "peers", None)
+    if callable(peers):
+        out = []
+        for p in peers():
+            out.append(p if isinstance(p, Peer) else Peer(**{k: p[k] for k in p
+                                                             if k in Peer.__annotations__}))
+        return out
+    endpoint = getattr(source, "endpoint", None)
+    return [Peer(node=str(endpoint))] if endpoint else []
+
+
+class PagerCollector(Collector):
+    """Metrics of a running `FaultEngine`, computed from ``engine.stats()`` at scrape time."""
+
+    def __init__(self, engine: Any, *, extra_errors: Callable[[], dict[str, int]] | None = None,
+                 binding: str = "cffi") -> None:
+        self.engine = engine
+        self.extra_errors = extra_errors
+        self.binding = binding
+        self.buckets = _latency_buckets()
+
+    def collect(self) -> Iterator[Metric]:
+        st = self.engine.stats()
+        chunk_pages = max(1, getattr(self.engine, "chunk_size", PAGE) // PAGE)
+
+        # The engine registers MISSING faults; WP and MINOR faults appear under their kind once
+        # it serves them (their outcomes are counted with the missing ones until then).
+        faults = family("ssi_pager_faults")
+        for outcome, n in (("fetched", st.served_fetch), ("zero", st.served_zero),
+                           ("readahead", st.served_wait), ("present", st.served_dup),
+                           ("unknown", st.unknown_faults), ("error", st.failed_faults)):
+            faults.add_metric(["missing", outcome], n)
+        for kind, n in (("wp", st.faults_wp), ("minor", st.faults_minor)):
+            if n:
+                faults.add_metric([kind, "seen"], n)
+        yield faults
+
+        hist = family("ssi_pager_fault_duration_seconds")
+        cumulative, acc = [], 0
+        for le, n in zip((*self.buckets, float("inf")), st.latency_buckets, strict=True):
+            acc += n
+            cumulative.append(("+Inf" if le == float("inf") else repr(le), acc))
+        hist.add_metric([], cumulative, st.latency_sum_us / 1e6)
+        yield hist
+
+        for name, value in (
+                ("ssi_pager_fetched_bytes", st.fetched_bytes),
+                ("ssi_pager_installed_bytes", st.copied_bytes + st.zero_pages * PAGE),
+                ("ssi_pager_written_back_bytes", getattr(st, "written_back_bytes", 0)),
+                ("ssi_pager_zero_filled_pages", st.zero_pages)):
+            yield family(name, value=value)
+        yield family("ssi_pager_pages_in_flight", value=max(0, st.inflight) * chunk_pages)
+
+        ra = family("ssi_pager_readahead_pages")
+        ra.add_metric(["hit"], st.readahead_installed * chunk_pages)
+        ra.add_metric(["waste"], st.readahead_wasted * chunk_pages)
+        yield ra
+
+        clients = list(getattr(self.engine, "clients", []))
+        yield family("ssi_pager_clients", value=len(clients))
+        yield family("ssi_pager_regions", value=sum(len(c.state.regions) for c in clients))
+
+        errors = family("ssi_pager_errors")
+        counts = {"fetch": st.fetch_errors, "fault": st.failed_faults,
+                  "unknown_address": st.unknown_faults}
+        if self.extra_errors is not None:
+            for k, v in self.extra_errors().items():
+                counts[k] = counts.get(k, 0) + v
+        for kind, n in sorted(counts.items()):
+            errors.add_metric([kind], n)
+        yield errors
+
+        rtt = family("ssi_pager_transport_rtt_seconds")
+        tier = family("ssi_pager_transport_tier")
+        for p in engine_peers(self.engine):
+            if p.rtt_seconds is not None:
+                rtt.add_metric([p.node], p.rtt_seconds)
+            if p.tier is not None:
+                tier.add_metric([p.node, p.tier], 1)
+        yield rtt
+        yield tier
+        yield build_info(self.binding)
+
+
+# ------------------------------------------------------------------ memory node collector
+
+class MemnodeCollector(Collector):
+    """Metrics of a `transport.memnode.MemoryNode`, from ``node.stats()`` at scrape time."""
+
+    def __init__(self, node: Any) -> None:
+        self.node = node
+
+    def _stats(self) -> dict[str, Any]:
+        # stats() runs on the HTTP thread while the event loop mutates the counters: a dict
+        # resized mid-iteration raises RuntimeError; the next attempt sees a settled dict.
+        for _ in range(5):
+            try:
+                return self.node.stats()
+            except RuntimeError:
+                continue
+        return self.node.stats()
+
+    def collect(self) -> Iterator[Metric]:
+        st = self._stats()
+        req = family("ssi_memnode_requests")
+        for op, results in sorted(st.get("requests", {}).items()):
+            for result, n in sorted(results.items()):
+                req.add_metric([op, result], n)
+        yield req
+        yield family("ssi_memnode_stored_pages", value=st.get("stored_pages", 0))
+        yield family("ssi_memnode_stored_bytes", value=st.get("stored_bytes", 0))
+        yield family("ssi_memnode_connections", value=st.get("connections_open", 0))
+        yield build_info()
+
+
+def pager_registry(engine: Any, **kwargs: Any) -> CollectorRegistry:
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(PagerCollector(engine, **kwargs))
+    return reg
+
+
+def memnode_registry(node: Any) -> CollectorRegistry:
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(MemnodeCollector(node))
+    return reg
+
+
+# ------------------------------------------------------------------ HTTP endpoint
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    """'9850' -> ('127.0.0.1', 9850); 'HOST:PORT' and '[v6]:PORT' as given."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "127.0.0.1", text
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        value = int(port)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise ConfigError(f"--metrics {text!r}: expected PORT or HOST:PORT (e.g. 9850 or "
+                          f"127.0.0.1:9850)")
+    return host, value
+
+
+def add_metrics_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--metrics", metavar="HOST:PORT", default=None,
+                        help="serve Prometheus /metrics here (off by default; a bare port "
+                             "binds 127.0.0.1)")
+
+
+class MetricsServer:
+    """A running /metrics endpoint (prometheus-client's WSGI server on a daemon thread)."""
+
+    def __init__(self, server: Any, thread: threading.Thread) -> None:
+        self._server = server
+        self._thread = thread
+        host, port = server.server_address[:2]
+        self.endpoint = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.endpoint}/metrics"
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+
+    async def close(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.stop)
+
+
+def serve_metrics(hostport: str, registry: CollectorRegistry) -> MetricsServer:
+    """Start serving ``registry`` on ``hostport``; prints the URL on stderr."""
+    host, port = parse_hostport(hostport)
+    try:
+        server, thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise ConfigError(f"cannot serve metrics on {host}:{port}: {exc.strerror}; choose "
+                          f"another --metrics port") from exc
+    handle = MetricsServer(server, thread)
+    print(f"metrics: {handle.url}", file=sys.stderr, flush=True)
+    return handle
+
+
+async def start_pager_metrics(hostport: str, engine: Any, **kwargs: Any) -> MetricsServer:
+    """`ssi-pager serve --metrics`: the engine's metrics endpoint."""
+    return serve_metrics(hostport, pager_registry(engine, **kwargs))
+
+
+async def start_memnode_metrics(hostport: str, node: Any) -> MetricsServer:
+    """`ssi-pager memnode --metrics`: the memory node's metrics endpoint."""
+    return serve_metrics(hostport, memnode_registry(node))
