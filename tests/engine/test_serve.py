@@ -1,0 +1,125 @@
+"""End to end with the real kernel: a memory node process, a pager process, clients here."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+from conftest import memnode_args, wait_or_fail
+
+from pager.handoff import send_handshake
+from pager.workload import Client, DataSet
+
+MIB = 1 << 20
+
+
+@pytest.mark.parametrize("order,chunk", [("seq", "64K"), ("rand", "16K"), ("seq", "4K")])
+def test_memnode_content_several_threads(memnode, run_pager, order, chunk):
+    data = DataSet(16 * MIB)
+    memnode.seed(data)
+    _, sock = run_pager(*memnode_args(memnode), "--chunk", chunk)
+    c = Client(16 * MIB)
+    c.handoff(sock)
+    t = c.touch(op="read", order=order, threads=4)
+    wait_or_fail(t)
+    assert c.check(data) == []
+    c.close()
+
+
+def test_file_source_content(tmp_path, run_pager):
+    data = DataSet(20 * MIB, seed=77)
+    path = tmp_path / "snap.mem"
+    data.write_file(str(path))
+    _, sock = run_pager("--source", f"file:{path}")
+    # region at file offset 4 MiB: offsets are file positions, as Firecracker uses them
+    c = Client(8 * MIB, offset=4 * MIB)
+    c.handoff(sock)
+    t = c.touch(op="verify", order="rand", threads=4, seed=data.seed)
+    wait_or_fail(t)
+    assert c.check(data) == []
+    c.close()
+
+
+def test_two_clients_at_once_own_spaces(memnode, run_pager):
+    a, b = DataSet(8 * MIB, seed=1), DataSet(8 * MIB, seed=2, holes=False)
+    memnode.seed(a, "vm-a")
+    memnode.seed(b, "vm-b")
+    _, sock = run_pager(*memnode_args(memnode))
+    ca, cb = Client(8 * MIB, space="vm-a"), Client(8 * MIB, space="vm-b")
+    ca.handoff(sock)
+    cb.handoff(sock)
+    ta = ca.touch(op="read", threads=2)
+    tb = cb.touch(op="verify", threads=2, seed=b.seed, order="rand")
+    wait_or_fail(ta)
+    wait_or_fail(tb)
+    assert ca.check(a) == [] and cb.check(b) == [] and tb.mismatches == 0
+    ca.close()
+    # the other client keeps being served after one hangs up
+    c2 = Client(4 * MIB, space="vm-b")
+    c2.handoff(sock)
+    wait_or_fail(c2.touch(threads=2))
+    assert c2.check(b) == []
+    cb.close()
+    c2.close()
+
+
+def _raw_connect(sock_path: str) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(sock_path)
+    return s
+
+
+def _good_client_served(sock: str, data: DataSet) -> None:
+    c = Client(2 * MIB)
+    c.handoff(sock)
+    wait_or_fail(c.touch(threads=2), 30)
+    assert c.check(data) == []
+    c.close()
+
+
+def test_malformed_handshakes_each_followed_by_a_good_client(memnode, run_pager, tmp_path):
+    data = DataSet(8 * MIB)
+    memnode.seed(data)
+    proc, sock = run_pager(*memnode_args(memnode), "--handshake-timeout", "1")
+    good = Client(MIB)  # its uffd is a real one to send with bad JSON
+    region = good.region()
+    cases = {
+        "garbage": (b"{not json", [good.uffd.fileno()]),
+        "no fd": (None, []),
+        "two fds": (None, [good.uffd.fileno(), good.uffd.fileno()]),
+        "overlap": ([region, dict(region, offset=0)], [good.uffd.fileno()]),
+        "empty": ([dict(region, size=0)], [good.uffd.fileno()]),
+        "misaligned": ([dict(region, base_host_virt_addr=region["base_host_virt_addr"] + 1)],
+                       [good.uffd.fileno()]),
+        "oversized": (b"[" + b" " * (70 * 1024), [good.uffd.fileno()]),
+        "not a uffd": (None, [memnode.proc.f.fileno()]),
+    }
+    for what, (body, fds) in cases.items():
+        s = _raw_connect(sock)
+        if isinstance(body, bytes):
+            import array
+            s.sendmsg([body], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                array.array("i", fds).tobytes())])
+        else:
+            send_handshake(s, body if body is not None else [region], fds)
+        s.settimeout(5)
+        assert s.recv(1) == b"", f"{what}: connection not closed"
+        s.close()
+        _good_client_served(sock, data)
+    # truncated and silent sends: closed after the handshake timeout
+    for partial in (b'[{"base_host_virt_addr": 4096, "si', b""):
+        s = _raw_connect(sock)
+        if partial:
+            s.send(partial)
+        s.settimeout(5)
+        t0 = time.monotonic()
+        assert s.recv(1) == b""
+        assert time.monotonic() - t0 < 4.5
+        s.close()
+        _good_client_served(sock, data)
+    log = proc.log.read_text()
+    for needle in ("not valid JSON", "carried 0 fds", "carried 2 fds", "overlaps", "empty",
+                   "not aligned", "longer than", "no complete handshake"):
+        assert needle in log, needle
+    good.close()
