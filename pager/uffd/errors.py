@@ -92,6 +92,9 @@ _ADVICE: dict[int, str] = {
     _errno.EFAULT: "an address is not mapped in this process (source buffer or event buffer)",
     _errno.ENOMEM: "the kernel could not allocate memory (or the target process is exiting)",
     _errno.ENOSPC: "the target process is exiting or the range ran out of space",
+    _errno.EBUSY: ("the range is already registered by another userfaultfd; unregister it "
+                   "there first"),
+    _errno.ENOTTY: "the running kernel does not know this ioctl",
 }
 
 
