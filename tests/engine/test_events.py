@@ -1,0 +1,146 @@
+"""Layout events and failures with the real kernel: REMOVE, fork, dying clients, nodes, pagers."""
+
+from __future__ import annotations
+
+import mmap
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import ROOT, memnode_args, wait_or_fail
+
+from pager.workload import Client, DataSet
+
+MIB = 1 << 20
+PAGE = 4096
+
+
+def test_remove_gives_zeros_and_is_never_fetched_again(memnode, run_pager):
+    data = DataSet(8 * MIB, holes=False)
+    memnode.seed(data)
+    _, sock = run_pager(*memnode_args(memnode), "--chunk", "64K")
+    c = Client(8 * MIB)
+    c.handoff(sock)
+    wait_or_fail(c.touch(threads=2))
+    assert c.check(data) == []
+    # balloon: drop 1 MiB + 3 pages, unaligned to chunks; blocks until the pager reads REMOVE
+    start, length = 2 * MIB + 5 * PAGE, MIB + 3 * PAGE
+    c.mem.madvise(mmap.MADV_DONTNEED, start, length)
+    wait_or_fail(c.touch(threads=3, order="rand"))
+    assert c.mem[start:start + length] == bytes(length)
+    # pages around the removed range still hold the data set
+    bad = c.check(data)
+    assert bad and all(start <= p < start + length for p in bad)
+    assert len(bad) == length // PAGE
+    # written again after removal: the client's bytes stay (the pager fills nothing over them)
+    c.mem[start:start + PAGE] = b"\x7f" * PAGE
+    assert c.mem[start:start + PAGE] == b"\x7f" * PAGE
+    c.close()
+
+
+def test_forked_child_gets_its_own_state(memnode, run_pager):
+    from pager.uffd._uffd_cffi import ffi, lib
+    data = DataSet(8 * MIB, holes=False)
+    memnode.seed(data)
+    proc, sock = run_pager(*memnode_args(memnode))
+    c = Client(8 * MIB, fork=True)
+    c.handoff(sock)
+    # first half touched by the parent before the fork, second half never
+    wait_or_fail(touch_range(c, 0, 4 * MIB))
+    probe = 6 * MIB + 3 * PAGE + 16
+    expect = bytearray(PAGE)
+    data.fill(expect, probe & ~(PAGE - 1))
+    bg = ffi.new("struct ssi_bg *")
+    bg.op, bg.a, bg.b = lib.SSI_BG_FORK_READ, c.base + probe, expect[probe % PAGE]
+    assert lib.ssi_bg_start(bg) == 0
+    assert lib.ssi_bg_wait(bg, int(30e9)), "forked child never finished"
+    assert bg.result == 0, f"child saw the wrong byte (wait status {bg.result})"
+    # the parent keeps being served after the fork
+    wait_or_fail(c.touch(threads=2))
+    assert c.check(data) == []
+    c.close()
+    time.sleep(0.3)
+    assert "fault thread failed" not in proc.log.read_text()
+
+
+def touch_range(c: Client, start: int, end: int):
+    from pager.workload import Touch
+    return Touch(c.base + start, end - start, threads=2).start()
+
+
+def _workload(sock: str, mib: int, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pager.workload", "--socket", sock,
+                             "--mib", str(mib), *extra], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_client_killed_while_faults_pending(memnode, run_pager):
+    data = DataSet(8 * MIB)
+    memnode.seed(data)
+    proc, sock = run_pager(*memnode_args(memnode), "--readahead", "0")
+    memnode.proc.p.send_signal(signal.SIGSTOP)  # every fetch now waits
+    try:
+        w = _workload(sock, 8, "--threads", "4")
+        proc.wait_for(r"serving client\d+")
+        time.sleep(0.5)
+        w.kill()
+        w.wait(10)
+    finally:
+        memnode.proc.p.send_signal(signal.SIGCONT)
+    proc.wait_for(r"hung up", 10)
+    # the pager shrugs it off and serves the next client
+    c = Client(2 * MIB)
+    c.handoff(sock)
+    wait_or_fail(c.touch(threads=2), 30)
+    assert c.check(data) == []
+    c.close()
+    assert proc.p.poll() is None
+
+
+def test_memory_node_dies_and_comes_back_while_faults_wait(memnode, run_pager):
+    data = DataSet(8 * MIB)
+    memnode.seed(data)
+    proc, sock = run_pager(*memnode_args(memnode))
+    c = Client(8 * MIB)
+    c.handoff(sock)
+    wait_or_fail(touch_range(c, 0, MIB))
+    memnode.proc.kill()
+    t = c.touch(threads=4, order="rand")
+    time.sleep(1.5)
+    assert not t.wait(0), "faults were served while the memory node was down"
+    memnode.start(memnode.endpoint)  # same port, same store
+    wait_or_fail(t, 60)
+    assert c.check(data) == []
+    assert "retrying" in proc.log.read_text() or "reconnecting" in proc.log.read_text()
+    c.close()
+
+
+def test_pager_killed_and_restarted_takes_over_blocked_client(memnode, run_pager):
+    data = DataSet(8 * MIB)
+    memnode.seed(data)
+    sup, sock = run_pager(*memnode_args(memnode), "--supervise", "--readahead", "0")
+    first = int(sup.wait_for(r"pager pid (\d+) started"))
+    c = Client(8 * MIB)
+    c.handoff(sock)
+    wait_or_fail(touch_range(c, 0, MIB))
+    memnode.proc.p.send_signal(signal.SIGSTOP)  # the next faults block in the pager
+    try:
+        t = c.touch(threads=4)
+        time.sleep(0.5)
+        assert not t.wait(0)
+        import os
+        os.kill(first, signal.SIGKILL)
+        sup.wait_for(r"restarting \(1\), 1 clients kept", 10)
+    finally:
+        memnode.proc.p.send_signal(signal.SIGCONT)
+    wait_or_fail(t, 60)
+    assert c.check(data) == []
+    assert "took over client" in sup.log.read_text()
+    # new clients are served by the new pager on the same socket
+    c2 = Client(2 * MIB)
+    c2.handoff(sock)
+    wait_or_fail(c2.touch(threads=2), 30)
+    assert c2.check(data) == []
+    c.close()
+    c2.close()
