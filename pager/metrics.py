@@ -74,6 +74,8 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
                                         "node", ("node",)),
     "ssi_pager_transport_tier": ("gauge", "1 for the latency tier a memory node's transport is "
                                  "in", ("node", "tier")),
+    "ssi_pager_peer": ("info", "A memory node the pager fetches from, and its transport",
+                       ("node", "transport")),
     "ssi_pager_build": ("info", "ssi-pager version and userfaultfd binding", ("version",
                                                                               "binding")),
     "ssi_memnode_requests": ("counter", "Memory node requests by operation and result",
@@ -113,7 +115,7 @@ def build_info(binding: str = "cffi") -> Metric:
 
 @dataclass
 class Peer:
-    """One memory node as the pager sees it (from the source's ``peers()`` when it has one)."""
+    """One memory node as the pager sees it."""
 
     node: str
     transport: str = "tcp"
@@ -121,19 +123,59 @@ class Peer:
     tier: str | None = None
 
 
-def engine_peers(engine: Any) -> list[Peer]:
-    """Peers of the engine's page source: ``source.peers()`` (dicts or Peer) if it has it,
-    else its one endpoint when it is a memory node source."""
-    source = getattr(engine, "source", None)
-    peers = getattr(source, "peers", None)
+# Latency tiers by round trip (upper bounds, µs); above the last: "Basic". The names and
+# bounds are those of the transport's tier detection (deploy/README.md "Tiers").
+TIER_BOUNDS_US: tuple[tuple[str, float], ...] = (
+    ("HighPerformance", 100.0), ("Medium", 300.0), ("Standard", 500.0))
+
+
+def tier_for(rtt_seconds: float) -> str:
+    us = rtt_seconds * 1e6
+    return next((name for name, bound in TIER_BOUNDS_US if us < bound), "Basic")
+
+
+class PeerProbe:
+    """Measures the round trip to a memory-node source at scrape time (control plane only:
+    its own connection, a few PINGs per scrape, never the fault threads' channels)."""
+
+    PINGS = 3
+
+    def __init__(self, source: Any) -> None:
+        self.source = source
+        self.channel: Any = None
+        self.failures = 0
+
+    def peers(self) -> list[Peer]:
+        src = self.source
+        peer = Peer(node=str(src.endpoint), transport=getattr(src, "transport", "tcp"))
+        try:
+            if self.channel is None:
+                from transport.tcp import BlockingChannel
+                self.channel = BlockingChannel.connect(src.endpoint, src.token, src.space,
+                                                       timeout=2.0, retry_for=0.0)
+            peer.rtt_seconds = min(self.channel.ping() for _ in range(self.PINGS))
+            peer.tier = tier_for(peer.rtt_seconds)
+        except Exception as exc:  # a down node must not break the scrape: report, retry later
+            self.failures += 1
+            log.debug("probing %s failed: %s", src.endpoint, exc)
+            self.close()
+        return [peer]
+
+    def close(self) -> None:
+        if self.channel is not None:
+            try:
+                self.channel.close()
+            finally:
+                self.channel = None
+
+
+def engine_peers(engine: Any, probe: PeerProbe | None) -> list[Peer]:
+    """The source's own ``peers()`` (dicts or Peer) when it has one, else the probe's."""
+    peers = getattr(getattr(engine, "source", None), "peers", None)
     if callable(peers):
-        out = []
-        for p in peers():
-            out.append(p if isinstance(p, Peer) else Peer(**{k: p[k] for k in p
-                                                             if k in Peer.__annotations__}))
-        return out
-    endpoint = getattr(source, "endpoint", None)
-    return [Peer(node=str(endpoint))] if endpoint else []
+        return [p if isinstance(p, Peer) else
+                Peer(**{k: p[k] for k in p if k in Peer.__annotations__}) for p in peers()]
+    return probe.peers() if probe is not None else []
 
 
 class PagerCollector(Collector):
@@ -145,6 +187,9 @@ class PagerCollector(Collector):
         self.extra_errors = extra_errors
         self.binding = binding
         self.buckets = _latency_buckets()
+        source = getattr(engine, "source", None)
+        self.probe = PeerProbe(source) if all(
+            hasattr(source, a) for a in ("endpoint", "token", "space")) else None
 
     def collect(self) -> Iterator[Metric]:
         st = self.engine.stats()
@@ -188,8 +233,10 @@ class PagerCollector(Collector):
         yield family("ssi_pager_regions", value=sum(len(c.state.regions) for c in clients))
 
         errors = family("ssi_pager_errors")
+        peers = engine_peers(self.engine, self.probe)
         counts = {"fetch": st.fetch_errors, "fault": st.failed_faults,
-                  "unknown_address": st.unknown_faults}
+                  "unknown_address": st.unknown_faults,
+                  "probe": self.probe.failures if self.probe is not None else 0}
         if self.extra_errors is not None:
             for k, v in self.extra_errors().items():
                 counts[k] = counts.get(k, 0) + v
@@ -199,13 +246,16 @@ class PagerCollector(Collector):
 
         rtt = family("ssi_pager_transport_rtt_seconds")
         tier = family("ssi_pager_transport_tier")
-        for p in engine_peers(self.engine):
+        info = family("ssi_pager_peer")
+        for p in peers:
+            info.add_metric([], {"node": p.node, "transport": p.transport})
             if p.rtt_seconds is not None:
                 rtt.add_metric([p.node], p.rtt_seconds)
             if p.tier is not None:
                 tier.add_metric([p.node, p.tier], 1)
         yield rtt
         yield tier
+        yield info
         yield build_info(self.binding)
 
 

@@ -1,0 +1,193 @@
+"""`ssi-pager status [--json]`: a short table of a running pager and its memory nodes.
+
+Reads the pager's metrics endpoint (``serve --metrics``, default 127.0.0.1:9850) twice,
+``--interval`` apart, for rates and the fault p99 over that interval, and each memory node's
+metrics endpoint given with ``--memnode`` (``memnode --metrics``, e.g. 127.0.0.1:9851).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from pager.errors import PagerError
+from pager.metrics import parse_hostport
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PAGER = "127.0.0.1:9850"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pager", default=DEFAULT_PAGER, metavar="HOST:PORT",
+                        help="the pager's metrics endpoint (default %(default)s)")
+    parser.add_argument("--memnode", action="append", default=[], metavar="HOST:PORT",
+                        help="a memory node's metrics endpoint (repeatable)")
+    parser.add_argument("--interval", type=float, default=1.0, metavar="S",
+                        help="seconds between the two reads giving rates (default %(default)s)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+@dataclass
+class Scrape:
+    """Samples of one /metrics read: name -> list of (labels, value)."""
+
+    at: float
+    samples: dict[str, list[tuple[dict[str, str], float]]] = field(default_factory=dict)
+
+    def all(self, name: str) -> list[tuple[dict[str, str], float]]:
+        return self.samples.get(name, [])
+
+    def total(self, name: str, **match: str) -> float:
+        return sum(v for labels, v in self.all(name)
+                   if all(labels.get(k) == x for k, x in match.items()))
+
+
+def url_of(hostport: str) -> str:
+    host, port = parse_hostport(hostport)
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{port}/metrics"
+
+
+def scrape(hostport: str, what: str) -> Scrape:
+    url = url_of(hostport)
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            text = r.read().decode()
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise PagerError(f"cannot read the {what}'s metrics at {url}: {reason}; is it running "
+                         f"with --metrics {hostport}? (pass --pager / --memnode HOST:PORT)") \
+            from exc
+    out = Scrape(time.monotonic())
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out.samples.setdefault(s.name, []).append((dict(s.labels), s.value))
+    return out
+
+
+def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
+    """Prometheus' histogram_quantile over cumulative (le, count) pairs, in the same unit."""
+    buckets = sorted(buckets)
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    rank = q * buckets[-1][1]
+    lower, below = 0.0, 0.0
+    for le, count in buckets:
+        if count >= rank:
+            if math.isinf(le):
+                return lower      # beyond the last finite bound: report that bound
+            return lower + (le - lower) * (rank - below) / max(count - below, 1e-12)
+        lower, below = le, count
+    return lower
+
+
+def fault_buckets(s: Scrape) -> dict[float, float]:
+    rows = s.all("ssi_pager_fault_duration_seconds_bucket")
+    return {float(labels["le"]): v for labels, v in rows}
+
+
+def pager_status(a: Scrape, b: Scrape) -> dict[str, Any]:
+    dt = max(b.at - a.at, 1e-9)
+    ba, bb = fault_buckets(a), fault_buckets(b)
+    window = [(le, bb[le] - ba.get(le, 0.0)) for le in bb]
+    p99 = histogram_quantile(0.99, window)
+    p99_window = "interval"
+    if p99 is None:  # no fault in the interval: since start
+        p99, p99_window = histogram_quantile(0.99, list(bb.items())), "since start"
+    faults = b.total("ssi_pager_faults_total")
+    build = b.all("ssi_pager_build_info")
+    rtts = {lb["node"]: v for lb, v in b.all("ssi_pager_transport_rtt_seconds")}
+    tiers = {lb["node"]: lb["tier"] for lb, v in b.all("ssi_pager_transport_tier") if v}
+    peers = [{"node": lb["node"], "transport": lb.get("transport", "?"),
+              "tier": tiers.get(lb["node"]), "rtt_us": None if lb["node"] not in rtts
+              else round(rtts[lb["node"]] * 1e6, 1)}
+             for lb, _ in b.all("ssi_pager_peer_info")]
+    return {
+        "version": build[0][0].get("version") if build else None,
+        "clients": int(b.total("ssi_pager_clients")),
+        "regions": int(b.total("ssi_pager_regions")),
+        "resident_bytes": int(b.total("ssi_pager_installed_bytes_total")),
+        "faults": int(faults),
+        "faults_per_s": round((faults - a.total("ssi_pager_faults_total")) / dt, 1),
+        "fetched_bytes_per_s": round((b.total("ssi_pager_fetched_bytes_total")
+                                      - a.total("ssi_pager_fetched_bytes_total")) / dt),
+        "p99_us": None if p99 is None else round(p99 * 1e6, 1),
+        "p99_window": p99_window,
+        "errors": int(b.total("ssi_pager_errors_total")),
+        "pages_in_flight": int(b.total("ssi_pager_pages_in_flight")),
+        "peers": peers,
+    }
+
+
+def memnode_status(hostport: str, a: Scrape, b: Scrape) -> dict[str, Any]:
+    dt = max(b.at - a.at, 1e-9)
+    req = b.total("ssi_memnode_requests_total")
+    return {
+        "metrics": hostport,
+        "stored_pages": int(b.total("ssi_memnode_stored_pages")),
+        "stored_bytes": int(b.total("ssi_memnode_stored_bytes")),
+        "connections": int(b.total("ssi_memnode_connections")),
+        "requests_per_s": round((req - a.total("ssi_memnode_requests_total")) / dt, 1),
+        "errors": int(sum(v for lb, v in b.all("ssi_memnode_requests_total")
+                          if lb.get("result") != "ok")),
+    }
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def print_table(st: dict[str, Any]) -> None:
+    p = st["pager"]
+    p99 = "-" if p["p99_us"] is None else f"{p['p99_us']:.0f} µs"
+    print(f"pager {st['endpoint']} (ssi-pager {p['version']})")
+    print(f"  clients {p['clients']}  regions {p['regions']}  resident "
+          f"{human_bytes(p['resident_bytes'])}  faults/s {p['faults_per_s']:.0f}  p99 {p99}  "
+          f"fetched {human_bytes(p['fetched_bytes_per_s'])}/s  errors {p['errors']}")
+    if p["peers"]:
+        print(f"  {'PEER':<24} {'TRANSPORT':<10} {'TIER':<16} RTT")
+        for peer in p["peers"]:
+            rtt = "-" if peer["rtt_us"] is None else f"{peer['rtt_us']:.0f} µs"
+            print(f"  {peer['node']:<24} {peer['transport']:<10} {peer['tier'] or '-':<16} {rtt}")
+    for m in st["memnodes"]:
+        print(f"memnode {m['metrics']}: stored {human_bytes(m['stored_bytes'])} "
+              f"({m['stored_pages']} pages), {m['connections']} connections, "
+              f"{m['requests_per_s']:.0f} requests/s, {m['errors']} errors")
+
+
+def collect(pager: str, memnodes: list[str], interval: float) -> dict[str, Any]:
+    first = {"pager": scrape(pager, "pager")}
+    for m in memnodes:
+        first[m] = scrape(m, "memory node")
+    time.sleep(max(interval, 0.0))
+    second = {"pager": scrape(pager, "pager")}
+    for m in memnodes:
+        second[m] = scrape(m, "memory node")
+    return {"endpoint": pager,
+            "pager": pager_status(first["pager"], second["pager"]),
+            "memnodes": [memnode_status(m, first[m], second[m]) for m in memnodes]}
+
+
+def run(args: argparse.Namespace) -> int:
+    st = collect(args.pager, args.memnode, args.interval)
+    if args.json:
+        json.dump(st, sys.stdout)
+        print()
+    else:
+        print_table(st)
+    return 0
