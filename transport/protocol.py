@@ -86,6 +86,8 @@ CONTROL_TYPES = frozenset({T.HELLO, T.WELCOME, T.AUTH, T.AUTH_OK, T.OPEN, T.STAT
                            T.ERROR})
 PAGE_PAYLOAD_TYPES = frozenset({T.STORE, T.DATA, T.PONG})
 _TYPE_VALUES = frozenset(int(t) for t in T)
+_REPLY_TYPES = frozenset({T.WELCOME, T.AUTH_OK, T.OPENED, T.DATA, T.STORED, T.PONG,
+                          T.STATS_REPLY, T.ERROR})
 
 
 class ErrorCode(enum.IntEnum):
@@ -659,6 +661,9 @@ class ReplyReader:
         if length > limit:
             raise ProtocolError(f"memory node sent an oversized frame ({length} bytes)",
                                 ErrorCode.TOO_LARGE, fatal=True)
+        if ftype not in _REPLY_TYPES:
+            raise ProtocolError(f"memory node sent a {_type_name(ftype)} frame, which is not "
+                                f"a reply", ErrorCode.UNKNOWN_TYPE, fatal=True)
         self._current = Reply(ftype, req, space, arg, length)
         self._have = 0
         if ftype == T.DATA:
