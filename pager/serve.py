@@ -212,4 +212,5 @@ async def _start_metrics(hostport: str, service: PagerService):
     if start is None:
         log.warning("pager.metrics has no start_pager_metrics(); --metrics ignored")
         return None
-    return await start(hostport, service.engine)
+    return await start(hostport, service.engine,
+                       extra_errors=lambda: {"handoff": service.server.rejected})

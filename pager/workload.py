@@ -213,10 +213,13 @@ class Client:
                     bad.append(p)
         return sorted(bad)
 
-    def close(self) -> None:
+    def close(self, unmap: bool = False) -> None:
         if self.sock is not None:
             self.sock.close()
         self.uffd.close()
+        if unmap:
+            self._keep = None  # the exported buffer pins the mapping
+            self.mem.close()
 
 
 def _progress(t: Touch, label: str) -> None:

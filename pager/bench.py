@@ -1,0 +1,254 @@
+"""`ssi-pager bench faults`: end-to-end fault resolution, with the C reference in the same run.
+
+Each case starts a real pager process (``ssi-pager serve``) on a memory node over loopback
+(``remote``) or a snapshot file (``file``), hands it this process's memory with the Firecracker
+handshake, and lets one C toucher thread access the first word of every chunk, as the reference
+does: latency = the first access to each chunk (each one faults), GB/s = region bytes / touch
+time. Cases: source x chunk (4 KiB, 64 KiB) x order (seq, rand), readahead on (the default)
+and, for remote seq, off (``-nora``: the bare fault path compared with the reference).
+
+With ``--refpager DIR`` (default ``$SSI_REFPAGER`` or /tmp/refpager, built with ``make``) the
+reference's refpager-remote / refpager-local run in the same session and ``ratio`` lines compare
+them. ``--rss-gib N`` (default 4) also reports the pager's RSS while serving an N GiB client.
+One JSON object per line on stdout: ``name``, ``p50_us``, ``p99_us``, ``gbps`` (+ details).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from pager.workload import Client, DataSet, Touch, percentile
+
+log_prefix = "bench:"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mib", type=int, default=256, help="region size per case")
+    parser.add_argument("--json", action="store_true", help="JSON lines (the only format)")
+    parser.add_argument("--refpager", default=os.environ.get("SSI_REFPAGER", "/tmp/refpager"),
+                        help="directory with the built C reference (refpager-remote ...)")
+    parser.add_argument("--rss-gib", type=int, default=4,
+                        help="client size for the RSS measurement, 0 = skip (default 4)")
+    parser.add_argument("--only", default="", help="run only cases whose name contains this")
+
+
+def _emit(obj: dict) -> None:
+    print(json.dumps(obj), flush=True)
+
+
+def _status(msg: str) -> None:
+    print(f"{log_prefix} {msg}", file=sys.stderr, flush=True)
+
+
+class _Child:
+    """A child ``ssi-pager`` process whose stderr goes to a file we can wait on."""
+
+    def __init__(self, args: list[str], log: Path) -> None:
+        self.log = log
+        self._f = open(log, "wb")  # noqa: SIM115 - closed in stop()
+        self.p = subprocess.Popen([sys.executable, "-m", "pager.cli", *args],
+                                  stdout=subprocess.DEVNULL, stderr=self._f)
+
+    def wait_for(self, pattern: str, timeout: float = 20.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.search(pattern, self.log.read_text())
+            if m:
+                return m.group(1) if m.groups() else m.group(0)
+            if self.p.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.log.name}: no {pattern!r}: {self.log.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            self.p.terminate()
+            try:
+                self.p.wait(10)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait()
+        self._f.close()
+
+
+def measure(sock: str, size: int, chunk: int, order: str, data: DataSet | None) -> dict:
+    """Hand ``size`` bytes to the pager on ``sock``, touch one word per chunk, check content."""
+    c = Client(size)
+    try:
+        c.handoff(sock)
+        t = Touch(c.base, size, order=order, threads=1, step=chunk).start()
+        if not t.wait(300):
+            raise RuntimeError("the pager did not serve the faults within 300 s")
+        lat = t.latencies_us()
+        bad = len(c.check(data)) if data is not None else 0
+        return {"p50_us": round(percentile(lat, 0.5), 2), "p99_us": round(percentile(lat, 0.99), 2),
+                "gbps": round(size / t.seconds() / 1e9, 3), "faults": t.naccess,
+                "bad_pages": bad}
+    finally:
+        c.close(unmap=True)
+
+
+def _rss_kib(pid: int) -> tuple[int, int]:
+    rss = hwm = 0
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1])
+            elif line.startswith("VmHWM:"):
+                hwm = int(line.split()[1])
+    return rss, hwm
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def refpager_cases(refdir: Path, mib: int) -> dict[str, dict]:
+    """refpager-remote / -local, unpinned (like a real pager), same region size."""
+    out: dict[str, dict] = {}
+    if not (refdir / "refpager-remote").exists():
+        _status(f"no C reference in {refdir} (build it: make -C DIR); reference lines skipped")
+        return out
+    port = _free_port()
+    node = subprocess.Popen([str(refdir / "refpager-memnode"), "--mib", str(mib), "--port",
+                             str(port), "--cpu", "-1"], stdout=subprocess.PIPE, text=True)
+    try:
+        node.stdout.readline()  # {"ready": true ...}
+        for mode in ("remote", "local"):
+            for chunk in (4096, 65536):
+                for order in ("seq", "rand"):
+                    cmd = [str(refdir / f"refpager-{mode}"), "--mib", str(mib), "--chunk",
+                           str(chunk), "--order", order, "--tcpu", "-1", "--hcpu", "-1"]
+                    if mode == "remote":
+                        cmd += ["--port", str(port)]
+                    r = json.loads(subprocess.run(cmd, capture_output=True, text=True,
+                                                  timeout=300, check=True).stdout)
+                    name = f"refpager-{mode}-{chunk >> 10}k-{order}"
+                    out[name] = {"name": name, "p50_us": r["fault_lat"]["p50_us"],
+                                 "p99_us": r["fault_lat"]["p99_us"], "gbps": r["gbps"],
+                                 "faults": r["faults"], "bad_pages": r["verify_bad_pages"]}
+    finally:
+        node.terminate()
+        node.wait(10)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    size = args.mib << 20
+    data = DataSet(size, holes=False)
+    results: dict[str, dict] = {}
+    bad = 0
+    with tempfile.TemporaryDirectory(prefix="ssi-bench-") as tmp_s:
+        tmp = Path(tmp_s)
+        node = _Child(["memnode", "--listen", "127.0.0.1:0", "--store", str(tmp / "store"),
+                       "--token-file", str(tmp / "token")], tmp / "memnode.log")
+        try:
+            endpoint = node.wait_for(r"listening on (\S+)")
+            _status(f"seeding {args.mib} MiB on memory node {endpoint}")
+            from pager.source import MemnodeSource
+            from transport.token import load_token
+            lane = MemnodeSource(endpoint, load_token(tmp / "token"), "bench").open_lane()
+            for off, buf in data.chunks():
+                lane.store(None, off, buf)
+            lane.close()
+            snap = tmp / "snapshot.mem"
+            data.write_file(str(snap))
+            sources = {
+                "remote": ["--memnode", endpoint, "--token-file", str(tmp / "token"),
+                           "--space", "bench"],
+                "file": ["--source", f"file:{snap}"],
+            }
+            configs = []
+            for src in ("remote", "file"):
+                for chunk in (4096, 65536):
+                    configs.append((src, chunk, True))
+            configs += [("remote", 4096, False), ("remote", 65536, False)]
+            for src, chunk, ra in configs:
+                tag = f"{src}-{chunk >> 10}k"
+                orders = ("seq", "rand") if ra else ("seq",)
+                names = {o: f"pager-{tag}-{o}" + ("" if ra else "-nora") for o in orders}
+                if args.only and not any(args.only in n for n in names.values()):
+                    continue
+                sock = str(tmp / f"{tag}.sock")
+                pager = _Child(["serve", "--socket", sock, *sources[src], "--chunk", str(chunk),
+                                "--readahead", "2M" if ra else "0"], tmp / f"{tag}.log")
+                try:
+                    pager.wait_for("pager: serving")
+                    for order, name in names.items():
+                        if args.only and args.only not in name:
+                            continue
+                        _status(f"{name} ...")
+                        r = {"name": name, **measure(sock, size, chunk, order, data)}
+                        bad += r["bad_pages"]
+                        results[name] = r
+                        _emit(r)
+                finally:
+                    pager.stop()
+            if args.rss_gib:
+                _emit(_rss_case(tmp, args.rss_gib))
+        finally:
+            node.stop()
+    refs = refpager_cases(Path(args.refpager), args.mib)
+    for r in refs.values():
+        _emit(r)
+    for ours, ref, what in (
+            ("pager-remote-4k-seq-nora", "refpager-remote-4k-seq", "p50"),
+            ("pager-remote-4k-rand", "refpager-remote-4k-rand", "p50"),
+            ("pager-remote-64k-seq-nora", "refpager-remote-64k-seq", "gbps"),
+            ("pager-remote-64k-seq", "refpager-remote-64k-seq", "gbps"),
+            ("pager-remote-4k-seq", "refpager-remote-4k-seq", "gbps")):
+        if ours in results and ref in refs:
+            a, b = results[ours], refs[ref]
+            ratio = (a["p50_us"] / b["p50_us"]) if what == "p50" else (a["gbps"] / b["gbps"])
+            goal = "<= 1.5" if what == "p50" else ">= 0.75"
+            _emit({"name": f"ratio-{ours}-vs-{ref}", "metric": what, "ratio": round(ratio, 3),
+                   "goal": goal, "ours": a[f"{what}_us" if what == "p50" else "gbps"],
+                   "reference": b[f"{what}_us" if what == "p50" else "gbps"]})
+    return 3 if bad else 0
+
+
+def _rss_case(tmp: Path, gib: int) -> dict:
+    """The pager's RSS while one client of ``gib`` GiB faults everything in (sparse file)."""
+    snap = tmp / "big.mem"
+    with open(snap, "wb") as f:
+        f.truncate(gib << 30)
+    sock = str(tmp / "rss.sock")
+    pager = _Child(["serve", "--socket", sock, "--source", f"file:{snap}"], tmp / "rss.log")
+    peak = [0]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                peak[0] = max(peak[0], _rss_kib(pager.p.pid)[0])
+            stop.wait(0.05)
+
+    try:
+        pager.wait_for("pager: serving")
+        idle = _rss_kib(pager.p.pid)[0]
+        _status(f"pager RSS with a {gib} GiB client ...")
+        th = threading.Thread(target=sample, daemon=True)
+        th.start()
+        r = measure(sock, gib << 30, 65536, "seq", None)
+        stop.set()
+        th.join()
+        return {"name": f"pager-rss-{gib}g-client", "rss_idle_mib": round(idle / 1024, 1),
+                "rss_peak_mib": round(peak[0] / 1024, 1),
+                "hwm_mib": round(_rss_kib(pager.p.pid)[1] / 1024, 1), "gbps": r["gbps"],
+                "goal_mib": 150}
+    finally:
+        stop.set()
+        pager.stop()
