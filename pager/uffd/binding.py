@@ -38,7 +38,8 @@ def _flag_enum(name: str, prefix: str, *, bit: bool = False) -> type[enum.IntFla
         if attr.startswith(prefix) and not attr.startswith("SSI_"):
             value = getattr(lib, attr)
             members[attr[len(prefix):]] = (1 << value) if bit else value
-    return enum.IntFlag(name, members, module=__name__)
+    ordered = dict(sorted(members.items(), key=lambda kv: kv[1]))
+    return enum.IntFlag(name, ordered, module=__name__)
 
 
 #: UFFD_FEATURE_* bits, values from the build header (or the UAPI fallback), e.g. Feature.THREAD_ID
@@ -101,8 +102,9 @@ def address_of(buffer) -> tuple[object, int]:
     return cdata, int(ffi.cast("uintptr_t", cdata))
 
 
-def _open_fd(flags: int, access: str) -> tuple[int, str]:
-    """A new userfaultfd: syscall first, /dev/userfaultfd when the syscall is refused."""
+def open_raw_fd(flags: int, access: str) -> tuple[int, str]:
+    """A new userfaultfd fd (no UFFDIO_API yet) and how it was opened ("syscall" or
+    "/dev/userfaultfd"): the syscall first, the device when the syscall is refused (EPERM)."""
     if access not in ("auto", "syscall", "dev"):
         raise ValueError(f"access must be 'auto', 'syscall' or 'dev', not {access!r}")
     sys_err = 0
@@ -129,7 +131,7 @@ def _open_fd(flags: int, access: str) -> tuple[int, str]:
 
 def supported_features(access: str = "auto") -> int:
     """Every feature the running kernel offers (UFFDIO_API on a throw-away userfaultfd)."""
-    fd, _ = _open_fd(os.O_CLOEXEC | lib.UFFD_USER_MODE_ONLY, access)
+    fd, _ = open_raw_fd(os.O_CLOEXEC | lib.UFFD_USER_MODE_ONLY, access)
     try:
         api = ffi.new("struct uffdio_api *")
         rc = lib.ssi_uffd_api(fd, 0, api)
@@ -181,13 +183,14 @@ class Userfaultfd:
                  nonblocking: bool = True, user_mode_only: bool = False,
                  access: str = "auto") -> None:
         self._fd = -1
+        self._poller: select.poll | None = None
         self._ranges: list[tuple[int, int, int]] = []   # (start, end, page size) registered
         self._events = RawEvents(READ_MAX)
         want = feature_mask(features)
         flags = os.O_CLOEXEC | (os.O_NONBLOCK if nonblocking else 0)
         if user_mode_only:
             flags |= lib.UFFD_USER_MODE_ONLY
-        fd, self.opened_by = _open_fd(flags, access)
+        fd, self.opened_by = open_raw_fd(flags, access)
         api = ffi.new("struct uffdio_api *")
         rc = lib.ssi_uffd_api(fd, want, api)
         if rc < 0:
@@ -241,6 +244,7 @@ class Userfaultfd:
                     features = int(parts[1], 16) & ~_INITIALIZED
         self = cls.__new__(cls)
         self._fd = fd
+        self._poller = None
         self._ranges = []
         self._events = RawEvents(READ_MAX)
         self.opened_by = "adopted"
@@ -265,6 +269,7 @@ class Userfaultfd:
     def close(self) -> None:
         """Close the fd: the kernel wakes every blocked faulting thread (they retry the access)."""
         fd, self._fd = self._fd, -1
+        self._poller = None
         if fd >= 0:
             os.close(fd)
 
@@ -406,8 +411,10 @@ class Userfaultfd:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until events are pending (True) or ``timeout`` seconds pass (False)."""
-        p = select.poll()
-        p.register(self.fileno(), select.POLLIN)
+        p = self._poller
+        if p is None or self._fd < 0:
+            p = self._poller = select.poll()
+            p.register(self.fileno(), select.POLLIN)
         return bool(p.poll(None if timeout is None else int(timeout * 1000)))
 
     # --- errors -----------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from pager.uffd.errors import uffd_error
 PROT_RW = lib.PROT_READ | lib.PROT_WRITE
 MADV_DONTNEED: int = lib.MADV_DONTNEED
 MADV_REMOVE: int = lib.MADV_REMOVE
+MADV_NOHUGEPAGE: int = lib.MADV_NOHUGEPAGE
 _ERR_LIMIT = (1 << 64) - 4096
 
 
@@ -42,7 +43,7 @@ class Mapping:
 
     @classmethod
     def memfd(cls, length: int, *, name: str = "ssi-pager", hugetlb: bool = False,
-              fd: int | None = None, offset: int = 0) -> Mapping:
+              fd: int | None = None, offset: int = 0, noreserve: bool = False) -> Mapping:
         """A shared mapping of a (new, or given and then owned) memfd of ``length`` bytes."""
         if fd is None:
             fd = lib.ssi_memfd_create(name.encode(), lib.MFD_CLOEXEC |
@@ -54,7 +55,8 @@ class Mapping:
             except OSError as exc:
                 os.close(fd)
                 raise uffd_error(exc.errno or errno.EIO, "ftruncate(memfd)") from None
-        r = lib.ssi_mmap(0, length, PROT_RW, lib.MAP_SHARED, fd, offset)
+        flags = lib.MAP_SHARED | (lib.MAP_NORESERVE if noreserve else 0)
+        r = lib.ssi_mmap(0, length, PROT_RW, flags, fd, offset)
         if r >= _ERR_LIMIT:
             os.close(fd)
         return cls(_check_addr(r, "mmap(memfd)"), length, fd)

@@ -1,0 +1,188 @@
+"""``ssi-pager bench uffd``: the binding's cost, beside the C reference pager's, in one run.
+
+Lines (one JSON object each, on stdout):
+  uffd_copy_4k / uffd_copy_64k / uffd_zeropage_4k / uffd_zeropage_64k
+      one binding call (``Userfaultfd.copy`` / ``zeropage``) into untouched registered memory,
+      timed around the Python call: ``p50_us``, ``p99_us`` per call, ``gbps`` = bytes / wall.
+  uffd_fault_4k / uffd_fault_64k
+      local fault resolution: a C toucher thread (no GIL) reads one word per page of --mib MiB
+      in order; Python serves each fault (read_raw + one copy of the chunk): latency of each
+      faulting access measured in C, ``gbps`` = region bytes / touch time.
+  refpager_* (when the C reference pager is found, --refpager): the same figures from
+      ``refpager-local --raw`` and ``refpager-local --mib N --chunk 4096 --order seq --tcpu -1
+      --hcpu -1``, and ``ratio_p50`` / ``ratio_gbps`` (ours / reference) on our lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+from pager.uffd.binding import PAGE_SIZE, RawEvents, Userfaultfd
+from pager.uffd.mman import MADV_DONTNEED, MADV_NOHUGEPAGE, Mapping
+from pager.uffd.toucher import Toucher, check_pattern, fill_pattern, percentile
+
+DEFAULT_REF = "/tmp/refpager"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true",
+                        help="JSON lines only (the default output is JSON lines too)")
+    parser.add_argument("--mib", type=int, default=256, help="fault test region (MiB)")
+    parser.add_argument("--section-mib", type=int, default=32,
+                        help="bytes per ioctl-cost series (MiB)")
+    parser.add_argument("--refpager", default=DEFAULT_REF,
+                        help="folder with the built C reference pager ('' to skip)")
+    parser.add_argument("--cpu", type=int, default=0,
+                        help="CPU for the ioctl-cost series (-1: unpinned), as the reference")
+
+
+def _line(name: str, lat_ns: list[int], nbytes: int, wall_ns: int, **extra) -> dict:
+    lat = sorted(lat_ns)
+    out = {"name": name, "p50_us": round(percentile(lat, 50) / 1e3, 3),
+           "p99_us": round(percentile(lat, 99) / 1e3, 3),
+           "gbps": round(nbytes / wall_ns, 3) if wall_ns else 0.0, "n": len(lat)}
+    out.update(extra)
+    return out
+
+
+def ioctl_costs(section: int) -> list[dict]:
+    """Per-call cost of copy / zeropage at 4 KiB and 64 KiB into untouched registered memory."""
+    lines = []
+    src = Mapping.anonymous(section)
+    fill_pattern((src.address, src.length), 1)
+    region = Mapping.anonymous(section)
+    region.madvise(MADV_NOHUGEPAGE)
+    clock = time.perf_counter_ns
+    try:
+        with Userfaultfd() as u:
+            u.register(region.address, region.length)
+            for op_size in (PAGE_SIZE, 16 * PAGE_SIZE):
+                label = f"{op_size // 1024}k"
+                for kind in ("copy", "zeropage"):
+                    region.madvise(MADV_DONTNEED)            # back to untouched
+                    lat = []
+                    append = lat.append
+                    base, s = region.address, src.address
+                    w0 = clock()
+                    if kind == "copy":
+                        copy = u.copy
+                        for off in range(0, section, op_size):
+                            t0 = clock()
+                            copy(base + off, s + off, op_size)
+                            append(clock() - t0)
+                    else:
+                        zero = u.zeropage
+                        for off in range(0, section, op_size):
+                            t0 = clock()
+                            zero(base + off, op_size)
+                            append(clock() - t0)
+                    wall = clock() - w0
+                    if kind == "copy" and check_pattern((base, section), 1) != -1:
+                        raise RuntimeError("bench: copied content differs from the source")
+                    lines.append(_line(f"uffd_{kind}_{label}", lat, section, wall,
+                                       per_page_us=round(wall / 1e3 / (section // PAGE_SIZE), 3)))
+    finally:
+        region.close()
+        src.close()
+    return lines
+
+
+def fault_latency(mib: int, chunk: int) -> dict:
+    """A C thread faults through ``mib`` MiB in order; Python resolves each fault by chunk."""
+    length = mib << 20
+    src = Mapping.anonymous(length)
+    fill_pattern((src.address, src.length), 3)
+    region = Mapping.anonymous(length)
+    region.madvise(MADV_NOHUGEPAGE)
+    raw = RawEvents(64)
+    words = raw.words
+    mask = ~(chunk - 1)
+    try:
+        with Userfaultfd(features=["thread_id"]) as u:
+            u.register(region.address, length)
+            base, sbase = region.address, src.address
+            copy, read_raw, wait = u.copy, u.read_raw, u.wait
+            faults = 0
+            t = Toucher(base, length, op="read", step=PAGE_SIZE).start()
+            w0 = time.perf_counter_ns()
+            while not t.finished:
+                # poll first: right after a resolution the next fault is not raised yet
+                if not wait(0.05):
+                    continue
+                n = read_raw(raw)
+                for i in range(n):
+                    addr = words[4 * i + 2]
+                    start = base + ((addr - base) & mask)
+                    copy(start, sbase + (start - base), chunk)
+                faults += n
+            result = t.join(10)
+            wall = time.perf_counter_ns() - w0
+        bad = check_pattern((region.address, length), 3)
+        if bad != -1:
+            raise RuntimeError(f"bench: page content wrong at offset {bad}")
+        lat = [x for x in result.latencies_ns[::chunk // PAGE_SIZE]]   # the faulting accesses
+        return _line(f"uffd_fault_{chunk // 1024}k", lat, length, wall, faults=faults)
+    finally:
+        region.close()
+        src.close()
+
+
+def refpager(folder: str, mib: int) -> list[dict]:
+    """The C reference's figures from the same run, as our line shapes."""
+    exe = os.path.join(folder, "refpager-local")
+    if not folder or not os.access(exe, os.X_OK):
+        print(f"bench: no C reference pager at {exe}; build it with `cp -r "
+              f"/work/shared/refpager /tmp/refpager && make -C /tmp/refpager`", file=sys.stderr)
+        return []
+    raw = json.loads(subprocess.run([exe, "--raw"], check=True, capture_output=True,
+                                    text=True, timeout=300).stdout.splitlines()[-1])
+    lines = []
+    mib_raw = raw.get("section_mib", 32)
+    for kind in ("copy", "zeropage"):
+        for label in ("4k", "64k"):
+            st = raw[f"{kind}_{label}"]
+            wall_us = raw[f"{kind}_{label}_wall_per_op_us"] * st["n"]
+            lines.append({"name": f"refpager_{kind}_{label}", "p50_us": st["p50_us"],
+                          "p99_us": st["p99_us"],
+                          "gbps": round((mib_raw << 20) / (wall_us * 1e3), 3), "n": st["n"]})
+    loc = json.loads(subprocess.run(
+        [exe, "--mib", str(mib), "--chunk", "4096", "--order", "seq", "--tcpu", "-1",
+         "--hcpu", "-1"], check=True, capture_output=True, text=True,
+        timeout=300).stdout.splitlines()[-1])
+    lines.append({"name": "refpager_fault_4k", "p50_us": loc["fault_lat"]["p50_us"],
+                  "p99_us": loc["fault_lat"]["p99_us"], "gbps": loc["gbps"],
+                  "n": loc["fault_lat"]["n"]})
+    return lines
+
+
+def run(args: argparse.Namespace) -> int:
+    section = args.section_mib << 20
+    old_affinity = os.sched_getaffinity(0)
+    print("bench uffd: ioctl costs ...", file=sys.stderr)
+    if args.cpu >= 0:
+        os.sched_setaffinity(0, {args.cpu})
+    try:
+        ours = ioctl_costs(section)
+    finally:
+        os.sched_setaffinity(0, old_affinity)
+    print(f"bench uffd: fault latency over {args.mib} MiB ...", file=sys.stderr)
+    ours.append(fault_latency(args.mib, PAGE_SIZE))
+    ours.append(fault_latency(args.mib, 16 * PAGE_SIZE))
+    print("bench uffd: C reference ...", file=sys.stderr)
+    ref = {line["name"].removeprefix("refpager_"): line
+           for line in refpager(args.refpager, args.mib)}
+    for line in ours:
+        r = ref.get(line["name"].removeprefix("uffd_"))
+        if r:
+            line["ref_p50_us"], line["ref_p99_us"] = r["p50_us"], r["p99_us"]
+            line["ratio_p50"] = round(line["p50_us"] / r["p50_us"], 2) if r["p50_us"] else None
+            line["ratio_gbps"] = round(line["gbps"] / r["gbps"], 2) if r["gbps"] else None
+        print(json.dumps(line), flush=True)
+    for r in ref.values():
+        print(json.dumps(r), flush=True)
+    return 0
