@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pager.workload import PAGE, DataSet
-from tests.metrics.promserver import PromServer
+from tests.metrics.promserver import PromServer, stop_process
 
 ROOT = Path(__file__).resolve().parents[2]
 MIB = 1 << 20
@@ -45,13 +45,7 @@ class Proc:
         raise AssertionError(f"no {pattern!r} in {self.log.read_text()}")
 
     def stop(self) -> None:
-        if self.p.poll() is None:
-            self.p.terminate()
-            try:
-                self.p.wait(10)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait()
+        stop_process(self.p)
         if self.p.stdout:
             self.p.stdout.close()
         self.f.close()
