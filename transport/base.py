@@ -1,0 +1,185 @@
+"""The transport interface: `PageTransport`, its performance tiers, and sync wrappers.
+
+The four operations of the SSI-HV design — ``fetch_page``, ``send_page``, ``measure_latency``,
+``performance_tier`` — plus batched ``fetch_pages`` / ``send_pages``. Methods are coroutines;
+`SyncTransport` runs a transport on a private event-loop thread for scripts.
+
+Tier boundaries. The published ranges overlap (Medium 100-300 µs, Standard 200-500 µs), so
+ssi-pager uses these half-open intervals of the *median 4 KiB round trip*:
+
+    HighPerformance     rtt <  100 µs      (RDMA, or a fast local TCP link)
+    MediumPerformance   100 <= rtt < 200 µs
+    Standard            200 <= rtt < 500 µs
+    Basic               rtt >= 500 µs
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import enum
+import statistics
+import threading
+from collections.abc import Coroutine
+from typing import Any, NamedTuple, TypeVar
+
+from transport.errors import TransportError
+from transport.protocol import PAGE_SIZE
+
+_R = TypeVar("_R")
+
+
+class TransportTier(enum.Enum):
+    HighPerformance = "HighPerformance"
+    MediumPerformance = "MediumPerformance"
+    Standard = "Standard"
+    Basic = "Basic"
+
+    @classmethod
+    def from_latency(cls, rtt_s: float) -> TransportTier:
+        us = rtt_s * 1e6
+        for bound, tier in TIER_BOUNDS_US:
+            if us < bound:
+                return tier
+        return cls.Basic
+
+
+# upper bound (exclusive, µs) -> tier; see the module docstring
+TIER_BOUNDS_US: tuple[tuple[float, TransportTier], ...] = (
+    (100.0, TransportTier.HighPerformance),
+    (200.0, TransportTier.MediumPerformance),
+    (500.0, TransportTier.Standard),
+)
+
+
+class Pages(NamedTuple):
+    """Result of `PageTransport.fetch_pages`: the bytes (zero pages zero-filled) and the zero
+    mask (bit i set = page i was never written on the node)."""
+
+    data: memoryview
+    zero_mask: int
+
+
+def check_pages(gpa: int, nbytes: int) -> None:
+    if gpa % PAGE_SIZE or nbytes % PAGE_SIZE or not nbytes:
+        raise TransportError(f"gpa {gpa:#x} and length {nbytes} must be non-zero multiples of "
+                             f"{PAGE_SIZE}")
+
+
+class PageTransport(abc.ABC):
+    """Moves pages of one address space between this host and memory nodes (by node id)."""
+
+    name = "?"  # "tcp" | "rdma"
+
+    def __init__(self) -> None:
+        self.latency: dict[str, float] = {}  # node id -> last measured median RTT (s)
+        self.endpoints: dict[str, str] = {}
+
+    @abc.abstractmethod
+    async def connect_peer(self, node_id: str, endpoint: str) -> None:
+        """Connect (and authenticate) to the memory node ``node_id`` at ``endpoint``."""
+
+    @abc.abstractmethod
+    async def fetch_pages(self, gpa: int, count: int, node_id: str,
+                          into: Any = None, *, urgent: bool | None = None) -> Pages:
+        """Fetch ``count`` pages from ``gpa``; into ``into`` (a writable buffer) if given.
+
+        ``urgent`` (default: True for a fault-sized fetch, False for bulk) keeps the request
+        on the urgent lane, which never queues behind background transfers.
+        """
+
+    @abc.abstractmethod
+    async def send_pages(self, gpa: int, data: Any, node_id: str) -> None:
+        """Store pages at ``gpa``; returns once the node has written them."""
+
+    @abc.abstractmethod
+    async def ping(self, node_id: str) -> float:
+        """One round trip to the node (seconds)."""
+
+    @abc.abstractmethod
+    async def measure_bandwidth(self, node_id: str, nbytes: int = 16 << 20) -> float:
+        """Node-to-here throughput in bytes/s with many requests in flight."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    async def fetch_page(self, gpa: int, node_id: str) -> bytes:
+        return bytes((await self.fetch_pages(gpa, 1, node_id, urgent=True)).data)
+
+    async def send_page(self, gpa: int, data: Any, node_id: str) -> None:
+        if len(memoryview(data).cast("B")) != PAGE_SIZE:
+            raise TransportError(f"send_page takes exactly {PAGE_SIZE} bytes")
+        await self.send_pages(gpa, data, node_id)
+
+    async def measure_latency(self, node_id: str, samples: int = 9) -> float:
+        """Median round trip of ``samples`` pings (seconds); remembered for the tier."""
+        rtts = [await self.ping(node_id) for _ in range(max(1, samples))]
+        self.latency[node_id] = statistics.median(rtts)
+        return self.latency[node_id]
+
+    def performance_tier(self, node_id: str | None = None) -> TransportTier:
+        """Tier from the last measured latency (of ``node_id``, or the slowest peer)."""
+        if node_id is not None:
+            rtt = self.latency.get(node_id)
+        else:
+            rtt = max(self.latency.values(), default=None)
+        if rtt is None:
+            raise TransportError("no latency measured yet: call measure_latency(node_id) first")
+        return TransportTier.from_latency(rtt)
+
+    async def __aenter__(self) -> PageTransport:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class SyncTransport:
+    """Blocking wrappers around a `PageTransport`, for scripts: the transport lives on a
+    private event loop in a daemon thread; each call waits for its coroutine."""
+
+    def __init__(self, transport: PageTransport) -> None:
+        self.transport = transport
+        from transport.tcp import new_event_loop
+
+        self._loop = new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
+                                        name="ssi-transport")
+        self._thread.start()
+
+    def _call(self, coro: Coroutine[Any, Any, _R], timeout: float | None = 60.0) -> _R:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def connect_peer(self, node_id: str, endpoint: str) -> None:
+        self._call(self.transport.connect_peer(node_id, endpoint))
+
+    def fetch_page(self, gpa: int, node_id: str) -> bytes:
+        return self._call(self.transport.fetch_page(gpa, node_id))
+
+    def fetch_pages(self, gpa: int, count: int, node_id: str, into: Any = None) -> Pages:
+        return self._call(self.transport.fetch_pages(gpa, count, node_id, into))
+
+    def send_page(self, gpa: int, data: Any, node_id: str) -> None:
+        self._call(self.transport.send_page(gpa, data, node_id))
+
+    def send_pages(self, gpa: int, data: Any, node_id: str) -> None:
+        self._call(self.transport.send_pages(gpa, data, node_id))
+
+    def measure_latency(self, node_id: str, samples: int = 9) -> float:
+        return self._call(self.transport.measure_latency(node_id, samples))
+
+    def performance_tier(self, node_id: str | None = None) -> TransportTier:
+        return self.transport.performance_tier(node_id)
+
+    def close(self) -> None:
+        if self._loop.is_running():
+            self._call(self.transport.close())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+        self._loop.close()
+
+    def __enter__(self) -> SyncTransport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
