@@ -24,7 +24,10 @@ INCLUDES = """
 
 # constants whose value is read from the header at build time
 CONSTANTS = [
-    "UFFD_API",
+    "UFFD_API", "UFFDIO",
+    # what the build header's kernel offered (run-time detection decides what is used)
+    "UFFD_API_REGISTER_MODES", "UFFD_API_FEATURES", "UFFD_API_IOCTLS", "UFFD_API_RANGE_IOCTLS",
+    "UFFD_API_RANGE_IOCTLS_BASIC",
     "UFFD_USER_MODE_ONLY",
     "USERFAULTFD_IOC", "USERFAULTFD_IOC_NEW",
     # event kinds and page-fault flags
