@@ -155,3 +155,14 @@ def test_memnode_metrics_count_real_requests(memnode) -> None:
     assert sample(after, "ssi_memnode_connections") == 1
     assert sample(after, "ssi_pager_build_info", version=metrics.__version__,
                   binding="cffi") == 1
+
+
+def test_status_quantile_matches_prometheus_histogram_quantile() -> None:
+    """Same numbers as deploy/prometheus/rules_test.yml's p99 case, computed by Prometheus."""
+    from pager.status import histogram_quantile
+    inf = float("inf")
+    assert histogram_quantile(0.99, [(0.001, 0), (0.01, 600), (inf, 600)]) == \
+        pytest.approx(0.00991)
+    assert histogram_quantile(0.5, [(0.0001, 100), (inf, 100)]) == pytest.approx(0.00005)
+    assert histogram_quantile(0.99, [(0.001, 0), (inf, 0)]) is None
+    assert histogram_quantile(0.99, [(0.001, 1), (inf, 10)]) == 0.001   # in +Inf: last bound

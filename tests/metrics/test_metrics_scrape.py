@@ -190,6 +190,9 @@ def test_status_agrees_with_prometheus(stack, workload) -> None:
     assert (p["clients"], p["regions"]) == (1, 1)
     assert p["resident_bytes"] == WORKLOAD_MIB * MIB
     assert p["p99_us"] is not None and p["p99_us"] > 0
+    if p["p99_window"] == "since start":   # the workload is done: same data as Prometheus'
+        prom_p99 = prom.value("histogram_quantile(0.99, ssi_pager_fault_duration_seconds_bucket)")
+        assert p["p99_us"] == pytest.approx(prom_p99 * 1e6, abs=0.1)
     assert p["peers"] and p["peers"][0]["transport"] == "tcp"
     assert st["memnodes"][0]["stored_bytes"] == prom.value("ssi_memnode_stored_bytes")
     human = subprocess.run(cli("status", "--pager", stack["pager_metrics"], "--interval", "0"),
