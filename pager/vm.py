@@ -381,7 +381,7 @@ class Launch:
 
 def launch(args: argparse.Namespace, qemu_argv: list[str], name: str, *,
            incoming: bool = False, ram_id: str = RAM_ID,
-           expect_size: int | None = None) -> Launch:
+           expect_size: int | None = None, stdout: int | None = None) -> Launch:
     """Start (or join) the pager and QEMU with the shim; return after the handoff."""
     from pager.shim import library
 
@@ -423,7 +423,7 @@ def launch(args: argparse.Namespace, qemu_argv: list[str], name: str, *,
     env.update(SSI_PAGER_SOCKET=str(pager_sock), SSI_PAGER_RAM_SIZE=str(cmd.ram_size),
                SSI_PAGER_SPACE=space, SSI_PAGER_STATUS_FD=str(w))
     try:
-        qemu = subprocess.Popen(argv, env=env, pass_fds=(w,))
+        qemu = subprocess.Popen(argv, env=env, pass_fds=(w,), stdout=stdout)
     except OSError as exc:
         os.close(r)
         os.close(w)
@@ -541,6 +541,12 @@ def _alive(pid: int) -> bool:
 
 
 def do_resume(args: argparse.Namespace, name: str, qemu_argv: list[str]) -> int:
+    return finish(resume_start(args, name, qemu_argv))
+
+
+def resume_start(args: argparse.Namespace, name: str, qemu_argv: list[str], *,
+                 stdout: int | None = None) -> Launch:
+    """Start the new QEMU, load the device state, `cont`; returns the running guest."""
     d = vm_dir(name)
     saved = VmState.load(d)
     if not saved.suspended:
@@ -561,9 +567,9 @@ def do_resume(args: argparse.Namespace, name: str, qemu_argv: list[str]) -> int:
         state_file = held
     t0 = time.monotonic()
     lau = launch(args, qemu_argv, name, incoming=True, ram_id=saved.ram_id,
-                 expect_size=saved.ram_size)
+                 expect_size=saved.ram_size, stdout=stdout)
     if lau.qemu.poll() is not None:
-        return finish(lau)
+        return lau
     try:
         qmp = Qmp(lau.dir / "qmp.sock")
         try:
@@ -582,7 +588,7 @@ def do_resume(args: argparse.Namespace, name: str, qemu_argv: list[str]) -> int:
            f"from {args.memnode}, space {args.space!r})")
     with contextlib.suppress(FileNotFoundError):
         held.unlink()
-    return finish(lau)
+    return lau
 
 
 def _shell_quote(s: str) -> str:

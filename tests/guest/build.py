@@ -125,6 +125,26 @@ def _compile_workload(out: Path) -> None:
         raise GuestUnavailable(f"cannot build the static workload: {proc.stderr.strip()}")
 
 
+def workload_binary() -> Path:
+    """The static workload, built (or reused) in the cache; it also runs on the host."""
+    cdir = cache_dir()
+    key = hashlib.sha256(WORKLOAD_C.read_bytes()).hexdigest()[:16]
+    target = cdir / f"workload-{key}"
+    if not target.is_file():
+        cdir.mkdir(parents=True, exist_ok=True)
+        part = cdir / f".workload-{key}.{os.getpid()}"
+        _compile_workload(part)
+        os.replace(part, target)
+    return target
+
+
+def expected_checksums(work_mib: int, passes: int) -> list[str]:
+    """Per-pass checksums of an uninterrupted run, computed by the same binary on the host."""
+    out = subprocess.run([str(workload_binary()), str(work_mib), str(passes)],
+                         capture_output=True, text=True, check=True, timeout=300).stdout
+    return checksums(out)
+
+
 def initramfs() -> Path:
     """Build (or reuse) the guest initramfs; returns its path."""
     busybox = _busybox()
@@ -135,9 +155,8 @@ def initramfs() -> Path:
     if target.is_file():
         return target
     cdir.mkdir(parents=True, exist_ok=True)
+    wl = workload_binary()
     with tempfile.TemporaryDirectory(dir=cdir) as tmp:
-        wl = Path(tmp) / "workload"
-        _compile_workload(wl)
         d, x, f = stat.S_IFDIR | 0o755, stat.S_IFREG | 0o755, stat.S_IFCHR | 0o600
         entries = [(p, d, b"", (0, 0)) for p in ("bin", "dev", "proc", "sys", "tmp")]
         entries += [

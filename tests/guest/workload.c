@@ -5,7 +5,7 @@
  * Fills MIB MiB with a deterministic pattern, then rewrites all of it in PASSES passes, each
  * pass depending on the previous contents, and prints after each pass
  *     pass N checksum HEX
- * plus "pass N progress K/8" lines within a pass (so a resumed guest shows output soon), and at
+ * plus "pass N progress K/64" lines within a pass (so a resumed guest shows output soon), and at
  * the end "RESULT checksum HEX". The same MIB and PASSES give the same lines on every run: a
  * page the pager served wrongly (zero-filled, stale, misplaced) changes every later checksum.
  */
@@ -44,7 +44,7 @@ int main(int argc, char **argv)
 		a[i] = mix(i);
 	printf("filled %zu MiB\n", mib);
 	uint64_t sum = 0;
-	size_t step = words / 8;
+	size_t step = words / 64;
 	for (unsigned p = 1; p <= passes; p++) {
 		/* each word takes a value derived from itself, its mirror word and the word before
 		 * it: order matters and a lost page changes everything after it */
@@ -54,7 +54,7 @@ int main(int argc, char **argv)
 			a[i] = mix(a[i] ^ far ^ carry);
 			carry = a[i];
 			if (step && i % step == step - 1 && i + 1 < words)
-				printf("pass %u progress %zu/8\n", p, (i + 1) / step);
+				printf("pass %u progress %zu/64\n", p, (i + 1) / step);
 		}
 		sum = 0;
 		for (size_t i = 0; i < words; i++)

@@ -1,0 +1,308 @@
+"""`ssi-pager bench vm`: a QEMU guest's wall time with and without the pager; lazy resume.
+
+    ssi-pager bench vm [--json] [--repeat N] [--mem-mib M] [--work-mib W] [--passes P]
+
+One JSON object per line (`name`, `wall_s`, `ratio`, and details):
+  vm_baseline            the test guest under plain QEMU (median of --repeat runs)
+  vm_pager_local         the same guest with all RAM behind the pager, memory node on loopback
+  vm_pager_netns         ... memory node in another network namespace, across a veth link
+  vm_resume_full_load    ordinary migration (RAM in the stream) after pass 1: time from
+                         starting the new QEMU to its first guest output
+  vm_resume_lazy         `vm suspend` after pass 1, `vm resume`: the same time, RAM on demand
+ratio: wall time / baseline for the pager runs (goal <= 1.10); full-load time / lazy time for
+vm_resume_lazy (goal >= 5). Times are QEMU process lifetimes; the pager and memory node run
+as long-lived services, started once before the measured runs.
+
+The guest comes from the source checkout's tests/guest/build.py (Debian cloud kernel, cached).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+from pager import vm
+from pager.errors import VmError
+
+CHECKOUT = Path(__file__).resolve().parent.parent
+
+
+def load_test_module(relpath: str, name: str) -> ModuleType:
+    """A helper module of the source checkout's tests/ (the guest builder, netns helper)."""
+    path = CHECKOUT / relpath
+    if name in sys.modules:
+        return sys.modules[name]
+    if not path.is_file():
+        raise VmError(f"{relpath} not found next to the installed package ({CHECKOUT}); run "
+                      f"the benchmark from a source checkout installed with `pip install -e .`")
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def guest_builder() -> ModuleType:
+    return load_test_module("tests/guest/build.py", "ssi_guest_build")
+
+
+# --- services ---------------------------------------------------------------------------------
+
+LISTENING = re.compile(r"listening on (\S+)")
+
+
+def start_memnode(workdir: Path, token_file: Path, listen: str = "127.0.0.1:0",
+                  prefix: list[str] | None = None) -> tuple[subprocess.Popen, str]:
+    """`ssi-pager memnode` (optionally inside a namespace via ``prefix``); (process, endpoint)."""
+    logf = workdir / f"memnode-{time.monotonic_ns()}.log"
+    cmd = [*(prefix or []), sys.executable, "-m", "pager.cli", "memnode", "--listen", listen,
+           "--store", str(workdir / "store"), "--token-file", str(token_file)]
+    with open(logf, "wb") as out:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        m = LISTENING.search(logf.read_text(errors="replace"))
+        if m:
+            return proc, m.group(1)
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    vm.stop_process(proc)
+    raise VmError(f"memory node did not start: {logf.read_text(errors='replace')[-500:]}")
+
+
+def start_pager(sock: Path, memnode: str, token_file: Path, logf: Path,
+                extra: list[str] | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "pager.cli", "serve", "--socket", str(sock), "--memnode",
+           memnode, "--token-file", str(token_file), *(extra or [])]
+    with open(logf, "ab") as out:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if sock.exists():
+            return proc
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    vm.stop_process(proc)
+    raise VmError(f"pager did not start: {logf.read_text(errors='replace')[-500:]}")
+
+
+@contextlib.contextmanager
+def services(workdir: Path, token_file: Path, memnode_prefix: list[str] | None = None,
+             listen: str = "127.0.0.1:0") -> Iterator[tuple[str, Path]]:
+    """A memory node and a pager using it; yields (memnode endpoint, pager socket)."""
+    node, endpoint = start_memnode(workdir, token_file, listen, memnode_prefix)
+    sock = workdir / f"pager-{time.monotonic_ns()}.sock"
+    try:
+        pager = start_pager(sock, endpoint, token_file, workdir / "pager.log")
+        try:
+            yield endpoint, sock
+        finally:
+            vm.stop_process(pager)
+    finally:
+        vm.stop_process(node)
+
+
+# --- runs ---------------------------------------------------------------------------------------
+
+def vm_args(memnode: str | None, token_file: Path, pager: Path | None) -> argparse.Namespace:
+    return argparse.Namespace(memnode=memnode, token_file=str(token_file), space=None,
+                              pager=str(pager) if pager else None, name=None, state=None,
+                              pager_arg=None, verbose=0)
+
+
+def run_plain(argv: list[str]) -> tuple[float, str]:
+    t0 = time.monotonic()
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
+    wall = time.monotonic() - t0
+    if proc.returncode != 0:
+        raise VmError(f"plain QEMU failed ({proc.returncode}): {proc.stderr[-400:]}")
+    return wall, proc.stdout
+
+
+def run_paged(args: argparse.Namespace, argv: list[str], name: str) -> tuple[float, str]:
+    t0 = time.monotonic()
+    lau = vm.launch(args, argv, name, stdout=subprocess.PIPE)
+    assert lau.qemu.stdout is not None
+    out = lau.qemu.stdout.read().decode(errors="replace")
+    rc = vm.finish(lau)
+    wall = time.monotonic() - t0
+    if rc != 0:
+        raise VmError(f"QEMU under the pager failed ({rc})")
+    return wall, out
+
+
+def read_until(stream, pattern: str, timeout: float = 300) -> tuple[float, str]:
+    """Read lines until one contains ``pattern``; (monotonic time seen, text so far)."""
+    text = []
+    deadline = time.monotonic() + timeout
+    for raw in iter(stream.readline, b""):
+        line = raw.decode(errors="replace")
+        text.append(line)
+        if pattern in line:
+            return time.monotonic(), "".join(text)
+        if time.monotonic() > deadline:
+            break
+    raise VmError(f"guest output ended before {pattern!r}: {''.join(text)[-400:]}")
+
+
+def first_output(stream) -> float:
+    """Time of the first workload line (a progress or checksum line) on the console."""
+    t, _ = read_until(stream, "pass ")
+    return t
+
+
+def resume_lazy(args: argparse.Namespace, argv: list[str], name: str) -> tuple[float, str]:
+    """Run to pass 1, suspend, resume; (time from resume start to first output, full text)."""
+    lau = vm.launch(args, argv, name, stdout=subprocess.PIPE)
+    _, before = read_until(lau.qemu.stdout, "pass 1 checksum")
+    vm.do_suspend(args, name)
+    before += lau.qemu.stdout.read().decode(errors="replace")
+    vm.finish(lau)
+    t0 = time.monotonic()
+    res = vm.resume_start(args, name, argv, stdout=subprocess.PIPE)
+    t1 = first_output(res.qemu.stdout)
+    after = res.qemu.stdout.read().decode(errors="replace")
+    rc = vm.finish(res)
+    if rc != 0:
+        raise VmError(f"resumed QEMU failed ({rc})")
+    return t1 - t0, before + after
+
+
+def resume_full_load(argv: list[str], workdir: Path) -> tuple[float, str, int]:
+    """Ordinary migration with RAM in the stream, through a file; (time to first output,
+    text, state bytes)."""
+    qmp_path = workdir / "full-qmp.sock"
+    state = workdir / "full-state"
+    qmp_arg = ["-qmp", f"unix:{qmp_path},server=on,wait=off"]
+    src = subprocess.Popen([*argv, *qmp_arg], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _, before = read_until(src.stdout, "pass 1 checksum")
+        q = vm.Qmp(qmp_path)
+        q.execute("stop")
+        q.execute("migrate", uri=f"exec:cat > {state}")
+        q.wait_migration()
+        q.execute("quit")
+        q.close()
+        src.wait(60)
+    finally:
+        vm.stop_process(src)
+    size = state.stat().st_size
+    t0 = time.monotonic()
+    dst = subprocess.Popen([*argv, *qmp_arg, "-incoming", "defer"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE)
+    try:
+        q = vm.Qmp(qmp_path)
+        q.execute("migrate-incoming", uri=f"exec:cat {state}")
+        q.wait_migration()
+        q.execute("cont")
+        q.close()
+        t1 = first_output(dst.stdout)
+        after = dst.stdout.read().decode(errors="replace")
+        dst.wait(120)
+    finally:
+        vm.stop_process(dst)
+        state.unlink(missing_ok=True)
+    return t1 - t0, before + after, size
+
+
+# --- the command ---------------------------------------------------------------------------------
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="JSON lines only (the default "
+                        "output is JSON lines too; status lines go to stderr)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per case (median)")
+    parser.add_argument("--mem-mib", type=int, default=512, help="guest RAM (default 512)")
+    parser.add_argument("--work-mib", type=int, default=384,
+                        help="RAM the guest workload fills (default 384)")
+    parser.add_argument("--passes", type=int, default=3, help="workload passes (default 3)")
+    parser.add_argument("--no-netns", action="store_true", help="skip the namespace case")
+
+
+def emit(obj: dict) -> None:
+    print(json.dumps(obj), flush=True)
+
+
+def check(out: str, expected: list[str], what: str) -> None:
+    got = guest_builder().checksums(out)
+    if got != expected:
+        raise VmError(f"{what}: guest checksums {got} differ from the expected {expected}")
+
+
+def run(args: argparse.Namespace) -> int:
+    gb = guest_builder()
+    try:
+        guest = gb.build(args.mem_mib, args.work_mib, args.passes)
+    except gb.GuestUnavailable as exc:
+        raise VmError(f"cannot build the test guest: {exc}") from exc
+    expected = gb.expected_checksums(args.work_mib, args.passes)
+    plain = guest.qemu_args()
+    reps = max(1, args.repeat)
+    with tempfile.TemporaryDirectory(prefix="ssi-bench-vm-") as tmp:
+        work = Path(tmp)
+        os.environ.setdefault("SSI_PAGER_RUNTIME_DIR", str(work / "run"))
+        token = work / "token"
+        # baseline and paged runs interleaved: other load on the host drifts over minutes
+        base: list[float] = []
+        walls: list[float] = []
+        with services(work, token) as (endpoint, sock):
+            a = vm_args(endpoint, token, sock)
+            for i in range(reps):
+                wall, out = run_plain(plain)
+                check(out, expected, "baseline")
+                base.append(wall)
+                wall, out = run_paged(a, plain, f"bench-local-{i}")
+                check(out, expected, "pager, local memory node")
+                walls.append(wall)
+            b, w = statistics.median(base), statistics.median(walls)
+            emit({"name": "vm_baseline", "wall_s": round(b, 3), "ratio": 1.0, "runs": base,
+                  "mem_mib": args.mem_mib, "work_mib": args.work_mib})
+            emit({"name": "vm_pager_local", "wall_s": round(w, 3), "ratio": round(w / b, 3),
+                  "runs": walls, "goal_ratio_max": 1.10})
+            lazy, out = resume_lazy(a, plain, "bench-resume")
+            check(out, expected, "lazy resume")
+        full, out, size = resume_full_load(plain, work)
+        check(out, expected, "ordinary migration")
+        emit({"name": "vm_resume_full_load", "wall_s": round(full, 3), "ratio": 1.0,
+              "state_bytes": size})
+        emit({"name": "vm_resume_lazy", "wall_s": round(lazy, 3),
+              "ratio": round(full / lazy, 2), "goal_ratio_min": 5.0})
+        if not args.no_netns:
+            bench_netns(work, token, plain, expected, reps)
+    return 0
+
+
+def bench_netns(work: Path, token: Path, argv: list[str], expected: list[str],
+                reps: int) -> None:
+    try:
+        netns = load_test_module("tests/netns.py", "ssi_test_netns")
+        ns_ctx = netns.memnode_namespace()
+    except (VmError, AttributeError, OSError, ImportError) as exc:
+        emit({"name": "vm_pager_netns", "skipped": f"no network namespace helper: {exc}"})
+        return
+    with ns_ctx as ns, services(work, token, ns.exec_prefix(), f"{ns.address}:0") as (ep, sock):
+        a = vm_args(ep, token, sock)
+        base, walls = [], []
+        for i in range(reps):
+            wall, out = run_plain(argv)
+            base.append(wall)
+            wall, out = run_paged(a, argv, f"bench-netns-{i}")
+            check(out, expected, "pager, memory node across a namespace link")
+            walls.append(wall)
+        b, w = statistics.median(base), statistics.median(walls)
+        emit({"name": "vm_pager_netns", "wall_s": round(w, 3), "ratio": round(w / b, 3),
+              "runs": walls, "baseline_runs": base, "goal_ratio_max": 1.10})
