@@ -123,15 +123,10 @@ class Peer:
     tier: str | None = None
 
 
-# Latency tiers by round trip (upper bounds, µs); above the last: "Basic". The names and
-# bounds are those of the transport's tier detection (deploy/README.md "Tiers").
-TIER_BOUNDS_US: tuple[tuple[str, float], ...] = (
-    ("HighPerformance", 100.0), ("Medium", 300.0), ("Standard", 500.0))
-
-
 def tier_for(rtt_seconds: float) -> str:
-    us = rtt_seconds * 1e6
-    return next((name for name, bound in TIER_BOUNDS_US if us < bound), "Basic")
+    """The transport's latency tier name for a round trip (transport.base.TransportTier)."""
+    from transport.base import TransportTier
+    return TransportTier.from_latency(rtt_seconds).value
 
 
 class PeerProbe:

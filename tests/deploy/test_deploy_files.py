@@ -24,3 +24,14 @@ def test_udev_rule_matches_what_tune_apply_installs() -> None:
     committed = (DEPLOY / "udev" / "60-ssi-pager-userfaultfd.rules").read_text()
     assert committed == knobs.udev_rule(knobs.UFFD_GROUP)
     assert 'MODE="0660"' in committed and "0666" not in committed.replace('"0666"', "")
+
+
+def test_readme_tier_table_matches_the_transport() -> None:
+    import re
+
+    from transport.base import TIER_BOUNDS_US, TransportTier
+    text = (DEPLOY / "README.md").read_text()
+    rows = re.findall(r"^\| (\w+) \| ([^|]+) µs \|", text, re.M)
+    assert [name for name, _ in rows] == [t.value for t in TransportTier]
+    uppers = [float(re.findall(r"[\d.]+", bounds)[-1]) for _, bounds in rows[:-1]]
+    assert uppers == [bound for bound, _ in TIER_BOUNDS_US]
