@@ -17,9 +17,11 @@ from collections.abc import Iterable
 
 from pager.uffd._uffd_cffi import ffi, lib
 from pager.uffd.errors import (
+    ADVICE,
     PERMISSION_HINT,
     UffdError,
-    UffdInvalid,
+    UffdExists,
+    UffdRetry,
     UffdUnsupported,
     uffd_error,
 )
@@ -57,7 +59,11 @@ _CONT_WP = lib.UFFDIO_CONTINUE_MODE_WP
 _POISON_DONTWAKE = lib.UFFDIO_POISON_MODE_DONTWAKE
 _MOVE_DONTWAKE = lib.UFFDIO_MOVE_MODE_DONTWAKE
 _MOVE_HOLES = lib.UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES
-_INITIALIZED = 1 << 31  # kernel-internal UFFD_FEATURE_INITIALIZED, shown in fdinfo
+_INITIALIZED = 1 << 31
+_NEG_EEXIST = -errno.EEXIST
+_NEG_EAGAIN = -errno.EAGAIN
+_EXISTS_ADVICE = ADVICE[errno.EEXIST]
+_RETRY_ADVICE = ADVICE[errno.EAGAIN]  # kernel-internal UFFD_FEATURE_INITIALIZED, shown in fdinfo
 
 # which feature each optional ioctl needs from the kernel (for clear "unsupported" messages)
 _NEEDS_FEATURE = {"UFFDIO_POISON": Feature.POISON, "UFFDIO_MOVE": Feature.MOVE}
@@ -81,8 +87,8 @@ def feature_mask(features: int | str | Iterable[str | int] | None) -> int:
             mask |= Feature[key]
         except KeyError:
             known = ", ".join(m.name.lower() for m in Feature)
-            raise UffdInvalid(errno.EINVAL, f"unknown userfaultfd feature {f!r}; known: {known}",
-                              op="UFFDIO_API") from None
+            raise uffd_error(errno.EINVAL, "UFFDIO_API",
+                             f"unknown userfaultfd feature {f!r}; known: {known}") from None
     return mask
 
 
@@ -422,6 +428,15 @@ class Userfaultfd:
         if r >= 0:
             log.debug("%s partial: %d of %d bytes at %#x", op, r, length, addr)
             return r
+        # the two results a fault handler meets in normal operation: raised cheaply
+        if r == _NEG_EEXIST:
+            exc: UffdError = UffdExists(errno.EEXIST, f"{op} at {addr:#x}: {_EXISTS_ADVICE}")
+        elif r == _NEG_EAGAIN:
+            exc = UffdRetry(errno.EAGAIN, f"{op} at {addr:#x}: {_RETRY_ADVICE}")
+        else:
+            raise self._error(-r, op, addr, length, src=src)
+        exc.op = op
+        raise exc
         raise self._error(-r, op, addr, length, src=src)
 
     def _page_size(self, addr: int) -> int:

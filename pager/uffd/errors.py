@@ -15,11 +15,10 @@ import os
 class UffdError(OSError):
     """A userfaultfd operation failed; ``errno`` says why, the message says what to do."""
 
-    def __init__(self, err: int, message: str, *, op: str = "", done: int = 0) -> None:
-        super().__init__(err, message)
-        self.op = op
-        #: bytes the kernel handled before stopping (partial operations), else 0
-        self.done = done
+    #: the failed operation ("UFFDIO_COPY", "userfaultfd(2)", ...)
+    op: str = ""
+    #: bytes the kernel handled before stopping (partial operations), else 0
+    done: int = 0
 
     def __str__(self) -> str:
         name = _errno.errorcode.get(self.errno, str(self.errno)) if self.errno else "?"
@@ -80,7 +79,7 @@ _CLASSES: dict[int, type[UffdError]] = {
     _errno.EFAULT: UffdFault,
 }
 
-_ADVICE: dict[int, str] = {
+ADVICE: dict[int, str] = {
     _errno.EEXIST: "the range is already populated; nothing to do for those pages",
     _errno.EAGAIN: "the mapping is changing: read pending events (REMOVE/UNMAP/REMAP), then retry",
     _errno.ESRCH: "the process owning this memory has exited; drop its userfaultfd",
@@ -104,10 +103,11 @@ def uffd_error(err: int, op: str, detail: str = "", *, done: int = 0,
     parts = [f"{op}: {os.strerror(err)}"]
     if detail:
         parts.append(detail)
-    advice = _ADVICE.get(err)
+    advice = ADVICE.get(err)
     if advice and advice not in detail:
         parts.append(advice)
     if done:
         parts.append(f"{done} bytes were done before the error")
-    klass = cls or _CLASSES.get(err, UffdError)
-    return klass(err, "; ".join(parts), op=op, done=done)
+    exc = (cls or _CLASSES.get(err, UffdError))(err, "; ".join(parts))
+    exc.op, exc.done = op, done
+    return exc
