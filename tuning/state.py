@@ -33,7 +33,7 @@ def load_state(path: Path) -> list[dict[str, Any]]:
     """The recorded changes, [] when there is no state file."""
     try:
         data = json.loads(path.read_text())
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return []
     except (OSError, ValueError) as exc:
         raise StateError(f"cannot read tune state {path}: {exc}; fix or remove it (its "
@@ -46,13 +46,18 @@ def load_state(path: Path) -> list[dict[str, Any]]:
 
 
 def save_state(path: Path, changes: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump({"version": STATE_VERSION, "updated": time.time(), "changes": changes}, f,
-                  indent=2)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"version": STATE_VERSION, "updated": time.time(), "changes": changes},
+                      f, indent=2)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise StateError(f"cannot write tune state {path}: {exc.strerror}; run as root or pass "
+                         f"--state FILE somewhere writable (nothing was changed)",
+                         exc.errno) from exc
 
 
 def apply(root: str | os.PathLike[str], findings: list[Finding], state_path: Path) \

@@ -234,3 +234,32 @@ def test_apply_and_revert_on_the_real_proc_sys(tmp_path: Path) -> None:
             state.revert("/", st)
     assert snapshot("/") == before
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_a_knob_that_cannot_be_written_is_reported_and_the_rest_applied(root: Path,
+                                                                        tmp_path: Path) -> None:
+    busy = root / sysfs.sysctl_rel("net.core.busy_read")
+    busy.write_text("0\n")
+    poll = root / sysfs.sysctl_rel("net.core.busy_poll")
+    poll.write_text("0\n")
+    plan = knobs.inspect(root, options())
+    busy.unlink()
+    busy.mkdir()                       # writing it now fails (EISDIR), like a read-only knob
+    st = tmp_path / "state.json"
+    _done, errors = state.apply(root, plan, st)
+    assert len(errors) == 1 and errors[0].startswith("net.core.busy_read:")
+    assert "Is a directory" in errors[0]
+    assert poll.read_text().strip() == "50"
+    busy.rmdir()
+    busy.write_text("0\n")
+    _restored, errors = state.revert(root, st)
+    assert errors == []
+    assert poll.read_text().strip() == "0"
+
+
+def test_unwritable_state_file_is_a_clear_error(root: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(StateError, match="pass --state FILE") as err:
+        state.apply(root, knobs.inspect(root, options()), blocker / "state.json")
+    assert err.value.errno is not None
