@@ -558,6 +558,8 @@ def resume_start(args: argparse.Namespace, name: str, qemu_argv: list[str], *,
     args.memnode = args.memnode or saved.memnode
     args.token_file = args.token_file or saved.token_file
     args.space = args.space or saved.space
+    if not args.pager and saved.pager_socket and socket_live(saved.pager_socket):
+        args.pager = saved.pager_socket  # the shared pager the guest used before
     if not args.memnode:
         raise VmError("resume needs the memory node holding the guest's RAM: --memnode HOST:PORT")
     # keep the device state out of the way of the new instance's own state file

@@ -1,0 +1,121 @@
+"""Fixtures of the QEMU tests: the test guest, a memory node, a pager with metrics.
+
+The guest (Debian cloud kernel + busybox initramfs, tests/guest/build.py) is built once per
+session; without a cached or fetchable kernel, or without QEMU, the tests skip with the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pager import vm
+from pager.vm_bench import guest_builder, start_memnode, start_pager
+
+QEMU = "qemu-system-x86_64"
+MEM_MIB, WORK_MIB, PASSES = 256, 128, 4
+
+
+@pytest.fixture(scope="session")
+def guest():
+    if shutil.which(QEMU) is None:
+        pytest.skip(f"{QEMU} is not installed (apt-get install qemu-system-x86)")
+    gb = guest_builder()
+    try:
+        g = gb.build(MEM_MIB, WORK_MIB, PASSES)
+    except gb.GuestUnavailable as exc:
+        pytest.skip(f"test guest unavailable: {exc}")
+    return g
+
+
+@pytest.fixture(scope="session")
+def expected() -> list[str]:
+    """Per-pass checksums of an uninterrupted run (the same static binary, on the host)."""
+    return guest_builder().expected_checksums(WORK_MIB, PASSES)
+
+
+@pytest.fixture(scope="session")
+def checksums():
+    return guest_builder().checksums
+
+
+@pytest.fixture
+def runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private runtime dir for `ssi-pager vm` state (inherited by the commands we run)."""
+    d = tmp_path / "run"
+    monkeypatch.setenv("SSI_PAGER_RUNTIME_DIR", str(d))
+    return d
+
+
+@pytest.fixture
+def token(tmp_path: Path) -> Path:
+    return tmp_path / "token"
+
+
+@pytest.fixture
+def memnode(tmp_path: Path, token: Path) -> Iterator[str]:
+    proc, endpoint = start_memnode(tmp_path, token)
+    try:
+        yield endpoint
+    finally:
+        vm.stop_process(proc)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Pager:
+    """A running `ssi-pager serve` with a Prometheus endpoint."""
+
+    proc: subprocess.Popen
+    socket: Path
+    metrics_url: str
+    log: Path
+
+    def metrics(self) -> dict[str, float]:
+        """Samples by full name with labels, e.g. 'ssi_pager_fetched_bytes_total'."""
+        with urllib.request.urlopen(self.metrics_url, timeout=10) as r:
+            text = r.read().decode()
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                with contextlib.suppress(ValueError):
+                    out[name] = float(value)
+        return out
+
+
+@pytest.fixture
+def pager(tmp_path: Path, memnode: str, token: Path) -> Iterator[Pager]:
+    port = free_port()
+    sock = tmp_path / "pager.sock"
+    logf = tmp_path / "pager.log"
+    proc = start_pager(sock, memnode, token, logf, ["--metrics", f"127.0.0.1:{port}"])
+    p = Pager(proc, sock, f"http://127.0.0.1:{port}/metrics", logf)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            p.metrics()
+            break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                vm.stop_process(proc)
+                pytest.fail(f"pager metrics never answered: {logf.read_text()[-800:]}")
+            time.sleep(0.1)
+    try:
+        yield p
+    finally:
+        vm.stop_process(proc)

@@ -1,0 +1,165 @@
+"""A real QEMU guest with all of its RAM behind the pager (tests/qemu, marked qemu).
+
+The guest's workload fills 128 MiB with a pattern, rewrites it in 4 passes and prints a checksum
+after each; the expected checksums come from the same static binary run on the host. Every
+QEMU run has a timeout: a guest that hangs fails the test instead of stalling the suite.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.qemu, pytest.mark.slow]
+
+RUN_TIMEOUT = 90
+
+
+def vm_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pager.cli", "vm", *args]
+
+
+def read_until(proc: subprocess.Popen, pattern: str, timeout: float = 60) -> str:
+    """Console text up to the first line containing ``pattern`` (fails on EOF or timeout)."""
+    text = []
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None
+    os.set_blocking(proc.stdout.fileno(), True)
+    for line in iter(proc.stdout.readline, ""):
+        text.append(line)
+        if pattern in line:
+            return "".join(text)
+        assert time.monotonic() < deadline, f"no {pattern!r} within {timeout} s"
+    pytest.fail(f"console ended before {pattern!r}:\n{''.join(text)[-2000:]}")
+
+
+def test_boot_all_ram_behind_pager(guest, expected, checksums, runtime):
+    """`ssi-pager vm` with no options: its own pager and loopback memory node serve all RAM."""
+    proc = subprocess.run(vm_cmd("--name", "boot", "--", *guest.qemu_args()),
+                          capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert checksums(proc.stdout) == expected
+    assert "handed to the pager" in proc.stderr
+    assert "QEMU exited with code 0" in proc.stderr
+    assert not (runtime / "boot").exists(), "per-VM state left behind after a normal exit"
+
+
+def test_qemu_exit_code_passes_through(guest, runtime):
+    """A QEMU that fails (bad option) makes `ssi-pager vm` fail with QEMU's code."""
+    proc = subprocess.run(vm_cmd("--name", "bad", "--", *guest.qemu_args(),
+                                 "-no-such-option"),
+                          capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert proc.returncode == 1
+    assert "no-such-option" in proc.stderr
+
+
+def test_suspend_resume_same_checksums(guest, expected, checksums, runtime, pager, memnode,
+                                       token):
+    """Suspend after pass 1, resume in a new QEMU with a fresh memfd: the guest finishes with
+    the uninterrupted run's checksums, and its RAM came from the memory node on demand."""
+    common = ["--memnode", memnode, "--token-file", str(token), "--pager", str(pager.socket)]
+    first = subprocess.Popen(vm_cmd(*common, "--name", "mover", "--", *guest.qemu_args()),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        before = read_until(first, "pass 1 checksum")
+        sus = subprocess.run(vm_cmd("suspend", "mover"), capture_output=True, text=True,
+                             timeout=RUN_TIMEOUT)
+        assert sus.returncode == 0, sus.stderr
+        out, err = first.communicate(timeout=RUN_TIMEOUT)
+    finally:
+        first.kill()
+    before += out
+    assert first.returncode == 0, err[-2000:]
+    assert "suspended" in err
+    assert "RESULT" not in before, "the guest finished before it was suspended"
+    done_before = checksums(before)
+    assert done_before == expected[:len(done_before)]
+    state = runtime / "mover" / "device-state"
+    assert 0 < state.stat().st_size < 4 << 20, "device state should not contain guest RAM"
+
+    m0 = pager.metrics()
+    res = subprocess.run(vm_cmd("resume", "mover", "--pager", str(pager.socket), "--",
+                                *guest.qemu_args()),
+                         capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "resumed" in res.stderr
+    after = checksums(res.stdout)
+    assert done_before + after == expected, (done_before, after)
+    assert checksums(before + res.stdout)[-1] == expected[-1]
+    m1 = pager.metrics()
+    fetched = m1["ssi_pager_fetched_bytes_total"] - m0.get("ssi_pager_fetched_bytes_total", 0)
+    key = 'ssi_pager_faults_total{kind="missing",outcome="fetched"}'
+    assert m1.get(key, 0) > m0.get(key, 0), "no fault was served from the memory node"
+    # the workload's pages (128 MiB, minus what it already rewrote) came back on demand
+    assert fetched >= 64 << 20, f"only {fetched} bytes fetched from the memory node"
+    assert not (runtime / "mover").exists()
+
+
+def test_no_pager_fails_loudly(guest, tmp_path):
+    """The shim with no pager listening: QEMU exits at once with a message, never runs."""
+    from pager.shim import library
+
+    env = dict(os.environ, LD_PRELOAD=str(library()),
+               SSI_PAGER_SOCKET=str(tmp_path / "nobody.sock"),
+               SSI_PAGER_RAM_SIZE=str(guest.mem_mib << 20))
+    proc = subprocess.run(guest.qemu_args(), env=env, capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode != 0
+    assert "ssi-pager shim: cannot reach the pager" in proc.stderr
+    assert "guest up" not in proc.stdout
+
+
+def test_pager_dies_fails_loudly(guest, runtime, pager, memnode, token):
+    """Killing the pager while the guest runs stops QEMU with a message, within seconds."""
+    proc = subprocess.Popen(vm_cmd("--memnode", memnode, "--token-file", str(token), "--pager",
+                                   str(pager.socket), "--name", "victim", "--",
+                                   *guest.qemu_args()),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        read_until(proc, "pass 1 progress")
+        pager.proc.send_signal(signal.SIGKILL)
+        t0 = time.monotonic()
+        out, err = proc.communicate(timeout=30)
+        took = time.monotonic() - t0
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    assert "the pager closed the handoff socket" in err
+    assert "RESULT" not in out
+    assert took < 10, f"QEMU took {took:.1f} s to stop after the pager died"
+
+
+def test_shim_inert_without_pager_environment(guest, expected, checksums):
+    """Preloaded without SSI_PAGER_SOCKET (as in QEMU's helper children) the shim does nothing."""
+    from pager.shim import library
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SSI_PAGER_")}
+    env["LD_PRELOAD"] = str(library())
+    proc = subprocess.run(guest.qemu_args(), env=env, capture_output=True, text=True,
+                          timeout=RUN_TIMEOUT)
+    assert proc.returncode == 0, proc.stderr
+    assert checksums(proc.stdout) == expected
+    assert "ssi-pager" not in proc.stderr
+
+
+def test_state_dir_private(guest, runtime, memnode, token, pager):
+    """The per-VM runtime dir (QMP socket, state) is 0700 while the guest runs."""
+    proc = subprocess.Popen(vm_cmd("--memnode", memnode, "--token-file", str(token), "--pager",
+                                   str(pager.socket), "--name", "priv", "--",
+                                   *guest.qemu_args()),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        read_until(proc, "guest up")
+        d = Path(runtime / "priv")
+        assert d.stat().st_mode & 0o777 == 0o700
+        assert (d / "qmp.sock").exists()
+        proc.communicate(timeout=RUN_TIMEOUT)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0
