@@ -9,8 +9,9 @@ Lines (one JSON object each, on stdout):
       in order; Python serves each fault (read_raw + one copy of the chunk): latency of each
       faulting access measured in C, ``gbps`` = region bytes / touch time.
   refpager_* (when the C reference pager is found, --refpager): the same figures from
-      ``refpager-local --raw`` and ``refpager-local --mib N --chunk 4096 --order seq --tcpu -1
-      --hcpu -1``, and ``ratio_p50`` / ``ratio_gbps`` (ours / reference) on our lines.
+      ``refpager-local --raw`` and ``refpager-local --mib N --chunk 4096|65536 --order seq
+      --tcpu -1 --hcpu -1``, each run right after ours; our lines carry ``ref_p50_us``,
+      ``ref_p99_us``, ``ref_gbps``, ``ratio_p50`` and ``ratio_gbps`` (ours / reference).
 """
 
 from __future__ import annotations
@@ -106,15 +107,14 @@ def fault_latency(mib: int, chunk: int) -> dict:
         with Userfaultfd(features=["thread_id"]) as u:
             u.register(region.address, length)
             base, sbase = region.address, src.address
-            copy, read_raw, wait = u.copy, u.read_raw, u.wait
+            copy, read_raw = u.copy, u.read_raw
             faults = 0
             t = Toucher(base, length, op="read", step=PAGE_SIZE).start()
             w0 = time.perf_counter_ns()
             while not t.finished:
-                # poll first: right after a resolution the next fault is not raised yet
-                if not wait(0.05):
-                    continue
-                n = read_raw(raw)
+                # poll, then read, in one C call: right after a resolution the next fault is
+                # not raised yet, so a plain non-blocking read would mostly find nothing
+                n = read_raw(raw, None, 0.05)
                 for i in range(n):
                     addr = words[4 * i + 2]
                     start = base + ((addr - base) & mask)
@@ -132,57 +132,77 @@ def fault_latency(mib: int, chunk: int) -> dict:
         src.close()
 
 
-def refpager(folder: str, mib: int) -> list[dict]:
-    """The C reference's figures from the same run, as our line shapes."""
-    exe = os.path.join(folder, "refpager-local")
-    if not folder or not os.access(exe, os.X_OK):
-        print(f"bench: no C reference pager at {exe}; build it with `cp -r "
+def _refpager_exe(folder: str) -> str | None:
+    exe = os.path.join(folder, "refpager-local") if folder else ""
+    if not exe or not os.access(exe, os.X_OK):
+        print(f"bench: no C reference pager at {exe or '(skipped)'}; build it with `cp -r "
               f"/work/shared/refpager /tmp/refpager && make -C /tmp/refpager`", file=sys.stderr)
-        return []
-    raw = json.loads(subprocess.run([exe, "--raw"], check=True, capture_output=True,
-                                    text=True, timeout=300).stdout.splitlines()[-1])
+        return None
+    return exe
+
+
+def _run_json(cmd: list[str]) -> dict:
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300).stdout
+    return json.loads(out.splitlines()[-1])
+
+
+def refpager_raw(exe: str) -> list[dict]:
+    """``refpager-local --raw``: the same ioctl series, from C."""
+    raw = _run_json([exe, "--raw"])
     lines = []
-    mib_raw = raw.get("section_mib", 32)
-    for kind in ("copy", "zeropage"):
-        for label in ("4k", "64k"):
+    section = raw.get("section_mib", 32) << 20
+    for label in ("4k", "64k"):
+        for kind in ("copy", "zeropage"):
             st = raw[f"{kind}_{label}"]
-            wall_us = raw[f"{kind}_{label}_wall_per_op_us"] * st["n"]
+            wall_ns = raw[f"{kind}_{label}_wall_per_op_us"] * st["n"] * 1e3
             lines.append({"name": f"refpager_{kind}_{label}", "p50_us": st["p50_us"],
-                          "p99_us": st["p99_us"],
-                          "gbps": round((mib_raw << 20) / (wall_us * 1e3), 3), "n": st["n"]})
-    loc = json.loads(subprocess.run(
-        [exe, "--mib", str(mib), "--chunk", "4096", "--order", "seq", "--tcpu", "-1",
-         "--hcpu", "-1"], check=True, capture_output=True, text=True,
-        timeout=300).stdout.splitlines()[-1])
-    lines.append({"name": "refpager_fault_4k", "p50_us": loc["fault_lat"]["p50_us"],
-                  "p99_us": loc["fault_lat"]["p99_us"], "gbps": loc["gbps"],
-                  "n": loc["fault_lat"]["n"]})
+                          "p99_us": st["p99_us"], "gbps": round(section / wall_ns, 3),
+                          "n": st["n"]})
     return lines
 
 
+def refpager_fault(exe: str, mib: int, chunk: int) -> dict:
+    """``refpager-local --mib N --chunk C --order seq --tcpu -1 --hcpu -1`` (unpinned)."""
+    loc = _run_json([exe, "--mib", str(mib), "--chunk", str(chunk), "--order", "seq",
+                     "--tcpu", "-1", "--hcpu", "-1"])
+    return {"name": f"refpager_fault_{chunk // 1024}k", "p50_us": loc["fault_lat"]["p50_us"],
+            "p99_us": loc["fault_lat"]["p99_us"], "gbps": loc["gbps"],
+            "n": loc["fault_lat"]["n"]}
+
+
+def _compare(ours: dict, ref: dict) -> None:
+    ours["ref_p50_us"], ours["ref_p99_us"], ours["ref_gbps"] = (ref["p50_us"], ref["p99_us"],
+                                                                 ref["gbps"])
+    ours["ratio_p50"] = round(ours["p50_us"] / ref["p50_us"], 2) if ref["p50_us"] else None
+    ours["ratio_gbps"] = round(ours["gbps"] / ref["gbps"], 2) if ref["gbps"] else None
+
+
 def run(args: argparse.Namespace) -> int:
-    section = args.section_mib << 20
+    """Each of our series runs right beside the reference's, so both see the same host load."""
+    exe = _refpager_exe(args.refpager)
+    lines: list[dict] = []
     old_affinity = os.sched_getaffinity(0)
     print("bench uffd: ioctl costs ...", file=sys.stderr)
     if args.cpu >= 0:
         os.sched_setaffinity(0, {args.cpu})
     try:
-        ours = ioctl_costs(section)
+        ours = ioctl_costs(args.section_mib << 20)
     finally:
         os.sched_setaffinity(0, old_affinity)
-    print(f"bench uffd: fault latency over {args.mib} MiB ...", file=sys.stderr)
-    ours.append(fault_latency(args.mib, PAGE_SIZE))
-    ours.append(fault_latency(args.mib, 16 * PAGE_SIZE))
-    print("bench uffd: C reference ...", file=sys.stderr)
-    ref = {line["name"].removeprefix("refpager_"): line
-           for line in refpager(args.refpager, args.mib)}
+    refs = refpager_raw(exe) if exe else []
+    by_name = {r["name"].removeprefix("refpager_"): r for r in refs}
     for line in ours:
-        r = ref.get(line["name"].removeprefix("uffd_"))
-        if r:
-            line["ref_p50_us"], line["ref_p99_us"] = r["p50_us"], r["p99_us"]
-            line["ratio_p50"] = round(line["p50_us"] / r["p50_us"], 2) if r["p50_us"] else None
-            line["ratio_gbps"] = round(line["gbps"] / r["gbps"], 2) if r["gbps"] else None
+        if line["name"].removeprefix("uffd_") in by_name:
+            _compare(line, by_name[line["name"].removeprefix("uffd_")])
+    lines += ours
+    print(f"bench uffd: fault latency over {args.mib} MiB ...", file=sys.stderr)
+    for chunk in (PAGE_SIZE, 16 * PAGE_SIZE):
+        line = fault_latency(args.mib, chunk)
+        if exe:
+            ref = refpager_fault(exe, args.mib, chunk)
+            _compare(line, ref)
+            refs.append(ref)
+        lines.append(line)
+    for line in lines + refs:
         print(json.dumps(line), flush=True)
-    for r in ref.values():
-        print(json.dumps(r), flush=True)
     return 0

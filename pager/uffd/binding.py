@@ -394,26 +394,37 @@ class Userfaultfd:
         return self._short(r, "UFFDIO_MOVE", dst, length, src=src)
 
     # --- events -----------------------------------------------------------------------------
-    def read_events(self, max_events: int = 64) -> list[Event]:
-        """Pending events, many per read(); [] when none (non-blocking fd).
+    def read_events(self, max_events: int = 64, timeout: float | None = 0) -> list[Event]:
+        """Pending events, many per read(); [] when none arrived.
 
-        On a blocking fd this waits (GIL released) for at least one event.
+        ``timeout``: 0 (default) returns at once; seconds to wait (poll, GIL released) for the
+        first event; None waits forever. (A blocking fd always waits in read().)
         """
         raw = self._events
-        n = lib.ssi_uffd_read(self._fd, raw.array, min(max_events, READ_MAX))
+        n = self._read(raw.array, min(max_events, READ_MAX), timeout)
         if n > 0:
             return decode(raw.words[:EVENT_WORDS * n].tolist(), n)
         if n == 0:
             return []
         raise uffd_error(-n, "read(userfaultfd)")
 
-    def read_raw(self, raw: RawEvents, max_events: int | None = None) -> int:
-        """Fast path: read events into ``raw`` without building objects; returns the count."""
-        n = lib.ssi_uffd_read(self._fd, raw.array, raw.max_events if max_events is None
-                              else min(max_events, raw.max_events))
+    def read_raw(self, raw: RawEvents, max_events: int | None = None,
+                 timeout: float | None = 0) -> int:
+        """Fast path: read events into ``raw`` without building objects; returns the count.
+
+        ``timeout`` as for ``read_events``: poll and read happen in one C call.
+        """
+        n = self._read(raw.array, raw.max_events if max_events is None
+                       else min(max_events, raw.max_events), timeout)
         if n < 0:
             raise uffd_error(-n, "read(userfaultfd)")
         return n
+
+    def _read(self, array, count: int, timeout: float | None) -> int:
+        if timeout == 0:
+            return lib.ssi_uffd_read(self._fd, array, count)
+        ms = -1 if timeout is None else max(1, int(timeout * 1000))
+        return lib.ssi_uffd_wait_read(self._fd, array, count, ms)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until events are pending (True) or ``timeout`` seconds pass (False)."""

@@ -144,3 +144,18 @@ def test_adopt_uffd_received_over_unix_socket(anon):
 
             serve(u, t, handle)
             assert t.join(5).mismatches == 0
+
+
+def test_read_with_timeout_waits_for_first_event(anon):
+    with Userfaultfd() as u:
+        u.register(anon.address, anon.length)
+        t0 = time.monotonic()
+        assert u.read_events(timeout=0.05) == []
+        assert time.monotonic() - t0 >= 0.04                 # it did wait
+        t = Toucher(anon.address + 2 * PAGE, PAGE, op="read").start()
+        events = u.read_events(timeout=5)                     # returns as soon as it faults
+        assert [e.address for e in events] == [anon.address + 2 * PAGE]
+        raw = RawEvents(4)
+        assert u.read_raw(raw, timeout=0.01) == 0
+        u.zeropage(anon.address + 2 * PAGE, PAGE)
+        t.join(5)

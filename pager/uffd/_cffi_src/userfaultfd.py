@@ -14,6 +14,7 @@ Python allocation, and they are safe to call from several threads at once.
 INCLUDES = """
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <stdint.h>
 #include <string.h>
 #include <unistd.h>
@@ -122,6 +123,7 @@ int64_t ssi_uffd_continue(int fd, uint64_t start, uint64_t len, uint64_t mode);
 int64_t ssi_uffd_poison(int fd, uint64_t start, uint64_t len, uint64_t mode);
 int64_t ssi_uffd_move(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode);
 int ssi_uffd_read(int fd, uint64_t *out, int max_events);
+int ssi_uffd_wait_read(int fd, uint64_t *out, int max_events, int timeout_ms);
 uint64_t ssi_addr(const void *p);
 """
 
@@ -310,6 +312,21 @@ static int ssi_uffd_read(int fd, uint64_t *out, int max_events)
         }
     }
     return count;
+}
+
+/* poll() for up to timeout_ms (-1: forever), then ssi_uffd_read(): one call, GIL released once.
+ * 0 when nothing arrived in time (or a signal interrupted the wait). */
+static int ssi_uffd_wait_read(int fd, uint64_t *out, int max_events, int timeout_ms)
+{
+    struct pollfd p = { .fd = fd, .events = POLLIN };
+    int r = poll(&p, 1, timeout_ms);
+    if (r < 0)
+        return errno == EINTR ? 0 : -errno;
+    if (r == 0)
+        return 0;
+    if (p.revents & POLLNVAL)
+        return -EBADF;
+    return ssi_uffd_read(fd, out, max_events);
 }
 
 static uint64_t ssi_addr(const void *p)
