@@ -1,1 +1,17 @@
-"""SSI-HV page transport: PageTransport over TCP (default) or RDMA (automatic upgrade)."""
+"""SSI-HV page transport: PageTransport over TCP (default) or RDMA (automatic upgrade).
+
+Modules: `base` (interface, tiers), `protocol` (sans-IO wire format), `tcp` (asyncio client,
+BlockingChannel, listener), `rdma` (pyverbs), `factory` (`create_transport`), `manager`
+(`TransportManager`), `memnode`/`store` (the memory node), `bench`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+async def create_transport(endpoint: str, token: bytes | None = None, **kw: Any) -> Any:
+    """See `transport.factory.create_transport` (imported lazily)."""
+    from transport.factory import create_transport as create
+
+    return await create(endpoint, token, **kw)

@@ -489,11 +489,11 @@ class ServerSession:
         self.state = _AWAIT_AUTH if self.token is not None else _READY
         return Hello(req, version, self.peer_node)
 
-    def welcome(self, request_id: int) -> bytes:
+    def welcome(self, request_id: int, **extra: Any) -> bytes:
         return encode_control(T.WELCOME, request_id, {
             "version": self.version, "auth": self.token is not None,
             "challenge": self.challenge, "node": self.node,
-            "max_space_bytes": self.max_space_bytes})
+            "max_space_bytes": self.max_space_bytes, **extra})
 
     def _on_auth(self, req: int, obj: dict[str, Any]) -> Auth:
         nonce, mac = obj.get("nonce"), obj.get("mac")

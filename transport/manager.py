@@ -1,0 +1,163 @@
+"""`TransportManager`: the pager's view of its memory nodes.
+
+On `connect_peer` it picks the transport (`create_transport`), measures the round trip
+(median of several pings) and the bandwidth, derives the tier and announces it once per peer
+on stderr, e.g.::
+
+    transport: tcp to node1 (127.0.0.1:50051) tier=HighPerformance expected latency ~40 µs
+
+Slow hardware gives warnings, never errors: the link speed from
+``/sys/class/net/IFACE/speed`` where the kernel knows it, the measured bandwidth otherwise
+("1 Gbps network detected - consider upgrading to 10G"), and a tip about RDMA when TCP is
+in use on a slow path. Peers on loopback get no link warnings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transport.base import Pages, PageTransport, TransportTier
+from transport.errors import TransportError
+from transport.factory import create_transport
+from transport.tcp import parse_endpoint
+
+log = logging.getLogger(__name__)
+
+FAST_LINK_MBPS = 10_000  # below this a link is "slow" (the design's 10G recommendation)
+SLOW_MEASURED_GBPS = 2.5  # measured throughput below this: a ~1 Gbps class path
+RDMA_TIP = ("transport: tip: RDMA (InfiniBand/RoCE) serves a page in a few µs: install "
+            "python3-pyverbs and rdma-core with an RDMA NIC, then start the memory node with "
+            "--rdma")
+
+
+@dataclass
+class PeerInfo:
+    node_id: str
+    endpoint: str
+    transport: str
+    rtt_s: float
+    bandwidth_gbps: float
+    tier: TransportTier
+    interface: str | None
+    link_mbps: int | None
+    warnings: list[str]
+
+
+def route_interface(host: str) -> str | None:
+    """The network interface the kernel routes ``host`` through (None if unknown)."""
+    try:
+        out = subprocess.run(["ip", "-o", "route", "get", host], capture_output=True,
+                             text=True, timeout=5, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    words = out.split()
+    return words[words.index("dev") + 1] if "dev" in words[:-1] else None
+
+
+def link_speed_mbps(interface: str, sysfs: Path = Path("/sys/class/net")) -> int | None:
+    """The interface's speed in Mb/s from sysfs, None where the kernel does not know it
+    (loopback, tunnels, some virtual NICs report -1 or EINVAL)."""
+    try:
+        value = int((sysfs / interface / "speed").read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return value if value > 0 else None
+
+
+def slow_link_warnings(node_id: str, interface: str | None, link_mbps: int | None,
+                       bandwidth_gbps: float) -> list[str]:
+    """The warning lines for this peer's path (empty when it is fast or local)."""
+    if interface == "lo":
+        return []
+    if link_mbps is not None and link_mbps < FAST_LINK_MBPS:
+        return [f"transport: warning: {link_mbps / 1000:g} Gbps network detected on "
+                f"{interface} to {node_id} - consider upgrading to 10G"]
+    if bandwidth_gbps < SLOW_MEASURED_GBPS:
+        return [f"transport: warning: 1 Gbps network detected to {node_id} (measured "
+                f"{bandwidth_gbps:.2f} Gbit/s) - consider upgrading to 10G"]
+    return []
+
+
+class TransportManager:
+    """Connections from this node (``node_id``) to memory nodes, one transport per peer."""
+
+    def __init__(self, node_id: str, token: bytes | None = None, *, space: str = "default",
+                 prefer: str = "auto", bandwidth_probe_bytes: int = 8 << 20,
+                 latency_samples: int = 9) -> None:
+        self.node_id = node_id
+        self.token = token
+        self.space = space
+        self.prefer = prefer
+        self.bandwidth_probe_bytes = bandwidth_probe_bytes
+        self.latency_samples = latency_samples
+        self.transports: dict[str, PageTransport] = {}
+        self.peers: dict[str, PeerInfo] = {}
+        self._tip_shown = False
+
+    async def connect_peer(self, node_id: str, endpoint: str) -> PeerInfo:
+        t = await create_transport(endpoint, self.token, space=self.space, node_id=node_id,
+                                   prefer=self.prefer, node=self.node_id)
+        old = self.transports.pop(node_id, None)
+        if old is not None:
+            await old.close()
+        self.transports[node_id] = t
+        rtt = await t.measure_latency(node_id, self.latency_samples)
+        bw = await t.measure_bandwidth(node_id, self.bandwidth_probe_bytes) * 8 / 1e9
+        host, _port = parse_endpoint(endpoint)
+        iface = await asyncio.to_thread(route_interface, host)
+        speed = link_speed_mbps(iface) if iface else None
+        info = PeerInfo(node_id, endpoint, t.name, rtt, bw, TransportTier.from_latency(rtt),
+                        iface, speed, slow_link_warnings(node_id, iface, speed, bw))
+        first = node_id not in self.peers
+        self.peers[node_id] = info
+        if first:
+            self._announce(info)
+        return info
+
+    def _announce(self, info: PeerInfo) -> None:
+        line = (f"transport: {info.transport} to {info.node_id} ({info.endpoint}) "
+                f"tier={info.tier.value} expected latency ~{info.rtt_s * 1e6:.0f} µs")
+        print(line, file=sys.stderr)
+        log.info("%s; bandwidth %.2f Gbit/s via %s (link %s Mb/s)", line, info.bandwidth_gbps,
+                 info.interface, info.link_mbps)
+        for w in info.warnings:
+            print(w, file=sys.stderr)
+        if info.transport == "tcp" and (info.warnings or info.tier is not
+                                        TransportTier.HighPerformance) and not self._tip_shown:
+            self._tip_shown = True
+            print(RDMA_TIP, file=sys.stderr)
+
+    def transport(self, node_id: str) -> PageTransport:
+        try:
+            return self.transports[node_id]
+        except KeyError:
+            raise TransportError(f"unknown memory node {node_id!r}: connect_peer() it "
+                                 f"first") from None
+
+    async def fetch_page(self, gpa: int, node_id: str) -> bytes:
+        return await self.transport(node_id).fetch_page(gpa, node_id)
+
+    async def fetch_pages(self, gpa: int, count: int, node_id: str, into: Any = None, *,
+                          urgent: bool | None = None) -> Pages:
+        return await self.transport(node_id).fetch_pages(gpa, count, node_id, into,
+                                                         urgent=urgent)
+
+    async def send_page(self, gpa: int, data: Any, node_id: str) -> None:
+        await self.transport(node_id).send_page(gpa, data, node_id)
+
+    async def send_pages(self, gpa: int, data: Any, node_id: str) -> None:
+        await self.transport(node_id).send_pages(gpa, data, node_id)
+
+    def performance_tier(self, node_id: str) -> TransportTier:
+        return self.transport(node_id).performance_tier(node_id)
+
+    async def close(self) -> None:
+        for t in self.transports.values():
+            await t.close()
+        self.transports.clear()
