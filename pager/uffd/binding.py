@@ -21,6 +21,7 @@ from pager.uffd.errors import (
     PERMISSION_HINT,
     UffdError,
     UffdExists,
+    UffdInvalid,
     UffdRetry,
     UffdUnsupported,
     uffd_error,
@@ -60,6 +61,7 @@ _POISON_DONTWAKE = lib.UFFDIO_POISON_MODE_DONTWAKE
 _MOVE_DONTWAKE = lib.UFFDIO_MOVE_MODE_DONTWAKE
 _MOVE_HOLES = lib.UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES
 _INITIALIZED = 1 << 31
+_NOT_RANGE_IOCTLS = Ioctl.REGISTER | Ioctl.UNREGISTER | Ioctl.API
 _NEG_EEXIST = -errno.EEXIST
 _NEG_EAGAIN = -errno.EAGAIN
 _EXISTS_ADVICE = ADVICE[errno.EEXIST]
@@ -190,7 +192,8 @@ class Userfaultfd:
                  access: str = "auto") -> None:
         self._fd = -1
         self._poller: select.poll | None = None
-        self._ranges: list[tuple[int, int, int]] = []   # (start, end, page size) registered
+        # (start, end, page size, allowed ioctls) of the ranges registered through this object
+        self._ranges: list[tuple[int, int, int, int]] = []
         self._events = RawEvents(READ_MAX)
         want = feature_mask(features)
         flags = os.O_CLOEXEC | (os.O_NONBLOCK if nonblocking else 0)
@@ -310,7 +313,7 @@ class Userfaultfd:
         if rc < 0:
             raise self._error(-rc, "UFFDIO_REGISTER", addr, length, page_size=page_size,
                               modes={"missing": missing, "wp": wp, "minor": minor})
-        self._ranges.append((addr, addr + length, page_size))
+        self._ranges.append((addr, addr + length, page_size, int(out[0])))
         return Ioctl(int(out[0]))
 
     def unregister(self, addr: int, length: int) -> None:
@@ -451,10 +454,16 @@ class Userfaultfd:
         raise self._error(-r, op, addr, length, src=src)
 
     def _page_size(self, addr: int) -> int:
-        for start, end, size in self._ranges:
+        for start, end, size, _ in self._ranges:
             if start <= addr < end:
                 return size
         return PAGE_SIZE
+
+    def _allowed(self, addr: int) -> int | None:
+        for start, end, _, ioctls in self._ranges:
+            if start <= addr < end:
+                return ioctls
+        return None
 
     def _error(self, err: int, op: str, addr: int, length: int, *, src=None,
                page_size: int | None = None, modes: dict[str, bool] | None = None) -> UffdError:
@@ -463,14 +472,26 @@ class Userfaultfd:
             return uffd_error(errno.EBADF, op, "this Userfaultfd was closed")
         size = page_size or self._page_size(addr)
         detail = ""
+        if err == errno.ENOENT and (why := self._not_allowed(op, addr)):
+            return uffd_error(err, op, why, cls=UffdInvalid)
         if err == errno.EINVAL:
             detail = self._explain_einval(op, addr, length, size, src, modes)
-        elif err == errno.ENOENT and not any(s <= addr < e for s, e, _ in self._ranges):
+        elif err == errno.ENOENT and self._allowed(addr) is None:
             detail = f"address {addr:#x} is not in a range registered with this userfaultfd"
         elif op in _NEEDS_FEATURE and err in (errno.ENOTTY, errno.EINVAL) \
                 and not self.available & _NEEDS_FEATURE[op]:
             return uffd_error(err, op, f"this kernel lacks {op}", cls=UffdUnsupported)
         return uffd_error(err, op, detail)
+
+    def _not_allowed(self, op: str, addr: int) -> str:
+        """Why ``op`` cannot work on the registered range holding ``addr`` ('' if it can)."""
+        allowed = self._allowed(addr)
+        bit = Ioctl.__members__.get(op.removeprefix("UFFDIO_"))
+        if allowed is None or bit is None or allowed & bit or bit & _NOT_RANGE_IOCTLS:
+            return ""
+        return (f"{op} is not allowed on this range (allowed: {', '.join(names(allowed, Ioctl))});"
+                f" register it with the mode and memory kind it needs (continue: minor on "
+                f"shmem/hugetlbfs; writeprotect: wp)")
 
     def _explain_einval(self, op: str, addr: int, length: int, size: int, src,
                         modes: dict[str, bool] | None) -> str:
@@ -481,6 +502,8 @@ class Userfaultfd:
             return f"length {length} is not a positive multiple of the page size {size}"
         if isinstance(src, int) and src % size:
             return f"source address {src:#x} is not aligned to the page size {size}"
+        if why := self._not_allowed(op, addr):
+            return why
         if op == "UFFDIO_REGISTER" and modes:
             chosen = [m for m, on in modes.items() if on]
             if not chosen:
@@ -495,4 +518,4 @@ class Userfaultfd:
 
     def registered(self) -> list[tuple[int, int, int]]:
         """(start, end, page_size) of the ranges registered through this object."""
-        return list(self._ranges)
+        return [r[:3] for r in self._ranges]

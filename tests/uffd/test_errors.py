@@ -127,3 +127,12 @@ def test_adopt_rejects_non_uffd(tmp_path):
 def test_retry_is_eagain_subclass():
     assert issubclass(UffdRetry, UffdError) and issubclass(UffdError, OSError)
     assert UffdRetry(errno.EAGAIN, "x").errno == errno.EAGAIN
+
+
+def test_ioctl_not_allowed_on_range_names_allowed_ones(registered):
+    u, m = registered                       # anonymous, MISSING only
+    with pytest.raises(UffdInvalid, match=r"UFFDIO_CONTINUE is not allowed on this range "
+                                          r"\(allowed: wake, copy, zeropage"):
+        u.continue_(m.address, PAGE)
+    with pytest.raises(UffdInvalid, match="UFFDIO_WRITEPROTECT is not allowed"):
+        u.writeprotect(m.address, PAGE)
