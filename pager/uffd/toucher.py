@@ -66,11 +66,13 @@ class Toucher:
 
     op: "read" (read a word), "write" (write the pattern word), "fill" (write the whole step
     with the pattern), "verify" (read, then check the whole step against the pattern).
+    Latencies (ns, first access of each step, in access order) go to ``latency_buffer`` when
+    given (any writable buffer of at least ``count`` 64-bit slots), else to an internal one.
     """
 
     def __init__(self, address: int, length: int, *, op: str = "read", step: int = PAGE_SIZE,
                  seed: int = 0, origin: int = 0, threads: int = 1, order: str = "seq",
-                 cpu: int = -1, record: bool = True) -> None:
+                 cpu: int = -1, record: bool = True, latency_buffer=None) -> None:
         if op not in OPS or order not in ORDERS:
             raise ValueError(f"op must be one of {sorted(OPS)}, order one of {sorted(ORDERS)}")
         t = ffi.new("struct ssi_touch *")
@@ -78,7 +80,16 @@ class Toucher:
         t.op, t.order, t.nthreads, t.cpu = OPS[op], ORDERS[order], threads, cpu
         self._t = t
         self.count = (length + step - 1) // step
-        self._lat = ffi.new("uint64_t[]", self.count) if record and self.count else ffi.NULL
+        if latency_buffer is not None:
+            # the caller's writable buffer (array("Q"), numpy, mmap...): one u64 per access
+            self._lat = ffi.from_buffer("uint64_t[]", latency_buffer, require_writable=True)
+            if len(self._lat) < self.count:
+                raise ValueError(f"latency_buffer holds {len(self._lat)} values; "
+                                 f"{self.count} accesses need one each")
+        elif record and self.count:
+            self._lat = ffi.new("uint64_t[]", self.count)
+        else:
+            self._lat = ffi.NULL
         t.lat_ns = self._lat
         self._started = False
         self._joined = False

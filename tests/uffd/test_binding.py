@@ -159,3 +159,15 @@ def test_read_with_timeout_waits_for_first_event(anon):
         assert u.read_raw(raw, timeout=0.01) == 0
         u.zeropage(anon.address + 2 * PAGE, PAGE)
         t.join(5)
+
+
+def test_toucher_latency_into_caller_buffer(anon):
+    lat = array.array("Q", bytes(8 * 64))
+    with Userfaultfd() as u:
+        u.register(anon.address, anon.length)
+        t = Toucher(anon.address, anon.length, op="read", latency_buffer=lat).start()
+        serve(u, t, lambda ev: u.zeropage(ev.address, PAGE))
+        r = t.join(5)
+    assert list(lat) == r.latencies_ns and min(lat) > 0
+    with pytest.raises(ValueError, match="64 accesses need one each"):
+        Toucher(anon.address, anon.length, latency_buffer=array.array("Q", bytes(8)))
