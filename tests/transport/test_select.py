@@ -1,0 +1,130 @@
+"""create_transport(): every way RDMA can be missing falls back to TCP with one warning line.
+
+Each case runs in a fresh interpreter so the import state is real: Debian's python3-pyverbs
+imported for real (no RDMA device in this kernel: get_device_list raises PyverbsRDMAError),
+pyverbs not importable at all, and a pyverbs whose device list is empty.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from transport.manager import link_speed_mbps, slow_link_warnings
+
+ROOT = Path(__file__).resolve().parents[2]
+DEBIAN_PYVERBS = Path("/usr/lib/python3/dist-packages/pyverbs")
+
+CLIENT = textwrap.dedent("""
+    import json, logging, sys
+    import transport.rdma as rdma
+    if sys.argv[3] == "none":
+        rdma.DISTRO_PATHS = ()
+    from transport import create_transport
+    from transport.tcp import run
+    from transport.token import load_token
+
+    async def main():
+        t = await create_transport(sys.argv[1], load_token(sys.argv[2]), space="sel",
+                                   node_id="n1")
+        page = await t.fetch_page(0, "n1")
+        t2 = await create_transport(sys.argv[1], load_token(sys.argv[2]), node_id="n1")
+        await t.close(); await t2.close()
+        return {"name": t.name, "page": len(page),
+                "root_handlers": len(logging.getLogger().handlers)}
+
+    print(json.dumps(run(main())))
+""")
+
+
+def run_client(memnode, mode: str, env_extra: dict[str, str] | None = None
+               ) -> tuple[dict[str, object], str]:
+    env = dict(os.environ)
+    env.pop("SSI_PAGER_PYVERBS_PATH", None)
+    env.update(env_extra or {})
+    out = subprocess.run([sys.executable, "-c", CLIENT, memnode.endpoint,
+                          str(memnode.token_file), mode], capture_output=True, text=True,
+                         timeout=60, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1]), out.stderr
+
+
+@pytest.mark.skipif(not DEBIAN_PYVERBS.exists(), reason="python3-pyverbs is not installed")
+def test_debian_pyverbs_without_device_falls_back(memnode):
+    result, err = run_client(memnode, "debian")
+    assert result["name"] == "tcp" and result["page"] == 4096
+    lines = [line for line in err.splitlines() if "not RDMA" in line]
+    assert len(lines) == 1, err  # one warning for two transports
+    assert "get_device_list" in lines[0] and "RDMA NIC" in lines[0]
+    assert result["root_handlers"] == 0  # pyverbs' logging.basicConfig was undone
+
+
+def test_pyverbs_missing_falls_back(memnode, tmp_path):
+    result, err = run_client(memnode, "none", {"SSI_PAGER_PYVERBS_PATH": str(tmp_path)})
+    assert result["name"] == "tcp"
+    lines = [line for line in err.splitlines() if "not RDMA" in line]
+    assert len(lines) == 1 and "apt install python3-pyverbs" in lines[0], err
+
+
+def test_no_device_falls_back(memnode, tmp_path):
+    # a pyverbs build whose device list is empty (as on a host with the library but no NIC)
+    pkg = tmp_path / "pyverbs"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "device.py").write_text("def get_device_list():\n    return []\n")
+    (pkg / "pyverbs_error.py").write_text("class PyverbsError(Exception):\n    pass\n")
+    result, err = run_client(memnode, "none", {"SSI_PAGER_PYVERBS_PATH": str(tmp_path)})
+    assert result["name"] == "tcp"
+    lines = [line for line in err.splitlines() if "not RDMA" in line]
+    assert len(lines) == 1 and "no RDMA device found" in lines[0], err
+
+
+def test_prefer_rdma_raises_clearly(memnode):
+    from transport.errors import RdmaUnavailable
+    from transport.factory import create_transport
+    from transport.tcp import run
+
+    with pytest.raises(RdmaUnavailable, match="RDMA"):
+        run(create_transport(memnode.endpoint, memnode.token, prefer="rdma"))
+
+
+def test_link_speed_and_warnings(tmp_path):
+    for name, speed in (("eth1g", "1000"), ("eth25g", "25000"), ("weird", "-1")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "speed").write_text(speed + "\n")
+    assert link_speed_mbps("eth1g", tmp_path) == 1000
+    assert link_speed_mbps("weird", tmp_path) is None
+    assert link_speed_mbps("missing", tmp_path) is None
+    w = slow_link_warnings("n1", "eth1g", 1000, 0.9)
+    assert len(w) == 1 and "1 Gbps network detected" in w[0] and "10G" in w[0]
+    assert slow_link_warnings("n1", "eth25g", 25000, 20.0) == []
+    assert "measured 0.50" in slow_link_warnings("n1", "veth0", 10000, 0.5)[0]
+    assert slow_link_warnings("n1", "lo", None, 0.1) == []
+
+
+def test_manager_announces_once_per_peer(memnode, capsys):
+    from transport.base import TransportTier
+    from transport.manager import TransportManager
+    from transport.tcp import run
+
+    async def main() -> None:
+        mgr = TransportManager("pager1", memnode.token, space="mgr", prefer="tcp")
+        info = await mgr.connect_peer("node1", memnode.endpoint)
+        assert info.interface == "lo" and info.warnings == []
+        assert info.tier is TransportTier.from_latency(info.rtt_s)
+        await mgr.connect_peer("node1", memnode.endpoint)  # reconnect: no second line
+        await mgr.send_page(0, b"m" * 4096, "node1")
+        assert await mgr.fetch_page(0, "node1") == b"m" * 4096
+        assert mgr.performance_tier("node1") is info.tier
+        await mgr.close()
+
+    run(main())
+    err = capsys.readouterr().err
+    assert err.count("transport: tcp to node1 (127.0.0.1:") == 1, err
+    assert "expected latency ~" in err and "network detected" not in err
