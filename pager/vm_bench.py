@@ -85,9 +85,11 @@ def start_memnode(workdir: Path, token_file: Path, listen: str = "127.0.0.1:0",
 
 
 def start_pager(sock: Path, memnode: str, token_file: Path, logf: Path,
-                extra: list[str] | None = None) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "pager.cli", "serve", "--socket", str(sock), "--memnode",
-           memnode, "--token-file", str(token_file), *(extra or [])]
+                extra: list[str] | None = None,
+                prefix: list[str] | None = None) -> subprocess.Popen:
+    """`ssi-pager serve` (optionally inside a namespace via ``prefix``)."""
+    cmd = [*(prefix or []), sys.executable, "-m", "pager.cli", "serve", "--socket", str(sock),
+           "--memnode", memnode, "--token-file", str(token_file), *(extra or [])]
     with open(logf, "ab") as out:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
     deadline = time.monotonic() + 20
@@ -102,13 +104,17 @@ def start_pager(sock: Path, memnode: str, token_file: Path, logf: Path,
 
 
 @contextlib.contextmanager
-def services(workdir: Path, token_file: Path, memnode_prefix: list[str] | None = None,
-             listen: str = "127.0.0.1:0") -> Iterator[tuple[str, Path]]:
-    """A memory node and a pager using it; yields (memnode endpoint, pager socket)."""
+def services(workdir: Path, token_file: Path, listen: str = "127.0.0.1:0",
+             memnode_prefix: list[str] | None = None,
+             pager_prefix: list[str] | None = None) -> Iterator[tuple[str, Path]]:
+    """A memory node and a pager using it; yields (memnode endpoint, pager socket).
+    The prefixes (``ip netns exec NS``) put either in another network namespace; QEMU reaches
+    the pager by its Unix socket path, which namespaces do not separate."""
     node, endpoint = start_memnode(workdir, token_file, listen, memnode_prefix)
     sock = workdir / f"pager-{time.monotonic_ns()}.sock"
     try:
-        pager = start_pager(sock, endpoint, token_file, workdir / "pager.log")
+        pager = start_pager(sock, endpoint, token_file, workdir / "pager.log",
+                            prefix=pager_prefix)
         try:
             yield endpoint, sock
         finally:
@@ -286,15 +292,30 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def netns_helper() -> ModuleType:
+    """The checkout's network-namespace helper (tests/netns.py)."""
+    try:
+        import tests.netns as netns  # the checkout on sys.path (pytest, python -m)
+    except ImportError:
+        netns = load_test_module("tests/netns.py", "ssi_test_netns")
+    return netns
+
+
 def bench_netns(work: Path, token: Path, argv: list[str], expected: list[str],
                 reps: int) -> None:
+    """Pager (and QEMU's shim, over its Unix socket) in one namespace, memory node in
+    another, across a veth link."""
     try:
-        netns = load_test_module("tests/netns.py", "ssi_test_netns")
-        ns_ctx = netns.memnode_namespace()
-    except (VmError, AttributeError, OSError, ImportError) as exc:
-        emit({"name": "vm_pager_netns", "skipped": f"no network namespace helper: {exc}"})
+        netns = netns_helper()
+        why = netns.unavailable()
+    except VmError as exc:
+        why = str(exc)
+    if why:
+        emit({"name": "vm_pager_netns", "skipped": why})
         return
-    with ns_ctx as ns, services(work, token, ns.exec_prefix(), f"{ns.address}:0") as (ep, sock):
+    with netns.two_hosts() as (ns_a, _ip_a, ns_b, ip_b), \
+            services(work, token, f"{ip_b}:0", ["ip", "netns", "exec", ns_b],
+                     ["ip", "netns", "exec", ns_a]) as (ep, sock):
         a = vm_args(ep, token, sock)
         base, walls = [], []
         for i in range(reps):

@@ -163,3 +163,31 @@ def test_state_dir_private(guest, runtime, memnode, token, pager):
     finally:
         proc.kill()
     assert proc.returncode == 0
+
+
+@pytest.mark.netns
+def test_boot_memory_node_in_another_namespace(guest, expected, checksums, runtime, tmp_path,
+                                               token):
+    """`ssi-pager vm` (and its pager) in one namespace, the memory node in another: the guest
+    boots from pages served across the veth link and computes the right checksums."""
+    from pager.vm_bench import netns_helper, start_memnode
+
+    netns = netns_helper()
+    why = netns.unavailable()
+    if why:
+        pytest.skip(why)
+    with netns.two_hosts() as (ns_a, _ip_a, ns_b, ip_b):
+        node, endpoint = start_memnode(tmp_path, token, f"{ip_b}:0",
+                                       ["ip", "netns", "exec", ns_b])
+        try:
+            assert endpoint.startswith(ip_b)
+            proc = netns.run_in(ns_a, vm_cmd("--memnode", endpoint, "--token-file", str(token),
+                                             "--name", "far", "--", *guest.qemu_args()),
+                                capture_output=True, text=True, timeout=RUN_TIMEOUT)
+        finally:
+            from pager.vm import stop_process
+            stop_process(node)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert checksums(proc.stdout) == expected
+    assert f"pager: serving {runtime / 'far' / 'pager.sock'} from memnode {endpoint}" in \
+        proc.stderr
