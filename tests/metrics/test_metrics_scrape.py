@@ -116,6 +116,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object
 @pytest.fixture(scope="module")
 def workload(stack: dict[str, object]) -> Iterator[dict[str, object]]:
     """The checked workload, run once; its socket held open while the tests look."""
+    prom: PromServer = stack["prom"]  # type: ignore[assignment]
+    # start once Prometheus holds a sample from before the faults, so rate() sees them
+    assert prom.wait_for('up{job="ssi-pager"}', lambda v: v == 1) == 1
+    assert prom.wait_for("sum(ssi_pager_faults_total)", lambda v: v == 0) == 0
     w = subprocess.Popen([sys.executable, "-m", "pager.workload", "--socket", str(stack["socket"]),
                           "--mib", str(WORKLOAD_MIB), "--threads", "2", "--hold", "30"],
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -206,3 +210,16 @@ def test_status_without_a_pager_says_what_to_do() -> None:
                        capture_output=True, text=True, cwd=ROOT, timeout=30)
     assert r.returncode == 1
     assert "is it running with --metrics" in r.stderr
+
+
+def test_recording_rules_work_on_the_real_series(stack, workload) -> None:
+    """deploy/prometheus/rules.yml evaluated by the server over the pager's real series."""
+    prom: PromServer = stack["prom"]
+    rate = prom.wait_for("sum(instance:ssi_pager_faults:rate1m)", lambda v: v is not None and v > 0)
+    assert rate is not None and rate > 0
+    p99 = prom.wait_for("max(instance:ssi_pager_fault_duration_seconds:p99_5m)",
+                        lambda v: v is not None and v > 0)
+    assert p99 is not None and 0 < p99 <= 1.0
+    fetched = prom.wait_for("sum(instance:ssi_pager_fetched_bytes:rate1m)",
+                            lambda v: v is not None and v > 0)
+    assert fetched is not None and fetched > 0
