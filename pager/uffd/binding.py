@@ -96,7 +96,13 @@ def feature_mask(features: int | str | Iterable[str | int] | None) -> int:
 
 def names(flags: enum.IntFlag | int, kind: type[enum.IntFlag]) -> list[str]:
     """Lower-case names of the bits set in ``flags`` (for tables and messages)."""
-    return [m.name.lower() for m in kind if m.value and (int(flags) & m.value) == m.value]
+    value = int(flags)
+    out = [m.name.lower() for m in kind if m.value and (value & m.value) == m.value]
+    known = 0
+    for m in kind:
+        known |= m.value
+    out += [f"bit{i}" for i in range(64) if value & ~known & (1 << i)]
+    return out
 
 
 def address_of(buffer) -> tuple[object, int]:

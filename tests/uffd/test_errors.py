@@ -88,7 +88,7 @@ def test_closed_fd(anon):
 
 
 def test_unsupported_feature_bit():
-    with pytest.raises(UffdUnsupported, match="does not support feature"):
+    with pytest.raises(UffdUnsupported, match=r"does not support feature\(s\) bit30"):
         Userfaultfd(features=1 << 30)
 
 
