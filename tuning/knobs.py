@@ -28,7 +28,7 @@ LIMITS_FILE = "etc/security/limits.d/90-ssi-pager-memlock.conf"
 THP_ENABLED = "sys/kernel/mm/transparent_hugepage/enabled"
 THP_DEFRAG = "sys/kernel/mm/transparent_hugepage/defrag"
 
-SLOW_LINK_WARNING = "1 Gbps network detected - consider upgrading to 10G for remote memory"
+SLOW_LINK_WARNING = "{speed} network detected - consider upgrading to 10G for remote memory"
 RDMA_TIP = ("no RDMA device found - an RDMA NIC (InfiniBand or RoCE) cuts page fetches from "
             "~25 µs (TCP) to a few µs; ssi-pager uses it automatically when present")
 
@@ -287,7 +287,9 @@ class Network:
                            "`ssi-pager bench transport`")
         fastest = max(known.values())
         if fastest <= 1000:
-            return Finding(self.name, "warn", cur, ">= 10000 Mb/s", SLOW_LINK_WARNING)
+            speed = "1 Gbps" if fastest == 1000 else f"{fastest} Mbps"
+            return Finding(self.name, "warn", cur, ">= 10000 Mb/s",
+                           SLOW_LINK_WARNING.format(speed=speed))
         return Finding(self.name, "ok", cur, cur, f"fastest link {fastest // 1000} Gbit/s")
 
 

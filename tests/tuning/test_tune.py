@@ -153,6 +153,9 @@ def test_nic_speed_and_rdma_warnings(root: Path) -> None:
     assert found["network"].status == "warn"
     assert found["network"].message.startswith("1 Gbps network detected - consider upgrading")
     assert found["rdma"].message == knobs.RDMA_TIP
+    (root / "sys/class/net/eth0/speed").write_text("100\n")
+    found = by_knob(knobs.inspect(root, options()))
+    assert found["network"].message.startswith("100 Mbps network detected - consider upgrading")
     assert found["memlock"].status == "info"
     (root / "sys/class/net/eth0/speed").write_text("25000\n")
     (root / "sys/class/infiniband/mlx5_0").mkdir(parents=True)
