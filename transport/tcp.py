@@ -145,6 +145,7 @@ class BlockingChannel:
         self._out = bytearray(HEADER_SIZE * ((1 << 20) // MAX_DATA))  # 1 MiB worth of requests
         self._hdr = bytearray(HEADER_SIZE)
         self._hdr_view = memoryview(self._hdr)
+        self._req_hdr = bytearray(HEADER_SIZE)
         self._scratch = bytearray(MAX_CONTROL)
         self._scratch_view = memoryview(self._scratch)
 
@@ -211,6 +212,9 @@ class BlockingChannel:
 
     def _read_header(self) -> tuple[int, int, int, int, int]:
         self._recv_exact(self._hdr_view)
+        return self._parse_header()
+
+    def _parse_header(self) -> tuple[int, int, int, int, int]:
         magic, version, ftype, _f, req, space, _gpa, length, arg = HEADER.unpack_from(self._hdr)
         if magic != MAGIC or version != VERSION or length > max(MAX_DATA, MAX_CONTROL):
             raise ConnectionLost(f"memory node {self.endpoint} sent a corrupt frame header")
@@ -277,10 +281,10 @@ class BlockingChannel:
         assert sock is not None
         if n <= MAX_DATA:  # the hot case: one request, one reply
             req = self._next_id()
-            HEADER.pack_into(self._out, 0, MAGIC, VERSION, T.FETCH, Flag.URGENT, req,
+            HEADER.pack_into(self._req_hdr, 0, MAGIC, VERSION, T.FETCH, Flag.URGENT, req,
                              self.space, gpa, 0, n)
-            sock.sendall(self._out[:HEADER_SIZE])
-            return self._recv_data(req, view)
+            sock.sendall(self._req_hdr)
+            return self._recv_one(req, view)
         # pipelined: send every request, then take the replies in order
         mask = 0
         pos = 0
@@ -306,6 +310,44 @@ class BlockingChannel:
             if error is not None:
                 raise error
             pos += batch
+        return mask
+
+    def _recv_one(self, req: int, view: memoryview) -> int:
+        """The reply to the only request in flight: header and pages in one recvmsg_into
+        (header into its buffer, pages straight into the caller's), then whatever is left.
+        Nothing but this reply can arrive, so over-reading is impossible."""
+        sock = self.sock
+        assert sock is not None
+        nb = sock.recvmsg_into([self._hdr_view, view])[0]
+        if nb < HEADER_SIZE:
+            if nb == 0:
+                raise ConnectionLost(f"memory node {self.endpoint} closed the connection")
+            self._recv_exact(self._hdr_view[nb:])
+            nb = HEADER_SIZE
+        got = nb - HEADER_SIZE
+        ftype, rid, _space, length, mask = self._parse_header()
+        if ftype == T.ERROR and rid == req and length <= MAX_CONTROL:
+            payload = self._scratch_view[:length]
+            payload[:got] = view[:got]
+            self._recv_exact(payload[got:])
+            reply = decode_reply_body(Reply(ftype, rid, 0, mask, length), payload)
+            assert reply.error is not None
+            raise reply.error
+        npages = len(view) >> PAGE_SHIFT
+        if (ftype != T.DATA or rid != req or length != data_length(npages, mask)
+                or got > length):
+            raise ConnectionLost(f"memory node {self.endpoint} answered request {req} with "
+                                 f"frame type {ftype} id {rid} length {length}")
+        if got < length:
+            self._recv_exact(view[got:length])
+        if mask and length:  # pages arrived packed: move each run to its place, last first
+            pos = length
+            for first, count in reversed(zero_mask_runs(npages, mask)):
+                size = count << PAGE_SHIFT
+                pos -= size
+                dst = first << PAGE_SHIFT
+                if dst != pos:
+                    view[dst:dst + size] = bytes(view[pos:pos + size])
         return mask
 
     def _recv_data(self, req: int, view: memoryview) -> int:

@@ -1,0 +1,297 @@
+"""`ssi-pager bench transport`: page fetch latency and throughput, JSON lines on stdout.
+
+Lines (``name``, ``p50_us``, ``p99_us``, ``gbps`` where they apply):
+
+* ``fetch_4k``            4 KiB fetch, one request in flight (BlockingChannel: the fault path)
+* ``fetch_64k``           64 KiB fetch, one request in flight
+* ``fetch_4k_zero``       4 KiB fetch of a never-written page (32 bytes on the wire)
+* ``fetch_4k_async``      4 KiB fetch on the asyncio transport's urgent lane
+* ``pipelined``           many 64 KiB fetches in flight on the asyncio transport (throughput)
+* ``ref_remote_4k`` / ``ref_remote_64k``   the C reference pager (refpager-remote against
+  refpager-memnode) in the same run: fault latency, and its handler's mean fetch time
+* ``ratio_*``             ours / reference (goal: 4 KiB p50 <= 1.5, pipelined >= 0.75)
+
+Without ``--endpoint`` a memory node is started on loopback (its own process) and filled with
+``--mib`` MiB. ``--netns`` repeats the client measurements across a veth link between two
+network namespaces (needs root and the checkout's tests/netns.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from transport.protocol import PAGE_SIZE
+from transport.tcp import BlockingChannel, TcpTransport
+from transport.tcp import run as run_loop
+from transport.token import load_token
+
+REFPAGER_SRC = Path("/work/shared/refpager")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="JSON lines only (the default "
+                        "output is JSON lines too; this silences the human summary)")
+    parser.add_argument("--endpoint", help="measure against this memory node (HOST:PORT)")
+    parser.add_argument("--token-file", help="cluster token for --endpoint")
+    parser.add_argument("--space", default="bench")
+    parser.add_argument("--mib", type=int, default=64, help="data set size (default 64 MiB)")
+    parser.add_argument("--count", type=int, default=5000, help="fetches per latency figure")
+    parser.add_argument("--seconds", type=float, default=2.0, help="throughput run length")
+    parser.add_argument("--label", default="loopback", help="suffix tag of this run's lines")
+    parser.add_argument("--no-ref", action="store_true", help="skip the C reference pager")
+    parser.add_argument("--refpager", type=Path, default=None,
+                        help="built refpager directory (default: build a copy of "
+                             f"{REFPAGER_SRC} in a temp dir)")
+    parser.add_argument("--netns", action="store_true",
+                        help="also measure across a veth link between two namespaces")
+    parser.add_argument("--no-fill", action="store_true", help=argparse.SUPPRESS)
+
+
+def emit(line: dict[str, Any]) -> None:
+    print(json.dumps(line), flush=True)
+
+
+def percentiles(samples: list[float]) -> tuple[float, float]:
+    s = sorted(samples)
+    return s[len(s) // 2] * 1e6, s[min(len(s) - 1, int(len(s) * 0.99))] * 1e6
+
+
+def bench_blocking(ch: BlockingChannel, name: str, size: int, span: int, count: int,
+                   label: str, gpa_base: int = 0) -> dict[str, Any]:
+    buf = bytearray(size)
+    rnd = random.Random(1)
+    slots = max(1, span // size)
+    gpas = [gpa_base + rnd.randrange(slots) * size for _ in range(count)]
+    for gpa in gpas[:100]:  # warm up
+        ch.fetch_into(gpa, buf)
+    lat = []
+    perf = time.perf_counter
+    t_start = perf()
+    for gpa in gpas:
+        t0 = perf()
+        ch.fetch_into(gpa, buf)
+        lat.append(perf() - t0)
+    wall = perf() - t_start
+    p50, p99 = percentiles(lat)
+    return {"name": name, "label": label, "p50_us": round(p50, 2), "p99_us": round(p99, 2),
+            "gbps": round(count * size * 8 / wall / 1e9, 3), "n": count}
+
+
+async def bench_async(endpoint: str, token: bytes | None, space: str, span: int, count: int,
+                      seconds: float, label: str) -> list[dict[str, Any]]:
+    out = []
+    async with TcpTransport(token, space) as t:
+        await t.connect_peer("n", endpoint)
+        buf = bytearray(PAGE_SIZE)
+        rnd = random.Random(2)
+        lat = []
+        for _ in range(min(count, 3000)):
+            gpa = rnd.randrange(span // PAGE_SIZE) * PAGE_SIZE
+            t0 = time.perf_counter()
+            await t.fetch_pages(gpa, 1, "n", buf)
+            lat.append(time.perf_counter() - t0)
+        p50, p99 = percentiles(lat)
+        out.append({"name": "fetch_4k_async", "label": label, "p50_us": round(p50, 2),
+                    "p99_us": round(p99, 2), "n": len(lat)})
+        # pipelined: 64 KiB fetches, `depth` in flight across the bulk lanes
+        depth, size = 32, 64 * 1024
+        bufs = [bytearray(size) for _ in range(depth)]
+        done = 0
+        lat = []
+        deadline = time.perf_counter() + seconds
+
+        async def worker(i: int) -> None:
+            nonlocal done
+            r = random.Random(100 + i)
+            while time.perf_counter() < deadline:
+                gpa = r.randrange(span // size) * size
+                t0 = time.perf_counter()
+                await t.fetch_pages(gpa, size // PAGE_SIZE, "n", bufs[i], urgent=False)
+                lat.append(time.perf_counter() - t0)
+                done += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(i) for i in range(depth)))
+        wall = time.perf_counter() - t0
+        p50, p99 = percentiles(lat)
+        out.append({"name": "pipelined", "label": label, "p50_us": round(p50, 2),
+                    "p99_us": round(p99, 2), "gbps": round(done * size * 8 / wall / 1e9, 3),
+                    "in_flight": depth, "request_bytes": size})
+    return out
+
+
+def measure(endpoint: str, token: bytes | None, args: argparse.Namespace,
+            label: str) -> list[dict[str, Any]]:
+    span = args.mib << 20
+    lines = []
+    with BlockingChannel.connect(endpoint, token, args.space) as ch:
+        if not args.no_fill:
+            chunk = os.urandom(1 << 20)
+            for off in range(0, span, len(chunk)):
+                ch.store(off, chunk)
+        lines.append(bench_blocking(ch, "fetch_4k", PAGE_SIZE, span, args.count, label))
+        lines.append(bench_blocking(ch, "fetch_64k", 64 * 1024, span, max(500, args.count // 4),
+                                    label))
+        lines.append(bench_blocking(ch, "fetch_4k_zero", PAGE_SIZE, span,
+                                    max(500, args.count // 4), label, gpa_base=span + (1 << 30)))
+    lines += run_loop(bench_async(endpoint, token, args.space, span, args.count, args.seconds,
+                             label))
+    return lines
+
+
+# --- the C reference ---------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_refpager(tmp: Path) -> Path:
+    dst = tmp / "refpager"
+    shutil.copytree(REFPAGER_SRC, dst)
+    subprocess.run(["make", "-C", str(dst)], check=True, capture_output=True)
+    return dst
+
+
+def run_refpager(refdir: Path, mib: int) -> list[dict[str, Any]]:
+    port = free_port()
+    node = subprocess.Popen([str(refdir / "refpager-memnode"), "--mib", str(mib), "--port",
+                             str(port), "--cpu", "-1"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert node.stdout is not None
+        ready = node.stdout.readline()
+        if '"ready":true' not in ready:
+            raise RuntimeError(f"refpager-memnode did not start: {ready!r}")
+        out = []
+        for chunk in (4096, 65536):
+            res = subprocess.run([str(refdir / "refpager-remote"), "--mib", str(mib), "--chunk",
+                                  str(chunk), "--order", "seq", "--tcpu", "-1", "--hcpu", "-1",
+                                  "--port", str(port)], capture_output=True, text=True,
+                                 timeout=300, check=True)
+            r = json.loads(res.stdout.strip().splitlines()[-1])
+            out.append({"name": f"ref_remote_{chunk // 1024}k", "label": "loopback",
+                        "p50_us": r["fault_lat"]["p50_us"], "p99_us": r["fault_lat"]["p99_us"],
+                        "gbps": r["gbps"], "fetch_mean_us": r["handler"]["fetch_mean_us"],
+                        "verify_bad_pages": r["verify_bad_pages"]})
+        return out
+    finally:
+        node.terminate()
+        node.wait(10)
+
+
+def ratios(ours: list[dict[str, Any]], ref: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    by = {line["name"]: line for line in ours + ref}
+    out = []
+    if "fetch_4k" in by and "ref_remote_4k" in by:
+        out.append({"name": "ratio_fetch_4k_p50_vs_ref_fault_4k_p50",
+                    "ratio": round(by["fetch_4k"]["p50_us"] / by["ref_remote_4k"]["p50_us"], 3),
+                    "goal": "<= 1.5"})
+        out.append({"name": "ratio_fetch_4k_p50_vs_ref_fetch_4k_mean",
+                    "ratio": round(by["fetch_4k"]["p50_us"]
+                                   / by["ref_remote_4k"]["fetch_mean_us"], 3),
+                    "goal": "<= 1.5"})
+    if "pipelined" in by and "ref_remote_64k" in by:
+        out.append({"name": "ratio_pipelined_gbps_vs_ref_64k_gbps",
+                    "ratio": round(by["pipelined"]["gbps"] / by["ref_remote_64k"]["gbps"], 3),
+                    "goal": ">= 0.75"})
+    return out
+
+
+# --- memory node processes -----------------------------------------------------------------------
+
+def start_memnode(tmp: Path, listen: str, prefix: list[str] | None = None
+                  ) -> tuple[subprocess.Popen[str], str]:
+    cmd = [*(prefix or []), sys.executable, "-m", "pager.cli", "memnode", "--listen", listen,
+           "--store", str(tmp / "store"), "--token-file", str(tmp / "token")]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        m = re.search(r"listening on (\S+)", line)
+        if m:
+            return proc, m.group(1)
+    proc.wait()
+    raise RuntimeError("the memory node did not start")
+
+
+def bench_netns(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
+    try:
+        from tests.netns import two_hosts, unavailable
+    except ImportError:
+        print("bench: --netns needs the source checkout (tests/netns.py)", file=sys.stderr)
+        return []
+    reason = unavailable()
+    if reason:
+        print(f"bench: skipping the namespace link: {reason}", file=sys.stderr)
+        return []
+    lines = []
+    with two_hosts() as (ns_a, _ip_a, ns_b, ip_b):
+        node, endpoint = start_memnode(tmp / "ns", ip_b, ["ip", "netns", "exec", ns_b])
+        try:
+            res = subprocess.run(
+                ["ip", "netns", "exec", ns_a, sys.executable, "-m", "pager.cli", "bench",
+                 "transport", "--json", "--no-ref", "--endpoint", endpoint, "--token-file",
+                 str(tmp / "ns" / "token"), "--label", "netns", "--mib", str(args.mib),
+                 "--count", str(args.count), "--seconds", str(args.seconds)],
+                capture_output=True, text=True, timeout=600, check=True)
+            lines = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
+        finally:
+            node.terminate()
+            node.wait(10)
+    return lines
+
+
+def run(args: argparse.Namespace) -> int:
+    return main(args)
+
+
+def main(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory(prefix="ssipg-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        if args.endpoint:
+            token = load_token(args.token_file) if args.token_file else None
+            for line in measure(args.endpoint, token, args, args.label):
+                emit(line)
+            return 0
+        node, endpoint = start_memnode(tmp, "127.0.0.1:0")
+        try:
+            ours = measure(endpoint, load_token(tmp / "token"), args, args.label)
+        finally:
+            node.terminate()
+            node.wait(10)
+        for line in ours:
+            emit(line)
+        ref: list[dict[str, Any]] = []
+        if not args.no_ref:
+            refdir = args.refpager or (build_refpager(tmp) if REFPAGER_SRC.exists() else None)
+            if refdir is None:
+                print("bench: no refpager found: skipping the C reference", file=sys.stderr)
+            else:
+                ref = run_refpager(refdir, 256)
+                for line in ref:
+                    emit(line)
+                for line in ratios(ours, ref):
+                    emit(line)
+        if args.netns:
+            for line in bench_netns(args, tmp):
+                emit(line)
+        if not args.json:
+            for line in ours + ref:
+                print(f"{line['name']:>16} {line.get('label', ''):>9} p50 "
+                      f"{line.get('p50_us', 0):8.1f} us  p99 {line.get('p99_us', 0):8.1f} us  "
+                      f"{line.get('gbps', 0):6.2f} Gbit/s", file=sys.stderr)
+    return 0
+
