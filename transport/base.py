@@ -60,10 +60,30 @@ class Pages(NamedTuple):
     zero_mask: int
 
 
-def check_pages(gpa: int, nbytes: int) -> None:
+def check_pages(gpa: int, nbytes: int, what: str = "request") -> None:
     if gpa % PAGE_SIZE or nbytes % PAGE_SIZE or not nbytes:
-        raise TransportError(f"gpa {gpa:#x} and length {nbytes} must be non-zero multiples of "
-                             f"{PAGE_SIZE}")
+        raise TransportError(f"{what} of {nbytes} bytes at {gpa:#x}: gpa and length must be "
+                             f"non-zero multiples of {PAGE_SIZE}")
+
+
+def page_view(data: Any, gpa: int, what: str) -> memoryview:
+    """A flat byte view of a page buffer, checked for alignment (no copy)."""
+    view = data if type(data) is memoryview else memoryview(data)
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    check_pages(gpa, len(view), what)
+    return view
+
+
+_V = TypeVar("_V")
+
+
+def lookup_peer(peers: dict[str, _V], node_id: str) -> _V:
+    try:
+        return peers[node_id]
+    except KeyError:
+        raise TransportError(f"unknown memory node {node_id!r}: connect_peer() it "
+                             f"first") from None
 
 
 class PageTransport(abc.ABC):

@@ -22,8 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transport.base import Pages, PageTransport, TransportTier
-from transport.errors import TransportError
+from transport.base import Pages, PageTransport, TransportTier, lookup_peer
 from transport.factory import create_transport
 from transport.tcp import parse_endpoint
 
@@ -134,11 +133,7 @@ class TransportManager:
             print(RDMA_TIP, file=sys.stderr)
 
     def transport(self, node_id: str) -> PageTransport:
-        try:
-            return self.transports[node_id]
-        except KeyError:
-            raise TransportError(f"unknown memory node {node_id!r}: connect_peer() it "
-                                 f"first") from None
+        return lookup_peer(self.transports, node_id)
 
     async def fetch_page(self, gpa: int, node_id: str) -> bytes:
         return await self.transport(node_id).fetch_page(gpa, node_id)

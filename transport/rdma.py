@@ -43,7 +43,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from transport.base import Pages, PageTransport, check_pages
+from transport.base import Pages, PageTransport, check_pages, lookup_peer, page_view
 from transport.errors import ConnectError, RdmaUnavailable, TransportError
 from transport.protocol import (
     HEADER,
@@ -263,11 +263,7 @@ class RdmaTransport(PageTransport):
         self.endpoints[node_id] = endpoint
 
     def _peer(self, node_id: str) -> tuple[_RdmaLink, Any, int, int, int, asyncio.Lock]:
-        try:
-            return self._peers[node_id]
-        except KeyError:
-            raise TransportError(f"unknown memory node {node_id!r}: connect_peer() it "
-                                 f"first") from None
+        return lookup_peer(self._peers, node_id)
 
     def _fetch(self, node_id: str, gpa: int, view: memoryview) -> int:
         link, mr, addr, rkey, _size, _lock = self._peer(node_id)
@@ -319,8 +315,7 @@ class RdmaTransport(PageTransport):
                 raise reply.error
 
     async def send_pages(self, gpa: int, data: Any, node_id: str) -> None:
-        view = memoryview(data).cast("B")
-        check_pages(gpa, len(view))
+        view = page_view(data, gpa, "send_pages")
         async with self._peer(node_id)[5]:
             await asyncio.to_thread(self._store, node_id, gpa, view)
 

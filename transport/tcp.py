@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from transport.base import Pages, PageTransport, check_pages
+from transport.base import Pages, PageTransport, check_pages, lookup_peer, page_view
 from transport.errors import (
     AuthError,
     ConnectError,
@@ -267,14 +267,8 @@ class BlockingChannel:
         Returns the zero mask: bit i set = page i was never written; its bytes in ``buf``
         are left as they were (use UFFDIO_ZEROPAGE, or zero them).
         """
-        view = buf if type(buf) is memoryview else memoryview(buf)
-        if view.format != "B" or view.ndim != 1:
-            view = view.cast("B")
-        n = len(view)
-        if n & (PAGE_SIZE - 1) or not n or gpa & (PAGE_SIZE - 1):
-            raise TransportError(f"fetch of {n} bytes at {gpa:#x}: gpa and length must be "
-                                 f"non-zero multiples of 4096")
-        return self._retrying(lambda: self._fetch(gpa, view, n))
+        view = page_view(buf, gpa, "fetch")
+        return self._retrying(lambda: self._fetch(gpa, view, len(view)))
 
     def _fetch(self, gpa: int, view: memoryview, n: int) -> int:
         sock = self.sock
@@ -371,14 +365,8 @@ class BlockingChannel:
 
     def store(self, gpa: int, data: Any) -> None:
         """Write pages at ``gpa``; returns once the node has written them (pwrite)."""
-        view = data if type(data) is memoryview else memoryview(data)
-        if view.format != "B" or view.ndim != 1:
-            view = view.cast("B")
-        n = len(view)
-        if n & (PAGE_SIZE - 1) or not n or gpa & (PAGE_SIZE - 1):
-            raise TransportError(f"store of {n} bytes at {gpa:#x}: gpa and length must be "
-                                 f"non-zero multiples of 4096")
-        self._retrying(lambda: self._store(gpa, view, n))
+        view = page_view(data, gpa, "store")
+        self._retrying(lambda: self._store(gpa, view, len(view)))
 
     def _store(self, gpa: int, view: memoryview, n: int) -> None:
         sock = self.sock
@@ -628,11 +616,7 @@ class TcpTransport(PageTransport):
         self.peers: dict[str, _Peer] = {}
 
     def _peer(self, node_id: str) -> _Peer:
-        try:
-            return self.peers[node_id]
-        except KeyError:
-            raise TransportError(f"unknown memory node {node_id!r}: connect_peer() it "
-                                 f"first") from None
+        return lookup_peer(self.peers, node_id)
 
     async def connect_peer(self, node_id: str, endpoint: str) -> None:
         peer = _Peer(node_id, endpoint, self)
@@ -684,8 +668,7 @@ class TcpTransport(PageTransport):
         return Pages(view, mask)
 
     async def send_pages(self, gpa: int, data: Any, node_id: str) -> None:
-        view = memoryview(data).cast("B")
-        check_pages(gpa, len(view))
+        view = page_view(data, gpa, "send_pages")
 
         async def op(peer: _Peer) -> None:
             conn = await peer.lane(False)
