@@ -11,7 +11,9 @@ import asyncio
 import logging
 import signal
 import sys
+from typing import Any
 
+from transport.errors import TransportError
 from transport.memnode import MemoryNode
 from transport.protocol import DEFAULT_MAX_SPACE_BYTES
 from transport.store import PageStore
@@ -40,6 +42,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-space-gib", type=int, default=DEFAULT_MAX_SPACE_BYTES >> 30,
                         help="largest address space served, GiB (default %(default)s)")
     parser.add_argument("--name", default="memnode", help="node name reported to peers")
+    parser.add_argument("--rdma", action="store_true",
+                        help="also serve RDMA (pyverbs) on the TCP port + 1000; without an "
+                             "RDMA device this warns and serves TCP only")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,8 +78,25 @@ async def _serve(node: MemoryNode, args: argparse.Namespace) -> int:
     print(f"memnode: store {node.store.root}, auth {auth}, "
           f"{sum(s.pages for s in node.store.spaces.values())} pages in "
           f"{len(node.store.spaces)} spaces", file=sys.stderr)
+    rdma = start_rdma(node) if args.rdma else None
     print(f"memnode: listening on {endpoint}", file=sys.stderr, flush=True)
     await stop.wait()
     print("memnode: stopping", file=sys.stderr)
+    if rdma is not None:
+        rdma.stop()
     await node.close()
     return 0
+
+
+def start_rdma(node: MemoryNode) -> Any:
+    """The RDMA listener next to the TCP one, or None with one warning line saying why."""
+    try:
+        from transport.rdma import RdmaServer
+
+        server = RdmaServer(node.store, node.token, node.host, int(node.port or 0))
+        server.start()
+    except TransportError as exc:
+        print(f"memnode: RDMA not served, TCP only: {exc}", file=sys.stderr)
+        return None
+    print(f"memnode: RDMA listening on {node.host}:{server.port}", file=sys.stderr)
+    return server

@@ -364,10 +364,15 @@ class RdmaServer:
 
     def start(self) -> threading.Thread:
         cmid_mod, qp, ce, _e = _verbs()
-        ai = cmid_mod.AddrInfo(src=self.host, src_service=str(self.port),
-                               port_space=ce.RDMA_PS_TCP, flags=ce.RAI_PASSIVE)
-        self._listen = cmid_mod.CMID(creator=ai, qp_init_attr=_qp_init(qp))
-        self._listen.listen(backlog=16)
+        try:
+            ai = cmid_mod.AddrInfo(src=self.host, src_service=str(self.port),
+                                   port_space=ce.RDMA_PS_TCP, flags=ce.RAI_PASSIVE)
+            self._listen = cmid_mod.CMID(creator=ai, qp_init_attr=_qp_init(qp))
+            self._listen.listen(backlog=16)
+        except Exception as exc:  # PyverbsRDMAError and friends
+            raise RdmaUnavailable(f"RDMA listen on {self.host}:{self.port} failed: {exc}; "
+                                  f"check that {self.host} is an address of the RDMA NIC"
+                                  ) from exc
         t = threading.Thread(target=self._accept_loop, daemon=True, name="rdma-accept")
         t.start()
         return t

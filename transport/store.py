@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
 from pathlib import Path
 
 from transport.errors import StoreError
@@ -40,6 +41,7 @@ class Space:
                              f"directory's permissions and free space", errno=exc.errno) from exc
         self._bits = bytearray()
         self.pages = 0
+        self._lock = threading.Lock()  # the RDMA server's threads share the store
         self._scan()
 
     def close(self) -> None:
@@ -94,7 +96,8 @@ class Space:
 
         Returns ``(zero_mask, nbytes)``; ``out`` needs room for ``npages`` pages.
         """
-        written = self._written_bits(gpa >> PAGE_SHIFT, npages)
+        with self._lock:
+            written = self._written_bits(gpa >> PAGE_SHIFT, npages)
         full = (1 << npages) - 1
         if written == full:  # the common case: one read
             n = os.preadv(self.fd, [out[:npages << PAGE_SHIFT]], gpa)
@@ -131,7 +134,8 @@ class Space:
             raise StoreError(f"writing {len(view)} bytes at {gpa:#x} of space {self.name} "
                              f"failed: {exc.strerror}; free space in {self.path.parent}",
                              errno=exc.errno) from exc
-        self._mark(gpa >> PAGE_SHIFT, len(view) >> PAGE_SHIFT)
+        with self._lock:
+            self._mark(gpa >> PAGE_SHIFT, len(view) >> PAGE_SHIFT)
 
     def stats(self) -> dict[str, int]:
         try:

@@ -128,3 +128,14 @@ def test_manager_announces_once_per_peer(memnode, capsys):
     err = capsys.readouterr().err
     assert err.count("transport: tcp to node1 (127.0.0.1:") == 1, err
     assert "expected latency ~" in err and "network detected" not in err
+
+
+@pytest.mark.skipif(not DEBIAN_PYVERBS.exists(), reason="python3-pyverbs is not installed")
+def test_memnode_rdma_flag_without_device_serves_tcp(node_factory, tmp_path):
+    from transport.tcp import BlockingChannel
+
+    node = node_factory("--rdma", store=tmp_path / "rdma-store")
+    warn = [line for line in node.stderr_lines if "RDMA not served" in line]
+    assert len(warn) == 1 and "get_device_list" in warn[0]
+    with BlockingChannel.connect(node.endpoint, node.token, "vm1") as ch:
+        assert ch.fetch_into(0, bytearray(4096)) == 1
