@@ -106,7 +106,8 @@ def start_pager(sock: Path, memnode: str, token_file: Path, logf: Path,
 @contextlib.contextmanager
 def services(workdir: Path, token_file: Path, listen: str = "127.0.0.1:0",
              memnode_prefix: list[str] | None = None,
-             pager_prefix: list[str] | None = None) -> Iterator[tuple[str, Path]]:
+             pager_prefix: list[str] | None = None,
+             pager_args: list[str] | None = None) -> Iterator[tuple[str, Path]]:
     """A memory node and a pager using it; yields (memnode endpoint, pager socket).
     The prefixes (``ip netns exec NS``) put either in another network namespace; QEMU reaches
     the pager by its Unix socket path, which namespaces do not separate."""
@@ -114,7 +115,7 @@ def services(workdir: Path, token_file: Path, listen: str = "127.0.0.1:0",
     sock = workdir / f"pager-{time.monotonic_ns()}.sock"
     try:
         pager = start_pager(sock, endpoint, token_file, workdir / "pager.log",
-                            prefix=pager_prefix)
+                            pager_args, pager_prefix)
         try:
             yield endpoint, sock
         finally:
@@ -237,6 +238,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="RAM the guest workload fills (default 384)")
     parser.add_argument("--passes", type=int, default=3, help="workload passes (default 3)")
     parser.add_argument("--no-netns", action="store_true", help="skip the namespace case")
+    parser.add_argument("--pager-arg", action="append", default=[], metavar="ARG",
+                        help="extra `ssi-pager serve` argument, e.g. --pager-arg=--chunk=256K "
+                             "(repeatable)")
 
 
 def emit(obj: dict) -> None:
@@ -265,7 +269,7 @@ def run(args: argparse.Namespace) -> int:
         # baseline and paged runs interleaved: other load on the host drifts over minutes
         base: list[float] = []
         walls: list[float] = []
-        with services(work, token) as (endpoint, sock):
+        with services(work, token, pager_args=args.pager_arg) as (endpoint, sock):
             a = vm_args(endpoint, token, sock)
             for i in range(reps):
                 wall, out = run_plain(plain)
@@ -288,7 +292,7 @@ def run(args: argparse.Namespace) -> int:
         emit({"name": "vm_resume_lazy", "wall_s": round(lazy, 3),
               "ratio": round(full / lazy, 2), "goal_ratio_min": 5.0})
         if not args.no_netns:
-            bench_netns(work, token, plain, expected, reps)
+            bench_netns(work, token, plain, expected, reps, args.pager_arg)
     return 0
 
 
@@ -302,7 +306,7 @@ def netns_helper() -> ModuleType:
 
 
 def bench_netns(work: Path, token: Path, argv: list[str], expected: list[str],
-                reps: int) -> None:
+                reps: int, pager_args: list[str]) -> None:
     """Pager (and QEMU's shim, over its Unix socket) in one namespace, memory node in
     another, across a veth link."""
     try:
@@ -315,7 +319,7 @@ def bench_netns(work: Path, token: Path, argv: list[str], expected: list[str],
         return
     with netns.two_hosts() as (ns_a, _ip_a, ns_b, ip_b), \
             services(work, token, f"{ip_b}:0", ["ip", "netns", "exec", ns_b],
-                     ["ip", "netns", "exec", ns_a]) as (ep, sock):
+                     ["ip", "netns", "exec", ns_a], pager_args) as (ep, sock):
         a = vm_args(ep, token, sock)
         base, walls = [], []
         for i in range(reps):
