@@ -191,6 +191,9 @@ def prepare_qemu(argv: list[str], ram_id: str = RAM_ID) -> QemuCommand:
             mb = _opts(val).get("memory-backend")
             if mb:
                 machine_backend = mb
+        if "vhost-user" in a:
+            raise VmError("vhost-user devices are not supported yet: another process would "
+                          "map guest RAM outside the pager's userfaultfd")
         if opt == "-numa" and val and "memdev=" in val:
             raise VmError("NUMA guests (several RAM backends) are not supported yet")
         out.append(a)

@@ -55,6 +55,8 @@ def test_private_backend_is_not_shared():
     ["q", "-m", "1G", "-object", "memory-backend-memfd,id=m,size=2G,share=on",
      "-machine", "memory-backend=m"],
     ["q", "-m", "1G", "-numa", "node,memdev=m0"],
+    ["q", "-m", "1G", "-netdev", "vhost-user,id=n,chardev=c"],
+    ["q", "-m", "1G", "-device", "vhost-user-blk-pci,chardev=c"],
     [],
 ])
 def test_unsupported_or_wrong_is_refused(argv):
