@@ -71,7 +71,9 @@ def page_view(data: Any, gpa: int, what: str) -> memoryview:
     view = data if type(data) is memoryview else memoryview(data)
     if view.format != "B" or view.ndim != 1:
         view = view.cast("B")
-    check_pages(gpa, len(view), what)
+    n = len(view)
+    if (gpa | n) & (PAGE_SIZE - 1) or not n:
+        check_pages(gpa, n, what)  # raises with the message
     return view
 
 

@@ -26,6 +26,8 @@ import random
 import re
 import shutil
 import socket
+import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -55,6 +57,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--refpager", type=Path, default=None,
                         help="built refpager directory (default: build a copy of "
                              f"{REFPAGER_SRC} in a temp dir)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternate ours and the reference this many times; medians")
     parser.add_argument("--netns", action="store_true",
                         help="also measure across a veth link between two namespaces")
     parser.add_argument("--no-fill", action="store_true", help=argparse.SUPPRESS)
@@ -167,30 +171,54 @@ def build_refpager(tmp: Path) -> Path:
     return dst
 
 
-def run_refpager(refdir: Path, mib: int) -> list[dict[str, Any]]:
-    port = free_port()
-    node = subprocess.Popen([str(refdir / "refpager-memnode"), "--mib", str(mib), "--port",
-                             str(port), "--cpu", "-1"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert node.stdout is not None
-        ready = node.stdout.readline()
+class RefPager:
+    """refpager-memnode running, refpager-remote run against it on demand."""
+
+    def __init__(self, refdir: Path, mib: int) -> None:
+        self.refdir, self.mib, self.port = refdir, mib, free_port()
+        self.node = subprocess.Popen([str(refdir / "refpager-memnode"), "--mib", str(mib),
+                                      "--port", str(self.port), "--cpu", "-1"],
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.node.stdout is not None
+        ready = self.node.stdout.readline()
         if '"ready":true' not in ready:
+            self.close()
             raise RuntimeError(f"refpager-memnode did not start: {ready!r}")
-        out = []
-        for chunk in (4096, 65536):
-            res = subprocess.run([str(refdir / "refpager-remote"), "--mib", str(mib), "--chunk",
-                                  str(chunk), "--order", "seq", "--tcpu", "-1", "--hcpu", "-1",
-                                  "--port", str(port)], capture_output=True, text=True,
-                                 timeout=300, check=True)
-            r = json.loads(res.stdout.strip().splitlines()[-1])
-            out.append({"name": f"ref_remote_{chunk // 1024}k", "label": "loopback",
-                        "p50_us": r["fault_lat"]["p50_us"], "p99_us": r["fault_lat"]["p99_us"],
-                        "gbps": r["gbps"], "fetch_mean_us": r["handler"]["fetch_mean_us"],
-                        "verify_bad_pages": r["verify_bad_pages"]})
-        return out
-    finally:
-        node.terminate()
-        node.wait(10)
+
+    def remote(self, chunk: int) -> dict[str, Any]:
+        res = subprocess.run([str(self.refdir / "refpager-remote"), "--mib", str(self.mib),
+                              "--chunk", str(chunk), "--order", "seq", "--tcpu", "-1",
+                              "--hcpu", "-1", "--port", str(self.port)],
+                             capture_output=True, text=True, timeout=300, check=True)
+        r = json.loads(res.stdout.strip().splitlines()[-1])
+        return {"name": f"ref_remote_{chunk // 1024}k", "label": "loopback",
+                "p50_us": r["fault_lat"]["p50_us"], "p99_us": r["fault_lat"]["p99_us"],
+                "gbps": r["gbps"], "fetch_mean_us": r["handler"]["fetch_mean_us"],
+                "verify_bad_pages": r["verify_bad_pages"]}
+
+    def python_client_fetch(self, count: int) -> dict[str, Any]:
+        """Our kind of client loop (Python, blocking, recv_into) against the C node: separates
+        the client's cost from the server's."""
+        req = struct.Struct("<QI")
+        buf = bytearray(PAGE_SIZE)
+        rnd = random.Random(3)
+        lat = []
+        with socket.create_connection(("127.0.0.1", self.port)) as s:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for _ in range(count):
+                msg = req.pack(rnd.randrange((self.mib << 20) // PAGE_SIZE) * PAGE_SIZE,
+                               PAGE_SIZE)
+                t0 = time.perf_counter()
+                s.sendall(msg)
+                s.recv_into(buf, PAGE_SIZE, socket.MSG_WAITALL)
+                lat.append(time.perf_counter() - t0)
+        p50, p99 = percentiles(lat)
+        return {"name": "ref_node_pyclient_4k", "label": "loopback", "p50_us": round(p50, 2),
+                "p99_us": round(p99, 2), "n": count}
+
+    def close(self) -> None:
+        self.node.terminate()
+        self.node.wait(10)
 
 
 def ratios(ours: list[dict[str, Any]], ref: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -204,6 +232,10 @@ def ratios(ours: list[dict[str, Any]], ref: list[dict[str, Any]]) -> list[dict[s
                     "ratio": round(by["fetch_4k"]["p50_us"]
                                    / by["ref_remote_4k"]["fetch_mean_us"], 3),
                     "goal": "<= 1.5"})
+    if "fetch_4k" in by and "ref_node_pyclient_4k" in by:
+        out.append({"name": "ratio_fetch_4k_p50_vs_pyclient_on_ref_node",
+                    "ratio": round(by["fetch_4k"]["p50_us"]
+                                   / by["ref_node_pyclient_4k"]["p50_us"], 3)})
     if "pipelined" in by and "ref_remote_64k" in by:
         out.append({"name": "ratio_pipelined_gbps_vs_ref_64k_gbps",
                     "ratio": round(by["pipelined"]["gbps"] / by["ref_remote_64k"]["gbps"], 3),
@@ -258,6 +290,20 @@ def run(args: argparse.Namespace) -> int:
     return main(args)
 
 
+def median_lines(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per name, the median over rounds of every numeric field."""
+    out = []
+    for first in rounds[0]:
+        same = [line for r in rounds for line in r if line["name"] == first["name"]]
+        merged = dict(first)
+        for key, value in first.items():
+            if isinstance(value, float | int) and not isinstance(value, bool):
+                merged[key] = round(statistics.median(x[key] for x in same), 3)
+        merged["rounds"] = len(same)
+        out.append(merged)
+    return out
+
+
 def main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="ssipg-bench-") as tmpdir:
         tmp = Path(tmpdir)
@@ -266,32 +312,44 @@ def main(args: argparse.Namespace) -> int:
             for line in measure(args.endpoint, token, args, args.label):
                 emit(line)
             return 0
-        node, endpoint = start_memnode(tmp, "127.0.0.1:0")
-        try:
-            ours = measure(endpoint, load_token(tmp / "token"), args, args.label)
-        finally:
-            node.terminate()
-            node.wait(10)
-        for line in ours:
-            emit(line)
-        ref: list[dict[str, Any]] = []
+        ref: RefPager | None = None
         if not args.no_ref:
             refdir = args.refpager or (build_refpager(tmp) if REFPAGER_SRC.exists() else None)
             if refdir is None:
                 print("bench: no refpager found: skipping the C reference", file=sys.stderr)
             else:
-                ref = run_refpager(refdir, 256)
-                for line in ref:
-                    emit(line)
-                for line in ratios(ours, ref):
-                    emit(line)
+                ref = RefPager(refdir, args.mib)
+        node, endpoint = start_memnode(tmp, "127.0.0.1:0")
+        token = load_token(tmp / "token")
+        ours_rounds: list[list[dict[str, Any]]] = []
+        ref_rounds: list[list[dict[str, Any]]] = []
+        ratio_rounds: list[list[dict[str, Any]]] = []
+        try:
+            # ours and the reference alternate, so both see the same machine load
+            for r in range(args.rounds):
+                args.no_fill = r > 0
+                ours = measure(endpoint, token, args, args.label)
+                ours_rounds.append(ours)
+                if ref is not None:
+                    refs = [ref.remote(4096), ref.remote(65536),
+                            ref.python_client_fetch(args.count)]
+                    ref_rounds.append(refs)
+                    ratio_rounds.append(ratios(ours, refs))
+        finally:
+            node.terminate()
+            node.wait(10)
+            if ref is not None:
+                ref.close()
+        ours = median_lines(ours_rounds)
+        refs = median_lines(ref_rounds) if ref_rounds else []
+        for line in ours + refs + (median_lines(ratio_rounds) if ratio_rounds else []):
+            emit(line)
         if args.netns:
             for line in bench_netns(args, tmp):
                 emit(line)
         if not args.json:
-            for line in ours + ref:
-                print(f"{line['name']:>16} {line.get('label', ''):>9} p50 "
+            for line in ours + refs:
+                print(f"{line['name']:>20} {line.get('label', ''):>9} p50 "
                       f"{line.get('p50_us', 0):8.1f} us  p99 {line.get('p99_us', 0):8.1f} us  "
                       f"{line.get('gbps', 0):6.2f} Gbit/s", file=sys.stderr)
     return 0
-

@@ -43,6 +43,8 @@ from transport.tcp import start_server, tune_socket
 log = logging.getLogger(__name__)
 
 _ZEROS = bytes(1 << 17)  # PONG payloads for bandwidth probes
+_DATA = int(T.DATA)
+_FETCH_OK = ("fetch", "ok")
 
 
 class NodeConnection(asyncio.BufferedProtocol):
@@ -55,6 +57,8 @@ class NodeConnection(asyncio.BufferedProtocol):
         self.paused = False
         self.closing = False
         self._timer: asyncio.TimerHandle | None = None
+        # BufferedProtocol: received bytes land straight in the session's frame buffer
+        self.get_buffer = self.session.reader.get_buffer
 
     # asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -75,11 +79,8 @@ class NodeConnection(asyncio.BufferedProtocol):
         if self._timer:
             self._timer.cancel()
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self.session.get_buffer(sizehint)
-
     def buffer_updated(self, nbytes: int) -> None:
-        self.session.buffer_updated(nbytes)
+        self.session.reader.buffer_updated(nbytes)
         self._drain()
 
     def eof_received(self) -> bool:
@@ -136,20 +137,21 @@ class NodeConnection(asyncio.BufferedProtocol):
 
     def _fetch(self, ev: Fetch) -> Any:
         npages = ev.length >> PAGE_SHIFT
+        store = self.node.store
         try:
-            space = self.node.store.open(ev.space)
+            space = store.spaces.get(ev.space) or store.open(ev.space)
             reply = bytearray(HEADER_SIZE + ev.length)
             view = memoryview(reply)
             mask, nbytes = space.read_compact(ev.gpa, npages, view[HEADER_SIZE:])
         except (OSError, StoreError) as exc:
             self.node.count("fetch", "error")
             return encode_error(ev.request_id, ErrorCode.IO_ERROR, f"read failed: {exc}")
-        HEADER.pack_into(reply, 0, MAGIC, VERSION, T.DATA, 0, ev.request_id, 0, ev.gpa,
+        HEADER.pack_into(reply, 0, MAGIC, VERSION, _DATA, 0, ev.request_id, 0, ev.gpa,
                          nbytes, mask)
-        stats = self.node.space_counters[ev.space]
-        stats["fetched_pages"] += npages
-        stats["zero_pages"] += mask.bit_count()
-        self.node.requests["fetch", "ok"] += 1
+        space.fetched_pages += npages
+        if mask:
+            space.zero_pages += mask.bit_count()
+        self.node.requests[_FETCH_OK] += 1
         return view[:HEADER_SIZE + nbytes] if nbytes < ev.length else reply
 
     def _store(self, ev: Store) -> bytes:
@@ -158,7 +160,7 @@ class NodeConnection(asyncio.BufferedProtocol):
         except StoreError as exc:
             self.node.count("store", "error")
             return encode_error(ev.request_id, ErrorCode.IO_ERROR, str(exc))
-        self.node.space_counters[ev.space]["stored_pages"] += len(ev.data) >> PAGE_SHIFT
+        self.node.store.spaces[ev.space].stored_pages += len(ev.data) >> PAGE_SHIFT
         self.node.requests["store", "ok"] += 1
         return pack_header(T.STORED, ev.request_id, gpa=ev.gpa, arg=len(ev.data))
 
@@ -206,7 +208,6 @@ class MemoryNode:
         self.connections: set[NodeConnection] = set()
         self.requests: Counter[tuple[str, str]] = Counter()
         self.counters: Counter[str] = Counter()
-        self.space_counters: dict[str, Counter[str]] = {}
         self._server: asyncio.Server | None = None
 
     def count(self, op: str, result: str) -> None:
@@ -219,7 +220,6 @@ class MemoryNode:
         def factory() -> NodeConnection:
             return NodeConnection(self)
 
-        self.space_counters = _SpaceCounters()
         self._server, self.port = await start_server(factory, self.host, self.port)
         return self.endpoint
 
@@ -245,9 +245,7 @@ class MemoryNode:
         by_op: dict[str, dict[str, int]] = {}
         for (op, result), n in sorted(self.requests.items()):
             by_op.setdefault(op, {})[result] = n
-        spaces: dict[str, dict[str, int]] = {}
-        for name, st in self.store.stats().items():
-            spaces[name] = {**st, **self.space_counters.get(name, {})}
+        spaces = self.store.stats()
         return {
             "node": self.name,
             "endpoint": self.endpoint,
@@ -260,10 +258,4 @@ class MemoryNode:
             "stored_bytes": sum(s["bytes"] for s in spaces.values()),
             "spaces": spaces,
         }
-
-
-class _SpaceCounters(dict[str, Counter[str]]):
-    def __missing__(self, key: str) -> Counter[str]:
-        value = self[key] = Counter()
-        return value
 

@@ -216,6 +216,8 @@ def choose_version(offered: Any) -> int | None:
 # --- frame reader ----------------------------------------------------------------------------
 
 NEED_DATA = None
+_EMPTY = memoryview(b"")
+_FETCH = int(T.FETCH)
 
 
 class FrameReader:
@@ -261,23 +263,36 @@ class FrameReader:
     def buffered(self) -> int:
         return self._end - self._pos + len(self._overflow)
 
-    def next_frame(self) -> Frame | None:
-        """The next complete frame, or NEED_DATA (None). Raises ProtocolError."""
+    def _refill(self) -> bool:
+        """Discard a rejected payload, compact; True when a whole header is buffered."""
         if self.closed:
-            return NEED_DATA
+            return False
         if self._skip:
             n = min(self._skip, self._end - self._pos)
             self._pos += n
             self._skip -= n
             if self._skip:
                 self._compact()
-                return NEED_DATA
+                return False
         if self._end - self._pos < HEADER_SIZE:
+            if self._pos == self._end and not self._overflow:
+                self._pos = self._end = 0  # all consumed: restart at the front, no copy
+                return False
             self._compact()
-            if self._end - self._pos < HEADER_SIZE:
-                return NEED_DATA
+            return self._end - self._pos >= HEADER_SIZE
+        return True
+
+    def next_frame(self) -> Frame | None:
+        """The next complete frame, or NEED_DATA (None). Raises ProtocolError."""
+        if (self._skip or self.closed or self._end - self._pos < HEADER_SIZE) and \
+                not self._refill():
+            return NEED_DATA
         magic, version, ftype, flags, req, space, gpa, length, arg = HEADER.unpack_from(
             self._buf, self._pos)
+        if not length and magic == MAGIC and version == VERSION and ftype in _TYPE_VALUES \
+                and not flags & ~KNOWN_FLAGS:  # the common header-only request (FETCH)
+            self._pos += HEADER_SIZE
+            return Frame(ftype, flags, req, space, gpa, 0, arg, _EMPTY)
         if magic != MAGIC:
             self.closed = True
             raise ProtocolError(f"bad magic {bytes(magic)!r}: not an ssi-pager peer",
@@ -422,6 +437,12 @@ class ServerSession:
         if frame is None:
             return NEED_DATA
         ftype = frame.type
+        if ftype == _FETCH and self.state is _READY:  # the hot path; errors: _check_range
+            gpa, length, handle = frame.gpa, frame.arg, frame.space
+            if (0 < handle <= len(self.spaces) and not (gpa | length) & (PAGE_SIZE - 1)
+                    and 0 < length <= MAX_DATA and gpa + length <= self.max_space_bytes):
+                return Fetch(frame.request_id, self.spaces[handle - 1], gpa, length,
+                             frame.flags)
         if ftype not in _ALLOWED[self.state]:
             if self.state != _READY:
                 self.reader.closed = True

@@ -41,6 +41,10 @@ class Space:
                              f"directory's permissions and free space", errno=exc.errno) from exc
         self._bits = bytearray()
         self.pages = 0
+        # served since start (the memory node's stats)
+        self.fetched_pages = 0
+        self.zero_pages = 0
+        self.stored_pages = 0
         self._lock = threading.Lock()  # the RDMA server's threads share the store
         self._scan()
 
@@ -96,8 +100,15 @@ class Space:
 
         Returns ``(zero_mask, nbytes)``; ``out`` needs room for ``npages`` pages.
         """
-        with self._lock:
-            written = self._written_bits(gpa >> PAGE_SHIFT, npages)
+        # no lock: under the GIL a read sees the bitmap before or after a concurrent _mark,
+        # and a page whose store is not acknowledged yet may read either way
+        first = gpa >> PAGE_SHIFT
+        if npages == 1:
+            bits = self._bits
+            i = first >> 3
+            written = bits[i] >> (first & 7) & 1 if i < len(bits) else 0
+        else:
+            written = self._written_bits(first, npages)
         full = (1 << npages) - 1
         if written == full:  # the common case: one read
             n = os.preadv(self.fd, [out[:npages << PAGE_SHIFT]], gpa)
@@ -143,7 +154,8 @@ class Space:
         except OSError:
             allocated = -1
         return {"pages": self.pages, "bytes": self.pages * PAGE_SIZE,
-                "allocated_bytes": allocated}
+                "allocated_bytes": allocated, "fetched_pages": self.fetched_pages,
+                "zero_pages": self.zero_pages, "stored_pages": self.stored_pages}
 
 
 class PageStore:

@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 PORT_RANGE = range(50051, 50101)  # auto-selected when no port is given
 DEFAULT_HOST = "127.0.0.1"
 _R = TypeVar("_R")
+_FETCH, _DATA, _ERROR, _URGENT = int(T.FETCH), int(T.DATA), int(T.ERROR), int(Flag.URGENT)
 
 
 def parse_endpoint(endpoint: str, *, default_port: int | None = None) -> tuple[str, int | None]:
@@ -235,6 +236,14 @@ class BlockingChannel:
         self._req = (self._req + 1) & 0xFFFFFFFF or 1
         return self._req
 
+    def _failed(self, exc: BaseException) -> None:
+        """Close after an I/O failure; raise if it was a timeout (no point retrying)."""
+        self.close()
+        if isinstance(exc, BlockingIOError | TimeoutError) or (
+                isinstance(exc, OSError) and exc.errno == errno_mod.EAGAIN):
+            raise ConnectionLost(f"memory node {self.endpoint} did not answer within "
+                                 f"{self.timeout:g} s") from exc
+
     def _retrying(self, op: Callable[[], _R]) -> _R:
         deadline = None
         delay = 0.01
@@ -244,11 +253,7 @@ class BlockingChannel:
                     self._connect()
                 return op()
             except (ConnectionLost, ConnectError, OSError) as exc:
-                self.close()
-                if isinstance(exc, BlockingIOError | TimeoutError) or (
-                        isinstance(exc, OSError) and exc.errno == errno_mod.EAGAIN):
-                    raise ConnectionLost(f"memory node {self.endpoint} did not answer within "
-                                         f"{self.timeout:g} s") from exc
+                self._failed(exc)
                 now = time.monotonic()
                 deadline = deadline or now + self.retry_for
                 if now >= deadline:
@@ -264,18 +269,29 @@ class BlockingChannel:
     def fetch_into(self, gpa: int, buf: Any) -> int:
         """Fill ``buf`` (len a multiple of 4096) with the pages from ``gpa``.
 
-        Returns the zero mask: bit i set = page i was never written; its bytes in ``buf``
-        are left as they were (use UFFDIO_ZEROPAGE, or zero them).
+        Returns the zero mask: bit i set = page i was never written; the bytes of those
+        pages in ``buf`` are unspecified (use UFFDIO_ZEROPAGE, or zero them).
         """
         view = page_view(buf, gpa, "fetch")
-        return self._retrying(lambda: self._fetch(gpa, view, len(view)))
+        n = len(view)
+        sock = self.sock
+        if sock is not None and n <= MAX_DATA:  # the hot case: one request, one reply
+            req = self._req = (self._req + 1) & 0xFFFFFFFF or 1
+            HEADER.pack_into(self._req_hdr, 0, MAGIC, VERSION, _FETCH, _URGENT, req,
+                             self.space, gpa, 0, n)
+            try:
+                sock.sendall(self._req_hdr)
+                return self._recv_one(req, view)
+            except (ConnectionLost, OSError) as exc:
+                self._failed(exc)  # a timeout raises; a lost connection is retried below
+        return self._retrying(lambda: self._fetch(gpa, view, n))
 
     def _fetch(self, gpa: int, view: memoryview, n: int) -> int:
         sock = self.sock
         assert sock is not None
-        if n <= MAX_DATA:  # the hot case: one request, one reply
+        if n <= MAX_DATA:
             req = self._next_id()
-            HEADER.pack_into(self._req_hdr, 0, MAGIC, VERSION, T.FETCH, Flag.URGENT, req,
+            HEADER.pack_into(self._req_hdr, 0, MAGIC, VERSION, _FETCH, _URGENT, req,
                              self.space, gpa, 0, n)
             sock.sendall(self._req_hdr)
             return self._recv_one(req, view)
@@ -319,8 +335,15 @@ class BlockingChannel:
             self._recv_exact(self._hdr_view[nb:])
             nb = HEADER_SIZE
         got = nb - HEADER_SIZE
-        ftype, rid, _space, length, mask = self._parse_header()
-        if ftype == T.ERROR and rid == req and length <= MAX_CONTROL:
+        magic, version, ftype, _f, rid, _space, _gpa, length, mask = HEADER.unpack_from(
+            self._hdr)
+        if ftype == _DATA and rid == req and not mask and length == len(view) and \
+                magic == MAGIC and version == VERSION:  # every page written: the usual case
+            if got < length:
+                self._recv_exact(view[got:length])
+            return 0
+        self._parse_header()  # validates
+        if ftype == _ERROR and rid == req and length <= MAX_CONTROL:
             payload = self._scratch_view[:length]
             payload[:got] = view[:got]
             self._recv_exact(payload[got:])
@@ -328,7 +351,7 @@ class BlockingChannel:
             assert reply.error is not None
             raise reply.error
         npages = len(view) >> PAGE_SHIFT
-        if (ftype != T.DATA or rid != req or length != data_length(npages, mask)
+        if (ftype != _DATA or rid != req or length != data_length(npages, mask)
                 or got > length):
             raise ConnectionLost(f"memory node {self.endpoint} answered request {req} with "
                                  f"frame type {ftype} id {rid} length {length}")
