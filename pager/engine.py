@@ -84,6 +84,7 @@ LATENCY_BUCKETS_US = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 25
 BATCH = 64
 DEFAULT_CHUNK = 64 * 1024
 DEFAULT_READAHEAD = 2 * 1024 * 1024
+RA_BATCH = 64 * 1024  # bytes per readahead fetch (the memory node streams these best)
 
 
 @dataclass
@@ -522,47 +523,64 @@ class ClientPager:
             self._ra_thread.start()
         self.stats.readahead_chunks += len(todo)
         self.stats.inflight += len(todo)
+        # consecutive chunks travel as one fetch and one install (fewer round trips/ioctls)
+        group: list[Fetch] = []
+        size = 0
         for f in todo:
-            self._ra_queue.put(f)
+            if group and (f.start != group[-1].start + group[-1].length
+                          or f.region is not group[0].region or size + f.length > RA_BATCH):
+                self._ra_queue.put(group)
+                group, size = [], 0
+            group.append(f)
+            size += f.length
+        self._ra_queue.put(group)
 
     def _ra_run(self) -> None:
         """Readahead lane: fetch on its own connection; the fault thread installs."""
         lane = self.engine.source.open_lane()
         try:
             while True:
-                f = self._ra_queue.get()
-                if f is None or self._stop.is_set():
+                group = self._ra_queue.get()
+                if group is None or self._stop.is_set():
                     break
-                buf = memoryview(bytearray(f.length))
+                first = group[0]
+                total = sum(f.length for f in group)
+                buf = memoryview(bytearray(total))
                 try:
-                    mask = lane.fetch_into(f.region.space, f.gpa, buf)
-                    self.stats.fetched_bytes += f.length
-                    self._ra_done.append((f, buf, mask, None))
+                    mask = lane.fetch_into(first.region.space, first.gpa, buf)
+                    self.stats.fetched_bytes += total
+                    self._ra_done.append((group, buf, mask, None))
                 except Exception as exc:
                     lane.reset()
-                    self._ra_done.append((f, None, 0, exc))
+                    self._ra_done.append((group, None, 0, exc))
                 with contextlib.suppress(OSError):
                     os.eventfd_write(self._efd, 1)
         finally:
             lane.close()
 
-    def _install_readahead(self, f: Fetch, buf: memoryview | None, mask: int,
+    def _install_readahead(self, group: list[Fetch], buf: memoryview | None, mask: int,
                            exc: Exception | None) -> None:
-        self.stats.inflight -= 1
-        waiters = self.state.landed(f)
-        plan = self.state.install_plan(f) if exc is None else None
+        self.stats.inflight -= len(group)
+        waiters: list[int] = []
+        for f in group:
+            waiters += self.state.landed(f)
+        first = group[0]
+        whole = Fetch(first.region, first.start, sum(f.length for f in group), first.gpa)
+        plan = self.state.install_plan(whole) if exc is None else None
         if plan is None:
-            self.stats.readahead_wasted += 1
+            self.stats.readahead_wasted += len(group)
             if exc is not None:
-                log.debug("%s: readahead %#x failed: %s", self.name, f.gpa, exc)
+                log.debug("%s: readahead %#x failed: %s", self.name, first.gpa, exc)
         else:
             try:
                 self._install(plan.start, plan.length, buf, mask, plan.removed,
                               plan.region.page_size)
-                self.stats.readahead_installed += 1
-                waiters = [a for a in waiters if any(s <= a < e for s, e in plan.removed)]
+                self.stats.readahead_installed += len(group)
+                end = plan.start + plan.length
+                waiters = [a for a in waiters if not plan.start <= a < end
+                           or any(s <= a < e for s, e in plan.removed)]
             except UffdRetry:
-                self.stats.readahead_wasted += 1
+                self.stats.readahead_wasted += len(group)
         t0 = time.perf_counter_ns()
         for addr in waiters:  # not covered by what was installed: serve them now
             self._serve(addr, self._lane, t0)
