@@ -39,7 +39,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -548,8 +548,10 @@ def do_resume(args: argparse.Namespace, name: str, qemu_argv: list[str]) -> int:
 
 
 def resume_start(args: argparse.Namespace, name: str, qemu_argv: list[str], *,
-                 stdout: int | None = None) -> Launch:
-    """Start the new QEMU, load the device state, `cont`; returns the running guest."""
+                 stdout: int | None = None,
+                 before_cont: Callable[[Launch], None] | None = None) -> Launch:
+    """Start the new QEMU, load the device state, `cont`; returns the running guest.
+    ``before_cont`` runs once the device state is loaded (the benchmark's eager load)."""
     d = vm_dir(name)
     saved = VmState.load(d)
     if not saved.suspended:
@@ -582,6 +584,8 @@ def resume_start(args: argparse.Namespace, name: str, qemu_argv: list[str], *,
                         capabilities=[{"capability": "x-ignore-shared", "state": True}])
             qmp.execute("migrate-incoming", uri=f"exec:cat {_shell_quote(str(state_file))}")
             qmp.wait_migration()
+            if before_cont is not None:
+                before_cont(lau)
             qmp.execute("cont")
         finally:
             qmp.close()
