@@ -21,6 +21,7 @@ import json
 import os
 import re
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -28,6 +29,8 @@ import threading
 import time
 from pathlib import Path
 
+from pager.region import Region
+from pager.source import Lane, PageSource
 from pager.workload import Client, DataSet, Touch, percentile
 
 log_prefix = "bench:"
@@ -116,6 +119,63 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class _RefnodeLane(Lane):
+    """The C reference node's wire format ({u64 offset, u32 len} -> len raw bytes).
+
+    Only for ``pager-refnode-*``: our engine against the *same* memory node process as
+    refpager-remote, so the ratio isolates the pager's own cost from the node's.
+    """
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.req = bytearray(12)
+
+    def fetch_into(self, space: str | None, gpa: int, buf: memoryview) -> int:
+        struct.pack_into("<QI", self.req, 0, gpa, len(buf))
+        self.sock.sendall(self.req)
+        got, n = 0, len(buf)
+        while got < n:
+            k = self.sock.recv_into(buf[got:], n - got, socket.MSG_WAITALL)
+            if not k:
+                raise ConnectionError("reference memory node closed the connection")
+            got += k
+        return 0
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class _RefnodeSource(PageSource):
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    def open_lane(self) -> Lane:
+        return _RefnodeLane(self.port)
+
+    def describe(self) -> str:
+        return f"reference node 127.0.0.1:{self.port}"
+
+
+def refnode_case(port: int, mib: int, chunk: int, order: str, readahead: int) -> dict:
+    """Our engine (in this process, as refpager's handler is in its) on the C node."""
+    from pager.engine import FaultEngine
+    engine = FaultEngine(_RefnodeSource(port), chunk_size=chunk, readahead=readahead)
+    size = mib << 20
+    c = Client(size)
+    try:
+        engine.add_client(os.dup(c.uffd.fileno()), [Region(c.base, size, 0)])
+        t = Touch(c.base, size, order=order, threads=1, step=chunk).start()
+        if not t.wait(300):
+            raise RuntimeError("the pager did not serve the faults within 300 s")
+        lat = t.latencies_us()
+        return {"p50_us": round(percentile(lat, 0.5), 2), "p99_us": round(percentile(lat, 0.99), 2),
+                "gbps": round(size / t.seconds() / 1e9, 3), "faults": t.naccess}
+    finally:
+        c.close(unmap=True)
+        engine.close()
+
+
 def refpager_cases(refdir: Path, mib: int) -> dict[str, dict]:
     """refpager-remote / -local, unpinned (like a real pager), same region size."""
     out: dict[str, dict] = {}
@@ -140,6 +200,11 @@ def refpager_cases(refdir: Path, mib: int) -> dict[str, dict]:
                     out[name] = {"name": name, "p50_us": r["fault_lat"]["p50_us"],
                                  "p99_us": r["fault_lat"]["p99_us"], "gbps": r["gbps"],
                                  "faults": r["faults"], "bad_pages": r["verify_bad_pages"]}
+                    if mode != "remote":
+                        continue
+                    for ra in (0, 2 << 20) if order == "seq" else (0,):
+                        ours = f"pager-refnode-{chunk >> 10}k-{order}" + ("" if ra else "-nora")
+                        out[ours] = {"name": ours, **refnode_case(port, mib, chunk, order, ra)}
     finally:
         node.terminate()
         node.wait(10)
@@ -204,7 +269,12 @@ def run(args: argparse.Namespace) -> int:
     refs = refpager_cases(Path(args.refpager), args.mib)
     for r in refs.values():
         _emit(r)
+    results.update({k: v for k, v in refs.items() if k.startswith("pager-")})
     for ours, ref, what in (
+            ("pager-refnode-4k-seq-nora", "refpager-remote-4k-seq", "p50"),
+            ("pager-refnode-4k-rand-nora", "refpager-remote-4k-rand", "p50"),
+            ("pager-refnode-64k-seq-nora", "refpager-remote-64k-seq", "gbps"),
+            ("pager-refnode-64k-seq", "refpager-remote-64k-seq", "gbps"),
             ("pager-remote-4k-seq-nora", "refpager-remote-4k-seq", "p50"),
             ("pager-remote-4k-rand", "refpager-remote-4k-rand", "p50"),
             ("pager-remote-64k-seq-nora", "refpager-remote-64k-seq", "gbps"),

@@ -72,9 +72,19 @@ from pager.errors import FaultError
 from pager.region import Region, RegionTable
 from pager.source import Lane, PageSource
 from pager.state import Action, ClientState, Fetch, Readahead, Unknown, Wait, ZeroFill, runs
-from pager.uffd.binding import Userfaultfd
+from pager.uffd.binding import EVENT_WORDS, RawEvents, Userfaultfd, address_of
 from pager.uffd.errors import UffdExists, UffdGone, UffdRetry
-from pager.uffd.events import Fork, PageFault, Remap, Remove, Unmap
+from pager.uffd.events import (
+    EVENT_PAGEFAULT,
+    FLAG_MINOR,
+    FLAG_WP,
+    FLAG_WRITE,
+    Fork,
+    Remap,
+    Remove,
+    Unmap,
+    decode,
+)
 from transport.errors import RemoteError, TransportError
 
 log = logging.getLogger(__name__)
@@ -192,7 +202,10 @@ class FaultEngine:
         return client
 
     def _detector(self) -> Readahead:
-        if not self.readahead:
+        # Readahead moves 64 KiB groups through a second thread; with chunks that large the
+        # fault path already streams as fast, and the thread hand-off only adds latency
+        # (measured: README "Design"), so it is used for smaller chunks only.
+        if not self.readahead or self.chunk_size >= RA_BATCH:
             return Readahead(min_hits=1 << 60)
         return Readahead(max_chunks=max(2, self.readahead // self.chunk_size))
 
@@ -253,6 +266,7 @@ class ClientPager:
         self._thread = threading.Thread(target=self._run, name=f"fault-{name}", daemon=True)
         buf_size = max(engine.chunk_size, 4096)
         self._buf = memoryview(bytearray(buf_size))
+        self._buf_keep, self._buf_addr = address_of(self._buf)
         os.set_blocking(uffd.fileno(), False)
 
     # -- control plane ------------------------------------------------------------------------
@@ -312,16 +326,18 @@ class ClientPager:
 
     def _loop(self, lane: Lane) -> None:
         u = self.uffd
-        read_events = u.read_events
+        raw = RawEvents(BATCH)  # preallocated: page faults are read without event objects
+        words = raw.words
+        read_raw = u.read_raw
         poller = select.poll()
         poller.register(u.fileno(), select.POLLIN)
         poller.register(self._efd, select.POLLIN)
         stop = self._stop
         state = self.state
         while not stop.is_set():
-            events = read_events(BATCH)
-            if events:
-                self._handle(events, lane)
+            n = read_raw(raw)
+            if n:
+                self._handle(raw, words, n, lane)
                 continue
             if state.deferred:
                 # the events that made ioctls fail with EAGAIN have been read: retry
@@ -340,13 +356,16 @@ class ClientPager:
                 elif fd == self._pidfd and ev:
                     raise UffdGone(3, "forked client exited")
 
-    def _handle(self, events: list, lane: Lane) -> None:
+    def _handle(self, raw: RawEvents, words, n: int, lane: Lane) -> None:
+        """One batch, in order: page faults straight from the raw words, others decoded."""
         t0 = time.perf_counter_ns()
-        seen: set[int] = set()
-        for ev in events:
+        done: list[tuple[int, int]] = []  # chunks installed by this batch
+        for i in range(0, EVENT_WORDS * n, EVENT_WORDS):
+            if words[i] == EVENT_PAGEFAULT:
+                self._on_fault(words[i + 1], words[i + 2], words[i + 3], lane, t0, done)
+                continue
+            ev = decode(words[i:i + EVENT_WORDS].tolist(), 1)[0]
             match ev:
-                case PageFault():
-                    self._on_fault(ev, lane, t0, seen)
                 case Remove():
                     self.stats.removes += 1
                     self.state.on_remove(ev.start, ev.end)
@@ -362,27 +381,27 @@ class ClientPager:
                 case _:
                     log.warning("%s: ignoring unknown uffd event %r", self.name, ev)
 
-    def _on_fault(self, ev, lane: Lane, t0: int, seen: set[int]) -> None:
+    def _on_fault(self, flags: int, addr: int, tid: int, lane: Lane, t0: int,
+                  done: list[tuple[int, int]]) -> None:
         st = self.stats
         st.faults += 1
-        if ev.write:
-            st.faults_write += 1
-        if ev.wp:
-            st.faults_wp += 1
-        if ev.minor:
-            st.faults_minor += 1
-        if self._pidfd is None and self.parent is not None and ev.thread_id:
-            self._watch_pid(ev.thread_id)
-        chunk = ev.address & ~(self.engine.chunk_size - 1)
-        if chunk in seen and self.state.regions.find(ev.address) is not None:
-            # installed by an earlier fault of this batch: the copy woke this thread too
-            st.served_dup += 1
-            return
-        if self._serve(ev.address, lane, t0):
-            seen.add(chunk)
+        if flags:
+            st.faults_write += bool(flags & FLAG_WRITE)
+            st.faults_wp += bool(flags & FLAG_WP)
+            st.faults_minor += bool(flags & FLAG_MINOR)
+        if self._pidfd is None and self.parent is not None and tid:
+            self._watch_pid(tid)
+        for s, e in done:
+            if s <= addr < e:
+                # installed by an earlier fault of this batch: that copy woke this thread too
+                st.served_dup += 1
+                return
+        installed = self._serve(addr, lane, t0)
+        if installed is not None:
+            done.append(installed)
 
-    def _serve(self, addr: int, lane: Lane, t0: int) -> bool:
-        """Resolve one fault; True when its chunk was installed (for batch dedupe)."""
+    def _serve(self, addr: int, lane: Lane, t0: int) -> tuple[int, int] | None:
+        """Resolve one fault; the chunk installed for it, if any (for batch dedupe)."""
         action: Action = self.state.on_fault(addr)
         try:
             match action:
@@ -393,25 +412,25 @@ class ClientPager:
                 case ZeroFill():
                     self._install(action.start, action.length, None, 0, ())
                     self.stats.served_zero += 1
-                    return False
+                    return None
                 case Wait():
                     self.stats.served_wait += 1
                     self._readahead(addr)
-                    return False
+                    return None
                 case Unknown():
                     self.stats.unknown_faults += 1
                     self._fail(addr, "no region covers this address")
-                    return False
+                    return None
         except UffdRetry:
             self.stats.eagain += 1
             self.state.defer(addr)
-            return False
+            return None
         except FaultError as exc:
             self.stats.failed_faults += 1
             self._fail(addr, str(exc))
-            return False
+            return None
         self.stats.observe_us((time.perf_counter_ns() - t0) // 1000)
-        return True
+        return action.start, action.start + action.length
 
     def _fetch_and_install(self, f: Fetch, lane: Lane) -> None:
         buf = self._buf[:f.length]
@@ -420,7 +439,7 @@ class ClientPager:
             mask = self._fetch(lane, f, buf)
         finally:
             self.stats.inflight -= 1
-        self._install(f.start, f.length, buf, mask, f.removed, f.region.page_size)
+        self._install(f.start, f.length, self._buf_addr, mask, f.removed, f.region.page_size)
 
     def _fetch(self, lane: Lane, f: Fetch, buf: memoryview) -> int:
         delay = 0.01
@@ -446,19 +465,19 @@ class ClientPager:
                 self._stop.wait(delay)
                 delay = min(delay * 2, 1.0)
 
-    def _install(self, start: int, length: int, buf: memoryview | None, mask: int,
+    def _install(self, start: int, length: int, src: int | None, mask: int,
                  removed: tuple[tuple[int, int], ...], page: int = 4096) -> None:
-        """UFFDIO_COPY the written pages, UFFDIO_ZEROPAGE the never-written (or ``buf`` None:
-        all zero); pages in ``removed`` are left alone. EEXIST: page by page, then wake."""
+        """UFFDIO_COPY the written pages from address ``src`` (the bytes of ``start``),
+        UFFDIO_ZEROPAGE the never-written (``src`` None: all); pages in ``removed`` are left
+        alone. EEXIST: page by page, then wake."""
         u = self.uffd
         st = self.stats
-        plan = [("zero", start, length)] if buf is None else runs(start, length, page, mask,
+        plan = [("zero", start, length)] if src is None else runs(start, length, page, mask,
                                                                   removed)
         for kind, s, n in plan:
             try:
                 if kind == "copy":
-                    off = s - start
-                    done = u.copy(s, buf[off:off + n])  # type: ignore[index]
+                    done = u.copy(s, src + (s - start), n)  # type: ignore[operator]
                     st.copied_bytes += done
                 else:
                     done = u.zeropage(s, n)
@@ -469,16 +488,15 @@ class ClientPager:
                 # the kernel stopped at a page already present (or a changing mapping):
                 # finish page by page; EAGAIN propagates and the fault is deferred
                 st.eexist += 1
-                self._install_pages(kind, s + done, n - done, start, buf, page)
+                self._install_pages(kind, s + done, n - done, start, src, page)
 
-    def _install_pages(self, kind: str, s: int, n: int, start: int, buf: memoryview | None,
+    def _install_pages(self, kind: str, s: int, n: int, start: int, src: int | None,
                        page: int) -> None:
         u = self.uffd
         for a in range(s, s + n, page):
             try:
                 if kind == "copy":
-                    off = a - start
-                    u.copy(a, buf[off:off + page])  # type: ignore[index]
+                    u.copy(a, src + (a - start), page)  # type: ignore[operator]
                     self.stats.copied_bytes += page
                 else:
                     u.zeropage(a, page)
@@ -572,8 +590,9 @@ class ClientPager:
             if exc is not None:
                 log.debug("%s: readahead %#x failed: %s", self.name, first.gpa, exc)
         else:
+            _keep, addr = address_of(buf)  # keeps buf exported during the install
             try:
-                self._install(plan.start, plan.length, buf, mask, plan.removed,
+                self._install(plan.start, plan.length, addr, mask, plan.removed,
                               plan.region.page_size)
                 self.stats.readahead_installed += len(group)
                 end = plan.start + plan.length
