@@ -443,7 +443,7 @@ class ClientPager:
 
     def _fetch(self, lane: Lane, f: Fetch, buf: memoryview) -> int:
         delay = 0.01
-        deadline = time.monotonic() + self.engine.fetch_timeout
+        deadline = 0.0
         space = f.region.space
         while True:
             try:
@@ -453,6 +453,7 @@ class ClientPager:
             except (TransportError, OSError) as exc:
                 self.stats.fetch_errors += 1
                 lane.reset()
+                deadline = deadline or time.monotonic() + self.engine.fetch_timeout
                 where = f"{self.engine.source.describe()} gpa {f.gpa:#x}+{f.length:#x}"
                 if isinstance(exc, RemoteError) or time.monotonic() > deadline:
                     raise FaultError(f"cannot fetch {where}: {exc}; check the memory node "
@@ -472,6 +473,16 @@ class ClientPager:
         alone. EEXIST: page by page, then wake."""
         u = self.uffd
         st = self.stats
+        if src is not None and not mask and not removed:
+            # the common case: every page written, nothing removed: one copy
+            try:
+                done = u.copy(start, src, length)
+            except UffdExists:
+                done = 0
+            st.copied_bytes += done
+            if done == length:
+                return
+            src, start, length = src + done, start + done, length - done
         plan = [("zero", start, length)] if src is None else runs(start, length, page, mask,
                                                                   removed)
         for kind, s, n in plan:
