@@ -94,6 +94,7 @@ LATENCY_BUCKETS_US = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 25
 BATCH = 64
 DEFAULT_CHUNK = 64 * 1024
 DEFAULT_READAHEAD = 2 * 1024 * 1024
+PAGE = 4096
 RA_BATCH = 64 * 1024  # bytes per readahead fetch (the memory node streams these best)
 
 
@@ -433,12 +434,17 @@ class ClientPager:
         return action.start, action.start + action.length
 
     def _fetch_and_install(self, f: Fetch, lane: Lane) -> None:
+        if f.length > len(self._buf):  # huge pages: a chunk is at least one page
+            self._buf = memoryview(bytearray(f.length))
+            self._buf_keep, self._buf_addr = address_of(self._buf)
         buf = self._buf[:f.length]
         self.stats.inflight += 1
         try:
             mask = self._fetch(lane, f, buf)
         finally:
             self.stats.inflight -= 1
+        if mask and f.region.page_size > PAGE:
+            mask = _materialize_zeros(buf, mask)
         self._install(f.start, f.length, self._buf_addr, mask, f.removed, f.region.page_size)
 
     def _fetch(self, lane: Lane, f: Fetch, buf: memoryview) -> int:
@@ -601,6 +607,8 @@ class ClientPager:
             if exc is not None:
                 log.debug("%s: readahead %#x failed: %s", self.name, first.gpa, exc)
         else:
+            if mask and plan.region.page_size > PAGE:
+                mask = _materialize_zeros(buf, mask)  # type: ignore[arg-type]
             _keep, addr = address_of(buf)  # keeps buf exported during the install
             try:
                 self._install(plan.start, plan.length, addr, mask, plan.removed,
@@ -614,6 +622,22 @@ class ClientPager:
         t0 = time.perf_counter_ns()
         for addr in waiters:  # not covered by what was installed: serve them now
             self._serve(addr, self._lane, t0)
+
+
+def _materialize_zeros(buf: memoryview, mask: int) -> int:
+    """Zero the never-written 4 KiB pages in ``buf`` and return mask 0.
+
+    A huge page (hugetlbfs) is installed whole with UFFDIO_COPY (UFFDIO_ZEROPAGE does not
+    exist for hugetlbfs), so its never-written 4 KiB parts must be real zeros in the buffer.
+    """
+    zero = bytes(PAGE)
+    i = 0
+    while mask:
+        if mask & 1:
+            buf[i * PAGE:(i + 1) * PAGE] = zero
+        mask >>= 1
+        i += 1
+    return 0
 
 
 def _fd_of(ufd) -> int:

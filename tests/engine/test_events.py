@@ -144,3 +144,34 @@ def test_pager_killed_and_restarted_takes_over_blocked_client(memnode, run_pager
     assert c2.check(data) == []
     c.close()
     c2.close()
+
+
+def test_unservable_fault_gives_the_client_sigbus_not_zeros(memnode, run_pager):
+    data = DataSet(4 * MIB)
+    memnode.seed(data)
+    proc, sock = run_pager(*memnode_args(memnode), "--fetch-timeout", "1", "--readahead", "0")
+    memnode.proc.kill()  # gone for good
+    w = _workload(sock, 4, "--threads", "2")
+    _, err = w.communicate(timeout=60)
+    assert w.returncode == -signal.SIGBUS, (w.returncode, err[-500:])
+    log = proc.log.read_text()
+    assert "not served" in log and "SIGBUS" in log
+    assert proc.p.poll() is None
+
+
+def test_region_outside_the_snapshot_file_is_refused(tmp_path, run_pager):
+    data = DataSet(2 * MIB, holes=False)
+    path = tmp_path / "small.mem"
+    data.write_file(str(path))
+    proc, sock = run_pager("--source", f"file:{path}")
+    c = Client(2 * MIB, offset=MIB)  # ends 1 MiB past the end of the file
+    c.handoff(sock)
+    c.sock.settimeout(5)
+    assert c.sock.recv(1) == b""
+    c.close()
+    assert "beyond the snapshot file" in proc.log.read_text()
+    ok = Client(MIB, offset=MIB)
+    ok.handoff(sock)
+    wait_or_fail(ok.touch(threads=2))
+    assert ok.check(data) == []
+    ok.close()
