@@ -21,11 +21,13 @@ from transport.protocol import (
     HEADER,
     HEADER_SIZE,
     MAGIC,
+    MAX_FRAME,
     NONCE_SIZE,
     PAGE_SHIFT,
     VERSION,
     ErrorCode,
     Fetch,
+    Flag,
     Hello,
     Open,
     Ping,
@@ -44,6 +46,8 @@ log = logging.getLogger(__name__)
 
 _ZEROS = bytes(1 << 17)  # PONG payloads for bandwidth probes
 _DATA = int(T.DATA)
+_URGENT = int(Flag.URGENT)
+BULK_TURN = 4  # bulk page requests answered per event-loop turn and connection
 _FETCH_OK = ("fetch", "ok")
 
 
@@ -54,8 +58,11 @@ class NodeConnection(asyncio.BufferedProtocol):
                                      node=node.name, max_space_bytes=node.max_space_bytes)
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
-        self.paused = False
+        self.paused = False  # the transport's write buffer is full
+        self.reading_paused = False
         self.closing = False
+        self.eof = False
+        self._scheduled = False
         self._timer: asyncio.TimerHandle | None = None
         # BufferedProtocol: received bytes land straight in the session's frame buffer
         self.get_buffer = self.session.reader.get_buffer
@@ -84,20 +91,31 @@ class NodeConnection(asyncio.BufferedProtocol):
         self._drain()
 
     def eof_received(self) -> bool:
-        # half-closed client: answer what it sent, then close (False = close after flush)
+        # half-closed client: answer everything it sent, then close (see _drain)
+        self.eof = True
         self._drain()
-        return False
+        return True
 
     def pause_writing(self) -> None:
         self.paused = True
-        if self.transport is not None:
-            self.transport.pause_reading()
+        self._flow()
 
     def resume_writing(self) -> None:
         self.paused = False
-        if self.transport is not None and not self.closing:
-            self.transport.resume_reading()
-            self._drain()
+        self._drain()
+
+    def _flow(self) -> None:
+        """Stop reading while replies back up or the frame buffer is nearly full, so no
+        client can make the node buffer without bound; resume when that clears."""
+        if self.transport is None or self.closing:
+            return
+        stop = self.paused or self.session.reader.room() < MAX_FRAME
+        if stop != self.reading_paused:
+            self.reading_paused = stop
+            if stop:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
 
     def _handshake_timeout(self) -> None:
         if not self.session.authenticated and self.transport is not None:
@@ -113,8 +131,13 @@ class NodeConnection(asyncio.BufferedProtocol):
 
     # request handling
     def _drain(self) -> None:
+        """Answer the buffered requests. Bulk (non-urgent) page requests are served
+        `BULK_TURN` at a time, then the loop gets control back, so a fault's fetch on another
+        connection never waits behind a whole bulk stream."""
+        self._scheduled = False
         session = self.session
         write = self.transport.write  # type: ignore[union-attr]
+        budget = BULK_TURN
         while not self.closing and not self.paused:
             try:
                 ev = session.next_event()
@@ -127,13 +150,26 @@ class NodeConnection(asyncio.BufferedProtocol):
                     return
                 continue
             if ev is None:
-                return
+                if self.eof:
+                    self._close()  # half-closed and all answered (close flushes replies)
+                    return
+                break
             if type(ev) is Fetch:
                 write(self._fetch(ev))
+                if ev.flags & _URGENT:
+                    continue
             elif type(ev) is Store:
                 write(self._store(ev))
             else:
                 write(self._control(ev))
+                continue
+            budget -= 1
+            if not budget:
+                if not self._scheduled:
+                    self._scheduled = True
+                    asyncio.get_running_loop().call_soon(self._drain)
+                break
+        self._flow()
 
     def _fetch(self, ev: Fetch) -> Any:
         npages = ev.length >> PAGE_SHIFT

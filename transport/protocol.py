@@ -263,6 +263,10 @@ class FrameReader:
     def buffered(self) -> int:
         return self._end - self._pos + len(self._overflow)
 
+    def room(self) -> int:
+        """Bytes that can still be received (after compaction)."""
+        return len(self._buf) - self.buffered()
+
     def _refill(self) -> bool:
         """Discard a rejected payload, compact; True when a whole header is buffered."""
         if self.closed:

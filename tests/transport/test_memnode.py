@@ -288,6 +288,7 @@ def test_handshake_timeout_closes_idle_unauthenticated(node_factory, tmp_path):
 def test_kill9_and_restart_keeps_every_acked_page(node_factory, tmp_path):
     node = node_factory()
     acked: dict[int, bytes] = {}
+    pending: list[tuple[int, bytes]] = []  # the store in flight at the kill: may have landed
     stop = threading.Event()
     errors: list[BaseException] = []
 
@@ -298,6 +299,8 @@ def test_kill9_and_restart_keeps_every_acked_page(node_factory, tmp_path):
             while not stop.is_set():
                 gpa = (i * 7919 % 4096) * PAGE
                 data = os.urandom(PAGE) if i % 3 else os.urandom(4 * PAGE)
+                pending[:] = [(gpa + k * PAGE, data[k * PAGE:(k + 1) * PAGE])
+                              for k in range(len(data) // PAGE)]
                 ch.store(gpa, data)  # returns only after the node wrote it
                 for k in range(len(data) // PAGE):
                     acked[gpa + k * PAGE] = data[k * PAGE:(k + 1) * PAGE]
@@ -318,9 +321,10 @@ def test_kill9_and_restart_keeps_every_acked_page(node_factory, tmp_path):
     assert any("pages in 1 spaces" in line for line in node2.stderr_lines)
     with BlockingChannel.connect(node2.endpoint, node2.token, "vm9") as ch:
         buf = bytearray(PAGE)
+        maybe = dict(pending)
         for gpa, data in acked.items():
             assert ch.fetch_into(gpa, buf) == 0, hex(gpa)
-            assert buf == data, hex(gpa)
+            assert buf == data or buf == maybe.get(gpa), hex(gpa)
         # never-written pages still answer zero after the restart
         assert ch.fetch_into(8192 * PAGE, buf) == 1
 
