@@ -161,21 +161,23 @@ class Client:
     FEATURES = ("event_remove", "event_unmap", "event_remap", "thread_id")
 
     def __init__(self, size: int, *, offset: int = 0, space: str | None = None,
-                 fork: bool = False, memory: mmap.mmap | None = None) -> None:
+                 fork: bool = False, memory: mmap.mmap | None = None,
+                 page_size: int = PAGE) -> None:
         from pager.uffd.binding import Userfaultfd, address_of
         self.size = size
         self.offset = offset
+        self.page_size = page_size
         self.space = space
         self.mem = memory or mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self._keep, self.base = address_of(self.mem)
         features = list(self.FEATURES) + (["event_fork"] if fork else [])
         self.uffd = Userfaultfd(features=features)
-        self.uffd.register(self.base, size, missing=True)
+        self.uffd.register(self.base, size, missing=True, page_size=page_size)
         self.sock: socket.socket | None = None
 
     def region(self) -> dict:
         r = {"base_host_virt_addr": self.base, "size": self.size, "offset": self.offset,
-             "page_size": PAGE, "page_size_kib": PAGE}
+             "page_size": self.page_size, "page_size_kib": self.page_size}
         if self.space:
             r["space"] = self.space
         return r

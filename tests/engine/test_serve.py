@@ -123,3 +123,47 @@ def test_malformed_handshakes_each_followed_by_a_good_client(memnode, run_pager,
                    "not aligned", "longer than", "no complete handshake"):
         assert needle in log, needle
     good.close()
+
+
+@pytest.fixture
+def huge_pages():
+    """A few 2 MiB huge pages for the test (the previous setting is restored)."""
+    path = "/proc/sys/vm/nr_hugepages"
+    try:
+        with open(path) as f:
+            old = f.read().strip()
+        with open(path, "w") as f:
+            f.write(str(int(old) + 8))
+    except OSError as exc:
+        pytest.skip(f"cannot reserve huge pages: {exc}")
+    yield
+    with open(path, "w") as f:
+        f.write(old)
+
+
+def test_huge_page_region_with_holes(memnode, run_pager, huge_pages):
+    import mmap
+    data = DataSet(8 * MIB)  # holes: never-written 4 KiB pages inside 2 MiB pages
+    memnode.seed(data)
+    _, sock = run_pager(*memnode_args(memnode), "--chunk", "64K")
+    size = 8 * MIB
+    mem = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x40000)
+    c = Client(size, memory=mem, page_size=2 * MIB)
+    assert _kernel_page_kib(c.base) == 2048
+    c.handoff(sock)
+    wait_or_fail(c.touch(threads=2, order="rand"))
+    assert c.check(data) == []
+    c.close(unmap=True)
+
+
+def _kernel_page_kib(addr: int) -> int:
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and all(ch in "0123456789abcdef-" for ch in head):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and line.startswith("KernelPageSize:"):
+                return int(line.split()[1])
+    return 0
