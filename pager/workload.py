@@ -162,11 +162,12 @@ class Client:
 
     def __init__(self, size: int, *, offset: int = 0, space: str | None = None,
                  fork: bool = False, memory: mmap.mmap | None = None,
-                 page_size: int = PAGE) -> None:
+                 page_size: int = PAGE, memfd: int | None = None) -> None:
         from pager.uffd.binding import Userfaultfd, address_of
         self.size = size
         self.offset = offset
         self.page_size = page_size
+        self.memfd = memfd  # the fd behind ``memory`` (shared RAM, as the QEMU shim sends)
         self.space = space
         self.mem = memory or mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self._keep, self.base = address_of(self.mem)
@@ -180,6 +181,8 @@ class Client:
              "page_size": self.page_size, "page_size_kib": self.page_size}
         if self.space:
             r["space"] = self.space
+        if self.memfd is not None:
+            r["memfd"] = True
         return r
 
     def handoff(self, path: str, timeout: float = 10.0) -> None:
@@ -194,7 +197,8 @@ class Client:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
-        send_handshake(sock, [self.region()], [self.uffd.fileno()])
+        fds = [self.uffd.fileno()] + ([self.memfd] if self.memfd is not None else [])
+        send_handshake(sock, [self.region()], fds)
         self.sock = sock
 
     def touch(self, **kw) -> Touch:

@@ -167,3 +167,23 @@ def _kernel_page_kib(addr: int) -> int:
             elif inside and line.startswith("KernelPageSize:"):
                 return int(line.split()[1])
     return 0
+
+
+def test_memfd_backed_client_sends_its_memfd(memnode, run_pager):
+    import mmap
+    import os
+    data = DataSet(8 * MIB)
+    memnode.seed(data)
+    _, sock = run_pager(*memnode_args(memnode))
+    fd = os.memfd_create("guest-ram")
+    os.ftruncate(fd, 4 * MIB)
+    mem = mmap.mmap(fd, 4 * MIB, flags=mmap.MAP_SHARED)
+    # RAM at offset 2 MiB of the space, like a second RAM block
+    c = Client(4 * MIB, memory=mem, memfd=fd, offset=2 * MIB)
+    c.handoff(sock)
+    wait_or_fail(c.touch(threads=3, order="rand"))
+    assert c.check(data) == []
+    # the pages live in the memfd itself (what write-back and far memory will read)
+    assert os.pread(fd, 64, 0) == bytes(mem[:64]) != bytes(64)
+    c.close(unmap=True)
+    os.close(fd)
