@@ -66,6 +66,7 @@ import queue
 import select
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 from pager.errors import FaultError
@@ -180,11 +181,16 @@ class FaultEngine:
         self._next_id = 1
 
     def add_client(self, uffd_fd: int, regions: list[Region], *, memfd: int | None = None,
-                   pid: int = 0, wake: bool = False, name: str | None = None) -> ClientPager:
+                   pid: int = 0, wake: bool = False, name: str | None = None,
+                   layout: list[list] | None = None,
+                   on_layout: Callable[..., None] | None = None) -> ClientPager:
         """Serve a client's uffd (ownership of the fds passes to the engine).
 
         ``wake``: a restarted pager taking over a uffd wakes every region, so faults whose
-        events the previous pager read (and lost) are raised again.
+        events the previous pager read (and lost) are raised again. ``layout``: the layout
+        events (``["remove", start, end]``, ``["unmap", ...]``, ``["remap", old, new, len]``)
+        the previous pager saw, replayed first. ``on_layout(kind, *args)`` is told of each new
+        one (the supervisor keeps them).
         """
         for r in regions:
             self.source.check_region(r)
@@ -194,7 +200,10 @@ class FaultEngine:
         with self._lock:
             cid = self._next_id
             self._next_id += 1
+        for kind, *args in layout or ():
+            getattr(state, f"on_{kind}")(*args)
         client = ClientPager(self, u, state, name=name or f"client{cid}", pid=pid, memfd=memfd)
+        client.on_layout = on_layout
         with self._lock:
             self.clients.append(client)
         client.start()
@@ -256,6 +265,7 @@ class ClientPager:
         self.children: list[ClientPager] = []
         self.stats = EngineStats()
         self.error: str | None = None  # last unservable fault, for status
+        self.on_layout: Callable[..., None] | None = None
         self.finished = threading.Event()
         self._stop = threading.Event()
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -369,18 +379,26 @@ class ClientPager:
             match ev:
                 case Remove():
                     self.stats.removes += 1
-                    self.state.on_remove(ev.start, ev.end)
+                    self._layout("remove", ev.start, ev.end)
                 case Unmap():
                     self.stats.unmaps += 1
-                    self.state.on_unmap(ev.start, ev.end)
+                    self._layout("unmap", ev.start, ev.end)
                 case Remap():
                     self.stats.remaps += 1
-                    self.state.on_remap(ev.old, ev.new, ev.length)
+                    self._layout("remap", ev.old, ev.new, ev.length)
                 case Fork():
                     self.stats.forks += 1
                     self.children.append(self.engine.adopt_child(self, _fd_of(ev.ufd)))
                 case _:
                     log.warning("%s: ignoring unknown uffd event %r", self.name, ev)
+
+    def _layout(self, kind: str, *args: int) -> None:
+        getattr(self.state, f"on_{kind}")(*args)
+        if self.on_layout is not None:
+            try:
+                self.on_layout(kind, *args)
+            except Exception:
+                log.exception("%s: recording a %s event failed", self.name, kind)
 
     def _on_fault(self, flags: int, addr: int, tid: int, lane: Lane, t0: int,
                   done: list[tuple[int, int]]) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import signal
@@ -124,6 +125,8 @@ class PagerService:
         self.keeper = None
         self._keeper_fd = keeper_fd
         self._adopted: list[asyncio.Task] = []
+        # keys name clients to the supervisor: unique across pager restarts (pid + counter)
+        self._keys = itertools.count((os.getpid() << 20) + 1)
 
     async def start(self) -> None:
         if self._keeper_fd is not None:
@@ -134,18 +137,31 @@ class PagerService:
         await self.server.start()
 
     async def _on_client(self, hs: Handshake) -> _Held:
-        client = self.engine.add_client(hs.uffd, hs.regions, memfd=hs.memfd, pid=hs.pid)
+        key = next(self._keys)
+        if self.keeper is not None:  # held before any layout event can be recorded
+            self.keeper.hold(key, hs)
+        try:
+            client = self.engine.add_client(hs.uffd, hs.regions, memfd=hs.memfd, pid=hs.pid,
+                                            on_layout=self._recorder(key))
+        except Exception:
+            if self.keeper is not None:
+                self.keeper.drop(key)
+            raise
         log.info("serving %s: pid %d, %d regions, %d MiB", client.name, hs.pid,
                  len(hs.regions), sum(r.size for r in hs.regions) >> 20)
-        key = id(client)
-        if self.keeper is not None:
-            self.keeper.hold(key, hs)
         return _Held(self, client, key)
+
+    def _recorder(self, key: int):
+        keeper = self.keeper
+        if keeper is None:
+            return None
+        return lambda kind, *args: keeper.layout(key, kind, *args)
 
     def _adopt(self, held) -> None:
         """A client kept by the supervisor while the previous pager died: wake and serve."""
         client = self.engine.add_client(held.uffd, held.regions, memfd=held.memfd,
-                                        pid=held.pid, wake=True)
+                                        pid=held.pid, wake=True, layout=held.layout,
+                                        on_layout=self._recorder(held.key))
         log.warning("took over client pid %d from the previous pager", held.pid)
         handle = _Held(self, client, held.key)
         task = asyncio.get_running_loop().create_task(self._watch(held.conn, handle))

@@ -16,8 +16,9 @@ UFFDIO_WAKE over every region: a fault whose event the dead pager had read is ra
 the kernel, and faults whose events were never read are still queued on the uffd. The held
 connection tells the new pager when the client exits, as the original one did.
 
-Known limit: layout changes the dead pager saw (REMOVE'd ranges, mremap) are not replayed; the
-new pager starts from the handshake's regions.
+Layout events (REMOVE, UNMAP, REMAP) are sent to the supervisor as the pager handles them and
+replayed into the new pager's state, so removed pages stay zero across a restart. Known limit:
+forked children of a client have no socket and are not kept.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ class Held:
     uffd: int
     memfd: int | None
     conn: socket.socket
+    layout: list[list]
 
 
 class KeeperLink:
@@ -95,7 +97,8 @@ class KeeperLink:
             regions = parse_regions(msg["body"].encode())
             memfd = fds[1] if msg.get("memfd") else None
             out.append(Held(key=msg["key"], pid=msg["pid"], regions=regions, uffd=fds[0],
-                            memfd=memfd, conn=socket.socket(fileno=fds[-1])))
+                            memfd=memfd, conn=socket.socket(fileno=fds[-1]),
+                            layout=msg.get("layout", [])))
 
     def hold(self, key: int, hs: Handshake) -> None:
         fds = [hs.uffd] + ([hs.memfd] if hs.memfd is not None else []) + [hs.conn.fileno()]
@@ -103,6 +106,11 @@ class KeeperLink:
                "memfd": hs.memfd is not None}
         with self._lock, contextlib.suppress(OSError):
             _send(self.sock, msg, fds)
+
+    def layout(self, key: int, kind: str, *args: int) -> None:
+        """A layout event of a held client (replayed by the next pager)."""
+        with self._lock, contextlib.suppress(OSError):
+            _send(self.sock, {"op": "layout", "key": key, "event": [kind, *args]})
 
     def drop(self, key: int) -> None:
         with self._lock, contextlib.suppress(OSError):
@@ -135,6 +143,11 @@ class Keeper:
             elif op == "hold":
                 with self.lock:
                     self.held[msg["key"]] = (msg, fds)
+            elif op == "layout":
+                with self.lock:
+                    entry = self.held.get(msg["key"])
+                    if entry is not None:
+                        entry[0].setdefault("layout", []).append(msg["event"])
             elif op == "drop":
                 with self.lock:
                     _, old = self.held.pop(msg["key"], (None, []))

@@ -124,9 +124,10 @@ def test_pager_killed_and_restarted_takes_over_blocked_client(memnode, run_pager
     c = Client(8 * MIB)
     c.handoff(sock)
     wait_or_fail(touch_range(c, 0, MIB))
+    c.mem.madvise(mmap.MADV_DONTNEED, 0, 256 * 1024)  # removed: must stay zero after restart
     memnode.proc.p.send_signal(signal.SIGSTOP)  # the next faults block in the pager
     try:
-        t = c.touch(threads=4)
+        t = touch_range(c, MIB, 8 * MIB)
         time.sleep(0.5)
         assert not t.wait(0)
         import os
@@ -135,7 +136,9 @@ def test_pager_killed_and_restarted_takes_over_blocked_client(memnode, run_pager
     finally:
         memnode.proc.p.send_signal(signal.SIGCONT)
     wait_or_fail(t, 60)
-    assert c.check(data) == []
+    wait_or_fail(touch_range(c, 0, MIB))  # the removed range faults on the new pager
+    assert c.mem[:256 * 1024] == bytes(256 * 1024)
+    assert c.check(data, start=256 * 1024) == []
     assert "took over client" in sup.log.read_text()
     # new clients are served by the new pager on the same socket
     c2 = Client(2 * MIB)
