@@ -26,7 +26,7 @@ from pathlib import Path
 
 from pager.bench import _Child
 from pager.engine import FaultEngine
-from pager.serve import PagerService
+from pager.serve import PagerService, announce_source
 from pager.source import MemnodeSource
 from pager.workload import DataSet
 
@@ -42,26 +42,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def status_lines(endpoint: str, token: bytes) -> None:
-    """SSI-HV status: transport, latency tier and the expected fault latency."""
-    from transport.tcp import BlockingChannel
-    try:
-        from transport.manager import describe_peer  # type: ignore[attr-defined]
-    except ImportError:
-        describe_peer = None
-    if describe_peer is not None:
-        for line in describe_peer(endpoint, token=token):
-            _say(line)
-        return
-    from pager.metrics import tier_for
-    with BlockingChannel.connect(endpoint, token, SPACE) as ch:
-        rtt = min(ch.ping() for _ in range(20))
-    _say(f"SSI-HV: transport TCP to memory node {endpoint} (RDMA: no device, TCP used)")
-    _say(f"SSI-HV: latency tier {tier_for(rtt)} (RTT {rtt * 1e6:.0f} us)")
-    _say(f"SSI-HV: expected remote fault latency ~{rtt * 1e6 + 15:.0f} us per 4 KiB page, "
-         "sequential streams read ahead")
 
 
 class _PagerThread:
@@ -115,9 +95,10 @@ def run(args: argparse.Namespace) -> int:
             from transport.token import load_token
             token = load_token(token_file)
             _say(f"demo: memory node on {endpoint} (store and token in {tmp})")
-            status_lines(endpoint, token)
-            t0 = time.perf_counter()
             source = MemnodeSource(endpoint, token, SPACE)
+            from transport.tcp import run as run_loop
+            run_loop(announce_source(source))
+            t0 = time.perf_counter()
             lane = source.open_lane()
             for off, buf in data.chunks():
                 lane.store(None, off, buf)
@@ -145,14 +126,14 @@ def run(args: argparse.Namespace) -> int:
     ok = result["bad_pages"] == 0 and w.returncode == 0
     print(f"demo: {'OK' if ok else 'FAILED'}: {args.mib} MiB touched by {args.threads} "
           f"threads, {result['bad_pages']} wrong pages")
-    print(f"  faults served   {st.faults} (fetched {st.served_fetch}, readahead "
-          f"{st.served_wait}, zero {st.served_zero}); {st.readahead_installed} chunks read "
-          f"ahead")
+    print(f"  faults served   {st.faults}: {st.served_fetch} chunks fetched, "
+          f"{st.served_dup} already filled by another thread's fault, {st.served_wait} "
+          f"waited for readahead ({st.readahead_installed} chunks read ahead)")
     print(f"  bytes           {st.fetched_bytes >> 20} MiB fetched, {st.copied_bytes >> 20} MiB "
           f"copied, {st.zero_pages} zero pages")
     print(f"  fault latency   p50 <= {st.latency_quantile_us(0.5):g} us, p99 <= "
           f"{st.latency_quantile_us(0.99):g} us (pager: event read -> page installed)")
     print(f"  page touches    p50 {result['p50_us']} us, p99 {result['p99_us']} us (first "
-          f"touch of every page, seen by the workload; most were read ahead)")
+          f"touch of every page, seen by the workload: one fault fills a whole chunk)")
     print(f"  throughput      {result['gbps']} GB/s ({result['seconds']} s)")
     return 0 if ok else 3

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pager.engine import DEFAULT_CHUNK, DEFAULT_READAHEAD, ClientPager, FaultEngine
 from pager.errors import ConfigError
 from pager.handoff import HandoffServer, Handshake
-from pager.source import PageSource, parse_source
+from pager.source import MemnodeSource, PageSource, parse_source
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +201,7 @@ async def _serve(service: PagerService, args: argparse.Namespace, source: PageSo
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    await announce_source(source)
     await service.start()
     metrics = None
     if args.metrics:
@@ -215,6 +216,24 @@ async def _serve(service: PagerService, args: argparse.Namespace, source: PageSo
             await metrics.close()
     await service.close()
     return 0
+
+
+async def announce_source(source: PageSource) -> None:
+    """The SSI-HV status lines for a memory-node source (transport, tier, expected latency),
+    from the transport manager; a node that cannot be reached yet is a warning, not an error
+    (faults wait and retry until it is up)."""
+    if not isinstance(source, MemnodeSource):
+        return
+    from transport.errors import TransportError
+    from transport.manager import TransportManager
+    manager = TransportManager("pager", source.token, space=source.space)
+    try:
+        await manager.connect_peer("memnode", source.endpoint)
+    except (TransportError, OSError) as exc:
+        print(f"pager: warning: memory node {source.endpoint} not reachable yet ({exc}); "
+              "faults will wait for it", file=sys.stderr)
+    finally:
+        await manager.close()
 
 
 async def _start_metrics(hostport: str, service: PagerService):
