@@ -19,16 +19,15 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import socket
 import struct
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
+from pager.child import Child
 from pager.region import Region
 from pager.source import Lane, PageSource
 from pager.workload import Client, DataSet, Touch, percentile
@@ -55,37 +54,6 @@ def _emit(obj: dict) -> None:
 
 def _status(msg: str) -> None:
     print(f"{log_prefix} {msg}", file=sys.stderr, flush=True)
-
-
-class _Child:
-    """A child ``ssi-pager`` process whose stderr goes to a file we can wait on."""
-
-    def __init__(self, args: list[str], log: Path) -> None:
-        self.log = log
-        self._f = open(log, "wb")  # noqa: SIM115 - closed in stop()
-        self.p = subprocess.Popen([sys.executable, "-m", "pager.cli", *args],
-                                  stdout=subprocess.DEVNULL, stderr=self._f)
-
-    def wait_for(self, pattern: str, timeout: float = 20.0) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            m = re.search(pattern, self.log.read_text())
-            if m:
-                return m.group(1) if m.groups() else m.group(0)
-            if self.p.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise RuntimeError(f"{self.log.name}: no {pattern!r}: {self.log.read_text()[-2000:]}")
-
-    def stop(self) -> None:
-        if self.p.poll() is None:
-            self.p.terminate()
-            try:
-                self.p.wait(10)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait()
-        self._f.close()
 
 
 def measure(sock: str, size: int, chunk: int, order: str, data: DataSet | None) -> dict:
@@ -241,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
     bad = 0
     with tempfile.TemporaryDirectory(prefix="ssi-bench-") as tmp_s:
         tmp = Path(tmp_s)
-        node = _Child(["memnode", "--listen", "127.0.0.1:0", "--store", str(tmp / "store"),
+        node = Child(["memnode", "--listen", "127.0.0.1:0", "--store", str(tmp / "store"),
                        "--token-file", str(tmp / "token")], tmp / "memnode.log")
         try:
             endpoint = node.wait_for(r"listening on (\S+)")
@@ -271,7 +239,7 @@ def run(args: argparse.Namespace) -> int:
                 if args.only and not any(args.only in n for n in names.values()):
                     continue
                 sock = str(tmp / f"{tag}.sock")
-                pager = _Child(["serve", "--socket", sock, *sources[src], "--chunk", str(chunk),
+                pager = Child(["serve", "--socket", sock, *sources[src], "--chunk", str(chunk),
                                 "--readahead", "2M" if ra else "0"], tmp / f"{tag}.log")
                 try:
                     pager.wait_for("pager: serving")
@@ -319,7 +287,7 @@ def _rss_case(tmp: Path, gib: int) -> dict:
     with open(snap, "wb") as f:
         f.truncate(gib << 30)
     sock = str(tmp / "rss.sock")
-    pager = _Child(["serve", "--socket", sock, "--source", f"file:{snap}"], tmp / "rss.log")
+    pager = Child(["serve", "--socket", sock, "--source", f"file:{snap}"], tmp / "rss.log")
     peak = [0]
     stop = threading.Event()
 

@@ -24,7 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-from pager.bench import _Child
+from pager.child import Child
 from pager.engine import FaultEngine
 from pager.serve import PagerService, announce_source
 from pager.source import MemnodeSource
@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="ssi-demo-") as tmp_s:
         tmp = Path(tmp_s)
         token_file = tmp / "token"
-        node = _Child(["memnode", "--listen", "127.0.0.1:0", "--store", str(tmp / "store"),
+        node = Child(["memnode", "--listen", "127.0.0.1:0", "--store", str(tmp / "store"),
                        "--token-file", str(token_file)], tmp / "memnode.log")
         pager: _PagerThread | None = None
         try:

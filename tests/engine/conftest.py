@@ -3,60 +3,22 @@
 from __future__ import annotations
 
 import os
-import re
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from pager.child import Child
 from pager.source import MemnodeSource
 from pager.workload import DataSet
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _wait_line(proc: subprocess.Popen, log: Path, pattern: str, timeout: float = 15.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = log.read_text() if log.exists() else ""
-        m = re.search(pattern, text)
-        if m:
-            return m.group(1) if m.groups() else m.group(0)
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited {proc.returncode}: {text}")
-        time.sleep(0.05)
-    raise TimeoutError(f"no {pattern!r} in {log}: {log.read_text()}")
-
-
-class Proc:
-    """A child process with its stderr in a file; stopped at teardown."""
+class Proc(Child):
+    """A child ``ssi-pager`` process of a test, run from the checkout."""
 
     def __init__(self, args: list[str], log: Path) -> None:
-        self.log = log
-        self.f = open(log, "ab")  # noqa: SIM115 - closed in stop()
-        self.p = subprocess.Popen([sys.executable, "-m", "pager.cli", *args], cwd=ROOT,
-                                  stderr=self.f, stdout=subprocess.DEVNULL)
-
-    def wait_for(self, pattern: str, timeout: float = 15.0) -> str:
-        return _wait_line(self.p, self.log, pattern, timeout)
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.p.poll() is None:
-            self.p.send_signal(sig)
-            self.p.wait(10)
-
-    def stop(self) -> None:
-        if self.p.poll() is None:
-            self.p.terminate()
-            try:
-                self.p.wait(10)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait()
-        self.f.close()
+        super().__init__(args, log, cwd=ROOT)
 
 
 class Memnode:

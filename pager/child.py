@@ -1,0 +1,52 @@
+"""A child `ssi-pager` process (memory node, pager) started by demo, bench and tests.
+
+Its stderr goes to a file, so readiness lines ("listening on HOST:PORT", "pager: serving")
+can be waited for without a reader thread.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+class Child:
+    """``python -m pager.cli ARGS`` with stderr appended to ``log``; ``stop()`` it."""
+
+    def __init__(self, args: list[str], log: Path, cwd: str | Path | None = None) -> None:
+        self.log = log
+        self.f = open(log, "ab")  # noqa: SIM115 - closed in stop()
+        self.p = subprocess.Popen([sys.executable, "-m", "pager.cli", *args], cwd=cwd,
+                                  stdout=subprocess.DEVNULL, stderr=self.f)
+
+    def wait_for(self, pattern: str, timeout: float = 20.0) -> str:
+        """The first group (or the whole match) of ``pattern`` once the log shows it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.search(pattern, self.log.read_text())
+            if m:
+                return m.group(1) if m.groups() else m.group(0)
+            if self.p.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.log.name}: no {pattern!r} (exit {self.p.poll()}): "
+                           f"{self.log.read_text()[-2000:]}")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.p.poll() is None:
+            self.p.send_signal(sig)
+            self.p.wait(10)
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            self.p.terminate()
+            try:
+                self.p.wait(10)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait()
+        self.f.close()
