@@ -48,8 +48,8 @@ def test_pipelined_concurrent_fetches_content_checked(memnode):
 
 def test_urgent_lane_does_not_queue_behind_bulk(memnode):
     async def small_fetch_during_bulk(t: TcpTransport, urgent: bool) -> float:
-        bulk = asyncio.ensure_future(t.fetch_pages(0, 4096, "n1", urgent=False))
-        await asyncio.sleep(0.002)  # the 16 MiB bulk stream is queued on its lane
+        bulk = asyncio.ensure_future(t.fetch_pages(0, 8192, "n1", urgent=False))
+        await asyncio.sleep(0.002)  # the 32 MiB bulk stream is queued on its lane
         t0 = time.perf_counter()
         page = await t.fetch_pages(0, 1, "n1", urgent=urgent)
         elapsed = time.perf_counter() - t0
@@ -60,13 +60,13 @@ def test_urgent_lane_does_not_queue_behind_bulk(memnode):
     async def main() -> tuple[float, float]:
         async with TcpTransport(memnode.token, "vmB", bulk_connections=1) as t:
             await t.connect_peer("n1", memnode.endpoint)
-            await t.send_pages(0, os.urandom(16 << 20), "n1")
+            await t.send_pages(0, os.urandom(32 << 20), "n1")
             urgent = min([await small_fetch_during_bulk(t, True) for _ in range(5)])
             same_lane = min([await small_fetch_during_bulk(t, False) for _ in range(5)])
             return urgent, same_lane
 
     urgent, same_lane = run(main())
-    # behind the bulk stream on its own lane the page waits for 16 MiB; on the urgent lane not
+    # behind the bulk stream on its lane the page waits for 32 MiB; on the urgent lane it does not
     print(f"urgent {urgent * 1e6:.0f} us, same lane {same_lane * 1e6:.0f} us")
     assert urgent * 3 < same_lane, (urgent, same_lane)
 
