@@ -42,6 +42,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-space-gib", type=int, default=DEFAULT_MAX_SPACE_BYTES >> 30,
                         help="largest address space served, GiB (default %(default)s)")
     parser.add_argument("--name", default="memnode", help="node name reported to peers")
+    from pager import metrics
+
+    metrics.add_metrics_argument(parser)
     parser.add_argument("--rdma", action="store_true",
                         help="also serve RDMA (pyverbs) on the TCP port + 1000; without an "
                              "RDMA device this warns and serves TCP only")
@@ -79,11 +82,18 @@ async def _serve(node: MemoryNode, args: argparse.Namespace) -> int:
           f"{sum(s.pages for s in node.store.spaces.values())} pages in "
           f"{len(node.store.spaces)} spaces", file=sys.stderr)
     rdma = start_rdma(node) if args.rdma else None
+    exporter = None
+    if getattr(args, "metrics", None):
+        from pager import metrics
+
+        exporter = await metrics.start_memnode_metrics(args.metrics, node)
     print(f"memnode: listening on {endpoint}", file=sys.stderr, flush=True)
     await stop.wait()
     print("memnode: stopping", file=sys.stderr)
     if rdma is not None:
         rdma.stop()
+    if exporter is not None:
+        await exporter.close()
     await node.close()
     return 0
 

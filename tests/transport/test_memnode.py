@@ -355,3 +355,19 @@ def test_remote_error_names_the_problem(memnode):
             ch.fetch_into(1 << 50, bytearray(PAGE))
         # the channel stays usable after a refused request
         assert ch.fetch_into(0, bytearray(PAGE)) == 1
+
+
+def test_metrics_endpoint_reports_requests(node_factory, tmp_path):
+    import re
+    import urllib.request
+
+    node = node_factory("--metrics", "127.0.0.1:0", store=tmp_path / "m")
+    url = next(m.group(1) for line in node.stderr_lines
+               if (m := re.search(r"metrics: (http://\S+)", line)))
+    with BlockingChannel.connect(node.endpoint, node.token, "vm1") as ch:
+        ch.store(0, b"q" * 2 * PAGE)
+        for _ in range(7):
+            ch.fetch_into(0, bytearray(PAGE))
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    assert re.search(r'ssi_memnode_requests_total\{op="fetch",result="ok"\} 7\.0', text), text
+    assert re.search(r"ssi_memnode_stored_pages 2\.0", text), text
