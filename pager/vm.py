@@ -244,7 +244,7 @@ class Qmp:
                 if time.monotonic() > deadline:
                     raise VmError(f"cannot reach QEMU's QMP socket {path}: {exc.strerror}; "
                                   f"is the VM running?") from exc
-                time.sleep(0.05)
+                time.sleep(0.01)
         self.buf = b""
         self._read()  # greeting
         self.execute("qmp_capabilities")
@@ -279,7 +279,7 @@ class Qmp:
                 return info  # type: ignore[return-value]
             if st in ("failed", "cancelled"):
                 raise VmError(f"migration {st}: {info.get('error-desc', '')}")  # type: ignore
-            time.sleep(0.02)
+            time.sleep(0.002)
         raise VmError("migration did not complete in time")
 
     def close(self) -> None:
