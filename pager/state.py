@@ -177,7 +177,12 @@ class ClientState:
         r = self.regions.find(addr)
         if r is None:
             return Unknown(addr)
-        start, length = r.chunk(addr, self.chunk_size)
+        cs = self.chunk_size
+        if r.page_size == 4096 and not cs & 4095:  # the hot case, r.chunk() inlined
+            start = addr - (addr - r.base) % cs
+            length = min(cs, r.base + r.size - start)
+        else:
+            start, length = r.chunk(addr, cs)
         removed = self.removed.get(r.space)
         if removed is not None:
             page = r.page(addr)
