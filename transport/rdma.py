@@ -72,6 +72,9 @@ DISTRO_PATHS = ("/usr/lib/python3/dist-packages",)
 INSTALL_HINT = ("for RDMA install rdma-core's Python binding: apt install python3-pyverbs "
                 "rdma-core ibverbs-providers (see transport/README.md)")
 _MSG = HEADER_SIZE + MAX_CONTROL
+# IBV_SEND_SIGNALED (ibv_send_flags in <infiniband/verbs.h>, pyverbs.enums): every work
+# request we post is waited for with get_send_comp, so it must produce a completion
+_SIGNALED = 2
 _pyverbs: ModuleType | None = None
 
 
@@ -179,7 +182,7 @@ class _RdmaLink:
 
     def send(self, frame: bytes) -> None:
         self.send_mr.write(frame, len(frame), 0)
-        self.cmid.post_send(self.send_mr, 0, len(frame))
+        self.cmid.post_send(self.send_mr, _SIGNALED, len(frame))
         self._complete(self.cmid.get_send_comp, "send")
 
     def recv(self) -> Reply:
@@ -278,7 +281,7 @@ class RdmaTransport(PageTransport):
             # a DATA header only: the written pages wait, packed, in the node's window
             staged = data_length(len(part) >> PAGE_SHIFT, reply.arg)
             if staged:
-                link.cmid.post_read(mr, staged, addr, rkey)
+                link.cmid.post_read(mr, staged, addr, rkey, _SIGNALED)
                 link._complete(link.cmid.get_send_comp, "RDMA READ")
                 data = mr.read(staged, 0)
                 pos = 0
@@ -306,7 +309,7 @@ class RdmaTransport(PageTransport):
         for off in range(0, len(view), MAX_DATA):
             part = bytes(view[off:off + MAX_DATA])
             mr.write(part, len(part), 0)
-            link.cmid.post_write(mr, len(part), addr, rkey)
+            link.cmid.post_write(mr, len(part), addr, rkey, _SIGNALED)
             link._complete(link.cmid.get_send_comp, "RDMA WRITE")
             link.send(HEADER.pack(MAGIC, VERSION, T.STORE, STAGED, 1, link.space, gpa + off, 0,
                                   len(part)))
