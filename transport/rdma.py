@@ -72,9 +72,7 @@ DISTRO_PATHS = ("/usr/lib/python3/dist-packages",)
 INSTALL_HINT = ("for RDMA install rdma-core's Python binding: apt install python3-pyverbs "
                 "rdma-core ibverbs-providers (see transport/README.md)")
 _MSG = HEADER_SIZE + MAX_CONTROL
-# IBV_SEND_SIGNALED (ibv_send_flags in <infiniband/verbs.h>, pyverbs.enums): every work
-# request we post is waited for with get_send_comp, so it must produce a completion
-_SIGNALED = 2
+
 _pyverbs: ModuleType | None = None
 
 
@@ -176,13 +174,16 @@ class _RdmaLink:
         self.recv_mr = cmid.reg_msgs(_MSG)
         self.reader = FrameReader()
         self.space = 0
+        # every work request we post is waited for with get_send_comp, so each must produce
+        # a completion: pyverbs' post_read/post_write default to unsignaled
+        self.signaled = importlib.import_module("pyverbs.enums").IBV_SEND_SIGNALED
 
     def post_recv(self) -> None:
         self.cmid.post_recv(self.recv_mr, _MSG)
 
     def send(self, frame: bytes) -> None:
         self.send_mr.write(frame, len(frame), 0)
-        self.cmid.post_send(self.send_mr, _SIGNALED, len(frame))
+        self.cmid.post_send(self.send_mr, self.signaled, len(frame))
         self._complete(self.cmid.get_send_comp, "send")
 
     def recv(self) -> Reply:
@@ -281,7 +282,7 @@ class RdmaTransport(PageTransport):
             # a DATA header only: the written pages wait, packed, in the node's window
             staged = data_length(len(part) >> PAGE_SHIFT, reply.arg)
             if staged:
-                link.cmid.post_read(mr, staged, addr, rkey, _SIGNALED)
+                link.cmid.post_read(mr, staged, addr, rkey, link.signaled)
                 link._complete(link.cmid.get_send_comp, "RDMA READ")
                 data = mr.read(staged, 0)
                 pos = 0
@@ -309,7 +310,7 @@ class RdmaTransport(PageTransport):
         for off in range(0, len(view), MAX_DATA):
             part = bytes(view[off:off + MAX_DATA])
             mr.write(part, len(part), 0)
-            link.cmid.post_write(mr, len(part), addr, rkey, _SIGNALED)
+            link.cmid.post_write(mr, len(part), addr, rkey, link.signaled)
             link._complete(link.cmid.get_send_comp, "RDMA WRITE")
             link.send(HEADER.pack(MAGIC, VERSION, T.STORE, STAGED, 1, link.space, gpa + off, 0,
                                   len(part)))
