@@ -4,14 +4,16 @@ Connection setup with rdma_cm (`pyverbs.cmid.CMID`, RDMA_PS_TCP, RC queue pair).
 protocol frames as TCP travel as SEND/RECV control messages; page bytes move one-sided:
 
 * fetch: the client SENDs a FETCH frame; the node reads the written pages (packed, as on
-  TCP) into its registered staging window and SENDs back the DATA header (``arg`` = zero
-  mask, ``gpa`` = offset in the window, ``length`` = bytes staged); the client RDMA READs
-  them into its registered buffer and scatters them into the caller's buffer.
-* store: the client RDMA WRITEs the pages into the node's window, then SENDs a STORE header
+  TCP) into its registered staging window and SENDs back a DATA header (``arg`` = zero
+  mask, no payload); the client RDMA READs the packed pages into its registered buffer and
+  scatters them into the caller's buffer.
+* store: the client RDMA WRITEs the pages into the node's inbox, then SENDs a STORE header
   with flag `STAGED` and ``arg`` = byte count; the node pwrites them and SENDs STORED.
 
-The window's address and rkey come in the WELCOME message (``"rdma": {"addr", "rkey",
-"size"}``). The RDMA service listens on the memory node's TCP port + `RDMA_PORT_OFFSET`.
+The node registers two windows per connection, one the client may RDMA READ (staged
+fetches) and one it may RDMA WRITE (stores); their addresses and rkeys come in the WELCOME
+message (``"rdma": {"read_addr", "read_rkey", "write_addr", "write_rkey", "size"}``).
+The RDMA service listens on the memory node's TCP port + `RDMA_PORT_OFFSET`.
 
 Installing pyverbs on Debian/Ubuntu: ``apt install python3-pyverbs rdma-core`` (plus the NIC's
 provider, e.g. ``ibverbs-providers``). The package installs into the system Python's
@@ -39,6 +41,7 @@ import os
 import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -165,6 +168,9 @@ def _qp_init(qp: Any) -> Any:
     return qp.QPInitAttr(cap=cap, sq_sig_all=1)
 
 
+_WINDOW_KEYS = ("read_addr", "read_rkey", "write_addr", "write_rkey", "size")
+
+
 class _RdmaLink:
     """One connected CMID with its message buffers; blocking calls (run them in a thread)."""
 
@@ -212,6 +218,18 @@ class _RdmaLink:
         self.cmid.close()
 
 
+@dataclass
+class _RdmaPeer:
+    link: _RdmaLink
+    data_mr: Any  # local buffer: RDMA READ target, RDMA WRITE source
+    read_addr: int  # the node's staging window for fetched pages (we READ it)
+    read_rkey: int
+    write_addr: int  # the node's inbox for stored pages (we WRITE it)
+    write_rkey: int
+    size: int
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
 class RdmaTransport(PageTransport):
     """`PageTransport` over RDMA (one RC connection per peer, requests serialised on it)."""
 
@@ -224,9 +242,9 @@ class RdmaTransport(PageTransport):
         self.token = token
         self.space = space
         self.node = node
-        self._peers: dict[str, tuple[_RdmaLink, Any, int, int, int, asyncio.Lock]] = {}
+        self._peers: dict[str, _RdmaPeer] = {}
 
-    def _connect(self, endpoint: str) -> tuple[_RdmaLink, Any, int, int, int]:
+    def _connect(self, endpoint: str) -> _RdmaPeer:
         from transport.tcp import parse_endpoint
 
         cmid_mod, qp, ce, _e = _verbs()
@@ -255,22 +273,22 @@ class RdmaTransport(PageTransport):
             out = hs.receive(reply)
             if out:
                 link.send(out)
-        if not {"addr", "rkey", "size"} <= window.keys():
+        if not set(_WINDOW_KEYS) <= window.keys():
             link.close()
             raise TransportError("memory node offered no RDMA window: it runs without --rdma")
         link.space = hs.space
-        return link, data_mr, window["addr"], window["rkey"], window["size"]
+        return _RdmaPeer(link, data_mr, *(int(window[k]) for k in _WINDOW_KEYS))
 
     async def connect_peer(self, node_id: str, endpoint: str) -> None:
-        link, mr, addr, rkey, size = await asyncio.to_thread(self._connect, endpoint)
-        self._peers[node_id] = (link, mr, addr, rkey, size, asyncio.Lock())
+        self._peers[node_id] = await asyncio.to_thread(self._connect, endpoint)
         self.endpoints[node_id] = endpoint
 
-    def _peer(self, node_id: str) -> tuple[_RdmaLink, Any, int, int, int, asyncio.Lock]:
+    def _peer(self, node_id: str) -> _RdmaPeer:
         return lookup_peer(self._peers, node_id)
 
     def _fetch(self, node_id: str, gpa: int, view: memoryview) -> int:
-        link, mr, addr, rkey, _size, _lock = self._peer(node_id)
+        peer = self._peer(node_id)
+        link, mr = peer.link, peer.data_mr
         mask = 0
         for off in range(0, len(view), MAX_DATA):
             part = view[off:off + MAX_DATA]
@@ -282,7 +300,7 @@ class RdmaTransport(PageTransport):
             # a DATA header only: the written pages wait, packed, in the node's window
             staged = data_length(len(part) >> PAGE_SHIFT, reply.arg)
             if staged:
-                link.cmid.post_read(mr, staged, addr, rkey, link.signaled)
+                link.cmid.post_read(mr, staged, peer.read_addr, peer.read_rkey, link.signaled)
                 link._complete(link.cmid.get_send_comp, "RDMA READ")
                 data = mr.read(staged, 0)
                 pos = 0
@@ -298,7 +316,7 @@ class RdmaTransport(PageTransport):
         check_pages(gpa, count * PAGE_SIZE)
         view = memoryview(into if into is not None else bytearray(count * PAGE_SIZE)).cast("B")
         view = view[:count * PAGE_SIZE]
-        async with self._peer(node_id)[5]:
+        async with self._peer(node_id).lock:
             mask = await asyncio.to_thread(self._fetch, node_id, gpa, view)
         for i in range(count):
             if mask >> i & 1:
@@ -306,11 +324,13 @@ class RdmaTransport(PageTransport):
         return Pages(view, mask)
 
     def _store(self, node_id: str, gpa: int, view: memoryview) -> None:
-        link, mr, addr, rkey, _size, _lock = self._peer(node_id)
+        peer = self._peer(node_id)
+        link, mr = peer.link, peer.data_mr
         for off in range(0, len(view), MAX_DATA):
             part = bytes(view[off:off + MAX_DATA])
             mr.write(part, len(part), 0)
-            link.cmid.post_write(mr, len(part), addr, rkey, link.signaled)
+            link.cmid.post_write(mr, len(part), peer.write_addr, peer.write_rkey,
+                                 link.signaled)
             link._complete(link.cmid.get_send_comp, "RDMA WRITE")
             link.send(HEADER.pack(MAGIC, VERSION, T.STORE, STAGED, 1, link.space, gpa + off, 0,
                                   len(part)))
@@ -320,13 +340,14 @@ class RdmaTransport(PageTransport):
 
     async def send_pages(self, gpa: int, data: Any, node_id: str) -> None:
         view = page_view(data, gpa, "send_pages")
-        async with self._peer(node_id)[5]:
+        async with self._peer(node_id).lock:
             await asyncio.to_thread(self._store, node_id, gpa, view)
 
     async def ping(self, node_id: str) -> float:
         import time
 
-        link, *_rest, lock = self._peer(node_id)
+        peer = self._peer(node_id)
+        link, lock = peer.link, peer.lock
 
         def op() -> float:
             t0 = time.perf_counter()
@@ -347,8 +368,8 @@ class RdmaTransport(PageTransport):
         return max(1, nbytes // MAX_DATA) * MAX_DATA / (time.perf_counter() - t0)
 
     async def close(self) -> None:
-        for link, *_rest in self._peers.values():
-            link.close()
+        for peer in self._peers.values():
+            peer.link.close()
         self._peers.clear()
 
 
@@ -388,20 +409,20 @@ class RdmaServer:
             threading.Thread(target=self._serve, args=(cmid, cmid_mod, enums), daemon=True,
                              name="rdma-conn").start()
 
-    def _serve(self, cmid: Any, cmid_mod: Any, enums: Any) -> None:
+    def _serve(self, cmid: Any, cmid_mod: Any, _enums: Any) -> None:
         from transport.errors import ProtocolError
         from transport.protocol import ServerSession, Store, encode_error
 
-        mr_mod = importlib.import_module("pyverbs.mr")
         link = _RdmaLink(cmid)
-        access = (enums.IBV_ACCESS_LOCAL_WRITE | enums.IBV_ACCESS_REMOTE_READ
-                  | enums.IBV_ACCESS_REMOTE_WRITE)
-        window = mr_mod.MR(cmid.pd, self.window, access)
+        # rdma_reg_read / rdma_reg_write: the peer may RDMA READ the first, WRITE the second
+        window = cmid.reg_read(self.window)
+        inbox = cmid.reg_write(self.window)
         link.post_recv()
         cmid.accept(cmid_mod.ConnParam(resources=4, depth=4))
         session = ServerSession(token=self.token, challenge=os.urandom(NONCE_SIZE),
                                 node="memnode-rdma")
-        rdma_info = {"addr": window.buf, "rkey": window.rkey, "size": self.window}
+        rdma_info = dict(zip(_WINDOW_KEYS, (window.buf, window.rkey, inbox.buf, inbox.rkey,
+                                            self.window), strict=True))
         try:
             while True:
                 wc = link._complete(cmid.get_recv_comp, "receive")
@@ -412,7 +433,7 @@ class RdmaServer:
                     n = fields[8]  # arg = staged byte count: rebuild a plain STORE frame
                     raw = bytearray(HEADER.pack(MAGIC, VERSION, T.STORE, 0, fields[4],
                                                 fields[5], fields[6], n, 0))
-                    raw += window.read(min(n, self.window), 0)
+                    raw += inbox.read(min(n, self.window), 0)
                 session.receive_data(bytes(raw))
                 try:
                     ev = session.next_event()
