@@ -211,11 +211,16 @@ class FaultEngine:
             client.wake_all()
         return client
 
+    @property
+    def readahead_active(self) -> bool:
+        """Whether sequential streams are read ahead (see ``_detector``)."""
+        return bool(self.readahead) and self.chunk_size < RA_BATCH
+
     def _detector(self) -> Readahead:
         # Readahead moves 64 KiB groups through a second thread; with chunks that large the
         # fault path already streams as fast, and the thread hand-off only adds latency
         # (measured: README "Design"), so it is used for smaller chunks only.
-        if not self.readahead or self.chunk_size >= RA_BATCH:
+        if not self.readahead_active:
             return Readahead(min_hits=1 << 60)
         return Readahead(max_chunks=max(2, self.readahead // self.chunk_size))
 

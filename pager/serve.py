@@ -206,9 +206,10 @@ async def _serve(service: PagerService, args: argparse.Namespace, source: PageSo
     metrics = None
     if args.metrics:
         metrics = await _start_metrics(args.metrics, service)
+    ra = (f"readahead up to {args.readahead >> 10} KiB" if service.engine.readahead_active
+          else "no readahead")
     print(f"pager: serving {args.socket} from {source.describe()}, chunk "
-          f"{args.chunk >> 10} KiB, readahead {args.readahead >> 10} KiB", file=sys.stderr,
-          flush=True)
+          f"{args.chunk >> 10} KiB, {ra}", file=sys.stderr, flush=True)
     await stop.wait()
     print("pager: stopping", file=sys.stderr)
     if metrics is not None:

@@ -187,3 +187,51 @@ def test_memfd_backed_client_sends_its_memfd(memnode, run_pager):
     assert os.pread(fd, 64, 0) == bytes(mem[:64]) != bytes(64)
     c.close(unmap=True)
     os.close(fd)
+
+
+def test_socket_is_private_and_peer_uid_checked(tmp_path, run_pager):
+    import os
+    import stat
+    data = DataSet(2 * MIB)
+    path = tmp_path / "snap.mem"
+    data.write_file(str(path))
+    proc, sock = run_pager("--source", f"file:{path}")
+    assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+    if os.getuid() != 0:
+        pytest.skip("needs root to act as another user")
+    os.chmod(tmp_path, 0o755)
+
+    def as_nobody() -> int:
+        """Connect as uid 65534 in a forked child: 1 refused, 2 closed by the pager."""
+        pid = os.fork()
+        if pid == 0:
+            code = 3
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    s.connect(sock)
+                except PermissionError:
+                    code = 1
+                else:
+                    s.settimeout(5)
+                    code = 2 if s.recv(1) == b"" else 4
+            finally:
+                os._exit(code)
+        return os.waitpid(pid, 0)[1] >> 8
+
+    # let uid 65534 reach the directory (pytest's temp dirs are 0700), restored below
+    dirs = [d for d in tmp_path.parents if str(d).startswith("/tmp/")]
+    modes = {d: stat.S_IMODE(os.stat(d).st_mode) for d in dirs}
+    try:
+        for d in dirs:
+            os.chmod(d, modes[d] | 0o011)
+        assert as_nobody() == 1  # mode 0600: the kernel refuses the connect
+        os.chmod(sock, 0o666)  # even with the file opened up, SO_PEERCRED refuses the peer
+        assert as_nobody() == 2
+    finally:
+        for d, m in modes.items():
+            os.chmod(d, m)
+    assert "uid 65534 is not allowed" in proc.log.read_text()
+    _good_client_served(sock, data)
