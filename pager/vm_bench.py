@@ -270,6 +270,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work-mib", type=int, default=384,
                         help="RAM the guest workload fills (default 384)")
     parser.add_argument("--passes", type=int, default=3, help="workload passes (default 3)")
+    parser.add_argument("--resume-mem-mib", type=int, default=1024,
+                        help="guest RAM of the resume cases (default 1024: a full load grows "
+                             "with RAM, a lazy resume does not)")
+    parser.add_argument("--resume-work-mib", type=int, default=768,
+                        help="RAM the workload fills in the resume cases (default 768)")
     parser.add_argument("--no-netns", action="store_true", help="skip the namespace case")
     parser.add_argument("--pager-arg", action="append", default=[], metavar="ARG",
                         help="extra `ssi-pager serve` argument, e.g. --pager-arg=--chunk=256K "
@@ -316,17 +321,22 @@ def run(args: argparse.Namespace) -> int:
                   "mem_mib": args.mem_mib, "work_mib": args.work_mib})
             emit({"name": "vm_pager_local", "wall_s": round(w, 3), "ratio": round(w / b, 3),
                   "runs": walls, "goal_ratio_max": 1.10})
-            lazies, eagers, fulls = [], [], []
+        rguest = gb.build(args.resume_mem_mib, args.resume_work_mib, args.passes)
+        rexpected = gb.expected_checksums(args.resume_work_mib, args.passes)
+        rplain = rguest.qemu_args()
+        lazies, eagers, fulls = [], [], []
+        with services(work, token, pager_args=args.pager_arg) as (endpoint, sock):
+            a = vm_args(endpoint, token, sock)
             for i in range(reps):
-                lazy, out = resume_lazy(a, plain, f"bench-resume-{i}")
-                check(out, expected, "lazy resume")
+                lazy, out = resume_lazy(a, rplain, f"bench-resume-{i}")
+                check(out, rexpected, "lazy resume")
                 lazies.append(lazy)
-                eager, out = resume_lazy(a, plain, f"bench-eager-{i}", eager=True)
-                check(out, expected, "eager resume")
+                eager, out = resume_lazy(a, rplain, f"bench-eager-{i}", eager=True)
+                check(out, rexpected, "eager resume")
                 eagers.append(eager)
         for _ in range(reps):
-            full, out, size = resume_full_load(plain, work)
-            check(out, expected, "ordinary migration")
+            full, out, size = resume_full_load(rplain, work)
+            check(out, rexpected, "ordinary migration")
             fulls.append(full)
         lazy, eager, full = (statistics.median(x) for x in (lazies, eagers, fulls))
         emit({"name": "vm_resume_full_load_migration", "wall_s": round(full, 3), "ratio": 1.0,
@@ -337,6 +347,7 @@ def run(args: argparse.Namespace) -> int:
               "what": "device state, then all stored RAM from the memory node, then cont"})
         emit({"name": "vm_resume_lazy", "wall_s": round(lazy, 3), "runs": lazies,
               "ratio": round(eager / lazy, 2), "ratio_vs_migration": round(full / lazy, 2),
+              "mem_mib": args.resume_mem_mib, "work_mib": args.resume_work_mib,
               "goal_ratio_min": 5.0})
         if not args.no_netns:
             bench_netns(work, token, plain, expected, reps, args.pager_arg)
