@@ -191,3 +191,29 @@ def test_boot_memory_node_in_another_namespace(guest, expected, checksums, runti
     assert checksums(proc.stdout) == expected
     assert f"pager: serving {runtime / 'far' / 'pager.sock'} from memnode {endpoint}" in \
         proc.stderr
+
+
+def test_memory_node_lost_fails_loudly(guest, runtime, tmp_path, token):
+    """The memory node dies before the guest's first fault: the pager gives up after its fetch
+    timeout and the faulting vCPU gets SIGBUS, so QEMU dies instead of hanging."""
+    from pager.vm import stop_process
+    from pager.vm_bench import start_memnode
+
+    node, endpoint = start_memnode(tmp_path, token)
+    proc = subprocess.Popen(vm_cmd("--memnode", endpoint, "--token-file", str(token),
+                                   "--pager-arg=--fetch-timeout=2", "--name", "orphan", "--",
+                                   *guest.qemu_args()),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        for line in iter(proc.stderr.readline, ""):
+            if "started the pager" in line:
+                break
+        stop_process(node)  # before QEMU has mapped (let alone touched) guest RAM
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        stop_process(node)
+    assert proc.returncode != 0
+    assert "RESULT" not in out
+    assert "SIGBUS" in err or "code 135" in err, err[-2000:]
