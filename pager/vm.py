@@ -498,7 +498,13 @@ def finish(launch_: Launch) -> int:
         status(f"guest {state.name!r} suspended; resume with `ssi-pager vm resume "
                f"{state.name} -- <same QEMU arguments>`")
     else:
-        status(f"QEMU exited with code {code}")
+        if rc < 0:
+            sig = signal.Signals(-rc).name
+            hint = " (a guest page could not be served: see the pager's messages)" \
+                if sig == "SIGBUS" else ""
+            status(f"QEMU was killed by {sig}{hint}; exit code {code}")
+        else:
+            status(f"QEMU exited with code {code}")
         _cleanup(d)
     return code
 
