@@ -70,9 +70,10 @@ def cache_dir() -> Path:
 
 def kernel(fetch: bool = True) -> Path:
     """Path of the cached guest kernel, fetching it first if needed (and allowed)."""
+    for cached in (cache_dir() / "vmlinuz", DEFAULT_CACHE / "vmlinuz"):
+        if cached.is_file() and cached.stat().st_size > 0 and os.access(cached, os.R_OK):
+            return cached
     cached = cache_dir() / "vmlinuz"
-    if cached.is_file() and cached.stat().st_size > 0:
-        return cached
     if not fetch:
         raise GuestUnavailable(f"no guest kernel cached at {cached}; run {FETCH_KERNEL}")
     env = dict(os.environ, SSI_PAGER_GUEST_CACHE=str(cache_dir()))
