@@ -21,7 +21,6 @@ from transport.protocol import (
     HEADER,
     HEADER_SIZE,
     MAGIC,
-    MAX_FRAME,
     NONCE_SIZE,
     PAGE_SHIFT,
     VERSION,
@@ -109,7 +108,7 @@ class NodeConnection(asyncio.BufferedProtocol):
         client can make the node buffer without bound; resume when that clears."""
         if self.transport is None or self.closing:
             return
-        stop = self.paused or self.session.reader.room() < MAX_FRAME
+        stop = self.paused or self.session.reader.nearly_full()
         if stop != self.reading_paused:
             self.reading_paused = stop
             if stop:
@@ -169,7 +168,8 @@ class NodeConnection(asyncio.BufferedProtocol):
                     self._scheduled = True
                     asyncio.get_running_loop().call_soon(self._drain)
                 break
-        self._flow()
+        if self.paused or self.reading_paused or session.reader.nearly_full():
+            self._flow()
 
     def _fetch(self, ev: Fetch) -> Any:
         npages = ev.length >> PAGE_SHIFT

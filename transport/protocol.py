@@ -263,9 +263,9 @@ class FrameReader:
     def buffered(self) -> int:
         return self._end - self._pos + len(self._overflow)
 
-    def room(self) -> int:
-        """Bytes that can still be received (after compaction)."""
-        return len(self._buf) - self.buffered()
+    def nearly_full(self) -> bool:
+        """Less than one maximal frame of room left: stop receiving until drained."""
+        return self._end - self._pos + len(self._overflow) > len(self._buf) - MAX_FRAME
 
     def _refill(self) -> bool:
         """Discard a rejected payload, compact; True when a whole header is buffered."""
@@ -437,7 +437,11 @@ class ServerSession:
         return self.state == _READY
 
     def next_event(self) -> ServerEvent | None:
-        frame = self.reader.next_frame()
+        reader = self.reader
+        if reader._pos == reader._end and not reader._overflow:  # all consumed: quick out
+            reader._pos = reader._end = 0
+            return NEED_DATA
+        frame = reader.next_frame()
         if frame is None:
             return NEED_DATA
         ftype = frame.type
