@@ -371,3 +371,15 @@ def test_metrics_endpoint_reports_requests(node_factory, tmp_path):
     text = urllib.request.urlopen(url, timeout=10).read().decode()
     assert re.search(r'ssi_memnode_requests_total\{op="fetch",result="ok"\} 7\.0', text), text
     assert re.search(r"ssi_memnode_stored_pages 2\.0", text), text
+
+
+def test_blocking_channel_reconnects_after_node_restart(node_factory, tmp_path):
+    node = node_factory(store=tmp_path / "rs")
+    port = node.endpoint.rsplit(":", 1)[1]
+    ch = BlockingChannel.connect(node.endpoint, node.token, "vm1", retry_for=15)
+    ch.store(0, b"k" * PAGE)
+    node.kill9()
+    node_factory("--listen", f"127.0.0.1:{port}", store=tmp_path / "rs")
+    buf = bytearray(PAGE)
+    assert ch.fetch_into(0, buf) == 0 and buf == b"k" * PAGE  # reconnected by itself
+    ch.close()
