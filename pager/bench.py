@@ -222,6 +222,7 @@ def run(args: argparse.Namespace) -> int:
             lane.close()
             snap = tmp / "snapshot.mem"
             data.write_file(str(snap))
+            os.sync()  # the seeded store's writeback would otherwise compete with case one
             sources = {
                 "remote": ["--memnode", endpoint, "--token-file", str(tmp / "token"),
                            "--space", "bench"],
