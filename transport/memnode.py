@@ -75,6 +75,7 @@ class NodeConnection(asyncio.BufferedProtocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         self.node.connections.add(self)
+        self.node.admit(self)
         self.node.counters["connections"] += 1
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(self.node.handshake_timeout, self._handshake_timeout)
@@ -82,6 +83,7 @@ class NodeConnection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self.node.connections.discard(self)
+        self.node.handshaking.pop(self, None)
         if self._timer:
             self._timer.cancel()
 
@@ -216,6 +218,8 @@ class NodeConnection(asyncio.BufferedProtocol):
             return session.opened(ev.request_id, ev.space)
         if type(ev) is Hello:
             self.node.count("hello", "ok")
+            if self.node.token is None:  # insecure mode: ready after HELLO
+                self.node.handshaking.pop(self, None)
             return session.welcome(ev.request_id)
         if type(ev) is StatsRequest:
             self.node.count("stats", "ok")
@@ -224,6 +228,7 @@ class NodeConnection(asyncio.BufferedProtocol):
         self.node.count("auth", "ok")
         if self._timer:
             self._timer.cancel()
+        self.node.handshaking.pop(self, None)
         return session.auth_ok(ev.request_id)
 
 
@@ -233,7 +238,7 @@ class MemoryNode:
     def __init__(self, store: PageStore, *, token: bytes | None, host: str = "127.0.0.1",
                  port: int | None = None, name: str = "memnode",
                  max_space_bytes: int = DEFAULT_MAX_SPACE_BYTES,
-                 handshake_timeout: float = 10.0) -> None:
+                 handshake_timeout: float = 10.0, max_handshaking: int = 64) -> None:
         self.store = store
         self.token = token
         self.host = host
@@ -241,10 +246,26 @@ class MemoryNode:
         self.name = name
         self.max_space_bytes = max_space_bytes
         self.handshake_timeout = handshake_timeout
+        self.max_handshaking = max_handshaking
+        # connections not authenticated yet, oldest first (each holds a frame buffer)
+        self.handshaking: dict[NodeConnection, None] = {}
         self.connections: set[NodeConnection] = set()
         self.requests: Counter[tuple[str, str]] = Counter()
         self.counters: Counter[str] = Counter()
         self._server: asyncio.Server | None = None
+
+    def admit(self, conn: NodeConnection) -> None:
+        """Track an unauthenticated connection; past `max_handshaking` the oldest such one is
+        closed, so idle or slow handshakes cannot pile up memory, and a real client (which
+        authenticates within milliseconds) still gets in."""
+        self.handshaking[conn] = None
+        while len(self.handshaking) > self.max_handshaking:
+            oldest = next(iter(self.handshaking))
+            del self.handshaking[oldest]
+            log.warning("memnode: %d connections still handshaking; closing the oldest (%s)",
+                        len(self.handshaking) + 1, oldest.peer)
+            self.count("handshake", "evicted")
+            oldest._close()
 
     def count(self, op: str, result: str) -> None:
         self.requests[op, result] += 1

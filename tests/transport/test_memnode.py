@@ -383,3 +383,34 @@ def test_blocking_channel_reconnects_after_node_restart(node_factory, tmp_path):
     buf = bytearray(PAGE)
     assert ch.fetch_into(0, buf) == 0 and buf == b"k" * PAGE  # reconnected by itself
     ch.close()
+
+
+def test_idle_handshakes_are_bounded_and_real_clients_get_in(tmp_path):
+    # 80 connections that never authenticate: only the newest 64 are kept open (the
+    # oldest are closed), and an authenticating client is served meanwhile
+    import asyncio
+
+    from transport.memnode import MemoryNode
+    from transport.store import PageStore
+    from transport.token import ensure_token
+
+    token = ensure_token(tmp_path / "token")
+
+    async def main() -> None:
+        node = MemoryNode(PageStore(tmp_path / "st"), token=token, port=0)
+        await node.start()
+        conns = [await asyncio.open_connection("127.0.0.1", node.port) for _ in range(80)]
+        closed = 0
+        for reader, _w in conns[:16]:
+            closed += await asyncio.wait_for(reader.read(), 5) == b""
+        assert closed == 16
+        assert len(node.handshaking) == 64
+        assert node.stats()["requests"]["handshake"]["evicted"] == 16
+        ch = await asyncio.to_thread(BlockingChannel.connect, node.endpoint, token, "vm1")
+        assert await asyncio.to_thread(ch.fetch_into, 0, bytearray(PAGE)) == 1
+        ch.close()
+        for _r, w in conns:
+            w.close()
+        await node.close()
+
+    asyncio.run(main())
