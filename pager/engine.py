@@ -170,7 +170,8 @@ class FaultEngine:
                  readahead: int = DEFAULT_READAHEAD, fetch_timeout: float = 60.0) -> None:
         if chunk_size < 4096 or chunk_size & (chunk_size - 1):
             from pager.errors import ConfigError
-            raise ConfigError(f"chunk size {chunk_size} must be a power of two >= 4096")
+            raise ConfigError(f"chunk size {chunk_size} must be a power of two >= 4096; "
+                              "pass e.g. --chunk 64K")
         self.source = source
         self.chunk_size = chunk_size
         self.readahead = readahead
