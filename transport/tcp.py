@@ -683,7 +683,24 @@ class TcpTransport(PageTransport):
                 mask |= (await _reply(fut, T.DATA)).arg << (off >> PAGE_SHIFT)
             return mask
 
-        mask = await self._retry(node_id, op)
+        mask = -1
+        conn = self.peers[node_id].lanes[0] if lane and nbytes <= MAX_DATA and \
+            node_id in self.peers else None
+        if conn is not None and conn.alive:  # a fault-sized fetch on a live urgent lane
+            try:
+                reply = await conn.submit(_FETCH, gpa=gpa, arg=nbytes, flags=_URGENT,
+                                          into=view)
+            except ConnectionLost:
+                pass  # the general path below reconnects and retries
+            else:
+                if reply.error is not None:
+                    raise reply.error
+                if reply.type != _DATA:
+                    raise ProtocolError(f"expected DATA, got frame type {reply.type}",
+                                        ErrorCode.BAD_MESSAGE)
+                mask = reply.arg
+        if mask < 0:
+            mask = await self._retry(node_id, op)
         if mask:  # the node sent nothing for these: make the bytes true
             for i in range(count):
                 if mask >> i & 1:
