@@ -111,12 +111,6 @@ def test_exec_start_is_accepted_by_the_cli(name: str) -> None:
     argv = exec_argv(name)
     parser = build_parser(argv)
     sub = argv[0]
-    if sub == "memnode":
-        import argparse
-        probe = argparse.ArgumentParser()
-        __import__("transport.memnode_cli", fromlist=["configure"]).configure(probe)
-        if "--metrics" not in probe.format_help():
-            pytest.xfail("ssi-pager memnode has no --metrics yet (transport/memnode_cli.py)")
     args = parser.parse_args(argv)
     assert args.command == sub
     assert args.token_file == "/run/credentials/x/token"

@@ -56,12 +56,8 @@ def cli(*args: str) -> list[str]:
 
 
 def memnode_command(store: Path, token: Path) -> list[str]:
-    args = ["--listen", "127.0.0.1:0", "--store", str(store), "--token-file", str(token)]
-    help_ = subprocess.run(cli("memnode", "--help"), capture_output=True, text=True,
-                           cwd=ROOT, timeout=30).stdout
-    if "--metrics" in help_:
-        return cli("memnode", *args, "--metrics", "127.0.0.1:0")
-    return [sys.executable, str(ROOT / "tests/metrics/memnode_launcher.py"), "127.0.0.1:0", *args]
+    return cli("memnode", "--listen", "127.0.0.1:0", "--store", str(store),
+               "--token-file", str(token), "--metrics", "127.0.0.1:0")
 
 
 @pytest.fixture(scope="module")
