@@ -95,7 +95,9 @@ def exec_argv(name: str) -> list[str]:
     """ExecStart's arguments after `ssi-pager`, with specifiers and Environment= defaults."""
     d = directives(name)
     env = dict(kv.split("=", 1) for line in d["Environment"] for kv in line.split())
-    argv = d["ExecStart"][0].split()[1:]
+    # unbraced $VAR: split into words (none when empty), as systemd does
+    argv = [w for a in d["ExecStart"][0].split()[1:]
+            for w in (env[a[1:]].split() if re.fullmatch(r"\$\w+", a) else [a])]
     spec = {"%d": "/run/credentials/x", "%S": "/var/lib", "%t": "/run"}
     out = []
     for a in argv:
