@@ -141,8 +141,11 @@ class PagerService:
         if self.keeper is not None:  # held before any layout event can be recorded
             self.keeper.hold(key, hs)
         try:
+            # wake=True: a client re-sending a uffd another pager served (the QEMU shim
+            # reconnecting after a pager restart) may have faults whose events were read and
+            # lost; waking raises them again, and costs nothing where nothing waits
             client = self.engine.add_client(hs.uffd, hs.regions, memfd=hs.memfd, pid=hs.pid,
-                                            on_layout=self._recorder(key))
+                                            wake=True, on_layout=self._recorder(key))
         except Exception:
             if self.keeper is not None:
                 self.keeper.drop(key)

@@ -178,3 +178,28 @@ def test_region_outside_the_snapshot_file_is_refused(tmp_path, run_pager):
     wait_or_fail(ok.touch(threads=2))
     assert ok.check(data) == []
     ok.close()
+
+
+def test_client_resending_its_uffd_to_a_new_pager_resumes(memnode, run_pager):
+    """Without a supervisor: the client (like the QEMU shim) reconnects and sends again."""
+    data = DataSet(4 * MIB)
+    memnode.seed(data)
+    first, sock = run_pager(*memnode_args(memnode), "--readahead", "0")
+    c = Client(4 * MIB)
+    c.handoff(sock)
+    memnode.proc.p.send_signal(signal.SIGSTOP)
+    try:
+        t = c.touch(threads=2)
+        time.sleep(0.5)
+        assert not t.wait(0)
+        first.kill()  # events it had read are lost with it
+    finally:
+        memnode.proc.p.send_signal(signal.SIGCONT)
+    time.sleep(1.0)
+    assert not t.wait(0), "faults resolved with no pager"
+    _, sock2 = run_pager(*memnode_args(memnode), "--readahead", "0", name="pager2")
+    c.sock.close()
+    c.handoff(sock2)
+    wait_or_fail(t, 60)
+    assert c.check(data) == []
+    c.close()
