@@ -288,6 +288,17 @@ class Qmp:
 
 # --- the pager -------------------------------------------------------------------------------
 
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """preexec_fn for helper processes: SIGTERM when `ssi-pager vm` itself dies, so a killed
+    `vm` leaves no pager behind (and the shim then stops QEMU: fail closed)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
 def socket_live(path: str) -> bool:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -311,7 +322,7 @@ def start_pager(sock: Path, args: argparse.Namespace, space: str,
     cmd += list(args.pager_arg or [])
     with contextlib.suppress(FileNotFoundError):
         sock.unlink()
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
     deadline = time.monotonic() + PAGER_START_TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -337,7 +348,8 @@ def start_local_memnode(d: Path, token_file: str | None) -> tuple[subprocess.Pop
     if token_file:
         cmd += ["--token-file", token_file]
     with open(logf, "wb") as log_out:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_out, stderr=log_out)
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_out, stderr=log_out,
+                                preexec_fn=die_with_parent)
     deadline = time.monotonic() + PAGER_START_TIMEOUT
     while time.monotonic() < deadline:
         m = MEMNODE_LISTENING.search(logf.read_text(errors="replace"))

@@ -74,7 +74,8 @@ def start_memnode(workdir: Path, token_file: Path, listen: str = "127.0.0.1:0",
     cmd = [*(prefix or []), sys.executable, "-m", "pager.cli", "memnode", "--listen", listen,
            "--store", str(workdir / "store"), "--token-file", str(token_file)]
     with open(logf, "wb") as out:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                preexec_fn=vm.die_with_parent)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         m = LISTENING.search(logf.read_text(errors="replace"))
@@ -94,7 +95,8 @@ def start_pager(sock: Path, memnode: str, token_file: Path, logf: Path,
     cmd = [*(prefix or []), sys.executable, "-m", "pager.cli", "serve", "--socket", str(sock),
            "--memnode", memnode, "--token-file", str(token_file), *(extra or [])]
     with open(logf, "ab") as out:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                preexec_fn=vm.die_with_parent)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if sock.exists():

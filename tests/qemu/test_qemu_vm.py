@@ -7,6 +7,7 @@ QEMU run has a timeout: a guest that hangs fails the test instead of stalling th
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -217,3 +218,28 @@ def test_memory_node_lost_fails_loudly(guest, runtime, tmp_path, token):
     assert proc.returncode != 0
     assert "RESULT" not in out
     assert "SIGBUS" in err or "code 135" in err, err[-2000:]
+
+
+def test_killed_vm_command_stops_guest(guest, runtime):
+    """SIGKILL to `ssi-pager vm`: its pager dies with it, and the shim then stops QEMU."""
+    proc = subprocess.Popen(vm_cmd("--name", "orphaned", "--", *guest.qemu_args()),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        read_until(proc, "guest up")
+        qemu_pid = json.loads((runtime / "orphaned" / "vm.json").read_text())["qemu_pid"]
+        proc.kill()
+        proc.wait(10)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and _alive(qemu_pid):
+            time.sleep(0.1)
+        assert not _alive(qemu_pid), "QEMU kept running without its pager"
+    finally:
+        proc.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
