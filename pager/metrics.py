@@ -85,8 +85,8 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "ssi_memnode_connections": ("gauge", "Open connections to the memory node", ()),
 }
 
-#: ``LATENCY_BUCKETS_US`` of the engine, as the histogram's upper bounds in seconds
 def _latency_buckets() -> tuple[float, ...]:
+    """The engine's ``LATENCY_BUCKETS_US`` as the histogram's upper bounds in seconds."""
     from pager.engine import LATENCY_BUCKETS_US
     return tuple(us / 1e6 for us in LATENCY_BUCKETS_US)
 
@@ -131,7 +131,8 @@ def tier_for(rtt_seconds: float) -> str:
 
 class PeerProbe:
     """Measures the round trip to a memory-node source at scrape time (control plane only:
-    its own connection, a few PINGs per scrape, never the fault threads' channels)."""
+    its own connection, a few PINGs per scrape, never the fault threads' channels).
+    Scrapes may arrive on several HTTP threads at once: one probe at a time uses the channel."""
 
     PINGS = 3
 
@@ -139,8 +140,13 @@ class PeerProbe:
         self.source = source
         self.channel: Any = None
         self.failures = 0
+        self._lock = threading.Lock()
 
     def peers(self) -> list[Peer]:
+        with self._lock:
+            return [self._probe()]
+
+    def _probe(self) -> Peer:
         src = self.source
         peer = Peer(node=str(src.endpoint), transport=getattr(src, "transport", "tcp"))
         try:
@@ -154,7 +160,7 @@ class PeerProbe:
             self.failures += 1
             log.debug("probing %s failed: %s", src.endpoint, exc)
             self.close()
-        return [peer]
+        return peer
 
     def close(self) -> None:
         if self.channel is not None:
