@@ -203,3 +203,59 @@ def test_client_resending_its_uffd_to_a_new_pager_resumes(memnode, run_pager):
     wait_or_fail(t, 60)
     assert c.check(data) == []
     c.close()
+
+
+def _libc_map(size: int) -> int:
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    addr = libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE,
+                     mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    assert addr not in (None, ctypes.c_void_p(-1).value)
+    return addr
+
+
+def _bg(op: int, a: int, b: int = 0, c: int = 0, d: int = 0) -> int:
+    """A syscall that blocks until the pager reads its event, on a C thread."""
+    from pager.uffd._uffd_cffi import ffi, lib
+    bg = ffi.new("struct ssi_bg *")
+    bg.op, bg.a, bg.b, bg.c, bg.d = op, a, b, c, d
+    assert lib.ssi_bg_start(bg) == 0
+    assert lib.ssi_bg_wait(bg, int(30e9)), "the pager never read the layout event"
+    return bg.result
+
+
+def test_mremap_and_munmap_keep_the_region_table_right(memnode, run_pager):
+    import socket as socketmod
+
+    from pager.uffd._uffd_cffi import lib
+
+    from pager.handoff import send_handshake
+    from pager.uffd.binding import Userfaultfd
+    from pager.workload import Touch
+    data = DataSet(8 * MIB, holes=False)
+    memnode.seed(data)
+    proc, sock = run_pager(*memnode_args(memnode), "--readahead", "0")
+    size = 4 * MIB
+    base = _libc_map(size)
+    u = Userfaultfd(features=Client.FEATURES)
+    u.register(base, size)
+    s = socketmod.socket(socketmod.AF_UNIX)
+    s.connect(sock)
+    send_handshake(s, [{"base_host_virt_addr": base, "size": size, "offset": 2 * MIB}],
+                   [u.fileno()])
+    wait_or_fail(Touch(base, MIB, threads=2).start())  # first MiB present before the move
+    target = _libc_map(size)  # somewhere else to move to (MREMAP_FIXED replaces it)
+    new = _bg(lib.SSI_BG_MREMAP, base, size, size, target)
+    assert new == target != base
+    wait_or_fail(Touch(new, size, threads=3, order="rand").start())
+    assert lib.ssi_pattern_check_at(new, size, data.seed, 2 * MIB) < 0
+    # unmap the middle; the rest is still served at the right offsets
+    assert _bg(lib.SSI_BG_MUNMAP, new + MIB, MIB) == 0
+    assert lib.ssi_pattern_check_at(new + 2 * MIB, 2 * MIB, data.seed, 4 * MIB) < 0
+    log = proc.log.read_text()
+    assert "no region covers" not in log and "fault thread failed" not in log
+    u.close()
+    s.close()
