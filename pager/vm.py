@@ -530,7 +530,7 @@ def _reload(d: Path) -> VmState | None:
 
 def _cleanup(d: Path) -> None:
     for f in ("qmp.sock", "pager.sock", "vm.json", "vm.json.tmp", "device-state",
-              "memnode.log"):
+              "device-state.resume", "device-state.remote", "memnode.log"):
         with contextlib.suppress(FileNotFoundError):
             (d / f).unlink()
     shutil.rmtree(d / "store", ignore_errors=True)
@@ -570,14 +570,30 @@ def resume_start(args: argparse.Namespace, name: str, qemu_argv: list[str], *,
                  before_cont: Callable[[Launch], None] | None = None) -> Launch:
     """Start the new QEMU, load the device state, `cont`; returns the running guest.
     ``before_cont`` runs once the device state is loaded (the benchmark's eager load)."""
-    d = vm_dir(name)
-    saved = VmState.load(d)
-    if not saved.suspended:
-        raise VmError(f"VM {name!r} is not suspended; suspend it first")
+    d = vm_dir(name, create=True)
+    if (d / "vm.json").exists():
+        saved = VmState.load(d)
+        if not saved.suspended:
+            raise VmError(f"VM {name!r} is not suspended; suspend it first")
+    else:  # suspended on another host: everything needed is on the memory node
+        if not args.memnode:
+            raise VmError(f"VM {name!r} was not suspended on this host: give the memory node "
+                          f"holding it (--memnode HOST:PORT, --token-file F)")
+        try:
+            meta, data = load_device_state(args.memnode, args.token_file, args.space or name)
+        except BaseException:
+            _cleanup(d)
+            raise
+        saved = VmState(name=name, space=meta["space"], ram_size=int(meta["ram_size"]),
+                        ram_id=str(meta["ram_id"]), memnode=args.memnode,
+                        token_file=args.token_file, suspended=True,
+                        state_file=str(d / "device-state.remote"))
+        Path(saved.state_file).write_bytes(data)
+        status(f"device state of {name!r} ({len(data) >> 10} KiB) fetched from {args.memnode}")
     state_file = Path(args.state or saved.state_file)
     if not state_file.is_file():
         raise VmError(f"device state {state_file} missing; copy it from the suspending host "
-                      f"and pass --state FILE")
+                      f"and pass --state FILE, or give --memnode to load it from there")
     args.memnode = args.memnode or saved.memnode
     args.token_file = args.token_file or saved.token_file
     args.space = args.space or saved.space
@@ -602,6 +618,8 @@ def resume_start(args: argparse.Namespace, name: str, qemu_argv: list[str], *,
                         capabilities=[{"capability": "x-ignore-shared", "state": True}])
             qmp.execute("migrate-incoming", uri=f"exec:cat {_shell_quote(str(state_file))}")
             qmp.wait_migration()
+            # resumed once: the stored state goes stale as soon as the guest runs
+            load_device_state(args.memnode, args.token_file, args.space, clear=True)
             if before_cont is not None:
                 before_cont(lau)
             qmp.execute("cont")
@@ -613,8 +631,9 @@ def resume_start(args: argparse.Namespace, name: str, qemu_argv: list[str], *,
         raise VmError(f"resume of {name!r} failed: {exc}") from exc
     status(f"guest {name!r} resumed in {time.monotonic() - t0:.2f} s (RAM served on demand "
            f"from {args.memnode}, space {args.space!r})")
-    with contextlib.suppress(FileNotFoundError):
-        held.unlink()
+    for f in (held, d / "device-state.remote"):
+        with contextlib.suppress(FileNotFoundError):
+            f.unlink()
     return lau
 
 
@@ -667,6 +686,72 @@ def store_ram(memfd_path: str, size: int, memnode: str, token_file: str | None,
     return stored
 
 
+VMSTATE_MAGIC = "ssi-pager-vm-state-1"
+PAGE = 4096
+
+
+def state_space(space: str) -> str:
+    """The memory-node address space holding a suspended guest's device state."""
+    name = f"{space}.vmstate"
+    if len(name) > 64:
+        raise VmError(f"space name {space!r} is too long to suspend (max 56 characters)")
+    return name
+
+
+def store_device_state(memnode: str, token_file: str | None, st: VmState,
+                       data: bytes) -> None:
+    """Device state + what resume needs to know, into the memory node: page 0 a JSON header,
+    the state from page 1. The header is cleared first and written last, so a suspend cut
+    short never leaves a header describing half-written state."""
+    from transport.tcp import BlockingChannel
+    from transport.token import load_token
+
+    meta = {"magic": VMSTATE_MAGIC, "name": st.name, "space": st.space,
+            "ram_size": st.ram_size, "ram_id": st.ram_id, "device_bytes": len(data)}
+    header = json.dumps(meta).encode()
+    padded = data + bytes(-len(data) % PAGE)
+    with BlockingChannel.connect(memnode, load_token(token_file),
+                                 state_space(st.space)) as ch:
+        ch.store(0, bytes(PAGE))
+        for off in range(0, len(padded), STORE_CHUNK):
+            ch.store(PAGE + off, padded[off:off + STORE_CHUNK])
+        ch.store(0, header.ljust(PAGE, b"\0"))
+
+
+def load_device_state(memnode: str, token_file: str | None, space: str,
+                      clear: bool = False) -> tuple[dict, bytes]:
+    """(header, device state) of a guest suspended into ``space``; ``clear`` invalidates
+    them (a guest must be resumed once: its RAM changes as soon as it runs)."""
+    from transport.tcp import BlockingChannel
+    from transport.token import load_token
+
+    with BlockingChannel.connect(memnode, load_token(token_file), state_space(space)) as ch:
+        if clear:
+            ch.store(0, bytes(PAGE))
+            return {}, b""
+        page = bytearray(PAGE)
+        if ch.fetch_into(0, page) & 1 or not page.rstrip(b"\0"):
+            raise VmError(f"no suspended guest in space {space!r} on {memnode}: suspend it "
+                          f"first (or it was already resumed)")
+        try:
+            meta = json.loads(page.rstrip(b"\0"))
+        except ValueError as exc:
+            raise VmError(f"the suspended-guest header in {state_space(space)!r} on {memnode} "
+                          f"is unreadable ({exc})") from exc
+        if not isinstance(meta, dict) or meta.get("magic") != VMSTATE_MAGIC:
+            raise VmError(f"{state_space(space)!r} on {memnode} holds no ssi-pager guest")
+        n = int(meta["device_bytes"])
+        buf = bytearray(n + (-n % PAGE))
+        view = memoryview(buf)
+        for off in range(0, len(buf), STORE_CHUNK):
+            part = view[off:off + STORE_CHUNK]
+            zero = ch.fetch_into(PAGE + off, part)
+            for i in range(len(part) // PAGE):
+                if zero >> i & 1:
+                    part[i * PAGE:(i + 1) * PAGE] = bytes(PAGE)
+    return meta, bytes(buf[:n])
+
+
 def do_suspend(args: argparse.Namespace, name: str) -> int:
     d = vm_dir(name)
     state = VmState.load(d)
@@ -693,6 +778,8 @@ def do_suspend(args: argparse.Namespace, name: str) -> int:
             state_file.unlink()
         qmp.execute("migrate", uri=f"exec:cat > {_shell_quote(str(state_file))}")
         qmp.wait_migration()
+        store_device_state(memnode, args.token_file or state.token_file, state,
+                           state_file.read_bytes())
         state.suspended = True
         state.stored_bytes = stored
         state.memnode = memnode
@@ -706,7 +793,7 @@ def do_suspend(args: argparse.Namespace, name: str) -> int:
         qmp.close()
     dev = Path(state.state_file).stat().st_size
     status(f"suspended {name!r}: {stored >> 20} MiB of RAM to {memnode} in {t_ram:.2f} s, "
-           f"device state {dev >> 10} KiB in {state.state_file}")
+           f"device state {dev >> 10} KiB (in {state.state_file} and on the memory node)")
     return 0
 
 

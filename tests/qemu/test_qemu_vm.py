@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -60,10 +61,12 @@ def test_qemu_exit_code_passes_through(guest, runtime):
     assert "no-such-option" in proc.stderr
 
 
+@pytest.mark.parametrize("where", ["same-host", "other-host"])
 def test_suspend_resume_same_checksums(guest, expected, checksums, runtime, pager, memnode,
-                                       token):
+                                       token, where):
     """Suspend after pass 1, resume in a new QEMU with a fresh memfd: the guest finishes with
-    the uninterrupted run's checksums, and its RAM came from the memory node on demand."""
+    the uninterrupted run's checksums, and its RAM came from the memory node on demand.
+    other-host: the runtime dir is gone; the device state comes from the memory node too."""
     common = ["--memnode", memnode, "--token-file", str(token), "--pager", str(pager.socket)]
     first = subprocess.Popen(vm_cmd(*common, "--name", "mover", "--", *guest.qemu_args()),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -84,9 +87,12 @@ def test_suspend_resume_same_checksums(guest, expected, checksums, runtime, page
     state = runtime / "mover" / "device-state"
     assert 0 < state.stat().st_size < 4 << 20, "device state should not contain guest RAM"
 
+    resume = ["resume", "mover", "--pager", str(pager.socket)]
+    if where == "other-host":
+        shutil.rmtree(runtime / "mover")
+        resume += ["--memnode", memnode, "--token-file", str(token)]
     m0 = pager.metrics()
-    res = subprocess.run(vm_cmd("resume", "mover", "--pager", str(pager.socket), "--",
-                                *guest.qemu_args()),
+    res = subprocess.run(vm_cmd(*resume, "--", *guest.qemu_args()),
                          capture_output=True, text=True, timeout=RUN_TIMEOUT)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "resumed" in res.stderr
@@ -99,6 +105,15 @@ def test_suspend_resume_same_checksums(guest, expected, checksums, runtime, page
     assert m1.get(key, 0) > m0.get(key, 0), "no fault was served from the memory node"
     # the workload's pages (128 MiB, minus what it already rewrote) came back on demand
     assert fetched >= 64 << 20, f"only {fetched} bytes fetched from the memory node"
+    assert not (runtime / "mover").exists()
+    if where == "other-host":
+        assert "fetched from" in res.stderr
+    # resumed once: the stored state is spent, a second resume is refused before QEMU starts
+    again = subprocess.run(vm_cmd("resume", "mover", "--memnode", memnode, "--token-file",
+                                  str(token), "--", *guest.qemu_args()),
+                           capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert again.returncode == 1
+    assert "no suspended guest" in again.stderr
     assert not (runtime / "mover").exists()
 
 
