@@ -178,6 +178,9 @@ def prepare_qemu(argv: list[str], ram_id: str = RAM_ID) -> QemuCommand:
         if opt == "-mem-path":
             raise VmError("-mem-path (hugetlbfs) is not supported yet: guest RAM must be "
                           "anonymous or a memfd; drop -mem-path")
+        if opt == "-daemonize":
+            raise VmError("-daemonize is not supported: `ssi-pager vm` stays in front of QEMU "
+                          "(run it under systemd or nohup instead)")
         if opt == "-mem-prealloc":
             notes.append("-mem-prealloc faults all guest RAM in at start (no lazy paging)")
         if opt == "-object" and val and val.startswith("memory-backend"):

@@ -57,6 +57,7 @@ def test_private_backend_is_not_shared():
     ["q", "-m", "1G", "-numa", "node,memdev=m0"],
     ["q", "-m", "1G", "-netdev", "vhost-user,id=n,chardev=c"],
     ["q", "-m", "1G", "-device", "vhost-user-blk-pci,chardev=c"],
+    ["q", "-m", "1G", "-daemonize"],
     [],
 ])
 def test_unsupported_or_wrong_is_refused(argv):
