@@ -41,9 +41,11 @@ def read_until(proc: subprocess.Popen, pattern: str, timeout: float = 60) -> str
     pytest.fail(f"console ended before {pattern!r}:\n{''.join(text)[-2000:]}")
 
 
-def test_boot_all_ram_behind_pager(guest, expected, checksums, runtime):
-    """`ssi-pager vm` with no options: its own pager and loopback memory node serve all RAM."""
-    proc = subprocess.run(vm_cmd("--name", "boot", "--", *guest.qemu_args()),
+@pytest.mark.parametrize("extra", [[], ["-sandbox", "on"]], ids=["plain", "sandbox"])
+def test_boot_all_ram_behind_pager(guest, expected, checksums, runtime, extra):
+    """`ssi-pager vm` with no options: its own pager and loopback memory node serve all RAM
+    (also under QEMU's seccomp sandbox)."""
+    proc = subprocess.run(vm_cmd("--name", "boot", "--", *guest.qemu_args(), *extra),
                           capture_output=True, text=True, timeout=RUN_TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert checksums(proc.stdout) == expected
