@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from pager.handoff import send_handshake
+from pager.uffd.toucher import Toucher, TouchResult, check_pattern, fill_pattern
 
 PAGE = 4096
 STRIPE = 1 << 20
@@ -66,8 +67,7 @@ class DataSet:
 
     def fill(self, buf, origin: int) -> None:
         """Write the pattern for space offset ``origin`` into ``buf`` (C, no Python loop)."""
-        from pager.uffd._uffd_cffi import ffi, lib
-        lib.ssi_pattern_fill(ffi.from_buffer(buf), len(buf), self.seed, origin)
+        fill_pattern(buf, self.seed, origin)
 
     def chunks(self, max_bytes: int = 1 << 20) -> Iterator[tuple[int, bytearray]]:
         """(offset, bytes) pieces of the written ranges, for seeding a source."""
@@ -87,62 +87,50 @@ class DataSet:
                 f.write(buf)
 
 
-class Touch:
-    """C toucher threads over ``[base, base+length)`` (op: read|write|fill|verify)."""
+class Touch(Toucher):
+    """The binding's C toucher threads, waited for without a busy C polling loop.
 
-    OPS = {"read": "SSI_TOUCH_READ", "write": "SSI_TOUCH_WRITE", "fill": "SSI_TOUCH_FILL",
-           "verify": "SSI_TOUCH_VERIFY"}
+    ``wait`` sleeps in 0.5 ms naps (GIL released) instead of the binding's 20 us polling, which
+    takes CPU from the pager and the memory node on a small machine and skews latencies; the
+    end time, and so GB/s, is known to 0.5 ms.
+    """
 
     def __init__(self, base: int, length: int, *, op: str = "read", order: str = "seq",
                  threads: int = 4, seed: int = 0, origin: int = 0, step: int = PAGE,
                  latency: bool = True) -> None:
-        from pager.uffd._uffd_cffi import ffi, lib
-        self._ffi, self._lib = ffi, lib
-        t = self.t = ffi.new("struct ssi_touch *")
-        t.base, t.length, t.step, t.seed, t.origin = base, length, step, seed, origin
-        t.op = getattr(lib, self.OPS[op])
-        t.order = lib.SSI_ORDER_RANDOM if order == "rand" else lib.SSI_ORDER_SEQ
-        t.nthreads = threads
-        t.cpu = -1
-        n = -(-length // step)
-        self._lat = ffi.new("uint64_t[]", n) if latency else ffi.NULL
-        t.lat_ns = self._lat
-        self.naccess = n
+        super().__init__(base, length, op=op, step=step, seed=seed, origin=origin,
+                         threads=threads, order="random" if order == "rand" else order,
+                         record=latency)
+        self.naccess = self.count
         self.started = self.finished_at = 0.0
+        self._result: TouchResult | None = None
 
     def start(self) -> Touch:
         self.started = time.perf_counter()
-        rc = self._lib.ssi_touch_start(self.t)
-        if rc < 0:
-            raise OSError(-rc, "starting toucher threads failed")
+        super().start()
         return self
 
     def wait(self, timeout: float | None = None) -> bool:
-        # sleep here rather than in ssi_touch_wait's 20 us polling loop, which would take CPU
-        # from the pager and the memory node on a small machine (and skew the latencies)
-        # (a 0.5 ms nap: the end time, and so GB/s, is known to 0.5 ms at ~2000 wakeups/s)
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.t.finished:
+        while not self.finished:
             if deadline is not None and time.monotonic() >= deadline:
                 return False
             time.sleep(0.0005)
-        ok = bool(self._lib.ssi_touch_wait(self.t, 0))
-        if ok and not self.finished_at:
+        if not self.finished_at:
             self.finished_at = time.perf_counter()
-        return ok
+        return super().wait(0)
 
-    @property
-    def done(self) -> int:
-        return int(self.t.done)
+    def result(self) -> TouchResult:
+        if self._result is None:
+            self._result = self.join(0)
+        return self._result
 
     @property
     def mismatches(self) -> int:
-        return int(self.t.mismatches)
+        return self.result().mismatches
 
     def latencies_us(self) -> list[float]:
-        if self._lat == self._ffi.NULL:
-            return []
-        return sorted(x / 1000 for x in self._ffi.unpack(self._lat, self.naccess))
+        return sorted(x / 1000 for x in self.result().latencies_ns)
 
     def seconds(self) -> float:
         return self.finished_at - self.started
@@ -205,15 +193,13 @@ class Client:
 
     def check(self, data: DataSet, start: int = 0, end: int | None = None) -> list[int]:
         """Offsets (from base) of pages whose bytes differ from the data set."""
-        from pager.uffd._uffd_cffi import lib
         end = self.size if end is None else end
         bad: list[int] = []
         for s, e in data.data_ranges():
             s, e = max(s - self.offset, start), min(e - self.offset, end)
             pos = s
             while pos < e:
-                r = lib.ssi_pattern_check_at(self.base + pos, e - pos, data.seed,
-                                             self.offset + pos)
+                r = check_pattern((self.base + pos, e - pos), data.seed, self.offset + pos)
                 if r < 0:
                     break
                 page = (pos + r) // PAGE * PAGE

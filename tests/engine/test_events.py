@@ -10,6 +10,7 @@ import time
 
 from conftest import ROOT, memnode_args, wait_or_fail
 
+from pager.uffd.toucher import Background, check_pattern
 from pager.workload import Client, DataSet
 
 MIB = 1 << 20
@@ -40,7 +41,6 @@ def test_remove_gives_zeros_and_is_never_fetched_again(memnode, run_pager):
 
 
 def test_forked_child_gets_its_own_state(memnode, run_pager):
-    from pager.uffd._uffd_cffi import ffi, lib
     data = DataSet(8 * MIB, holes=False)
     memnode.seed(data)
     proc, sock = run_pager(*memnode_args(memnode))
@@ -51,11 +51,8 @@ def test_forked_child_gets_its_own_state(memnode, run_pager):
     probe = 6 * MIB + 3 * PAGE + 16
     expect = bytearray(PAGE)
     data.fill(expect, probe & ~(PAGE - 1))
-    bg = ffi.new("struct ssi_bg *")
-    bg.op, bg.a, bg.b = lib.SSI_BG_FORK_READ, c.base + probe, expect[probe % PAGE]
-    assert lib.ssi_bg_start(bg) == 0
-    assert lib.ssi_bg_wait(bg, int(30e9)), "forked child never finished"
-    assert bg.result == 0, f"child saw the wrong byte (wait status {bg.result})"
+    status = Background.fork_read(c.base + probe, expect[probe % PAGE]).start().result(30)
+    assert status == 0, f"child saw the wrong byte (wait status {status})"
     # the parent keeps being served after the fork
     wait_or_fail(c.touch(threads=2))
     assert c.check(data) == []
@@ -217,20 +214,8 @@ def _libc_map(size: int) -> int:
     return addr
 
 
-def _bg(op: int, a: int, b: int = 0, c: int = 0, d: int = 0) -> int:
-    """A syscall that blocks until the pager reads its event, on a C thread."""
-    from pager.uffd._uffd_cffi import ffi, lib
-    bg = ffi.new("struct ssi_bg *")
-    bg.op, bg.a, bg.b, bg.c, bg.d = op, a, b, c, d
-    assert lib.ssi_bg_start(bg) == 0
-    assert lib.ssi_bg_wait(bg, int(30e9)), "the pager never read the layout event"
-    return bg.result
-
-
 def test_mremap_and_munmap_keep_the_region_table_right(memnode, run_pager):
     import socket as socketmod
-
-    from pager.uffd._uffd_cffi import lib
 
     from pager.handoff import send_handshake
     from pager.uffd.binding import Userfaultfd
@@ -248,13 +233,13 @@ def test_mremap_and_munmap_keep_the_region_table_right(memnode, run_pager):
                    [u.fileno()])
     wait_or_fail(Touch(base, MIB, threads=2).start())  # first MiB present before the move
     target = _libc_map(size)  # somewhere else to move to (MREMAP_FIXED replaces it)
-    new = _bg(lib.SSI_BG_MREMAP, base, size, size, target)
+    new = Background.mremap(base, size, size, target).start().result(30)
     assert new == target != base
     wait_or_fail(Touch(new, size, threads=3, order="rand").start())
-    assert lib.ssi_pattern_check_at(new, size, data.seed, 2 * MIB) < 0
+    assert check_pattern((new, size), data.seed, 2 * MIB) < 0
     # unmap the middle; the rest is still served at the right offsets
-    assert _bg(lib.SSI_BG_MUNMAP, new + MIB, MIB) == 0
-    assert lib.ssi_pattern_check_at(new + 2 * MIB, 2 * MIB, data.seed, 4 * MIB) < 0
+    assert Background.munmap(new + MIB, MIB).start().result(30) == 0
+    assert check_pattern((new + 2 * MIB, 2 * MIB), data.seed, 4 * MIB) < 0
     log = proc.log.read_text()
     assert "no region covers" not in log and "fault thread failed" not in log
     u.close()
