@@ -314,23 +314,27 @@ def socket_live(path: str) -> bool:
         s.close()
 
 
-def start_pager(sock: Path, args: argparse.Namespace, space: str,
-                memnode: str) -> subprocess.Popen:
-    """Start `ssi-pager serve` for this guest; returns once its socket accepts connections."""
-    cmd = [sys.executable, "-m", "pager.cli"]
-    cmd += ["-v"] * args.verbose if getattr(args, "verbose", 0) else []
-    cmd += ["serve", "--socket", str(sock), "--space", space, "--memnode", memnode]
-    if args.token_file:
-        cmd += ["--token-file", args.token_file]
-    cmd += list(args.pager_arg or [])
+def spawn_pager(sock: Path, memnode: str, token_file: str | None, extra: list[str], *,
+                prefix: list[str] | None = None, log: Path | None = None,
+                verbose: int = 0) -> subprocess.Popen:
+    """`ssi-pager serve` on ``sock`` fetching from ``memnode`` (``prefix``: e.g. `ip netns exec
+    NS`; ``log``: output file, else our stderr); returns once the socket is bound."""
+    cmd = [*(prefix or []), sys.executable, "-m", "pager.cli", *["-v"] * verbose, "serve",
+           "--socket", str(sock), "--memnode", memnode]
+    if token_file:
+        cmd += ["--token-file", str(token_file)]
+    cmd += extra
     with contextlib.suppress(FileNotFoundError):
         sock.unlink()
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+    with open(log, "ab") if log else contextlib.nullcontext() as out:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                preexec_fn=die_with_parent)
     deadline = time.monotonic() + PAGER_START_TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-800:] if log else "see its messages above"
             raise VmError(f"the pager exited with code {proc.returncode} before listening "
-                          f"(command: {' '.join(cmd)}); see its messages above")
+                          f"(command: {' '.join(cmd)}): {tail}")
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(sock.stat().st_mode):
                 return proc  # bound; the shim retries a connect refused before listen()
@@ -339,30 +343,44 @@ def start_pager(sock: Path, args: argparse.Namespace, space: str,
     raise VmError(f"the pager did not listen on {sock} within {PAGER_START_TIMEOUT:.0f} s")
 
 
+def start_pager(sock: Path, args: argparse.Namespace, space: str,
+                memnode: str) -> subprocess.Popen:
+    """The pager `vm` starts for one guest (output on our stderr)."""
+    return spawn_pager(sock, memnode, args.token_file,
+                       ["--space", space, *(args.pager_arg or [])],
+                       verbose=getattr(args, "verbose", 0) or 0)
+
+
 MEMNODE_LISTENING = re.compile(r"listening on (\S+)")
 
 
-def start_local_memnode(d: Path, token_file: str | None) -> tuple[subprocess.Popen, str]:
-    """A memory node on loopback for a guest run without --memnode (fresh RAM: all zero)."""
-    store = d / "store"
-    logf = d / "memnode.log"
-    cmd = [sys.executable, "-m", "pager.cli", "memnode", "--listen", "127.0.0.1:0",
+def spawn_memnode(store: Path, log: Path, token_file: str | None,
+                  listen: str = "127.0.0.1:0", prefix: list[str] | None = None
+                  ) -> tuple[subprocess.Popen, str]:
+    """`ssi-pager memnode` (``prefix``: e.g. `ip netns exec NS`); (process, endpoint) once it
+    listens. Output goes to ``log`` (a pipe nobody reads could fill and block it)."""
+    cmd = [*(prefix or []), sys.executable, "-m", "pager.cli", "memnode", "--listen", listen,
            "--store", str(store)]
     if token_file:
-        cmd += ["--token-file", token_file]
-    with open(logf, "wb") as log_out:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_out, stderr=log_out,
+        cmd += ["--token-file", str(token_file)]
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                 preexec_fn=die_with_parent)
     deadline = time.monotonic() + PAGER_START_TIMEOUT
     while time.monotonic() < deadline:
-        m = MEMNODE_LISTENING.search(logf.read_text(errors="replace"))
+        m = MEMNODE_LISTENING.search(log.read_text(errors="replace"))
         if m:
             return proc, m.group(1)
         if proc.poll() is not None:
             break
         time.sleep(0.05)
     stop_process(proc)
-    raise VmError(f"the local memory node did not start: {logf.read_text(errors='replace')}")
+    raise VmError(f"the memory node did not start: {log.read_text(errors='replace')[-800:]}")
+
+
+def start_local_memnode(d: Path, token_file: str | None) -> tuple[subprocess.Popen, str]:
+    """A memory node on loopback for a guest run without --memnode (fresh RAM: all zero)."""
+    return spawn_memnode(d / "store", d / "memnode.log", token_file)
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 5.0) -> None:

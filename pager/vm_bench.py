@@ -26,7 +26,6 @@ import contextlib
 import importlib.util
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -64,48 +63,19 @@ def guest_builder() -> ModuleType:
 
 # --- services ---------------------------------------------------------------------------------
 
-LISTENING = re.compile(r"listening on (\S+)")
-
-
 def start_memnode(workdir: Path, token_file: Path, listen: str = "127.0.0.1:0",
                   prefix: list[str] | None = None) -> tuple[subprocess.Popen, str]:
-    """`ssi-pager memnode` (optionally inside a namespace via ``prefix``); (process, endpoint)."""
-    logf = workdir / f"memnode-{time.monotonic_ns()}.log"
-    cmd = [*(prefix or []), sys.executable, "-m", "pager.cli", "memnode", "--listen", listen,
-           "--store", str(workdir / "store"), "--token-file", str(token_file)]
-    with open(logf, "wb") as out:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                preexec_fn=vm.die_with_parent)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        m = LISTENING.search(logf.read_text(errors="replace"))
-        if m:
-            return proc, m.group(1)
-        if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    vm.stop_process(proc)
-    raise VmError(f"memory node did not start: {logf.read_text(errors='replace')[-500:]}")
+    """A memory node with its store in ``workdir`` (``prefix``: e.g. `ip netns exec NS`)."""
+    return vm.spawn_memnode(workdir / "store", workdir / f"memnode-{time.monotonic_ns()}.log",
+                            str(token_file), listen, prefix)
 
 
 def start_pager(sock: Path, memnode: str, token_file: Path, logf: Path,
                 extra: list[str] | None = None,
                 prefix: list[str] | None = None) -> subprocess.Popen:
-    """`ssi-pager serve` (optionally inside a namespace via ``prefix``)."""
-    cmd = [*(prefix or []), sys.executable, "-m", "pager.cli", "serve", "--socket", str(sock),
-           "--memnode", memnode, "--token-file", str(token_file), *(extra or [])]
-    with open(logf, "ab") as out:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                preexec_fn=vm.die_with_parent)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if sock.exists():
-            return proc
-        if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    vm.stop_process(proc)
-    raise VmError(f"pager did not start: {logf.read_text(errors='replace')[-500:]}")
+    """A pager logging to ``logf`` (``prefix``: e.g. `ip netns exec NS`)."""
+    return vm.spawn_pager(sock, memnode, str(token_file), list(extra or []), prefix=prefix,
+                          log=logf)
 
 
 @contextlib.contextmanager
