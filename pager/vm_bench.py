@@ -6,6 +6,7 @@ One JSON object per line (`name`, `wall_s`, `ratio`, and details):
   vm_baseline            the test guest under plain QEMU (median of --repeat runs)
   vm_pager_local         the same guest with all RAM behind the pager, memory node on loopback
   vm_pager_netns         ... memory node in another network namespace, across a veth link
+  vm_boot_baseline, vm_boot_pager_local   boot to power-off alone (workload of 1 MiB)
   vm_resume_full_load_migration  ordinary QEMU migration (RAM in the stream, via a local file)
                          after pass 1: time from starting the new QEMU to first guest output
   vm_resume_full_load_memnode    `vm suspend`, then resume loading all stored RAM from the
@@ -293,6 +294,16 @@ def run(args: argparse.Namespace) -> int:
                   "mem_mib": args.mem_mib, "work_mib": args.work_mib})
             emit({"name": "vm_pager_local", "wall_s": round(w, 3), "ratio": round(w / b, 3),
                   "runs": walls, "goal_ratio_max": 1.10})
+            # boot alone (the workload touches 1 MiB): kernel + initramfs + power-off
+            boot = gb.build(args.mem_mib, 1, 1).qemu_args()
+            bb, bp = [], []
+            for i in range(reps):
+                bb.append(run_plain(boot)[0])
+                bp.append(run_paged(a, boot, f"bench-boot-{i}")[0])
+            b0, p0 = statistics.median(bb), statistics.median(bp)
+            emit({"name": "vm_boot_baseline", "wall_s": round(b0, 3), "ratio": 1.0, "runs": bb})
+            emit({"name": "vm_boot_pager_local", "wall_s": round(p0, 3),
+                  "ratio": round(p0 / b0, 3), "runs": bp})
         rguest = gb.build(args.resume_mem_mib, args.resume_work_mib, args.passes)
         rexpected = gb.expected_checksums(args.resume_work_mib, args.passes)
         rplain = rguest.qemu_args()
