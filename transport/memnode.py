@@ -5,19 +5,26 @@ Each connection is a `NodeConnection` (BufferedProtocol): received bytes land in
 (and a close when the stream cannot be trusted); other connections are never affected.
 A client that stops reading makes the node stop reading from it (write-side flow control),
 so no client can make the node queue unbounded replies.
+
+A pager's fault-lane connection (HELLO ``"lane": "fault"``) is served by the C loop of
+`transport.fastlane` while it sends nothing but FETCH frames; anything else comes back here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import threading
 from collections import Counter
 from typing import Any
 
+from transport import fastlane
 from transport.errors import ProtocolError, StoreError
 from transport.protocol import (
     DEFAULT_MAX_SPACE_BYTES,
+    FAULT_LANE,
     HEADER,
     HEADER_SIZE,
     MAGIC,
@@ -42,6 +49,7 @@ from transport.store import PageStore
 from transport.tcp import start_server, tune_socket
 
 log = logging.getLogger(__name__)
+_fastlane_enabled = fastlane.enabled
 
 _ZEROS = bytes(1 << 17)  # PONG payloads for bandwidth probes
 _DATA = int(T.DATA)
@@ -59,10 +67,13 @@ class NodeConnection(asyncio.BufferedProtocol):
         self.peer = "?"
         self.paused = False  # the transport's write buffer is full
         self.reading_paused = False
+        self.fault_lane = False  # HELLO said "lane": "fault" and the node serves those in C
         self.closing = False
         self.eof = False
         self._scheduled = False
         self._timer: asyncio.TimerHandle | None = None
+        self.lane: fastlane.FastLane | None = None  # set for a fault lane served in C
+        self.in_c = False  # the C loop owns the socket now
         # BufferedProtocol: received bytes land straight in the session's frame buffer
         self.get_buffer = self.session.reader.get_buffer
 
@@ -82,6 +93,10 @@ class NodeConnection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
+        if self.lane is not None:
+            self.lane.stop()
+            if not self.in_c:
+                self.node.fold_lane(self.lane)
         self.node.connections.discard(self)
         self.node.handshaking.pop(self, None)
         if self._timer:
@@ -108,7 +123,7 @@ class NodeConnection(asyncio.BufferedProtocol):
     def _flow(self) -> None:
         """Stop reading while replies back up or the frame buffer is nearly full, so no
         client can make the node buffer without bound; resume when that clears."""
-        if self.transport is None or self.closing:
+        if self.transport is None or self.closing or self.in_c:
             return
         stop = self.paused or self.session.reader.nearly_full()
         if stop != self.reading_paused:
@@ -127,8 +142,60 @@ class NodeConnection(asyncio.BufferedProtocol):
 
     def _close(self) -> None:
         self.closing = True
+        if self.lane is not None:
+            self.lane.stop()
         if self.transport is not None:
             self.transport.close()
+
+    # the C fault lane
+    def _to_c(self) -> None:
+        """Hand the socket to the C loop if this is an idle, authenticated fault lane."""
+        session = self.session
+        transport = self.transport
+        if (self.closing or self.eof or self.paused or self.reading_paused
+                or transport is None or not session.authenticated or session.reader.buffered()
+                or transport.get_write_buffer_size()):
+            return
+        if self.lane is None:
+            self.lane = fastlane.FastLane(session.max_space_bytes)
+        names = session.spaces
+        sock = transport.get_extra_info("socket")
+        if not self.lane.can_serve(names) or sock is None:
+            return
+        try:
+            spaces = [self.node.store.open(name) for name in names]
+        except StoreError:
+            return  # the Python path reports it on the next request
+        transport.pause_reading()
+        self.in_c = True
+        loop = asyncio.get_running_loop()
+
+        def done(rc: int) -> None:  # on the lane's thread
+            with contextlib.suppress(RuntimeError):  # the loop is gone: the node stops
+                loop.call_soon_threadsafe(self._from_c, rc)
+
+        self.lane.start(sock.fileno(), list(names), spaces, done)
+
+    def _from_c(self, rc: int) -> None:
+        """The C loop returned: take the connection back with its unconsumed bytes."""
+        assert self.lane is not None
+        leftover = self.lane.finish()
+        self.in_c = False
+        if self.closing:
+            self.node.fold_lane(self.lane)
+            return
+        if rc == fastlane.ERROR:
+            log.info("memnode: %s: connection failed: %s", self.peer,
+                     os.strerror(self.lane.c.err))
+            self._close()
+            return
+        if leftover:
+            self.session.receive_data(leftover)
+        if rc == fastlane.EOF_:
+            self.eof = True  # answer what is left, then close (as eof_received does)
+        else:
+            self.transport.resume_reading()  # type: ignore[union-attr]
+        self._drain()
 
     # request handling
     def _drain(self) -> None:
@@ -136,6 +203,8 @@ class NodeConnection(asyncio.BufferedProtocol):
         `BULK_TURN` at a time, then the loop gets control back, so a fault's fetch on another
         connection never waits behind a whole bulk stream."""
         self._scheduled = False
+        if self.in_c:
+            return
         session = self.session
         write = self.transport.write  # type: ignore[union-attr]
         budget = BULK_TURN
@@ -172,6 +241,8 @@ class NodeConnection(asyncio.BufferedProtocol):
                 break
         if self.paused or self.reading_paused or session.reader.nearly_full():
             self._flow()
+        elif self.fault_lane and not self.closing:
+            self._to_c()
 
     def _fetch(self, ev: Fetch) -> Any:
         npages = ev.length >> PAGE_SHIFT
@@ -218,6 +289,7 @@ class NodeConnection(asyncio.BufferedProtocol):
             return session.opened(ev.request_id, ev.space)
         if type(ev) is Hello:
             self.node.count("hello", "ok")
+            self.fault_lane = ev.lane == FAULT_LANE and self.node.fastlane
             if self.node.token is None:  # insecure mode: ready after HELLO
                 self.node.handshaking.pop(self, None)
             return session.welcome(ev.request_id)
@@ -238,7 +310,8 @@ class MemoryNode:
     def __init__(self, store: PageStore, *, token: bytes | None, host: str = "127.0.0.1",
                  port: int | None = None, name: str = "memnode",
                  max_space_bytes: int = DEFAULT_MAX_SPACE_BYTES,
-                 handshake_timeout: float = 10.0, max_handshaking: int = 64) -> None:
+                 handshake_timeout: float = 10.0, max_handshaking: int = 64,
+                 fastlane: bool | None = None) -> None:
         self.store = store
         self.token = token
         self.host = host
@@ -253,6 +326,9 @@ class MemoryNode:
         self.requests: Counter[tuple[str, str]] = Counter()
         self.counters: Counter[str] = Counter()
         self._server: asyncio.Server | None = None
+        # fault lanes in C (None: unless $SSI_PAGER_NO_FASTLANE); False without the extension
+        self.fastlane = _fastlane_enabled(fastlane)
+        self._lane_lock = threading.Lock()  # stats() may run on another thread (metrics)
 
     def admit(self, conn: NodeConnection) -> None:
         """Track an unauthenticated connection; past `max_handshaking` the oldest such one is
@@ -294,15 +370,41 @@ class MemoryNode:
             self._server.close()
             for conn in list(self.connections):
                 conn._close()
+            for conn in list(self.connections):
+                if conn.lane is not None:
+                    conn.lane.join()
             await self._server.wait_closed()
             self._server = None
 
+    def fold_lane(self, lane: fastlane.FastLane) -> None:
+        """Move a closed connection's C counters into the node's (on the loop thread)."""
+        fetches, per_space = lane.counters()
+        with self._lane_lock:
+            self.requests[_FETCH_OK] += fetches
+            for name, fetched, zero in per_space:
+                space = self.store.spaces.get(name)
+                if space is not None:
+                    space.fetched_pages += fetched
+                    space.zero_pages += zero
+            lane.forget_counters()
+
     def stats(self) -> dict[str, Any]:
         """Requests by op and result, stored pages/bytes in total and per space."""
+        with self._lane_lock:
+            requests = Counter(self.requests)
+            spaces = self.store.stats()
+            for conn in list(self.connections):
+                if conn.lane is None:
+                    continue
+                fetches, per_space = conn.lane.counters()
+                requests[_FETCH_OK] += fetches
+                for name, fetched, zero in per_space:
+                    if name in spaces:
+                        spaces[name]["fetched_pages"] += fetched
+                        spaces[name]["zero_pages"] += zero
         by_op: dict[str, dict[str, int]] = {}
-        for (op, result), n in sorted(self.requests.items()):
+        for (op, result), n in sorted(requests.items()):
             by_op.setdefault(op, {})[result] = n
-        spaces = self.store.stats()
         return {
             "node": self.name,
             "endpoint": self.endpoint,

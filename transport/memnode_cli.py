@@ -42,6 +42,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-space-gib", type=int, default=DEFAULT_MAX_SPACE_BYTES >> 30,
                         help="largest address space served, GiB (default %(default)s)")
     parser.add_argument("--name", default="memnode", help="node name reported to peers")
+    parser.add_argument("--no-fastlane", action="store_true",
+                        help="serve pagers' fault lanes in Python too, not in the C loop "
+                             "(for comparison; also SSI_PAGER_NO_FASTLANE=1)")
     from pager import metrics
 
     metrics.add_metrics_argument(parser)
@@ -61,9 +64,11 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
     else:
         token = ensure_token(args.token_file)
-    store = PageStore(args.store or default_store_dir(), sync=args.fsync)
-    node = MemoryNode(store, token=token, host=host, port=port, name=args.name,
+    store = PageStore(args.store or default_store_dir(), sync=args.fsync,
                       max_space_bytes=args.max_space_gib << 30)
+    node = MemoryNode(store, token=token, host=host, port=port, name=args.name,
+                      max_space_bytes=args.max_space_gib << 30,
+                      fastlane=False if args.no_fastlane else None)
     try:
         return run_loop(_serve(node, args))
     finally:

@@ -17,10 +17,12 @@ Frame = fixed 32-byte little-endian header, then ``length`` payload bytes::
 * STORE carries ``length`` bytes of pages; STORED is sent only after the node wrote them.
 * PING asks for ``arg`` payload bytes back in PONG (0 for an RTT probe, more for bandwidth).
 * ERROR: ``arg`` = `ErrorCode`, payload {"code", "message"}; ``request id`` names the request.
-* Handshake: HELLO {"versions", "node"} -> WELCOME {"version", "auth", "challenge", "node"};
-  if auth: AUTH {"nonce", "mac"} -> AUTH_OK {"mac"} (mutual HMAC-SHA256 over the cluster
+* Handshake: HELLO {"versions", "node"[, "lane"]} -> WELCOME {"version", "auth", "challenge",
+  "node"}; if auth: AUTH {"nonce", "mac"} -> AUTH_OK {"mac"} (mutual HMAC-SHA256 over the cluster
   token, see `client_proof`/`server_proof`); then OPEN {"space"} -> OPENED (space handle).
-  Anything but HELLO/AUTH before authentication closes the connection.
+  Anything but HELLO/AUTH before authentication closes the connection. ``"lane": "fault"``
+  marks a pager's fault thread (one request at a time; the node may serve it from C); nodes
+  that do not know the key ignore it.
 
 Bounds: a frame is at most ``HEADER.size + MAX_DATA`` bytes (control messages `MAX_CONTROL`).
 A bad magic, unsupported header version or oversized length is *fatal* (the stream cannot be
@@ -55,6 +57,7 @@ MAX_CONTROL = 64 * 1024
 MAX_FRAME = HEADER_SIZE + MAX_DATA
 NONCE_SIZE = 32
 DEFAULT_MAX_SPACE_BYTES = 1 << 40  # 1 TiB per address space unless the node says otherwise
+FAULT_LANE = "fault"  # HELLO "lane" of a pager's fault thread (BlockingChannel)
 
 
 class T(enum.IntEnum):
@@ -341,6 +344,7 @@ class Hello:
     request_id: int
     version: int
     node: str
+    lane: str = ""  # "fault": a pager's fault thread (BlockingChannel), one fetch at a time
 
 
 @dataclass(slots=True)
@@ -417,6 +421,7 @@ class ServerSession:
         self.state = _AWAIT_HELLO
         self.version = VERSION
         self.peer_node = "?"
+        self.lane = ""  # what the client said the connection is for (HELLO "lane")
         self.spaces: list[str] = []  # handle - 1 -> name
         self._space_ids: dict[str, int] = {}
         self.reader = FrameReader()
@@ -515,8 +520,10 @@ class ServerSession:
                                 ErrorCode.VERSION, fatal=True, request_id=req)
         self.version = version
         self.peer_node = str(obj.get("node", "?"))[:64]
+        lane = obj.get("lane", "")
+        self.lane = lane[:16] if isinstance(lane, str) else ""
         self.state = _AWAIT_AUTH if self.token is not None else _READY
-        return Hello(req, version, self.peer_node)
+        return Hello(req, version, self.peer_node, self.lane)
 
     def welcome(self, request_id: int, **extra: Any) -> bytes:
         return encode_control(T.WELCOME, request_id, {
@@ -562,7 +569,7 @@ class ClientHandshake:
     """
 
     def __init__(self, token: bytes | None, space: str, *, node: str = "client",
-                 nonce: bytes) -> None:
+                 nonce: bytes, lane: str = "") -> None:
         if not valid_space_name(space):
             raise ProtocolError(f"bad address space name {space!r}: use 1-64 characters of "
                                 f"letters, digits, '-', '_', '.'", ErrorCode.BAD_MESSAGE)
@@ -570,6 +577,7 @@ class ClientHandshake:
         self.space_name = space
         self.node = node
         self.nonce = nonce
+        self.lane = lane
         self.done = False
         self.space = 0
         self.version = 0
@@ -578,8 +586,10 @@ class ClientHandshake:
         self._challenge = b""
 
     def start(self) -> bytes:
-        return encode_control(T.HELLO, 1, {"versions": list(SUPPORTED_VERSIONS),
-                                           "node": self.node})
+        hello: dict[str, Any] = {"versions": list(SUPPORTED_VERSIONS), "node": self.node}
+        if self.lane:  # nodes that do not know the key ignore it
+            hello["lane"] = self.lane
+        return encode_control(T.HELLO, 1, hello)
 
     def _open(self) -> bytes:
         return encode_control(T.OPEN, 3, {"space": self.space_name})

@@ -7,29 +7,44 @@ reading or sending 4 KiB of zeros. A write is ``pwrite`` before it is acknowledg
 node (even ``kill -9``) loses no acknowledged page, since the data is in the kernel's page
 cache; ``sync=True`` adds ``fdatasync`` per write for power loss.
 
+The bitmap is a fixed-capacity anonymous mapping (one bit per page up to the node's address space
+limit; untouched parts cost no memory), so its address never changes: the memory node's C fault
+lane (`transport.fastlane`) reads it from its own thread while stores set bits here, under the
+space's lock and only after their pwrite returned.
+
 If the filesystem allocates in blocks larger than 4 KiB, neighbours of a written page also
 count as written after a restart; they then read back as real zeros, which is still correct.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+import mmap
 import os
 import threading
 from pathlib import Path
 
 from transport.errors import StoreError
-from transport.protocol import PAGE_SHIFT, PAGE_SIZE, valid_space_name
+from transport.protocol import (
+    DEFAULT_MAX_SPACE_BYTES,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    valid_space_name,
+)
 from transport.token import private_dir
 
 log = logging.getLogger(__name__)
+
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)  # Linux value; mmap lacks it before 3.12
 
 
 class Space:
     """One address space: a sparse file plus the bitmap of written pages."""
 
-    def __init__(self, name: str, path: Path, *, sync: bool = False) -> None:
+    def __init__(self, name: str, path: Path, *, sync: bool = False,
+                 max_bytes: int = DEFAULT_MAX_SPACE_BYTES) -> None:
         self.name = name
         self.path = path
         self.sync = sync
@@ -39,7 +54,16 @@ class Space:
         except OSError as exc:
             raise StoreError(f"cannot open page file {path}: {exc.strerror}; check the store "
                              f"directory's permissions and free space", errno=exc.errno) from exc
-        self._bits = bytearray()
+        try:
+            size = os.fstat(self.fd).st_size
+        except OSError as exc:
+            os.close(self.fd)
+            raise StoreError(f"cannot stat page file {path}: {exc.strerror}",
+                             errno=exc.errno) from exc
+        # one bit per page up to the limit (or the file's end, if a larger limit wrote it)
+        self.capacity_pages = (max(max_bytes, size) + PAGE_SIZE - 1) >> PAGE_SHIFT
+        self._bits = mmap.mmap(-1, max((self.capacity_pages + 7) >> 3, 1),
+                               flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
         self.pages = 0
         # served since start (the memory node's stats)
         self.fetched_pages = 0
@@ -52,6 +76,13 @@ class Space:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        with contextlib.suppress(BufferError):  # a fault lane still points at it: unmapped
+            self._bits.close()                   # when that lets go
+
+    @property
+    def bitmap(self) -> mmap.mmap:
+        """The written-page bitmap (bit p of byte p >> 3 = page p written); fixed address."""
+        return self._bits
 
     def _scan(self) -> None:
         off = 0
@@ -69,9 +100,9 @@ class Space:
         log.info("space %s: %d written pages in %s", self.name, self.pages, self.path)
 
     def _mark(self, first: int, count: int) -> None:
-        need = (first + count + 7) >> 3
-        if len(self._bits) < need:
-            self._bits.extend(bytes(need - len(self._bits) + 4096))
+        if first + count > self.capacity_pages:
+            raise StoreError(f"pages {first}+{count} of space {self.name} beyond its "
+                             f"{self.capacity_pages}-page bitmap")
         before = self._written_bits(first, count)
         self.pages += count - before.bit_count()
         # set the bits byte-wise: whole bytes at once, the partial ends bit by bit
@@ -161,9 +192,11 @@ class Space:
 class PageStore:
     """All address spaces of one memory node, under one 0700 directory."""
 
-    def __init__(self, root: str | os.PathLike[str], *, sync: bool = False) -> None:
+    def __init__(self, root: str | os.PathLike[str], *, sync: bool = False,
+                 max_space_bytes: int = DEFAULT_MAX_SPACE_BYTES) -> None:
         self.root = Path(root)
         self.sync = sync
+        self.max_space_bytes = max_space_bytes
         try:
             private_dir(self.root)
         except OSError as exc:
@@ -180,7 +213,8 @@ class PageStore:
             if not valid_space_name(name):
                 raise StoreError(f"bad address space name {name!r}")
             space = self.spaces[name] = Space(name, self.root / f"{name}.pages",
-                                              sync=self.sync)
+                                              sync=self.sync,
+                                              max_bytes=self.max_space_bytes)
         return space
 
     def close(self) -> None:

@@ -27,6 +27,7 @@ from transport.errors import (
     TransportError,
 )
 from transport.protocol import (
+    FAULT_LANE,
     HEADER,
     HEADER_SIZE,
     MAGIC,
@@ -189,7 +190,7 @@ class BlockingChannel:
         self.sock = sock
         try:
             hs = ClientHandshake(self.token, self.space_name, node=self.node,
-                                 nonce=os.urandom(NONCE_SIZE))
+                                 nonce=os.urandom(NONCE_SIZE), lane=FAULT_LANE)
             sock.sendall(hs.start())
             while not hs.done:
                 out = hs.receive(self._read_reply())

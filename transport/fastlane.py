@@ -1,0 +1,134 @@
+"""The memory node's C fault lane: FETCH frames of a pager's fault-lane connection served by
+a thread that does not hold the GIL (`transport._cffi_src.fastlane` has the loop).
+
+Python keeps everything else. `MemoryNode` hands a connection over (`FastLane.start`) only when
+it announced ``"lane": "fault"`` in HELLO, finished the handshake, opened a space and has no
+buffered bytes or unsent replies; the C loop answers FETCH frames until it meets anything else
+and then hands the connection back with its unconsumed bytes (`FastLane.finish`), so every
+other frame, good or bad, is answered by the same Python code as on any other connection.
+
+The extension is optional: without it (or with ``SSI_PAGER_NO_FASTLANE=1`` or
+``memnode --no-fastlane``) the node serves every connection in Python.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from transport.protocol import HEADER_SIZE, MAX_DATA, MAX_FRAME
+from transport.store import Space
+
+log = logging.getLogger(__name__)
+
+try:
+    from transport._fastlane_cffi import ffi, lib
+except ImportError as _exc:  # not built: the Python path serves everything
+    ffi = lib = None
+    _MISSING = str(_exc)
+else:
+    _MISSING = ""
+
+ENV_OFF = "SSI_PAGER_NO_FASTLANE"
+HANDBACK = lib.SSI_FL_HANDBACK if lib is not None else 1
+EOF_ = lib.SSI_FL_EOF if lib is not None else 2
+ERROR = lib.SSI_FL_ERROR if lib is not None else 3
+MAX_SPACES = lib.SSI_FL_MAX_SPACES if lib is not None else 0
+
+
+def enabled(requested: bool | None = None) -> bool:
+    """Whether the node should use the C fault lane: ``requested`` (None: unless
+    $SSI_PAGER_NO_FASTLANE is set) and the extension is built."""
+    if requested is None:
+        requested = os.environ.get(ENV_OFF, "") in ("", "0")
+    if requested and lib is None:
+        log.debug("memnode: C fault lane unavailable (%s); serving every connection in "
+                  "Python (pip install -e . builds it)", _MISSING)
+    return bool(requested and lib is not None)
+
+
+class FastLane:
+    """One connection's C lane: buffers, the C state and its counters, the serving thread."""
+
+    def __init__(self, max_space_bytes: int) -> None:
+        assert ffi is not None
+        self._in = ffi.new("uint8_t[]", 2 * MAX_FRAME)
+        self._out = ffi.new("uint8_t[]", HEADER_SIZE + MAX_DATA)
+        c = self.c = ffi.new("struct ssi_fl_conn *")
+        c.fd = -1
+        c.max_space_bytes = max_space_bytes
+        self._bitmaps: list[Any] = []  # keeps the bitmaps' buffer exports alive
+        self._names: list[str] = []
+        self.thread: threading.Thread | None = None
+
+    def can_serve(self, names: list[str]) -> bool:
+        return 0 < len(names) <= MAX_SPACES
+
+    def start(self, sock_fd: int, names: list[str], spaces: list[Space],
+              done: Callable[[int], None]) -> None:
+        """Serve FETCH frames on a duplicate of ``sock_fd`` from a new thread; ``done(rc)``
+        is called from that thread when the C loop returns."""
+        c = self.c
+        c.fd = os.dup(sock_fd)
+        c.nspaces = len(spaces)
+        c.pos = c.end = 0
+        c.inbuf = self._in
+        c.in_cap = len(self._in)
+        c.out = self._out
+        c.out_cap = len(self._out)
+        if names != self._names:
+            self._bitmaps = []
+            for i, space in enumerate(spaces):
+                slot = c.spaces[i]
+                if space.fd < 0:
+                    slot.fd = -1
+                    continue
+                bits = ffi.from_buffer("uint8_t[]", space.bitmap)
+                self._bitmaps.append(bits)
+                slot.fd = space.fd
+                slot.bits = bits
+                slot.nbits = min(space.capacity_pages, len(space.bitmap) * 8)
+            self._names = list(names)
+
+        def run() -> None:
+            done(lib.ssi_fl_serve(c))
+
+        self.thread = threading.Thread(target=run, name="memnode-fastlane", daemon=True)
+        self.thread.start()
+
+    def finish(self) -> bytes:
+        """After the loop returned: close the duplicate, return the unconsumed bytes."""
+        c = self.c
+        self.thread = None
+        if c.fd >= 0:
+            os.close(c.fd)
+            c.fd = -1
+        return bytes(ffi.buffer(c.inbuf + c.pos, c.end - c.pos))
+
+    def stop(self) -> None:
+        """Make a running loop return (the node closes the connection)."""
+        if self.thread is not None and self.c.fd >= 0:
+            lib.ssi_fl_stop(self.c)
+
+    def join(self, timeout: float = 2.0) -> None:
+        t = self.thread
+        if t is not None:
+            t.join(timeout)
+
+    def forget_counters(self) -> None:
+        """Zero the C counters (they were folded into the node's); only while not serving."""
+        c = self.c
+        c.fetch_ok = 0
+        for i in range(len(self._names)):
+            c.spaces[i].fetched_pages = c.spaces[i].zero_pages = 0
+
+    def counters(self) -> tuple[int, list[tuple[str, int, int]]]:
+        """FETCH requests answered, and per space (name, pages fetched, zero pages)."""
+        c = self.c
+        per = [(name, int(lib.ssi_fl_load(ffi.addressof(c.spaces[i], "fetched_pages"))),
+                int(lib.ssi_fl_load(ffi.addressof(c.spaces[i], "zero_pages"))))
+               for i, name in enumerate(self._names)]
+        return int(lib.ssi_fl_load(ffi.addressof(c, "fetch_ok"))), per
