@@ -49,6 +49,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
             importlib.import_module(module).configure(p)
     bench = sub.add_parser("bench", help="benchmarks printing JSON lines",
                            description="benchmarks printing one JSON object per line")
+    bench.set_defaults(_help=bench)
     bsub = bench.add_subparsers(dest="bench", metavar="KIND")
     if chosen == "bench":
         kind = next((a for a in argv[argv.index("bench") + 1:] if not a.startswith("-")), None)
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     module = getattr(args, "_module", None)
     if module is None:
-        parser.print_help(sys.stderr)
+        getattr(args, "_help", parser).print_help(sys.stderr)
         return 2
     setup_logging(args.verbose)
     from pager.errors import PagerError
