@@ -36,8 +36,8 @@ class RawClient:
                 return None
             self.reader.receive_data(data)
 
-    def handshake(self, token: bytes | None, space: str = "raw") -> RawClient:
-        hs = ClientHandshake(token, space, nonce=os.urandom(NONCE_SIZE))
+    def handshake(self, token: bytes | None, space: str = "raw", lane: str = "") -> RawClient:
+        hs = ClientHandshake(token, space, nonce=os.urandom(NONCE_SIZE), lane=lane)
         self.send(hs.start())
         while not hs.done:
             r = self.reply()
