@@ -260,3 +260,29 @@ def _alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_suspend_resume_twice(guest, expected, checksums, runtime, pager, memnode, token):
+    """Suspend, resume, suspend the resumed guest again, resume: pages the second run never
+    touched still come from the first suspend, and the result is still the uninterrupted one."""
+    common = ["--memnode", memnode, "--token-file", str(token), "--pager", str(pager.socket)]
+    seen = ""
+    start = vm_cmd(*common, "--name", "twice", "--", *guest.qemu_args())
+    for stop_at in ("pass 1 checksum", " checksum "):  # then the resumed run's first one
+        proc = subprocess.Popen(start, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        try:
+            seen += read_until(proc, stop_at)
+            sus = subprocess.run(vm_cmd("suspend", "twice"), capture_output=True, text=True,
+                                 timeout=RUN_TIMEOUT)
+            assert sus.returncode == 0, sus.stderr
+            out, err = proc.communicate(timeout=RUN_TIMEOUT)
+        finally:
+            proc.kill()
+        assert proc.returncode == 0, err[-2000:]
+        seen += out
+        start = vm_cmd("resume", "twice", *common, "--", *guest.qemu_args())
+    assert "RESULT" not in seen, "the guest finished before its second suspend"
+    res = subprocess.run(start, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert checksums(seen + res.stdout) == expected
