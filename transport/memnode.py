@@ -74,6 +74,10 @@ class NodeConnection(asyncio.BufferedProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self.lane: fastlane.FastLane | None = None  # set for a fault lane served in C
         self.in_c = False  # the C loop owns the socket now
+        # the last request answered here was a FETCH (or the handshake's OPEN): go back to C;
+        # after anything else stay here until the next FETCH, so a stream of stores or pings
+        # on a fault lane is not bounced between Python and C
+        self.c_ready = False
         # BufferedProtocol: received bytes land straight in the session's frame buffer
         self.get_buffer = self.session.reader.get_buffer
 
@@ -215,6 +219,7 @@ class NodeConnection(asyncio.BufferedProtocol):
                 self.node.count("bad_frame", ErrorCode(exc.code).name.lower())
                 log.info("memnode: %s: %s", self.peer, exc)
                 write(encode_error(exc.request_id, exc.code, str(exc)))
+                self.c_ready = False
                 if exc.fatal:
                     self._close()
                     return
@@ -226,12 +231,15 @@ class NodeConnection(asyncio.BufferedProtocol):
                 break
             if type(ev) is Fetch:
                 write(self._fetch(ev))
+                self.c_ready = True
                 if ev.flags & _URGENT:
                     continue
             elif type(ev) is Store:
                 write(self._store(ev))
+                self.c_ready = False
             else:
                 write(self._control(ev))
+                self.c_ready = type(ev) is Open
                 continue
             budget -= 1
             if not budget:
@@ -241,7 +249,7 @@ class NodeConnection(asyncio.BufferedProtocol):
                 break
         if self.paused or self.reading_paused or session.reader.nearly_full():
             self._flow()
-        elif self.fault_lane and not self.closing:
+        elif self.fault_lane and self.c_ready and not self.closing:
             self._to_c()
 
     def _fetch(self, ev: Fetch) -> Any:

@@ -207,15 +207,17 @@ static int ssi_fl_frame(struct ssi_fl_conn *c)
     memcpy(o + 24, &nbytes, 4);
     memcpy(o + 28, &full, 4);
     c->pos += SSI_FL_HDR;
-    if (ssi_fl_send_all(c->fd, o, SSI_FL_HDR + nbytes) < 0) {
-        c->err = errno;
-        return -1;
-    }
+    /* counted before the reply leaves, so a client that saw it also sees it in the stats
+       (the Python path counts when it queues the reply) */
     __atomic_fetch_add(&sp->fetched_pages, npages, __ATOMIC_RELAXED);
     if (full)
         __atomic_fetch_add(&sp->zero_pages, (uint64_t)__builtin_popcount(full),
                            __ATOMIC_RELAXED);
     __atomic_fetch_add(&c->fetch_ok, 1, __ATOMIC_RELAXED);
+    if (ssi_fl_send_all(c->fd, o, SSI_FL_HDR + nbytes) < 0) {
+        c->err = errno;
+        return -1;
+    }
     return 0;
 }
 
