@@ -102,6 +102,11 @@ class _RefnodeLane(Lane):
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.req = bytearray(12)
 
+    c_capable = True
+
+    def c_endpoint(self, space: str | None) -> tuple[int, str, int] | None:
+        return self.sock.fileno(), "raw", 0
+
     def fetch_into(self, space: str | None, gpa: int, buf: memoryview) -> int:
         struct.pack_into("<QI", self.req, 0, gpa, len(buf))
         self.sock.sendall(self.req)

@@ -26,7 +26,18 @@ from pager.region import Region
 log = logging.getLogger(__name__)
 
 class Lane(ABC):
-    """One thread's connection to a source."""
+    """One thread's connection to a source.
+
+    ``c_capable`` lanes can hand the engine's C fault loop their connections:
+    ``c_endpoint(space)`` -> ``(socket fd, wire, space handle)``, wire "ssip" (the memory
+    node's FETCH) or "raw" (``{u64 offset, u32 length}`` -> raw bytes), connecting if needed
+    (raises like ``fetch_into``); None when that space cannot be served from C.
+    """
+
+    c_capable = False
+
+    def c_endpoint(self, space: str | None) -> tuple[int, str, int] | None:
+        return None
 
     @abstractmethod
     def fetch_into(self, space: str | None, gpa: int, buf: memoryview) -> int: ...
@@ -92,6 +103,13 @@ class _MemnodeLane(Lane):
             ch = BlockingChannel.connect(self.src.endpoint, self.src.token, name)
             self.channels[name] = ch
         return ch
+
+    c_capable = True
+
+    def c_endpoint(self, space: str | None) -> tuple[int, str, int] | None:
+        ch = self._channel(space)
+        fd = ch.fileno()
+        return None if fd < 0 else (fd, "ssip", ch.space)
 
     def fetch_into(self, space: str | None, gpa: int, buf: memoryview) -> int:
         # the channel pipelines requests larger than one FETCH frame itself

@@ -11,14 +11,14 @@ import sys
 # (importing ``pager.uffd`` here would need the extension that is being built).
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _cffi_src import mman, toucher, userfaultfd
+from _cffi_src import faultloop, mman, toucher, userfaultfd
 from _cffi_src.utils import build_ffi
 
 sys.path.pop(0)
 
 ffi = build_ffi(
     "pager.uffd._uffd_cffi",
-    [userfaultfd, mman, toucher],
+    [userfaultfd, mman, toucher, faultloop],  # faultloop uses the others' helpers
     libraries=["pthread"],
     extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
 )

@@ -1,0 +1,115 @@
+"""Python side of the C fault loop (``ssi_pfl_run``, see _cffi_src/faultloop.py).
+
+``FaultLoop`` owns the C state of one client's loop: Python sets the region table and the slow
+ranges, calls ``run()`` from the client's fault thread (the GIL is released while C serves
+faults), and folds the C counters into its own statistics with ``take_stats()``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+
+from pager.uffd._uffd_cffi import ffi, lib
+from pager.uffd.binding import RawEvents
+
+IDLE: int = lib.SSI_PFL_IDLE
+WAKE: int = lib.SSI_PFL_WAKE
+EVENTS: int = lib.SSI_PFL_EVENTS
+FETCH_ERROR: int = lib.SSI_PFL_FETCH_ERROR
+READ_ERROR: int = lib.SSI_PFL_READ_ERROR
+PROTO_SSIP: int = lib.SSI_PFL_PROTO_SSIP
+PROTO_RAW: int = lib.SSI_PFL_PROTO_RAW
+MAX_REGIONS: int = lib.SSI_PFL_MAX_REGIONS
+MAX_SLOW: int = lib.SSI_PFL_MAX_SLOW
+WIRE = {"header": lib.SSI_PFL_WIRE_HEADER, "version": lib.SSI_PFL_WIRE_VERSION,
+        "fetch": lib.SSI_PFL_WIRE_FETCH, "data": lib.SSI_PFL_WIRE_DATA,
+        "urgent": lib.SSI_PFL_WIRE_URGENT, "max_data": lib.SSI_PFL_WIRE_MAX_DATA}
+COUNTERS = ("faults", "faults_write", "served_fetch", "served_dup", "fetched_bytes",
+            "copied_bytes", "zero_pages", "eexist", "latency_sum_us", "latency_count")
+
+
+def enabled_by_env() -> bool:
+    """``SSI_PAGER_C_LOOP=0`` turns the C loop off (the Python path serves every fault)."""
+    return os.environ.get("SSI_PAGER_C_LOOP", "1").strip().lower() not in ("0", "no", "off",
+                                                                             "false")
+
+
+class FaultLoop:
+    """One client's C loop: uffd, interrupting fds, the event buffer and a chunk buffer."""
+
+    def __init__(self, uffd_fd: int, wake_fds: Sequence[int], raw: RawEvents, chunk: int,
+                 bucket_us: Sequence[int], *, timeout_ms: int = 1000,
+                 max_ms: float = 50.0) -> None:
+        if len(bucket_us) != lib.SSI_PFL_NBUCKETS - 1:
+            raise ValueError(f"{len(bucket_us)} latency bounds; the C loop has "
+                             f"{lib.SSI_PFL_NBUCKETS - 1}")
+        self._l = ffi.new("struct ssi_pfl *")
+        self._buf = ffi.new("uint8_t[]", chunk)
+        self._raw = raw
+        lp = self._l
+        lp.uffd = uffd_fd
+        self.set_wake_fds(wake_fds)
+        lp.chunk = chunk
+        lp.events = raw.array
+        lp.max_events = raw.max_events
+        lp.buf = self._buf
+        lp.buf_size = chunk
+        for i, b in enumerate(bucket_us):
+            lp.bucket_us[i] = b
+        lp.timeout_ms = timeout_ms
+        lp.max_ns = int(max_ms * 1e6)
+
+    def set_wake_fds(self, fds: Sequence[int]) -> None:
+        fds = [fd for fd in fds if fd >= 0][:lib.SSI_PFL_MAX_WAKE]
+        for i, fd in enumerate(fds):
+            self._l.wake_fds[i] = fd
+        self._l.nwake = len(fds)
+
+    def set_regions(self, regions: Iterable[tuple[int, int, int, int, int, int]]) -> bool:
+        """``(base, size, gpa, sock, proto, space)`` per region (sock -1: Python serves it).
+        False if there are more than the C table holds (then do not run the loop)."""
+        regions = list(regions)
+        if len(regions) > MAX_REGIONS:
+            return False
+        lp = self._l
+        for i, (base, size, gpa, sock, proto, space) in enumerate(regions):
+            r = lp.regions[i]
+            r.base, r.size, r.gpa, r.sock, r.proto, r.space = base, size, gpa, sock, proto, space
+        lp.nregions = len(regions)
+        return True
+
+    def set_slow(self, ranges: Iterable[tuple[int, int]]) -> bool:
+        """Host ranges whose chunks Python serves (sorted and merged here). False if too many."""
+        merged: list[list[int]] = []
+        for s, e in sorted(ranges):
+            if merged and s <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], e)
+            elif s < e:
+                merged.append([s, e])
+        if len(merged) > MAX_SLOW:
+            return False
+        lp = self._l
+        for i, (s, e) in enumerate(merged):
+            lp.slow_start[i] = s
+            lp.slow_end[i] = e
+        lp.nslow = len(merged)
+        return True
+
+    def run(self) -> tuple[int, int, int, int]:
+        """Serve faults until something is Python's: ``(code, first, n, errno)``; after
+        EVENTS / FETCH_ERROR, events ``first`` .. ``n`` of the buffer are still to handle."""
+        lp = self._l
+        code = lib.ssi_pfl_run(lp)
+        return code, lp.first, lp.n, lp.err
+
+    def take_stats(self) -> tuple[dict[str, int], list[int]] | None:
+        """The counters since the last call (and reset them); None if nothing happened."""
+        st = self._l.stats
+        if not st.faults and not st.fetched_bytes:
+            return None
+        out = {name: getattr(st, name) for name in COUNTERS}
+        buckets = list(st.latency_buckets)
+        ffi.memmove(ffi.addressof(st), bytes(ffi.sizeof("struct ssi_pfl_stats")),
+                    ffi.sizeof("struct ssi_pfl_stats"))
+        return out, buckets
