@@ -72,7 +72,7 @@ class FastLane:
         """Serve FETCH frames on a duplicate of ``sock_fd`` from a new thread; ``done(rc)``
         is called from that thread when the C loop returns."""
         c = self.c
-        c.fd = os.dup(sock_fd)
+        fd = os.dup(sock_fd)
         c.nspaces = len(spaces)
         c.pos = c.end = 0
         c.inbuf = self._in
@@ -96,8 +96,16 @@ class FastLane:
         def run() -> None:
             done(lib.ssi_fl_serve(c))
 
-        self.thread = threading.Thread(target=run, name="memnode-fastlane", daemon=True)
-        self.thread.start()
+        thread = threading.Thread(target=run, name="memnode-fastlane", daemon=True)
+        c.fd = fd
+        self.thread = thread
+        try:
+            thread.start()
+        except RuntimeError:
+            self.thread = None
+            c.fd = -1
+            os.close(fd)
+            raise
 
     def finish(self) -> bytes:
         """After the loop returned: close the duplicate, return the unconsumed bytes."""

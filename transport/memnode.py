@@ -178,7 +178,14 @@ class NodeConnection(asyncio.BufferedProtocol):
             with contextlib.suppress(RuntimeError):  # the loop is gone: the node stops
                 loop.call_soon_threadsafe(self._from_c, rc)
 
-        self.lane.start(sock.fileno(), list(names), spaces, done)
+        try:
+            self.lane.start(sock.fileno(), list(names), spaces, done)
+        except (OSError, RuntimeError) as exc:  # no thread or fd to spare: stay in Python
+            log.warning("memnode: %s: fault lane stays in Python: %s", self.peer, exc)
+            self.in_c = self.fault_lane = False
+            transport.resume_reading()
+            return
+        log.debug("memnode: %s: fault lane served in C", self.peer)
 
     def _from_c(self, rc: int) -> None:
         """The C loop returned: take the connection back with its unconsumed bytes."""
