@@ -327,6 +327,10 @@ class MemoryNode:
                  max_space_bytes: int = DEFAULT_MAX_SPACE_BYTES,
                  handshake_timeout: float = 10.0, max_handshaking: int = 64,
                  fastlane: bool | None = None) -> None:
+        if max_space_bytes > store.max_space_bytes:
+            raise StoreError(f"the node serves spaces of up to {max_space_bytes} bytes but its "
+                             f"store's bitmaps cover {store.max_space_bytes}: pass "
+                             f"PageStore(max_space_bytes=...) at least as large")
         self.store = store
         self.token = token
         self.host = host
