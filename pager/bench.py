@@ -6,6 +6,8 @@ handshake, and lets one C toucher thread access the first word of every chunk, a
 does: latency = the first access to each chunk (each one faults), GB/s = region bytes / touch
 time. Cases: source x chunk (4 KiB, 64 KiB) x order (seq, rand), readahead on (the default)
 and, for remote seq, off (``-nora``: the bare fault path compared with the reference).
+``-pyloop`` cases serve every fault with the engine's Python loop instead of its C loop
+(``serve --no-c-loop``), so both are compared in one run.
 
 With ``--refpager DIR`` (default ``$SSI_REFPAGER`` or /tmp/refpager, built with ``make``) the
 reference's refpager-remote / refpager-local run in the same session and ``ratio`` lines compare
@@ -148,15 +150,21 @@ def _reference_pair(refdir: Path, port: int, mib: int, mode: str, chunk: int,
                    "bad_pages": r["verify_bad_pages"]})]
     if mode == "remote":
         for ra in (0, 2 << 20) if order == "seq" and chunk < 65536 else (0,):
-            ours = f"pager-refnode-{chunk >> 10}k-{order}" + ("" if ra else "-nora")
-            out.append((ours, {"name": ours, **refnode_case(port, mib, chunk, order, ra)}))
+            for c_loop in (True, False):
+                ours = (f"pager-refnode-{chunk >> 10}k-{order}" + ("" if ra else "-nora")
+                        + ("" if c_loop else "-pyloop"))
+                out.append((ours, {"name": ours, "c_loop": c_loop,
+                                   **refnode_case(port, mib, chunk, order, ra, c_loop)}))
     return out
 
 
-def refnode_case(port: int, mib: int, chunk: int, order: str, readahead: int) -> dict:
-    """Our engine (in this process, as refpager's handler is in its) on the C node."""
+def refnode_case(port: int, mib: int, chunk: int, order: str, readahead: int,
+                 c_loop: bool = True) -> dict:
+    """Our engine (in this process, as refpager's handler is in its) on the C node; with
+    ``c_loop`` False the Python fault loop serves every fault (readahead cases use it anyway)."""
     from pager.engine import FaultEngine
-    engine = FaultEngine(_RefnodeSource(port), chunk_size=chunk, readahead=readahead)
+    engine = FaultEngine(_RefnodeSource(port), chunk_size=chunk, readahead=readahead,
+                         c_loop=c_loop)
     size = mib << 20
     c = Client(size)
     try:
@@ -238,15 +246,20 @@ def run(args: argparse.Namespace) -> int:
                 for chunk in (4096, 65536):
                     configs.append((src, chunk, True))
             configs += [("remote", 4096, False), ("remote", 65536, False)]
+            # the bare fault path served by the Python loop too (serve --no-c-loop)
+            configs += [("remote", 4096, None)]
             for src, chunk, ra in configs:
                 tag = f"{src}-{chunk >> 10}k"
                 orders = ("seq", "rand") if ra else ("seq",)
-                names = {o: f"pager-{tag}-{o}" + ("" if ra else "-nora") for o in orders}
+                suffix = "" if ra else "-nora" if ra is False else "-nora-pyloop"
+                names = {o: f"pager-{tag}-{o}{suffix}" for o in orders}
                 if args.only and not any(args.only in n for n in names.values()):
                     continue
                 sock = str(tmp / f"{tag}.sock")
                 pager = Child(["serve", "--socket", sock, *sources[src], "--chunk", str(chunk),
-                                "--readahead", "2M" if ra else "0"], tmp / f"{tag}.log")
+                                "--readahead", "2M" if ra else "0",
+                                *(["--no-c-loop"] if ra is None else [])],
+                              tmp / f"{tag}{suffix}.log")
                 try:
                     pager.wait_for("pager: serving")
                     for order, name in names.items():
@@ -269,6 +282,9 @@ def run(args: argparse.Namespace) -> int:
     results.update({k: v for k, v in refs.items() if k.startswith("pager-")})
     for ours, ref, what in (
             ("pager-refnode-4k-seq-nora", "refpager-remote-4k-seq", "p50"),
+            ("pager-refnode-4k-seq-nora-pyloop", "refpager-remote-4k-seq", "p50"),
+            ("pager-refnode-4k-rand-nora-pyloop", "refpager-remote-4k-rand", "p50"),
+            ("pager-remote-4k-seq-nora-pyloop", "refpager-remote-4k-seq", "p50"),
             ("pager-refnode-4k-rand-nora", "refpager-remote-4k-rand", "p50"),
             ("pager-refnode-64k-seq-nora", "refpager-remote-64k-seq", "gbps"),
             ("pager-refnode-4k-seq", "refpager-remote-4k-seq", "gbps"),

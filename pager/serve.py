@@ -24,6 +24,7 @@ from pager.engine import DEFAULT_CHUNK, DEFAULT_READAHEAD, ClientPager, FaultEng
 from pager.errors import ConfigError
 from pager.handoff import HandoffServer, Handshake
 from pager.source import MemnodeSource, PageSource, parse_source
+from pager.uffd.faultloop import enabled_by_env
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,10 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fetch-timeout", type=float, default=60.0,
                         help="seconds a fault's fetch is retried before the client gets "
                              "SIGBUS there (default %(default)s)")
+    parser.add_argument("--no-c-loop", dest="c_loop", action="store_false",
+                        default=enabled_by_env(),
+                        help="serve every fault with the Python loop, not the C fault loop "
+                             "(also SSI_PAGER_C_LOOP=0)")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -96,7 +101,8 @@ def source_from_args(args: argparse.Namespace) -> PageSource:
 
 def engine_from_args(args: argparse.Namespace, source: PageSource) -> FaultEngine:
     return FaultEngine(source, chunk_size=args.chunk, readahead=args.readahead,
-                       fetch_timeout=args.fetch_timeout)
+                       fetch_timeout=args.fetch_timeout,
+                       c_loop=getattr(args, "c_loop", None))
 
 
 @dataclass

@@ -14,8 +14,8 @@ Python: layout events, write-protect or minor faults, faults outside the table o
 chunk, an install that failed (EAGAIN while a layout event is pending, ESRCH, ...) and any
 fetch error (``SSI_PFL_FETCH_ERROR``: the connection's state is unknown; Python drops it and
 serves the fault with retries). Python's counters are mirrored in ``struct ssi_pfl_stats``,
-which Python folds into ``EngineStats`` whenever the loop returns (at least every
-``max_ns``).
+which Python folds into ``EngineStats`` whenever the loop returns (at least every ``max_ns``
+while busy, and 10 ms after the last fault served).
 
 Wire protocols: ``SSI_PFL_PROTO_SSIP`` is the memory node's FETCH/DATA of
 ``transport/protocol.py`` (32-byte little-endian header ``magic "SSIP" | version u8 | type u8
@@ -138,6 +138,7 @@ CUSTOMIZATIONS = r"""
 #define SSI_PFL_WIRE_URGENT 1
 #define SSI_PFL_WIRE_MAX_DATA (32 * 4096)
 #define SSI_PFL_PAGE 4096u
+#define SSI_PFL_FOLD_MS 10
 
 struct ssi_pfl_region {
     uint64_t base;
@@ -459,6 +460,7 @@ int ssi_pfl_run(struct ssi_pfl *l)
     int np = 1 + (l->nwake < SSI_PFL_MAX_WAKE ? l->nwake : SSI_PFL_MAX_WAKE);
     uint64_t done_s[SSI_READ_MAX], done_e[SSI_READ_MAX];
     int max_events = l->max_events < SSI_READ_MAX ? l->max_events : SSI_READ_MAX;
+    int served = 0;
     l->first = l->n = 0;
     l->err = 0;
     for (;;) {
@@ -468,7 +470,10 @@ int ssi_pfl_run(struct ssi_pfl *l)
             p[k].fd = l->wake_fds[k - 1];
             p[k].events = POLLIN;
         }
-        int r = poll(p, (nfds_t)np, l->timeout_ms);
+        /* once faults were served, return soon after they stop, so Python folds the counters
+           (metrics lag by at most SSI_PFL_FOLD_MS idle, max_ns busy) */
+        int r = poll(p, (nfds_t)np, served && l->timeout_ms > SSI_PFL_FOLD_MS ? SSI_PFL_FOLD_MS
+                                                                          : l->timeout_ms);
         if (r < 0 && errno == EINTR)
             continue;
         if (r <= 0)
@@ -487,8 +492,10 @@ int ssi_pfl_run(struct ssi_pfl *l)
         int ndone = 0;
         for (int i = 0; i < n; i++) {
             int rc = ssi_pfl_fault(l, i, t0, done_s, done_e, &ndone);
-            if (rc == 1)
+            if (rc == 1) {
+                served = 1;
                 continue;
+            }
             l->first = i;
             l->n = n;
             if (rc < 0) {

@@ -1,0 +1,197 @@
+"""The engine's C fault loop with the real kernel and a real memory node (engine in-process, so
+its counters can be read): content, zero pages, REMOVE, a node restart, and the Python path."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import time
+
+import pytest
+from conftest import wait_or_fail
+
+from pager.engine import FaultEngine
+from pager.region import Region
+from pager.source import FileSource
+from pager.uffd.faultloop import WIRE, enabled_by_env
+from pager.workload import Client, DataSet
+
+MIB = 1 << 20
+PAGE = 4096
+
+
+def serve(engine: FaultEngine, c: Client):
+    return engine.add_client(os.dup(c.uffd.fileno()), [Region(c.base, c.size, c.offset)])
+
+
+def stats(engine: FaultEngine):
+    """The engine's counters once the C loop has folded its own (10 ms after the last fault)."""
+    time.sleep(0.1)
+    return engine.stats()
+
+
+def test_wire_numbers_match_the_protocol_module():
+    from transport import protocol as p
+    want = {"header": p.HEADER_SIZE, "version": p.VERSION, "fetch": int(p.T.FETCH),
+            "data": int(p.T.DATA), "urgent": int(p.Flag.URGENT), "max_data": p.MAX_DATA}
+    assert want == WIRE
+
+
+@pytest.mark.parametrize("chunk", [PAGE, 64 * 1024])
+def test_content_with_several_threads_and_zero_pages(memnode, chunk):
+    data = DataSet(8 * MIB)  # holes: never-written pages inside written chunks
+    memnode.seed(data)
+    engine = FaultEngine(memnode.source(), chunk_size=chunk, readahead=0, c_loop=True)
+    c = Client(8 * MIB)
+    try:
+        serve(engine, c)
+        t = c.touch(threads=4, order="rand")
+        wait_or_fail(t)
+        assert t.mismatches == 0
+        assert c.check(data) == []
+        st = stats(engine)
+        assert st.c_faults > 0
+        assert st.c_faults >= st.faults // 2, st.as_dict()  # C served most of them
+        assert st.failed_faults == 0 and st.unknown_faults == 0
+        assert st.zero_pages > 0  # the holes, through UFFDIO_ZEROPAGE
+        assert st.latency_count == st.served_fetch + st.served_zero + st.served_wait
+        assert sum(st.latency_buckets) == st.latency_count
+        assert st.copied_bytes + st.zero_pages * PAGE >= data.size
+    finally:
+        c.close(unmap=True)
+        engine.close()
+
+
+def test_never_written_space_is_all_zero_pages(memnode):
+    engine = FaultEngine(memnode.source("empty"), chunk_size=64 * 1024, readahead=0)
+    c = Client(2 * MIB)
+    try:
+        serve(engine, c)
+        wait_or_fail(c.touch(threads=2))
+        assert c.mem[:] == bytes(2 * MIB)
+        st = stats(engine)
+        assert st.c_faults > 0
+        assert st.zero_pages == 2 * MIB // PAGE and st.copied_bytes == 0
+    finally:
+        c.close(unmap=True)
+        engine.close()
+
+
+def test_remove_while_the_c_loop_serves(memnode):
+    data = DataSet(8 * MIB, holes=False)
+    memnode.seed(data)
+    engine = FaultEngine(memnode.source(), chunk_size=64 * 1024, readahead=0)
+    c = Client(8 * MIB)
+    try:
+        serve(engine, c)
+        wait_or_fail(_touch(c, 0, 4 * MIB))  # the second half stays unfaulted
+        before = stats(engine)
+        assert before.c_faults > 0
+        start, length = 2 * MIB + 5 * PAGE, MIB + 3 * PAGE  # unaligned to chunks
+        c.mem.madvise(mmap.MADV_DONTNEED, start, length)
+        # and 3 pages in the middle of a chunk never faulted: C must leave that chunk to
+        # Python, which installs the rest of it and never the removed pages
+        s2, n2 = 6 * MIB + 5 * PAGE, 3 * PAGE
+        c.mem.madvise(mmap.MADV_DONTNEED, s2, n2)
+        t = c.touch(threads=3, order="rand")
+        wait_or_fail(t)
+        assert c.mem[start:start + length] == bytes(length)
+        assert c.mem[s2:s2 + n2] == bytes(n2)
+        bad = c.check(data)
+        assert len(bad) == (length + n2) // PAGE
+        assert all(start <= p < start + length or s2 <= p < s2 + n2 for p in bad)
+        st = stats(engine)
+        assert st.removes >= 1
+        assert st.served_zero > 0  # the removed pages, by Python (never fetched again)
+        # the second half, away from the removed range, was served by C again
+        assert st.c_faults > before.c_faults
+    finally:
+        c.close(unmap=True)
+        engine.close()
+
+
+def test_memory_node_restart_while_the_c_loop_waits(memnode):
+    data = DataSet(8 * MIB)
+    memnode.seed(data)
+    engine = FaultEngine(memnode.source(), chunk_size=64 * 1024, readahead=0)
+    c = Client(8 * MIB)
+    try:
+        serve(engine, c)
+        wait_or_fail(_touch(c, 0, MIB))
+        assert stats(engine).c_faults > 0
+        memnode.proc.kill()
+        t = c.touch(threads=4, order="rand")
+        time.sleep(1.5)
+        assert not t.wait(0), "faults were served while the memory node was down"
+        memnode.start(memnode.endpoint)
+        wait_or_fail(t, 60)
+        assert c.check(data) == []
+        st = stats(engine)
+        assert st.fetch_errors >= 1 and st.failed_faults == 0
+        # after the Python path reconnected, the C loop serves again
+        c2 = Client(4 * MIB, offset=4 * MIB)
+        try:
+            before = stats(engine).c_faults
+            serve(engine, c2)
+            wait_or_fail(c2.touch(threads=2))
+            assert c2.check(data) == []
+            assert stats(engine).c_faults > before
+        finally:
+            c2.close(unmap=True)
+    finally:
+        c.close(unmap=True)
+        engine.close()
+
+
+def _touch(c: Client, start: int, length: int):
+    from pager.workload import Touch
+    return Touch(c.base + start, length, origin=c.offset + start, threads=2).start()
+
+
+def test_python_path_when_the_c_loop_is_off(memnode, monkeypatch):
+    data = DataSet(4 * MIB)
+    memnode.seed(data)
+    monkeypatch.setenv("SSI_PAGER_C_LOOP", "0")
+    assert not enabled_by_env()
+    engine = FaultEngine(memnode.source(), chunk_size=64 * 1024, readahead=0)
+    assert engine.c_loop is False
+    c = Client(4 * MIB)
+    try:
+        serve(engine, c)
+        wait_or_fail(c.touch(threads=3, order="rand"))
+        assert c.check(data) == []
+        st = stats(engine)
+        assert st.c_faults == 0 and st.served_fetch > 0 and st.zero_pages > 0
+    finally:
+        c.close(unmap=True)
+        engine.close()
+
+
+def test_sources_and_clients_c_cannot_serve_use_python(tmp_path, memnode):
+    data = DataSet(2 * MIB)
+    snap = tmp_path / "snap.mem"
+    data.write_file(str(snap))
+    engine = FaultEngine(FileSource(str(snap)), chunk_size=64 * 1024, readahead=0)
+    c = Client(2 * MIB)
+    try:
+        serve(engine, c)
+        wait_or_fail(c.touch(threads=2))
+        assert c.check(data) == []
+        assert stats(engine).c_faults == 0
+    finally:
+        c.close(unmap=True)
+        engine.close()
+    # readahead in flight is Python's business: a 4 KiB-chunk client with readahead
+    memnode.seed(data)
+    engine = FaultEngine(memnode.source(), chunk_size=PAGE, readahead=256 * 1024)
+    c = Client(2 * MIB)
+    try:
+        serve(engine, c)
+        wait_or_fail(c.touch(threads=1))
+        assert c.check(data) == []
+        st = stats(engine)
+        assert st.c_faults == 0 and st.readahead_installed > 0
+    finally:
+        c.close(unmap=True)
+        engine.close()
+
