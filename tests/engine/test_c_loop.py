@@ -88,11 +88,13 @@ def test_remove_while_the_c_loop_serves(memnode):
         before = stats(engine)
         assert before.c_faults > 0
         start, length = 2 * MIB + 5 * PAGE, MIB + 3 * PAGE  # unaligned to chunks
-        c.mem.madvise(mmap.MADV_DONTNEED, start, length)
+        # madvise from a C thread: it blocks until the pager reads REMOVE, and the pager runs
+        # in this process (mmap.madvise would hold the GIL the fault thread needs)
+        _madvise(c, start, length)
         # and 3 pages in the middle of a chunk never faulted: C must leave that chunk to
         # Python, which installs the rest of it and never the removed pages
         s2, n2 = 6 * MIB + 5 * PAGE, 3 * PAGE
-        c.mem.madvise(mmap.MADV_DONTNEED, s2, n2)
+        _madvise(c, s2, n2)
         t = c.touch(threads=3, order="rand")
         wait_or_fail(t)
         assert c.mem[start:start + length] == bytes(length)
@@ -141,6 +143,11 @@ def test_memory_node_restart_while_the_c_loop_waits(memnode):
     finally:
         c.close(unmap=True)
         engine.close()
+
+
+def _madvise(c: Client, start: int, length: int) -> None:
+    from pager.uffd.toucher import Background
+    assert Background.madvise(c.base + start, length, mmap.MADV_DONTNEED).start().result(30) == 0
 
 
 def _touch(c: Client, start: int, length: int):
