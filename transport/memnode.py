@@ -101,7 +101,8 @@ class NodeConnection(asyncio.BufferedProtocol):
             self.lane.stop()
             if not self.in_c:
                 self.node.fold_lane(self.lane)
-        self.node.connections.discard(self)
+        if not self.in_c:  # else counted (and its C counters seen) until the C loop returned
+            self.node.connections.discard(self)
         self.node.handshaking.pop(self, None)
         if self._timer:
             self._timer.cancel()
@@ -194,6 +195,8 @@ class NodeConnection(asyncio.BufferedProtocol):
         self.in_c = False
         if self.closing:
             self.node.fold_lane(self.lane)
+            if self.transport is None or self.transport.is_closing():
+                self.node.connections.discard(self)
             return
         if rc == fastlane.ERROR:
             log.info("memnode: %s: connection failed: %s", self.peer,
