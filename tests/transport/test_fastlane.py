@@ -16,6 +16,7 @@ import pytest
 from tests.transport.rawclient import RawClient
 from tests.transport.test_memnode import BAD_FRAMES, assert_good_client, pattern
 from transport import fastlane
+from transport.errors import TransportError
 from transport.protocol import FAULT_LANE, MAX_DATA, PAGE_SIZE, ErrorCode, Reply, T, pack_header
 from transport.tcp import BlockingChannel, TcpTransport
 
@@ -284,3 +285,23 @@ def test_kill9_and_restart_with_the_fault_lane(node_factory, tmp_path):
     assert ch.fetch_into(64 * PAGE, bytearray(2 * PAGE)) == 0b10
     ch.close()
     assert_good_client(node)
+
+
+def test_switch_off_by_environment(monkeypatch):
+    monkeypatch.setenv(fastlane.ENV_OFF, "1")
+    assert not fastlane.enabled()
+    assert fastlane.enabled(True)
+    monkeypatch.setenv(fastlane.ENV_OFF, "0")
+    assert fastlane.enabled()
+
+
+def test_node_stops_cleanly_with_a_lane_in_c(memnode):
+    base = threads(memnode)
+    ch = BlockingChannel.connect(memnode.endpoint, memnode.token, "stop", retry_for=0)
+    assert ch.fetch_into(0, bytearray(PAGE)) == 1
+    assert wait_threads(memnode, base + 1) == base + 1
+    memnode.proc.terminate()
+    assert memnode.proc.wait(10) == 0
+    with pytest.raises(TransportError):
+        ch.fetch_into(0, bytearray(PAGE))
+    ch.close()
