@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import socket
 import threading
 import time
@@ -305,3 +306,63 @@ def test_node_stops_cleanly_with_a_lane_in_c(memnode):
     with pytest.raises(TransportError):
         ch.fetch_into(0, bytearray(PAGE))
     ch.close()
+
+
+def replies_until_close(node, data: bytes) -> list[tuple[int, int, int, int]]:
+    """A fault lane (in C after its first FETCH) is sent ``data`` and half-closed; every
+    reply until the node closes, as (type, request id, arg, length)."""
+    c = RawClient(node.endpoint, timeout=10).handshake(node.token, "fz", lane=FAULT_LANE)
+    c.send(fetch(1, space=c.space, gpa=1 << 39, arg=PAGE))
+    first = c.reply()
+    assert first is not None and (first.type, first.arg) == (T.DATA, 1)
+    c.send(data)
+    c.sock.shutdown(socket.SHUT_WR)
+    out = []
+    while (r := c.reply()) is not None:
+        out.append((r.type, r.request_id, r.arg, r.length))
+    c.close()
+    return out
+
+
+def random_stream(rnd: random.Random) -> bytes:
+    """1-6 frames: good and bad FETCHes, stores, pings, flipped bytes, truncations."""
+    frames = []
+    for _ in range(rnd.randint(1, 6)):
+        kind = rnd.random()
+        good = rnd.random() < 0.6  # a valid FETCH, maybe with one bit flipped
+        gpa = rnd.choice([0, PAGE, 5 * PAGE, 1 << 39] if good else
+                         [100, (1 << 40) - PAGE, 1 << 41, 1 << 63])
+        arg = rnd.choice([PAGE, 2 * PAGE, 7 * PAGE, MAX_DATA] if good else
+                         [0, 100, MAX_DATA + PAGE, 2 * MAX_DATA])
+        space = 1 if good else rnd.choice([0, 2, 7, 1])
+        if kind < 0.5:
+            frame = bytearray(fetch(rnd.randrange(1 << 32), space=space, gpa=gpa, arg=arg))
+            if rnd.random() < 0.5:  # one flipped bit anywhere in the header
+                frame[rnd.randrange(32)] ^= 1 << rnd.randrange(8)
+            frames.append(bytes(frame))
+        elif kind < 0.65:
+            n = rnd.choice([PAGE, 2 * PAGE])
+            frames.append(pack_header(T.STORE, rnd.randrange(1 << 32), space=space,
+                                      gpa=rnd.choice([0, PAGE, 5 * PAGE]), length=n)
+                          + rnd.randbytes(n))
+        elif kind < 0.8:
+            frames.append(pack_header(T.PING, rnd.randrange(1 << 32), arg=rnd.choice([0, 64])))
+        elif kind < 0.9:
+            frames.append(rnd.randbytes(rnd.randint(1, 40)))
+        else:
+            frames.append(fetch(rnd.randrange(1 << 32), space=1, arg=PAGE)[:rnd.randint(1, 31)])
+    return b"".join(frames)
+
+
+def test_random_streams_answered_as_the_python_path_does(node_factory, tmp_path):
+    """Differential: 400 random streams on a C fault lane and on a node without it get the
+    same replies, in the same order, then the same close."""
+    fast = node_factory(store=tmp_path / "fast")
+    slow = node_factory("--no-fastlane", store=tmp_path / "slow")
+    rnd = random.Random(20261125)
+    for i in range(400):
+        data = random_stream(rnd)
+        got_fast = replies_until_close(fast, data)
+        got_slow = replies_until_close(slow, data)
+        assert got_fast == got_slow, (i, data.hex(), got_fast, got_slow)
+    assert_good_client(fast)
