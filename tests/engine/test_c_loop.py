@@ -202,3 +202,16 @@ def test_sources_and_clients_c_cannot_serve_use_python(tmp_path, memnode):
         c.close(unmap=True)
         engine.close()
 
+
+
+def test_serve_flag_turns_the_c_loop_off(memnode, monkeypatch):
+    import argparse
+
+    from pager import serve as serve_cmd
+    monkeypatch.delenv("SSI_PAGER_C_LOOP", raising=False)
+    for argv, want in (([], True), (["--no-c-loop"], False)):
+        parser = argparse.ArgumentParser()
+        serve_cmd.configure(parser)
+        args = parser.parse_args(["--socket", "/nonexistent", *argv])
+        engine = serve_cmd.engine_from_args(args, memnode.source())
+        assert engine.c_loop is want
