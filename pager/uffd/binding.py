@@ -112,8 +112,43 @@ def address_of(buffer) -> tuple[object, int]:
     """
     if isinstance(buffer, int):
         return None, buffer
-    cdata = ffi.from_buffer(buffer)
-    return cdata, int(ffi.cast("uintptr_t", cdata))
+    keep, addr, _ = pin(buffer)
+    return keep, addr
+
+
+def pin(buffer) -> tuple[object, int, int]:
+    """``(keepalive, address, nbytes)`` of a contiguous buffer; the keepalive holds the
+    memory in place (a bytearray cannot be resized, an mmap not closed) while it lives.
+
+    For a memoryview the keepalive pins the object that owns the memory (``view.obj``), never
+    the memoryview itself: an exported memoryview must not end up in cyclic garbage with its
+    exporter. CPython 3.11 (and 3.12 before 3.12.7; gh-77894) may clear such a memoryview
+    first: it drops the managed buffer while the export is alive (the bytes can be freed under
+    the C code using them), then dereferences NULL when the export is released. The fault
+    engine's readahead install (a memoryview and its keepalive in a frame that an exception's
+    traceback kept in a reference cycle) crashed the pager in garbage collection that way.
+    """
+    if type(buffer) is not memoryview:
+        keep = ffi.from_buffer(buffer)
+        return keep, int(ffi.cast("uintptr_t", keep)), len(keep)
+    probe = ffi.from_buffer(buffer)  # the view's own address and size, released at once
+    try:
+        addr, nbytes = int(ffi.cast("uintptr_t", probe)), len(probe)
+    finally:
+        ffi.release(probe)
+    owner = buffer.obj
+    while type(owner) is memoryview:
+        owner = owner.obj
+    try:
+        keep = ffi.from_buffer(owner)
+    except TypeError:  # the owner exports no buffer itself: pin the view (nothing better)
+        keep = ffi.from_buffer(buffer)
+        return keep, int(ffi.cast("uintptr_t", keep)), len(keep)
+    base = int(ffi.cast("uintptr_t", keep))
+    if not base <= addr <= addr + nbytes <= base + len(keep):  # an exporter's own layout
+        ffi.release(keep)
+        keep = ffi.from_buffer(buffer)
+    return keep, addr, nbytes
 
 
 def open_raw_fd(flags: int, access: str) -> tuple[int, str]:
@@ -343,15 +378,20 @@ class Userfaultfd:
             if length is None:
                 raise TypeError("copy from an address needs a length")
             r = lib.ssi_uffd_copy(self._fd, dst, src, length, mode)
-        else:
-            if type(src) is not bytes:
-                src = ffi.from_buffer(src)
+        elif type(src) is bytes:
             if length is None:
                 length = len(src)
             elif length > len(src):
-                raise uffd_error(errno.EINVAL, "UFFDIO_COPY",
-                                 f"length {length} exceeds the {len(src)}-byte source buffer")
+                raise self._too_long(length, len(src))
             r = lib.ssi_uffd_copy_buf(self._fd, dst, src, length, mode)
+        else:
+            keep, addr, nbytes = pin(src)  # see pin(): no exported memoryview in this frame
+            if length is None:
+                length = nbytes
+            elif length > nbytes:
+                raise self._too_long(length, nbytes)
+            r = lib.ssi_uffd_copy(self._fd, dst, addr, length, mode)
+            del keep
         if r == length:
             return r
         return self._short(r, "UFFDIO_COPY", dst, length, src=src)
@@ -450,14 +490,25 @@ class Userfaultfd:
             return r
         # the two results a fault handler meets in normal operation: raised cheaply
         if r == _NEG_EEXIST:
-            exc: UffdError = UffdExists(errno.EEXIST, f"{op} at {addr:#x}: {_EXISTS_ADVICE}")
+            exc: UffdError | None = UffdExists(errno.EEXIST,
+                                               f"{op} at {addr:#x}: {_EXISTS_ADVICE}")
         elif r == _NEG_EAGAIN:
             exc = UffdRetry(errno.EAGAIN, f"{op} at {addr:#x}: {_RETRY_ADVICE}")
         else:
             raise self._error(-r, op, addr, length, src=src)
-        exc.op = op
-        raise exc
-        raise self._error(-r, op, addr, length, src=src)
+        exc.op = op  # type: ignore[union-attr]
+        try:
+            raise exc  # type: ignore[misc]
+        finally:
+            # no reference from this frame to the exception, whose traceback holds this frame
+            # and (f_back) every caller's: such a cycle keeps the callers' buffers alive until
+            # a garbage collection, and makes every EEXIST on the fault path cyclic garbage
+            exc = None
+
+    @staticmethod
+    def _too_long(length: int, nbytes: int) -> UffdError:
+        return uffd_error(errno.EINVAL, "UFFDIO_COPY",
+                          f"length {length} exceeds the {nbytes}-byte source buffer")
 
     def _page_size(self, addr: int) -> int:
         for start, end, size, _ in self._ranges:
