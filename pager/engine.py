@@ -299,6 +299,7 @@ class ClientPager:
         self.finished = threading.Event()
         self._stop = threading.Event()
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._efd_lock = threading.Lock()  # _kick never writes to a closed (reused) number
         self._ra_queue: queue.SimpleQueue = queue.SimpleQueue()
         self._ra_done: collections.deque = collections.deque()
         self._ra_thread: threading.Thread | None = None
@@ -321,10 +322,18 @@ class ClientPager:
         for child in list(self.children):
             child.close(timeout)
         self._stop.set()
-        with contextlib.suppress(OSError):
-            os.eventfd_write(self._efd, 1)
+        self._kick()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
+
+    def _kick(self) -> None:
+        """Wake the fault thread through its eventfd; nothing once the thread has closed it
+        (close() after the thread ended on its own, a readahead fetch finishing late): that
+        fd number may belong to another client's memfd, uffd or socket by then."""
+        with self._efd_lock:
+            if self._efd >= 0:
+                with contextlib.suppress(OSError):
+                    os.eventfd_write(self._efd, 1)
 
     def wake_all(self) -> None:
         """UFFDIO_WAKE every region: faults whose events were lost are raised again."""
@@ -359,8 +368,10 @@ class ClientPager:
                         os.close(fd)
             with contextlib.suppress(OSError):
                 self.uffd.close()
+            with self._efd_lock:
+                efd, self._efd = self._efd, -1
             with contextlib.suppress(OSError):
-                os.close(self._efd)
+                os.close(efd)
             if self.parent is not None:
                 with contextlib.suppress(ValueError):
                     self.parent.children.remove(self)
@@ -735,8 +746,7 @@ class ClientPager:
                 except Exception as exc:
                     lane.reset()
                     self._ra_done.append((group, None, 0, exc))
-                with contextlib.suppress(OSError):
-                    os.eventfd_write(self._efd, 1)
+                self._kick()
         finally:
             lane.close()
 
