@@ -8,7 +8,7 @@ import os
 import time
 
 import pytest
-from conftest import wait_or_fail
+from enginekit import wait_or_fail
 
 from pager.engine import FaultEngine
 from pager.region import Region

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from enginekit import ROOT
 
 
 def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:

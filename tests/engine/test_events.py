@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from conftest import ROOT, memnode_args, wait_or_fail
+from enginekit import ROOT, memnode_args, wait_or_fail
 
 from pager.uffd.toucher import Background, check_pattern
 from pager.workload import Client, DataSet

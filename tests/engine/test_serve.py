@@ -6,7 +6,7 @@ import socket
 import time
 
 import pytest
-from conftest import memnode_args, wait_or_fail
+from enginekit import memnode_args, wait_or_fail
 
 from pager.handoff import send_handshake
 from pager.workload import Client, DataSet

@@ -1,0 +1,56 @@
+"""Helpers shared by the engine tests (a module of its own: every tests/*/conftest.py is
+imported as `conftest`, so tests must not import from it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pager.child import Child
+from pager.source import MemnodeSource
+from pager.workload import DataSet
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Proc(Child):
+    """A child ``ssi-pager`` process of a test, run from the checkout."""
+
+    def __init__(self, args: list[str], log: Path) -> None:
+        super().__init__(args, log, cwd=ROOT)
+
+
+class Memnode:
+    def __init__(self, tmp: Path, listen: str = "127.0.0.1:0") -> None:
+        self.tmp = tmp
+        self.token_file = tmp / "token"
+        self.store = tmp / "store"
+        self.start(listen)
+
+    def start(self, listen: str) -> None:
+        self.proc = Proc(["memnode", "--listen", listen, "--store", str(self.store),
+                          "--token-file", str(self.token_file)], self.tmp / "memnode.log")
+        self.endpoint = self.proc.wait_for(r"listening on (\S+)")
+
+    def restart(self) -> None:
+        self.proc.stop()
+        self.start(self.endpoint)
+
+    def source(self, space: str = "default") -> MemnodeSource:
+        from transport.token import load_token
+        return MemnodeSource(self.endpoint, load_token(self.token_file), space)
+
+    def seed(self, data: DataSet, space: str = "default") -> None:
+        lane = self.source(space).open_lane()
+        try:
+            for off, buf in data.chunks():
+                lane.store(None, off, buf)
+        finally:
+            lane.close()
+
+
+def memnode_args(m: Memnode) -> list[str]:
+    return ["--memnode", m.endpoint, "--token-file", str(m.token_file)]
+
+
+def wait_or_fail(touch, timeout: float = 60.0) -> None:
+    assert touch.wait(timeout), f"toucher stuck: {touch.done}/{touch.naccess} accesses done"
