@@ -27,6 +27,12 @@ def vm_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "pager.cli", "vm", *args]
 
 
+def start_vm(*args: str) -> subprocess.Popen:
+    """``ssi-pager vm ARGS`` in the background, console on stdout, status lines on stderr."""
+    return subprocess.Popen(vm_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
 def read_until(proc: subprocess.Popen, pattern: str, timeout: float = 60) -> str:
     """Console text up to the first line containing ``pattern`` (fails on EOF or timeout)."""
     text = []
@@ -70,8 +76,7 @@ def test_suspend_resume_same_checksums(guest, expected, checksums, runtime, page
     the uninterrupted run's checksums, and its RAM came from the memory node on demand.
     other-host: the runtime dir is gone; the device state comes from the memory node too."""
     common = ["--memnode", memnode, "--token-file", str(token), "--pager", str(pager.socket)]
-    first = subprocess.Popen(vm_cmd(*common, "--name", "mover", "--", *guest.qemu_args()),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = start_vm(*common, "--name", "mover", "--", *guest.qemu_args())
     try:
         before = read_until(first, "pass 1 checksum")
         sus = subprocess.run(vm_cmd("suspend", "mover"), capture_output=True, text=True,
@@ -135,10 +140,9 @@ def test_no_pager_fails_loudly(guest, tmp_path):
 
 def test_pager_dies_fails_loudly(guest, runtime, pager, memnode, token):
     """Killing the pager while the guest runs stops QEMU with a message, within seconds."""
-    proc = subprocess.Popen(vm_cmd("--memnode", memnode, "--token-file", str(token), "--pager",
-                                   str(pager.socket), "--name", "victim", "--",
-                                   *guest.qemu_args()),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_vm("--memnode", memnode, "--token-file", str(token), "--pager",
+                    str(pager.socket), "--name", "victim", "--",
+                    *guest.qemu_args())
     try:
         read_until(proc, "pass 1 progress")
         pager.proc.send_signal(signal.SIGKILL)
@@ -168,10 +172,9 @@ def test_shim_inert_without_pager_environment(guest, expected, checksums):
 
 def test_state_dir_private(guest, runtime, memnode, token, pager):
     """The per-VM runtime dir (QMP socket, state) is 0700 while the guest runs."""
-    proc = subprocess.Popen(vm_cmd("--memnode", memnode, "--token-file", str(token), "--pager",
-                                   str(pager.socket), "--name", "priv", "--",
-                                   *guest.qemu_args()),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_vm("--memnode", memnode, "--token-file", str(token), "--pager",
+                    str(pager.socket), "--name", "priv", "--",
+                    *guest.qemu_args())
     try:
         read_until(proc, "guest up")
         d = Path(runtime / "priv")
@@ -218,10 +221,9 @@ def test_memory_node_lost_fails_loudly(guest, runtime, tmp_path, token):
     from pager.vm_bench import start_memnode
 
     node, endpoint = start_memnode(tmp_path, token)
-    proc = subprocess.Popen(vm_cmd("--memnode", endpoint, "--token-file", str(token),
-                                   "--pager-arg=--fetch-timeout=2", "--name", "orphan", "--",
-                                   *guest.qemu_args()),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_vm("--memnode", endpoint, "--token-file", str(token),
+                    "--pager-arg=--fetch-timeout=2", "--name", "orphan", "--",
+                    *guest.qemu_args())
     try:
         assert proc.stderr is not None
         for line in iter(proc.stderr.readline, ""):
@@ -239,8 +241,7 @@ def test_memory_node_lost_fails_loudly(guest, runtime, tmp_path, token):
 
 def test_killed_vm_command_stops_guest(guest, runtime):
     """SIGKILL to `ssi-pager vm`: its pager dies with it, and the shim then stops QEMU."""
-    proc = subprocess.Popen(vm_cmd("--name", "orphaned", "--", *guest.qemu_args()),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_vm("--name", "orphaned", "--", *guest.qemu_args())
     try:
         read_until(proc, "guest up")
         qemu_pid = json.loads((runtime / "orphaned" / "vm.json").read_text())["qemu_pid"]
