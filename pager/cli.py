@@ -16,19 +16,19 @@ from pager import __version__
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("pager.demo", "run a memory node, the pager and a checked workload (no config)"),
-    "serve": ("pager.serve", "serve page faults of VMM clients on a Unix socket"),
-    "memnode": ("transport.memnode_cli", "run a memory node (page store server)"),
+    "demo": ("pager.tools.demo", "run a memory node, the pager and a checked workload (no config)"),
+    "serve": ("pager.service.serve", "serve page faults of VMM clients on a Unix socket"),
+    "memnode": ("transport.node.cli", "run a memory node (page store server)"),
     "vm": ("pager.vm", "run a QEMU guest with its RAM behind the pager"),
     "tune": ("tuning.cli", "check, plan, apply or revert host tuning (sysctl)"),
     "check": ("pager.uffd.check", "report what userfaultfd supports on this host"),
-    "status": ("pager.status", "show a running pager's and its memory nodes' state"),
+    "status": ("pager.tools.status", "show a running pager's and its memory nodes' state"),
 }
 # bench kind -> (module, help)
 BENCHES: dict[str, tuple[str, str]] = {
     "uffd": ("pager.uffd.bench", "UFFDIO_COPY/ZEROPAGE cost and local fault latency"),
     "transport": ("transport.bench", "page fetch latency and throughput"),
-    "faults": ("pager.bench", "end-to-end fault resolution from memory node and file"),
+    "faults": ("pager.tools.bench", "end-to-end fault resolution from memory node and file"),
     "vm": ("pager.vm_bench", "QEMU guest wall time with and without the pager"),
 }
 

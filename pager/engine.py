@@ -81,10 +81,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
+from pager.core.region import Region, RegionTable
+from pager.core.state import Action, ClientState, Fetch, Readahead, Unknown, Wait, ZeroFill, runs
 from pager.errors import FaultError
-from pager.region import Region, RegionTable
 from pager.source import Lane, PageSource
-from pager.state import Action, ClientState, Fetch, Readahead, Unknown, Wait, ZeroFill, runs
 from pager.uffd.binding import EVENT_WORDS, RawEvents, Userfaultfd, address_of
 from pager.uffd.errors import UffdExists, UffdGone, UffdRetry, uffd_error
 from pager.uffd.events import (

@@ -263,7 +263,7 @@ class PagerCollector(Collector):
 # ------------------------------------------------------------------ memory node collector
 
 class MemnodeCollector(Collector):
-    """Metrics of a `transport.memnode.MemoryNode`, from ``node.stats()`` at scrape time."""
+    """Metrics of a `transport.node.server.MemoryNode`, from ``node.stats()`` at scrape time."""
 
     def __init__(self, node: Any) -> None:
         self.node = node

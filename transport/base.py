@@ -24,7 +24,7 @@ from collections.abc import Coroutine
 from typing import Any, NamedTuple, TypeVar
 
 from transport.errors import TransportError
-from transport.protocol import PAGE_SIZE
+from transport.wire.protocol import PAGE_SIZE
 
 _R = TypeVar("_R")
 

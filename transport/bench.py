@@ -35,10 +35,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from transport.protocol import PAGE_SIZE
 from transport.tcp import BlockingChannel, TcpTransport
 from transport.tcp import run as run_loop
 from transport.token import load_token
+from transport.wire.protocol import PAGE_SIZE
 
 REFPAGER_SRC = Path("/work/shared/refpager")
 

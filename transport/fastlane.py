@@ -19,8 +19,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from transport.protocol import HEADER_SIZE, MAX_DATA, MAX_FRAME
-from transport.store import Space
+from transport.node.store import Space
+from transport.wire.protocol import HEADER_SIZE, MAX_DATA, MAX_FRAME
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
-"""TCP shells around `transport.protocol`: the server listener, the blocking channel used by the
-fault engine's hot thread, and the asyncio (uvloop) client transport.
+"""TCP shells around `transport.wire.protocol`: the server listener, the blocking channel used
+by the fault engine's hot thread, and the asyncio (uvloop) client transport.
 
 No parsing here beyond moving bytes between sockets and the sans-IO objects.
 """
@@ -26,7 +26,7 @@ from transport.errors import (
     RemoteError,
     TransportError,
 )
-from transport.protocol import (
+from transport.wire.protocol import (
     FAULT_LANE,
     HEADER,
     HEADER_SIZE,

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pager.child import Child
 from pager.source import MemnodeSource
-from pager.workload import DataSet
+from pager.tools.child import Child
+from pager.tools.workload import DataSet
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,7 +43,7 @@ class Memnode:
         lane = self.source(space).open_lane()
         try:
             for off, buf in data.chunks():
-                lane.store(None, off, buf)
+                lane.store_from(None, off, buf)
         finally:
             lane.close()
 

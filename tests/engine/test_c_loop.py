@@ -10,11 +10,11 @@ import time
 import pytest
 from enginekit import wait_or_fail
 
+from pager.core.region import Region
 from pager.engine import FaultEngine
-from pager.region import Region
 from pager.source import FileSource
+from pager.tools.workload import Client, DataSet
 from pager.uffd.faultloop import WIRE, enabled_by_env
-from pager.workload import Client, DataSet
 
 MIB = 1 << 20
 PAGE = 4096
@@ -31,7 +31,7 @@ def stats(engine: FaultEngine):
 
 
 def test_wire_numbers_match_the_protocol_module():
-    from transport import protocol as p
+    from transport.wire import protocol as p
     want = {"header": p.HEADER_SIZE, "version": p.VERSION, "fetch": int(p.T.FETCH),
             "data": int(p.T.DATA), "urgent": int(p.Flag.URGENT), "max_data": p.MAX_DATA}
     assert want == WIRE
@@ -151,7 +151,7 @@ def _madvise(c: Client, start: int, length: int) -> None:
 
 
 def _touch(c: Client, start: int, length: int):
-    from pager.workload import Touch
+    from pager.tools.workload import Touch
     return Touch(c.base + start, length, origin=c.offset + start, threads=2).start()
 
 
@@ -207,7 +207,7 @@ def test_sources_and_clients_c_cannot_serve_use_python(tmp_path, memnode):
 def test_serve_flag_turns_the_c_loop_off(memnode, monkeypatch):
     import argparse
 
-    from pager import serve as serve_cmd
+    from pager.service import serve as serve_cmd
     monkeypatch.delenv("SSI_PAGER_C_LOOP", raising=False)
     for argv, want in (([], True), (["--no-c-loop"], False)):
         parser = argparse.ArgumentParser()

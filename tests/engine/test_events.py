@@ -10,8 +10,8 @@ import time
 
 from enginekit import ROOT, memnode_args, wait_or_fail
 
+from pager.tools.workload import Client, DataSet
 from pager.uffd.toucher import Background, check_pattern
-from pager.workload import Client, DataSet
 
 MIB = 1 << 20
 PAGE = 4096
@@ -62,12 +62,12 @@ def test_forked_child_gets_its_own_state(memnode, run_pager):
 
 
 def touch_range(c: Client, start: int, end: int):
-    from pager.workload import Touch
+    from pager.tools.workload import Touch
     return Touch(c.base + start, end - start, threads=2).start()
 
 
 def _workload(sock: str, mib: int, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pager.workload", "--socket", sock,
+    return subprocess.Popen([sys.executable, "-m", "pager.tools.workload", "--socket", sock,
                              "--mib", str(mib), *extra], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
@@ -217,9 +217,9 @@ def _libc_map(size: int) -> int:
 def test_mremap_and_munmap_keep_the_region_table_right(memnode, run_pager):
     import socket as socketmod
 
-    from pager.handoff import send_handshake
+    from pager.service.handoff import send_handshake
+    from pager.tools.workload import Touch
     from pager.uffd.binding import Userfaultfd
-    from pager.workload import Touch
     data = DataSet(8 * MIB, holes=False)
     memnode.seed(data)
     proc, sock = run_pager(*memnode_args(memnode), "--readahead", "0")

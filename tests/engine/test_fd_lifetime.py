@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import os
 
+from pager.core.region import Region
 from pager.engine import FaultEngine
-from pager.region import Region
 from pager.source import FileSource
-from pager.workload import Client
+from pager.tools.workload import Client
 
 MIB = 1 << 20
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from pager.errors import HandoffError
-from pager.handoff import MAX_MESSAGE, check_fds, message_complete, parse_regions
+from pager.service.handoff import MAX_MESSAGE, check_fds, message_complete, parse_regions
 
 K = 4096
 

@@ -2,9 +2,18 @@
 
 import pytest
 
+from pager.core.region import Region, RegionTable
+from pager.core.state import (
+    ClientState,
+    Fetch,
+    IntervalSet,
+    Readahead,
+    Unknown,
+    Wait,
+    ZeroFill,
+    runs,
+)
 from pager.errors import HandoffError
-from pager.region import Region, RegionTable
-from pager.state import ClientState, Fetch, IntervalSet, Readahead, Unknown, Wait, ZeroFill, runs
 
 K = 4096
 

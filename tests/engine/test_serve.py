@@ -8,8 +8,8 @@ import time
 import pytest
 from enginekit import memnode_args, wait_or_fail
 
-from pager.handoff import send_handshake
-from pager.workload import Client, DataSet
+from pager.service.handoff import send_handshake
+from pager.tools.workload import Client, DataSet
 
 MIB = 1 << 20
 

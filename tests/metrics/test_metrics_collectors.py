@@ -112,8 +112,8 @@ def test_pager_collector_exports_peer_tiers(engine_stats: EngineStats) -> None:
 @pytest.fixture
 def memnode(tmp_path: Path) -> Iterator[tuple[object, metrics.MetricsServer]]:
     """A real MemoryNode on loopback (its own event loop thread) with its metrics endpoint."""
-    from transport.memnode import MemoryNode
-    from transport.store import PageStore
+    from transport.node.server import MemoryNode
+    from transport.node.store import PageStore
 
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
@@ -159,7 +159,7 @@ def test_memnode_metrics_count_real_requests(memnode) -> None:
 
 def test_status_quantile_matches_prometheus_histogram_quantile() -> None:
     """Same numbers as deploy/prometheus/rules_test.yml's p99 case, computed by Prometheus."""
-    from pager.status import histogram_quantile
+    from pager.tools.status import histogram_quantile
     inf = float("inf")
     assert histogram_quantile(0.99, [(0.001, 0), (0.01, 600), (inf, 600)]) == \
         pytest.approx(0.00991)

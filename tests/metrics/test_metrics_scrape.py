@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pager.workload import PAGE, DataSet
+from pager.tools.workload import PAGE, DataSet
 from tests.metrics.promserver import PromServer, stop_process
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,7 +77,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object
         data = DataSet(WORKLOAD_MIB * MIB)
         lane = MemnodeSource(endpoint, load_token(tmp / "token"), "vm1").open_lane()
         for off, buf in data.chunks():
-            lane.store(None, off, buf)
+            lane.store_from(None, off, buf)
         lane.reset()
 
         sock = tmp / "pager.sock"
@@ -116,7 +116,8 @@ def workload(stack: dict[str, object]) -> Iterator[dict[str, object]]:
     # start once Prometheus holds a sample from before the faults, so rate() sees them
     assert prom.wait_for('up{job="ssi-pager"}', lambda v: v == 1) == 1
     assert prom.wait_for("sum(ssi_pager_faults_total)", lambda v: v == 0) == 0
-    w = subprocess.Popen([sys.executable, "-m", "pager.workload", "--socket", str(stack["socket"]),
+    w = subprocess.Popen([sys.executable, "-m", "pager.tools.workload",
+                          "--socket", str(stack["socket"]),
                           "--mib", str(WORKLOAD_MIB), "--threads", "2", "--hold", "30"],
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert w.stdout is not None

@@ -5,14 +5,14 @@ from __future__ import annotations
 import os
 import socket
 
-from transport.protocol import (
+from transport.tcp import parse_endpoint
+from transport.wire.protocol import (
     NONCE_SIZE,
     ClientHandshake,
     FrameReader,
     Reply,
     reply_from_frame,
 )
-from transport.tcp import parse_endpoint
 
 
 class RawClient:

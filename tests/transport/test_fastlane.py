@@ -18,8 +18,16 @@ from tests.transport.rawclient import RawClient
 from tests.transport.test_memnode import BAD_FRAMES, assert_good_client, pattern
 from transport import fastlane
 from transport.errors import TransportError
-from transport.protocol import FAULT_LANE, MAX_DATA, PAGE_SIZE, ErrorCode, Reply, T, pack_header
 from transport.tcp import BlockingChannel, TcpTransport
+from transport.wire.protocol import (
+    FAULT_LANE,
+    MAX_DATA,
+    PAGE_SIZE,
+    ErrorCode,
+    Reply,
+    T,
+    pack_header,
+)
 
 PAGE = PAGE_SIZE
 
@@ -168,7 +176,7 @@ def test_every_input_answered_as_the_python_path_does(node_factory, tmp_path, na
 
 def test_second_space_is_served_after_open(memnode):
     c = RawClient(memnode.endpoint).handshake(memnode.token, "one", lane=FAULT_LANE)
-    from transport.protocol import encode_control
+    from transport.wire.protocol import encode_control
 
     c.send(encode_control(T.OPEN, 2, {"space": "two"}))
     opened = c.reply()

@@ -12,7 +12,9 @@ import pytest
 
 from tests.transport.rawclient import RawClient
 from transport.errors import AuthError, RemoteError, TokenError
-from transport.protocol import (
+from transport.tcp import BlockingChannel
+from transport.token import load_token
+from transport.wire.protocol import (
     HEADER_SIZE,
     MAX_DATA,
     ErrorCode,
@@ -20,8 +22,6 @@ from transport.protocol import (
     encode_control,
     pack_header,
 )
-from transport.tcp import BlockingChannel
-from transport.token import load_token
 
 PAGE = 4096
 
@@ -267,8 +267,8 @@ def test_handshake_timeout_closes_idle_unauthenticated(node_factory, tmp_path):
     # through the in-process server (the CLI default is 10 s)
     import asyncio
 
-    from transport.memnode import MemoryNode
-    from transport.store import PageStore
+    from transport.node.server import MemoryNode
+    from transport.node.store import PageStore
 
     async def main() -> float:
         node = MemoryNode(PageStore(tmp_path / "st"), token=b"t" * 32, port=0,
@@ -390,8 +390,8 @@ def test_idle_handshakes_are_bounded_and_real_clients_get_in(tmp_path):
     # oldest are closed), and an authenticating client is served meanwhile
     import asyncio
 
-    from transport.memnode import MemoryNode
-    from transport.store import PageStore
+    from transport.node.server import MemoryNode
+    from transport.node.store import PageStore
     from transport.token import ensure_token
 
     token = ensure_token(tmp_path / "token")

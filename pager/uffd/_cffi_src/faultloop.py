@@ -18,10 +18,10 @@ which Python folds into ``EngineStats`` whenever the loop returns (at least ever
 while busy, and 10 ms after the last fault served).
 
 Wire protocols: ``SSI_PFL_PROTO_SSIP`` is the memory node's FETCH/DATA of
-``transport/protocol.py`` (32-byte little-endian header ``magic "SSIP" | version u8 | type u8
+``transport/wire/protocol.py`` (32-byte little-endian header ``magic "SSIP" | version u8 | type u8
 | flags u16 | request id u32 | space u32 | gpa u64 | length u32 | arg u32``; the DATA reply's
 ``arg`` is the zero mask and only the written pages follow, packed). Its numbers are defined
-once here, exported as ``SSI_PFL_WIRE_*`` and checked against transport.protocol by
+once here, exported as ``SSI_PFL_WIRE_*`` and checked against transport.wire.protocol by
 tests/engine/test_c_loop.py (the memory node's C lane keeps its own copy in
 transport/_cffi_src/fastlane.py, which has no shared header). ``SSI_PFL_PROTO_RAW`` is the
 reference memory node's format used by ``bench faults`` (``{u64 offset, u32 length}`` ->
@@ -130,7 +130,7 @@ CUSTOMIZATIONS = r"""
 #define SSI_PFL_PROTO_SSIP 0
 #define SSI_PFL_PROTO_RAW 1
 
-/* transport/protocol.py: HEADER, VERSION, T.FETCH, T.DATA, Flag.URGENT, MAX_DATA */
+/* transport/wire/protocol.py: HEADER, VERSION, T.FETCH, T.DATA, Flag.URGENT, MAX_DATA */
 #define SSI_PFL_WIRE_HEADER 32
 #define SSI_PFL_WIRE_VERSION 1
 #define SSI_PFL_WIRE_FETCH 7

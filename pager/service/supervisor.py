@@ -36,8 +36,8 @@ import threading
 import time
 from dataclasses import dataclass
 
-from pager.handoff import HandoffServer, Handshake, parse_regions
-from pager.region import Region
+from pager.core.region import Region
+from pager.service.handoff import HandoffServer, Handshake, parse_regions
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from pager.core.region import PAGE_SIZE, Region, RegionTable
 from pager.errors import HandoffError
-from pager.region import PAGE_SIZE, Region, RegionTable
 
 log = logging.getLogger(__name__)
 

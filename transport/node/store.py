@@ -27,13 +27,13 @@ import threading
 from pathlib import Path
 
 from transport.errors import StoreError
-from transport.protocol import (
+from transport.token import private_dir
+from transport.wire.protocol import (
     DEFAULT_MAX_SPACE_BYTES,
     PAGE_SHIFT,
     PAGE_SIZE,
     valid_space_name,
 )
-from transport.token import private_dir
 
 log = logging.getLogger(__name__)
 

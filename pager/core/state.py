@@ -15,7 +15,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
-from pager.region import Region, RegionTable
+from pager.core.region import Region, RegionTable
 
 
 class IntervalSet:

@@ -29,10 +29,10 @@ import tempfile
 import threading
 from pathlib import Path
 
-from pager.child import Child
-from pager.region import Region
+from pager.core.region import Region
 from pager.source import Lane, PageSource
-from pager.workload import Client, DataSet, Touch, percentile
+from pager.tools.child import Child
+from pager.tools.workload import Client, DataSet, Touch, percentile
 
 log_prefix = "bench:"
 
@@ -231,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
             from transport.token import load_token
             lane = MemnodeSource(endpoint, load_token(tmp / "token"), "bench").open_lane()
             for off, buf in data.chunks():
-                lane.store(None, off, buf)
+                lane.store_from(None, off, buf)
             lane.close()
             snap = tmp / "snapshot.mem"
             data.write_file(str(snap))

@@ -22,7 +22,9 @@ from typing import Any
 
 from transport import fastlane
 from transport.errors import ProtocolError, StoreError
-from transport.protocol import (
+from transport.node.store import PageStore
+from transport.tcp import start_server, tune_socket
+from transport.wire.protocol import (
     DEFAULT_MAX_SPACE_BYTES,
     FAULT_LANE,
     HEADER,
@@ -45,8 +47,6 @@ from transport.protocol import (
     encode_error,
     pack_header,
 )
-from transport.store import PageStore
-from transport.tcp import start_server, tune_socket
 
 log = logging.getLogger(__name__)
 _fastlane_enabled = fastlane.enabled

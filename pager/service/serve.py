@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from pager.engine import DEFAULT_CHUNK, DEFAULT_READAHEAD, ClientPager, FaultEngine
 from pager.errors import ConfigError
-from pager.handoff import HandoffServer, Handshake
+from pager.service.handoff import HandoffServer, Handshake
 from pager.source import MemnodeSource, PageSource, parse_source
 from pager.uffd.faultloop import enabled_by_env
 
@@ -136,7 +136,7 @@ class PagerService:
 
     async def start(self) -> None:
         if self._keeper_fd is not None:
-            from pager.supervisor import KeeperLink
+            from pager.service.supervisor import KeeperLink
             self.keeper = KeeperLink(self._keeper_fd)
             for held in self.keeper.take_over():
                 self._adopt(held)
@@ -193,7 +193,7 @@ class PagerService:
 
 def run(args: argparse.Namespace) -> int:
     if args.supervise:
-        from pager.supervisor import run_supervised
+        from pager.service.supervisor import run_supervised
         return run_supervised(sys.argv[1:])
     source = source_from_args(args)
     engine = engine_from_args(args, source)

@@ -1,6 +1,6 @@
 """A checked client workload: maps memory, hands its uffd to the pager, touches and verifies.
 
-    python -m pager.workload --socket PATH --mib N [--threads 4] [--order seq|rand]
+    python -m pager.tools.workload --socket PATH --mib N [--threads 4] [--order seq|rand]
 
 It does what a VMM does with the Firecracker handshake: anonymous private memory, a userfaultfd
 with MISSING registration (UFFDIO_API and UFFDIO_REGISTER done here, as Firecracker does), one
@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from pager.handoff import send_handshake
+from pager.service.handoff import send_handshake
 from pager.uffd.toucher import Toucher, TouchResult, check_pattern, fill_pattern
 
 PAGE = 4096
@@ -230,7 +230,7 @@ def _progress(t: Touch, label: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pager.workload", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m pager.tools.workload", description=__doc__)
     ap.add_argument("--socket", required=True)
     ap.add_argument("--mib", type=int, default=256)
     ap.add_argument("--threads", type=int, default=4)

@@ -4,7 +4,7 @@
    picked automatically) and seeds an address space with a deterministic data set that leaves
    some pages never written (they come back as zero pages);
 2. runs the pager (this process: fault engine + handoff server on a Unix socket);
-3. runs a workload process (``python -m pager.workload``) that maps memory, registers a
+3. runs a workload process (``python -m pager.tools.workload``) that maps memory, registers a
    userfaultfd, hands it over with the Firecracker handshake, touches every page from several C
    threads and checks every byte.
 
@@ -24,11 +24,11 @@ import threading
 import time
 from pathlib import Path
 
-from pager.child import Child
 from pager.engine import FaultEngine
-from pager.serve import PagerService, announce_source
+from pager.service.serve import PagerService, announce_source
 from pager.source import MemnodeSource
-from pager.workload import DataSet
+from pager.tools.child import Child
+from pager.tools.workload import DataSet
 
 SPACE = "demo"
 
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
             t0 = time.perf_counter()
             lane = source.open_lane()
             for off, buf in data.chunks():
-                lane.store(None, off, buf)
+                lane.store_from(None, off, buf)
             lane.close()
             holes = sum(e - s for s, e in data.hole_ranges()) // 4096
             _say(f"demo: seeded {data.written_bytes() >> 20} MiB in "
@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
             pager = _PagerThread(engine, sock)
             _say(f"demo: pager serving {sock}, chunk {args.chunk >> 10} KiB")
             w = subprocess.run(
-                [sys.executable, "-m", "pager.workload", "--socket", sock, "--mib",
+                [sys.executable, "-m", "pager.tools.workload", "--socket", sock, "--mib",
                  str(args.mib), "--threads", str(args.threads), "--order", args.order,
                  "--progress"], stdout=subprocess.PIPE, text=True, timeout=600)
             result = json.loads(w.stdout.strip().splitlines()[-1]) if w.stdout.strip() else {}

@@ -1,0 +1,1 @@
+"""The pager as a service: the UFFD handshake server, `serve`, and the restart supervisor."""

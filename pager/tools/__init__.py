@@ -1,0 +1,1 @@
+"""Tools around the pager: demo, benchmarks, workload processes, status."""

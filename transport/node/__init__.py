@@ -1,0 +1,1 @@
+"""The memory node: server, page store, C fault lane, command line."""
