@@ -1,13 +1,16 @@
 """The fault engine's bookkeeping for one client, with no I/O (fed with plain events).
 
-``ClientState`` answers "what must be done for a fault at this address" and keeps what that
-depends on: the region table (following UNMAP / REMAP), the ranges a REMOVE dropped (zero on
-their next fault, never fetched again), the readahead ranges in flight (a fault there waits for
-them instead of fetching again), the faults deferred by EAGAIN, and the sequential-stream
-detector that asks for readahead. The fault thread (pager.engine) does the syscalls and the
-fetches; tests drive this object directly.
+``ClientState`` answers "what must be done for a fault of this kind at this address" with an
+action (fetch, zero fill, wait, unprotect, continue, or unknown) and keeps what that depends on:
+the region table (following UNMAP / REMAP), the ranges a REMOVE dropped (zero on their next
+fault, never fetched again), the readahead ranges in flight (a fault there waits for them
+instead of fetching again), the faults deferred by EAGAIN, the sequential-stream detector that
+asks for readahead, and the exact resident set (every chunk either fault path installed, as the
+installer reports it; dropped on REMOVE / UNMAP, moved on REMAP). The fault thread
+(pager.engine) does the syscalls and the fetches; tests drive this object directly.
 
-Removed ranges are kept in *space offsets* (gpa), so they stay right when a range is mremap'ed.
+Removed ranges are kept in *space offsets* (gpa), so they stay right when a range is mremap'ed;
+the resident set is kept in host addresses (what the kernel maps), moved with the mapping.
 """
 
 from __future__ import annotations
@@ -15,7 +18,14 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
-from pager.core.region import Region, RegionTable
+from pager.core.region import PAGE_SIZE, Region, RegionTable
+
+# fault kinds (the uffd page-fault flags): a missing page, a write to a write-protected page,
+# a minor fault (the page is in the page cache but not mapped)
+MISSING = "missing"
+WP = "wp"
+MINOR = "minor"
+FAULT_KINDS = (MISSING, WP, MINOR)
 
 
 class IntervalSet:
@@ -73,6 +83,10 @@ class IntervalSet:
             return self._starts[i], self._ends[i]
         return None
 
+    def total(self) -> int:
+        """Bytes covered."""
+        return sum(e - s for s, e in zip(self._starts, self._ends, strict=True))
+
     def overlaps(self, start: int, end: int) -> list[tuple[int, int]]:
         """The parts of the set inside ``[start, end)``."""
         i = bisect.bisect_right(self._ends, start)
@@ -118,7 +132,26 @@ class Unknown:
     address: int
 
 
-Action = Fetch | ZeroFill | Wait | Unknown
+@dataclass(frozen=True, slots=True)
+class Unprotect:
+    """A write to a write-protected page with no dirty tracking: clear the protection (which
+    wakes the writer)."""
+
+    region: Region
+    start: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class Continue:
+    """A minor fault: the page is in the page cache; map it (UFFDIO_CONTINUE)."""
+
+    region: Region
+    start: int
+    length: int
+
+
+Action = Fetch | ZeroFill | Wait | Unknown | Unprotect | Continue
 
 
 @dataclass
@@ -162,23 +195,34 @@ class ClientState:
     chunk_size: int = 64 * 1024
     removed: dict[str | None, IntervalSet] = field(default_factory=dict)
     inflight: dict[tuple[int, int], list[int]] = field(default_factory=dict)
-    deferred: list[int] = field(default_factory=list)
+    deferred: list[tuple[int, str]] = field(default_factory=list)
     readahead: Readahead = field(default_factory=Readahead)
+    resident: IntervalSet = field(default_factory=IntervalSet)
 
     def fork(self) -> ClientState:
-        """The state of a forked child: same layout and removed ranges, nothing in flight."""
+        """The state of a forked child: same layout, removed ranges and resident pages (the
+        child shares them copy-on-write), nothing in flight."""
         return ClientState(regions=self.regions.copy(), chunk_size=self.chunk_size,
                            removed={k: v.copy() for k, v in self.removed.items()},
                            readahead=Readahead(self.readahead.min_hits,
-                                               self.readahead.max_chunks))
+                                               self.readahead.max_chunks),
+                           resident=self.resident.copy())
 
     # -- faults ------------------------------------------------------------------------------
-    def on_fault(self, addr: int) -> Action:
+    def on_fault(self, addr: int, kind: str = MISSING) -> Action:
+        """The action for a fault of ``kind`` (``MISSING``, ``WP``, ``MINOR``) at ``addr``."""
         r = self.regions.find(addr)
         if r is None:
             return Unknown(addr)
+        if kind != MISSING:
+            page = r.page(addr)
+            if kind == WP:
+                return Unprotect(r, page, r.page_size)
+            if kind == MINOR:
+                return Continue(r, page, r.page_size)
+            raise ValueError(f"fault kind {kind!r}: expected one of {FAULT_KINDS}")
         cs = self.chunk_size
-        if r.page_size == 4096 and not cs & 4095:  # the hot case, r.chunk() inlined
+        if r.page_size == PAGE_SIZE and not cs % PAGE_SIZE:  # the hot case, r.chunk() inlined
             start = addr - (addr - r.base) % cs
             length = min(cs, r.base + r.size - start)
         else:
@@ -243,12 +287,23 @@ class ClientState:
                          for s, e in removed.overlaps(fetch.gpa, r.gpa(end)))
         return Fetch(r, fetch.start, end - fetch.start, fetch.gpa, gone)
 
-    def defer(self, addr: int) -> None:
-        self.deferred.append(addr)
+    def defer(self, addr: int, kind: str = MISSING) -> None:
+        """A fault whose ioctl met EAGAIN (a layout event pending): served again later."""
+        self.deferred.append((addr, kind))
 
-    def take_deferred(self) -> list[int]:
+    def take_deferred(self) -> list[tuple[int, str]]:
         d, self.deferred = self.deferred, []
         return d
+
+    # -- residency ---------------------------------------------------------------------------
+    def on_installed(self, addr: int, length: int, how: str) -> None:
+        """``[addr, addr+length)`` is resident now (``how``: "copy", "zero" or "eexist": found
+        present, installed by someone else)."""
+        self.resident.add(addr, addr + length)
+
+    @property
+    def resident_bytes(self) -> int:
+        return self.resident.total()
 
     # -- layout events ----------------------------------------------------------------------
     def on_remove(self, start: int, end: int) -> None:
@@ -256,34 +311,34 @@ class ClientState:
         for r in self.regions.overlapping(start, end):
             s, e = r.clip(start, end)  # type: ignore[misc]
             self.removed.setdefault(r.space, IntervalSet()).add(r.gpa(s), r.gpa(e))
+        self.resident.discard(start, end)
 
     def on_unmap(self, start: int, end: int) -> None:
         self.regions.remove_range(start, end)
+        self.resident.discard(start, end)
 
     def on_remap(self, old: int, new: int, length: int) -> None:
         self.regions.move(old, new, length)
+        moved = self.resident.overlaps(old, old + length)
+        self.resident.discard(old, old + length)
+        self.resident.discard(new, new + length)  # mremap unmapped what was there
+        for s, e in moved:
+            self.resident.add(new + (s - old), new + (e - old))
 
 
-def runs(start: int, length: int, page: int, zero_mask: int,
-         removed: tuple[tuple[int, int], ...] = ()) -> list[tuple[str, int, int]]:
-    """Split a fetched chunk into ("copy"|"zero", start, length) runs of contiguous pages,
-    leaving out removed ranges. Bit i of ``zero_mask`` = page i was never written."""
-    if not zero_mask and not removed:
-        return [("copy", start, length)]
-    out: list[tuple[str, int, int]] = []
-    n = length // page
-    kind_prev = None
-    run_start = start
-    for i in range(n):
-        a = start + i * page
-        if removed and any(s <= a < e for s, e in removed):
-            kind = None
-        else:
-            kind = "zero" if zero_mask >> i & 1 else "copy"
-        if kind != kind_prev:
-            if kind_prev is not None:
-                out.append((kind_prev, run_start, a - run_start))
-            kind_prev, run_start = kind, a
-    if kind_prev is not None:
-        out.append((kind_prev, run_start, start + length - run_start))
+def segments(start: int, length: int,
+             removed: tuple[tuple[int, int], ...] = ()) -> list[tuple[int, int]]:
+    """The ``(start, length)`` parts of ``[start, start+length)`` outside the removed ranges,
+    in address order (removed pages are zero-filled only when faulted on)."""
+    out: list[tuple[int, int]] = []
+    pos, end = start, start + length
+    for s, e in sorted(removed):
+        s, e = max(s, pos), min(e, end)
+        if s >= e:
+            continue
+        if s > pos:
+            out.append((pos, s - pos))
+        pos = e
+    if pos < end:
+        out.append((pos, end - pos))
     return out

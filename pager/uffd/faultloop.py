@@ -1,8 +1,9 @@
-"""Python side of the C fault loop (``ssi_pfl_run``, see _cffi_src/faultloop.py).
+"""Python side of the C fault loop (``ssi_pfl_run``, see csrc/faultloop.c).
 
 ``FaultLoop`` owns the C state of one client's loop: Python sets the region table and the slow
 ranges, calls ``run()`` from the client's fault thread (the GIL is released while C serves
-faults), and folds the C counters into its own statistics with ``take_stats()``.
+faults), folds the C counters into its own statistics with ``take_stats()`` and drains the
+chunks C installed with ``take_resident()``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Iterable, Sequence
 
 from pager.uffd._uffd_cffi import ffi, lib
 from pager.uffd.binding import RawEvents
+from pager.uffd.install import InstallLog
 
 IDLE: int = lib.SSI_PFL_IDLE
 WAKE: int = lib.SSI_PFL_WAKE
@@ -22,11 +24,9 @@ PROTO_SSIP: int = lib.SSI_PFL_PROTO_SSIP
 PROTO_RAW: int = lib.SSI_PFL_PROTO_RAW
 MAX_REGIONS: int = lib.SSI_PFL_MAX_REGIONS
 MAX_SLOW: int = lib.SSI_PFL_MAX_SLOW
-WIRE = {"header": lib.SSI_PFL_WIRE_HEADER, "version": lib.SSI_PFL_WIRE_VERSION,
-        "fetch": lib.SSI_PFL_WIRE_FETCH, "data": lib.SSI_PFL_WIRE_DATA,
-        "urgent": lib.SSI_PFL_WIRE_URGENT, "max_data": lib.SSI_PFL_WIRE_MAX_DATA}
 COUNTERS = ("faults", "faults_write", "served_fetch", "served_dup", "fetched_bytes",
-            "copied_bytes", "zero_pages", "eexist", "latency_sum_us", "latency_count")
+            "latency_sum_us", "latency_count")
+RESIDENT_RING = 1024  # chunks C reports between two drains (it returns to Python when full)
 
 
 def enabled_by_env() -> bool:
@@ -47,6 +47,7 @@ class FaultLoop:
         self._l = ffi.new("struct ssi_pfl *")
         self._buf = ffi.new("uint8_t[]", chunk)
         self._raw = raw
+        self.log = InstallLog(RESIDENT_RING, ffi.addressof(self._l, "log"))
         lp = self._l
         lp.uffd = uffd_fd
         self.set_wake_fds(wake_fds)
@@ -66,16 +67,17 @@ class FaultLoop:
             self._l.wake_fds[i] = fd
         self._l.nwake = len(fds)
 
-    def set_regions(self, regions: Iterable[tuple[int, int, int, int, int, int]]) -> bool:
-        """``(base, size, gpa, sock, proto, space)`` per region (sock -1: Python serves it).
-        False if there are more than the C table holds (then do not run the loop)."""
+    def set_regions(self, regions: Iterable[tuple[int, int, int, int, int, int, int]]) -> bool:
+        """``(base, size, gpa, page_size, sock, proto, space)`` per region (sock -1: Python
+        serves it). False if there are more than the C table holds (then do not run the loop)."""
         regions = list(regions)
         if len(regions) > MAX_REGIONS:
             return False
         lp = self._l
-        for i, (base, size, gpa, sock, proto, space) in enumerate(regions):
+        for i, (base, size, gpa, page_size, sock, proto, space) in enumerate(regions):
             r = lp.regions[i]
-            r.base, r.size, r.gpa, r.sock, r.proto, r.space = base, size, gpa, sock, proto, space
+            r.base, r.size, r.gpa, r.page_size = base, size, gpa, page_size
+            r.sock, r.proto, r.space = sock, proto, space
         lp.nregions = len(regions)
         return True
 
@@ -104,7 +106,8 @@ class FaultLoop:
         return code, lp.first, lp.n, lp.err
 
     def take_stats(self) -> tuple[dict[str, int], list[int]] | None:
-        """The counters since the last call (and reset them); None if nothing happened."""
+        """The loop's counters since the last call (and reset them); None if nothing happened.
+        The install counters and residency are in ``log`` (``InstallLog``)."""
         st = self._l.stats
         if not st.faults and not st.fetched_bytes:
             return None

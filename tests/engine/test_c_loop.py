@@ -14,7 +14,7 @@ from pager.core.region import Region
 from pager.engine import FaultEngine
 from pager.source import FileSource
 from pager.tools.workload import Client, DataSet
-from pager.uffd.faultloop import WIRE, enabled_by_env
+from pager.uffd.faultloop import enabled_by_env
 
 MIB = 1 << 20
 PAGE = 4096
@@ -28,13 +28,6 @@ def stats(engine: FaultEngine):
     """The engine's counters once the C loop has folded its own (10 ms after the last fault)."""
     time.sleep(0.1)
     return engine.stats()
-
-
-def test_wire_numbers_match_the_protocol_module():
-    from transport.wire import protocol as p
-    want = {"header": p.HEADER_SIZE, "version": p.VERSION, "fetch": int(p.T.FETCH),
-            "data": int(p.T.DATA), "urgent": int(p.Flag.URGENT), "max_data": p.MAX_DATA}
-    assert want == WIRE
 
 
 @pytest.mark.parametrize("chunk", [PAGE, 64 * 1024])

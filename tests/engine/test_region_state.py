@@ -11,7 +11,7 @@ from pager.core.state import (
     Unknown,
     Wait,
     ZeroFill,
-    runs,
+    segments,
 )
 from pager.errors import HandoffError
 
@@ -99,13 +99,14 @@ def test_fault_fetch_then_remove_gives_zero_never_fetch():
     assert child.inflight == {}
 
 
-def test_runs_split_zero_copy_and_removed():
+def test_segments_leave_out_removed_ranges():
     base = 0x100000
-    assert runs(base, 4 * K, K, 0) == [("copy", base, 4 * K)]
-    assert runs(base, 4 * K, K, 0b0110) == [("copy", base, K), ("zero", base + K, 2 * K),
-                                            ("copy", base + 3 * K, K)]
-    assert runs(base, 4 * K, K, 0b1000, ((base + K, base + 2 * K),)) == [
-        ("copy", base, K), ("copy", base + 2 * K, K), ("zero", base + 3 * K, K)]
+    assert segments(base, 4 * K) == [(base, 4 * K)]
+    assert segments(base, 4 * K, ((base + K, base + 2 * K),)) == [(base, K),
+                                                                 (base + 2 * K, 2 * K)]
+    assert segments(base, 4 * K, ((base + 3 * K, base + 9 * K), (base - K, base + K))) == [
+        (base + K, 2 * K)]
+    assert segments(base, 4 * K, ((base, base + 4 * K),)) == []
 
 
 def test_readahead_on_sequential_stream_and_waits():
@@ -146,5 +147,5 @@ def test_readahead_skips_removed_and_install_plan_rechecks():
 def test_deferred():
     st = state()
     st.defer(1)
-    st.defer(2)
-    assert st.take_deferred() == [1, 2] and st.take_deferred() == []
+    st.defer(2, "wp")
+    assert st.take_deferred() == [(1, "missing"), (2, "wp")] and st.take_deferred() == []

@@ -9,19 +9,26 @@ from cffi import FFI
 
 def build_ffi(module_name: str, modules: list[ModuleType], *,
               libraries: list[str] | None = None,
-              extra_compile_args: list[str] | None = None) -> FFI:
-    """One FFI whose cdef is every module's TYPES + FUNCTIONS and whose source is their C."""
+              extra_compile_args: list[str] | None = None,
+              preamble: str | None = None, sources: list[str] | None = None,
+              include_dirs: list[str] | None = None) -> FFI:
+    """One FFI whose cdef is every module's TYPES + FUNCTIONS.
+
+    The C comes from ``preamble`` (usually one ``#include``) and the ``sources`` files; a
+    module may still carry its C as ``INCLUDES`` / ``CUSTOMIZATIONS`` strings, appended to the
+    preamble."""
     ffi = FFI()
-    source = []
+    source = [preamble or ""]
     for mod in modules:
-        source.append(mod.INCLUDES)
+        source.append(getattr(mod, "INCLUDES", ""))
     for mod in modules:
-        source.append(mod.CUSTOMIZATIONS)
+        source.append(getattr(mod, "CUSTOMIZATIONS", ""))
     for mod in modules:
         ffi.cdef(mod.TYPES)
     for mod in modules:
         ffi.cdef(mod.FUNCTIONS)
     ffi.set_source(module_name, "\n".join(source), libraries=libraries or [],
+                   sources=sources or [], include_dirs=include_dirs or [],
                    define_macros=[("_GNU_SOURCE", None)],
                    extra_compile_args=extra_compile_args or [])
     return ffi

@@ -1,0 +1,115 @@
+"""``FaultEngine``: owns the page source and the clients (one ``ClientPager`` each); the
+control plane (handoff server, supervisor, metrics) calls ``add_client``, ``stats`` and
+``close``. See the package docstring for the fault path."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from pager.core.region import PAGE_SIZE, Region, RegionTable
+from pager.core.state import ClientState, Readahead
+from pager.engine.client import ClientPager
+from pager.engine.readahead import RA_BATCH
+from pager.engine.stats import EngineStats
+from pager.errors import ConfigError
+from pager.source import PageSource
+from pager.uffd.binding import Userfaultfd
+from pager.uffd.faultloop import enabled_by_env
+
+DEFAULT_CHUNK = 64 * 1024
+DEFAULT_READAHEAD = 2 * 1024 * 1024
+
+
+class FaultEngine:
+    """Owns the source and the clients; the control plane calls ``add_client``/``close``."""
+
+    def __init__(self, source: PageSource, *, chunk_size: int = DEFAULT_CHUNK,
+                 readahead: int = DEFAULT_READAHEAD, fetch_timeout: float = 60.0,
+                 c_loop: bool | None = None) -> None:
+        if chunk_size < PAGE_SIZE or chunk_size & (chunk_size - 1):
+            raise ConfigError(f"chunk size {chunk_size} must be a power of two >= "
+                              f"{PAGE_SIZE}; pass e.g. --chunk 64K")
+        self.source = source
+        self.chunk_size = chunk_size
+        self.readahead = readahead
+        self.fetch_timeout = fetch_timeout
+        self.c_loop = enabled_by_env() if c_loop is None else c_loop
+        self.clients: list[ClientPager] = []
+        self._closed_stats = EngineStats()
+        self._lock = threading.Lock()
+        self._next_id = 1
+
+    def add_client(self, uffd_fd: int, regions: list[Region], *, memfd: int | None = None,
+                   pid: int = 0, wake: bool = False, name: str | None = None,
+                   layout: list[list] | None = None,
+                   on_layout: Callable[..., None] | None = None) -> ClientPager:
+        """Serve a client's uffd (ownership of the fds passes to the engine).
+
+        ``wake``: a restarted pager taking over a uffd wakes every region, so faults whose
+        events the previous pager read (and lost) are raised again. ``layout``: the layout
+        events (``["remove", start, end]``, ``["unmap", ...]``, ``["remap", old, new, len]``)
+        the previous pager saw, replayed first. ``on_layout(kind, *args)`` is told of each new
+        one (the supervisor keeps them).
+        """
+        for r in regions:
+            self.source.check_region(r)
+        u = Userfaultfd.adopt(uffd_fd)
+        state = ClientState(RegionTable(regions), chunk_size=self.chunk_size,
+                            readahead=self._detector())
+        with self._lock:
+            cid = self._next_id
+            self._next_id += 1
+        for kind, *args in layout or ():
+            getattr(state, f"on_{kind}")(*args)
+        client = ClientPager(self, u, state, name=name or f"client{cid}", pid=pid, memfd=memfd)
+        client.on_layout = on_layout
+        with self._lock:
+            self.clients.append(client)
+        client.start()
+        if wake:
+            client.wake_all()
+        return client
+
+    @property
+    def readahead_active(self) -> bool:
+        """Whether sequential streams are read ahead (see ``_detector``)."""
+        return bool(self.readahead) and self.chunk_size < RA_BATCH
+
+    def _detector(self) -> Readahead:
+        # Readahead moves 64 KiB groups through a second thread; with chunks that large the
+        # fault path already streams as fast, and the thread hand-off only adds latency
+        # (measured: README "Design"), so it is used for smaller chunks only.
+        if not self.readahead_active:
+            return Readahead(min_hits=1 << 60)
+        return Readahead(max_chunks=max(2, self.readahead // self.chunk_size))
+
+    def adopt_child(self, parent: ClientPager, fd: int) -> ClientPager:
+        u = Userfaultfd.adopt(fd)
+        child = ClientPager(self, u, parent.state.fork(), name=f"{parent.name}.fork",
+                            pid=0, memfd=None, parent=parent)
+        with self._lock:
+            self.clients.append(child)
+        child.start()
+        return child
+
+    def _retire(self, client: ClientPager) -> None:
+        with self._lock:
+            if client in self.clients:
+                self.clients.remove(client)
+                self._closed_stats.add(client.stats)
+
+    def stats(self) -> EngineStats:
+        """Totals over live and finished clients (a fresh object)."""
+        total = EngineStats()
+        with self._lock:
+            total.add(self._closed_stats)
+            live = list(self.clients)
+        for c in live:
+            total.add(c.stats)
+        return total
+
+    def close(self) -> None:
+        for c in list(self.clients):
+            c.close()
+        self.source.close()

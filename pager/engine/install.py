@@ -1,0 +1,58 @@
+"""Installs for the Python fault path, through the one C installer (``pager.uffd.install``).
+
+``Installer`` is one client's: it leaves out the ranges a REMOVE dropped (they are zero-filled
+only when faulted on), hands each remaining piece with its slice of the zero mask to
+``ssi_install`` (COPY of written runs, ZEROPAGE of the rest, EEXIST finished and woken), then
+reports every resident chunk to the client state and folds the counters into the client's
+stats, also when the install failed half way (what was installed is resident). Errors propagate:
+``UffdRetry`` (EAGAIN) is the caller's to defer.
+"""
+
+from __future__ import annotations
+
+from pager.core.state import ClientState, segments
+from pager.engine.stats import EngineStats
+from pager.uffd.install import WIRE_PAGE, InstallLog, install
+
+
+class Installer:
+    """One client's installs: uffd, residency log, state and stats."""
+
+    def __init__(self, uffd_fd: int, state: ClientState, stats: EngineStats) -> None:
+        self.fd = uffd_fd
+        self.state = state
+        self.stats = stats
+        self.log = InstallLog()
+
+    def install(self, start: int, length: int, src: int | None, mask: int,
+                removed: tuple[tuple[int, int], ...], page_size: int) -> None:
+        """Install ``[start, start+length)`` from address ``src`` (None: zero pages); bit i of
+        ``mask``: wire page i was never written; pages in ``removed`` are left alone."""
+        log = self.log
+        if not removed:
+            log.reserve(length)
+            try:
+                install(self.fd, start, src, length, mask, page_size, log)
+            finally:
+                self.drain()
+            return
+        for s, n in segments(start, length, removed):
+            off = s - start
+            log.reserve(n)
+            try:
+                install(self.fd, s, None if src is None else src + off, n,
+                        mask >> (off // WIRE_PAGE), page_size, log)
+            finally:
+                self.drain()
+
+    def drain(self, log: InstallLog | None = None) -> None:
+        """Residency and counters of ``log`` (default this installer's) to state and stats."""
+        log = log or self.log
+        on_installed = self.state.on_installed
+        for addr, n, how in log.take():
+            on_installed(addr, n, how)
+        c = log.take_counters()
+        st = self.stats
+        st.copied_bytes += c["copied_bytes"]
+        st.zero_pages += c["zero_pages"]
+        st.eexist += c["eexist"]

@@ -1,0 +1,260 @@
+/* The fault engine's per-fault loop (ssi_pfl_run), called from a client's fault thread with
+ * the GIL released. Python stays the control plane (pager/uffd/faultloop.py, pager/engine/
+ * cloop.py): it gives the loop the region table, the "slow" ranges (REMOVE'd pages, chunks being
+ * read ahead), the uffd, the fds that interrupt it, an event buffer and a chunk buffer. The loop
+ * polls, reads a batch of events and serves every plain MISSING fault on an ordinary chunk
+ * itself: one FETCH, one reply straight into the buffer, then ssi_install (install.c, the same
+ * code the Python path calls). It returns as soon as it meets anything else, with the events it
+ * has not handled (first .. n) left for Python: layout events, write-protect or minor faults,
+ * faults outside the table or on a slow chunk, an install that failed, a residency ring too full
+ * for another chunk, and any fetch error (SSI_PFL_FETCH_ERROR: Python drops the connection and
+ * serves the fault with retries).
+ *
+ * Wire: SSI_PFL_PROTO_SSIP is the memory node's FETCH/DATA (ssip_wire.h, generated from
+ * transport/wire/protocol.py); the DATA reply's arg is the zero mask and only the written pages
+ * follow, packed. SSI_PFL_PROTO_RAW is the reference memory node's format used by
+ * `bench faults` ({u64 offset, u32 length} -> length raw bytes, nothing zero). */
+#include <sys/socket.h>
+#include <sys/uio.h>
+
+#include "ssip_wire.h"
+#include "ssi_uffd.h"
+
+#define SSI_PFL_FOLD_MS 10
+
+static int ssi_pfl_send_all(int fd, const uint8_t *p, size_t n)
+{
+    while (n) {
+        ssize_t k = send(fd, p, n, MSG_NOSIGNAL);
+        if (k < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        p += k;
+        n -= (size_t)k;
+    }
+    return 0;
+}
+
+static int ssi_pfl_recv_all(int fd, uint8_t *p, size_t n)
+{
+    while (n) {
+        ssize_t k = recv(fd, p, n, MSG_WAITALL);
+        if (k < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (k == 0)
+            return -ECONNRESET;
+        p += k;
+        n -= (size_t)k;
+    }
+    return 0;
+}
+
+/* One FETCH of len bytes at gpa into l->buf; the zero mask in *mask. 0 or -errno. */
+static int ssi_pfl_fetch(struct ssi_pfl *l, const struct ssi_pfl_region *r, uint64_t gpa,
+                         uint32_t len, uint32_t *mask)
+{
+    uint8_t *buf = l->buf;
+    int rc;
+    *mask = 0;
+    if (r->proto == SSI_PFL_PROTO_RAW) {
+        uint8_t q[12];
+        memcpy(q, &gpa, 8);
+        memcpy(q + 8, &len, 4);
+        if ((rc = ssi_pfl_send_all(r->sock, q, sizeof q)) < 0)
+            return rc;
+        return ssi_pfl_recv_all(r->sock, buf, len);
+    }
+    /* the wire is little-endian, as is every host this runs on (x86-64, arm64) */
+    uint32_t req = l->req = (l->req + 1) ? l->req + 1 : 1;
+    struct ssip_header h = {.version = SSIP_VERSION, .type = SSIP_T_FETCH,
+                            .flags = SSIP_FLAG_URGENT, .request_id = req, .space = r->space,
+                            .gpa = gpa, .length = 0, .arg = len};
+    memcpy(h.magic, SSIP_MAGIC, 4);
+    if ((rc = ssi_pfl_send_all(r->sock, (const uint8_t *)&h, sizeof h)) < 0)
+        return rc;
+    /* header and pages in one recvmsg: only this reply can arrive */
+    struct iovec iov[2] = {{&h, sizeof h}, {buf, len}};
+    struct msghdr msg = {.msg_iov = iov, .msg_iovlen = 2};
+    ssize_t nb;
+    do {
+        nb = recvmsg(r->sock, &msg, 0);
+    } while (nb < 0 && errno == EINTR);
+    if (nb < 0)
+        return -errno;
+    if (nb == 0)
+        return -ECONNRESET;
+    if ((size_t)nb < sizeof h) {
+        if ((rc = ssi_pfl_recv_all(r->sock, (uint8_t *)&h + nb, sizeof h - (size_t)nb)) < 0)
+            return rc;
+        nb = sizeof h;
+    }
+    uint32_t npages = len / SSIP_PAGE_SIZE;
+    uint32_t full = npages >= 32 ? 0xffffffffu : (1u << npages) - 1;
+    uint32_t m = h.arg & full;
+    uint32_t want = (npages - (uint32_t)__builtin_popcount(m)) * SSIP_PAGE_SIZE;
+    size_t got = (size_t)nb - sizeof h;
+    /* an ERROR frame or anything unexpected: Python drops the connection and asks again */
+    if (memcmp(h.magic, SSIP_MAGIC, 4) || h.version != SSIP_VERSION || h.type != SSIP_T_DATA
+            || h.request_id != req || h.length != want || got > h.length)
+        return -EPROTO;
+    if (got < h.length && (rc = ssi_pfl_recv_all(r->sock, buf + got, h.length - got)) < 0)
+        return rc;
+    if (m) {  /* pages arrived packed: move each to its place, last first */
+        uint64_t pos = h.length;
+        for (int i = (int)npages - 1; i >= 0; i--) {
+            if (m >> i & 1)
+                continue;
+            pos -= SSIP_PAGE_SIZE;
+            if (pos != (uint64_t)i * SSIP_PAGE_SIZE)
+                memmove(buf + (uint64_t)i * SSIP_PAGE_SIZE, buf + pos, SSIP_PAGE_SIZE);
+        }
+    }
+    *mask = m;
+    return 0;
+}
+
+static const struct ssi_pfl_region *ssi_pfl_find(const struct ssi_pfl *l, uint64_t addr)
+{
+    for (int i = 0; i < l->nregions; i++) {
+        const struct ssi_pfl_region *r = &l->regions[i];
+        if (addr - r->base < r->size)
+            return r;
+    }
+    return NULL;
+}
+
+static int ssi_pfl_is_slow(const struct ssi_pfl *l, uint64_t start, uint64_t end)
+{
+    int lo = 0, hi = l->nslow;  /* first range ending after start */
+    while (lo < hi) {
+        int mid = (lo + hi) / 2;
+        if (l->slow_end[mid] <= start)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo < l->nslow && l->slow_start[lo] < end;
+}
+
+static void ssi_pfl_observe(struct ssi_pfl *l, uint64_t t0)
+{
+    uint64_t us = (ssi_now_ns() - t0) / 1000;
+    int b = 0;
+    while (b < SSI_PFL_NBUCKETS - 1 && l->bucket_us[b] < us)
+        b++;
+    l->stats.latency_buckets[b]++;
+    l->stats.latency_sum_us += us;
+    l->stats.latency_count++;
+}
+
+/* Serve events[i] if it is an ordinary fault: 1 served, 0 Python's, -errno fetch failed. */
+static int ssi_pfl_fault(struct ssi_pfl *l, int i, uint64_t t0, uint64_t *done_s,
+                         uint64_t *done_e, int *ndone)
+{
+    const uint64_t *w = l->events + 4 * i;
+    if (w[0] != UFFD_EVENT_PAGEFAULT
+            || (w[1] & (UFFD_PAGEFAULT_FLAG_WP | UFFD_PAGEFAULT_FLAG_MINOR)))
+        return 0;
+    uint64_t addr = w[2];
+    const struct ssi_pfl_region *r = ssi_pfl_find(l, addr);
+    if (!r || r->sock < 0)
+        return 0;
+    struct ssi_pfl_stats *st = &l->stats;
+    for (int k = 0; k < *ndone; k++) {
+        if (done_s[k] <= addr && addr < done_e[k]) {
+            /* installed by an earlier fault of this batch: that copy woke this one too */
+            st->faults++;
+            st->faults_write += !!(w[1] & UFFD_PAGEFAULT_FLAG_WRITE);
+            st->served_dup++;
+            return 1;
+        }
+    }
+    uint64_t chunk = l->chunk > r->page_size ? l->chunk : r->page_size;
+    uint64_t start = addr - (addr - r->base) % chunk;
+    uint64_t len = r->base + r->size - start;
+    if (len > chunk)
+        len = chunk;
+    struct ssi_install_log *g = &l->log;
+    /* room in the residency ring for the worst case (every page its own run, plus EEXIST) */
+    if (len > l->buf_size || (r->proto == SSI_PFL_PROTO_SSIP && len > SSIP_MAX_DATA)
+            || g->max_res - g->nres < 2 * (len / SSIP_PAGE_SIZE) + 2
+            || ssi_pfl_is_slow(l, start, start + len))
+        return 0;
+    uint32_t m32;
+    int rc = ssi_pfl_fetch(l, r, r->gpa + (start - r->base), (uint32_t)len, &m32);
+    if (rc < 0)
+        return rc;
+    st->fetched_bytes += len;
+    uint64_t mask = m32;
+    if (ssi_install(l->uffd, start, l->buf, len, m32 ? &mask : NULL, r->page_size, 0, g) < 0)
+        return 0;  /* Python fetches again and reports, defers or ends the client */
+    st->faults++;
+    st->faults_write += !!(w[1] & UFFD_PAGEFAULT_FLAG_WRITE);
+    st->served_fetch++;
+    ssi_pfl_observe(l, t0);
+    done_s[*ndone] = start;
+    done_e[*ndone] = start + len;
+    (*ndone)++;
+    return 1;
+}
+
+int ssi_pfl_run(struct ssi_pfl *l)
+{
+    uint64_t entered = ssi_now_ns();
+    struct pollfd p[1 + SSI_PFL_MAX_WAKE];
+    int np = 1 + (l->nwake < SSI_PFL_MAX_WAKE ? l->nwake : SSI_PFL_MAX_WAKE);
+    uint64_t done_s[SSI_READ_MAX], done_e[SSI_READ_MAX];
+    int max_events = l->max_events < SSI_READ_MAX ? l->max_events : SSI_READ_MAX;
+    int served = 0;
+    l->first = l->n = 0;
+    l->err = 0;
+    for (;;) {
+        p[0].fd = l->uffd;
+        p[0].events = POLLIN;
+        for (int k = 1; k < np; k++) {
+            p[k].fd = l->wake_fds[k - 1];
+            p[k].events = POLLIN;
+        }
+        /* once faults were served, return soon after they stop, so Python folds the counters
+           (metrics lag by at most SSI_PFL_FOLD_MS idle, max_ns busy) */
+        int r = poll(p, (nfds_t)np, served && l->timeout_ms > SSI_PFL_FOLD_MS ? SSI_PFL_FOLD_MS
+                                                                          : l->timeout_ms);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            return SSI_PFL_IDLE;
+        for (int k = 1; k < np; k++)
+            if (p[k].revents)
+                return SSI_PFL_WAKE;
+        int n = ssi_uffd_read(l->uffd, l->events, max_events);
+        if (n < 0) {
+            l->err = -n;
+            return SSI_PFL_READ_ERROR;
+        }
+        if (n == 0)
+            return SSI_PFL_IDLE;
+        uint64_t t0 = ssi_now_ns();
+        int ndone = 0;
+        for (int i = 0; i < n; i++) {
+            int rc = ssi_pfl_fault(l, i, t0, done_s, done_e, &ndone);
+            if (rc == 1) {
+                served = 1;
+                continue;
+            }
+            l->first = i;
+            l->n = n;
+            if (rc < 0) {
+                l->err = -rc;
+                return SSI_PFL_FETCH_ERROR;
+            }
+            return SSI_PFL_EVENTS;
+        }
+        if (ssi_now_ns() - entered >= l->max_ns)
+            return SSI_PFL_IDLE;
+    }
+}

@@ -1,0 +1,311 @@
+/* ssi_uffd.h - the C side of pager.uffd._uffd_cffi: userfaultfd helpers, mman, the toucher,
+ * the shared page installer and the fault loop. This header is the extension's preamble (cffi
+ * set_source); the matching cdef declarations are the TYPES/FUNCTIONS strings in
+ * the _cffi_src modules. Every helper returns -errno on failure.
+ *
+ * Constants newer than the build's linux/userfaultfd.h (Debian 12 ships Linux 6.1's) are
+ * defined here from the kernel UAPI (Linux 6.8+) under #ifndef; SSI_HAS_<NAME> says whether the
+ * build header had them (1) or the fallback was used (0). */
+#ifndef SSI_UFFD_H
+#define SSI_UFFD_H
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <linux/userfaultfd.h>
+
+#include "ssip_wire.h"
+
+#ifndef UFFD_FEATURE_WP_UNPOPULATED
+#define UFFD_FEATURE_WP_UNPOPULATED (1<<13)
+#define SSI_HAS_UFFD_FEATURE_WP_UNPOPULATED 0
+#else
+#define SSI_HAS_UFFD_FEATURE_WP_UNPOPULATED 1
+#endif
+#ifndef UFFD_FEATURE_POISON
+#define UFFD_FEATURE_POISON (1<<14)
+#define SSI_HAS_UFFD_FEATURE_POISON 0
+#else
+#define SSI_HAS_UFFD_FEATURE_POISON 1
+#endif
+#ifndef UFFD_FEATURE_WP_ASYNC
+#define UFFD_FEATURE_WP_ASYNC (1<<15)
+#define SSI_HAS_UFFD_FEATURE_WP_ASYNC 0
+#else
+#define SSI_HAS_UFFD_FEATURE_WP_ASYNC 1
+#endif
+#ifndef UFFD_FEATURE_MOVE
+#define UFFD_FEATURE_MOVE (1<<16)
+#define SSI_HAS_UFFD_FEATURE_MOVE 0
+#else
+#define SSI_HAS_UFFD_FEATURE_MOVE 1
+#endif
+#ifndef _UFFDIO_MOVE
+#define _UFFDIO_MOVE (0x05)
+#define SSI_HAS_UFFDIO_MOVE 0
+#else
+#define SSI_HAS_UFFDIO_MOVE 1
+#endif
+#ifndef _UFFDIO_POISON
+#define _UFFDIO_POISON (0x08)
+#define SSI_HAS_UFFDIO_POISON 0
+#else
+#define SSI_HAS_UFFDIO_POISON 1
+#endif
+#ifndef UFFDIO_CONTINUE_MODE_WP
+#define UFFDIO_CONTINUE_MODE_WP ((__u64)1<<1)
+#define SSI_HAS_UFFDIO_CONTINUE_MODE_WP 0
+#else
+#define SSI_HAS_UFFDIO_CONTINUE_MODE_WP 1
+#endif
+#ifndef UFFDIO_POISON_MODE_DONTWAKE
+#define UFFDIO_POISON_MODE_DONTWAKE ((__u64)1<<0)
+#define SSI_HAS_UFFDIO_POISON_MODE_DONTWAKE 0
+#else
+#define SSI_HAS_UFFDIO_POISON_MODE_DONTWAKE 1
+#endif
+#ifndef UFFDIO_MOVE_MODE_DONTWAKE
+#define UFFDIO_MOVE_MODE_DONTWAKE ((__u64)1<<0)
+#define SSI_HAS_UFFDIO_MOVE_MODE_DONTWAKE 0
+#else
+#define SSI_HAS_UFFDIO_MOVE_MODE_DONTWAKE 1
+#endif
+#ifndef UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES
+#define UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES ((__u64)1<<1)
+#define SSI_HAS_UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES 0
+#else
+#define SSI_HAS_UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES 1
+#endif
+#ifndef USERFAULTFD_IOC
+#define USERFAULTFD_IOC 0xAA
+#define SSI_HAS_USERFAULTFD_IOC 0
+#else
+#define SSI_HAS_USERFAULTFD_IOC 1
+#endif
+#ifndef USERFAULTFD_IOC_NEW
+#define USERFAULTFD_IOC_NEW _IO(USERFAULTFD_IOC, 0x00)
+#define SSI_HAS_USERFAULTFD_IOC_NEW 0
+#else
+#define SSI_HAS_USERFAULTFD_IOC_NEW 1
+#endif
+#ifndef UFFD_USER_MODE_ONLY
+#define UFFD_USER_MODE_ONLY 1
+#define SSI_HAS_UFFD_USER_MODE_ONLY 0
+#else
+#define SSI_HAS_UFFD_USER_MODE_ONLY 1
+#endif
+#ifndef UFFDIO_POISON
+struct uffdio_poison {
+    struct uffdio_range range;
+    __u64 mode;
+    __s64 updated;
+};
+#define UFFDIO_POISON _IOWR(UFFDIO, _UFFDIO_POISON, struct uffdio_poison)
+#define SSI_HAS_STRUCT_UFFDIO_POISON 0
+#else
+#define SSI_HAS_STRUCT_UFFDIO_POISON 1
+#endif
+#ifndef UFFDIO_MOVE
+struct uffdio_move {
+    __u64 dst;
+    __u64 src;
+    __u64 len;
+    __u64 mode;
+    __s64 move;
+};
+#define UFFDIO_MOVE _IOWR(UFFDIO, _UFFDIO_MOVE, struct uffdio_move)
+#define SSI_HAS_STRUCT_UFFDIO_MOVE 0
+#else
+#define SSI_HAS_STRUCT_UFFDIO_MOVE 1
+#endif
+
+
+#ifndef MFD_CLOEXEC
+#define MFD_CLOEXEC 0x0001U
+#endif
+#ifndef MFD_HUGETLB
+#define MFD_HUGETLB 0x0004U
+#endif
+
+/* ---- userfaultfd helpers (uffd.c) ---- */
+#define SSI_EVENT_WORDS 4   /* words per decoded event in ssi_uffd_read()'s output */
+#define SSI_READ_MAX 256
+
+int ssi_uffd_open(int flags);
+int ssi_uffd_open_dev(int flags);
+int ssi_uffd_api(int fd, uint64_t features, struct uffdio_api *out);
+int ssi_uffd_register(int fd, uint64_t start, uint64_t len, uint64_t mode, uint64_t *ioctls);
+int ssi_uffd_range(int fd, unsigned long request, uint64_t start, uint64_t len);
+int64_t ssi_uffd_copy(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode);
+int64_t ssi_uffd_copy_buf(int fd, uint64_t dst, const void *src, uint64_t len, uint64_t mode);
+int64_t ssi_uffd_zeropage(int fd, uint64_t start, uint64_t len, uint64_t mode);
+int ssi_uffd_writeprotect(int fd, uint64_t start, uint64_t len, uint64_t mode);
+int64_t ssi_uffd_continue(int fd, uint64_t start, uint64_t len, uint64_t mode);
+int64_t ssi_uffd_poison(int fd, uint64_t start, uint64_t len, uint64_t mode);
+int64_t ssi_uffd_move(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode);
+int ssi_uffd_read(int fd, uint64_t *out, int max_events);
+int ssi_uffd_wait_read(int fd, uint64_t *out, int max_events, int timeout_ms);
+uint64_t ssi_addr(const void *p);
+
+/* ---- mman (mman.c): addresses, or (uint64_t)-errno for mmap/mremap ---- */
+uint64_t ssi_mmap(uint64_t addr, uint64_t length, int prot, int flags, int fd, int64_t offset);
+int ssi_munmap(uint64_t addr, uint64_t length);
+int ssi_madvise(uint64_t addr, uint64_t length, int advice);
+uint64_t ssi_mremap(uint64_t old, uint64_t old_len, uint64_t new_len, int flags, uint64_t new);
+int ssi_memfd_create(const char *name, unsigned int flags);
+int ssi_errno(void);
+
+/* ---- the toucher (toucher.c) ---- */
+#define SSI_TOUCH_READ 0
+#define SSI_TOUCH_WRITE 1
+#define SSI_TOUCH_FILL 2
+#define SSI_TOUCH_VERIFY 3
+#define SSI_ORDER_SEQ 0
+#define SSI_ORDER_RANDOM 1
+#define SSI_TOUCH_MAX_THREADS 64
+
+struct ssi_touch;
+struct ssi_touch_arg {
+    struct ssi_touch *t;
+    int index;
+};
+
+struct ssi_touch {
+    uint64_t base, length, step, seed, origin;
+    int op, order, nthreads, cpu;
+    uint64_t *lat_ns;
+    uint64_t naccess, done, mismatches;
+    int64_t first_bad;
+    uint64_t checksum;
+    int finished, err;
+    /* private */
+    uint64_t *perm;
+    int running;
+    int joined;
+    pthread_t threads[SSI_TOUCH_MAX_THREADS];
+    struct ssi_touch_arg args[SSI_TOUCH_MAX_THREADS];
+};
+
+#define SSI_BG_MADVISE 0    /* madvise(a, b, c) */
+#define SSI_BG_MUNMAP 1     /* munmap(a, b) */
+#define SSI_BG_MREMAP 2     /* mremap(a, b, c, MREMAP_MAYMOVE|(d ? MREMAP_FIXED : 0), d) */
+#define SSI_BG_FORK_READ 3  /* fork; child reads byte at a, exits 0 if it equals b; wait status */
+#define SSI_BG_READ 4       /* read byte at a */
+
+struct ssi_bg {
+    int op;
+    uint64_t a, b, c, d;
+    int64_t result;
+    int finished;
+    pthread_t thread;
+    int joined;
+};
+
+int ssi_touch_start(struct ssi_touch *t);
+int ssi_touch_wait(struct ssi_touch *t, int64_t timeout_ns);
+int ssi_bg_start(struct ssi_bg *b);
+int ssi_bg_wait(struct ssi_bg *b, int64_t timeout_ns);
+uint64_t ssi_pattern_word(uint64_t seed, uint64_t offset);
+void ssi_pattern_fill(void *buf, uint64_t len, uint64_t seed, uint64_t origin);
+int64_t ssi_pattern_check(const void *buf, uint64_t len, uint64_t seed, uint64_t origin);
+void ssi_pattern_fill_at(uint64_t addr, uint64_t len, uint64_t seed, uint64_t origin);
+int64_t ssi_pattern_check_at(uint64_t addr, uint64_t len, uint64_t seed, uint64_t origin);
+uint64_t ssi_now_ns(void);
+
+/* ---- the page installer (install.c): the one implementation of UFFDIO_COPY/ZEROPAGE,
+ * EEXIST and zero masks, used by the C fault loop and by the Python path ---- */
+#define SSI_WIRE_PAGE SSIP_PAGE_SIZE  /* the zero mask's granule */
+#define SSI_RES_COPY 0      /* installed with UFFDIO_COPY */
+#define SSI_RES_ZERO 1      /* installed with UFFDIO_ZEROPAGE */
+#define SSI_RES_EEXIST 2    /* found present (someone else installed it) */
+
+struct ssi_res {            /* one resident chunk */
+    uint64_t addr;
+    uint64_t len;
+    uint64_t how;           /* SSI_RES_* */
+};
+
+struct ssi_install_log {
+    uint64_t copied_bytes;  /* counters, added to */
+    uint64_t zero_pages;
+    uint64_t eexist;
+    uint64_t lost;          /* bytes installed with no room left in res (caller's bug) */
+    uint32_t nres;          /* res[0:nres] filled; the caller drains and resets it */
+    uint32_t max_res;
+    struct ssi_res *res;
+};
+
+int ssi_install(int uffd, uint64_t dst, void *src, uint64_t len, const uint64_t *zero_mask,
+                uint64_t page_size, uint64_t mode, struct ssi_install_log *log);
+
+/* ---- the fault loop (faultloop.c) ---- */
+#define SSI_PFL_MAX_REGIONS 64
+#define SSI_PFL_MAX_SLOW 256
+#define SSI_PFL_MAX_WAKE 2
+#define SSI_PFL_NBUCKETS 15
+
+#define SSI_PFL_IDLE 0
+#define SSI_PFL_WAKE 1
+#define SSI_PFL_EVENTS 2
+#define SSI_PFL_FETCH_ERROR 3
+#define SSI_PFL_READ_ERROR 4
+
+#define SSI_PFL_PROTO_SSIP 0
+#define SSI_PFL_PROTO_RAW 1
+
+struct ssi_pfl_region {
+    uint64_t base;      /* host address */
+    uint64_t size;      /* bytes */
+    uint64_t gpa;       /* offset of base in the region's space */
+    uint64_t page_size; /* the region's page size */
+    int sock;           /* that space's fault-lane socket; -1: faults here go to Python */
+    int proto;          /* SSI_PFL_PROTO_* */
+    uint32_t space;     /* the space's handle on that connection */
+};
+
+struct ssi_pfl_stats {
+    uint64_t faults;
+    uint64_t faults_write;
+    uint64_t served_fetch;
+    uint64_t served_dup;
+    uint64_t fetched_bytes;
+    uint64_t latency_sum_us;
+    uint64_t latency_count;
+    uint64_t latency_buckets[SSI_PFL_NBUCKETS];
+};
+
+struct ssi_pfl {
+    int uffd;
+    int nwake;
+    int wake_fds[SSI_PFL_MAX_WAKE];     /* readable -> SSI_PFL_WAKE */
+    uint64_t chunk;                     /* chunk size (power of two) */
+    int nregions;
+    struct ssi_pfl_region regions[SSI_PFL_MAX_REGIONS];
+    int nslow;                          /* sorted, disjoint [start, end) host ranges */
+    uint64_t slow_start[SSI_PFL_MAX_SLOW];
+    uint64_t slow_end[SSI_PFL_MAX_SLOW];
+    uint64_t *events;                   /* 4 words per event, max_events of them */
+    int max_events;
+    uint8_t *buf;                       /* chunk buffer */
+    uint64_t buf_size;
+    uint64_t bucket_us[SSI_PFL_NBUCKETS - 1];
+    int timeout_ms;                     /* poll timeout -> SSI_PFL_IDLE */
+    uint64_t max_ns;                    /* serve at most this long per call -> SSI_PFL_IDLE */
+    uint32_t req;                       /* last request id */
+    int first;                          /* on return: events[first:n] are Python's */
+    int n;
+    int err;                            /* errno of SSI_PFL_FETCH_ERROR / SSI_PFL_READ_ERROR */
+    struct ssi_pfl_stats stats;
+    struct ssi_install_log log;         /* install counters and the residency ring */
+};
+
+int ssi_pfl_run(struct ssi_pfl *l);
+
+#endif /* SSI_UFFD_H */
