@@ -73,7 +73,7 @@ class Region:
         ps = self.page_size
         if ps < PAGE_SIZE or ps & (ps - 1):
             raise HandoffError(f"region at {self.base:#x}: page size {ps} is not a power of two "
-                               f">= 4096; send page_size in bytes")
+                               f">= {PAGE_SIZE}; send page_size in bytes")
         if self.size <= 0:
             raise HandoffError(f"region at {self.base:#x} is empty (size {self.size}); "
                                "send only regions with a positive size")

@@ -84,6 +84,7 @@ class ClientPager(CLoopMixin, ReadaheadMixin):
         self.error: str | None = None  # last unservable fault, for status
         self.on_layout: Callable[..., None] | None = None
         self.finished = threading.Event()
+        self._synced: list[threading.Event] = []  # quiesce() callers, set by the fault thread
         self._stop = threading.Event()
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._efd_lock = threading.Lock()  # _kick never writes to a closed (reused) number
@@ -122,6 +123,22 @@ class ClientPager(CLoopMixin, ReadaheadMixin):
             if self._efd >= 0:
                 with contextlib.suppress(OSError):
                     os.eventfd_write(self._efd, 1)
+
+    def quiesce(self, timeout: float = 10.0) -> bool:
+        """Wait until the fault thread has folded everything served so far into ``stats`` and
+        ``state`` (the C loop reports when it returns); False if it did not within
+        ``timeout``. For status and tests: the fault path never waits for this."""
+        if self.finished.is_set():
+            return True
+        ev = threading.Event()
+        self._synced.append(ev)
+        self._kick()
+        return ev.wait(timeout) or self.finished.is_set()
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes of this client's memory the pager installed and no event dropped since."""
+        return self.state.resident_bytes
 
     def wake_all(self) -> None:
         """UFFDIO_WAKE every region: faults whose events were lost are raised again."""
@@ -165,6 +182,8 @@ class ClientPager(CLoopMixin, ReadaheadMixin):
                     self.parent.children.remove(self)
             self.engine._retire(self)
             self.finished.set()
+            for ev in self._synced:
+                ev.set()
 
     def _loop(self, lane: Lane) -> None:
         u = self.uffd
@@ -203,6 +222,8 @@ class ClientPager(CLoopMixin, ReadaheadMixin):
                         os.eventfd_read(efd)
                 elif fd == self._pidfd and ev:
                     raise UffdGone(3, "forked client exited")
+            while self._synced:  # C (if any) returned and folded: all served so far is known
+                self._synced.pop().set()
             if uffd_ready:
                 n = read_raw(raw)
                 if n:
