@@ -7,8 +7,11 @@ per-client fault thread, its event loop and the fault policy: backoff, poisoning
 
 Shape (decided from measurements, see README "Design"): asyncio scheduling per fault costs more
 than the fault, so each client gets a plain thread that blocks in poll(2), reads up to 64 uffd
-events per read(2), resolves each fault by its chunk and installs it with UFFDIO_COPY (or
-UFFDIO_ZEROPAGE), all through blocking calls that release the GIL. The uvloop loop (handoff
+events per read(2), asks the client state (``pager.core.state``) what to do for the fault's
+kind (missing, write-protect, minor) and does it: fetch the chunk and install it through the
+one C installer (``ssi_install``: UFFDIO_COPY, UFFDIO_ZEROPAGE, EEXIST), zero fill, unprotect
+or continue, all through blocking calls that release the GIL. Every installed chunk is reported
+to the state, which keeps the exact resident set. The uvloop loop (handoff
 server, metrics) stays idle on the fast path. A second thread per client, the *readahead lane*,
 fetches chunks ahead of sequential streams on its own connection; the fault thread installs
 what it fetched only when no fault is waiting, so readahead never delays a fault. All ioctls on
@@ -30,12 +33,15 @@ The C fast path (``c_loop``, default on; ``SSI_PAGER_C_LOOP=0`` or ``serve --no-
 off): measured, the Python loop above adds ~5 us to a ~11 us remote 4 KiB fault, so for sources
 whose lanes expose a socket (memory node) and clients without readahead in flight, the fault
 thread hands the per-fault loop to C (``pager.uffd.faultloop``, GIL released): poll, read a
-batch, fetch each ordinary fault's chunk, UFFDIO_COPY / ZEROPAGE it. C returns every event it
+batch, fetch each ordinary fault's chunk, ``ssi_install`` it (the same installer), logging each
+installed chunk in a ring. C returns every event it
 does not serve (layout events, WP/MINOR faults, faults in REMOVE'd or read-ahead chunks or
 outside the table, failed installs) together with the rest of the batch, in order, to the
 Python path below, and any fetch error after dropping the connection, so retries, poisoning,
-REMOVE and fork semantics stay in Python. Its counters are folded into ``EngineStats`` whenever
-it returns (at least every 50 ms). Forked children and readahead clients use the Python loop.
+REMOVE and fork semantics stay in Python. Its counters are folded into ``EngineStats`` and its
+residency ring into the state whenever it returns (at least every 50 ms, and when the ring is
+too full for another chunk); ``ClientPager.quiesce`` waits for that. Forked children and
+readahead clients use the Python loop.
 
 Failure policy: a fetch that fails is retried with exponential backoff (10 ms .. 1 s) until
 ``fetch_timeout``; a page a node holds is never zero-filled instead. A fault that cannot be

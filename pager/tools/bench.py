@@ -29,7 +29,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from pager.core.region import Region
+from pager.core.region import PAGE_SIZE, Region
 from pager.source import Lane, PageSource
 from pager.tools.child import Child
 from pager.tools.workload import Client, DataSet, Touch, percentile
@@ -203,7 +203,7 @@ def refpager_cases(refdir: Path, mib: int, repeat: int = 1) -> dict[str, dict]:
         samples: dict[str, list[dict]] = {}
         for _ in range(max(1, repeat)):  # interleaved, so both see the same machine load
             for mode in ("remote", "local"):
-                for chunk in (4096, 65536):
+                for chunk in (PAGE_SIZE, 65536):
                     for order in ("seq", "rand"):
                         for name, r in _reference_pair(refdir, port, mib, mode, chunk, order):
                             samples.setdefault(name, []).append(r)
@@ -243,11 +243,11 @@ def run(args: argparse.Namespace) -> int:
             }
             configs = []
             for src in ("remote", "file"):
-                for chunk in (4096, 65536):
+                for chunk in (PAGE_SIZE, 65536):
                     configs.append((src, chunk, True))
-            configs += [("remote", 4096, False), ("remote", 65536, False)]
+            configs += [("remote", PAGE_SIZE, False), ("remote", 65536, False)]
             # the bare fault path served by the Python loop too (serve --no-c-loop)
-            configs += [("remote", 4096, None)]
+            configs += [("remote", PAGE_SIZE, None)]
             for src, chunk, ra in configs:
                 tag = f"{src}-{chunk >> 10}k"
                 orders = ("seq", "rand") if ra else ("seq",)

@@ -24,6 +24,7 @@ import threading
 import time
 from pathlib import Path
 
+from pager.core.region import PAGE_SIZE
 from pager.engine import FaultEngine
 from pager.service.serve import PagerService, announce_source
 from pager.source import MemnodeSource
@@ -103,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
             for off, buf in data.chunks():
                 lane.store_from(None, off, buf)
             lane.close()
-            holes = sum(e - s for s, e in data.hole_ranges()) // 4096
+            holes = sum(e - s for s, e in data.hole_ranges()) // PAGE_SIZE
             _say(f"demo: seeded {data.written_bytes() >> 20} MiB in "
                  f"{time.perf_counter() - t0:.1f} s ({holes} pages left never written)")
             engine = FaultEngine(source, chunk_size=args.chunk)

@@ -26,10 +26,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from pager.core.region import PAGE_SIZE
 from pager.service.handoff import send_handshake
 from pager.uffd.toucher import Toucher, TouchResult, check_pattern, fill_pattern
 
-PAGE = 4096
+PAGE = PAGE_SIZE
 STRIPE = 1 << 20
 HOLE_OFFSET = 512 * 1024
 HOLE_PAGES = 10  # a hole covers part of a 64 KiB chunk: mixed zero masks

@@ -5,7 +5,7 @@
         u.register(addr, length, missing=True)
         for ev in u.read_events():               # many uffd_msg per read(); [] if none pending
             match ev:
-                case PageFault(address=a): u.copy(a & ~4095, page_bytes)
+                case PageFault(address=a): u.copy(a - a % PAGE_SIZE, page_bytes)
                 case Remove(start=s, end=e): ...
 
 Modules: ``binding`` (Userfaultfd, Feature, Ioctl, RawEvents), ``events`` (typed events),

@@ -17,7 +17,8 @@ PROT_RW = lib.PROT_READ | lib.PROT_WRITE
 MADV_DONTNEED: int = lib.MADV_DONTNEED
 MADV_REMOVE: int = lib.MADV_REMOVE
 MADV_NOHUGEPAGE: int = lib.MADV_NOHUGEPAGE
-_ERR_LIMIT = (1 << 64) - 4096
+_MAX_ERRNO = 4095  # the kernel returns -1 .. -4095 as errors (an errno bound, not a page)
+_ERR_LIMIT = (1 << 64) - _MAX_ERRNO - 1
 
 
 def _check_addr(r: int, op: str) -> int:
