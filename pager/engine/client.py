@@ -318,15 +318,12 @@ class ClientPager(CLoopMixin, ReadaheadMixin):
                     self.installer.install(action.start, action.length, None, 0, (),
                                            action.region.page_size)
                     self.stats.served_zero += 1
-                    return None
                 case Unprotect():
                     self.uffd.writeprotect(action.start, action.length, protect=False)
                     self.stats.served_unprotect += 1
-                    return None
                 case Continue():
                     self.uffd.continue_(action.start, action.length)
                     self.stats.served_continue += 1
-                    return None
                 case Wait():
                     self.stats.served_wait += 1
                     self._readahead(addr)
@@ -344,7 +341,7 @@ class ClientPager(CLoopMixin, ReadaheadMixin):
             self._fail(addr, str(exc))
             return None
         self.stats.observe_us((time.perf_counter_ns() - t0) // 1000)
-        return action.start, action.start + action.length
+        return None  # not a fetched chunk: nothing for the batch to dedupe against
 
     def _fetch_and_install(self, f: Fetch, lane: Lane) -> None:
         if f.length > len(self._buf):  # huge pages: a chunk is at least one page

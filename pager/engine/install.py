@@ -48,11 +48,14 @@ class Installer:
     def drain(self, log: InstallLog | None = None) -> None:
         """Residency and counters of ``log`` (default this installer's) to state and stats."""
         log = log or self.log
-        on_installed = self.state.on_installed
-        for addr, n, how in log.take():
-            on_installed(addr, n, how)
-        c = log.take_counters()
-        st = self.stats
-        st.copied_bytes += c["copied_bytes"]
-        st.zero_pages += c["zero_pages"]
-        st.eexist += c["eexist"]
+        g = log.ptr
+        if g.nres:
+            on_installed = self.state.on_installed
+            for addr, n, how in log.take():
+                on_installed(addr, n, how)
+        if g.copied_bytes or g.zero_pages or g.eexist:
+            c = log.take_counters()
+            st = self.stats
+            st.copied_bytes += c["copied_bytes"]
+            st.zero_pages += c["zero_pages"]
+            st.eexist += c["eexist"]
