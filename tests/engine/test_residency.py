@@ -1,7 +1,7 @@
 """Residency and fault kinds with the real kernel and a real memory node (engine in-process):
 the pager's resident set is exactly what the workload touched, through the C loop and through
 the Python loop, and MADV_DONTNEED / munmap clear it; a write-protect fault is resolved by
-clearing the protection."""
+clearing the protection, a minor fault by mapping the page cache's page."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from pager.core.region import Region
 from pager.engine import ClientPager, FaultEngine
 from pager.source import FileSource
 from pager.tools.workload import Client, DataSet, Touch
-from pager.uffd.toucher import Background
+from pager.uffd import Userfaultfd
+from pager.uffd.mman import Mapping
+from pager.uffd.toucher import Background, fill_pattern
 
 MIB = 1 << 20
 PAGE = 4096
@@ -120,3 +122,25 @@ def test_write_protect_fault_is_unprotected_and_the_write_lands(tmp_path):
     finally:
         c.close(unmap=True)
         engine.close()
+
+
+def test_minor_faults_are_continued_from_the_page_cache(tmp_path):
+    path = tmp_path / "image"
+    size = 16 * PAGE
+    path.write_bytes(bytes(size))  # never read: the pages are in the page cache
+    engine = FaultEngine(FileSource(str(path)), chunk_size=CHUNK, readahead=0)
+    with Mapping.memfd(size) as ram, Userfaultfd(features=["minor_shmem"]) as u:
+        fill_pattern((ram.address, size), seed=5)  # through the first mapping: page cache
+        alias = ram.map_again()  # a second view, registered for minor faults
+        try:
+            u.register(alias.address, size, missing=False, minor=True)
+            engine.add_client(os.dup(u.fileno()), [Region(alias.address, size, 0)])
+            t = Touch(alias.address, size, op="verify", seed=5, threads=2).start()
+            wait_or_fail(t)
+            assert t.mismatches == 0
+            st = engine.stats()
+            assert st.faults_minor == size // PAGE
+            assert st.served_continue == st.faults_minor and st.fetched_bytes == 0
+        finally:
+            engine.close()
+            alias.close()

@@ -78,3 +78,25 @@ def test_the_log_grows_to_the_worst_case():
     log = InstallLog(4)
     log.reserve(64 * PAGE)  # every page its own run
     assert log.ptr.max_res >= 2 * 64
+
+
+def test_huge_pages_are_copied_whole_with_their_zero_parts_cleared():
+    from pager.uffd.mman import Mapping
+
+    from .test_hugetlb import huge_pages
+    with huge_pages(2) as huge, Mapping.memfd(2 * huge, hugetlb=True) as m, \
+            Userfaultfd(features=["missing_hugetlbfs"]) as u:
+        u.register(m.address, m.length, page_size=huge)
+        buf, _keep, src = source(huge // PAGE)
+        log = InstallLog()
+        # wire pages 1 and 3 never written: cleared in the buffer, the huge page copied whole
+        install(u.fileno(), m.address, src, huge, 0b1010, huge, log)
+        # no ZEROPAGE for hugetlbfs: a zero fill is a copy of zeros
+        install(u.fileno(), m.address + huge, None, huge, 0, huge, log)
+        assert log.take() == [(m.address, 2 * huge, "copy")]
+        assert log.take_counters() == {"copied_bytes": 2 * huge, "zero_pages": 0, "eexist": 0}
+        view = m.view
+        assert view[:PAGE] == bytes(buf[:PAGE])
+        assert view[PAGE:2 * PAGE] == bytes(PAGE) and view[3 * PAGE:4 * PAGE] == bytes(PAGE)
+        assert view[4 * PAGE:huge] == bytes(buf[4 * PAGE:huge])
+        assert view[huge:2 * huge] == bytes(huge)

@@ -100,7 +100,7 @@ static int ssi_bit(const uint64_t *mask, uint64_t i)
    none) says wire page i (SSIP_PAGE_SIZE bytes) was never written: those become zero pages.
    A huge page (page_size > SSIP_PAGE_SIZE) or a write-protected copy (mode has
    UFFDIO_COPY_MODE_WP) has no zero-page ioctl: its never-written parts are zeroed in src and
-   the whole is copied. 0, or -errno (what was installed before the error is in the log). */
+   the whole is copied (src NULL: copied from fresh anonymous memory, logged as copies). 0, or -errno (what was installed before the error is in the log). */
 int ssi_install(int uffd, uint64_t dst, void *src, uint64_t len, const uint64_t *zero_mask,
                 uint64_t page_size, uint64_t mode, struct ssi_install_log *log)
 {
@@ -108,8 +108,16 @@ int ssi_install(int uffd, uint64_t dst, void *src, uint64_t len, const uint64_t 
     if (!page_size || page_size % SSIP_PAGE_SIZE || len % page_size || dst % page_size)
         return -EINVAL;
     int whole = page_size > SSIP_PAGE_SIZE || (mode & UFFDIO_COPY_MODE_WP);
-    if (!s)
-        return whole ? -EINVAL : ssi_install_run(uffd, dst, NULL, len, page_size, 0, log);
+    if (!s && !whole)
+        return ssi_install_run(uffd, dst, NULL, len, page_size, 0, log);
+    if (!s) {  /* no zero-page ioctl here: copy from fresh anonymous memory (reads as zeros) */
+        void *z = mmap(NULL, len, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (z == MAP_FAILED)
+            return -errno;
+        int rc = ssi_install_run(uffd, dst, z, len, page_size, mode, log);
+        munmap(z, len);
+        return rc;
+    }
     uint64_t n = len / SSIP_PAGE_SIZE;
     int any = 0;
     for (uint64_t w = 0; zero_mask && w < (n + 63) / 64 && !any; w++)
