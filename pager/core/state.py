@@ -51,6 +51,15 @@ class IntervalSet:
     def add(self, start: int, end: int) -> None:
         if start >= end:
             return
+        starts, ends = self._starts, self._ends
+        if not starts or start > ends[-1]:  # the common cases first: after the last interval
+            starts.append(start)
+            ends.append(end)
+            return
+        if start >= starts[-1]:  # touching or inside the last one
+            if end > ends[-1]:
+                ends[-1] = end
+            return
         i = bisect.bisect_left(self._ends, start)  # first interval ending at/after start
         j = bisect.bisect_right(self._starts, end)  # first interval starting after end
         if i < j:

@@ -23,6 +23,7 @@ class Installer:
         self.state = state
         self.stats = stats
         self.log = InstallLog()
+        self._fits = 0  # the log has room for an install of this many bytes
 
     def install(self, start: int, length: int, src: int | None, mask: int,
                 removed: tuple[tuple[int, int], ...], page_size: int) -> None:
@@ -30,7 +31,9 @@ class Installer:
         ``mask``: wire page i was never written; pages in ``removed`` are left alone."""
         log = self.log
         if not removed:
-            log.reserve(length)
+            if length > self._fits:
+                log.reserve(length)
+                self._fits = length
             try:
                 install(self.fd, start, src, length, mask, page_size, log)
             finally:
@@ -47,15 +50,9 @@ class Installer:
 
     def drain(self, log: InstallLog | None = None) -> None:
         """Residency and counters of ``log`` (default this installer's) to state and stats."""
-        log = log or self.log
-        g = log.ptr
-        if g.nres:
-            on_installed = self.state.on_installed
-            for addr, n, how in log.take():
-                on_installed(addr, n, how)
-        if g.copied_bytes or g.zero_pages or g.eexist:
-            c = log.take_counters()
+        c, z, e = (log or self.log).drain(self.state.on_installed)
+        if c or z or e:
             st = self.stats
-            st.copied_bytes += c["copied_bytes"]
-            st.zero_pages += c["zero_pages"]
-            st.eexist += c["eexist"]
+            st.copied_bytes += c
+            st.zero_pages += z
+            st.eexist += e

@@ -26,6 +26,6 @@ struct ssi_install_log {
 """
 
 FUNCTIONS = """
-int ssi_install(int uffd, uint64_t dst, void *src, uint64_t len, const uint64_t *zero_mask,
+int ssi_install(int uffd, uint64_t dst, uint64_t src, uint64_t len, const uint64_t *zero_mask,
                 uint64_t page_size, uint64_t mode, struct ssi_install_log *log);
 """

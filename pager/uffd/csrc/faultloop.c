@@ -191,7 +191,8 @@ static int ssi_pfl_fault(struct ssi_pfl *l, int i, uint64_t t0, uint64_t *done_s
         return rc;
     st->fetched_bytes += len;
     uint64_t mask = m32;
-    if (ssi_install(l->uffd, start, l->buf, len, m32 ? &mask : NULL, r->page_size, 0, g) < 0)
+    if (ssi_install(l->uffd, start, (uint64_t)(uintptr_t)l->buf, len, m32 ? &mask : NULL,
+                    r->page_size, 0, g) < 0)
         return 0;  /* Python fetches again and reports, defers or ends the client */
     st->faults++;
     st->faults_write += !!(w[1] & UFFD_PAGEFAULT_FLAG_WRITE);

@@ -96,15 +96,15 @@ static int ssi_bit(const uint64_t *mask, uint64_t i)
     return (int)(mask[i / 64] >> (i % 64) & 1);
 }
 
-/* Install len bytes at dst: src holds them (NULL: all zero pages). Bit i of zero_mask (NULL:
+/* Install len bytes at dst: address src holds them (0: all zero pages). Bit i of zero_mask (NULL:
    none) says wire page i (SSIP_PAGE_SIZE bytes) was never written: those become zero pages.
    A huge page (page_size > SSIP_PAGE_SIZE) or a write-protected copy (mode has
    UFFDIO_COPY_MODE_WP) has no zero-page ioctl: its never-written parts are zeroed in src and
-   the whole is copied (src NULL: copied from fresh anonymous memory, logged as copies). 0, or -errno (what was installed before the error is in the log). */
-int ssi_install(int uffd, uint64_t dst, void *src, uint64_t len, const uint64_t *zero_mask,
+   the whole is copied (src 0: copied from fresh anonymous memory, logged as copies). 0, or -errno (what was installed before the error is in the log). */
+int ssi_install(int uffd, uint64_t dst, uint64_t src, uint64_t len, const uint64_t *zero_mask,
                 uint64_t page_size, uint64_t mode, struct ssi_install_log *log)
 {
-    uint8_t *s = src;
+    uint8_t *s = (uint8_t *)(uintptr_t)src;
     if (!page_size || page_size % SSIP_PAGE_SIZE || len % page_size || dst % page_size)
         return -EINVAL;
     int whole = page_size > SSIP_PAGE_SIZE || (mode & UFFDIO_COPY_MODE_WP);
