@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 
 from pager.uffd._uffd_cffi import ffi, lib
 from pager.uffd.binding import RawEvents
-from pager.uffd.install import InstallLog
+from pager.uffd.install import WIRE_PAGE, InstallLog
 
 IDLE: int = lib.SSI_PFL_IDLE
 WAKE: int = lib.SSI_PFL_WAKE
@@ -26,7 +26,6 @@ MAX_REGIONS: int = lib.SSI_PFL_MAX_REGIONS
 MAX_SLOW: int = lib.SSI_PFL_MAX_SLOW
 COUNTERS = ("faults", "faults_write", "served_fetch", "served_dup", "fetched_bytes",
             "latency_sum_us", "latency_count")
-RESIDENT_RING = 1024  # chunks C reports between two drains (it returns to Python when full)
 
 
 def enabled_by_env() -> bool:
@@ -47,7 +46,10 @@ class FaultLoop:
         self._l = ffi.new("struct ssi_pfl *")
         self._buf = ffi.new("uint8_t[]", chunk)
         self._raw = raw
-        self.log = InstallLog(RESIDENT_RING, ffi.addressof(self._l, "log"))
+        # residency ring: two batches of chunks that each split into single pages (C returns
+        # to be drained before reading a batch it might not have room for)
+        worst = min(raw.max_events, lib.SSI_READ_MAX) * (2 * (chunk // WIRE_PAGE) + 2)
+        self.log = InstallLog(2 * worst, ffi.addressof(self._l, "log"))
         lp = self._l
         lp.uffd = uffd_fd
         self.set_wake_fds(wake_fds)

@@ -7,7 +7,8 @@
  * code the Python path calls). It returns as soon as it meets anything else, with the events it
  * has not handled (first .. n) left for Python: layout events, write-protect or minor faults,
  * faults outside the table or on a slow chunk, an install that failed, a residency ring too full
- * for another chunk, and any fetch error (SSI_PFL_FETCH_ERROR: Python drops the connection and
+ * for another chunk (it returns SSI_PFL_IDLE before reading a batch the ring may not hold), and
+ * any fetch error (SSI_PFL_FETCH_ERROR: Python drops the connection and
  * serves the fault with retries).
  *
  * Wire: SSI_PFL_PROTO_SSIP is the memory node's FETCH/DATA (ssip_wire.h, generated from
@@ -214,7 +215,11 @@ int ssi_pfl_run(struct ssi_pfl *l)
     int served = 0;
     l->first = l->n = 0;
     l->err = 0;
+    /* room in the residency ring for a batch of chunks that each split into single pages */
+    uint64_t worst = (uint64_t)max_events * (2 * (l->chunk / SSIP_PAGE_SIZE) + 2);
     for (;;) {
+        if (served && l->log.max_res - l->log.nres < worst)
+            return SSI_PFL_IDLE;  /* Python drains it and calls again */
         p[0].fd = l->uffd;
         p[0].events = POLLIN;
         for (int k = 1; k < np; k++) {
