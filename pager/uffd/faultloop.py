@@ -2,8 +2,9 @@
 
 ``FaultLoop`` owns the C state of one client's loop: Python sets the region table and the slow
 ranges, calls ``run()`` from the client's fault thread (the GIL is released while C serves
-faults), folds the C counters into its own statistics with ``take_stats()`` and drains the
-chunks C installed with ``take_resident()``.
+faults), folds the loop's counters into its own statistics with ``take_stats()`` and drains
+what C installed (residency and install counters) from ``log``, an ``InstallLog`` over the
+loop's ring.
 """
 
 from __future__ import annotations
