@@ -109,6 +109,12 @@ class FaultEngine:
             total.add(c.stats)
         return total
 
+    def resident_bytes(self) -> int:
+        """Bytes the pager installed in its live clients' memory and no event dropped since."""
+        with self._lock:
+            live = list(self.clients)
+        return sum(c.resident_bytes for c in live)
+
     def close(self) -> None:
         for c in list(self.clients):
             c.close()
