@@ -150,6 +150,7 @@ class EngineStats:
     forks: int = 0
     inflight: int = 0
     c_faults: int = 0
+    written_back_bytes: int = 0  # placeholder until the write-back counter lands
     latency_sum_us: int = 0
     latency_count: int = 0
     latency_buckets: list[int] = field(

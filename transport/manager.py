@@ -1,8 +1,9 @@
 """`TransportManager`: the pager's view of its memory nodes.
 
-On `connect_peer` it picks the transport (`create_transport`), measures the round trip
-(median of several pings) and the bandwidth, derives the tier and announces it once per peer
-on stderr, e.g.::
+On `connect_peer` it picks the transport (`create_transport`; the lanes of that transport carry
+the faults), measures the round trip (median of several pings) and the bandwidth, derives the
+tier (with hysteresis, `transport.base.TierTracker`) and announces it once per peer on stderr,
+e.g.::
 
     transport: tcp to node1 (127.0.0.1:50051) tier=HighPerformance expected latency ~40 µs
 
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transport.base import Pages, PageTransport, TransportTier, lookup_peer
+from transport.base import Pages, PageTransport, TierTracker, TransportTier, lookup_peer
 from transport.factory import create_transport
 from transport.tcp import parse_endpoint
 
@@ -97,9 +98,13 @@ class TransportManager:
         self.latency_samples = latency_samples
         self.transports: dict[str, PageTransport] = {}
         self.peers: dict[str, PeerInfo] = {}
+        self.tiers: dict[str, TierTracker] = {}
         self._tip_shown = False
 
     async def connect_peer(self, node_id: str, endpoint: str) -> PeerInfo:
+        """Select the transport to ``node_id`` (`create_transport`: its lanes carry the
+        faults), measure it and announce it on the first connect. The tier keeps hysteresis
+        across reconnects (`TierTracker`): one noisy measurement never flips it."""
         t = await create_transport(endpoint, self.token, space=self.space, node_id=node_id,
                                    prefer=self.prefer, node=self.node_id)
         old = self.transports.pop(node_id, None)
@@ -107,12 +112,13 @@ class TransportManager:
             await old.close()
         self.transports[node_id] = t
         rtt = await t.measure_latency(node_id, self.latency_samples)
+        tier = self.tiers.setdefault(node_id, TierTracker()).update(rtt)
         bw = await t.measure_bandwidth(node_id, self.bandwidth_probe_bytes) * 8 / 1e9
         host, _port = parse_endpoint(endpoint)
         iface = await asyncio.to_thread(route_interface, host)
         speed = link_speed_mbps(iface) if iface else None
-        info = PeerInfo(node_id, endpoint, t.name, rtt, bw, TransportTier.from_latency(rtt),
-                        iface, speed, slow_link_warnings(node_id, iface, speed, bw))
+        info = PeerInfo(node_id, endpoint, t.name, rtt, bw, tier, iface, speed,
+                        slow_link_warnings(node_id, iface, speed, bw))
         first = node_id not in self.peers
         self.peers[node_id] = info
         if first:
@@ -150,7 +156,8 @@ class TransportManager:
         await self.transport(node_id).send_pages(gpa, data, node_id)
 
     def performance_tier(self, node_id: str) -> TransportTier:
-        return self.transport(node_id).performance_tier(node_id)
+        """The peer's tier with hysteresis over all its measurements (reconnects included)."""
+        return lookup_peer(self.peers, node_id).tier
 
     async def close(self) -> None:
         for t in self.transports.values():
