@@ -10,7 +10,6 @@ ValueError as a malformed WELCOME does); no mock library.
 from __future__ import annotations
 
 import os
-import threading
 
 import pytest
 
@@ -62,6 +61,18 @@ class TransportWithBrokenLanes(TcpTransport):
         raise ValueError("WELCOME window field 'size' is not a number (under test)")
 
 
+def connected(cls: type[TcpTransport], memnode) -> TcpTransport:
+    """A transport of ``cls`` connected to node "n1", its own connections closed (lanes
+    need only what connect_peer recorded)."""
+    async def connect() -> TcpTransport:
+        t = cls(memnode.token, "lanes")
+        await t.connect_peer("n1", memnode.endpoint)
+        await t.close()
+        return t
+
+    return run(connect())
+
+
 @pytest.fixture(autouse=True)
 def _fresh_warning(monkeypatch):
     monkeypatch.setattr(lane_mod, "_warned", False)
@@ -84,13 +95,7 @@ def test_tcp_lane_stores_fetches_and_hands_c_its_socket(memnode):
 
 
 def test_tcp_transport_opens_tcp_lanes(memnode):
-    async def connect() -> TcpTransport:
-        t = TcpTransport(memnode.token, "lanes")
-        await t.connect_peer("n1", memnode.endpoint)
-        await t.close()  # lanes own their connections
-        return t
-
-    t = run(connect())
+    t = connected(TcpTransport, memnode)
     with t.open_lane("n1", "lanes") as lane:
         assert lane.kind == "tcp"
         prove_lane(lane)  # a sound lane passes its proof
@@ -144,13 +149,7 @@ def test_create_transport_falls_back_on_any_exception(memnode, capsys):
 
 
 def test_a_lane_failing_after_selection_falls_back_to_tcp(memnode, capsys):
-    async def connect() -> TcpTransport:
-        t = TransportWithCorruptLanes(memnode.token, "lanes")
-        await t.connect_peer("n1", memnode.endpoint)
-        await t.close()
-        return t
-
-    t = run(connect())
+    t = connected(TransportWithCorruptLanes, memnode)
     for _ in range(2):
         with open_lane_or_tcp(t, "n1", "lanes") as lane:
             assert lane.kind == "tcp"
@@ -166,32 +165,3 @@ def test_tcp_lane_errors_are_not_hidden(memnode):
     memnode.stop()
     with pytest.raises(ConnectError, match=port):
         TcpLane.connect(memnode.endpoint, memnode.token, "lanes")
-
-
-def test_lanes_serve_threads_at_once(memnode):
-    async def connect() -> TcpTransport:
-        t = TcpTransport(memnode.token, "lanes")
-        await t.connect_peer("n1", memnode.endpoint)
-        await t.close()
-        return t
-
-    t = run(connect())
-    errors: list[BaseException] = []
-
-    def worker(i: int) -> None:
-        try:
-            with t.open_lane("n1", "lanes") as lane:
-                page = bytes([i]) * PAGE
-                lane.store_from(i * PAGE, page)
-                buf = bytearray(PAGE)
-                assert lane.fetch_into(i * PAGE, buf) == 0 and buf == page
-        except BaseException as exc:  # reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(60)
-        assert not th.is_alive()
-    assert errors == []
