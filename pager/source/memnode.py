@@ -55,9 +55,8 @@ class MemnodeSource(PageSource):
     -> endpoint with a ``placement``; ``space`` is the default address space; ``prefer`` is
     the transport choice ("auto", "rdma", "tcp")."""
 
-    def __init__(self, endpoint: str | Mapping[str, str], token: bytes | None, space: str,
-                 connect_timeout: float = 5.0, *, prefer: str = "auto",
-                 placement: Placement | None = None) -> None:
+    def __init__(self, endpoint: str | Mapping[str, str], token: bytes | None, space: str, *,
+                 prefer: str = "auto", placement: Placement | None = None) -> None:
         self.nodes = ({DEFAULT_NODE: endpoint} if isinstance(endpoint, str)
                       else dict(endpoint))
         if not self.nodes:
@@ -71,7 +70,6 @@ class MemnodeSource(PageSource):
         self.placement = placement
         self.token = token
         self.space = space
-        self.connect_timeout = connect_timeout
         self.prefer = prefer
         self.transports: dict[str, PageTransport] = {}  # node id -> selected transport
         self.lane_kinds: dict[str, str] = {}  # node id -> kind of the lanes carrying faults
@@ -87,7 +85,8 @@ class MemnodeSource(PageSource):
         return f"memnode {where} space {self.space}"
 
     def only_node(self) -> str | None:
-        """The node every page is on, or None when placement spreads them."""
+        """The node every page is on (a one-node source: placement is not asked), or None
+        when placement spreads them."""
         return next(iter(self.nodes)) if len(self.nodes) == 1 else None
 
     async def connect(self, manager: TransportManager) -> dict[str, PeerInfo]:
@@ -165,6 +164,7 @@ class MemnodeLane(Lane):
 
     def __init__(self, src: MemnodeSource) -> None:
         self.src = src
+        self.only = src.only_node()
         self.lanes: dict[tuple[str, str], BlockingLane] = {}
 
     def _lane(self, node_id: str, space: str) -> BlockingLane:
@@ -174,16 +174,14 @@ class MemnodeLane(Lane):
         return lane
 
     def c_endpoint(self, space: str | None) -> tuple[int, str, int] | None:
-        node_id = self.src.only_node()
-        if node_id is None:  # pages of one region on several nodes: Python's loop
+        if self.only is None:  # pages of one region on several nodes: Python's loop
             return None
-        return self._lane(node_id, space or self.src.space).c_endpoint()
+        return self._lane(self.only, space or self.src.space).c_endpoint()
 
     def _runs(self, space: str, gpa: int, n: int) -> list[tuple[str, int, int]]:
         """(node id, first byte, end byte) runs of ``n`` bytes at ``gpa`` by placement."""
-        only = self.src.only_node()
-        if only is not None:
-            return [(only, 0, n)]
+        if self.only is not None:
+            return [(self.only, 0, n)]
         runs: list[tuple[str, int, int]] = []
         for off in range(0, n, PAGE_SIZE):
             node_id = self.src.placement(space, gpa + off)
@@ -195,6 +193,10 @@ class MemnodeLane(Lane):
 
     def fetch_into(self, space: str | None, gpa: int, buf: memoryview) -> int:
         name = space or self.src.space
+        only = self.only
+        if only is not None:  # the fault path of a one-node source: no placement, no split
+            lane = self.lanes.get((only, name)) or self._lane(only, name)
+            return lane.fetch_into(gpa, buf)
         mask = 0
         view = memoryview(buf)
         for node_id, start, end in self._runs(name, gpa, len(view)):
