@@ -165,3 +165,31 @@ def test_tcp_lane_errors_are_not_hidden(memnode):
     memnode.stop()
     with pytest.raises(ConnectError, match=port):
         TcpLane.connect(memnode.endpoint, memnode.token, "lanes")
+
+
+class TransportWhosePingFails(TcpTransport):
+    """A transport that connects and opens lanes but fails its latency probe."""
+
+    name = "flaky"
+
+    async def ping(self, node_id, reply_bytes=0, *, urgent=True):
+        raise ValueError("no PONG (under test)")
+
+
+def test_manager_falls_back_when_the_probe_fails_after_connect(memnode, capsys):
+    from transport.manager import TransportManager
+
+    async def main():
+        mgr = TransportManager("pager1", memnode.token, space="lanes",
+                               upgrade=lambda: TransportWhosePingFails(memnode.token, "lanes"))
+        info = await mgr.connect_peer("n1", memnode.endpoint)
+        name = mgr.transport("n1").name
+        await mgr.close()
+        return info, name
+
+    info, name = run(main())
+    assert info.transport == name == "tcp"
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "not FLAKY" in line]
+    assert len(lines) == 1 and "ValueError: no PONG" in lines[0], err
+    assert err.count("transport: tcp to n1 (") == 1, err
