@@ -55,34 +55,42 @@ async def create_transport(endpoint: str, token: bytes | None = None, *,
     if prefer not in ("auto", "rdma", "tcp"):
         raise TransportError(f"unknown transport {prefer!r}: use auto, rdma or tcp")
     if prefer != "tcp":
-        try:
-            fast = upgrade() if upgrade is not None else _rdma(token, space, node)
-        except RdmaUnavailable as exc:
-            if prefer == "rdma":
-                raise
-            reason = str(exc)
-        else:
-            try:
-                await _connect_proven(fast, node_id, endpoint, space)
-                return fast
-            except Exception as exc:  # any failure at all: TCP carries the faults
-                log.debug("%s to %s failed", fast.name, endpoint, exc_info=True)
-                try:
-                    await fast.close()
-                except Exception:
-                    log.debug("closing the failed %s transport", fast.name, exc_info=True)
-                if prefer == "rdma":
-                    if isinstance(exc, TransportError):
-                        raise
-                    raise ConnectError(f"{fast.name} connection to {endpoint} failed: "
-                                       f"{type(exc).__name__}: {exc}") from exc
-                reason = (f"{fast.name.upper()} connection to {endpoint} failed "
-                          f"({type(exc).__name__}: {exc}); check the memory node runs with "
-                          f"--rdma on an RDMA NIC's address")
-        warn_once(f"transport: using TCP, not RDMA: {reason}")
+        fast = await _upgraded(endpoint, token, space, node_id, node, prefer == "rdma",
+                               upgrade)
+        if isinstance(fast, PageTransport):
+            return fast
+        warn_once(f"transport: using TCP, not RDMA: {fast}")
     tcp = TcpTransport(token, space, node=node)
     await tcp.connect_peer(node_id, endpoint)
     return tcp
+
+
+async def _upgraded(endpoint: str, token: bytes | None, space: str, node_id: str, node: str,
+                    required: bool, upgrade: Callable[[], PageTransport] | None
+                    ) -> PageTransport | str:
+    """The faster transport, connected and proven, or why not (raises when ``required``)."""
+    fast = None
+    try:
+        fast = upgrade() if upgrade is not None else _rdma(token, space, node)
+        await _connect_proven(fast, node_id, endpoint, space)
+        return fast
+    except Exception as exc:  # any failure at all: TCP carries the faults
+        if fast is not None:
+            log.debug("%s to %s failed", fast.name, endpoint, exc_info=True)
+            try:
+                await fast.close()
+            except Exception:
+                log.debug("closing the failed %s transport", fast.name, exc_info=True)
+        if required:
+            if isinstance(exc, TransportError):
+                raise
+            raise ConnectError(f"RDMA to {endpoint} failed: {type(exc).__name__}: "
+                               f"{exc}") from exc
+        if isinstance(exc, RdmaUnavailable):
+            return str(exc)
+        what = fast.name.upper() if fast is not None else "RDMA setup"
+        return (f"{what} connection to {endpoint} failed ({type(exc).__name__}: {exc}); "
+                f"check the memory node runs with --rdma on an RDMA NIC's address")
 
 
 def _rdma(token: bytes | None, space: str, node: str) -> PageTransport:

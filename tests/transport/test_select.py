@@ -85,6 +85,20 @@ def test_no_device_falls_back(memnode, tmp_path):
     assert len(lines) == 1 and "no RDMA device found" in lines[0], err
 
 
+def test_a_pyverbs_failing_in_any_way_falls_back(memnode, tmp_path):
+    # a pyverbs build whose device query raises something that is not a PyverbsError
+    pkg = tmp_path / "pyverbs"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "device.py").write_text("def get_device_list():\n"
+                                   "    raise RuntimeError('verbs provider crashed')\n")
+    (pkg / "pyverbs_error.py").write_text("class PyverbsError(Exception):\n    pass\n")
+    result, err = run_client(memnode, "none", {"SSI_PAGER_PYVERBS_PATH": str(tmp_path)})
+    assert result["name"] == "tcp" and result["page"] == 4096
+    lines = [line for line in err.splitlines() if "not RDMA" in line]
+    assert len(lines) == 1 and "RuntimeError: verbs provider crashed" in lines[0], err
+
+
 def test_prefer_rdma_raises_clearly(memnode):
     from transport.errors import RdmaUnavailable
     from transport.factory import create_transport
