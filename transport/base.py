@@ -79,7 +79,7 @@ class TierTracker:
 
     def __init__(self, margin: float = TIER_MARGIN, confirm: int = TIER_CONFIRM) -> None:
         if margin < 0 or confirm < 1:
-            raise ValueError(f"TierTracker needs margin >= 0 and confirm >= 1, not "
+            raise TransportError(f"TierTracker needs margin >= 0 and confirm >= 1, not "
                              f"{margin}, {confirm}")
         self.margin = margin
         self.confirm = confirm

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from transport.base import TIER_BOUNDS_US, TierTracker, TransportTier, tier_interval_us
+from transport.errors import TransportError
 
 US = 1e-6
 High, Medium, Standard, Basic = (TransportTier.HighPerformance, TransportTier.MediumPerformance,
@@ -66,7 +67,7 @@ def test_confirm_one_without_margin_is_the_plain_tier():
 
 
 def test_bad_parameters_are_refused():
-    with pytest.raises(ValueError, match="confirm >= 1"):
+    with pytest.raises(TransportError, match="confirm >= 1"):
         TierTracker(confirm=0)
-    with pytest.raises(ValueError, match="margin >= 0"):
+    with pytest.raises(TransportError, match="margin >= 0"):
         TierTracker(margin=-0.1)
