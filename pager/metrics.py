@@ -115,10 +115,11 @@ def build_info(binding: str = "cffi") -> Metric:
 
 @dataclass
 class Peer:
-    """One memory node as the pager sees it."""
+    """One memory node as the pager sees it; ``transport`` is the kind of lane that carries
+    its faults ("tcp" or "rdma"; "?" before the node's transport is selected)."""
 
     node: str
-    transport: str = "tcp"
+    transport: str = "?"
     rtt_seconds: float | None = None
     tier: str | None = None
 
@@ -130,53 +131,50 @@ def tier_for(rtt_seconds: float) -> str:
 
 
 class PeerProbe:
-    """Measures the round trip to a memory-node source at scrape time (control plane only:
-    its own connection, a few PINGs per scrape, never the fault threads' channels).
-    Scrapes may arrive on several HTTP threads at once: one probe at a time uses the channel."""
+    """Measures the round trip to each node of a memory-node source at scrape time (control
+    plane only: its own lane per node, of the kind that carries the node's faults, a few
+    PINGs per scrape, never the fault threads' lanes). A node whose transport is not selected
+    yet (unreachable when the pager started, no fault since) counts as a probe failure.
+    Scrapes may arrive on several HTTP threads at once: one probe at a time uses the lanes."""
 
     PINGS = 3
 
     def __init__(self, source: Any) -> None:
         self.source = source
-        self.channel: Any = None
+        self.lanes: dict[str, Any] = {}
         self.failures = 0
         self._lock = threading.Lock()
 
     def peers(self) -> list[Peer]:
         with self._lock:
-            return [self._probe()]
+            return [self._probe(node_id, endpoint)
+                    for node_id, endpoint in self.source.nodes.items()]
 
-    def _probe(self) -> Peer:
-        src = self.source
-        peer = Peer(node=str(src.endpoint), transport=getattr(src, "transport", "tcp"))
+    def _probe(self, node_id: str, endpoint: str) -> Peer:
+        peer = Peer(node=str(endpoint))
         try:
-            if self.channel is None:
-                from transport.tcp import BlockingChannel
-                self.channel = BlockingChannel.connect(src.endpoint, src.token, src.space,
-                                                       timeout=2.0, retry_for=0.0)
-            peer.rtt_seconds = min(self.channel.ping() for _ in range(self.PINGS))
+            lane = self.lanes.get(node_id)
+            if lane is None:
+                if self.source.lane_kind(node_id) is None:  # the pager never reached it
+                    raise ConnectionError("no transport selected yet")
+                lane = self.lanes[node_id] = self.source.open_node_lane(node_id)
+            peer.rtt_seconds = min(lane.ping() for _ in range(self.PINGS))
             peer.tier = tier_for(peer.rtt_seconds)
         except Exception as exc:  # a down node must not break the scrape: report, retry later
             self.failures += 1
-            log.debug("probing %s failed: %s", src.endpoint, exc)
-            self.close()
+            log.debug("probing %s failed: %s", endpoint, exc)
+            self._drop(node_id)
+        peer.transport = self.source.lane_kind(node_id) or "?"
         return peer
 
+    def _drop(self, node_id: str) -> None:
+        lane = self.lanes.pop(node_id, None)
+        if lane is not None:
+            lane.close()
+
     def close(self) -> None:
-        if self.channel is not None:
-            try:
-                self.channel.close()
-            finally:
-                self.channel = None
-
-
-def engine_peers(engine: Any, probe: PeerProbe | None) -> list[Peer]:
-    """The source's own ``peers()`` (dicts or Peer) when it has one, else the probe's."""
-    peers = getattr(getattr(engine, "source", None), "peers", None)
-    if callable(peers):
-        return [p if isinstance(p, Peer) else
-                Peer(**{k: p[k] for k in p if k in Peer.__annotations__}) for p in peers()]
-    return probe.peers() if probe is not None else []
+        for node_id in list(self.lanes):
+            self._drop(node_id)
 
 
 class PagerCollector(Collector):
@@ -189,8 +187,7 @@ class PagerCollector(Collector):
         self.binding = binding
         self.buckets = _latency_buckets()
         source = getattr(engine, "source", None)
-        self.probe = PeerProbe(source) if all(
-            hasattr(source, a) for a in ("endpoint", "token", "space")) else None
+        self.probe = PeerProbe(source) if hasattr(source, "open_node_lane") else None
 
     def collect(self) -> Iterator[Metric]:
         st = self.engine.stats()
@@ -219,7 +216,7 @@ class PagerCollector(Collector):
         for name, value in (
                 ("ssi_pager_fetched_bytes", st.fetched_bytes),
                 ("ssi_pager_installed_bytes", st.copied_bytes + st.zero_pages * PAGE),
-                ("ssi_pager_written_back_bytes", getattr(st, "written_back_bytes", 0)),
+                ("ssi_pager_written_back_bytes", st.written_back_bytes),
                 ("ssi_pager_zero_filled_pages", st.zero_pages)):
             yield family(name, value=value)
         yield family("ssi_pager_pages_in_flight", value=max(0, st.inflight) * chunk_pages)
@@ -234,7 +231,7 @@ class PagerCollector(Collector):
         yield family("ssi_pager_regions", value=sum(len(c.state.regions) for c in clients))
 
         errors = family("ssi_pager_errors")
-        peers = engine_peers(self.engine, self.probe)
+        peers = self.probe.peers() if self.probe is not None else []
         counts = {"fetch": st.fetch_errors, "fault": st.failed_faults,
                   "unknown_address": st.unknown_faults,
                   "probe": self.probe.failures if self.probe is not None else 0}

@@ -1,8 +1,9 @@
 """SSI-HV page transport: PageTransport over TCP (default) or RDMA (automatic upgrade).
 
-Modules: `base` (interface, tiers), `protocol` (sans-IO wire format), `tcp` (asyncio client,
-BlockingChannel, listener), `rdma` (pyverbs), `factory` (`create_transport`), `manager`
-(`TransportManager`), `memnode`/`store` (the memory node), `bench`.
+Modules: `base` (interface, tiers), `lane` (blocking lanes: what a pager thread uses),
+`wire` (sans-IO wire format), `tcp` (asyncio client, BlockingChannel, listener), `rdma`
+(pyverbs), `factory` (`create_transport`), `manager` (`TransportManager`), `node` (the memory
+node), `bench`.
 """
 
 from __future__ import annotations

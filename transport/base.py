@@ -11,6 +11,11 @@ ssi-pager uses these half-open intervals of the *median 4 KiB round trip*:
     MediumPerformance   100 <= rtt < 200 µs
     Standard            200 <= rtt < 500 µs
     Basic               rtt >= 500 µs
+
+Hysteresis (`TierTracker`): a peer's first measurement sets its tier; it moves to another tier
+only after `TIER_CONFIRM` consecutive measurements all lie outside its current interval by
+more than `TIER_MARGIN` (relative), and then to the tier of their median. A link whose round
+trip sits on a bound (loopback here: 86-292 µs around 100 and 200) keeps the tier it has.
 """
 
 from __future__ import annotations
@@ -21,10 +26,13 @@ import enum
 import statistics
 import threading
 from collections.abc import Coroutine
-from typing import Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from transport.errors import TransportError
 from transport.wire.protocol import PAGE_SIZE
+
+if TYPE_CHECKING:
+    from transport.lane import BlockingLane
 
 _R = TypeVar("_R")
 
@@ -50,6 +58,49 @@ TIER_BOUNDS_US: tuple[tuple[float, TransportTier], ...] = (
     (200.0, TransportTier.MediumPerformance),
     (500.0, TransportTier.Standard),
 )
+
+
+TIER_MARGIN = 0.25  # a sample must be this far (relative) beyond its tier's bound to count
+TIER_CONFIRM = 3  # consecutive such samples before the tier changes
+
+
+def tier_interval_us(tier: TransportTier) -> tuple[float, float]:
+    """The half-open interval [low, high) of round trips (µs) of ``tier``."""
+    low = 0.0
+    for bound, t in TIER_BOUNDS_US:
+        if t is tier:
+            return low, bound
+        low = bound
+    return low, float("inf")
+
+
+class TierTracker:
+    """One peer's tier with hysteresis (see the module docstring); feed it measured medians."""
+
+    def __init__(self, margin: float = TIER_MARGIN, confirm: int = TIER_CONFIRM) -> None:
+        if margin < 0 or confirm < 1:
+            raise TransportError(f"TierTracker needs margin >= 0 and confirm >= 1, not "
+                             f"{margin}, {confirm}")
+        self.margin = margin
+        self.confirm = confirm
+        self.tier: TransportTier | None = None
+        self._outside: list[float] = []  # consecutive samples beyond the current interval
+
+    def update(self, rtt_s: float) -> TransportTier:
+        """Take one measurement (seconds); returns the tier now in force."""
+        if self.tier is None:
+            self.tier = TransportTier.from_latency(rtt_s)
+            return self.tier
+        low, high = tier_interval_us(self.tier)
+        us = rtt_s * 1e6
+        if low * (1 - self.margin) <= us < high * (1 + self.margin):
+            self._outside.clear()
+            return self.tier
+        self._outside.append(rtt_s)
+        if len(self._outside) >= self.confirm:
+            self.tier = TransportTier.from_latency(statistics.median(self._outside))
+            self._outside.clear()
+        return self.tier
 
 
 class Pages(NamedTuple):
@@ -92,10 +143,13 @@ class PageTransport(abc.ABC):
     """Moves pages of one address space between this host and memory nodes (by node id)."""
 
     name = "?"  # "tcp" | "rdma"
+    token: bytes | None = None  # the cluster token lanes authenticate with
+    node: str = "pager"  # this node's name in handshakes
 
     def __init__(self) -> None:
         self.latency: dict[str, float] = {}  # node id -> last measured median RTT (s)
-        self.endpoints: dict[str, str] = {}
+        self.tiers: dict[str, TierTracker] = {}  # node id -> its tier, with hysteresis
+        self.endpoints: dict[str, str] = {}  # kept after close(): lanes are opened from it
 
     @abc.abstractmethod
     async def connect_peer(self, node_id: str, endpoint: str) -> None:
@@ -125,6 +179,12 @@ class PageTransport(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None: ...
 
+    def open_lane(self, node_id: str, space: str) -> BlockingLane:
+        """A blocking lane of this transport's kind to ``space`` on ``node_id`` (connected,
+        and proven where the kind needs it; see `transport.lane`). Blocking: call it from a
+        worker thread. Lanes own their connections: they outlive ``close()``."""
+        raise TransportError(f"the {self.name} transport has no blocking lanes")
+
     async def fetch_page(self, gpa: int, node_id: str) -> bytes:
         return bytes((await self.fetch_pages(gpa, 1, node_id, urgent=True)).data)
 
@@ -137,17 +197,21 @@ class PageTransport(abc.ABC):
         """Median round trip of ``samples`` pings (seconds); remembered for the tier."""
         rtts = [await self.ping(node_id) for _ in range(max(1, samples))]
         self.latency[node_id] = statistics.median(rtts)
+        self.tiers.setdefault(node_id, TierTracker()).update(self.latency[node_id])
         return self.latency[node_id]
 
     def performance_tier(self, node_id: str | None = None) -> TransportTier:
-        """Tier from the last measured latency (of ``node_id``, or the slowest peer)."""
+        """Tier of ``node_id`` (or of the slowest peer) from its measured latencies, with
+        hysteresis (`TierTracker`)."""
         if node_id is not None:
-            rtt = self.latency.get(node_id)
+            tiers = [t.tier for n, t in self.tiers.items() if n == node_id]
         else:
-            rtt = max(self.latency.values(), default=None)
-        if rtt is None:
+            tiers = [t.tier for t in self.tiers.values()]
+        known = [t for t in tiers if t is not None]
+        if not known:
             raise TransportError("no latency measured yet: call measure_latency(node_id) first")
-        return TransportTier.from_latency(rtt)
+        order = list(TransportTier)
+        return max(known, key=order.index)
 
     async def __aenter__(self) -> PageTransport:
         return self

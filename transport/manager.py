@@ -1,8 +1,9 @@
 """`TransportManager`: the pager's view of its memory nodes.
 
-On `connect_peer` it picks the transport (`create_transport`), measures the round trip
-(median of several pings) and the bandwidth, derives the tier and announces it once per peer
-on stderr, e.g.::
+On `connect_peer` it picks the transport (`create_transport`; the lanes of that transport carry
+the faults), measures the round trip (median of several pings) and the bandwidth, derives the
+tier (with hysteresis, `transport.base.TierTracker`) and announces it once per peer on stderr,
+e.g.::
 
     transport: tcp to node1 (127.0.0.1:50051) tier=HighPerformance expected latency ~40 µs
 
@@ -18,12 +19,14 @@ import asyncio
 import logging
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transport.base import Pages, PageTransport, TransportTier, lookup_peer
+from transport.base import Pages, PageTransport, TierTracker, TransportTier, lookup_peer
 from transport.factory import create_transport
+from transport.lane import warn_once
 from transport.tcp import parse_endpoint
 
 log = logging.getLogger(__name__)
@@ -88,36 +91,61 @@ class TransportManager:
 
     def __init__(self, node_id: str, token: bytes | None = None, *, space: str = "default",
                  prefer: str = "auto", bandwidth_probe_bytes: int = 8 << 20,
-                 latency_samples: int = 9) -> None:
+                 latency_samples: int = 9,
+                 upgrade: Callable[[], PageTransport] | None = None) -> None:
         self.node_id = node_id
         self.token = token
         self.space = space
         self.prefer = prefer
         self.bandwidth_probe_bytes = bandwidth_probe_bytes
         self.latency_samples = latency_samples
+        self.upgrade = upgrade  # the transport tried before TCP (create_transport's default)
         self.transports: dict[str, PageTransport] = {}
         self.peers: dict[str, PeerInfo] = {}
+        self.tiers: dict[str, TierTracker] = {}
         self._tip_shown = False
 
     async def connect_peer(self, node_id: str, endpoint: str) -> PeerInfo:
+        """Select the transport to ``node_id`` (`create_transport`: its lanes carry the
+        faults), measure it and announce it on the first connect. A transport other than TCP
+        whose measurement fails in any way is replaced by TCP (with the one warning line).
+        The tier keeps hysteresis across reconnects (`TierTracker`): one noisy measurement
+        never flips it."""
         t = await create_transport(endpoint, self.token, space=self.space, node_id=node_id,
-                                   prefer=self.prefer, node=self.node_id)
+                                   prefer=self.prefer, node=self.node_id, upgrade=self.upgrade)
+        try:
+            rtt, bw = await self._measure(t, node_id)
+        except Exception as exc:
+            await t.close()
+            if t.name == "tcp" or self.prefer == "rdma":
+                raise
+            log.debug("measuring %s over %s failed", node_id, t.name, exc_info=True)
+            warn_once(f"transport: using TCP, not {t.name.upper()}: measuring {node_id} over "
+                      f"{t.name} failed ({type(exc).__name__}: {exc})")
+            t = await create_transport(endpoint, self.token, space=self.space,
+                                       node_id=node_id, prefer="tcp", node=self.node_id)
+            rtt, bw = await self._measure(t, node_id)
         old = self.transports.pop(node_id, None)
         if old is not None:
             await old.close()
         self.transports[node_id] = t
-        rtt = await t.measure_latency(node_id, self.latency_samples)
-        bw = await t.measure_bandwidth(node_id, self.bandwidth_probe_bytes) * 8 / 1e9
+        tier = self.tiers.setdefault(node_id, TierTracker()).update(rtt)
         host, _port = parse_endpoint(endpoint)
         iface = await asyncio.to_thread(route_interface, host)
         speed = link_speed_mbps(iface) if iface else None
-        info = PeerInfo(node_id, endpoint, t.name, rtt, bw, TransportTier.from_latency(rtt),
-                        iface, speed, slow_link_warnings(node_id, iface, speed, bw))
+        info = PeerInfo(node_id, endpoint, t.name, rtt, bw, tier, iface, speed,
+                        slow_link_warnings(node_id, iface, speed, bw))
         first = node_id not in self.peers
         self.peers[node_id] = info
         if first:
             self._announce(info)
         return info
+
+    async def _measure(self, t: PageTransport, node_id: str) -> tuple[float, float]:
+        """(median round trip in s, bandwidth in Gbit/s) of ``t`` to ``node_id``."""
+        rtt = await t.measure_latency(node_id, self.latency_samples)
+        bw = await t.measure_bandwidth(node_id, self.bandwidth_probe_bytes) * 8 / 1e9
+        return rtt, bw
 
     def _announce(self, info: PeerInfo) -> None:
         line = (f"transport: {info.transport} to {info.node_id} ({info.endpoint}) "
@@ -150,7 +178,8 @@ class TransportManager:
         await self.transport(node_id).send_pages(gpa, data, node_id)
 
     def performance_tier(self, node_id: str) -> TransportTier:
-        return self.transport(node_id).performance_tier(node_id)
+        """The peer's tier with hysteresis over all its measurements (reconnects included)."""
+        return lookup_peer(self.peers, node_id).tier
 
     async def close(self) -> None:
         for t in self.transports.values():

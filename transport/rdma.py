@@ -13,7 +13,14 @@ protocol frames as TCP travel as SEND/RECV control messages; page bytes move one
 The node registers two windows per connection, one the client may RDMA READ (staged
 fetches) and one it may RDMA WRITE (stores); their addresses and rkeys come in the WELCOME
 message (``"rdma": {"read_addr", "read_rkey", "write_addr", "write_rkey", "size"}``).
-The RDMA service listens on the memory node's TCP port + `RDMA_PORT_OFFSET`.
+The RDMA service (`transport.node.rdma.RdmaServer`) listens on the memory node's TCP port +
+`RDMA_PORT_OFFSET`.
+
+Client side: `RdmaLane` is the blocking lane (`transport.lane.BlockingLane`) a pager thread
+uses; `RdmaTransport` (the asyncio `PageTransport`) runs one per peer in worker threads.
+`RdmaTransport.open_lane` hands out a lane only after a lane of this kind stored a page into
+`transport.lane.PROOF_SPACE` and read it back unchanged; `create_transport` and
+`transport.lane.open_lane_or_tcp` turn any failure into TCP with one warning.
 
 Installing pyverbs on Debian/Ubuntu: ``apt install python3-pyverbs rdma-core`` (plus the NIC's
 provider, e.g. ``ibverbs-providers``). The package installs into the system Python's
@@ -24,10 +31,11 @@ from there (only ``pyverbs``, the rest of dist-packages stays invisible). Set
 PyPI's pyverbs needs a matching rdma-core at run time (59.x needs libibverbs 59), so the
 distribution's package is the one to use.
 
-What runs here: the import, the device probe and the fallback are tested for real (pyverbs
-installed, no RDMA device: ``get_device_list()`` raises PyverbsRDMAError). The data path
-needs an RDMA NIC (or rxe/siw soft-RoCE in a kernel with RDMA support) and was not run on
-this project's test machine, whose kernel has no RDMA support.
+What runs here: the import, the device probe and the fallbacks are tested for real (pyverbs
+installed, no RDMA device: ``get_device_list()`` raises PyverbsRDMAError; a lane kind whose
+proof fails, or whose connect raises a non-transport error, in tests/transport/test_lanes.py).
+The data path needs an RDMA NIC (or rxe/siw soft-RoCE in a kernel with RDMA support) and was
+not run on this project's test machine, whose kernel has no RDMA support.
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ import importlib.util
 import logging
 import os
 import sys
-import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +56,7 @@ from typing import Any
 
 from transport.base import Pages, PageTransport, check_pages, lookup_peer, page_view
 from transport.errors import ConnectError, RdmaUnavailable, TransportError
+from transport.lane import PROOF_SPACE, BlockingLane, prove_lane
 from transport.wire.protocol import (
     HEADER,
     HEADER_SIZE,
@@ -157,21 +166,21 @@ def rdma_devices() -> list[str]:
     return [d.name.decode() if isinstance(d.name, bytes) else str(d.name) for d in devices]
 
 
-def _verbs() -> tuple[Any, Any, Any, Any]:
+def verbs() -> tuple[Any, Any, Any, Any]:
     import_pyverbs()
     return (importlib.import_module("pyverbs.cmid"), importlib.import_module("pyverbs.qp"),
             importlib.import_module("pyverbs.cm_enums"), importlib.import_module("pyverbs.enums"))
 
 
-def _qp_init(qp: Any) -> Any:
+def qp_init(qp: Any) -> Any:
     cap = qp.QPCap(max_send_wr=16, max_recv_wr=16, max_send_sge=1, max_recv_sge=1)
     return qp.QPInitAttr(cap=cap, sq_sig_all=1)
 
 
-_WINDOW_KEYS = ("read_addr", "read_rkey", "write_addr", "write_rkey", "size")
+WINDOW_KEYS = ("read_addr", "read_rkey", "write_addr", "write_rkey", "size")
 
 
-class _RdmaLink:
+class RdmaLink:
     """One connected CMID with its message buffers; blocking calls (run them in a thread)."""
 
     def __init__(self, cmid: Any) -> None:
@@ -215,18 +224,140 @@ class _RdmaLink:
             self.cmid.disconnect()
         except Exception as exc:  # already gone
             log.debug("rdma disconnect: %s", exc)
+        for mr in (self.send_mr, self.recv_mr):  # before the CMID, whose PD they hold
+            with contextlib.suppress(Exception):
+                mr.close()
         self.cmid.close()
+
+
+class RdmaLane(BlockingLane):
+    """One RC connection to one address space of a memory node (blocking; one thread).
+
+    `connect` wraps every failure (pyverbs errors, a malformed WELCOME) in `ConnectError`.
+    A lane proves itself before it carries a fault: `RdmaTransport.open_lane` runs
+    `transport.lane.prove_lane` through a lane of this kind first.
+    """
+
+    kind = "rdma"
+
+    def __init__(self, link: RdmaLink, data_mr: Any, window: dict[str, int]) -> None:
+        self.link = link
+        self.data_mr = data_mr  # local buffer: RDMA READ target, RDMA WRITE source
+        # the node's staging window for fetched pages (we READ it) and its inbox for stored
+        # pages (we WRITE it)
+        self.read_addr, self.read_rkey, self.write_addr, self.write_rkey, self.size = (
+            window[k] for k in WINDOW_KEYS)
+        if self.size < MAX_DATA:
+            raise ValueError(f"RDMA window of {self.size} bytes is below one frame "
+                             f"({MAX_DATA})")
+
+    @classmethod
+    def connect(cls, endpoint: str, token: bytes | None, space: str, *,
+                node: str = "pager") -> RdmaLane:
+        from transport.tcp import parse_endpoint
+
+        host, port = parse_endpoint(endpoint)
+        if port is None:
+            raise TransportError(f"endpoint {endpoint!r} has no port: use HOST:PORT")
+        where = f"{host}:{port + RDMA_PORT_OFFSET}"
+        link = None
+        try:
+            cmid_mod, qp, ce, _e = verbs()
+            ai = cmid_mod.AddrInfo(dst=host, dst_service=str(port + RDMA_PORT_OFFSET),
+                                   port_space=ce.RDMA_PS_TCP)
+            cmid = cmid_mod.CMID(creator=ai, qp_init_attr=qp_init(qp))
+            link = RdmaLink(cmid)
+            data_mr = cmid.reg_msgs(MAX_DATA)
+            link.post_recv()
+            cmid.connect(cmid_mod.ConnParam(resources=4, depth=4))
+            window = cls._handshake(link, token, space, node)
+            return cls(link, data_mr, window)
+        except RdmaUnavailable:
+            raise
+        except Exception as exc:  # PyverbsRDMAError, ValueError/KeyError from a bad WELCOME
+            if link is not None:
+                link.close()
+            if isinstance(exc, TransportError) and not isinstance(exc, ConnectError):
+                raise
+            raise ConnectError(f"RDMA connect to {where} failed: {type(exc).__name__}: "
+                               f"{exc}") from exc
+
+    @staticmethod
+    def _handshake(link: RdmaLink, token: bytes | None, space: str,
+                   node: str) -> dict[str, int]:
+        hs = ClientHandshake(token, space, node=node, nonce=os.urandom(NONCE_SIZE))
+        link.send(hs.start())
+        window: dict[str, Any] = {}
+        while not hs.done:
+            reply = link.recv()
+            if reply.type == T.WELCOME and reply.obj:
+                window = reply.obj.get("rdma") or {}
+            out = hs.receive(reply)
+            if out:
+                link.send(out)
+        if not isinstance(window, dict) or not set(WINDOW_KEYS) <= window.keys():
+            raise TransportError("memory node offered no RDMA window: it runs without --rdma")
+        link.space = hs.space
+        return {k: int(window[k]) for k in WINDOW_KEYS}
+
+    def fetch_into(self, gpa: int, buf: Any) -> int:
+        view = page_view(buf, gpa, "fetch")
+        link, mr = self.link, self.data_mr
+        mask = 0
+        for off in range(0, len(view), MAX_DATA):
+            part = view[off:off + MAX_DATA]
+            link.send(HEADER.pack(MAGIC, VERSION, T.FETCH, 0, 1, link.space, gpa + off, 0,
+                                  len(part)))
+            reply = link.recv()
+            if reply.error is not None:
+                raise reply.error
+            # a DATA header only: the written pages wait, packed, in the node's window
+            staged = data_length(len(part) >> PAGE_SHIFT, reply.arg)
+            if staged:
+                link.cmid.post_read(mr, staged, self.read_addr, self.read_rkey, link.signaled)
+                link._complete(link.cmid.get_send_comp, "RDMA READ")
+                data = mr.read(staged, 0)
+                pos = 0
+                for first, count in zero_mask_runs(len(part) >> PAGE_SHIFT, reply.arg):
+                    n = count << PAGE_SHIFT
+                    part[first << PAGE_SHIFT:(first << PAGE_SHIFT) + n] = data[pos:pos + n]
+                    pos += n
+            mask |= reply.arg << (off >> PAGE_SHIFT)
+        return mask
+
+    def store_from(self, gpa: int, buf: Any) -> None:
+        view = page_view(buf, gpa, "store")
+        link, mr = self.link, self.data_mr
+        for off in range(0, len(view), MAX_DATA):
+            part = bytes(view[off:off + MAX_DATA])
+            mr.write(part, len(part), 0)
+            link.cmid.post_write(mr, len(part), self.write_addr, self.write_rkey,
+                                 link.signaled)
+            link._complete(link.cmid.get_send_comp, "RDMA WRITE")
+            link.send(HEADER.pack(MAGIC, VERSION, T.STORE, STAGED, 1, link.space, gpa + off, 0,
+                                  len(part)))
+            reply = link.recv()
+            if reply.error is not None:
+                raise reply.error
+
+    def ping(self) -> float:
+        t0 = time.perf_counter()
+        self.link.send(HEADER.pack(MAGIC, VERSION, T.PING, 0, 1, 0, 0, 0, 0))
+        reply = self.link.recv()
+        if reply.error is not None:
+            raise reply.error
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        # the memory region before the connection: closing the CMID first leaks its PD
+        with contextlib.suppress(Exception):
+            self.data_mr.close()
+        self.link.close()
 
 
 @dataclass
 class _RdmaPeer:
-    link: _RdmaLink
-    data_mr: Any  # local buffer: RDMA READ target, RDMA WRITE source
-    read_addr: int  # the node's staging window for fetched pages (we READ it)
-    read_rkey: int
-    write_addr: int  # the node's inbox for stored pages (we WRITE it)
-    write_rkey: int
-    size: int
+    lane: RdmaLane
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -244,123 +375,51 @@ class RdmaTransport(PageTransport):
         self.node = node
         self._peers: dict[str, _RdmaPeer] = {}
 
-    def _connect(self, endpoint: str) -> _RdmaPeer:
-        from transport.tcp import parse_endpoint
-
-        cmid_mod, qp, ce, _e = _verbs()
-        host, port = parse_endpoint(endpoint)
-        if port is None:
-            raise TransportError(f"endpoint {endpoint!r} has no port")
-        try:
-            ai = cmid_mod.AddrInfo(dst=host, dst_service=str(port + RDMA_PORT_OFFSET),
-                                   port_space=ce.RDMA_PS_TCP)
-            cmid = cmid_mod.CMID(creator=ai, qp_init_attr=_qp_init(qp))
-            link = _RdmaLink(cmid)
-            data_mr = cmid.reg_msgs(MAX_DATA)  # local RDMA READ target / WRITE source
-            link.post_recv()
-            cmid.connect(cmid_mod.ConnParam(resources=4, depth=4))
-        except Exception as exc:
-            raise ConnectError(f"RDMA connect to {host}:{port + RDMA_PORT_OFFSET} failed: "
-                               f"{exc}") from exc
-        hs = ClientHandshake(self.token, self.space, node=self.node,
-                             nonce=os.urandom(NONCE_SIZE))
-        link.send(hs.start())
-        window: dict[str, int] = {}
-        while not hs.done:
-            reply = link.recv()
-            if reply.type == T.WELCOME and reply.obj:
-                window = reply.obj.get("rdma") or {}
-            out = hs.receive(reply)
-            if out:
-                link.send(out)
-        if not set(_WINDOW_KEYS) <= window.keys():
-            link.close()
-            raise TransportError("memory node offered no RDMA window: it runs without --rdma")
-        link.space = hs.space
-        return _RdmaPeer(link, data_mr, *(int(window[k]) for k in _WINDOW_KEYS))
-
     async def connect_peer(self, node_id: str, endpoint: str) -> None:
-        self._peers[node_id] = await asyncio.to_thread(self._connect, endpoint)
+        lane = await asyncio.to_thread(RdmaLane.connect, endpoint, self.token, self.space,
+                                       node=self.node)
+        old = self._peers.pop(node_id, None)
+        if old is not None:
+            old.lane.close()
+        self._peers[node_id] = _RdmaPeer(lane)
         self.endpoints[node_id] = endpoint
+
+    def open_lane(self, node_id: str, space: str) -> RdmaLane:
+        """A proven lane: a page stored into `PROOF_SPACE` and read back through a lane of
+        this kind, byte for byte, before the lane to ``space`` is handed out."""
+        endpoint = lookup_peer(self.endpoints, node_id)
+        with RdmaLane.connect(endpoint, self.token, PROOF_SPACE, node=self.node) as probe:
+            prove_lane(probe)
+        return RdmaLane.connect(endpoint, self.token, space, node=self.node)
 
     def _peer(self, node_id: str) -> _RdmaPeer:
         return lookup_peer(self._peers, node_id)
-
-    def _fetch(self, node_id: str, gpa: int, view: memoryview) -> int:
-        peer = self._peer(node_id)
-        link, mr = peer.link, peer.data_mr
-        mask = 0
-        for off in range(0, len(view), MAX_DATA):
-            part = view[off:off + MAX_DATA]
-            link.send(HEADER.pack(MAGIC, VERSION, T.FETCH, 0, 1, link.space, gpa + off, 0,
-                                  len(part)))
-            reply = link.recv()
-            if reply.error is not None:
-                raise reply.error
-            # a DATA header only: the written pages wait, packed, in the node's window
-            staged = data_length(len(part) >> PAGE_SHIFT, reply.arg)
-            if staged:
-                link.cmid.post_read(mr, staged, peer.read_addr, peer.read_rkey, link.signaled)
-                link._complete(link.cmid.get_send_comp, "RDMA READ")
-                data = mr.read(staged, 0)
-                pos = 0
-                for first, count in zero_mask_runs(len(part) >> PAGE_SHIFT, reply.arg):
-                    n = count << PAGE_SHIFT
-                    part[first << PAGE_SHIFT:(first << PAGE_SHIFT) + n] = data[pos:pos + n]
-                    pos += n
-            mask |= reply.arg << (off >> PAGE_SHIFT)
-        return mask
 
     async def fetch_pages(self, gpa: int, count: int, node_id: str, into: Any = None, *,
                           urgent: bool | None = None) -> Pages:
         check_pages(gpa, count * PAGE_SIZE)
         view = memoryview(into if into is not None else bytearray(count * PAGE_SIZE)).cast("B")
         view = view[:count * PAGE_SIZE]
-        async with self._peer(node_id).lock:
-            mask = await asyncio.to_thread(self._fetch, node_id, gpa, view)
+        peer = self._peer(node_id)
+        async with peer.lock:
+            mask = await asyncio.to_thread(peer.lane.fetch_into, gpa, view)
         for i in range(count):
             if mask >> i & 1:
                 view[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] = bytes(PAGE_SIZE)
         return Pages(view, mask)
 
-    def _store(self, node_id: str, gpa: int, view: memoryview) -> None:
-        peer = self._peer(node_id)
-        link, mr = peer.link, peer.data_mr
-        for off in range(0, len(view), MAX_DATA):
-            part = bytes(view[off:off + MAX_DATA])
-            mr.write(part, len(part), 0)
-            link.cmid.post_write(mr, len(part), peer.write_addr, peer.write_rkey,
-                                 link.signaled)
-            link._complete(link.cmid.get_send_comp, "RDMA WRITE")
-            link.send(HEADER.pack(MAGIC, VERSION, T.STORE, STAGED, 1, link.space, gpa + off, 0,
-                                  len(part)))
-            reply = link.recv()
-            if reply.error is not None:
-                raise reply.error
-
     async def send_pages(self, gpa: int, data: Any, node_id: str) -> None:
         view = page_view(data, gpa, "send_pages")
-        async with self._peer(node_id).lock:
-            await asyncio.to_thread(self._store, node_id, gpa, view)
+        peer = self._peer(node_id)
+        async with peer.lock:
+            await asyncio.to_thread(peer.lane.store_from, gpa, view)
 
     async def ping(self, node_id: str) -> float:
-        import time
-
         peer = self._peer(node_id)
-        link, lock = peer.link, peer.lock
-
-        def op() -> float:
-            t0 = time.perf_counter()
-            link.send(HEADER.pack(MAGIC, VERSION, T.PING, 0, 1, 0, 0, 0, 0))
-            link.recv()
-            return time.perf_counter() - t0
-
-        async with lock:
-            return await asyncio.to_thread(op)
+        async with peer.lock:
+            return await asyncio.to_thread(peer.lane.ping)
 
     async def measure_bandwidth(self, node_id: str, nbytes: int = 16 << 20) -> float:
-        import time
-
         buf = bytearray(MAX_DATA)
         t0 = time.perf_counter()
         for _ in range(max(1, nbytes // MAX_DATA)):
@@ -369,113 +428,5 @@ class RdmaTransport(PageTransport):
 
     async def close(self) -> None:
         for peer in self._peers.values():
-            peer.link.close()
+            await asyncio.to_thread(peer.lane.close)
         self._peers.clear()
-
-
-class RdmaServer:
-    """The memory node's RDMA listener: one thread per connection (pyverbs' synchronous
-    rdma_cm API), sharing the node's `PageStore`; started by ``ssi-pager memnode --rdma``."""
-
-    def __init__(self, store: Any, token: bytes | None, host: str, tcp_port: int,
-                 window: int = MAX_DATA) -> None:
-        rdma_devices()
-        self.store = store
-        self.token = token
-        self.host = host
-        self.port = tcp_port + RDMA_PORT_OFFSET
-        self.window = window
-        self._stop = threading.Event()
-
-    def start(self) -> threading.Thread:
-        cmid_mod, qp, ce, _e = _verbs()
-        try:
-            ai = cmid_mod.AddrInfo(src=self.host, src_service=str(self.port),
-                                   port_space=ce.RDMA_PS_TCP, flags=ce.RAI_PASSIVE)
-            self._listen = cmid_mod.CMID(creator=ai, qp_init_attr=_qp_init(qp))
-            self._listen.listen(backlog=16)
-        except Exception as exc:  # PyverbsRDMAError and friends
-            raise RdmaUnavailable(f"RDMA listen on {self.host}:{self.port} failed: {exc}; "
-                                  f"check that {self.host} is an address of the RDMA NIC"
-                                  ) from exc
-        t = threading.Thread(target=self._accept_loop, daemon=True, name="rdma-accept")
-        t.start()
-        return t
-
-    def _accept_loop(self) -> None:
-        cmid_mod, _qp, _ce, enums = _verbs()
-        while not self._stop.is_set():
-            cmid = self._listen.get_request()
-            threading.Thread(target=self._serve, args=(cmid, cmid_mod, enums), daemon=True,
-                             name="rdma-conn").start()
-
-    def _serve(self, cmid: Any, cmid_mod: Any, _enums: Any) -> None:
-        from transport.errors import ProtocolError
-        from transport.wire.protocol import ServerSession, Store, encode_error
-
-        link = _RdmaLink(cmid)
-        # rdma_reg_read / rdma_reg_write: the peer may RDMA READ the first, WRITE the second
-        window = cmid.reg_read(self.window)
-        inbox = cmid.reg_write(self.window)
-        link.post_recv()
-        cmid.accept(cmid_mod.ConnParam(resources=4, depth=4))
-        session = ServerSession(token=self.token, challenge=os.urandom(NONCE_SIZE),
-                                node="memnode-rdma")
-        rdma_info = dict(zip(_WINDOW_KEYS, (window.buf, window.rkey, inbox.buf, inbox.rkey,
-                                            self.window), strict=True))
-        try:
-            while True:
-                wc = link._complete(cmid.get_recv_comp, "receive")
-                raw = bytearray(link.recv_mr.read(wc.byte_len, 0))
-                link.post_recv()
-                fields = HEADER.unpack_from(raw) if len(raw) >= HEADER_SIZE else None
-                if fields and fields[2] == T.STORE and fields[3] & STAGED:
-                    n = fields[8]  # arg = staged byte count: rebuild a plain STORE frame
-                    raw = bytearray(HEADER.pack(MAGIC, VERSION, T.STORE, 0, fields[4],
-                                                fields[5], fields[6], n, 0))
-                    raw += inbox.read(min(n, self.window), 0)
-                session.receive_data(bytes(raw))
-                try:
-                    ev = session.next_event()
-                except ProtocolError as exc:
-                    link.send(encode_error(exc.request_id, exc.code, str(exc)))
-                    if exc.fatal:
-                        return
-                    continue
-                if ev is None:
-                    continue
-                link.send(self._answer(session, ev, window, rdma_info, Store))
-        except Exception as exc:
-            log.info("rdma connection ended: %s", exc)
-        finally:
-            link.close()
-
-    def _answer(self, session: Any, ev: Any, window: Any, rdma_info: dict[str, int],
-                store_type: type) -> bytes:
-        from transport.wire.protocol import Fetch, Hello, Open, Ping, pack_header
-
-        if isinstance(ev, Fetch):
-            out = bytearray(ev.length)
-            mask, n = self.store.open(ev.space).read_compact(ev.gpa, ev.length >> PAGE_SHIFT,
-                                                             memoryview(out))
-            if n:
-                window.write(bytes(out[:n]), n, 0)
-            return pack_header(T.DATA, ev.request_id, gpa=ev.gpa, arg=mask)
-        if isinstance(ev, store_type):
-            self.store.open(ev.space).write(ev.gpa, ev.data)
-            return pack_header(T.STORED, ev.request_id, gpa=ev.gpa)
-        if isinstance(ev, Hello):
-            return session.welcome(ev.request_id, rdma=rdma_info)
-        if isinstance(ev, Open):
-            self.store.open(ev.space)
-            return session.opened(ev.request_id, ev.space)
-        if isinstance(ev, Ping):
-            return pack_header(T.PONG, ev.request_id)
-        return session.auth_ok(ev.request_id)
-
-    def stop(self) -> None:
-        self._stop.set()
-        try:
-            self._listen.close()
-        except Exception as exc:
-            log.debug("rdma listener close: %s", exc)

@@ -14,7 +14,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from transport.base import Pages, PageTransport, check_pages, lookup_peer, page_view
 from transport.errors import (
@@ -47,6 +47,9 @@ from transport.wire.protocol import (
     decode_reply_body,
     zero_mask_runs,
 )
+
+if TYPE_CHECKING:
+    from transport.lane import TcpLane
 
 log = logging.getLogger(__name__)
 
@@ -755,6 +758,12 @@ class TcpTransport(PageTransport):
             return (await _reply(conn.submit(T.STATS), T.STATS_REPLY)).obj or {}
 
         return await self._retry(node_id, op)
+
+    def open_lane(self, node_id: str, space: str) -> TcpLane:
+        from transport.lane import TcpLane
+
+        return TcpLane.connect(lookup_peer(self.endpoints, node_id), self.token, space,
+                               node=self.node, timeout=self.timeout, retry_for=self.retry_for)
 
     async def close(self) -> None:
         for peer in self.peers.values():

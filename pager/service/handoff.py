@@ -26,6 +26,7 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from pager.core.region import PAGE_SIZE, Region, RegionTable
 from pager.errors import HandoffError
@@ -166,14 +167,9 @@ class Handshake:
     conn: socket.socket = field(repr=False)
 
 
-class ClientHandle:
-    """What the server's owner returns for an accepted client: closed on hang-up."""
-
-    def close(self) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
-
-
-OnClient = Callable[[Handshake], Awaitable[ClientHandle | None]]
+# what the server's owner returns for an accepted client: its close() is called on hang-up
+# (None: nothing to close)
+OnClient = Callable[[Handshake], Awaitable[Any]]
 
 
 class HandoffServer:
@@ -242,7 +238,7 @@ class HandoffServer:
             t.add_done_callback(self._tasks.discard)
 
     async def _client(self, conn: socket.socket) -> None:
-        handle: ClientHandle | None = None
+        handle: Any = None
         fds: list[int] = []
         try:
             try:

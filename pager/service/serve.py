@@ -229,21 +229,23 @@ async def _serve(service: PagerService, args: argparse.Namespace, source: PageSo
 
 
 async def announce_source(source: PageSource) -> None:
-    """The SSI-HV status lines for a memory-node source (transport, tier, expected latency),
-    from the transport manager; a node that cannot be reached yet is a warning, not an error
-    (faults wait and retry until it is up)."""
+    """Select each memory node's transport (the one whose lanes carry the faults) and print
+    the SSI-HV status lines (transport, tier, expected latency) through the transport
+    manager; a node that cannot be reached yet is a warning, not an error (its transport is
+    selected when the first fault needs it; faults wait and retry until it is up)."""
     if not isinstance(source, MemnodeSource):
         return
     from transport.errors import TransportError
     from transport.manager import TransportManager
-    manager = TransportManager("pager", source.token, space=source.space)
+    manager = TransportManager("pager", source.token, space=source.space,
+                               prefer=source.prefer)
     try:
-        await manager.connect_peer("memnode", source.endpoint)
+        await source.connect(manager)
     except (TransportError, OSError) as exc:
         print(f"pager: warning: memory node {source.endpoint} not reachable yet ({exc}); "
               "faults will wait for it", file=sys.stderr)
     finally:
-        await manager.close()
+        await manager.close()  # its lanes own their connections: they stay
 
 
 async def _start_metrics(hostport: str, service: PagerService):

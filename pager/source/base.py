@@ -47,6 +47,12 @@ class Lane(ABC):
     def close(self) -> None:
         self.reset()
 
+    def __enter__(self) -> Lane:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 class PageSource(ABC):
     """Where pages live; ``describe()`` is shown in status lines."""

@@ -1,75 +1,220 @@
-"""A memory node as a page source: one authenticated connection per (lane, address space).
+"""Memory nodes as a page source: pages named by ``(space, gpa)``, placed on nodes by a
+placement function, carried by the lanes of the transport selected for each node.
 
-The engine's hot path uses ``transport.tcp.BlockingChannel`` (blocking, one request at a time,
-servable from C); the asyncio transport is the control plane.
+Selection happens once per node: `MemnodeSource.connect` through a
+`transport.manager.TransportManager` (which measures the node and prints the tier line), or,
+for a source used without it (tests, tools, suspend), on the first lane opened, through
+`transport.factory.create_transport`. Either way the selected transport opens the lanes
+(``PageTransport.open_lane``): RDMA lanes prove themselves first, and any RDMA failure gives a
+TCP lane with the one warning line (`transport.lane.open_lane_or_tcp`); from then on that
+node's lanes are TCP.
+
+Placement: ``placement(space, gpa) -> node id``. One node today (`single_node`); a cluster
+replaces it by a function over the live node set (rendezvous hashing of extents, say) without
+touching the lanes.
+
+Suspend and other one-off transfers use a lane like a fault thread does::
+
+    with MemnodeSource(endpoint, token, space).open_lane() as lane:
+        lane.store_from(space, gpa, buf)      # returns after the node's ack
+        mask = lane.fetch_into(space, gpa, buf)
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
+from pager.errors import ConfigError
 from pager.source.base import Lane, PageSource
+from transport.wire.protocol import PAGE_SHIFT, PAGE_SIZE
+
+if TYPE_CHECKING:
+    from transport.base import PageTransport
+    from transport.lane import BlockingLane
+    from transport.manager import PeerInfo, TransportManager
 
 log = logging.getLogger(__name__)
 
+DEFAULT_NODE = "memnode"  # the node id of a source built from one endpoint
+
+Placement = Callable[[str, int], str]  # (space, gpa) -> node id
+
+
+def single_node(node_id: str) -> Placement:
+    """Every page on ``node_id``."""
+    def place(space: str, gpa: int) -> str:
+        return node_id
+    return place
+
 
 class MemnodeSource(PageSource):
-    """A memory node at ``endpoint`` ("HOST:PORT"); ``space`` is the default address space."""
+    """Memory nodes: ``endpoint`` "HOST:PORT" (node id `DEFAULT_NODE`) or a mapping node id
+    -> endpoint with a ``placement``; ``space`` is the default address space; ``prefer`` is
+    the transport choice ("auto", "rdma", "tcp")."""
 
-    def __init__(self, endpoint: str, token: bytes | None, space: str,
-                 connect_timeout: float = 5.0) -> None:
-        self.endpoint = endpoint
+    def __init__(self, endpoint: str | Mapping[str, str], token: bytes | None, space: str, *,
+                 prefer: str = "auto", placement: Placement | None = None) -> None:
+        self.nodes = ({DEFAULT_NODE: endpoint} if isinstance(endpoint, str)
+                      else dict(endpoint))
+        if not self.nodes:
+            raise ConfigError("a memory-node source needs at least one node (--memnode "
+                              "HOST:PORT)")
+        if placement is None:
+            if len(self.nodes) > 1:
+                raise ConfigError(f"{len(self.nodes)} memory nodes need a placement function "
+                                  f"(space, gpa) -> node id")
+            placement = single_node(next(iter(self.nodes)))
+        self.placement = placement
         self.token = token
         self.space = space
-        self.connect_timeout = connect_timeout
+        self.prefer = prefer
+        self.transports: dict[str, PageTransport] = {}  # node id -> selected transport
+        self.lane_kinds: dict[str, str] = {}  # node id -> kind of the lanes carrying faults
+        self._lock = threading.Lock()
+
+    @property
+    def endpoint(self) -> str:
+        """The first node's endpoint (what a one-node source is shown as)."""
+        return next(iter(self.nodes.values()))
 
     def describe(self) -> str:
-        return f"memnode {self.endpoint} space {self.space}"
+        where = " ".join(self.nodes.values())
+        return f"memnode {where} space {self.space}"
 
-    def open_lane(self) -> Lane:
-        return _MemnodeLane(self)
+    def only_node(self) -> str | None:
+        """The node every page is on (a one-node source: placement is not asked), or None
+        when placement spreads them."""
+        return next(iter(self.nodes)) if len(self.nodes) == 1 else None
 
-    def store(self, gpa: int, data: bytes | memoryview, space: str | None = None) -> None:
-        """Write pages to the node (seeding, write-back), acknowledged after pwrite."""
-        lane = _MemnodeLane(self)
-        try:
-            lane.store_from(space, gpa, data)
-        finally:
-            lane.close()
+    async def connect(self, manager: TransportManager) -> dict[str, PeerInfo]:
+        """Select every node's transport through ``manager`` (which measures each node and
+        prints its tier line); nodes it cannot reach yet raise, and are selected on first
+        use instead."""
+        infos = {}
+        for node_id, endpoint in self.nodes.items():
+            info = await manager.connect_peer(node_id, endpoint)
+            with self._lock:
+                self.transports[node_id] = manager.transport(node_id)
+                self.lane_kinds[node_id] = info.transport
+            infos[node_id] = info
+        return infos
+
+    def lane_kind(self, node_id: str) -> str | None:
+        """"tcp" or "rdma": the kind of lane that carries ``node_id``'s faults (None before
+        the node's transport is selected)."""
+        kind = self.lane_kinds.get(node_id)
+        if kind is None and node_id in self.transports:
+            kind = self.transports[node_id].name
+        return kind
+
+    def _transport(self, node_id: str) -> PageTransport:
+        with self._lock:
+            t = self.transports.get(node_id)
+            if t is None:
+                t = self.transports[node_id] = self._select(node_id)
+            return t
+
+    def _select(self, node_id: str) -> PageTransport:
+        from transport.factory import create_transport
+        from transport.tcp import run
+
+        async def select() -> PageTransport:
+            t = await create_transport(self.nodes[node_id], self.token, space=self.space,
+                                       node_id=node_id, prefer=self.prefer)
+            await t.close()  # its lanes own their connections; this loop ends here
+            return t
+
+        return run(select())
+
+    def open_node_lane(self, node_id: str, space: str | None = None) -> BlockingLane:
+        """A blocking lane to ``space`` on ``node_id``, of the node's selected kind."""
+        from transport.lane import open_lane_or_tcp
+
+        if node_id not in self.nodes:
+            raise ConfigError(f"placement named memory node {node_id!r}, which this source "
+                              f"does not have (nodes: {', '.join(self.nodes)})")
+        t = self._transport(node_id)
+        lane = open_lane_or_tcp(t, node_id, space or self.space)
+        if lane.kind != t.name:  # the selected kind failed: this node's lanes are TCP now
+            self._fall_back(node_id, t)
+        self.lane_kinds[node_id] = lane.kind
+        return lane
+
+    def _fall_back(self, node_id: str, failed: PageTransport) -> None:
+        from transport.tcp import TcpTransport
+
+        tcp = TcpTransport(self.token, self.space, node=failed.node)
+        tcp.endpoints[node_id] = self.nodes[node_id]  # lanes need no asyncio connection
+        with self._lock:
+            if self.transports.get(node_id) is failed:
+                self.transports[node_id] = tcp
+
+    def open_lane(self) -> MemnodeLane:
+        return MemnodeLane(self)
 
 
-class _MemnodeLane(Lane):
-    def __init__(self, src: MemnodeSource) -> None:
-        self.src = src
-        self.channels: dict[str, object] = {}
-
-    def _channel(self, space: str | None):
-        name = space or self.src.space
-        ch = self.channels.get(name)
-        if ch is None:
-            from transport.tcp import BlockingChannel
-            ch = BlockingChannel.connect(self.src.endpoint, self.src.token, name)
-            self.channels[name] = ch
-        return ch
+class MemnodeLane(Lane):
+    """One thread's lanes to the source's nodes, one per (node, address space), opened on
+    first use."""
 
     c_capable = True
 
+    def __init__(self, src: MemnodeSource) -> None:
+        self.src = src
+        self.only = src.only_node()
+        self.lanes: dict[tuple[str, str], BlockingLane] = {}
+
+    def _lane(self, node_id: str, space: str) -> BlockingLane:
+        lane = self.lanes.get((node_id, space))
+        if lane is None:
+            lane = self.lanes[node_id, space] = self.src.open_node_lane(node_id, space)
+        return lane
+
     def c_endpoint(self, space: str | None) -> tuple[int, str, int] | None:
-        ch = self._channel(space)
-        fd = ch.fileno()
-        return None if fd < 0 else (fd, "ssip", ch.space)
+        if self.only is None:  # pages of one region on several nodes: Python's loop
+            return None
+        return self._lane(self.only, space or self.src.space).c_endpoint()
+
+    def _runs(self, space: str, gpa: int, n: int) -> list[tuple[str, int, int]]:
+        """(node id, first byte, end byte) runs of ``n`` bytes at ``gpa`` by placement."""
+        if self.only is not None:
+            return [(self.only, 0, n)]
+        runs: list[tuple[str, int, int]] = []
+        for off in range(0, n, PAGE_SIZE):
+            node_id = self.src.placement(space, gpa + off)
+            if runs and runs[-1][0] == node_id:
+                runs[-1] = (node_id, runs[-1][1], off + PAGE_SIZE)
+            else:
+                runs.append((node_id, off, off + PAGE_SIZE))
+        return runs
 
     def fetch_into(self, space: str | None, gpa: int, buf: memoryview) -> int:
-        # the channel pipelines requests larger than one FETCH frame itself
-        return self._channel(space).fetch_into(gpa, buf)
+        name = space or self.src.space
+        only = self.only
+        if only is not None:  # the fault path of a one-node source: no placement, no split
+            lane = self.lanes.get((only, name)) or self._lane(only, name)
+            return lane.fetch_into(gpa, buf)
+        mask = 0
+        view = memoryview(buf)
+        for node_id, start, end in self._runs(name, gpa, len(view)):
+            part = view if (start, end) == (0, len(view)) else view[start:end]
+            mask |= self._lane(node_id, name).fetch_into(gpa + start, part) << (
+                start >> PAGE_SHIFT)
+        return mask
 
-    def store_from(self, space: str | None, gpa: int, data: bytes | memoryview) -> None:
-        self._channel(space).store(gpa, data)
+    def store_from(self, space: str | None, gpa: int, buf: bytes | memoryview) -> None:
+        name = space or self.src.space
+        view = memoryview(buf)
+        for node_id, start, end in self._runs(name, gpa, len(view)):
+            self._lane(node_id, name).store_from(gpa + start, view[start:end])
 
     def reset(self) -> None:
-        for ch in self.channels.values():
+        for lane in self.lanes.values():
             try:
-                ch.close()
+                lane.close()
             except Exception:
-                log.debug("closing a channel failed", exc_info=True)
-        self.channels.clear()
+                log.debug("closing a lane failed", exc_info=True)
+        self.lanes.clear()

@@ -98,15 +98,28 @@ def test_pager_collector_exports_engine_stats(engine_stats: EngineStats) -> None
     assert len(LATENCY_BUCKETS_US) + 1 == len(engine_stats.latency_buckets)
 
 
-def test_pager_collector_exports_peer_tiers(engine_stats: EngineStats) -> None:
-    peers = [{"node": "n1", "transport": "tcp", "rtt_seconds": 25e-6, "tier": "HighPerformance"},
-             metrics.Peer("n2", "tcp", 0.0008, "Basic")]
+def test_pager_collector_exports_the_fault_lanes_transport(engine_stats, memnode) -> None:
+    """The peer's transport label and round trip come from a lane of the kind that carries
+    the faults, probed on a real memory node."""
+    from pager.source import MemnodeSource
+
+    node, _server = memnode
+    source = MemnodeSource(node.endpoint, node.token, "vm1", prefer="tcp")
     engine = SimpleNamespace(stats=lambda: engine_stats, chunk_size=4096, clients=[],
-                             source=SimpleNamespace(peers=lambda: peers))
+                             source=source)
     reg = metrics.pager_registry(engine)
-    assert reg.get_sample_value("ssi_pager_transport_rtt_seconds", {"node": "n1"}) == 25e-6
+    assert reg.get_sample_value("ssi_pager_errors_total", {"kind": "probe"}) == 1  # no lane yet
+    with source.open_lane() as lane:  # a fault thread's lane selects the node's transport
+        assert lane.fetch_into(None, 0, memoryview(bytearray(PAGE))) == 1
+    assert source.lane_kind("memnode") == "tcp"
+    reg = metrics.pager_registry(engine)
+    assert reg.get_sample_value("ssi_pager_peer_info",
+                                {"node": node.endpoint, "transport": "tcp"}) == 1
+    rtt = reg.get_sample_value("ssi_pager_transport_rtt_seconds", {"node": node.endpoint})
+    assert rtt is not None and rtt > 0
     assert reg.get_sample_value("ssi_pager_transport_tier",
-                                {"node": "n2", "tier": "Basic"}) == 1
+                                {"node": node.endpoint, "tier": metrics.tier_for(rtt)}) == 1
+    assert reg.get_sample_value("ssi_pager_errors_total", {"kind": "probe"}) == 0
 
 
 @pytest.fixture
@@ -169,9 +182,9 @@ def test_status_quantile_matches_prometheus_histogram_quantile() -> None:
 
 
 def test_a_down_memory_node_is_an_error_count_not_a_failed_scrape(engine_stats) -> None:
+    from pager.source import MemnodeSource
     from tests.metrics.promserver import free_port
-    source = SimpleNamespace(endpoint=f"127.0.0.1:{free_port()}", token=os.urandom(32),
-                             space="vm1")
+    source = MemnodeSource(f"127.0.0.1:{free_port()}", os.urandom(32), "vm1", prefer="tcp")
     engine = SimpleNamespace(stats=lambda: engine_stats, chunk_size=4096, clients=[],
                              source=source)
     reg = metrics.pager_registry(engine)
@@ -180,4 +193,4 @@ def test_a_down_memory_node_is_an_error_count_not_a_failed_scrape(engine_stats) 
     assert reg.get_sample_value("ssi_pager_transport_rtt_seconds",
                                 {"node": source.endpoint}) is None
     assert reg.get_sample_value("ssi_pager_peer_info",
-                                {"node": source.endpoint, "transport": "tcp"}) == 1
+                                {"node": source.endpoint, "transport": "?"}) == 1

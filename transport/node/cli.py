@@ -106,7 +106,7 @@ async def _serve(node: MemoryNode, args: argparse.Namespace) -> int:
 def start_rdma(node: MemoryNode) -> Any:
     """The RDMA listener next to the TCP one, or None with one warning line saying why."""
     try:
-        from transport.rdma import RdmaServer
+        from transport.node.rdma import RdmaServer
 
         server = RdmaServer(node.store, node.token, node.host, int(node.port or 0))
         server.start()
