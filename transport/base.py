@@ -24,7 +24,7 @@ from collections.abc import Coroutine
 from typing import Any, NamedTuple, TypeVar
 
 from transport.errors import TransportError
-from transport.wire.protocol import PAGE_SIZE
+from transport.wire import PAGE_SIZE
 
 _R = TypeVar("_R")
 
@@ -162,7 +162,7 @@ class SyncTransport:
 
     def __init__(self, transport: PageTransport) -> None:
         self.transport = transport
-        from transport.tcp import new_event_loop
+        from transport.loop import new_event_loop
 
         self._loop = new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,

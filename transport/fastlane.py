@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from transport.node.store import Space
-from transport.wire.protocol import HEADER_SIZE, MAX_DATA, MAX_FRAME
+from transport.wire import HEADER_SIZE, MAX_DATA, MAX_FRAME
 
 log = logging.getLogger(__name__)
 

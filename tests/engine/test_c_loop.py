@@ -31,7 +31,7 @@ def stats(engine: FaultEngine):
 
 
 def test_wire_numbers_match_the_protocol_module():
-    from transport.wire import protocol as p
+    import transport.wire as p
     want = {"header": p.HEADER_SIZE, "version": p.VERSION, "fetch": int(p.T.FETCH),
             "data": int(p.T.DATA), "urgent": int(p.Flag.URGENT), "max_data": p.MAX_DATA}
     assert want == WIRE

@@ -19,7 +19,7 @@ from tests.transport.test_memnode import BAD_FRAMES, assert_good_client, pattern
 from transport import fastlane
 from transport.errors import TransportError
 from transport.tcp import BlockingChannel, TcpTransport
-from transport.wire.protocol import (
+from transport.wire import (
     FAULT_LANE,
     MAX_DATA,
     PAGE_SIZE,
@@ -176,7 +176,7 @@ def test_every_input_answered_as_the_python_path_does(node_factory, tmp_path, na
 
 def test_second_space_is_served_after_open(memnode):
     c = RawClient(memnode.endpoint).handshake(memnode.token, "one", lane=FAULT_LANE)
-    from transport.wire.protocol import encode_control
+    from transport.wire import encode_control
 
     c.send(encode_control(T.OPEN, 2, {"space": "two"}))
     opened = c.reply()

@@ -24,7 +24,7 @@ from transport import fastlane
 from transport.errors import ProtocolError, StoreError
 from transport.node.store import PageStore
 from transport.tcp import start_server, tune_socket
-from transport.wire.protocol import (
+from transport.wire import (
     DEFAULT_MAX_SPACE_BYTES,
     FAULT_LANE,
     HEADER,

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from transport.errors import StoreError
 from transport.token import private_dir
-from transport.wire.protocol import (
+from transport.wire import (
     DEFAULT_MAX_SPACE_BYTES,
     PAGE_SHIFT,
     PAGE_SIZE,
