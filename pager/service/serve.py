@@ -231,14 +231,17 @@ async def _serve(service: PagerService, args: argparse.Namespace, source: PageSo
 async def announce_source(source: PageSource) -> None:
     """The SSI-HV status lines for a memory-node source (transport, tier, expected latency),
     from the transport manager; a node that cannot be reached yet is a warning, not an error
-    (faults wait and retry until it is up)."""
+    (faults wait and retry until it is up). An authentication failure is permanent: raised,
+    so `serve` fails at start instead of letting faults wait for a node that never accepts."""
     if not isinstance(source, MemnodeSource):
         return
-    from transport.errors import TransportError
+    from transport.errors import AuthError, TransportError
     from transport.manager import TransportManager
     manager = TransportManager("pager", source.token, space=source.space)
     try:
         await manager.connect_peer("memnode", source.endpoint)
+    except AuthError:
+        raise
     except (TransportError, OSError) as exc:
         print(f"pager: warning: memory node {source.endpoint} not reachable yet ({exc}); "
               "faults will wait for it", file=sys.stderr)

@@ -335,6 +335,10 @@ class ClientSession:
         return f"memory node {self.endpoint}" if self.endpoint else "the memory node"
 
     def receive(self, frame: Reply) -> bytes:
+        if isinstance(frame.error, AuthError):
+            raise AuthError(f"{self._where()}: {frame.error}; authentication failures are "
+                            f"permanent, not retried", frame.error.code,
+                            frame.error.request_id) from frame.error
         if frame.error is not None:
             raise frame.error
         if frame.request_id != self._waiting:

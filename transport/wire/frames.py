@@ -168,7 +168,8 @@ def error_from_frame(frame: Frame) -> RemoteError:
     name = ErrorCode(code).name if code in ErrorCode._value2member_map_ else str(code)
     cls = AuthError if code in (ErrorCode.AUTH_FAILED, ErrorCode.AUTH_REQUIRED) else RemoteError
     if cls is AuthError:
-        return AuthError(f"memory node refused authentication ({name}): {message}")
+        return AuthError(f"authentication refused ({name}): {message}", code,
+                         frame.request_id)
     return RemoteError(f"memory node error {name}: {message}", code, frame.request_id)
 
 
