@@ -1,8 +1,9 @@
 """SSI-HV page transport: PageTransport over TCP (default) or RDMA (automatic upgrade).
 
-Modules: `base` (interface, tiers), `protocol` (sans-IO wire format), `tcp` (asyncio client,
-BlockingChannel, listener), `rdma` (pyverbs), `factory` (`create_transport`), `manager`
-(`TransportManager`), `memnode`/`store` (the memory node), `bench`.
+Modules: `base` (interface, tiers), `wire` (the sans-IO wire format), `tcp` (shells: asyncio
+client, BlockingChannel, listener), `loop` (uvloop), `rdma` (pyverbs), `factory`
+(`create_transport`), `manager` (`TransportManager`), `node` (the memory node, its store and
+C fast lane), `bench`.
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ import pytest
 
 from tests.transport.rawclient import RawClient
 from tests.transport.test_memnode import BAD_FRAMES, assert_good_client, pattern
-from transport import fastlane
 from transport.errors import TransportError
+from transport.node import fastlane
 from transport.tcp import BlockingChannel, TcpTransport
 from transport.wire import (
     FAULT_LANE,
@@ -31,8 +31,14 @@ from transport.wire import (
 
 PAGE = PAGE_SIZE
 
-pytestmark = pytest.mark.skipif(fastlane.lib is None,
-                                reason="transport._fastlane_cffi not built (pip install -e .)")
+
+
+@pytest.fixture(autouse=True)
+def _lane_built():
+    """A broken build fails every test here; it must never turn them into skips."""
+    assert fastlane.lib is not None, (
+        f"the C fault lane did not load ({fastlane.MISSING}): run `python3 setup.py "
+        f"build_ext --inplace` (or pip install -e .)")
 
 
 def threads(node) -> int:

@@ -7,7 +7,7 @@ A client that stops reading makes the node stop reading from it (write-side flow
 so no client can make the node queue unbounded replies.
 
 A pager's fault-lane connection (HELLO ``"lane": "fault"``) is served by the C loop of
-`transport.fastlane` while it sends nothing but FETCH frames; anything else comes back here.
+`transport.node.fastlane` while it sends nothing but FETCH frames; anything else comes back here.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import threading
 from collections import Counter
 from typing import Any
 
-from transport import fastlane
 from transport.errors import ProtocolError, StoreError
+from transport.node import fastlane
 from transport.node.store import PageStore
 from transport.tcp import start_server, tune_socket
 from transport.wire import (
