@@ -27,12 +27,9 @@ from transport.tcp import start_server, tune_socket
 from transport.wire import (
     DEFAULT_MAX_SPACE_BYTES,
     FAULT_LANE,
-    HEADER,
     HEADER_SIZE,
-    MAGIC,
     NONCE_SIZE,
     PAGE_SHIFT,
-    VERSION,
     ErrorCode,
     Fetch,
     Flag,
@@ -46,6 +43,7 @@ from transport.wire import (
     encode_control,
     encode_error,
     pack_header,
+    pack_header_into,
 )
 
 log = logging.getLogger(__name__)
@@ -273,8 +271,7 @@ class NodeConnection(asyncio.BufferedProtocol):
         except (OSError, StoreError) as exc:
             self.node.count("fetch", "error")
             return encode_error(ev.request_id, ErrorCode.IO_ERROR, f"read failed: {exc}")
-        HEADER.pack_into(reply, 0, MAGIC, VERSION, _DATA, 0, ev.request_id, 0, ev.gpa,
-                         nbytes, mask)
+        pack_header_into(reply, 0, _DATA, ev.request_id, gpa=ev.gpa, length=nbytes, arg=mask)
         space.fetched_pages += npages
         if mask:
             space.zero_pages += mask.bit_count()

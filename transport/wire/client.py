@@ -45,6 +45,8 @@ from transport.wire.frames import (
     decode_control,
     encode_control,
     error_from_frame,
+    pack_header,
+    pack_header_into,
     server_proof,
     type_name,
     zero_mask_runs,
@@ -305,16 +307,16 @@ class ClientSession:
                           length: int = 0, arg: int = 0, flags: int = 0) -> int:
         """Write one request header at ``buf[offset:]``; returns its request id."""
         req = self._req = (self._req + 1) & 0xFFFFFFFF or 1
-        HEADER.pack_into(buf, offset, MAGIC, VERSION, ftype, flags, req, self.space, gpa,
-                         length, arg)
+        pack_header_into(buf, offset, ftype, req, space=self.space, gpa=gpa, length=length,
+                         arg=arg, flags=flags)
         return req
 
     def request(self, ftype: int, *, gpa: int = 0, length: int = 0, arg: int = 0,
                 flags: int = 0) -> tuple[int, bytes]:
         """(request id, header) of one request."""
         req = self.next_id()
-        return req, HEADER.pack(MAGIC, VERSION, ftype, flags, req, self.space, gpa, length,
-                                arg)
+        return req, pack_header(ftype, req, space=self.space, gpa=gpa, length=length, arg=arg,
+                                flags=flags)
 
     def fetch_into(self, buf: Any, offset: int, gpa: int, nbytes: int) -> int:
         """A fault's FETCH header (URGENT) at ``buf[offset:]``; returns its request id."""

@@ -129,6 +129,14 @@ def pack_header(ftype: int, request_id: int = 0, *, space: int = 0, gpa: int = 0
     return HEADER.pack(MAGIC, VERSION, ftype, flags, request_id, space, gpa, length, arg)
 
 
+def pack_header_into(buf: Any, offset: int, ftype: int, request_id: int = 0, *,
+                     space: int = 0, gpa: int = 0, length: int = 0, arg: int = 0,
+                     flags: int = 0) -> None:
+    """`pack_header` into ``buf[offset:]`` (a reply built in place before its payload)."""
+    HEADER.pack_into(buf, offset, MAGIC, VERSION, ftype, flags, request_id, space, gpa,
+                     length, arg)
+
+
 def encode_control(ftype: int, request_id: int, obj: dict[str, Any]) -> bytes:
     body = msgpack.packb(obj, use_bin_type=True)
     if len(body) > MAX_CONTROL:
