@@ -36,7 +36,8 @@ with open(os.path.join(_HERE, "fastlane.h")) as f:
 ffi.set_source("transport.node._fastlane_cffi", '#include "fastlane.h"\n',
                sources=[os.path.join(_NODE, "fastlane.c")],
                include_dirs=[_NODE, _WIRE],
-               depends=[os.path.join(_NODE, "fastlane.h"), os.path.join(_WIRE, "ssip_wire.h")],
+               depends=[os.path.join(_NODE, "fastlane.h"), os.path.join(_WIRE, "ssip_wire.h"),
+                        os.path.join(_WIRE, "ssip_io.h")],
                define_macros=[("_GNU_SOURCE", None)],
                extra_compile_args=CFLAGS)
 

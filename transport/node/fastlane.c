@@ -14,8 +14,8 @@
  * updated atomically and read by the node's stats at any time.
  *
  * Every wire number and the header layout come from ssip_wire.h (generated from
- * transport/wire/frames.py); the header fields are little-endian, as is every host this
- * builds for (checked below).
+ * transport/wire/frames.py), the socket helpers from ssip_io.h; the header fields are
+ * little-endian, as is every host this builds for (checked below).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -26,6 +26,7 @@
 #include <sys/types.h>
 #include <unistd.h>
 
+#include "ssip_io.h"
 #include "ssip_wire.h"
 #include "fastlane.h"
 
@@ -38,21 +39,6 @@ _Static_assert(SSIP_MAX_PAGES <= 32, "the zero mask is a u32");
 uint64_t ssi_fl_load(uint64_t *counter)
 {
     return __atomic_load_n(counter, __ATOMIC_RELAXED);
-}
-
-static int send_all(int fd, const uint8_t *p, size_t n)
-{
-    while (n) {
-        ssize_t k = send(fd, p, n, MSG_NOSIGNAL);
-        if (k < 0) {
-            if (errno == EINTR)
-                continue;
-            return -1;
-        }
-        p += k;
-        n -= (size_t)k;
-    }
-    return 0;
 }
 
 /* Read the written pages among npages from gpa, packed, into dst. Returns the written-page
@@ -145,8 +131,9 @@ static int serve_frame(struct ssi_fl_conn *c)
         __atomic_fetch_add(&sp->zero_pages, (uint64_t)__builtin_popcount(zero_mask),
                            __ATOMIC_RELAXED);
     __atomic_fetch_add(&c->fetch_ok, 1, __ATOMIC_RELAXED);
-    if (send_all(c->fd, c->out, SSIP_HEADER_SIZE + nbytes) < 0) {
-        c->err = errno;
+    int rc = ssip_send_all(c->fd, c->out, SSIP_HEADER_SIZE + nbytes);
+    if (rc < 0) {
+        c->err = -rc;
         return -1;
     }
     return 0;
