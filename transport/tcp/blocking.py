@@ -31,7 +31,6 @@ from transport.wire import (
     expect_reply,
     full_data,
     parse_reply_header,
-    retryable,
     spread_pages,
     timed_out,
 )
@@ -199,10 +198,7 @@ class BlockingChannel:
                 sock.sendall(self._req_hdr)
                 return self._recv_one(req, view)
             except (TransportError, OSError) as exc:
-                if not retryable(exc):
-                    if not isinstance(exc, RemoteError):
-                        self.close()
-                    raise self._give_up(exc) from exc
+                return self._retrying(lambda: self._fetch(gpa, view, n), exc)
         return self._retrying(lambda: self._fetch(gpa, view, n))
 
     def _fetch(self, gpa: int, view: memoryview, n: int) -> int:
