@@ -7,5 +7,5 @@ from setuptools import Extension, setup
 SHIM = Extension("pager.shim._ssi_shim", sources=["pager/shim/ssi_shim.c"],
                  libraries=["dl", "pthread"], extra_compile_args=["-O2", "-Wall"])
 
-setup(cffi_modules=["pager/uffd/_build.py:ffi", "transport/_fastlane_build.py:ffi"],
+setup(cffi_modules=["pager/uffd/_build.py:ffi", "transport/node/_fastlane_build.py:ffi"],
       ext_modules=[SHIM])

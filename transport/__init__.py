@@ -1,9 +1,10 @@
 """SSI-HV page transport: PageTransport over TCP (default) or RDMA (automatic upgrade).
 
 Modules: `base` (interface, tiers), `lane` (blocking lanes: what a pager thread uses),
-`wire` (sans-IO wire format), `tcp` (asyncio client, BlockingChannel, listener), `rdma`
-(pyverbs), `factory` (`create_transport`), `manager` (`TransportManager`), `node` (the memory
-node), `bench`.
+`wire` (the sans-IO wire format), `tcp` (shells: asyncio client, BlockingChannel, listener),
+`loop` (uvloop), `rdma` (pyverbs client), `factory` (`create_transport`), `manager`
+(`TransportManager`), `node` (the memory node, its store, C fast lane and RDMA listener),
+`bench`.
 """
 
 from __future__ import annotations

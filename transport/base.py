@@ -29,7 +29,7 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from transport.errors import TransportError
-from transport.wire.protocol import PAGE_SIZE
+from transport.wire import PAGE_SIZE
 
 if TYPE_CHECKING:
     from transport.lane import BlockingLane
@@ -226,7 +226,7 @@ class SyncTransport:
 
     def __init__(self, transport: PageTransport) -> None:
         self.transport = transport
-        from transport.tcp import new_event_loop
+        from transport.loop import new_event_loop
 
         self._loop = new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,

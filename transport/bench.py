@@ -38,7 +38,7 @@ from typing import Any
 from transport.tcp import BlockingChannel, TcpTransport
 from transport.tcp import run as run_loop
 from transport.token import load_token
-from transport.wire.protocol import PAGE_SIZE
+from transport.wire import PAGE_SIZE
 
 REFPAGER_SRC = Path("/work/shared/refpager")
 

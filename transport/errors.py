@@ -31,21 +31,28 @@ class ProtocolError(TransportError):
         self.request_id = request_id
 
 
-class AuthError(TransportError):
-    """The cluster-token handshake failed (wrong token, or the peer demands one we lack)."""
-
-
 class TokenError(TransportError):
     """The cluster token file is missing, unreadable or too widely readable."""
 
 
 class RemoteError(TransportError):
-    """The memory node answered a request with an error frame."""
+    """The memory node answered a request with an error frame (permanent: retrying the same
+    request cannot change the answer)."""
 
     def __init__(self, message: str, code: int, request_id: int = 0) -> None:
         super().__init__(message)
         self.code = code
         self.request_id = request_id
+
+
+class AuthError(RemoteError):
+    """The cluster-token handshake failed: wrong token, a node that demands a token we lack,
+    or a node that does not authenticate while we hold a token. Permanent, like every
+    `RemoteError`: no retry loop (the transport's or the engine's) retries it. ``code`` is the
+    node's error code when the node refused us, 0 when we refused the node."""
+
+    def __init__(self, message: str, code: int = 0, request_id: int = 0) -> None:
+        super().__init__(message, code, request_id)
 
 
 class ConnectError(TransportError):

@@ -29,7 +29,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from transport.errors import TransportError
-from transport.wire.protocol import PAGE_SIZE
+from transport.wire import PAGE_SIZE
 
 if TYPE_CHECKING:
     from transport.base import PageTransport

@@ -57,7 +57,7 @@ from typing import Any
 from transport.base import Pages, PageTransport, check_pages, lookup_peer, page_view
 from transport.errors import ConnectError, RdmaUnavailable, TransportError
 from transport.lane import PROOF_SPACE, BlockingLane, prove_lane
-from transport.wire.protocol import (
+from transport.wire import (
     HEADER,
     HEADER_SIZE,
     MAGIC,

@@ -232,15 +232,19 @@ async def announce_source(source: PageSource) -> None:
     """Select each memory node's transport (the one whose lanes carry the faults) and print
     the SSI-HV status lines (transport, tier, expected latency) through the transport
     manager; a node that cannot be reached yet is a warning, not an error (its transport is
-    selected when the first fault needs it; faults wait and retry until it is up)."""
+    selected when the first fault needs it; faults wait and retry until it is up). An
+    authentication failure is permanent: raised, so `serve` fails at start instead of letting
+    faults wait for a node that never accepts."""
     if not isinstance(source, MemnodeSource):
         return
-    from transport.errors import TransportError
+    from transport.errors import AuthError, TransportError
     from transport.manager import TransportManager
     manager = TransportManager("pager", source.token, space=source.space,
                                prefer=source.prefer)
     try:
         await source.connect(manager)
+    except AuthError:
+        raise
     except (TransportError, OSError) as exc:
         print(f"pager: warning: memory node {source.endpoint} not reachable yet ({exc}); "
               "faults will wait for it", file=sys.stderr)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from pager.errors import ConfigError
 from pager.source.base import Lane, PageSource
-from transport.wire.protocol import PAGE_SHIFT, PAGE_SIZE
+from transport.wire import PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:
     from transport.base import PageTransport

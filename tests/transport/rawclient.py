@@ -6,7 +6,7 @@ import os
 import socket
 
 from transport.tcp import parse_endpoint
-from transport.wire.protocol import (
+from transport.wire import (
     NONCE_SIZE,
     ClientHandshake,
     FrameReader,

@@ -16,10 +16,10 @@ import pytest
 
 from tests.transport.rawclient import RawClient
 from tests.transport.test_memnode import BAD_FRAMES, assert_good_client, pattern
-from transport import fastlane
 from transport.errors import TransportError
+from transport.node import fastlane
 from transport.tcp import BlockingChannel, TcpTransport
-from transport.wire.protocol import (
+from transport.wire import (
     FAULT_LANE,
     MAX_DATA,
     PAGE_SIZE,
@@ -31,8 +31,14 @@ from transport.wire.protocol import (
 
 PAGE = PAGE_SIZE
 
-pytestmark = pytest.mark.skipif(fastlane.lib is None,
-                                reason="transport._fastlane_cffi not built (pip install -e .)")
+
+
+@pytest.fixture(autouse=True)
+def _lane_built():
+    """A broken build fails every test here; it must never turn them into skips."""
+    assert fastlane.lib is not None, (
+        f"the C fault lane did not load ({fastlane.MISSING}): run `python3 setup.py "
+        f"build_ext --inplace` (or pip install -e .)")
 
 
 def threads(node) -> int:
@@ -176,7 +182,7 @@ def test_every_input_answered_as_the_python_path_does(node_factory, tmp_path, na
 
 def test_second_space_is_served_after_open(memnode):
     c = RawClient(memnode.endpoint).handshake(memnode.token, "one", lane=FAULT_LANE)
-    from transport.wire.protocol import encode_control
+    from transport.wire import encode_control
 
     c.send(encode_control(T.OPEN, 2, {"space": "two"}))
     opened = c.reply()

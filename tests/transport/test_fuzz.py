@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from transport.errors import ProtocolError
-from transport.wire.protocol import (
+from transport.wire import (
     MAX_CONTROL,
     MAX_DATA,
     PAGE_SIZE,

@@ -14,7 +14,7 @@ from tests.transport.rawclient import RawClient
 from transport.errors import AuthError, RemoteError, TokenError
 from transport.tcp import BlockingChannel
 from transport.token import load_token
-from transport.wire.protocol import (
+from transport.wire import (
     HEADER_SIZE,
     MAX_DATA,
     ErrorCode,

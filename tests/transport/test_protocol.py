@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from transport.errors import AuthError, ProtocolError
-from transport.wire.protocol import (
+from transport.wire import (
     HEADER_SIZE,
     MAX_DATA,
     ClientHandshake,

@@ -19,7 +19,7 @@ from transport.node.store import PageStore
 from transport.tcp import DEFAULT_HOST, parse_endpoint
 from transport.tcp import run as run_loop
 from transport.token import default_store_dir, default_token_path, ensure_token
-from transport.wire.protocol import DEFAULT_MAX_SPACE_BYTES
+from transport.wire import DEFAULT_MAX_SPACE_BYTES
 
 log = logging.getLogger(__name__)
 

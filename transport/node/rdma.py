@@ -19,7 +19,7 @@ from transport.rdma import (
     rdma_devices,
     verbs,
 )
-from transport.wire.protocol import (
+from transport.wire import (
     HEADER,
     HEADER_SIZE,
     MAGIC,
@@ -71,7 +71,7 @@ class RdmaServer:
 
     def _serve(self, cmid: Any, cmid_mod: Any, _enums: Any) -> None:
         from transport.errors import ProtocolError
-        from transport.wire.protocol import ServerSession, Store, encode_error
+        from transport.wire import ServerSession, Store, encode_error
 
         link = RdmaLink(cmid)
         # rdma_reg_read / rdma_reg_write: the peer may RDMA READ the first, WRITE the second
@@ -115,7 +115,7 @@ class RdmaServer:
 
     def _answer(self, session: Any, ev: Any, window: Any, rdma_info: dict[str, int],
                 store_type: type) -> bytes:
-        from transport.wire.protocol import Fetch, Hello, Open, Ping, pack_header
+        from transport.wire import Fetch, Hello, Open, Ping, pack_header
 
         if isinstance(ev, Fetch):
             out = bytearray(ev.length)

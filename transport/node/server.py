@@ -7,7 +7,7 @@ A client that stops reading makes the node stop reading from it (write-side flow
 so no client can make the node queue unbounded replies.
 
 A pager's fault-lane connection (HELLO ``"lane": "fault"``) is served by the C loop of
-`transport.fastlane` while it sends nothing but FETCH frames; anything else comes back here.
+`transport.node.fastlane` while it sends nothing but FETCH frames; anything else comes back here.
 """
 
 from __future__ import annotations
@@ -20,19 +20,16 @@ import threading
 from collections import Counter
 from typing import Any
 
-from transport import fastlane
 from transport.errors import ProtocolError, StoreError
+from transport.node import fastlane
 from transport.node.store import PageStore
 from transport.tcp import start_server, tune_socket
-from transport.wire.protocol import (
+from transport.wire import (
     DEFAULT_MAX_SPACE_BYTES,
     FAULT_LANE,
-    HEADER,
     HEADER_SIZE,
-    MAGIC,
     NONCE_SIZE,
     PAGE_SHIFT,
-    VERSION,
     ErrorCode,
     Fetch,
     Flag,
@@ -46,6 +43,7 @@ from transport.wire.protocol import (
     encode_control,
     encode_error,
     pack_header,
+    pack_header_into,
 )
 
 log = logging.getLogger(__name__)
@@ -273,8 +271,7 @@ class NodeConnection(asyncio.BufferedProtocol):
         except (OSError, StoreError) as exc:
             self.node.count("fetch", "error")
             return encode_error(ev.request_id, ErrorCode.IO_ERROR, f"read failed: {exc}")
-        HEADER.pack_into(reply, 0, MAGIC, VERSION, _DATA, 0, ev.request_id, 0, ev.gpa,
-                         nbytes, mask)
+        pack_header_into(reply, 0, _DATA, ev.request_id, gpa=ev.gpa, length=nbytes, arg=mask)
         space.fetched_pages += npages
         if mask:
             space.zero_pages += mask.bit_count()

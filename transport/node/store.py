@@ -9,7 +9,7 @@ cache; ``sync=True`` adds ``fdatasync`` per write for power loss.
 
 The bitmap is a fixed-capacity anonymous mapping (one bit per page up to the node's address space
 limit; untouched parts cost no memory), so its address never changes: the memory node's C fault
-lane (`transport.fastlane`) reads it from its own thread while stores set bits here, under the
+lane (`transport.node.fastlane`) reads it from its own thread while stores set bits here, under the
 space's lock and only after their pwrite returned.
 
 If the filesystem allocates in blocks larger than 4 KiB, neighbours of a written page also
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from transport.errors import StoreError
 from transport.token import private_dir
-from transport.wire.protocol import (
+from transport.wire import (
     DEFAULT_MAX_SPACE_BYTES,
     PAGE_SHIFT,
     PAGE_SIZE,

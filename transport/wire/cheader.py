@@ -1,4 +1,4 @@
-"""The C mirror of `transport.wire.protocol`: ``render()`` writes ``ssip_wire.h``.
+"""The C mirror of `transport.wire.frames`: ``render()`` writes ``ssip_wire.h``.
 
 The header is generated, never edited by hand: ``python -m transport.wire.cheader`` rewrites
 it, and tests/transport/test_wire_header.py fails when the committed file differs from what
@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from transport.wire import protocol as p
+from transport.wire import frames as p
 
 HEADER_PATH = Path(__file__).with_name("ssip_wire.h")
 
@@ -34,7 +34,7 @@ def _defines() -> list[tuple[str, int | str, str]]:
 
 def render() -> str:
     lines = [
-        "/* ssip_wire.h - the SSIP frame format for C; GENERATED from transport/wire/protocol.py",
+        "/* ssip_wire.h - the SSIP frame format for C; GENERATED from transport/wire/frames.py",
         " * by transport/wire/cheader.py. Do not edit: run `python -m transport.wire.cheader`. */",
         "#ifndef SSIP_WIRE_H",
         "#define SSIP_WIRE_H",

@@ -1,4 +1,4 @@
-/* ssip_wire.h - the SSIP frame format for C; GENERATED from transport/wire/protocol.py
+/* ssip_wire.h - the SSIP frame format for C; GENERATED from transport/wire/frames.py
  * by transport/wire/cheader.py. Do not edit: run `python -m transport.wire.cheader`. */
 #ifndef SSIP_WIRE_H
 #define SSIP_WIRE_H

@@ -1,5 +1,6 @@
 """The memory node's C fault lane: FETCH frames of a pager's fault-lane connection served by
-a thread that does not hold the GIL (`transport._cffi_src.fastlane` has the loop).
+a thread that does not hold the GIL (the loop is ``fastlane.c`` beside this file, built by
+``_fastlane_build.py`` as ``transport.node._fastlane_cffi``).
 
 Python keeps everything else. `MemoryNode` hands a connection over (`FastLane.start`) only when
 it announced ``"lane": "fault"`` in HELLO, finished the handshake, opened a space and has no
@@ -7,8 +8,9 @@ buffered bytes or unsent replies; the C loop answers FETCH frames until it meets
 and then hands the connection back with its unconsumed bytes (`FastLane.finish`), so every
 other frame, good or bad, is answered by the same Python code as on any other connection.
 
-The extension is optional: without it (or with ``SSI_PAGER_NO_FASTLANE=1`` or
-``memnode --no-fastlane``) the node serves every connection in Python.
+The node can serve every connection in Python (``SSI_PAGER_NO_FASTLANE=1`` or
+``memnode --no-fastlane``), but a missing or broken extension is not a silent fallback: the
+node warns, naming the import error, each time it starts without the lane it was asked for.
 """
 
 from __future__ import annotations
@@ -20,17 +22,17 @@ from collections.abc import Callable
 from typing import Any
 
 from transport.node.store import Space
-from transport.wire.protocol import HEADER_SIZE, MAX_DATA, MAX_FRAME
+from transport.wire import HEADER_SIZE, MAX_DATA, MAX_FRAME
 
 log = logging.getLogger(__name__)
 
 try:
-    from transport._fastlane_cffi import ffi, lib
-except ImportError as _exc:  # not built: the Python path serves everything
+    from transport.node._fastlane_cffi import ffi, lib
+except ImportError as _exc:  # not built, or built wrong: said loudly by `enabled`
     ffi = lib = None
-    _MISSING = str(_exc)
+    MISSING = f"{type(_exc).__name__}: {_exc}"
 else:
-    _MISSING = ""
+    MISSING = ""
 
 ENV_OFF = "SSI_PAGER_NO_FASTLANE"
 HANDBACK = lib.SSI_FL_HANDBACK if lib is not None else 1
@@ -45,8 +47,10 @@ def enabled(requested: bool | None = None) -> bool:
     if requested is None:
         requested = os.environ.get(ENV_OFF, "") in ("", "0")
     if requested and lib is None:
-        log.debug("memnode: C fault lane unavailable (%s); serving every connection in "
-                  "Python (pip install -e . builds it)", _MISSING)
+        log.warning("memnode: the C fault lane (transport.node._fastlane_cffi) did not load "
+                    "(%s): serving fault lanes in Python, slower. Rebuild it with `pip "
+                    "install -e .` (or `python3 setup.py build_ext --inplace`), or pass "
+                    "--no-fastlane to mean it", MISSING)
     return bool(requested and lib is not None)
 
 
