@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from pager import vm
-from pager.vm_bench import guest_builder, start_memnode, start_pager
+from pager.vm.bench import guest_builder, start_memnode, start_pager
+from pager.vm.procs import stop_process
 
 QEMU = "qemu-system-x86_64"
 MEM_MIB, WORK_MIB, PASSES = 256, 128, 4
@@ -67,7 +67,7 @@ def memnode(tmp_path: Path, token: Path) -> Iterator[str]:
     try:
         yield endpoint
     finally:
-        vm.stop_process(proc)
+        stop_process(proc)
 
 
 def free_port() -> int:
@@ -112,10 +112,10 @@ def pager(tmp_path: Path, memnode: str, token: Path) -> Iterator[Pager]:
             break
         except OSError:
             if time.monotonic() > deadline or proc.poll() is not None:
-                vm.stop_process(proc)
+                stop_process(proc)
                 pytest.fail(f"pager metrics never answered: {logf.read_text()[-800:]}")
             time.sleep(0.1)
     try:
         yield p
     finally:
-        vm.stop_process(proc)
+        stop_process(proc)

@@ -191,7 +191,7 @@ def test_boot_memory_node_in_another_namespace(guest, expected, checksums, runti
                                                token):
     """`ssi-pager vm` (and its pager) in one namespace, the memory node in another: the guest
     boots from pages served across the veth link and computes the right checksums."""
-    from pager.vm_bench import netns_helper, start_memnode
+    from pager.vm.bench import netns_helper, start_memnode
 
     netns = netns_helper()
     why = netns.unavailable()
@@ -206,7 +206,7 @@ def test_boot_memory_node_in_another_namespace(guest, expected, checksums, runti
                                              "--name", "far", "--", *guest.qemu_args()),
                                 capture_output=True, text=True, timeout=RUN_TIMEOUT)
         finally:
-            from pager.vm import stop_process
+            from pager.vm.procs import stop_process
             stop_process(node)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert checksums(proc.stdout) == expected
@@ -217,8 +217,8 @@ def test_boot_memory_node_in_another_namespace(guest, expected, checksums, runti
 def test_memory_node_lost_fails_loudly(guest, runtime, tmp_path, token):
     """The memory node dies before the guest's first fault: the pager gives up after its fetch
     timeout and the faulting vCPU gets SIGBUS, so QEMU dies instead of hanging."""
-    from pager.vm import stop_process
-    from pager.vm_bench import start_memnode
+    from pager.vm.bench import start_memnode
+    from pager.vm.procs import stop_process
 
     node, endpoint = start_memnode(tmp_path, token)
     proc = start_vm("--memnode", endpoint, "--token-file", str(token),

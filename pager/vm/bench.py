@@ -36,10 +36,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
-from pager import vm
 from pager.errors import VmError
+from pager.vm.launch import Launch, finish, launch
+from pager.vm.procs import spawn_memnode, spawn_pager, stop_process
+from pager.vm.qmp import Qmp
+from pager.vm.ramstore import load_ram
+from pager.vm.resume import resume_start
+from pager.vm.suspend import do_suspend
 
-CHECKOUT = Path(__file__).resolve().parent.parent
+CHECKOUT = Path(__file__).resolve().parents[2]
 
 
 def load_test_module(relpath: str, name: str) -> ModuleType:
@@ -67,7 +72,7 @@ def guest_builder() -> ModuleType:
 def start_memnode(workdir: Path, token_file: Path, listen: str = "127.0.0.1:0",
                   prefix: list[str] | None = None) -> tuple[subprocess.Popen, str]:
     """A memory node with its store in ``workdir`` (``prefix``: e.g. `ip netns exec NS`)."""
-    return vm.spawn_memnode(workdir / "store", workdir / f"memnode-{time.monotonic_ns()}.log",
+    return spawn_memnode(workdir / "store", workdir / f"memnode-{time.monotonic_ns()}.log",
                             str(token_file), listen, prefix)
 
 
@@ -75,7 +80,7 @@ def start_pager(sock: Path, memnode: str, token_file: Path, logf: Path,
                 extra: list[str] | None = None,
                 prefix: list[str] | None = None) -> subprocess.Popen:
     """A pager logging to ``logf`` (``prefix``: e.g. `ip netns exec NS`)."""
-    return vm.spawn_pager(sock, memnode, str(token_file), list(extra or []), prefix=prefix,
+    return spawn_pager(sock, memnode, str(token_file), list(extra or []), prefix=prefix,
                           log=logf)
 
 
@@ -95,9 +100,9 @@ def services(workdir: Path, token_file: Path, listen: str = "127.0.0.1:0",
         try:
             yield endpoint, sock
         finally:
-            vm.stop_process(pager)
+            stop_process(pager)
     finally:
-        vm.stop_process(node)
+        stop_process(node)
 
 
 # --- runs ---------------------------------------------------------------------------------------
@@ -119,10 +124,10 @@ def run_plain(argv: list[str]) -> tuple[float, str]:
 
 def run_paged(args: argparse.Namespace, argv: list[str], name: str) -> tuple[float, str]:
     t0 = time.monotonic()
-    lau = vm.launch(args, argv, name, stdout=subprocess.PIPE)
+    lau = launch(args, argv, name, stdout=subprocess.PIPE)
     assert lau.qemu.stdout is not None
     out = lau.qemu.stdout.read().decode(errors="replace")
-    rc = vm.finish(lau)
+    rc = finish(lau)
     wall = time.monotonic() - t0
     if rc != 0:
         raise VmError(f"QEMU under the pager failed ({rc})")
@@ -149,48 +154,30 @@ def first_output(stream) -> float:
     return t
 
 
-def load_all_ram(lau: vm.Launch) -> None:
+def load_all_ram(lau: Launch) -> None:
     """Eager comparator: copy every stored page of the guest's space from the memory node
     into its fresh RAM memfd before the guest runs (what resuming without lazy paging does)."""
-    from transport.tcp import BlockingChannel
-    from transport.token import load_token
-
     st = lau.state
     assert st.memnode is not None
-    fd = os.open(f"/proc/{st.qemu_pid}/fd/{st.memfd}", os.O_WRONLY | os.O_CLOEXEC)
-    buf = bytearray(vm.STORE_CHUNK)
-    view = memoryview(buf)
-    pages = vm.STORE_CHUNK >> 12
-    full = (1 << pages) - 1
-    try:
-        with BlockingChannel.connect(st.memnode, load_token(st.token_file), st.space) as ch:
-            for off in range(0, st.ram_size, vm.STORE_CHUNK):
-                zero = ch.fetch_into(off, view)
-                if zero == full:
-                    continue  # never written: the fresh memfd reads zero already
-                for i in range(pages):
-                    if zero >> i & 1:
-                        view[i << 12:(i + 1) << 12] = bytes(4096)
-                os.pwrite(fd, view, off)
-    finally:
-        os.close(fd)
+    load_ram(f"/proc/{st.qemu_pid}/fd/{st.memfd}", st.ram_size, st.memnode, st.token_file,
+             st.space)
 
 
 def resume_lazy(args: argparse.Namespace, argv: list[str], name: str,
                 eager: bool = False) -> tuple[float, str]:
     """Run to pass 1, suspend, resume; (time from resume start to first output, full text).
     ``eager``: load all RAM from the memory node before `cont` instead of on demand."""
-    lau = vm.launch(args, argv, name, stdout=subprocess.PIPE)
+    lau = launch(args, argv, name, stdout=subprocess.PIPE)
     _, before = read_until(lau.qemu.stdout, "pass 1 checksum")
-    vm.do_suspend(args, name)
+    do_suspend(args, name)
     before += lau.qemu.stdout.read().decode(errors="replace")
-    vm.finish(lau)
+    finish(lau)
     t0 = time.monotonic()
-    res = vm.resume_start(args, name, argv, stdout=subprocess.PIPE,
+    res = resume_start(args, name, argv, stdout=subprocess.PIPE,
                           before_cont=load_all_ram if eager else None)
     t1 = first_output(res.qemu.stdout)
     after = res.qemu.stdout.read().decode(errors="replace")
-    rc = vm.finish(res)
+    rc = finish(res)
     if rc != 0:
         raise VmError(f"resumed QEMU failed ({rc})")
     return t1 - t0, before + after
@@ -205,21 +192,21 @@ def resume_full_load(argv: list[str], workdir: Path) -> tuple[float, str, int]:
     src = subprocess.Popen([*argv, *qmp_arg], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         _, before = read_until(src.stdout, "pass 1 checksum")
-        q = vm.Qmp(qmp_path)
+        q = Qmp(qmp_path)
         q.execute("stop")
         q.execute("migrate", uri=f"exec:cat > {state}")
         q.wait_migration()
-        q.execute("quit")
+        q.quit()
         q.close()
         src.wait(60)
     finally:
-        vm.stop_process(src)
+        stop_process(src)
     size = state.stat().st_size
     t0 = time.monotonic()
     dst = subprocess.Popen([*argv, *qmp_arg, "-incoming", "defer"], stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE)
     try:
-        q = vm.Qmp(qmp_path)
+        q = Qmp(qmp_path)
         q.execute("migrate-incoming", uri=f"exec:cat {state}")
         q.wait_migration()
         q.execute("cont")
@@ -228,7 +215,7 @@ def resume_full_load(argv: list[str], workdir: Path) -> tuple[float, str, int]:
         after = dst.stdout.read().decode(errors="replace")
         dst.wait(120)
     finally:
-        vm.stop_process(dst)
+        stop_process(dst)
         state.unlink(missing_ok=True)
     return t1 - t0, before + after, size
 
