@@ -7,6 +7,7 @@ session; without a cached or fetchable kernel, or without QEMU, the tests skip w
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import shutil
 import socket
 import subprocess
@@ -23,6 +24,7 @@ from pager.vm.procs import stop_process
 
 QEMU = "qemu-system-x86_64"
 MEM_MIB, WORK_MIB, PASSES = 256, 128, 4
+SMALL_MEM_MIB, SMALL_WORK_MIB, SMALL_PASSES = 128, 16, 2
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +37,25 @@ def guest():
     except gb.GuestUnavailable as exc:
         pytest.skip(f"test guest unavailable: {exc}")
     return g
+
+
+@pytest.fixture(scope="session")
+def waiting_guest(guest):
+    """The same guest, waiting for a console line after each pass but the last (so a test
+    suspends it at a known point: "pass N waiting")."""
+    return dataclasses.replace(guest, wait=True)
+
+
+@pytest.fixture(scope="session")
+def small_guest(guest):
+    """A waiting guest with a short workload, for the refusal paths."""
+    return dataclasses.replace(guest, mem_mib=SMALL_MEM_MIB, work_mib=SMALL_WORK_MIB,
+                               passes=SMALL_PASSES, wait=True)
+
+
+@pytest.fixture(scope="session")
+def small_expected() -> list[str]:
+    return guest_builder().expected_checksums(SMALL_WORK_MIB, SMALL_PASSES)
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 
@@ -46,24 +47,27 @@ def test_private_backend_is_not_shared():
     assert not cmd.shared
 
 
-@pytest.mark.parametrize("argv", [
-    ["q", "-m", "1G", "-mem-path", "/dev/hugepages"],
-    ["q", "-m", "1G", "-object", "memory-backend-memfd,id=m,size=1G,hugetlb=on",
-     "-machine", "memory-backend=m"],
-    ["q", "-m", "1G,slots=2,maxmem=4G"],
-    ["q", "-m", "lots"],
-    ["q", "-m"],
-    ["q", "-m", "1G", "-machine", "memory-backend=nope"],
-    ["q", "-m", "1G", "-object", "memory-backend-memfd,id=m,size=2G,share=on",
-     "-machine", "memory-backend=m"],
-    ["q", "-m", "1G", "-numa", "node,memdev=m0"],
-    ["q", "-m", "1G", "-netdev", "vhost-user,id=n,chardev=c"],
-    ["q", "-m", "1G", "-device", "vhost-user-blk-pci,chardev=c"],
-    ["q", "-m", "1G", "-daemonize"],
-    [],
+@pytest.mark.parametrize(("argv", "message"), [
+    (["q", "-m", "1G", "-mem-path", "/dev/hugepages"], "-mem-path (hugetlbfs) is not supported"),
+    (["q", "-m", "1G", "-object", "memory-backend-memfd,id=m,size=1G,hugetlb=on",
+      "-machine", "memory-backend=m"], "hugetlb=on is not supported"),
+    (["q", "-m", "1G,slots=2,maxmem=4G"], "memory hotplug (-m maxmem=/slots=)"),
+    (["q", "-m", "lots"], "cannot read memory size 'lots'; write it like 512M"),
+    (["q", "-m"], "QEMU option -m needs a value"),
+    (["q", "-m", "1G", "-machine", "memory-backend=nope"],
+     "-machine memory-backend=nope names no -object"),
+    (["q", "-m", "1G", "-object", "memory-backend-memfd,id=m,size=2G,share=on",
+      "-machine", "memory-backend=m"], "-m 1G and backend m size differ"),
+    (["q", "-m", "1G", "-numa", "node,memdev=m0"], "NUMA guests (several RAM backends)"),
+    (["q", "-m", "1G", "-netdev", "vhost-user,id=n,chardev=c"],
+     "vhost-user devices are not supported"),
+    (["q", "-m", "1G", "-device", "vhost-user-blk-pci,chardev=c"],
+     "vhost-user devices are not supported"),
+    (["q", "-m", "1G", "-daemonize"], "-daemonize is not supported"),
+    ([], "no QEMU command given"),
 ])
-def test_unsupported_or_wrong_is_refused(argv):
-    with pytest.raises(VmError):
+def test_unsupported_or_wrong_is_refused(argv, message):
+    with pytest.raises(VmError, match=re.escape(message)):
         prepare_qemu(argv)
 
 
@@ -88,8 +92,8 @@ def test_data_ranges_skip_untouched_pages():
 
 def test_vm_names_are_checked(tmp_path, monkeypatch):
     monkeypatch.setenv("SSI_PAGER_RUNTIME_DIR", str(tmp_path))
-    for bad in ("../x", "", "a/b", "-x"):
-        with pytest.raises(VmError):
+    for bad in ("../x", "", "a/b", "-x", "x" * 65):
+        with pytest.raises(VmError, match=f"VM name {re.escape(repr(bad))}: use letters"):
             vm_dir(bad, create=True)
     d = vm_dir("good-1", create=True)
     assert d.stat().st_mode & 0o777 == 0o700
