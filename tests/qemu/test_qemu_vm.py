@@ -142,19 +142,30 @@ def test_suspend_refusals_leave_the_guest_resumable(small_guest, small_expected,
     assert checksums(res1.stdout + res.stdout) == small_expected
 
 
+def suspend_refused_guest_runs_on(vm_args: list[str], name: str, message: str, passes: int,
+                                  expected: list[str], checksums) -> str:
+    """Run a waiting guest, have `suspend` refused with ``message`` at pass 1, let the guest
+    finish: it must end with ``expected`` checksums. `ssi-pager vm`'s status text."""
+    with VmRun(*vm_args[:vm_args.index("--")], "--name", name,
+               *vm_args[vm_args.index("--"):]) as run:
+        run.read_until("pass 1 waiting")
+        sus = suspend(name)
+        assert sus.returncode == 1
+        assert message in sus.stderr
+        release(run, 1, passes)
+        res = run.finish()
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert checksums(res.stdout) == expected
+    return res.stderr
+
+
 def test_suspend_needs_memory_node(small_guest, small_expected, checksums, runtime):
     """A guest started without --memnode (its RAM on a memory node of its own, gone with it)
     cannot be suspended; the refusal leaves it running."""
     g = small_guest
-    with VmRun("--name", "local", "--", *g.qemu_args()) as run:
-        run.read_until("pass 1 waiting")
-        sus = suspend("local")
-        assert sus.returncode == 1
-        assert "suspend needs a memory node to hold the guest's RAM" in sus.stderr
-        release(run, 1, g.passes)
-        res = run.finish()
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert checksums(res.stdout) == small_expected
+    suspend_refused_guest_runs_on(["--", *g.qemu_args()], "local",
+                                  "suspend needs a memory node to hold the guest's RAM",
+                                  g.passes, small_expected, checksums)
 
 
 def test_suspend_needs_shared_ram(small_guest, small_expected, checksums, runtime, pager,
@@ -162,20 +173,14 @@ def test_suspend_needs_shared_ram(small_guest, small_expected, checksums, runtim
     """Guest RAM on a private backend cannot be read by suspend: refused, the guest runs on."""
     g = small_guest
     size = f"{g.mem_mib}M"
-    argv = [*g.qemu_args(memory=False), "-m", size,
+    args = ["--memnode", memnode, "--token-file", str(token), "--pager", str(pager.socket),
+            "--", *g.qemu_args(memory=False), "-m", size,
             "-object", f"memory-backend-ram,id=private,size={size}",
             "-machine", "memory-backend=private"]
-    with VmRun("--memnode", memnode, "--token-file", str(token), "--pager", str(pager.socket),
-               "--name", "private", "--", *argv) as run:
-        run.read_until("pass 1 waiting")
-        sus = suspend("private")
-        assert sus.returncode == 1
-        assert "suspend needs guest RAM on a shared memfd" in sus.stderr
-        release(run, 1, g.passes)
-        res = run.finish()
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "anonymous" in res.stderr
-    assert checksums(res.stdout) == small_expected
+    status = suspend_refused_guest_runs_on(args, "private",
+                                           "suspend needs guest RAM on a shared memfd",
+                                           g.passes, small_expected, checksums)
+    assert "anonymous" in status
 
 
 def test_no_pager_fails_loudly(guest, tmp_path):
