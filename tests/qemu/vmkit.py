@@ -29,10 +29,11 @@ def vm_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "pager.cli", "vm", *args]
 
 
-class _Lines:
-    """Lines of one pipe, collected by a thread; waits with a deadline for a pattern."""
+class LineReader:
+    """Lines of one pipe (``what`` prints it), collected by a thread; waits with a deadline."""
 
-    def __init__(self, stream: IO[str]) -> None:
+    def __init__(self, stream: IO[str], what: str) -> None:
+        self.what = what
         self.lines: list[str] = []
         self.eof = False
         self.cursor = 0
@@ -53,7 +54,7 @@ class _Lines:
         with self._cond:
             return "".join(self.lines)
 
-    def until(self, pattern: str, timeout: float, what: str) -> str:
+    def until(self, pattern: str, timeout: float = LINE_TIMEOUT) -> str:
         """Lines from the cursor through the first one containing ``pattern``."""
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -67,8 +68,12 @@ class _Lines:
                 if self.eof or left <= 0:
                     why = "ended" if self.eof else f"printed no such line within {timeout} s"
                     tail = "".join(self.lines[-40:])
-                    pytest.fail(f"{what} {why} before {pattern!r}; its last lines:\n{tail}")
+                    pytest.fail(f"{self.what} {why} before {pattern!r}; its last lines:\n{tail}")
                 self._cond.wait(left)
+
+    def next_line(self, timeout: float = LINE_TIMEOUT) -> str:
+        """The line after the cursor (fails at EOF or after ``timeout``)."""
+        return self.until("", timeout)
 
     def drain(self, timeout: float) -> None:
         self._thread.join(timeout)
@@ -90,15 +95,15 @@ class VmRun:
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, start_new_session=True)
         assert self.proc.stdout is not None and self.proc.stderr is not None
-        self.console = _Lines(self.proc.stdout)
-        self.status = _Lines(self.proc.stderr)
+        self.console = LineReader(self.proc.stdout, "the guest console")
+        self.status = LineReader(self.proc.stderr, "`ssi-pager vm`")
 
     def read_until(self, pattern: str, timeout: float = LINE_TIMEOUT) -> str:
         """Console lines since the last call, through the first containing ``pattern``."""
-        return self.console.until(pattern, timeout, "the guest console")
+        return self.console.until(pattern, timeout)
 
     def status_until(self, pattern: str, timeout: float = LINE_TIMEOUT) -> str:
-        return self.status.until(pattern, timeout, "`ssi-pager vm`")
+        return self.status.until(pattern, timeout)
 
     def send(self, line: str) -> None:
         """One line to the guest's serial console (what a waiting workload reads)."""
