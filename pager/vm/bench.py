@@ -27,6 +27,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import select
 import statistics
 import subprocess
 import sys
@@ -135,17 +136,27 @@ def run_paged(args: argparse.Namespace, argv: list[str], name: str) -> tuple[flo
 
 
 def read_until(stream, pattern: str, timeout: float = 300) -> tuple[float, str]:
-    """Read lines until one contains ``pattern``; (monotonic time seen, text so far)."""
-    text = []
+    """Read the console until ``pattern`` appears; (monotonic time seen, all text read). The
+    deadline holds also when the guest prints nothing."""
+    fd = stream.fileno()
+    want = pattern.encode()
+    buf = b""
     deadline = time.monotonic() + timeout
-    for raw in iter(stream.readline, b""):
-        line = raw.decode(errors="replace")
-        text.append(line)
-        if pattern in line:
-            return time.monotonic(), "".join(text)
-        if time.monotonic() > deadline:
-            break
-    raise VmError(f"guest output ended before {pattern!r}: {''.join(text)[-400:]}")
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise VmError(f"no {pattern!r} on the guest console within {timeout:.0f} s: "
+                          f"{buf.decode(errors='replace')[-400:]}")
+        ready, _, _ = select.select([fd], [], [], left)
+        if not ready:
+            continue
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            raise VmError(f"guest output ended before {pattern!r}: "
+                          f"{buf.decode(errors='replace')[-400:]}")
+        buf += chunk
+        if want in buf[:buf.rfind(b"\n") + 1]:  # whole lines: a checksum is not cut off
+            return time.monotonic(), buf.decode(errors="replace")
 
 
 def first_output(stream) -> float:
@@ -167,6 +178,7 @@ def resume_lazy(args: argparse.Namespace, argv: list[str], name: str,
                 eager: bool = False) -> tuple[float, str]:
     """Run to pass 1, suspend, resume; (time from resume start to first output, full text).
     ``eager``: load all RAM from the memory node before `cont` instead of on demand."""
+    args = argparse.Namespace(**vars(args))  # resume fills in --space etc.: not for the next run
     lau = launch(args, argv, name, stdout=subprocess.PIPE)
     _, before = read_until(lau.qemu.stdout, "pass 1 checksum")
     do_suspend(args, name)

@@ -132,13 +132,19 @@ def start_local_memnode(d: Path, token_file: str | None) -> tuple[subprocess.Pop
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL after ``timeout``; a process that outlives even that (stuck in
+    the kernel) is reported, not waited for forever."""
     if proc.poll() is None:
         proc.terminate()
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.wait()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("process %d (%s) did not exit after SIGKILL", proc.pid,
+                            proc.args[0] if isinstance(proc.args, list) else proc.args)
 
 
 def stop_all(procs: list[subprocess.Popen]) -> None:
