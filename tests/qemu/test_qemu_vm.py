@@ -18,7 +18,7 @@ import signal
 import subprocess
 
 import pytest
-from vmkit import RUN_TIMEOUT, VmRun, run_vm, vm_cmd
+from vmkit import RUN_TIMEOUT, Result, VmRun, run_vm, vm_cmd
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
@@ -27,6 +27,21 @@ def suspend(name: str, *extra: str) -> subprocess.CompletedProcess[str]:
     """`ssi-pager vm suspend NAME` (no guest of its own: a plain run with a deadline)."""
     return subprocess.run(vm_cmd("suspend", name, *extra), capture_output=True, text=True,
                           timeout=RUN_TIMEOUT)
+
+
+def run_and_suspend(args: list[str], name: str, at: str, resumed: bool = False) -> Result:
+    """``ssi-pager vm ARGS`` until the console shows ``at``, then `suspend NAME`; the finished
+    run. ``resumed``: ARGS resume a guest waiting after a pass; it is let go on first."""
+    with VmRun(*args) as run:
+        if resumed:
+            run.status_until("resumed")
+            run.send("go")
+        run.read_until(at)
+        sus = suspend(name)
+        assert sus.returncode == 0, sus.stderr
+        res = run.finish()
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res
 
 
 def release(run: VmRun, first: int, passes: int) -> None:
@@ -65,12 +80,8 @@ def test_suspend_resume_same_checksums(waiting_guest, expected, checksums, runti
     other-host: the runtime dir is gone; the device state comes from the memory node too."""
     g = waiting_guest
     common = ["--memnode", memnode, "--token-file", str(token), "--pager", str(pager.socket)]
-    with VmRun(*common, "--name", "mover", "--", *g.qemu_args()) as first:
-        first.read_until("pass 1 waiting")
-        sus = suspend("mover")
-        assert sus.returncode == 0, sus.stderr
-        res1 = first.finish()
-    assert res1.returncode == 0, res1.stderr[-2000:]
+    res1 = run_and_suspend([*common, "--name", "mover", "--", *g.qemu_args()], "mover",
+                           "pass 1 waiting")
     assert "suspended" in res1.stderr
     before = res1.stdout
     assert "RESULT" not in before and "pass 2" not in before, "the guest went on after suspend"
@@ -307,23 +318,10 @@ def test_suspend_resume_twice(waiting_guest, expected, checksums, runtime, pager
     touched still come from the first suspend, and the result is still the uninterrupted one."""
     g = waiting_guest
     common = ["--memnode", memnode, "--token-file", str(token), "--pager", str(pager.socket)]
-    seen = ""
-    with VmRun(*common, "--name", "twice", "--", *g.qemu_args()) as run:
-        run.read_until("pass 1 waiting")
-        sus = suspend("twice")
-        assert sus.returncode == 0, sus.stderr
-        res = run.finish()
-    assert res.returncode == 0, res.stderr[-2000:]
-    seen += res.stdout
-    with VmRun("resume", "twice", *common, "--", *g.qemu_args()) as run:
-        run.status_until("resumed")
-        run.send("go")
-        run.read_until("pass 2 waiting")
-        sus = suspend("twice")
-        assert sus.returncode == 0, sus.stderr
-        res = run.finish()
-    assert res.returncode == 0, res.stderr[-2000:]
-    seen += res.stdout
+    seen = run_and_suspend([*common, "--name", "twice", "--", *g.qemu_args()], "twice",
+                           "pass 1 waiting").stdout
+    seen += run_and_suspend(["resume", "twice", *common, "--", *g.qemu_args()], "twice",
+                            "pass 2 waiting", resumed=True).stdout
     assert checksums(seen) == expected[:2], "the guest went on after its second suspend"
     with VmRun("resume", "twice", *common, "--", *g.qemu_args()) as run:
         run.status_until("resumed")
