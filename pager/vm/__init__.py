@@ -26,8 +26,8 @@ One module per concern, each importing only those above it in this list:
 
     state.py      runtime directory, the per-VM record (vm.json), status lines
     cmdline.py    the user's QEMU command line checked and given a shared RAM backend
-    qmp.py        QEMU's monitor, through QEMU's own ``qemu.qmp`` library
     procs.py      helper processes: the pager and memory node a guest needs, stopping them
+    qmp.py        QEMU's monitor, through QEMU's own ``qemu.qmp`` library
     ramstore.py   guest RAM and device state to and from a memory node (a page-source lane)
     launch.py     start QEMU behind the pager, wait for the RAM handoff, wait for exit
     suspend.py    ``vm suspend``

@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import importlib.util
 import json
+import logging
 import os
 import select
 import statistics
@@ -36,6 +37,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import IO
 
 from pager.errors import VmError
 from pager.vm.launch import Launch, finish, launch
@@ -45,7 +47,10 @@ from pager.vm.ramstore import load_ram
 from pager.vm.resume import resume_start
 from pager.vm.suspend import do_suspend
 
+log = logging.getLogger(__name__)
+
 CHECKOUT = Path(__file__).resolve().parents[2]
+RUN_TIMEOUT = 600.0  # one guest run
 
 
 def load_test_module(relpath: str, name: str) -> ModuleType:
@@ -116,7 +121,8 @@ def vm_args(memnode: str | None, token_file: Path, pager: Path | None) -> argpar
 
 def run_plain(argv: list[str]) -> tuple[float, str]:
     t0 = time.monotonic()
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=RUN_TIMEOUT,
+                          check=False)
     wall = time.monotonic() - t0
     if proc.returncode != 0:
         raise VmError(f"plain QEMU failed ({proc.returncode}): {proc.stderr[-400:]}")
@@ -127,7 +133,7 @@ def run_paged(args: argparse.Namespace, argv: list[str], name: str) -> tuple[flo
     t0 = time.monotonic()
     lau = launch(args, argv, name, stdout=subprocess.PIPE)
     assert lau.qemu.stdout is not None
-    out = lau.qemu.stdout.read().decode(errors="replace")
+    out = rest_of_console(lau.qemu)
     rc = finish(lau)
     wall = time.monotonic() - t0
     if rc != 0:
@@ -135,7 +141,7 @@ def run_paged(args: argparse.Namespace, argv: list[str], name: str) -> tuple[flo
     return wall, out
 
 
-def read_until(stream, pattern: str, timeout: float = 300) -> tuple[float, str]:
+def read_until(stream: IO[bytes], pattern: str, timeout: float = 300) -> tuple[float, str]:
     """Read the console until ``pattern`` appears; (monotonic time seen, all text read). The
     deadline holds also when the guest prints nothing."""
     fd = stream.fileno()
@@ -159,7 +165,17 @@ def read_until(stream, pattern: str, timeout: float = 300) -> tuple[float, str]:
             return time.monotonic(), buf.decode(errors="replace")
 
 
-def first_output(stream) -> float:
+def rest_of_console(proc: subprocess.Popen, timeout: float = RUN_TIMEOUT) -> str:
+    """The guest console up to QEMU's exit (VmError, QEMU stopped, after ``timeout``)."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        stop_process(proc)
+        raise VmError(f"QEMU (pid {proc.pid}) still ran after {timeout:.0f} s") from exc
+    return out.decode(errors="replace")
+
+
+def first_output(stream: IO[bytes]) -> float:
     """Time of the first workload line (a progress or checksum line) on the console."""
     t, _ = read_until(stream, "pass ")
     return t
@@ -182,13 +198,13 @@ def resume_lazy(args: argparse.Namespace, argv: list[str], name: str,
     lau = launch(args, argv, name, stdout=subprocess.PIPE)
     _, before = read_until(lau.qemu.stdout, "pass 1 checksum")
     do_suspend(args, name)
-    before += lau.qemu.stdout.read().decode(errors="replace")
+    before += rest_of_console(lau.qemu)
     finish(lau)
     t0 = time.monotonic()
     res = resume_start(args, name, argv, stdout=subprocess.PIPE,
                           before_cont=load_all_ram if eager else None)
     t1 = first_output(res.qemu.stdout)
-    after = res.qemu.stdout.read().decode(errors="replace")
+    after = rest_of_console(res.qemu)
     rc = finish(res)
     if rc != 0:
         raise VmError(f"resumed QEMU failed ({rc})")
@@ -224,8 +240,7 @@ def resume_full_load(argv: list[str], workdir: Path) -> tuple[float, str, int]:
         q.execute("cont")
         q.close()
         t1 = first_output(dst.stdout)
-        after = dst.stdout.read().decode(errors="replace")
-        dst.wait(120)
+        after = rest_of_console(dst)
     finally:
         stop_process(dst)
         state.unlink(missing_ok=True)
