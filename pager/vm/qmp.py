@@ -61,7 +61,7 @@ class Qmp:
                               max(deadline - time.monotonic(), 0.001))
                     return
                 except (ConnectError, OSError, TimeoutError) as exc:
-                    why = getattr(exc, "exc", None) or exc or "no answer"
+                    why = getattr(exc, "exc", None) or str(exc) or "no greeting"
             if time.monotonic() + CONNECT_RETRY > deadline:
                 raise VmError(f"cannot reach QEMU's QMP socket {self.path} within "
                               f"{self.timeout:.0f} s ({why}); is the VM running?")
