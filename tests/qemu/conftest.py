@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -91,12 +91,6 @@ def memnode(tmp_path: Path, token: Path) -> Iterator[str]:
         stop_process(proc)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Pager:
     """A running `ssi-pager serve` with a Prometheus endpoint."""
@@ -119,24 +113,26 @@ class Pager:
         return out
 
 
+METRICS_URL = re.compile(r"metrics: (http://\S+)")
+PAGER_START_TIMEOUT = 30
+
+
 @pytest.fixture
 def pager(tmp_path: Path, memnode: str, token: Path) -> Iterator[Pager]:
-    port = free_port()
+    """A pager whose metrics endpoint binds a port of the kernel's choosing (no port picked
+    here that another process could take first); its URL is read from the pager's log."""
     sock = tmp_path / "pager.sock"
     logf = tmp_path / "pager.log"
-    proc = start_pager(sock, memnode, token, logf, ["--metrics", f"127.0.0.1:{port}"])
-    p = Pager(proc, sock, f"http://127.0.0.1:{port}/metrics", logf)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            p.metrics()
-            break
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                stop_process(proc)
-                pytest.fail(f"pager metrics never answered: {logf.read_text()[-800:]}")
-            time.sleep(0.1)
+    proc = start_pager(sock, memnode, token, logf, ["--metrics", "127.0.0.1:0"])
+    deadline = time.monotonic() + PAGER_START_TIMEOUT
+    while (m := METRICS_URL.search(logf.read_text(errors="replace"))) is None:
+        if time.monotonic() > deadline or proc.poll() is not None:
+            stop_process(proc)
+            pytest.fail(f"the pager printed no metrics URL: {logf.read_text()[-800:]}")
+        time.sleep(0.05)
+    p = Pager(proc, sock, m.group(1), logf)
     try:
+        assert "ssi_pager_fetched_bytes_total" in p.metrics()
         yield p
     finally:
         stop_process(proc)
