@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("pager.tools.demo", "run a memory node, the pager and a checked workload (no config)"),
     "serve": ("pager.service.serve", "serve page faults of VMM clients on a Unix socket"),
     "memnode": ("transport.node.cli", "run a memory node (page store server)"),
-    "vm": ("pager.vm", "run a QEMU guest with its RAM behind the pager"),
+    "vm": ("pager.vm.cli", "run a QEMU guest with its RAM behind the pager"),
     "tune": ("tuning.cli", "check, plan, apply or revert host tuning (sysctl)"),
     "check": ("pager.uffd.check", "report what userfaultfd supports on this host"),
     "status": ("pager.tools.status", "show a running pager's and its memory nodes' state"),
@@ -29,7 +29,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "uffd": ("pager.uffd.bench", "UFFDIO_COPY/ZEROPAGE cost and local fault latency"),
     "transport": ("transport.bench", "page fetch latency and throughput"),
     "faults": ("pager.tools.bench", "end-to-end fault resolution from memory node and file"),
-    "vm": ("pager.vm_bench", "QEMU guest wall time with and without the pager"),
+    "vm": ("pager.vm.bench", "QEMU guest wall time with and without the pager"),
 }
 
 

@@ -4,7 +4,8 @@ The kernel comes from `fetch-kernel.sh` (cached, downloaded once). The initramfs
 in Python (cpio "newc"), from busybox-static and `workload.c` compiled with `gcc -static` at build
 time, and cached by content hash. The guest's /init mounts /proc, runs
 
-    /workload MIB PASSES        (from the kernel command line: ssi.mib=, ssi.passes=)
+    /workload MIB PASSES [wait]  (from the kernel command line: ssi.mib=, ssi.passes=,
+                                  ssi.wait=1: wait for a console line after each pass)
 
 on the serial console and powers off, so QEMU (started with -no-reboot) exits by itself.
 
@@ -34,14 +35,16 @@ INIT_SCRIPT = """#!/bin/busybox sh
 /bin/busybox mount -t sysfs sys /sys
 mib=64
 passes=3
+wait=
 for arg in $(/bin/busybox cat /proc/cmdline); do
   case "$arg" in
     ssi.mib=*) mib=${arg#ssi.mib=} ;;
     ssi.passes=*) passes=${arg#ssi.passes=} ;;
+    ssi.wait=1) wait=wait ;;
   esac
 done
 echo "guest up mib=$mib passes=$passes"
-/workload "$mib" "$passes"
+/workload "$mib" "$passes" $wait
 echo "workload exit $?"
 /bin/busybox poweroff -f
 """
@@ -184,10 +187,12 @@ class Guest:
     mem_mib: int = 256
     work_mib: int = 128
     passes: int = 3
+    wait: bool = False  # after each pass but the last, wait for a line on the console
 
     def cmdline(self) -> str:
         return (f"console=ttyS0 panic=-1 quiet rdinit=/init "
-                f"ssi.mib={self.work_mib} ssi.passes={self.passes}")
+                f"ssi.mib={self.work_mib} ssi.passes={self.passes}"
+                + (" ssi.wait=1" if self.wait else ""))
 
     def qemu_args(self, qemu: str = "qemu-system-x86_64", accel: str = "tcg",
                   memory: bool = True) -> list[str]:

@@ -1,6 +1,6 @@
 /* workload.c - the test guest's computation, linked statically into the initramfs.
  *
- *   workload MIB PASSES
+ *   workload MIB PASSES [wait]
  *
  * Fills MIB MiB with a deterministic pattern, then rewrites all of it in PASSES passes, each
  * pass depending on the previous contents, and prints after each pass
@@ -8,10 +8,13 @@
  * plus "pass N progress K/64" lines within a pass (so a resumed guest shows output soon), and at
  * the end "RESULT checksum HEX". The same MIB and PASSES give the same lines on every run: a
  * page the pager served wrongly (zero-filled, stale, misplaced) changes every later checksum.
+ * With "wait", after each pass but the last it prints "pass N waiting" and reads one line from
+ * stdin (the serial console) before going on, so a test can suspend the guest at a known point.
  */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/mman.h>
 
 static uint64_t mix(uint64_t x)
@@ -26,12 +29,13 @@ static uint64_t mix(uint64_t x)
 
 int main(int argc, char **argv)
 {
-	if (argc != 3) {
-		fprintf(stderr, "usage: workload MIB PASSES\n");
+	if (argc != 3 && argc != 4) {
+		fprintf(stderr, "usage: workload MIB PASSES [wait]\n");
 		return 2;
 	}
 	size_t mib = strtoul(argv[1], NULL, 10);
 	unsigned passes = strtoul(argv[2], NULL, 10);
+	int wait = argc == 4 && strcmp(argv[3], "wait") == 0;
 	size_t words = mib << 17; /* 8-byte words per MiB = 2^17 */
 	uint64_t *a = mmap(NULL, words * 8, PROT_READ | PROT_WRITE,
 			   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -60,6 +64,12 @@ int main(int argc, char **argv)
 		for (size_t i = 0; i < words; i++)
 			sum = mix(sum ^ a[i]);
 		printf("pass %u checksum %016llx\n", p, (unsigned long long)sum);
+		if (wait && p < passes) {
+			char line[64];
+			printf("pass %u waiting\n", p);
+			if (!fgets(line, sizeof line, stdin))
+				return 3; /* console closed: nobody will ever say go */
+		}
 	}
 	printf("RESULT checksum %016llx\n", (unsigned long long)sum);
 	return 0;

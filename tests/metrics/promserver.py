@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from pager.vm import stop_process
+from pager.vm.procs import stop_process
 
 
 def free_port() -> int:

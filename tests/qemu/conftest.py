@@ -7,8 +7,9 @@ session; without a cached or fetchable kernel, or without QEMU, the tests skip w
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import re
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -18,11 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from pager import vm
-from pager.vm_bench import guest_builder, start_memnode, start_pager
+from pager.vm.bench import guest_builder, start_memnode, start_pager
+from pager.vm.procs import stop_process
 
 QEMU = "qemu-system-x86_64"
 MEM_MIB, WORK_MIB, PASSES = 256, 128, 4
+SMALL_MEM_MIB, SMALL_WORK_MIB, SMALL_PASSES = 128, 16, 2
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +37,25 @@ def guest():
     except gb.GuestUnavailable as exc:
         pytest.skip(f"test guest unavailable: {exc}")
     return g
+
+
+@pytest.fixture(scope="session")
+def waiting_guest(guest):
+    """The same guest, waiting for a console line after each pass but the last (so a test
+    suspends it at a known point: "pass N waiting")."""
+    return dataclasses.replace(guest, wait=True)
+
+
+@pytest.fixture(scope="session")
+def small_guest(guest):
+    """A waiting guest with a short workload, for the refusal paths."""
+    return dataclasses.replace(guest, mem_mib=SMALL_MEM_MIB, work_mib=SMALL_WORK_MIB,
+                               passes=SMALL_PASSES, wait=True)
+
+
+@pytest.fixture(scope="session")
+def small_expected() -> list[str]:
+    return guest_builder().expected_checksums(SMALL_WORK_MIB, SMALL_PASSES)
 
 
 @pytest.fixture(scope="session")
@@ -67,13 +88,7 @@ def memnode(tmp_path: Path, token: Path) -> Iterator[str]:
     try:
         yield endpoint
     finally:
-        vm.stop_process(proc)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        stop_process(proc)
 
 
 @dataclass
@@ -98,24 +113,26 @@ class Pager:
         return out
 
 
+METRICS_URL = re.compile(r"metrics: (http://\S+)")
+PAGER_START_TIMEOUT = 30
+
+
 @pytest.fixture
 def pager(tmp_path: Path, memnode: str, token: Path) -> Iterator[Pager]:
-    port = free_port()
+    """A pager whose metrics endpoint binds a port of the kernel's choosing (no port picked
+    here that another process could take first); its URL is read from the pager's log."""
     sock = tmp_path / "pager.sock"
     logf = tmp_path / "pager.log"
-    proc = start_pager(sock, memnode, token, logf, ["--metrics", f"127.0.0.1:{port}"])
-    p = Pager(proc, sock, f"http://127.0.0.1:{port}/metrics", logf)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            p.metrics()
-            break
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                vm.stop_process(proc)
-                pytest.fail(f"pager metrics never answered: {logf.read_text()[-800:]}")
-            time.sleep(0.1)
+    proc = start_pager(sock, memnode, token, logf, ["--metrics", "127.0.0.1:0"])
+    deadline = time.monotonic() + PAGER_START_TIMEOUT
+    while (m := METRICS_URL.search(logf.read_text(errors="replace"))) is None:
+        if time.monotonic() > deadline or proc.poll() is not None:
+            stop_process(proc)
+            pytest.fail(f"the pager printed no metrics URL: {logf.read_text()[-800:]}")
+        time.sleep(0.05)
+    p = Pager(proc, sock, m.group(1), logf)
     try:
+        assert "ssi_pager_fetched_bytes_total" in p.metrics()
         yield p
     finally:
-        vm.stop_process(proc)
+        stop_process(proc)

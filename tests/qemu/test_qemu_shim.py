@@ -16,6 +16,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from vmkit import LineReader
 
 from pager.shim import library
 from pager.uffd import Userfaultfd
@@ -69,6 +70,8 @@ class Child:
         self.proc = subprocess.Popen([sys.executable, "-c", CHILD, kind, str(SIZE)], env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        self.out = LineReader(self.proc.stdout, "the preloaded child")
 
     def accept(self) -> tuple[socket.socket, list, list[int]]:
         conn, _ = self.server.accept()
@@ -82,7 +85,8 @@ class Child:
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
-        self.proc.communicate()
+        self.proc.wait(10)
+        self.out.drain(10)
         self.server.close()
 
 
@@ -108,7 +112,7 @@ def fd_target(fd: int) -> str:
 def test_handshake_and_uffd_serves_the_mapping(child_factory, kind):
     c = child_factory(kind)
     conn, regions, fds = c.accept()
-    addr = int(c.proc.stdout.readline())
+    addr = int(c.out.next_line())
     try:
         assert len(regions) == 1
         r = regions[0]
@@ -129,7 +133,7 @@ def test_handshake_and_uffd_serves_the_mapping(child_factory, kind):
         u.zeropage(addr + PAGE, PAGE)
         c.proc.stdin.write("read\n")
         c.proc.stdin.flush()
-        seen = c.proc.stdout.readline().split()
+        seen = c.out.next_line().split()
         assert seen == [bytes([i + 1] * 8).hex() for i in range(SIZE >> 20)]
         u.close()
     finally:
@@ -140,7 +144,7 @@ def test_handshake_and_uffd_serves_the_mapping(child_factory, kind):
 
 def test_other_mappings_are_left_alone(child_factory):
     c = child_factory("other")
-    int(c.proc.stdout.readline())
+    int(c.out.next_line())
     c.server.settimeout(0.5)
     with pytest.raises(TimeoutError):
         c.server.accept()

@@ -26,7 +26,9 @@ import argparse
 import contextlib
 import importlib.util
 import json
+import logging
 import os
+import select
 import statistics
 import subprocess
 import sys
@@ -35,11 +37,20 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import IO
 
-from pager import vm
 from pager.errors import VmError
+from pager.vm.launch import Launch, finish, launch
+from pager.vm.procs import spawn_memnode, spawn_pager, stop_process
+from pager.vm.qmp import Qmp
+from pager.vm.ramstore import load_ram
+from pager.vm.resume import resume_start
+from pager.vm.suspend import do_suspend
 
-CHECKOUT = Path(__file__).resolve().parent.parent
+log = logging.getLogger(__name__)
+
+CHECKOUT = Path(__file__).resolve().parents[2]
+RUN_TIMEOUT = 600.0  # one guest run
 
 
 def load_test_module(relpath: str, name: str) -> ModuleType:
@@ -67,7 +78,7 @@ def guest_builder() -> ModuleType:
 def start_memnode(workdir: Path, token_file: Path, listen: str = "127.0.0.1:0",
                   prefix: list[str] | None = None) -> tuple[subprocess.Popen, str]:
     """A memory node with its store in ``workdir`` (``prefix``: e.g. `ip netns exec NS`)."""
-    return vm.spawn_memnode(workdir / "store", workdir / f"memnode-{time.monotonic_ns()}.log",
+    return spawn_memnode(workdir / "store", workdir / f"memnode-{time.monotonic_ns()}.log",
                             str(token_file), listen, prefix)
 
 
@@ -75,7 +86,7 @@ def start_pager(sock: Path, memnode: str, token_file: Path, logf: Path,
                 extra: list[str] | None = None,
                 prefix: list[str] | None = None) -> subprocess.Popen:
     """A pager logging to ``logf`` (``prefix``: e.g. `ip netns exec NS`)."""
-    return vm.spawn_pager(sock, memnode, str(token_file), list(extra or []), prefix=prefix,
+    return spawn_pager(sock, memnode, str(token_file), list(extra or []), prefix=prefix,
                           log=logf)
 
 
@@ -95,9 +106,9 @@ def services(workdir: Path, token_file: Path, listen: str = "127.0.0.1:0",
         try:
             yield endpoint, sock
         finally:
-            vm.stop_process(pager)
+            stop_process(pager)
     finally:
-        vm.stop_process(node)
+        stop_process(node)
 
 
 # --- runs ---------------------------------------------------------------------------------------
@@ -110,7 +121,8 @@ def vm_args(memnode: str | None, token_file: Path, pager: Path | None) -> argpar
 
 def run_plain(argv: list[str]) -> tuple[float, str]:
     t0 = time.monotonic()
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=RUN_TIMEOUT,
+                          check=False)
     wall = time.monotonic() - t0
     if proc.returncode != 0:
         raise VmError(f"plain QEMU failed ({proc.returncode}): {proc.stderr[-400:]}")
@@ -119,78 +131,81 @@ def run_plain(argv: list[str]) -> tuple[float, str]:
 
 def run_paged(args: argparse.Namespace, argv: list[str], name: str) -> tuple[float, str]:
     t0 = time.monotonic()
-    lau = vm.launch(args, argv, name, stdout=subprocess.PIPE)
+    lau = launch(args, argv, name, stdout=subprocess.PIPE)
     assert lau.qemu.stdout is not None
-    out = lau.qemu.stdout.read().decode(errors="replace")
-    rc = vm.finish(lau)
+    out = rest_of_console(lau.qemu)
+    rc = finish(lau)
     wall = time.monotonic() - t0
     if rc != 0:
         raise VmError(f"QEMU under the pager failed ({rc})")
     return wall, out
 
 
-def read_until(stream, pattern: str, timeout: float = 300) -> tuple[float, str]:
-    """Read lines until one contains ``pattern``; (monotonic time seen, text so far)."""
-    text = []
+def read_until(stream: IO[bytes], pattern: str, timeout: float = 300) -> tuple[float, str]:
+    """Read the console until ``pattern`` appears; (monotonic time seen, all text read). The
+    deadline holds also when the guest prints nothing."""
+    fd = stream.fileno()
+    want = pattern.encode()
+    buf = b""
     deadline = time.monotonic() + timeout
-    for raw in iter(stream.readline, b""):
-        line = raw.decode(errors="replace")
-        text.append(line)
-        if pattern in line:
-            return time.monotonic(), "".join(text)
-        if time.monotonic() > deadline:
-            break
-    raise VmError(f"guest output ended before {pattern!r}: {''.join(text)[-400:]}")
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise VmError(f"no {pattern!r} on the guest console within {timeout:.0f} s: "
+                          f"{buf.decode(errors='replace')[-400:]}")
+        ready, _, _ = select.select([fd], [], [], left)
+        if not ready:
+            continue
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            raise VmError(f"guest output ended before {pattern!r}: "
+                          f"{buf.decode(errors='replace')[-400:]}")
+        buf += chunk
+        if want in buf[:buf.rfind(b"\n") + 1]:  # whole lines: a checksum is not cut off
+            return time.monotonic(), buf.decode(errors="replace")
 
 
-def first_output(stream) -> float:
+def rest_of_console(proc: subprocess.Popen, timeout: float = RUN_TIMEOUT) -> str:
+    """The guest console up to QEMU's exit (VmError, QEMU stopped, after ``timeout``)."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        stop_process(proc)
+        raise VmError(f"QEMU (pid {proc.pid}) still ran after {timeout:.0f} s") from exc
+    return out.decode(errors="replace")
+
+
+def first_output(stream: IO[bytes]) -> float:
     """Time of the first workload line (a progress or checksum line) on the console."""
     t, _ = read_until(stream, "pass ")
     return t
 
 
-def load_all_ram(lau: vm.Launch) -> None:
+def load_all_ram(lau: Launch) -> None:
     """Eager comparator: copy every stored page of the guest's space from the memory node
     into its fresh RAM memfd before the guest runs (what resuming without lazy paging does)."""
-    from transport.tcp import BlockingChannel
-    from transport.token import load_token
-
     st = lau.state
     assert st.memnode is not None
-    fd = os.open(f"/proc/{st.qemu_pid}/fd/{st.memfd}", os.O_WRONLY | os.O_CLOEXEC)
-    buf = bytearray(vm.STORE_CHUNK)
-    view = memoryview(buf)
-    pages = vm.STORE_CHUNK >> 12
-    full = (1 << pages) - 1
-    try:
-        with BlockingChannel.connect(st.memnode, load_token(st.token_file), st.space) as ch:
-            for off in range(0, st.ram_size, vm.STORE_CHUNK):
-                zero = ch.fetch_into(off, view)
-                if zero == full:
-                    continue  # never written: the fresh memfd reads zero already
-                for i in range(pages):
-                    if zero >> i & 1:
-                        view[i << 12:(i + 1) << 12] = bytes(4096)
-                os.pwrite(fd, view, off)
-    finally:
-        os.close(fd)
+    load_ram(f"/proc/{st.qemu_pid}/fd/{st.memfd}", st.ram_size, st.memnode, st.token_file,
+             st.space)
 
 
 def resume_lazy(args: argparse.Namespace, argv: list[str], name: str,
                 eager: bool = False) -> tuple[float, str]:
     """Run to pass 1, suspend, resume; (time from resume start to first output, full text).
     ``eager``: load all RAM from the memory node before `cont` instead of on demand."""
-    lau = vm.launch(args, argv, name, stdout=subprocess.PIPE)
+    args = argparse.Namespace(**vars(args))  # resume fills in --space etc.: not for the next run
+    lau = launch(args, argv, name, stdout=subprocess.PIPE)
     _, before = read_until(lau.qemu.stdout, "pass 1 checksum")
-    vm.do_suspend(args, name)
-    before += lau.qemu.stdout.read().decode(errors="replace")
-    vm.finish(lau)
+    do_suspend(args, name)
+    before += rest_of_console(lau.qemu)
+    finish(lau)
     t0 = time.monotonic()
-    res = vm.resume_start(args, name, argv, stdout=subprocess.PIPE,
+    res = resume_start(args, name, argv, stdout=subprocess.PIPE,
                           before_cont=load_all_ram if eager else None)
     t1 = first_output(res.qemu.stdout)
-    after = res.qemu.stdout.read().decode(errors="replace")
-    rc = vm.finish(res)
+    after = rest_of_console(res.qemu)
+    rc = finish(res)
     if rc != 0:
         raise VmError(f"resumed QEMU failed ({rc})")
     return t1 - t0, before + after
@@ -205,30 +220,29 @@ def resume_full_load(argv: list[str], workdir: Path) -> tuple[float, str, int]:
     src = subprocess.Popen([*argv, *qmp_arg], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         _, before = read_until(src.stdout, "pass 1 checksum")
-        q = vm.Qmp(qmp_path)
+        q = Qmp(qmp_path)
         q.execute("stop")
         q.execute("migrate", uri=f"exec:cat > {state}")
         q.wait_migration()
-        q.execute("quit")
+        q.quit()
         q.close()
         src.wait(60)
     finally:
-        vm.stop_process(src)
+        stop_process(src)
     size = state.stat().st_size
     t0 = time.monotonic()
     dst = subprocess.Popen([*argv, *qmp_arg, "-incoming", "defer"], stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE)
     try:
-        q = vm.Qmp(qmp_path)
+        q = Qmp(qmp_path)
         q.execute("migrate-incoming", uri=f"exec:cat {state}")
         q.wait_migration()
         q.execute("cont")
         q.close()
         t1 = first_output(dst.stdout)
-        after = dst.stdout.read().decode(errors="replace")
-        dst.wait(120)
+        after = rest_of_console(dst)
     finally:
-        vm.stop_process(dst)
+        stop_process(dst)
         state.unlink(missing_ok=True)
     return t1 - t0, before + after, size
 
