@@ -81,6 +81,7 @@ class RdmaServer:
         self.status = "not started"
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # a connection came or went
         self._conns: set[threading.Thread] = set()
         self._listener: RdmaListener | None = None
         self._thread: threading.Thread | None = None
@@ -89,6 +90,11 @@ class RdmaServer:
     def connections(self) -> int:
         with self._lock:
             return len(self._conns)
+
+    def wait_for_connections(self, n: int, timeout: float) -> bool:
+        """Wait until exactly ``n`` connections are open; False at the deadline."""
+        with self._changed:
+            return self._changed.wait_for(lambda: len(self._conns) == n, timeout)
 
     def start(self) -> threading.Thread:
         """Listen (RdmaUnavailable when that fails) and start the accept thread."""
@@ -104,11 +110,10 @@ class RdmaServer:
         while not self._stop.is_set():
             try:
                 conn = self._listener.accept(ACCEPT_POLL, self.window,
-                                             self.connections < self.max_conns,
+                                             self._admit,
                                              self.io_timeout)
             except TransportError as exc:  # one bad connect request: log it, go on
                 if exc.errno == E.EBUSY:
-                    self.rejected += 1
                     log.warning("RDMA connection refused: %d connections open (the limit)",
                                 self.max_conns)
                 else:
@@ -122,9 +127,17 @@ class RdmaServer:
                 continue
             t = threading.Thread(target=self._serve, args=(conn,), daemon=True,
                                  name="rdma-conn")
-            with self._lock:
+            with self._changed:
                 self._conns.add(t)
-            t.start()
+                t.start()
+                self._changed.notify_all()
+
+    def _admit(self) -> bool:
+        """Asked as a connect request arrives: below the connection limit?"""
+        if self.connections < self.max_conns:
+            return True
+        self.rejected += 1
+        return False
 
     def _serve(self, conn: RdmaConn) -> None:
         session = ServerSession(token=self.token, challenge=os.urandom(NONCE_SIZE),
@@ -153,8 +166,9 @@ class RdmaServer:
             log.info("RDMA connection ended: %s", exc)
         finally:
             conn.close()  # QP, CQ, channels, MRs, PD
-            with self._lock:
+            with self._changed:
                 self._conns.discard(threading.current_thread())
+                self._changed.notify_all()
 
     def _handle(self, conn: RdmaConn, session: ServerSession, spaces: dict[str, Any],
                 msg: bytes) -> bool:

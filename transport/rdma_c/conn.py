@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno as E
 import logging
 import os
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -205,15 +206,20 @@ class RdmaListener:
                                   f"{self.ffi.string(self._err).decode()}", errno=-rc)
         self.ptr = out[0]
 
-    def accept(self, timeout: float, window: int, admit: bool,
+    def accept(self, timeout: float, window: int, admit: Callable[[], bool],
                conn_timeout: float) -> RdmaConn | None:
-        """The next connection, None at the deadline; a refused one (``admit`` False) raises
-        TransportError with errno EBUSY."""
-        out = self.ffi.new("struct ssip_rconn **")
-        rc = self.lib.ssip_r_accept(self.ptr, max(1, int(timeout * 1000)), window, int(admit),
-                                    out, self._err, _ERRLEN)
+        """The next connection, None when no request came within ``timeout``. ``admit()`` is
+        asked when a request arrives; False rejects it (TransportError, errno EBUSY)."""
+        req = self.ffi.new("struct ssip_rreq **")
+        rc = self.lib.ssip_r_get_request(self.ptr, max(1, int(timeout * 1000)), req,
+                                         self._err, _ERRLEN)
         if rc == -E.ETIMEDOUT:
             return None
+        if rc < 0:
+            raise rdma_error(rc, self.ffi.string(self._err).decode())
+        out = self.ffi.new("struct ssip_rconn **")
+        rc = self.lib.ssip_r_accept(req[0], max(1, int(conn_timeout * 1000)), window,
+                                    int(admit()), out, self._err, _ERRLEN)
         if rc < 0:
             raise rdma_error(rc, self.ffi.string(self._err).decode())
         return RdmaConn(self._mod, out[0], conn_timeout)

@@ -204,8 +204,12 @@ void ssip_r_listen_close(struct ssip_rlisten *l)
     }
 }
 
-int ssip_r_accept(struct ssip_rlisten *l, int timeout_ms, size_t window, int admit,
-                  struct ssip_rconn **out, char *err, size_t errlen)
+struct ssip_rreq {
+    int fd;
+};
+
+int ssip_r_get_request(struct ssip_rlisten *l, int timeout_ms, struct ssip_rreq **out,
+                       char *err, size_t errlen)
 {
     int64_t deadline = ssip_r_now_ms() + timeout_ms;
     struct pollfd p = {.fd = l->fd, .events = POLLIN};
@@ -218,10 +222,26 @@ int ssip_r_accept(struct ssip_rlisten *l, int timeout_ms, size_t window, int adm
         return ssip_r_fail(err, errlen, -errno, "accept: %s", strerror(errno));
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     struct pkt h;
-    if ((rc = io_full(fd, &h, sizeof h, deadline, 0)) || h.op != OP_HELLO) {
+    if ((rc = io_full(fd, &h, sizeof h, deadline + 1000, 0)) || h.op != OP_HELLO) {
         close(fd);
         return ssip_r_fail(err, errlen, rc ? rc : -EPROTO, "connect request: no hello");
     }
+    struct ssip_rreq *r = calloc(1, sizeof *r);
+    if (!r) {
+        close(fd);
+        return ssip_r_fail(err, errlen, -ENOMEM, "out of memory");
+    }
+    r->fd = fd;
+    *out = r;
+    return 0;
+}
+
+int ssip_r_accept(struct ssip_rreq *r, int timeout_ms, size_t window, int admit,
+                  struct ssip_rconn **out, char *err, size_t errlen)
+{
+    int64_t deadline = ssip_r_now_ms() + timeout_ms;
+    int fd = r->fd, rc;
+    free(r);
     if (!admit) {
         put(fd, OP_REJECT, 0, 0, 0, NULL, 0, deadline);
         close(fd);

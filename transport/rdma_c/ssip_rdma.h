@@ -21,6 +21,7 @@
 
 struct ssip_rconn;
 struct ssip_rlisten;
+struct ssip_rreq;
 
 /* header flag of a STORE whose pages were RDMA-written into the node's buffer 1 (its arg is
  * the byte count, the frame carries no payload); the largest SEND/RECV message (a header and
@@ -35,10 +36,13 @@ int ssip_r_devices(char *names, size_t cap, char *err, size_t errlen);
 /* memory node side */
 int ssip_r_listen(const char *host, int port, int backlog, struct ssip_rlisten **out,
                   char *err, size_t errlen);
-/* wait up to timeout_ms for a connect request; admit = 0 rejects it (-EBUSY). On success
- * *out is an established connection with its own PD and two registered buffers of window
- * bytes: buffer 0 the peer may RDMA READ, buffer 1 it may RDMA WRITE. */
-int ssip_r_accept(struct ssip_rlisten *l, int timeout_ms, size_t window, int admit,
+/* wait up to timeout_ms for a connect request (*out; -ETIMEDOUT when none came) */
+int ssip_r_get_request(struct ssip_rlisten *l, int timeout_ms, struct ssip_rreq **out,
+                       char *err, size_t errlen);
+/* answer a request (always consumed): admit = 0 rejects it (-EBUSY); else, within
+ * timeout_ms, *out is an established connection with its own PD and two registered buffers
+ * of window bytes: buffer 0 the peer may RDMA READ, buffer 1 it may RDMA WRITE. */
+int ssip_r_accept(struct ssip_rreq *r, int timeout_ms, size_t window, int admit,
                   struct ssip_rconn **out, char *err, size_t errlen);
 void ssip_r_listen_close(struct ssip_rlisten *l);
 

@@ -238,8 +238,12 @@ void ssip_r_listen_close(struct ssip_rlisten *l)
     free(l);
 }
 
-int ssip_r_accept(struct ssip_rlisten *l, int timeout_ms, size_t window, int admit,
-                  struct ssip_rconn **out, char *err, size_t errlen)
+struct ssip_rreq {
+    struct rdma_cm_id *id;
+};
+
+int ssip_r_get_request(struct ssip_rlisten *l, int timeout_ms, struct ssip_rreq **out,
+                       char *err, size_t errlen)
 {
     int64_t deadline = ssip_r_now_ms() + timeout_ms;
     enum rdma_cm_event_type t;
@@ -251,7 +255,24 @@ int ssip_r_accept(struct ssip_rlisten *l, int timeout_ms, size_t window, int adm
             return ssip_r_fail(err, errlen, rc, "waiting for a connect request: %s",
                                strerror(-rc));
     } while (t != RDMA_CM_EVENT_CONNECT_REQUEST);
-    deadline = ssip_r_now_ms() + timeout_ms;  /* as long again to establish it */
+    struct ssip_rreq *r = calloc(1, sizeof *r);
+    if (!r) {
+        rdma_reject(id, NULL, 0);
+        rdma_destroy_id(id);
+        return ssip_r_fail(err, errlen, -ENOMEM, "out of memory");
+    }
+    r->id = id;
+    *out = r;
+    return 0;
+}
+
+int ssip_r_accept(struct ssip_rreq *r, int timeout_ms, size_t window, int admit,
+                  struct ssip_rconn **out, char *err, size_t errlen)
+{
+    int64_t deadline = ssip_r_now_ms() + timeout_ms;
+    struct rdma_cm_id *id = r->id;
+    int rc;
+    free(r);
     if (!admit) {
         rdma_reject(id, NULL, 0);
         rdma_destroy_id(id);
