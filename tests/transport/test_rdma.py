@@ -302,3 +302,20 @@ def test_rdma_to_a_node_without_rdma_falls_back(memnode, loopback, capsys):
     assert run(main()) == "tcp"
     lines = [line for line in capsys.readouterr().err.splitlines() if "not RDMA" in line]
     assert len(lines) == 1 and "ConnectError" in lines[0], lines
+
+
+def test_rdma_check_command(node_factory, tmp_path, loopback):
+    """Deliverable 5: `ssi-pager rdma-check HOST:PORT` proves a lane and says OK, or FAILED
+    with the reason (here: the verbs backend finds no device)."""
+    import subprocess
+    import sys
+
+    node = node_factory("--rdma", store=tmp_path / "rdma-store")
+    cmd = [sys.executable, "-m", "pager.cli", "rdma-check", node.endpoint, "--token-file",
+           str(node.token_file), "--count", "10"]
+    ok = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "lane proven" in ok.stdout, ok.stdout + ok.stderr
+    assert ok.stdout.strip().endswith("rdma-check: OK")
+    env = {k: v for k, v in os.environ.items() if k != conn_mod.LOOPBACK_ENV}
+    bad = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+    assert bad.returncode == 1 and "rdma-check: FAILED: RdmaUnavailable" in bad.stdout
