@@ -90,6 +90,8 @@ class RdmaLane(BlockingLane):
         self.conn = conn
         self.session = session
         self.window = window
+        self._again: tuple[str, bytes | None, str] | None = None  # (endpoint, token, node)
+        self._closed = False
 
     @classmethod
     def connect(cls, endpoint: str, token: bytes | None, space: str, *, node: str = "pager",
@@ -116,7 +118,9 @@ class RdmaLane(BlockingLane):
             conn.send(stats)
             window = window_of(expect_reply(parse_reply(conn.recv()), T.STATS_REPLY, req))
             conn.timeout_ms = int(IO_TIMEOUT * 1000)
-            return cls(conn, session, window)
+            lane = cls(conn, session, window)
+            lane._again = (endpoint, token, node)
+            return lane
         except BaseException as exc:
             conn.close()
             if isinstance(exc, TransportError) and not isinstance(exc, ProtocolError):
@@ -126,6 +130,14 @@ class RdmaLane(BlockingLane):
                                    f"{type(exc).__name__}: {exc}") from exc
             raise
 
+    def _live(self) -> RdmaConn:
+        """The connection, re-established after `reset` (a closed lane stays closed)."""
+        if self.conn.ptr is None and not self._closed and self._again is not None:
+            endpoint, token, node = self._again
+            fresh = RdmaLane.connect(endpoint, token, self.session.space_name, node=node)
+            self.conn, self.session, self.window = fresh.conn, fresh.session, fresh.window
+        return self.conn
+
     def _raise_reply(self, frame: bytes) -> None:
         reply = parse_reply(frame)
         raise reply.error or ProtocolError(f"unexpected reply {reply.type}",
@@ -133,10 +145,11 @@ class RdmaLane(BlockingLane):
 
     def fetch_into(self, gpa: int, buf: Any) -> int:
         view = page_view(buf, gpa, "fetch")
+        conn = self._live()
         w, mask = self.window, 0
         for off in range(0, len(view), MAX_DATA):
             part = view[off:off + MAX_DATA]
-            zero, other = self.conn.fetch(self.session.next_id(), self.session.space,
+            zero, other = conn.fetch(self.session.next_id(), self.session.space,
                                           gpa + off, part, w["read_addr"], w["read_rkey"])
             if other is not None:
                 self._raise_reply(other)
@@ -145,21 +158,28 @@ class RdmaLane(BlockingLane):
 
     def store_from(self, gpa: int, buf: Any) -> None:
         view = page_view(buf, gpa, "store")
+        conn = self._live()
         w = self.window
         for off in range(0, len(view), MAX_DATA):
-            other = self.conn.store(self.session.next_id(), self.session.space, gpa + off,
+            other = conn.store(self.session.next_id(), self.session.space, gpa + off,
                                     view[off:off + MAX_DATA], w["write_addr"], w["write_rkey"])
             if other is not None:
                 self._raise_reply(other)
 
     def ping(self) -> float:
         t0 = time.perf_counter()
+        conn = self._live()
         req, frame = self.session.request(T.PING)
-        self.conn.send(frame)
-        expect_reply(parse_reply(self.conn.recv()), T.PONG, req)
+        conn.send(frame)
+        expect_reply(parse_reply(conn.recv()), T.PONG, req)
         return time.perf_counter() - t0
 
+    def reset(self) -> None:
+        """Drop the connection (its QP, CQ, MRs, PD); the next call connects again."""
+        self.conn.close()
+
     def close(self) -> None:
+        self._closed = True
         self.conn.close()
 
 

@@ -174,6 +174,33 @@ def test_client_leaving_frees_its_connection(server):
         lane.fetch_into(0, bytearray(PAGE))
 
 
+def test_a_reset_lane_connects_again(server):
+    """BlockingLane.reset: the connection is dropped (and freed on the node); the next call
+    connects again and is served."""
+    srv = server()
+    with lane_to(srv) as lane:
+        lane.store_from(0, b"z" * PAGE)
+        (first,) = conn_threads(srv)
+        lane.reset()
+        first.join(10)
+        assert not first.is_alive()
+        buf = bytearray(PAGE)
+        assert lane.fetch_into(0, buf) == 0 and buf == b"z" * PAGE
+        assert srv.wait_for_connections(1, 10)
+
+
+def test_oversized_ping_gets_an_error_frame(server):
+    """Defect 3: a request the node cannot answer in one message gets an ERROR, not silence."""
+    from transport.rdma import parse_reply
+
+    srv = server()
+    with lane_to(srv) as lane:
+        lane.conn.send(HEADER.pack(MAGIC, VERSION, T.PING, 0, 5, 0, 0, 0, MAX_DATA))
+        reply = parse_reply(lane.conn.recv())
+        assert reply.type == T.ERROR and reply.error.code == ErrorCode.TOO_LARGE
+        assert lane.ping() > 0
+
+
 def test_handshake_is_bounded(server):
     """Defect 3: a peer that connects and never authenticates is closed at the deadline."""
     srv = server(handshake_timeout=0.3)

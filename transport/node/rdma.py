@@ -220,6 +220,10 @@ class RdmaServer:
                 self._open_space(ev.space, spaces)
                 return session.opened(req, ev.space)
             if isinstance(ev, Ping):
+                room = load().lib.SSIP_R_MSG - HEADER_SIZE
+                if ev.reply_bytes > room:  # a PONG is one message: answer, do not fail
+                    return encode_error(req, ErrorCode.TOO_LARGE, f"PING asks {ev.reply_bytes} "
+                                        f"bytes; over RDMA at most {room}")
                 return pack_header(T.PONG, req, length=ev.reply_bytes) + bytes(ev.reply_bytes)
             if isinstance(ev, StatsRequest):  # only after authentication (the session's rule)
                 return encode_control(T.STATS_REPLY, req, {
