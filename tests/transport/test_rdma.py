@@ -346,3 +346,73 @@ def test_rdma_check_command(node_factory, tmp_path, loopback):
     env = {k: v for k, v in os.environ.items() if k != conn_mod.LOOPBACK_ENV}
     bad = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
     assert bad.returncode == 1 and "rdma-check: FAILED: RdmaUnavailable" in bad.stdout
+
+
+def test_memnode_whose_rdma_setup_fails_keeps_serving_tcp(node_factory, tmp_path, loopback):
+    """Deliverable 4: a device whose setup fails (here: the RDMA port is taken) leaves the
+    node serving TCP, saying why."""
+    from transport.rdma import RDMA_PORT_OFFSET
+
+    with socket.socket() as taken:
+        port = free_tcp_port()
+        taken.bind(("127.0.0.1", port + RDMA_PORT_OFFSET))
+        taken.listen()
+        node = node_factory("--rdma", "--listen", f"127.0.0.1:{port}",
+                            store=tmp_path / "rdma-store")
+        warn = [line for line in node.stderr_lines if "RDMA not served" in line]
+        assert len(warn) == 1 and "listen" in warn[0] and "in use" in warn[0], warn
+        tcp_fetches_answer(node.endpoint, node.token)
+
+
+def test_spaces_are_opened_on_the_event_loop_thread(loopback, tmp_path):
+    """Defect 7: RDMA threads never race the asyncio thread in PageStore.open: they ask the
+    node's event loop to open a space."""
+    import asyncio
+
+    from transport.node.rdma import RdmaServer
+    from transport.rdma import RDMA_PORT_OFFSET
+
+    class RecordingStore(PageStore):
+        def open(self, name):
+            self.openers.append((name, threading.current_thread().name))
+            return super().open(name)
+
+    store = RecordingStore(tmp_path / "store")
+    store.openers = []
+    loop = asyncio.new_event_loop()
+    looper = threading.Thread(target=loop.run_forever, name="node-loop", daemon=True)
+    looper.start()
+    srv = RdmaServer(store, TOKEN, "127.0.0.1", free_tcp_port() - RDMA_PORT_OFFSET, loop=loop)
+    srv.start()
+    srv.endpoint = f"127.0.0.1:{srv.port - RDMA_PORT_OFFSET}"
+    try:
+        with lane_to(srv, "vm-a") as a, lane_to(srv, "vm-b") as b:
+            a.store_from(0, b"a" * PAGE)
+            assert b.fetch_into(0, bytearray(PAGE)) == 1
+        assert {name for name, _ in store.openers} == {"vm-a", "vm-b"}
+        assert {thread for _, thread in store.openers} == {"node-loop"}
+    finally:
+        srv.stop()
+        loop.call_soon_threadsafe(loop.stop)
+        looper.join(10)
+        loop.close()
+        store.close()
+
+
+@pytest.mark.parametrize("obj,why", [
+    ({}, "no RDMA buffers"),
+    ({"rdma": {"read_addr": 1, "read_rkey": 2, "write_addr": 3, "write_rkey": 4}},
+     "no RDMA buffers"),
+    ({"rdma": {"read_addr": 1, "read_rkey": 2, "write_addr": 3, "write_rkey": "4",
+               "size": MAX_DATA}}, "no RDMA buffers"),
+    ({"rdma": {"read_addr": 1, "read_rkey": 2, "write_addr": 3, "write_rkey": 4,
+               "size": 4096}}, "below one frame"),
+])
+def test_a_malformed_window_is_a_connect_error(obj, why):
+    """Defect 4: whatever a node sends in place of its buffers is a ConnectError (falls
+    back), never a ValueError or KeyError escaping."""
+    from transport.rdma import window_of
+    from transport.wire import Reply
+
+    with pytest.raises(ConnectError, match=why):
+        window_of(Reply(T.STATS_REPLY, 1, obj=obj))

@@ -94,8 +94,8 @@ async def _serve(node: MemoryNode, args: argparse.Namespace) -> int:
     print(f"memnode: listening on {endpoint}", file=sys.stderr, flush=True)
     await stop.wait()
     print("memnode: stopping", file=sys.stderr)
-    if rdma is not None:
-        rdma.stop()
+    if rdma is not None:  # off the loop: its threads may be waiting on the loop
+        await asyncio.to_thread(rdma.stop)
     if exporter is not None:
         await exporter.close()
     await node.close()
