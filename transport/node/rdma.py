@@ -110,8 +110,8 @@ class RdmaServer:
         while not self._stop.is_set():
             try:
                 conn = self._listener.accept(ACCEPT_POLL, self.window,
-                                             self._admit,
-                                             self.io_timeout)
+                                             self._admit, self.io_timeout,
+                                             min(self.handshake_timeout, self.io_timeout))
             except TransportError as exc:  # one bad connect request: log it, go on
                 if exc.errno == E.EBUSY:
                     log.warning("RDMA connection refused: %d connections open (the limit)",

@@ -207,9 +207,11 @@ class RdmaListener:
         self.ptr = out[0]
 
     def accept(self, timeout: float, window: int, admit: Callable[[], bool],
-               conn_timeout: float) -> RdmaConn | None:
+               conn_timeout: float, establish_timeout: float) -> RdmaConn | None:
         """The next connection, None when no request came within ``timeout``. ``admit()`` is
-        asked when a request arrives; False rejects it (TransportError, errno EBUSY)."""
+        asked when a request arrives; False rejects it (TransportError, errno EBUSY). The
+        connection must be established within ``establish_timeout``; its waits are then
+        bounded by ``conn_timeout``."""
         req = self.ffi.new("struct ssip_rreq **")
         rc = self.lib.ssip_r_get_request(self.ptr, max(1, int(timeout * 1000)), req,
                                          self._err, _ERRLEN)
@@ -218,7 +220,7 @@ class RdmaListener:
         if rc < 0:
             raise rdma_error(rc, self.ffi.string(self._err).decode())
         out = self.ffi.new("struct ssip_rconn **")
-        rc = self.lib.ssip_r_accept(req[0], max(1, int(conn_timeout * 1000)), window,
+        rc = self.lib.ssip_r_accept(req[0], max(1, int(establish_timeout * 1000)), window,
                                     int(admit()), out, self._err, _ERRLEN)
         if rc < 0:
             raise rdma_error(rc, self.ffi.string(self._err).decode())
