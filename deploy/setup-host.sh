@@ -12,13 +12,14 @@ if [ "${SSI_PAGER_SKIP_APT:-0}" != 1 ]; then
   apt-get update -qq
   # gcc/libc6-dev: cffi extension, preload shim, test helpers; qemu + busybox: test guests;
   # prometheus: promtool and the scrape test; systemd: systemd-analyze verify of the units;
-  # iproute2: network namespaces; python3-pyverbs/rdma-core: the RDMA path (falls back to TCP
-  # where the kernel has no RDMA, as on CI).
+  # iproute2: network namespaces; libibverbs-dev/librdmacm-dev: headers to compile the RDMA
+  # data path (transport/rdma_c, -Wall -Wextra) and rdma-core/ibverbs-providers to run it
+  # (it falls back to TCP where the kernel has no RDMA, as on CI).
   apt-get install -y -qq --no-install-recommends \
     gcc libc6-dev make cpio kmod iproute2 procps \
     qemu-system-x86 busybox-static \
     prometheus systemd \
-    python3-pyverbs rdma-core ibverbs-providers >/dev/null
+    libibverbs-dev librdmacm-dev rdma-core ibverbs-providers >/dev/null
 fi
 
 # guest kernel for the QEMU tests and `ssi-pager vm` examples, cached across runs

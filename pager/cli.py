@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "vm": ("pager.vm.cli", "run a QEMU guest with its RAM behind the pager"),
     "tune": ("tuning.cli", "check, plan, apply or revert host tuning (sysctl)"),
     "check": ("pager.uffd.check", "report what userfaultfd supports on this host"),
+    "rdma-check": ("transport.rdma_c.check",
+                   "connect an RDMA lane to a memory node, prove it and time it"),
     "status": ("pager.tools.status", "show a running pager's and its memory nodes' state"),
 }
 # bench kind -> (module, help)

@@ -2,9 +2,9 @@
 
 Modules: `base` (interface, tiers), `lane` (blocking lanes: what a pager thread uses),
 `wire` (the sans-IO wire format), `tcp` (shells: asyncio client, BlockingChannel, listener),
-`loop` (uvloop), `rdma` (pyverbs client), `factory` (`create_transport`), `manager`
-(`TransportManager`), `node` (the memory node, its store, C fast lane and RDMA listener),
-`bench`.
+`loop` (uvloop), `rdma` (RDMA lanes over the C data path in `rdma_c`), `factory`
+(`create_transport`), `manager` (`TransportManager`), `node` (the memory node, its store,
+C fast lane and RDMA listener), `bench`.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ Lines (``name``, ``p50_us``, ``p99_us``, ``gbps`` where they apply):
 * ``ref_remote_4k`` / ``ref_remote_64k``   the C reference pager (refpager-remote against
   refpager-memnode) in the same run: fault latency, and its handler's mean fetch time
 * ``ratio_*``             ours / reference (goal: 4 KiB p50 <= 1.5, pipelined >= 0.75)
+* ``rdma_fetch_4k`` / ``rdma_fetch_64k``   with ``--rdma --endpoint``: the same fetches over a
+  proven RDMA lane (`transport.rdma_c.check.bench_lines`)
 
 Without ``--endpoint`` a memory node is started on loopback (its own process) and filled with
 ``--mib`` MiB. ``--netns`` repeats the client measurements across a veth link between two
@@ -61,6 +63,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="alternate ours and the reference this many times; medians")
     parser.add_argument("--netns", action="store_true",
                         help="also measure across a veth link between two namespaces")
+    parser.add_argument("--rdma", action="store_true",
+                        help="also measure RDMA lanes (rdma_fetch_4k/64k) against --endpoint, "
+                             "a node started with memnode --rdma on an RDMA NIC")
     parser.add_argument("--no-fill", action="store_true", help=argparse.SUPPRESS)
 
 
@@ -305,12 +310,22 @@ def median_lines(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
 
 
 def main(args: argparse.Namespace) -> int:
+    if getattr(args, "rdma", False) and not args.endpoint:
+        print("bench: --rdma needs --endpoint HOST:PORT of a node started with memnode --rdma",
+              file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory(prefix="ssipg-bench-") as tmpdir:
         tmp = Path(tmpdir)
         if args.endpoint:
             token = load_token(args.token_file) if args.token_file else None
             for line in measure(args.endpoint, token, args, args.label):
                 emit(line)
+            if args.rdma:
+                from transport.rdma_c.check import bench_lines
+
+                for line in bench_lines(args.endpoint, token, args.space, args.mib << 20,
+                                        args.count, args.label):
+                    emit(line)
             return 0
         ref: RefPager | None = None
         if not args.no_ref:

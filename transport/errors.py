@@ -72,4 +72,5 @@ class StoreError(TransportError):
 
 
 class RdmaUnavailable(TransportError):
-    """RDMA cannot be used here (no pyverbs, no device); callers fall back to TCP."""
+    """RDMA cannot be used here (no extension or libraries, no device); callers fall back to
+    TCP."""

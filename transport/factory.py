@@ -1,9 +1,9 @@
-"""`create_transport()`: RDMA when pyverbs and a device are there and its lanes prove
-themselves, else TCP with one warning.
+"""`create_transport()`: RDMA when the RDMA extension loads, a device is there and its lanes
+prove themselves, else TCP with one warning.
 
 Every way RDMA can be missing or fail ends in the same place: a connected `TcpTransport` and a
 single stderr line saying why RDMA is not used and how to get it. "Fail" is any exception on
-the way (pyverbs errors that are not `TransportError`, a malformed WELCOME, the lane proof of
+the way (errors that are not `TransportError`, a malformed WELCOME or STATS_REPLY, the lane proof of
 `transport.lane.prove_lane`), so an untested path can never be a guest's only path.
 """
 
@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 def rdma_unavailable_reason() -> str | None:
-    """Why RDMA cannot be used here (None if it can): pyverbs missing, no device, ..."""
+    """Why RDMA cannot be used here (None if it can): extension missing, no device, ..."""
     try:
         from transport.rdma import rdma_devices
 
@@ -49,8 +49,8 @@ async def create_transport(endpoint: str, token: bytes | None = None, *,
 
     ``prefer``: "auto" (RDMA if possible, else TCP), "rdma" (fail without it), "tcp".
     ``upgrade`` builds the transport tried before TCP (default: `RdmaTransport`, which raises
-    `RdmaUnavailable` without pyverbs or a device); it is connected and one of its lanes is
-    opened, so its lanes' proof runs before it is chosen.
+    `RdmaUnavailable` without the RDMA extension or a device); it is connected and one of its
+    lanes is opened, so its lanes' proof runs before it is chosen.
     """
     if prefer not in ("auto", "rdma", "tcp"):
         raise TransportError(f"unknown transport {prefer!r}: use auto, rdma or tcp")

@@ -16,7 +16,9 @@ space)``), so the transport `create_transport()` selected is the one that carrie
 A lane of a kind that has not carried pages here before (RDMA) proves itself first:
 `prove_lane` stores a random page into `PROOF_SPACE` and reads it back through a lane of that
 kind, byte for byte. `open_lane_or_tcp` turns any failure of such a lane (its proof, its
-connect, any exception) into a TCP lane and the one warning line.
+connect, any exception) into a TCP lane and the one warning line. ``c_endpoint()`` of an
+RDMA lane is None for now: the C fault loop drives TCP lanes only, and RDMA lanes are driven
+from Python through the C data path (`transport.rdma_c`, GIL released).
 """
 
 from __future__ import annotations
@@ -149,7 +151,7 @@ def open_lane_or_tcp(transport: PageTransport, node_id: str, space: str) -> Bloc
         return transport.open_lane(node_id, space)
     try:
         return transport.open_lane(node_id, space)
-    except Exception as exc:  # pyverbs errors, ValueError from a bad WELCOME, a failed proof
+    except Exception as exc:  # RDMA errors, a bad handshake, a failed proof, anything
         log.debug("%s lane to %s failed", transport.name, node_id, exc_info=True)
         warn_once(f"transport: using TCP, not {transport.name.upper()}: the {transport.name} "
                   f"lane to {node_id} failed ({type(exc).__name__}: {exc}); faults go over TCP")

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 FAST_LINK_MBPS = 10_000  # below this a link is "slow" (the design's 10G recommendation)
 SLOW_MEASURED_GBPS = 2.5  # measured throughput below this: a ~1 Gbps class path
 RDMA_TIP = ("transport: tip: RDMA (InfiniBand/RoCE) serves a page in a few µs: install "
-            "python3-pyverbs and rdma-core with an RDMA NIC, then start the memory node with "
+            "rdma-core and ibverbs-providers with an RDMA NIC, then start the memory node with "
             "--rdma")
 
 

@@ -1,358 +1,186 @@
-"""RDMA transport over pyverbs (rdma-core's Python binding), imported lazily.
+"""RDMA transport: the pager's side, a Python shell over the C data path `transport.rdma_c`.
 
-Connection setup with rdma_cm (`pyverbs.cmid.CMID`, RDMA_PS_TCP, RC queue pair). The same
-protocol frames as TCP travel as SEND/RECV control messages; page bytes move one-sided:
+Connection setup (rdma_cm), the waits on completions and the per-fault path (FETCH, DATA,
+RDMA READ, scatter by zero mask; STORE by RDMA WRITE + staged STORE) are C (``lane.c``,
+``verbs.c``), each call bounded by a deadline and run with the GIL released. Python runs the
+handshake through the sans-IO `transport.wire.ClientSession`:
 
-* fetch: the client SENDs a FETCH frame; the node reads the written pages (packed, as on
-  TCP) into its registered staging window and SENDs back a DATA header (``arg`` = zero
-  mask, no payload); the client RDMA READs the packed pages into its registered buffer and
-  scatters them into the caller's buffer.
-* store: the client RDMA WRITEs the pages into the node's inbox, then SENDs a STORE header
-  with flag `STAGED` and ``arg`` = byte count; the node pwrites them and SENDs STORED.
+* HELLO -> WELCOME (no RDMA keys) -> AUTH -> AUTH_OK -> OPEN -> OPENED, as SEND/RECV messages;
+* then STATS -> STATS_REPLY {"rdma": {read_addr, read_rkey, write_addr, write_rkey, size}}:
+  the node's buffers for this connection. The node's session refuses STATS before
+  authentication (and closes), so no unauthenticated peer ever learns an rkey; each
+  connection has its own protection domain, so its rkeys are valid on its own QP only.
+* fetch: FETCH header by SEND; the node reads the written pages (packed) into its buffer 0
+  and SENDs a DATA header (``arg`` = zero mask); the pager RDMA READs them and scatters them.
+* store: RDMA WRITE into the node's buffer 1, then a STORE header with flag
+  `transport.rdma_c` ``SSIP_R_STAGED`` and ``arg`` = byte count; STORED after the pwrite.
 
-The node registers two windows per connection, one the client may RDMA READ (staged
-fetches) and one it may RDMA WRITE (stores); their addresses and rkeys come in the WELCOME
-message (``"rdma": {"read_addr", "read_rkey", "write_addr", "write_rkey", "size"}``).
 The RDMA service (`transport.node.rdma.RdmaServer`) listens on the memory node's TCP port +
-`RDMA_PORT_OFFSET`.
-
-Client side: `RdmaLane` is the blocking lane (`transport.lane.BlockingLane`) a pager thread
-uses; `RdmaTransport` (the asyncio `PageTransport`) runs one per peer in worker threads.
-`RdmaTransport.open_lane` hands out a lane only after a lane of this kind stored a page into
-`transport.lane.PROOF_SPACE` and read it back unchanged; `create_transport` and
-`transport.lane.open_lane_or_tcp` turn any failure into TCP with one warning.
-
-Installing pyverbs on Debian/Ubuntu: ``apt install python3-pyverbs rdma-core`` (plus the NIC's
-provider, e.g. ``ibverbs-providers``). The package installs into the system Python's
-``/usr/lib/python3/dist-packages``; when ssi-pager runs on another interpreter of the same
-minor version (a venv or pyenv 3.11 on Debian 12), `import_pyverbs` loads that one package
-from there (only ``pyverbs``, the rest of dist-packages stays invisible). Set
-``SSI_PAGER_PYVERBS_PATH`` to the directory holding ``pyverbs/`` to use another build.
-PyPI's pyverbs needs a matching rdma-core at run time (59.x needs libibverbs 59), so the
-distribution's package is the one to use.
-
-What runs here: the import, the device probe and the fallbacks are tested for real (pyverbs
-installed, no RDMA device: ``get_device_list()`` raises PyverbsRDMAError; a lane kind whose
-proof fails, or whose connect raises a non-transport error, in tests/transport/test_lanes.py).
-The data path needs an RDMA NIC (or rxe/siw soft-RoCE in a kernel with RDMA support) and was
-not run on this project's test machine, whose kernel has no RDMA support.
+`RDMA_PORT_OFFSET`. `RdmaLane` is the blocking lane (`transport.lane.BlockingLane`);
+``c_endpoint()`` is None (the C fault loop drives TCP lanes only). `RdmaTransport.open_lane`
+hands out a lane only after a lane of this kind stored a page into `PROOF_SPACE` and read it
+back unchanged; `create_transport` and `open_lane_or_tcp` turn any failure into TCP with the
+one warning. What ran on the project's machine (no RDMA) and what needs hardware: see
+transport/README.md.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import importlib
-import importlib.util
-import logging
 import os
-import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from transport.base import Pages, PageTransport, check_pages, lookup_peer, page_view
-from transport.errors import ConnectError, RdmaUnavailable, TransportError
+from transport.errors import ConnectError, ProtocolError, TransportError
 from transport.lane import PROOF_SPACE, BlockingLane, prove_lane
+from transport.rdma_c.conn import RdmaConn, backend, load, rdma_devices
 from transport.wire import (
-    HEADER,
-    HEADER_SIZE,
-    MAGIC,
-    MAX_CONTROL,
     MAX_DATA,
     NONCE_SIZE,
-    PAGE_SHIFT,
     PAGE_SIZE,
-    VERSION,
-    ClientHandshake,
+    ClientSession,
+    ErrorCode,
     FrameReader,
     Reply,
     T,
-    data_length,
+    expect_reply,
     reply_from_frame,
-    zero_mask_runs,
 )
 
-log = logging.getLogger(__name__)
+__all__ = ["RDMA_PORT_OFFSET", "WINDOW_KEYS", "RdmaLane", "RdmaTransport", "backend",
+           "load", "rdma_devices"]
 
 RDMA_PORT_OFFSET = 1000
-STAGED = 0x8000  # header flag on RDMA: the STORE's pages are in the node's window
-DISTRO_PATHS = ("/usr/lib/python3/dist-packages",)
-INSTALL_HINT = ("for RDMA install rdma-core's Python binding: apt install python3-pyverbs "
-                "rdma-core ibverbs-providers (see transport/README.md)")
-_MSG = HEADER_SIZE + MAX_CONTROL
-
-_pyverbs: ModuleType | None = None
-
-
-@contextlib.contextmanager
-def _keep_root_logging() -> Iterator[None]:
-    """pyverbs.base calls logging.basicConfig(level=INFO) at import: undo that."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    try:
-        yield
-    finally:
-        for h in root.handlers[:]:
-            if h not in handlers:
-                root.removeHandler(h)
-        root.setLevel(level)
-
-
-def import_pyverbs() -> ModuleType:
-    """Import pyverbs, from sys.path or from the distribution's package; RdmaUnavailable
-    (saying why and what to install) otherwise."""
-    global _pyverbs
-    if _pyverbs is not None:
-        return _pyverbs
-    with _keep_root_logging():
-        return _import_pyverbs()
-
-
-def _import_pyverbs() -> ModuleType:
-    global _pyverbs
-    try:
-        _pyverbs = importlib.import_module("pyverbs")
-        importlib.import_module("pyverbs.device")
-        return _pyverbs
-    except ImportError as exc:
-        first = exc
-        sys.modules.pop("pyverbs", None)
-    extra = os.environ.get("SSI_PAGER_PYVERBS_PATH")
-    for base in ([extra] if extra else []) + list(DISTRO_PATHS):
-        init = Path(base) / "pyverbs" / "__init__.py"
-        if not init.exists():
-            continue
-        tag = f"cpython-{sys.version_info.major}{sys.version_info.minor}"
-        built = [p.name for p in init.parent.glob("*.so")]
-        if built and not any(tag in name for name in built):
-            raise RdmaUnavailable(f"pyverbs in {base} is built for another Python than "
-                                  f"{sys.version_info.major}.{sys.version_info.minor}; run "
-                                  f"ssi-pager with the system python3 or build pyverbs for it")
-        spec = importlib.util.spec_from_file_location(
-            "pyverbs", init, submodule_search_locations=[str(init.parent)])
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["pyverbs"] = module
-        try:
-            spec.loader.exec_module(module)
-            importlib.import_module("pyverbs.device")
-        except ImportError as exc:
-            for name in [m for m in sys.modules if m == "pyverbs" or m.startswith("pyverbs.")]:
-                del sys.modules[name]
-            raise RdmaUnavailable(f"pyverbs from {base} does not load ({exc}); "
-                                  f"{INSTALL_HINT}") from exc
-        _pyverbs = module
-        return module
-    raise RdmaUnavailable(f"pyverbs is not installed ({first}); {INSTALL_HINT}")
-
-
-def rdma_devices() -> list[str]:
-    """Names of RDMA devices; RdmaUnavailable when there are none or the query fails."""
-    import_pyverbs()
-    device = importlib.import_module("pyverbs.device")
-    errors = importlib.import_module("pyverbs.pyverbs_error")
-    try:
-        devices = device.get_device_list()
-    except errors.PyverbsError as exc:  # PyverbsRDMAError: no RDMA support in the kernel
-        raise RdmaUnavailable(f"no RDMA device (get_device_list failed: {exc}); an RDMA NIC "
-                              f"(InfiniBand/RoCE/iWARP) with its driver is needed") from exc
-    if not devices:
-        raise RdmaUnavailable("no RDMA device found (an RDMA NIC with its driver, or "
-                              "soft-RoCE `rdma link add rxe0 type rxe netdev ETH`, is needed)")
-    return [d.name.decode() if isinstance(d.name, bytes) else str(d.name) for d in devices]
-
-
-def verbs() -> tuple[Any, Any, Any, Any]:
-    import_pyverbs()
-    return (importlib.import_module("pyverbs.cmid"), importlib.import_module("pyverbs.qp"),
-            importlib.import_module("pyverbs.cm_enums"), importlib.import_module("pyverbs.enums"))
-
-
-def qp_init(qp: Any) -> Any:
-    cap = qp.QPCap(max_send_wr=16, max_recv_wr=16, max_send_sge=1, max_recv_sge=1)
-    return qp.QPInitAttr(cap=cap, sq_sig_all=1)
-
-
+CONNECT_TIMEOUT = 5.0  # rdma_cm address/route resolution and connection establishment
+IO_TIMEOUT = 10.0  # any one completion (a node's pwrite included)
 WINDOW_KEYS = ("read_addr", "read_rkey", "write_addr", "write_rkey", "size")
 
 
-class RdmaLink:
-    """One connected CMID with its message buffers; blocking calls (run them in a thread)."""
+def parse_reply(data: bytes, reader: FrameReader | None = None) -> Reply:
+    """The one frame in an RDMA message (a message is exactly one frame)."""
+    reader = reader or FrameReader(capacity=len(data) + 64)
+    reader.receive_data(data)
+    frame = reader.next_frame()
+    if frame is None or reader.buffered():
+        raise ProtocolError(f"RDMA message of {len(data)} bytes is not exactly one frame",
+                            ErrorCode.BAD_FRAME, fatal=True)
+    return reply_from_frame(frame)
 
-    def __init__(self, cmid: Any) -> None:
-        self.cmid = cmid
-        self.send_mr = cmid.reg_msgs(_MSG)
-        self.recv_mr = cmid.reg_msgs(_MSG)
-        self.reader = FrameReader()
-        self.space = 0
-        # every work request we post is waited for with get_send_comp, so each must produce
-        # a completion: pyverbs' post_read/post_write default to unsignaled
-        self.signaled = importlib.import_module("pyverbs.enums").IBV_SEND_SIGNALED
 
-    def post_recv(self) -> None:
-        self.cmid.post_recv(self.recv_mr, _MSG)
-
-    def send(self, frame: bytes) -> None:
-        self.send_mr.write(frame, len(frame), 0)
-        self.cmid.post_send(self.send_mr, self.signaled, len(frame))
-        self._complete(self.cmid.get_send_comp, "send")
-
-    def recv(self) -> Reply:
-        wc = self._complete(self.cmid.get_recv_comp, "receive")
-        self.reader.receive_data(self.recv_mr.read(wc.byte_len, 0))
-        self.post_recv()  # keep one receive posted
-        frame = self.reader.next_frame()
-        if frame is None:
-            raise TransportError("RDMA peer sent a partial frame")
-        return reply_from_frame(frame)
-
-    @staticmethod
-    def _complete(poll: Any, what: str) -> Any:
-        wc = None
-        while wc is None:
-            wc = poll()
-        if wc.status != 0:  # IBV_WC_SUCCESS
-            raise TransportError(f"RDMA {what} completion failed with status {wc.status}")
-        return wc
-
-    def close(self) -> None:
-        try:
-            self.cmid.disconnect()
-        except Exception as exc:  # already gone
-            log.debug("rdma disconnect: %s", exc)
-        for mr in (self.send_mr, self.recv_mr):  # before the CMID, whose PD they hold
-            with contextlib.suppress(Exception):
-                mr.close()
-        self.cmid.close()
+def window_of(reply: Reply) -> dict[str, int]:
+    """The node's RDMA buffers from its STATS_REPLY; ConnectError when missing or bad."""
+    info = (reply.obj or {}).get("rdma")
+    if not isinstance(info, dict) or not all(isinstance(info.get(k), int) for k in WINDOW_KEYS):
+        raise ConnectError("memory node offered no RDMA buffers in its STATS_REPLY: it is "
+                           "not an ssi-pager RDMA service")
+    if info["size"] < MAX_DATA:
+        raise ConnectError(f"memory node's RDMA buffer of {info['size']} bytes is below one "
+                           f"frame ({MAX_DATA})")
+    return {k: int(info[k]) for k in WINDOW_KEYS}
 
 
 class RdmaLane(BlockingLane):
-    """One RC connection to one address space of a memory node (blocking; one thread).
-
-    `connect` wraps every failure (pyverbs errors, a malformed WELCOME) in `ConnectError`.
-    A lane proves itself before it carries a fault: `RdmaTransport.open_lane` runs
-    `transport.lane.prove_lane` through a lane of this kind first.
-    """
+    """One RC connection to one address space of a memory node (blocking; one thread)."""
 
     kind = "rdma"
 
-    def __init__(self, link: RdmaLink, data_mr: Any, window: dict[str, int]) -> None:
-        self.link = link
-        self.data_mr = data_mr  # local buffer: RDMA READ target, RDMA WRITE source
-        # the node's staging window for fetched pages (we READ it) and its inbox for stored
-        # pages (we WRITE it)
-        self.read_addr, self.read_rkey, self.write_addr, self.write_rkey, self.size = (
-            window[k] for k in WINDOW_KEYS)
-        if self.size < MAX_DATA:
-            raise ValueError(f"RDMA window of {self.size} bytes is below one frame "
-                             f"({MAX_DATA})")
+    def __init__(self, conn: RdmaConn, session: ClientSession, window: dict[str, int]) -> None:
+        self.conn = conn
+        self.session = session
+        self.window = window
+        self._again: tuple[str, bytes | None, str] | None = None  # (endpoint, token, node)
+        self._closed = False
 
     @classmethod
-    def connect(cls, endpoint: str, token: bytes | None, space: str, *,
-                node: str = "pager") -> RdmaLane:
+    def connect(cls, endpoint: str, token: bytes | None, space: str, *, node: str = "pager",
+                timeout: float = CONNECT_TIMEOUT) -> RdmaLane:
+        """Connect, authenticate, open ``space``, learn the node's buffers; every failure
+        is a `TransportError` (`ConnectError` unless authentication itself failed)."""
         from transport.tcp import parse_endpoint
 
         host, port = parse_endpoint(endpoint)
         if port is None:
             raise TransportError(f"endpoint {endpoint!r} has no port: use HOST:PORT")
         where = f"{host}:{port + RDMA_PORT_OFFSET}"
-        link = None
+        conn = RdmaConn.connect(host, port + RDMA_PORT_OFFSET, window=MAX_DATA,
+                                timeout=timeout)
         try:
-            cmid_mod, qp, ce, _e = verbs()
-            ai = cmid_mod.AddrInfo(dst=host, dst_service=str(port + RDMA_PORT_OFFSET),
-                                   port_space=ce.RDMA_PS_TCP)
-            cmid = cmid_mod.CMID(creator=ai, qp_init_attr=qp_init(qp))
-            link = RdmaLink(cmid)
-            data_mr = cmid.reg_msgs(MAX_DATA)
-            link.post_recv()
-            cmid.connect(cmid_mod.ConnParam(resources=4, depth=4))
-            window = cls._handshake(link, token, space, node)
-            return cls(link, data_mr, window)
-        except RdmaUnavailable:
-            raise
-        except Exception as exc:  # PyverbsRDMAError, ValueError/KeyError from a bad WELCOME
-            if link is not None:
-                link.close()
-            if isinstance(exc, TransportError) and not isinstance(exc, ConnectError):
+            conn.timeout_ms = int(timeout * 1000)  # the handshake is bounded like the connect
+            session = ClientSession(token, space, node=node, nonce=os.urandom(NONCE_SIZE),
+                                    endpoint=where)
+            out = session.start()
+            while out:
+                conn.send(out)
+                out = session.receive(parse_reply(conn.recv()))
+            req, stats = session.request(T.STATS)
+            conn.send(stats)
+            window = window_of(expect_reply(parse_reply(conn.recv()), T.STATS_REPLY, req))
+            conn.timeout_ms = int(IO_TIMEOUT * 1000)
+            lane = cls(conn, session, window)
+            lane._again = (endpoint, token, node)
+            return lane
+        except BaseException as exc:
+            conn.close()
+            if isinstance(exc, TransportError) and not isinstance(exc, ProtocolError):
                 raise
-            raise ConnectError(f"RDMA connect to {where} failed: {type(exc).__name__}: "
-                               f"{exc}") from exc
+            if isinstance(exc, Exception):
+                raise ConnectError(f"RDMA handshake with {where} failed: "
+                                   f"{type(exc).__name__}: {exc}") from exc
+            raise
 
-    @staticmethod
-    def _handshake(link: RdmaLink, token: bytes | None, space: str,
-                   node: str) -> dict[str, int]:
-        hs = ClientHandshake(token, space, node=node, nonce=os.urandom(NONCE_SIZE))
-        link.send(hs.start())
-        window: dict[str, Any] = {}
-        while not hs.done:
-            reply = link.recv()
-            if reply.type == T.WELCOME and reply.obj:
-                window = reply.obj.get("rdma") or {}
-            out = hs.receive(reply)
-            if out:
-                link.send(out)
-        if not isinstance(window, dict) or not set(WINDOW_KEYS) <= window.keys():
-            raise TransportError("memory node offered no RDMA window: it runs without --rdma")
-        link.space = hs.space
-        return {k: int(window[k]) for k in WINDOW_KEYS}
+    def _live(self) -> RdmaConn:
+        """The connection, re-established after `reset` (a closed lane stays closed)."""
+        if self.conn.ptr is None and not self._closed and self._again is not None:
+            endpoint, token, node = self._again
+            fresh = RdmaLane.connect(endpoint, token, self.session.space_name, node=node)
+            self.conn, self.session, self.window = fresh.conn, fresh.session, fresh.window
+        return self.conn
+
+    def _raise_reply(self, frame: bytes) -> None:
+        reply = parse_reply(frame)
+        raise reply.error or ProtocolError(f"unexpected reply {reply.type}",
+                                           ErrorCode.BAD_MESSAGE, fatal=True)
 
     def fetch_into(self, gpa: int, buf: Any) -> int:
         view = page_view(buf, gpa, "fetch")
-        link, mr = self.link, self.data_mr
-        mask = 0
+        conn = self._live()
+        w, mask = self.window, 0
         for off in range(0, len(view), MAX_DATA):
             part = view[off:off + MAX_DATA]
-            link.send(HEADER.pack(MAGIC, VERSION, T.FETCH, 0, 1, link.space, gpa + off, 0,
-                                  len(part)))
-            reply = link.recv()
-            if reply.error is not None:
-                raise reply.error
-            # a DATA header only: the written pages wait, packed, in the node's window
-            staged = data_length(len(part) >> PAGE_SHIFT, reply.arg)
-            if staged:
-                link.cmid.post_read(mr, staged, self.read_addr, self.read_rkey, link.signaled)
-                link._complete(link.cmid.get_send_comp, "RDMA READ")
-                data = mr.read(staged, 0)
-                pos = 0
-                for first, count in zero_mask_runs(len(part) >> PAGE_SHIFT, reply.arg):
-                    n = count << PAGE_SHIFT
-                    part[first << PAGE_SHIFT:(first << PAGE_SHIFT) + n] = data[pos:pos + n]
-                    pos += n
-            mask |= reply.arg << (off >> PAGE_SHIFT)
+            zero, other = conn.fetch(self.session.next_id(), self.session.space,
+                                          gpa + off, part, w["read_addr"], w["read_rkey"])
+            if other is not None:
+                self._raise_reply(other)
+            mask |= zero << (off // PAGE_SIZE)
         return mask
 
     def store_from(self, gpa: int, buf: Any) -> None:
         view = page_view(buf, gpa, "store")
-        link, mr = self.link, self.data_mr
+        conn = self._live()
+        w = self.window
         for off in range(0, len(view), MAX_DATA):
-            part = bytes(view[off:off + MAX_DATA])
-            mr.write(part, len(part), 0)
-            link.cmid.post_write(mr, len(part), self.write_addr, self.write_rkey,
-                                 link.signaled)
-            link._complete(link.cmid.get_send_comp, "RDMA WRITE")
-            link.send(HEADER.pack(MAGIC, VERSION, T.STORE, STAGED, 1, link.space, gpa + off, 0,
-                                  len(part)))
-            reply = link.recv()
-            if reply.error is not None:
-                raise reply.error
+            other = conn.store(self.session.next_id(), self.session.space, gpa + off,
+                                    view[off:off + MAX_DATA], w["write_addr"], w["write_rkey"])
+            if other is not None:
+                self._raise_reply(other)
 
     def ping(self) -> float:
         t0 = time.perf_counter()
-        self.link.send(HEADER.pack(MAGIC, VERSION, T.PING, 0, 1, 0, 0, 0, 0))
-        reply = self.link.recv()
-        if reply.error is not None:
-            raise reply.error
+        conn = self._live()
+        req, frame = self.session.request(T.PING)
+        conn.send(frame)
+        expect_reply(parse_reply(conn.recv()), T.PONG, req)
         return time.perf_counter() - t0
 
+    def reset(self) -> None:
+        """Drop the connection (its QP, CQ, MRs, PD); the next call connects again."""
+        self.conn.close()
+
     def close(self) -> None:
-        # the memory region before the connection: closing the CMID first leaks its PD
-        with contextlib.suppress(Exception):
-            self.data_mr.close()
-        self.link.close()
+        self._closed = True
+        self.conn.close()
 
 
 @dataclass
@@ -380,7 +208,7 @@ class RdmaTransport(PageTransport):
                                        node=self.node)
         old = self._peers.pop(node_id, None)
         if old is not None:
-            old.lane.close()
+            await asyncio.to_thread(old.lane.close)
         self._peers[node_id] = _RdmaPeer(lane)
         self.endpoints[node_id] = endpoint
 
@@ -420,11 +248,22 @@ class RdmaTransport(PageTransport):
             return await asyncio.to_thread(peer.lane.ping)
 
     async def measure_bandwidth(self, node_id: str, nbytes: int = 16 << 20) -> float:
-        buf = bytearray(MAX_DATA)
-        t0 = time.perf_counter()
-        for _ in range(max(1, nbytes // MAX_DATA)):
-            await self.fetch_pages(0, MAX_DATA // PAGE_SIZE, node_id, buf)
-        return max(1, nbytes // MAX_DATA) * MAX_DATA / (time.perf_counter() - t0)
+        """RDMA READ bandwidth over written pages: one frame of random pages is stored in
+        `PROOF_SPACE` first (never-written pages would be zero masks and move nothing)."""
+        endpoint = lookup_peer(self.endpoints, node_id)
+        return await asyncio.to_thread(self._bandwidth, endpoint, nbytes)
+
+    def _bandwidth(self, endpoint: str, nbytes: int) -> float:
+        buf = bytearray(os.urandom(MAX_DATA))
+        rounds = max(1, nbytes // MAX_DATA)
+        with RdmaLane.connect(endpoint, self.token, PROOF_SPACE, node=self.node) as lane:
+            lane.store_from(0, buf)
+            t0 = time.perf_counter()
+            for _ in range(rounds):
+                if lane.fetch_into(0, buf):
+                    raise TransportError("RDMA bandwidth probe: stored pages read back as "
+                                         "never written")
+            return rounds * MAX_DATA / (time.perf_counter() - t0)
 
     async def close(self) -> None:
         for peer in self._peers.values():

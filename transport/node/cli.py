@@ -13,7 +13,6 @@ import signal
 import sys
 from typing import Any
 
-from transport.errors import TransportError
 from transport.node.server import MemoryNode
 from transport.node.store import PageStore
 from transport.tcp import DEFAULT_HOST, parse_endpoint
@@ -49,8 +48,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     metrics.add_metrics_argument(parser)
     parser.add_argument("--rdma", action="store_true",
-                        help="also serve RDMA (pyverbs) on the TCP port + 1000; without an "
-                             "RDMA device this warns and serves TCP only")
+                        help="also serve RDMA (rdma_cm/verbs, C) on the TCP port + 1000; "
+                             "without an RDMA device this warns and serves TCP only")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,8 +94,8 @@ async def _serve(node: MemoryNode, args: argparse.Namespace) -> int:
     print(f"memnode: listening on {endpoint}", file=sys.stderr, flush=True)
     await stop.wait()
     print("memnode: stopping", file=sys.stderr)
-    if rdma is not None:
-        rdma.stop()
+    if rdma is not None:  # off the loop: its threads may be waiting on the loop
+        await asyncio.to_thread(rdma.stop)
     if exporter is not None:
         await exporter.close()
     await node.close()
@@ -104,13 +103,19 @@ async def _serve(node: MemoryNode, args: argparse.Namespace) -> int:
 
 
 def start_rdma(node: MemoryNode) -> Any:
-    """The RDMA listener next to the TCP one, or None with one warning line saying why."""
+    """The RDMA listener next to the TCP one, or None with one warning line saying why.
+
+    Any failure (no extension, no device, a device whose setup fails) leaves the node serving
+    TCP as before: RDMA waits happen in C with the GIL released, in threads of their own."""
     try:
         from transport.node.rdma import RdmaServer
 
-        server = RdmaServer(node.store, node.token, node.host, int(node.port or 0))
+        server = RdmaServer(node.store, node.token, node.host, int(node.port or 0),
+                            max_space_bytes=node.max_space_bytes,
+                            loop=asyncio.get_running_loop())
         server.start()
-    except TransportError as exc:
+    except Exception as exc:
+        log.warning("RDMA unavailable, serving TCP only: %s", exc)
         print(f"memnode: RDMA not served, TCP only: {exc}", file=sys.stderr)
         return None
     print(f"memnode: RDMA listening on {node.host}:{server.port}", file=sys.stderr)
