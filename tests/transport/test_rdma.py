@@ -40,9 +40,7 @@ TOKEN = b"k" * 32
 def loopback(monkeypatch):
     """The loopback test double in this process and in the memory nodes it starts."""
     monkeypatch.setenv(conn_mod.LOOPBACK_ENV, "1")
-    monkeypatch.setattr(conn_mod, "_module", None)
     yield
-    conn_mod._module = None
 
 
 def free_tcp_port() -> int:

@@ -53,9 +53,8 @@ def test_the_verbs_extension_is_what_loads_by_default(monkeypatch):
     import transport.rdma_c.conn as conn
 
     monkeypatch.delenv(conn.LOOPBACK_ENV, raising=False)
-    monkeypatch.setattr(conn, "_module", None)
     assert conn.backend() == "verbs"
-    monkeypatch.setattr(conn, "_module", None)
     monkeypatch.setenv(conn.LOOPBACK_ENV, "1")
     assert conn.backend() == "loopback"
-    monkeypatch.setattr(conn, "_module", None)
+    monkeypatch.delenv(conn.LOOPBACK_ENV)
+    assert conn.backend() == "verbs"  # chosen per call: a test that used the double leaks nothing

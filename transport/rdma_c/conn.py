@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 LOOPBACK_ENV = "SSI_PAGER_RDMA_LOOPBACK"  # "1": the test double, never for real use
 _ERRLEN = 512
-_module: ModuleType | None = None
+_modules: dict[str, ModuleType] = {}  # backend name -> loaded module (chosen per call)
 _CONNECT_ERRNOS = (E.ECONNREFUSED, E.EHOSTUNREACH, E.ENODEV, E.ENETUNREACH, E.EADDRNOTAVAIL,
                    E.ENOSYS, E.EBUSY)
 
@@ -36,10 +36,10 @@ def loopback_requested() -> bool:
 
 def load() -> ModuleType:
     """The cffi module of the chosen backend; RdmaUnavailable if it does not import."""
-    global _module
-    if _module is not None:
-        return _module
-    if loopback_requested():
+    key = "loopback" if loopback_requested() else "verbs"
+    if key in _modules:
+        return _modules[key]
+    if key == "loopback":
         try:
             from transport.rdma_c import _rdma_loopback_cffi as mod
         except ImportError as exc:
@@ -56,7 +56,7 @@ def load() -> ModuleType:
                 f"(apt install libibverbs1 librdmacm1 ibverbs-providers) and, to build it, "
                 f"libibverbs-dev librdmacm-dev then python3 setup.py build_ext --inplace"
             ) from exc
-    _module = mod
+    _modules[key] = mod
     return mod
 
 
