@@ -28,7 +28,9 @@ class NodeProc:
     stderr_lines: list[str] = field(default_factory=list)
 
     def start(self, timeout: float = 20.0) -> NodeProc:
-        cmd = [sys.executable, "-m", "pager.cli", "memnode", "--listen", "127.0.0.1",
+        # port 0: the kernel picks a free port, so test nodes never take the 50051-50100 range
+        # the auto-selection test holds (a later --listen in args wins)
+        cmd = [sys.executable, "-m", "pager.cli", "memnode", "--listen", "127.0.0.1:0",
                "--store", str(self.store), "--token-file", str(self.token_file), *self.args]
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                      text=True)
