@@ -1,1 +1,95 @@
-"""Shared pytest configuration: the suite runs against the real kernel, sockets and processes."""
+"""Shared pytest configuration: the suite runs against the real kernel, sockets and processes.
+
+Every test is checked for what it leaves behind: child processes (alive or unreaped), network
+namespaces, mounts and the huge page pool must be as they were before it (things a wider-scoped
+fixture set up before the test are part of "before"). A leak fails the test that made it, after
+cleaning the leaked processes up so the next test starts clean. The pytest process is a child
+subreaper, so a grandchild orphaned by a stopped child (a pager a supervisor started, a QEMU
+a `vm` command started) becomes its child and is seen too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import signal
+from collections.abc import Iterator
+
+import pytest
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def _children() -> dict[int, str]:
+    """This process's children: pid -> state letter (Z: exited, not yet waited for)."""
+    out: dict[int, str] = {}
+    for path in glob.glob(f"/proc/{os.getpid()}/task/*/children"):
+        with contextlib.suppress(OSError), open(path) as f:
+            for pid in map(int, f.read().split()):
+                with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as st:
+                    out[pid] = st.read().rsplit(")", 1)[1].split()[0]
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return "?"
+
+
+def _netns() -> set[str]:
+    try:
+        return {n for n in os.listdir("/run/netns") if n.startswith("ssipg-")}
+    except OSError:
+        return set()
+
+
+def _mounts() -> set[str]:
+    with open("/proc/self/mounts") as f:
+        return {" ".join(line.split()[:3]) for line in f}
+
+
+def _hugepages() -> str:
+    try:
+        with open("/proc/sys/vm/nr_hugepages") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _reap(pids: dict[int, str]) -> None:
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+
+
+@pytest.fixture(autouse=True)
+def _leaves_nothing_behind() -> Iterator[None]:
+    before = (_children(), _netns(), _mounts(), _hugepages())
+    yield
+    kids = {pid: st for pid, st in _children().items() if pid not in before[0]}
+    described = [f"pid {pid} ({'exited, never waited for' if st == 'Z' else 'running'}): "
+                 f"{_cmdline(pid)}" for pid, st in kids.items()]
+    _reap(kids)
+    leaks = []
+    if described:
+        leaks.append("child processes left behind: " + "; ".join(described))
+    if new := _netns() - before[1]:
+        leaks.append(f"network namespaces left behind: {sorted(new)}")
+    if new := _mounts() - before[2]:
+        leaks.append(f"mounts left behind: {sorted(new)}")
+    if (now := _hugepages()) != before[3]:
+        leaks.append(f"vm.nr_hugepages was {before[3]}, the test left it at {now}")
+    assert not leaks, "; ".join(leaks)
