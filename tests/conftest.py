@@ -1,11 +1,13 @@
 """Shared pytest configuration: the suite runs against the real kernel, sockets and processes.
 
-Every test is checked for what it leaves behind: child processes (alive or unreaped), network
-namespaces, mounts and the huge page pool must be as they were before it (things a wider-scoped
-fixture set up before the test are part of "before"). A leak fails the test that made it, after
-cleaning the leaked processes up so the next test starts clean. The pytest process is a child
-subreaper, so a grandchild orphaned by a stopped child (a pager a supervisor started, a QEMU
-a `vm` command started) becomes its child and is seen too.
+Every test is checked for what it leaves behind: its child processes (alive or unreaped),
+network namespaces, mounts under the session's temporary directory and huge pages mapped by this
+process must be as they were before it (things a wider-scoped fixture set up before the test are
+part of "before"). Only this session's own things are looked at: other sessions may share the
+machine (the system-wide huge page pool is restored by the test that resizes it). A leak fails
+the test that made it, after cleaning the leaked processes up so the next test starts clean.
+The pytest process is a child subreaper, so a grandchild orphaned by a stopped child (a pager a
+supervisor started, a QEMU a `vm` command started) becomes its child and is seen too.
 """
 
 from __future__ import annotations
@@ -48,23 +50,24 @@ def _cmdline(pid: int) -> str:
 
 
 def _netns() -> set[str]:
+    """This session's namespaces (tests/netns.py names them ssipg-<pid>-...)."""
     try:
-        return {n for n in os.listdir("/run/netns") if n.startswith("ssipg-")}
+        return {n for n in os.listdir("/run/netns") if n.startswith(f"ssipg-{os.getpid()}-")}
     except OSError:
         return set()
 
 
-def _mounts() -> set[str]:
+def _mounts(under: str) -> set[str]:
     with open("/proc/self/mounts") as f:
-        return {" ".join(line.split()[:3]) for line in f}
+        return {" ".join(fields[:3]) for line in f
+                if (fields := line.split())[1].startswith(under)}
 
 
 def _hugepages() -> str:
-    try:
-        with open("/proc/sys/vm/nr_hugepages") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
+    """Huge pages mapped by this process (kB), from /proc/self/status."""
+    with open("/proc/self/status") as f:
+        return next((line.split(":")[1].strip() for line in f
+                     if line.startswith("HugetlbPages:")), "")
 
 
 def _reap(pids: dict[int, str]) -> None:
@@ -76,8 +79,9 @@ def _reap(pids: dict[int, str]) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _leaves_nothing_behind() -> Iterator[None]:
-    before = (_children(), _netns(), _mounts(), _hugepages())
+def _leaves_nothing_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    under = str(tmp_path_factory.getbasetemp())
+    before = (_children(), _netns(), _mounts(under), _hugepages())
     yield
     kids = {pid: st for pid, st in _children().items() if pid not in before[0]}
     described = [f"pid {pid} ({'exited, never waited for' if st == 'Z' else 'running'}): "
@@ -88,8 +92,8 @@ def _leaves_nothing_behind() -> Iterator[None]:
         leaks.append("child processes left behind: " + "; ".join(described))
     if new := _netns() - before[1]:
         leaks.append(f"network namespaces left behind: {sorted(new)}")
-    if new := _mounts() - before[2]:
+    if new := _mounts(under) - before[2]:
         leaks.append(f"mounts left behind: {sorted(new)}")
     if (now := _hugepages()) != before[3]:
-        leaks.append(f"vm.nr_hugepages was {before[3]}, the test left it at {now}")
+        leaks.append(f"huge pages mapped by the tests' process: {before[3]} before, {now} after")
     assert not leaks, "; ".join(leaks)
