@@ -3,14 +3,15 @@ imported as `conftest`, so tests must not import from it)."""
 
 from __future__ import annotations
 
-import glob
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 from pager.source import MemnodeSource
 from pager.tools.child import Child
 from pager.tools.workload import DataSet
+from tests.kernel import uffd_blocked, wait_until
+
+__all__ = ["ROOT", "Memnode", "Proc", "memnode_args", "uffd_blocked", "wait_or_fail",
+           "wait_until"]
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -58,22 +59,3 @@ def memnode_args(m: Memnode) -> list[str]:
 def wait_or_fail(touch, timeout: float = 60.0) -> None:
     assert touch.wait(timeout), f"toucher stuck: {touch.done}/{touch.naccess} accesses done"
 
-
-def uffd_blocked(pid: int | str = "self") -> int:
-    """How many threads of ``pid`` wait in the kernel for a userfault to be resolved."""
-    n = 0
-    for path in glob.glob(f"/proc/{pid}/task/*/wchan"):
-        try:
-            with open(path) as f:
-                n += f.read() == "handle_userfault"
-        except OSError:
-            pass  # the thread exited
-    return n
-
-
-def wait_until(cond: Callable[[], object], what: str, timeout: float = 60.0) -> None:
-    """Poll ``cond`` until true; fail naming ``what`` after ``timeout`` (a hang guard)."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"never happened within {timeout} s: {what}"
-        time.sleep(0.01)
