@@ -17,6 +17,7 @@ import glob
 import os
 import signal
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -97,3 +98,15 @@ def _leaves_nothing_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator
     if (now := _hugepages()) != before[3]:
         leaks.append(f"huge pages mapped by the tests' process: {before[3]} before, {now} after")
     assert not leaks, "; ".join(leaks)
+
+
+@pytest.fixture(scope="session")
+def refpager_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The C reference pager (../shared/refpager beside the checkout), built once per session.
+    Missing, the comparison tests fail saying how to provide it: they never silently shrink."""
+    from pager.errors import ConfigError
+    from pager.tools import refpager
+    try:
+        return refpager.locate(None, tmp_path_factory.mktemp("ref"))
+    except ConfigError as exc:
+        pytest.fail(f"the comparison with the C reference pager cannot run: {exc}")
