@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import stat
 import threading
@@ -449,3 +450,44 @@ def test_idle_handshakes_are_bounded_and_real_clients_get_in(tmp_path):
         await node.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.skipif(shutil.which("strace") is None,
+                    reason="strace missing: it shows the node's fdatasync calls")
+@pytest.mark.parametrize("fsync", [False, True])
+def test_fsync_flag_syncs_each_store_before_acknowledging(node_factory, tmp_path, fsync):
+    """--fsync: an fdatasync per acknowledged store (seen by strace on the real process);
+    without it, none (a killed node still loses nothing: the kill -9 test)."""
+    trace = tmp_path / "strace.log"
+    node = node_factory(*(["--fsync"] if fsync else []), store=tmp_path / "fs",
+                        prefix=["strace", "-f", "-qq", "-e", "trace=fdatasync,fsync,pwrite64",
+                                "-o", str(trace)])
+    with BlockingChannel.connect(node.endpoint, node.token, "vm1") as ch:
+        for i in range(5):
+            ch.store(i * 8 * PAGE, pattern(i, 2))
+        buf = bytearray(2 * PAGE)
+        assert ch.fetch_into(4 * 8 * PAGE, buf) == 0 and bytes(buf) == pattern(4, 2)
+    node.stop()  # the trace is complete once the node and strace exited
+    lines = trace.read_text().splitlines()
+    syncs = [line for line in lines if "fdatasync(" in line]
+    assert sum("pwrite64(" in line for line in lines) >= 5  # the trace saw the stores
+    assert (len(syncs) >= 5) if fsync else (syncs == []), syncs
+
+
+def test_max_space_gib_bounds_every_space(node_factory, tmp_path):
+    node = node_factory("--max-space-gib", "1", store=tmp_path / "ms")
+    with BlockingChannel.connect(node.endpoint, node.token, "vm1") as ch:
+        last = (1 << 30) - PAGE
+        ch.store(last, b"e" * PAGE)  # the last page inside 1 GiB
+        buf = bytearray(PAGE)
+        assert ch.fetch_into(last, buf) == 0 and buf == b"e" * PAGE
+        with pytest.raises(RemoteError, match="OUT_OF_RANGE"):
+            ch.fetch_into(1 << 30, buf)
+        with pytest.raises(RemoteError, match="OUT_OF_RANGE"):
+            ch.store(1 << 30, b"f" * PAGE)
+        with pytest.raises(RemoteError, match="OUT_OF_RANGE"):
+            ch.fetch_into(last, bytearray(2 * PAGE))  # straddling the limit
+    # the default is far larger: the same page number is fine
+    other = node_factory(store=tmp_path / "ms2")
+    with BlockingChannel.connect(other.endpoint, other.token, "vm1") as ch:
+        assert ch.fetch_into(1 << 30, bytearray(PAGE)) == 1
