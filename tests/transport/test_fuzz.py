@@ -12,6 +12,8 @@ examples on every run and machine) and the health checks are on.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -88,20 +90,30 @@ def authenticated_session() -> ServerSession:
     return s
 
 
+def drain(next_item: Callable[[], Any], limit: int) -> tuple[list[Any], bool]:
+    """Everything ``next_item()`` yields until NEED_DATA, and whether it stopped on a fatal
+    error. Errors must carry a code; after a fatal one nothing more comes out."""
+    items: list[Any] = []
+    for _ in range(limit):
+        try:
+            item = next_item()
+        except ProtocolError as exc:
+            assert exc.code > 0
+            if exc.fatal:
+                assert next_item() is None, "parsed after a fatal error"
+                return items, True
+            continue
+        if item is None:
+            return items, False
+        items.append(item)
+    raise AssertionError("decoder loops without consuming input")
+
+
 def check_server(session: ServerSession, stream: bytes, chunk: int) -> None:
     for i in range(0, len(stream), chunk):
         session.receive_data(stream[i:i + chunk])
-        for _ in range(10_000):
-            try:
-                ev = session.next_event()
-            except ProtocolError as exc:
-                assert exc.code > 0
-                if exc.fatal:
-                    assert session.next_event() is None
-                    return
-                continue
-            if ev is None:
-                break
+        events, fatal = drain(session.next_event, 10_000)
+        for ev in events:
             if isinstance(ev, Fetch):
                 assert ev.gpa % PAGE_SIZE == 0 and 0 < ev.length <= MAX_DATA
                 assert ev.length % PAGE_SIZE == 0 and ev.space == "vm1"
@@ -109,8 +121,8 @@ def check_server(session: ServerSession, stream: bytes, chunk: int) -> None:
                 assert ev.gpa % PAGE_SIZE == 0 and 0 < len(ev.data) <= MAX_DATA
             elif isinstance(ev, Open):
                 assert valid_space_name(ev.space)
-        else:
-            raise AssertionError("decoder loops without consuming input")
+        if fatal:
+            return
 
 
 def test_server_decoder_survives_anything():
@@ -158,6 +170,25 @@ def test_client_reply_reader_survives_anything():
     assert seen[0] >= 3000, f"only {seen[0]} frames fuzzed"
 
 
+def check_frame(frame: Any) -> None:
+    """What the frame reader lets through is well framed and within the protocol's bounds,
+    and its reply decoding never raises (errors are kept in the reply)."""
+    assert frame.type in TYPES[:len(T)]
+    assert len(frame.payload) == frame.length
+    assert frame.length <= (MAX_CONTROL if frame.type in CONTROL_TYPES else MAX_DATA)
+    reply = reply_from_frame(frame)
+    assert (reply.type, reply.request_id, reply.space, reply.arg, reply.length) == (
+        frame.type, frame.request_id, frame.space, frame.arg, frame.length)
+    if frame.type == T.ERROR:
+        assert isinstance(reply.error, Exception)
+    elif frame.type in CONTROL_TYPES:
+        assert (reply.obj is None) != (reply.error is None)
+        assert reply.obj is None or isinstance(reply.obj, dict)
+        assert reply.error is None or isinstance(reply.error, ProtocolError)
+    else:
+        assert reply.obj is None and reply.error is None
+
+
 def test_frame_reader_then_reply_decoding():
     seen = [0]
     decoded = [0]
@@ -168,34 +199,16 @@ def test_frame_reader_then_reply_decoding():
         seen[0] += len(batch)
         reader = FrameReader()
         reader.receive_data(b"".join(batch))
-        for _ in range(100):
-            try:
-                frame = reader.next_frame()
-            except ProtocolError as exc:
-                assert exc.code > 0
-                if exc.fatal:
-                    assert reader.next_frame() is None, "a frame parsed after a fatal error"
-                    return
-                continue
-            if frame is None:
-                return
-            # what the reader lets through is well framed and within the protocol's bounds
-            assert frame.type in TYPES[:len(T)]
-            assert len(frame.payload) == frame.length
-            assert frame.length <= (MAX_CONTROL if frame.type in CONTROL_TYPES else MAX_DATA)
-            reply = reply_from_frame(frame)  # control decoding never raises: errors are kept
-            assert (reply.type, reply.request_id, reply.space, reply.arg, reply.length) == (
-                frame.type, frame.request_id, frame.space, frame.arg, frame.length)
-            if frame.type == T.ERROR:
-                assert isinstance(reply.error, Exception)
-            elif frame.type in CONTROL_TYPES:
-                assert (reply.obj is None) != (reply.error is None)
-                assert reply.obj is None or isinstance(reply.obj, dict)
-                assert reply.error is None or isinstance(reply.error, ProtocolError)
-            else:
-                assert reply.obj is None and reply.error is None
-            decoded[0] += 1
-        raise AssertionError("frame reader loops without consuming input")
+
+        def next_frame() -> Any:
+            frame = reader.next_frame()
+            # frames are views into the reader's buffer: check each before the next is read
+            if frame is not None:
+                check_frame(frame)
+                decoded[0] += 1
+            return frame
+
+        drain(next_frame, 100)
 
     prop()
     assert seen[0] >= 2000, f"only {seen[0]} frames fuzzed"
