@@ -16,7 +16,7 @@ CONFTEST = Path(__file__).resolve().parents[1] / "conftest.py"
     ("subprocess.Popen(['sleep', '600'])", "running): sleep 600"),
     ("pid = os.fork() or os._exit(0); os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)",
      "exited, never waited for"),
-    ("subprocess.run(['sh', '-c', 'sleep 600 &'])", "running): s"),  # an orphan
+    ("subprocess.run(['sh', '-c', 'sleep 600 &'])", "running): "),  # an orphan
 ])
 def test_a_leaked_child_fails_the_test_that_leaked_it(pytester: pytest.Pytester, body: str,
                                                       leak: str) -> None:
@@ -32,4 +32,4 @@ def test_a_leaked_child_fails_the_test_that_leaked_it(pytester: pytest.Pytester,
     """)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=120)
     result.assert_outcomes(passed=2, errors=1)
-    result.stdout.fnmatch_lines([f"*child processes left behind: pid * ({leak}*"])
+    result.stdout.fnmatch_lines([f"*child processes left behind: *pid * ({leak}*"])
