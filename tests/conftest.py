@@ -1,13 +1,16 @@
 """Shared pytest configuration: the suite runs against the real kernel, sockets and processes.
 
-Every test is checked for what it leaves behind: its child processes (alive or unreaped),
-network namespaces, mounts under the session's temporary directory and huge pages mapped by this
-process must be as they were before it (things a wider-scoped fixture set up before the test are
-part of "before"). Only this session's own things are looked at: other sessions may share the
-machine (the system-wide huge page pool is restored by the test that resizes it). A leak fails
-the test that made it, after cleaning the leaked processes up so the next test starts clean.
+Every test is checked for what it leaves behind: its child processes, network namespaces,
+mounts under the session's temporary directory and huge pages mapped by this process must be
+as they were before it (what a wider-scoped fixture set up before the test counts as
+"before"). Only this session's own things are looked at: other sessions may share the machine
+(the system-wide huge page pool is restored by the test that resizes it). A leak fails the test
+that made it, after the leaked processes are killed so the next test starts clean.
+
 The pytest process is a child subreaper, so a grandchild orphaned by a stopped child (a pager a
-supervisor started, a QEMU a `vm` command started) becomes its child and is seen too.
+supervisor started, a QEMU a `vm` command started) becomes its child and is seen too. As init
+would, it reaps such children once they exit; one still running ``GRACE_S`` after the test
+(time for a process already told to stop, e.g. by PR_SET_PDEATHSIG, to finish) is a leak.
 """
 
 from __future__ import annotations
@@ -16,12 +19,14 @@ import contextlib
 import glob
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 PR_SET_CHILD_SUBREAPER = 36
+GRACE_S = 20.0  # a deadline, not a wait: the check ends as soon as the children are gone
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -71,7 +76,7 @@ def _hugepages() -> str:
                      if line.startswith("HugetlbPages:")), "")
 
 
-def _reap(pids: dict[int, str]) -> None:
+def _reap(pids: dict[int, str] | set[int]) -> None:
     for pid in pids:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
@@ -79,18 +84,32 @@ def _reap(pids: dict[int, str]) -> None:
             os.waitpid(pid, 0)
 
 
+def _still_running(before: dict[int, str]) -> dict[int, str]:
+    """New children that keep running: exited ones are reaped on the way (as init would),
+    running ones get until ``GRACE_S`` to exit."""
+    deadline = time.monotonic() + GRACE_S
+    while True:
+        kids = {pid: st for pid, st in _children().items() if pid not in before}
+        for pid in [pid for pid, st in kids.items() if st == "Z"]:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+            del kids[pid]
+        if not kids or time.monotonic() > deadline:
+            return {pid: _cmdline(pid) for pid in kids}
+        time.sleep(0.02)
+
+
 @pytest.fixture(autouse=True)
 def _leaves_nothing_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     under = str(tmp_path_factory.getbasetemp())
     before = (_children(), _netns(), _mounts(under), _hugepages())
     yield
-    kids = {pid: st for pid, st in _children().items() if pid not in before[0]}
-    described = [f"pid {pid} ({'exited, never waited for' if st == 'Z' else 'running'}): "
-                 f"{_cmdline(pid)}" for pid, st in kids.items()]
-    _reap(kids)
+    kids = _still_running(before[0])
+    _reap(set(kids))
     leaks = []
-    if described:
-        leaks.append("child processes left behind: " + "; ".join(described))
+    if kids:
+        leaks.append("child processes left running: " + "; ".join(
+            f"pid {pid}: {cmd}" for pid, cmd in kids.items()))
     if new := _netns() - before[1]:
         leaks.append(f"network namespaces left behind: {sorted(new)}")
     if new := _mounts(under) - before[2]:
