@@ -26,7 +26,6 @@ import json
 import os
 import random
 import re
-import shutil
 import socket
 import statistics
 import struct
@@ -37,12 +36,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pager.tools import refpager
 from transport.tcp import BlockingChannel, TcpTransport
 from transport.tcp import run as run_loop
 from transport.token import load_token
 from transport.wire import PAGE_SIZE
-
-REFPAGER_SRC = Path("/work/shared/refpager")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -55,10 +53,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--count", type=int, default=5000, help="fetches per latency figure")
     parser.add_argument("--seconds", type=float, default=2.0, help="throughput run length")
     parser.add_argument("--label", default="loopback", help="suffix tag of this run's lines")
-    parser.add_argument("--no-ref", action="store_true", help="skip the C reference pager")
-    parser.add_argument("--refpager", type=Path, default=None,
-                        help="built refpager directory (default: build a copy of "
-                             f"{REFPAGER_SRC} in a temp dir)")
+    refpager.add_arguments(parser)
     parser.add_argument("--rounds", type=int, default=3,
                         help="alternate ours and the reference this many times; medians")
     parser.add_argument("--netns", action="store_true",
@@ -163,24 +158,11 @@ def measure(endpoint: str, token: bytes | None, args: argparse.Namespace,
 
 # --- the C reference ---------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def build_refpager(tmp: Path) -> Path:
-    dst = tmp / "refpager"
-    shutil.copytree(REFPAGER_SRC, dst)
-    subprocess.run(["make", "-C", str(dst)], check=True, capture_output=True)
-    return dst
-
-
 class RefPager:
     """refpager-memnode running, refpager-remote run against it on demand."""
 
     def __init__(self, refdir: Path, mib: int) -> None:
-        self.refdir, self.mib, self.port = refdir, mib, free_port()
+        self.refdir, self.mib, self.port = refdir, mib, refpager.free_port()
         self.node = subprocess.Popen([str(refdir / "refpager-memnode"), "--mib", str(mib),
                                       "--port", str(self.port), "--cpu", "-1"],
                                      stdout=subprocess.PIPE, text=True)
@@ -328,12 +310,8 @@ def main(args: argparse.Namespace) -> int:
                     emit(line)
             return 0
         ref: RefPager | None = None
-        if not args.no_ref:
-            refdir = args.refpager or (build_refpager(tmp) if REFPAGER_SRC.exists() else None)
-            if refdir is None:
-                print("bench: no refpager found: skipping the C reference", file=sys.stderr)
-            else:
-                ref = RefPager(refdir, args.mib)
+        if not args.no_ref:  # missing: an error saying where it was looked for
+            ref = RefPager(refpager.locate(args.refpager, tmp), args.mib)
         node, endpoint = start_memnode(tmp, "127.0.0.1:0")
         token = load_token(tmp / "token")
         ours_rounds: list[list[dict[str, Any]]] = []

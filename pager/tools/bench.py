@@ -9,9 +9,10 @@ and, for remote seq, off (``-nora``: the bare fault path compared with the refer
 ``-pyloop`` cases serve every fault with the engine's Python loop instead of its C loop
 (``serve --no-c-loop``), so both are compared in one run.
 
-With ``--refpager DIR`` (default ``$SSI_REFPAGER`` or /tmp/refpager, built with ``make``) the
-reference's refpager-remote / refpager-local run in the same session and ``ratio`` lines compare
-them. ``--rss-gib N`` (default 4) also reports the pager's RSS while serving an N GiB client.
+The C reference (``pager.tools.refpager``: ``../shared/refpager`` built into a temporary
+directory, or ``--refpager DIR``; ``--no-ref`` skips it) runs refpager-remote / refpager-local in
+the same session and ``ratio`` lines compare them. ``--rss-gib N`` (default 4) also reports
+the pager's RSS while serving an N GiB client.
 One JSON object per line on stdout: ``name``, ``p50_us``, ``p99_us``, ``gbps`` (+ details).
 """
 
@@ -31,6 +32,7 @@ from pathlib import Path
 
 from pager.core.region import PAGE_SIZE, Region
 from pager.source import Lane, PageSource
+from pager.tools import refpager
 from pager.tools.child import Child
 from pager.tools.workload import Client, DataSet, Touch, percentile
 
@@ -40,8 +42,7 @@ log_prefix = "bench:"
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mib", type=int, default=256, help="region size per case")
     parser.add_argument("--json", action="store_true", help="JSON lines (the only format)")
-    parser.add_argument("--refpager", default=os.environ.get("SSI_REFPAGER", "/tmp/refpager"),
-                        help="directory with the built C reference (refpager-remote ...)")
+    refpager.add_arguments(parser)
     parser.add_argument("--rss-gib", type=int, default=4,
                         help="client size for the RSS measurement, 0 = skip (default 4)")
     parser.add_argument("--only", default="", help="run only cases whose name contains this")
@@ -84,12 +85,6 @@ def _rss_kib(pid: int) -> tuple[int, int]:
             elif line.startswith("VmHWM:"):
                 hwm = int(line.split()[1])
     return rss, hwm
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _RefnodeLane(Lane):
@@ -192,10 +187,7 @@ def _median_of(runs: list[dict]) -> dict:
 def refpager_cases(refdir: Path, mib: int, repeat: int = 1) -> dict[str, dict]:
     """refpager-remote / -local, unpinned (like a real pager), same region size."""
     out: dict[str, dict] = {}
-    if not (refdir / "refpager-remote").exists():
-        _status(f"no C reference in {refdir} (build it: make -C DIR); reference lines skipped")
-        return out
-    port = _free_port()
+    port = refpager.free_port()
     node = subprocess.Popen([str(refdir / "refpager-memnode"), "--mib", str(mib), "--port",
                              str(port), "--cpu", "-1"], stdout=subprocess.PIPE, text=True)
     try:
@@ -216,6 +208,13 @@ def refpager_cases(refdir: Path, mib: int, repeat: int = 1) -> dict[str, dict]:
 
 
 def run(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory(prefix="ssi-bench-ref-") as reftmp:
+        # found (or built) first: a missing reference is an error before any case runs
+        refdir = None if args.no_ref else refpager.locate(args.refpager, Path(reftmp))
+        return _run(args, refdir)
+
+
+def _run(args: argparse.Namespace, refdir: Path | None) -> int:
     size = args.mib << 20
     data = DataSet(size, holes=False)
     results: dict[str, dict] = {}
@@ -276,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
                 _emit(_rss_case(tmp, args.rss_gib))
         finally:
             node.stop()
-    refs = refpager_cases(Path(args.refpager), args.mib, args.repeat)
+    refs = refpager_cases(refdir, args.mib, args.repeat) if refdir is not None else {}
     for r in refs.values():
         _emit(r)
     results.update({k: v for k, v in refs.items() if k.startswith("pager-")})

@@ -1,7 +1,8 @@
 """A child `ssi-pager` process (memory node, pager) started by demo, bench and tests.
 
 Its stderr goes to a file, so readiness lines ("listening on HOST:PORT", "pager: serving")
-can be waited for without a reader thread.
+can be waited for without a reader thread. A process restarted on the same log appends to it:
+``wait_for`` and ``text`` look only at what this process wrote (from ``log_start``).
 """
 
 from __future__ import annotations
@@ -20,21 +21,28 @@ class Child:
     def __init__(self, args: list[str], log: Path, cwd: str | Path | None = None) -> None:
         self.log = log
         self.f = open(log, "ab")  # noqa: SIM115 - closed in stop()
+        self.log_start = self.f.seek(0, 2)  # where this process's lines begin
         self.p = subprocess.Popen([sys.executable, "-m", "pager.cli", *args], cwd=cwd,
                                   stdout=subprocess.DEVNULL, stderr=self.f)
 
+    def text(self) -> str:
+        """What this process has written to the log so far."""
+        with open(self.log, "rb") as f:
+            f.seek(self.log_start)
+            return f.read().decode(errors="replace")
+
     def wait_for(self, pattern: str, timeout: float = 20.0) -> str:
-        """The first group (or the whole match) of ``pattern`` once the log shows it."""
+        """The first group (or the whole match) of ``pattern`` once this process logs it."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            m = re.search(pattern, self.log.read_text())
+            m = re.search(pattern, self.text())
             if m:
                 return m.group(1) if m.groups() else m.group(0)
             if self.p.poll() is not None:
                 break
             time.sleep(0.05)
         raise RuntimeError(f"{self.log.name}: no {pattern!r} (exit {self.p.poll()}): "
-                           f"{self.log.read_text()[-2000:]}")
+                           f"{self.text()[-2000:]}")
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.p.poll() is None:

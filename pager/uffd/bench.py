@@ -8,7 +8,7 @@ Lines (one JSON object each, on stdout):
       local fault resolution: a C toucher thread (no GIL) reads one word per page of --mib MiB
       in order; Python serves each fault (read_raw + one copy of the chunk): latency of each
       faulting access measured in C, ``gbps`` = region bytes / touch time.
-  refpager_* (when the C reference pager is found, --refpager): the same figures from
+  refpager_* (the C reference pager, pager.tools.refpager; --no-ref skips): the same figures from
       ``refpager-local --raw`` and ``refpager-local --mib N --chunk 4096|65536 --order seq
       --tcpu -1 --hcpu -1``, each run right after ours; our lines carry ``ref_p50_us``,
       ``ref_p99_us``, ``ref_gbps``, ``ratio_p50`` and ``ratio_gbps`` (ours / reference).
@@ -21,13 +21,14 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
+from pager.tools import refpager
 from pager.uffd.binding import PAGE_SIZE, RawEvents, Userfaultfd
 from pager.uffd.mman import MADV_DONTNEED, MADV_NOHUGEPAGE, Mapping
 from pager.uffd.toucher import Toucher, check_pattern, fill_pattern, percentile
-
-DEFAULT_REF = "/tmp/refpager"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -36,8 +37,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mib", type=int, default=256, help="fault test region (MiB)")
     parser.add_argument("--section-mib", type=int, default=32,
                         help="bytes per ioctl-cost series (MiB)")
-    parser.add_argument("--refpager", default=DEFAULT_REF,
-                        help="folder with the built C reference pager ('' to skip)")
+    refpager.add_arguments(parser)
     parser.add_argument("--cpu", type=int, default=0,
                         help="CPU for the ioctl-cost series (-1: unpinned), as the reference")
 
@@ -132,15 +132,6 @@ def fault_latency(mib: int, chunk: int) -> dict:
         src.close()
 
 
-def _refpager_exe(folder: str) -> str | None:
-    exe = os.path.join(folder, "refpager-local") if folder else ""
-    if not exe or not os.access(exe, os.X_OK):
-        print(f"bench: no C reference pager at {exe or '(skipped)'}; build it with `cp -r "
-              f"/work/shared/refpager /tmp/refpager && make -C /tmp/refpager`", file=sys.stderr)
-        return None
-    return exe
-
-
 def _run_json(cmd: list[str]) -> dict:
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300).stdout
     return json.loads(out.splitlines()[-1])
@@ -178,8 +169,15 @@ def _compare(ours: dict, ref: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory(prefix="ssi-bench-ref-") as reftmp:
+        # found (or built) first: a missing reference is an error before anything runs
+        exe = None if args.no_ref else str(refpager.locate(args.refpager, Path(reftmp))
+                                           / "refpager-local")
+        return _run(args, exe)
+
+
+def _run(args: argparse.Namespace, exe: str | None) -> int:
     """Each of our series runs right beside the reference's, so both see the same host load."""
-    exe = _refpager_exe(args.refpager)
     lines: list[dict] = []
     old_affinity = os.sched_getaffinity(0)
     print("bench uffd: ioctl costs ...", file=sys.stderr)

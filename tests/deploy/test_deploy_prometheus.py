@@ -57,6 +57,26 @@ def rule_names() -> set[str]:
     return set(re.findall(r"^\s*- (?:record|alert): (\S+)$", text, re.M))
 
 
+def rule_exprs() -> list[str]:
+    """Every ``expr:`` of rules.yml, folded (``expr: >``) blocks joined."""
+    exprs: list[str] = []
+    lines = (PROM / "rules.yml").read_text().splitlines()
+    for i, line in enumerate(lines):
+        m = re.match(r"^(\s*)expr: (.*)$", line)
+        if not m:
+            continue
+        if m.group(2).strip() not in (">", "|", ">-", "|-"):
+            exprs.append(m.group(2))
+            continue
+        block = []
+        for nxt in lines[i + 1:]:
+            if nxt.strip() and len(nxt) - len(nxt.lstrip()) <= len(m.group(1)):
+                break
+            block.append(nxt.strip())
+        exprs.append(" ".join(block).strip())
+    return exprs
+
+
 def dashboard_exprs() -> list[tuple[str, str]]:
     dash = json.loads(DASHBOARD.read_text())
     return [(f"{p['title']}/{t['refId']}", t["expr"]) for p in dash["panels"]
@@ -94,6 +114,62 @@ def test_dashboard_has_the_required_panels() -> None:
                    "ssi_pager_errors_total"):
         assert metric in exprs
     assert "histogram_quantile(0.99" in exprs
+
+
+def exported_sample_names() -> set[str]:
+    """Every sample name the exporters can emit: each declared metric family given one sample
+    and rendered by prometheus-client's own exposition (so _total, _bucket, _info as scraped)."""
+    from prometheus_client.exposition import generate_latest
+    from prometheus_client.registry import CollectorRegistry
+
+    from pager.metrics import METRICS, family
+
+    def collect() -> Iterator[object]:
+        for name, (kind, _help, labels) in METRICS.items():
+            fam = family(name)
+            values = ["x"] * len(labels)
+            if kind == "histogram":
+                fam.add_metric(values, buckets=[("1.0", 1), ("+Inf", 1)], sum_value=0.5)
+            elif kind == "info":
+                fam.add_metric([], {label: "x" for label in labels})
+            else:
+                fam.add_metric(values, 1)
+            yield fam
+
+    class Declared:
+        def collect(self) -> Iterator[object]:
+            return collect()
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Declared())  # type: ignore[arg-type]
+    text = generate_latest(registry).decode()
+    return {line.split("{")[0].split(" ")[0] for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
+def unknown_series(expr: str, exported: set[str], recorded: set[str]) -> set[str]:
+    """The ssi metric / recording-rule names in ``expr`` that nothing produces."""
+    expr = re.sub(r'"[^"]*"', '""', expr)  # label values are not names
+    names = set(re.findall(r"[A-Za-z_:][\w:]*", expr))
+    return {n for n in names if ":" in n and n not in recorded} | \
+        {n for n in names if n.startswith("ssi_") and n not in exported}
+
+
+def test_every_series_the_dashboard_and_rules_use_is_exported() -> None:
+    """A misspelled metric would make a panel or an alert silently empty: every name used must
+    be one the exporters emit (or a recording rule of rules.yml)."""
+    exported, recorded = exported_sample_names(), rule_names()
+    assert {"ssi_pager_faults_total", "ssi_pager_fault_duration_seconds_bucket",
+            "ssi_pager_build_info", "ssi_memnode_requests_total"} <= exported
+    exprs = [*dashboard_exprs(), *(("rules.yml", e) for e in rule_exprs())]
+    assert len(exprs) > 20 and all(exprs)
+    bad = {name: sorted(unknown_series(e, exported, recorded)) for name, e in exprs}
+    assert {k: v for k, v in bad.items() if v} == {}
+    # and the check itself catches a misspelling
+    assert unknown_series("rate(ssi_pager_fault_total[1m])", exported, recorded) == {
+        "ssi_pager_fault_total"}
+    assert unknown_series("instance:ssi_pager_fault:rate1m > 0", exported, recorded) == {
+        "instance:ssi_pager_fault:rate1m"}
 
 
 @pytest.mark.parametrize("name,expr", dashboard_exprs())

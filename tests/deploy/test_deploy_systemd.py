@@ -117,3 +117,39 @@ def test_exec_start_is_accepted_by_the_cli(name: str) -> None:
     assert args.command == sub
     assert args.token_file == "/run/credentials/x/token"
     assert args.metrics.startswith("127.0.0.1:")
+
+
+def env_file_blocks() -> dict[str, dict[str, str]]:
+    """The environment files deploy/README.md has the admin write: path -> {VAR: value}."""
+    text = (UNITS.parent / "README.md").read_text()
+    blocks = re.findall(r"cat > (\S+) <<EOF\n(.*?)\n\s*EOF", text, re.S)
+    return {path: dict(line.strip().split("=", 1) for line in body.splitlines() if line.strip())
+            for path, body in blocks}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_environment_file_variables_match_the_unit(name: str) -> None:
+    """Each variable the unit uses has a default (Environment=) and is documented in
+    deploy/README.md; each variable the README's environment file sets is used by the unit."""
+    d = directives(name)
+    (env_file,) = d["EnvironmentFile"]
+    path = env_file.removeprefix("-")
+    blocks = env_file_blocks()
+    assert path in blocks, f"deploy/README.md does not show what goes into {path}"
+    used = set(re.findall(r"\$\{?(\w+)\}?", d["ExecStart"][0]))
+    defaults = {kv.split("=", 1)[0] for line in d["Environment"] for kv in line.split()}
+    assert used, d["ExecStart"]
+    assert used <= defaults, f"no Environment= default for {used - defaults}"
+    assert set(blocks[path]) <= used, f"{path} sets {set(blocks[path]) - used}, unused"
+    readme = (UNITS.parent / "README.md").read_text()
+    assert {v for v in used if v not in readme} == set(), "variables the README never names"
+    # the values the README writes give a command line the CLI accepts
+    from pager.cli import build_parser
+    argv = exec_argv(name)
+    for var, value in blocks[path].items():
+        default = next(kv.split("=", 1)[1] for line in d["Environment"]
+                       for kv in line.split() if kv.startswith(var + "="))
+        argv = [value if a == default else a for a in argv]
+    assert all(value in argv for value in blocks[path].values())
+    args = build_parser(argv).parse_args(argv)
+    assert args.command == argv[0]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 from enginekit import Memnode, Proc
 
@@ -30,14 +28,3 @@ def run_pager(tmp_path):
     yield start
     for p in procs:
         p.stop()
-
-
-@pytest.fixture(autouse=True)
-def _no_leaked_children():
-    yield
-    # every Proc is stopped by its fixture; reap anything left so runs stay clean
-    try:
-        while os.waitpid(-1, os.WNOHANG)[0]:
-            pass
-    except ChildProcessError:
-        pass

@@ -8,6 +8,10 @@ from pathlib import Path
 from pager.source import MemnodeSource
 from pager.tools.child import Child
 from pager.tools.workload import DataSet
+from tests.kernel import uffd_blocked, wait_until
+
+__all__ = ["ROOT", "Memnode", "Proc", "memnode_args", "uffd_blocked", "wait_or_fail",
+           "wait_until"]
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -54,3 +58,4 @@ def memnode_args(m: Memnode) -> list[str]:
 
 def wait_or_fail(touch, timeout: float = 60.0) -> None:
     assert touch.wait(timeout), f"toucher stuck: {touch.done}/{touch.naccess} accesses done"
+

@@ -8,7 +8,7 @@ import os
 import time
 
 import pytest
-from enginekit import wait_or_fail
+from enginekit import uffd_blocked, wait_or_fail, wait_until
 
 from pager.core.region import Region
 from pager.engine import FaultEngine
@@ -24,10 +24,17 @@ def serve(engine: FaultEngine, c: Client):
     return engine.add_client(os.dup(c.uffd.fileno()), [Region(c.base, c.size, c.offset)])
 
 
-def stats(engine: FaultEngine):
-    """The engine's counters once the C loop has folded its own (10 ms after the last fault)."""
-    time.sleep(0.1)
-    return engine.stats()
+def stats(engine: FaultEngine, installed: int):
+    """The engine's counters once they account for ``installed`` bytes put into clients: the
+    C loop folds its counters in when it returns, so wait for that rather than a fixed time."""
+    deadline = time.monotonic() + 60
+    while True:
+        st = engine.stats()
+        if st.copied_bytes + st.zero_pages * PAGE >= installed:
+            return st
+        assert time.monotonic() < deadline, f"counters never covered {installed} bytes: " \
+            f"{st.as_dict()}"
+        time.sleep(0.01)
 
 
 @pytest.mark.parametrize("chunk", [PAGE, 64 * 1024])
@@ -42,7 +49,7 @@ def test_content_with_several_threads_and_zero_pages(memnode, chunk):
         wait_or_fail(t)
         assert t.mismatches == 0
         assert c.check(data) == []
-        st = stats(engine)
+        st = stats(engine, data.size)
         assert st.c_faults > 0
         assert st.c_faults >= st.faults // 2, st.as_dict()  # C served most of them
         assert st.failed_faults == 0 and st.unknown_faults == 0
@@ -62,7 +69,7 @@ def test_never_written_space_is_all_zero_pages(memnode):
         serve(engine, c)
         wait_or_fail(c.touch(threads=2))
         assert c.mem[:] == bytes(2 * MIB)
-        st = stats(engine)
+        st = stats(engine, 2 * MIB)
         assert st.c_faults > 0
         assert st.zero_pages == 2 * MIB // PAGE and st.copied_bytes == 0
     finally:
@@ -78,7 +85,7 @@ def test_remove_while_the_c_loop_serves(memnode):
     try:
         serve(engine, c)
         wait_or_fail(_touch(c, 0, 4 * MIB))  # the second half stays unfaulted
-        before = stats(engine)
+        before = stats(engine, 4 * MIB)
         assert before.c_faults > 0
         start, length = 2 * MIB + 5 * PAGE, MIB + 3 * PAGE  # unaligned to chunks
         # madvise from a C thread: it blocks until the pager reads REMOVE, and the pager runs
@@ -95,7 +102,7 @@ def test_remove_while_the_c_loop_serves(memnode):
         bad = c.check(data)
         assert len(bad) == (length + n2) // PAGE
         assert all(start <= p < start + length or s2 <= p < s2 + n2 for p in bad)
-        st = stats(engine)
+        st = stats(engine, 8 * MIB)
         assert st.removes >= 1
         assert st.served_zero > 0  # the removed pages, by Python (never fetched again)
         # the second half, away from the removed range, was served by C again
@@ -113,24 +120,26 @@ def test_memory_node_restart_while_the_c_loop_waits(memnode):
     try:
         serve(engine, c)
         wait_or_fail(_touch(c, 0, MIB))
-        assert stats(engine).c_faults > 0
+        assert stats(engine, MIB).c_faults > 0
         memnode.proc.kill()
         t = c.touch(threads=4, order="rand")
-        time.sleep(1.5)
-        assert not t.wait(0), "faults were served while the memory node was down"
+        # the case under test: a fetch failed on the dead node and the faults wait
+        wait_until(lambda: engine.stats().fetch_errors >= 1, "a fetch error counted")
+        wait_until(lambda: uffd_blocked() == 4, "4 faulting threads blocked")
+        assert not t.finished, "faults were served while the memory node was down"
         memnode.start(memnode.endpoint)
         wait_or_fail(t, 60)
         assert c.check(data) == []
-        st = stats(engine)
+        st = stats(engine, 8 * MIB)
         assert st.fetch_errors >= 1 and st.failed_faults == 0
         # after the Python path reconnected, the C loop serves again
         c2 = Client(4 * MIB, offset=4 * MIB)
         try:
-            before = stats(engine).c_faults
+            before = stats(engine, 8 * MIB).c_faults
             serve(engine, c2)
             wait_or_fail(c2.touch(threads=2))
             assert c2.check(data) == []
-            assert stats(engine).c_faults > before
+            assert stats(engine, 12 * MIB).c_faults > before
         finally:
             c2.close(unmap=True)
     finally:
@@ -160,7 +169,7 @@ def test_python_path_when_the_c_loop_is_off(memnode, monkeypatch):
         serve(engine, c)
         wait_or_fail(c.touch(threads=3, order="rand"))
         assert c.check(data) == []
-        st = stats(engine)
+        st = stats(engine, 4 * MIB)
         assert st.c_faults == 0 and st.served_fetch > 0 and st.zero_pages > 0
     finally:
         c.close(unmap=True)
@@ -177,7 +186,7 @@ def test_sources_and_clients_c_cannot_serve_use_python(tmp_path, memnode):
         serve(engine, c)
         wait_or_fail(c.touch(threads=2))
         assert c.check(data) == []
-        assert stats(engine).c_faults == 0
+        assert stats(engine, 2 * MIB).c_faults == 0
     finally:
         c.close(unmap=True)
         engine.close()
@@ -189,7 +198,7 @@ def test_sources_and_clients_c_cannot_serve_use_python(tmp_path, memnode):
         serve(engine, c)
         wait_or_fail(c.touch(threads=1))
         assert c.check(data) == []
-        st = stats(engine)
+        st = stats(engine, 2 * MIB)
         assert st.c_faults == 0 and st.readahead_installed > 0
     finally:
         c.close(unmap=True)

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
+import threading
+from pathlib import Path
 
 import pytest
 from enginekit import ROOT
@@ -26,11 +31,82 @@ def test_demo_runs_checks_and_summarises():
 
 
 @pytest.mark.slow
-def test_bench_faults_prints_json_lines():
+def test_bench_faults_json_lines_and_ratios(refpager_dir):
     r = _run("bench", "faults", "--mib", "4", "--rss-gib", "0", "--only", "remote-4k-rand",
-             "--refpager", "/nonexistent")
+             "--repeat", "1", "--refpager", str(refpager_dir))
     assert r.returncode == 0, r.stderr[-2000:]
-    lines = [json.loads(line) for line in r.stdout.splitlines()]
-    assert [x["name"] for x in lines] == ["pager-remote-4k-rand"]
-    assert lines[0]["bad_pages"] == 0 and lines[0]["p50_us"] > 0 and lines[0]["gbps"] > 0
-    assert lines[0]["faults"] == 1024
+    lines = {x["name"]: x for x in map(json.loads, r.stdout.splitlines())}
+    ours = lines["pager-remote-4k-rand"]
+    assert ours["bad_pages"] == 0 and ours["p50_us"] > 0 and ours["gbps"] > 0
+    assert ours["faults"] == 1024
+    assert all(x["bad_pages"] == 0 for n, x in lines.items() if n.startswith("refpager-"))
+    ratios = [x for n, x in lines.items() if n.startswith("ratio-")]
+    assert "ratio-pager-remote-4k-rand-vs-refpager-remote-4k-rand" in lines
+    assert len(ratios) >= 6
+    for x in ratios:  # each ratio from both sides of this run, as the lines above print them
+        a, b = x["name"].removeprefix("ratio-").split("-vs-")
+        field = "p50_us" if x["metric"] == "p50" else "gbps"
+        assert (x["ours"], x["reference"]) == (lines[a][field], lines[b][field]), x
+        assert x["ratio"] == pytest.approx(x["ours"] / x["reference"], abs=0.0006), x
+
+
+def test_bench_faults_refuses_a_missing_reference(tmp_path):
+    r = _run("bench", "faults", "--mib", "4", "--rss-gib", "0", "--refpager", str(tmp_path))
+    assert r.returncode == 1 and "refpager-remote" in r.stderr, r.stderr[-2000:]
+    assert r.stdout == ""  # refused before any case ran
+    r = _run("bench", "faults", "--mib", "4", "--rss-gib", "0", "--only", "remote-4k-rand",
+             "--no-ref")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [json.loads(x)["name"] for x in r.stdout.splitlines()] == ["pager-remote-4k-rand"]
+
+
+def test_demo_exits_non_zero_on_a_wrong_byte():
+    """One byte of the memory node's store file changed (a real file edit, after the demo
+    seeded it and before its workload runs): the demo must say FAILED and exit 3."""
+    from pager.tools.workload import DataSet
+    mib = 16
+    data = DataSet(mib << 20)  # what the demo seeds (same default seed and holes)
+    last = max(e for _s, e in data.data_ranges()) - 4096  # touched last by the seq workload
+    p = subprocess.Popen([sys.executable, "-m", "pager.cli", "demo", "--mib", str(mib)],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    guard = threading.Timer(300, p.kill)  # a hang guard on every wait below
+    guard.start()
+    try:
+        store = None
+        assert p.stderr is not None
+        for line in p.stderr:
+            if m := re.search(r"store and token in (\S+)\)", line):
+                store = Path(m.group(1)) / "store" / "demo.pages"
+            if line.startswith("demo: seeded"):
+                os.kill(p.pid, signal.SIGSTOP)  # hold the demo while its store is edited
+                try:
+                    assert store is not None, "the demo did not say where its store is"
+                    with open(store, "r+b") as f:
+                        f.seek(last + 100)
+                        byte = f.read(1)
+                        f.seek(last + 100)
+                        f.write(bytes([byte[0] ^ 0xFF]))
+                finally:
+                    os.kill(p.pid, signal.SIGCONT)
+                break
+        out, err = p.communicate(timeout=300)
+    finally:
+        guard.cancel()
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 3, (p.returncode, err[-2000:])
+    assert f"demo: FAILED: {mib} MiB" in out and ", 1 wrong pages" in out, out
+
+
+@pytest.mark.slow
+def test_pager_rss_stays_small_while_a_4_gib_client_is_served():
+    """The README's claim: the pager's own memory does not grow with its clients' (a 4 GiB
+    client, every 64 KiB chunk faulted in from a sparse snapshot file)."""
+    r = _run("bench", "faults", "--mib", "4", "--rss-gib", "4", "--only", "no-such-case",
+             "--no-ref", timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (line,) = [x for x in map(json.loads, r.stdout.splitlines())
+               if x["name"] == "pager-rss-4g-client"]
+    assert line["gbps"] > 0  # the whole client was faulted in through the pager
+    assert 0 < line["rss_peak_mib"] <= line["hwm_mib"] < 150, line  # VmHWM: the true peak

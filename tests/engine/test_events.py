@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import mmap
+import os
 import signal
 import subprocess
 import sys
-import time
 
-from enginekit import ROOT, memnode_args, wait_or_fail
+from enginekit import ROOT, memnode_args, uffd_blocked, wait_or_fail, wait_until
 
 from pager.tools.workload import Client, DataSet
 from pager.uffd.toucher import Background, check_pattern
@@ -57,8 +57,8 @@ def test_forked_child_gets_its_own_state(memnode, run_pager):
     wait_or_fail(c.touch(threads=2))
     assert c.check(data) == []
     c.close()
-    time.sleep(0.3)
-    assert "fault thread failed" not in proc.log.read_text()
+    proc.wait_for(rf"client pid {os.getpid()} hung up")  # the pager saw the end of it all
+    assert "fault thread failed" not in proc.text()
 
 
 def touch_range(c: Client, start: int, end: int):
@@ -80,12 +80,13 @@ def test_client_killed_while_faults_pending(memnode, run_pager):
     try:
         w = _workload(sock, 8, "--threads", "4")
         proc.wait_for(r"serving client\d+")
-        time.sleep(0.5)
+        # the case under test: the client dies with faults pending in the pager
+        wait_until(lambda: uffd_blocked(w.pid) == 4, "4 workload threads blocked in faults")
         w.kill()
         w.wait(10)
     finally:
         memnode.proc.p.send_signal(signal.SIGCONT)
-    proc.wait_for(r"hung up", 10)
+    proc.wait_for(rf"client pid {w.pid} hung up", 10)
     # the pager shrugs it off and serves the next client
     c = Client(2 * MIB)
     c.handoff(sock)
@@ -104,12 +105,13 @@ def test_memory_node_dies_and_comes_back_while_faults_wait(memnode, run_pager):
     wait_or_fail(touch_range(c, 0, MIB))
     memnode.proc.kill()
     t = c.touch(threads=4, order="rand")
-    time.sleep(1.5)
-    assert not t.wait(0), "faults were served while the memory node was down"
+    # the case under test: the pager tried the dead node, and the faults wait
+    proc.wait_for(r"retrying|reconnecting", 30)
+    wait_until(lambda: uffd_blocked() == 4, "4 faulting threads blocked")
+    assert not t.finished, "faults were served while the memory node was down"
     memnode.start(memnode.endpoint)  # same port, same store
     wait_or_fail(t, 60)
     assert c.check(data) == []
-    assert "retrying" in proc.log.read_text() or "reconnecting" in proc.log.read_text()
     c.close()
 
 
@@ -125,9 +127,8 @@ def test_pager_killed_and_restarted_takes_over_blocked_client(memnode, run_pager
     memnode.proc.p.send_signal(signal.SIGSTOP)  # the next faults block in the pager
     try:
         t = touch_range(c, MIB, 8 * MIB)
-        time.sleep(0.5)
-        assert not t.wait(0)
-        import os
+        wait_until(lambda: uffd_blocked() == 2, "2 faulting threads blocked")  # in the pager
+        assert not t.finished
         os.kill(first, signal.SIGKILL)
         sup.wait_for(r"restarting \(1\), 1 clients kept", 10)
     finally:
@@ -187,13 +188,13 @@ def test_client_resending_its_uffd_to_a_new_pager_resumes(memnode, run_pager):
     memnode.proc.p.send_signal(signal.SIGSTOP)
     try:
         t = c.touch(threads=2)
-        time.sleep(0.5)
-        assert not t.wait(0)
-        first.kill()  # events it had read are lost with it
+        wait_until(lambda: uffd_blocked() == 2, "2 faulting threads blocked")
+        first.kill()  # events it had read are lost with it (kill waits for its exit)
     finally:
         memnode.proc.p.send_signal(signal.SIGCONT)
-    time.sleep(1.0)
-    assert not t.wait(0), "faults resolved with no pager"
+    # the pager is gone and the node answers again: the faults still wait, for a pager
+    assert first.p.poll() is not None
+    assert uffd_blocked() == 2 and not t.finished, "faults resolved with no pager"
     _, sock2 = run_pager(*memnode_args(memnode), "--readahead", "0", name="pager2")
     c.sock.close()
     c.handoff(sock2)

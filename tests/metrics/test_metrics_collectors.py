@@ -183,14 +183,15 @@ def test_status_quantile_matches_prometheus_histogram_quantile() -> None:
 
 def test_a_down_memory_node_is_an_error_count_not_a_failed_scrape(engine_stats) -> None:
     from pager.source import MemnodeSource
-    from tests.metrics.promserver import free_port
-    source = MemnodeSource(f"127.0.0.1:{free_port()}", os.urandom(32), "vm1", prefer="tcp")
-    engine = SimpleNamespace(stats=lambda: engine_stats, chunk_size=4096, clients=[],
-                             source=source)
-    reg = metrics.pager_registry(engine)
-    for n in (1, 2):
-        assert reg.get_sample_value("ssi_pager_errors_total", {"kind": "probe"}) == n
-    assert reg.get_sample_value("ssi_pager_transport_rtt_seconds",
-                                {"node": source.endpoint}) is None
-    assert reg.get_sample_value("ssi_pager_peer_info",
-                                {"node": source.endpoint, "transport": "?"}) == 1
+    from tests.metrics.promserver import refused_port
+    with refused_port() as port:
+        source = MemnodeSource(f"127.0.0.1:{port}", os.urandom(32), "vm1", prefer="tcp")
+        engine = SimpleNamespace(stats=lambda: engine_stats, chunk_size=4096, clients=[],
+                                 source=source)
+        reg = metrics.pager_registry(engine)
+        for n in (1, 2):
+            assert reg.get_sample_value("ssi_pager_errors_total", {"kind": "probe"}) == n
+        assert reg.get_sample_value("ssi_pager_transport_rtt_seconds",
+                                    {"node": source.endpoint}) is None
+        assert reg.get_sample_value("ssi_pager_peer_info",
+                                    {"node": source.endpoint, "transport": "?"}) == 1

@@ -202,9 +202,10 @@ def test_status_agrees_with_prometheus(stack, workload) -> None:
 
 
 def test_status_without_a_pager_says_what_to_do() -> None:
-    from tests.metrics.promserver import free_port
-    r = subprocess.run(cli("status", "--pager", f"127.0.0.1:{free_port()}"),
-                       capture_output=True, text=True, cwd=ROOT, timeout=30)
+    from tests.metrics.promserver import refused_port
+    with refused_port() as port:
+        r = subprocess.run(cli("status", "--pager", f"127.0.0.1:{port}"),
+                           capture_output=True, text=True, cwd=ROOT, timeout=30)
     assert r.returncode == 1
     assert "is it running with --metrics" in r.stderr
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -23,13 +24,17 @@ class NodeProc:
     store: Path
     token_file: Path
     args: list[str] = field(default_factory=list)
+    prefix: list[str] = field(default_factory=list)  # a command the node runs under (strace)
     proc: subprocess.Popen[str] | None = None
     endpoint: str = ""
     stderr_lines: list[str] = field(default_factory=list)
 
     def start(self, timeout: float = 20.0) -> NodeProc:
-        cmd = [sys.executable, "-m", "pager.cli", "memnode", "--listen", "127.0.0.1",
-               "--store", str(self.store), "--token-file", str(self.token_file), *self.args]
+        # port 0: the kernel picks a free port, so test nodes never take the 50051-50100 range
+        # the auto-selection test holds (a later --listen in args wins)
+        cmd = [*self.prefix, sys.executable, "-m", "pager.cli", "memnode",
+               "--listen", "127.0.0.1:0", "--store", str(self.store),
+               "--token-file", str(self.token_file), *self.args]
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                      text=True)
         deadline = time.monotonic() + timeout
@@ -46,6 +51,16 @@ class NodeProc:
         self.stop()
         raise AssertionError(f"memnode did not start: {''.join(self.stderr_lines)}")
 
+    def traced_pids(self) -> list[int]:
+        """With a prefix command: the node process(es) it runs (its children)."""
+        if not self.prefix or self.proc is None:
+            return []
+        kids: list[int] = []
+        for path in Path(f"/proc/{self.proc.pid}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                kids += map(int, path.read_text().split())
+        return kids
+
     @property
     def token(self) -> bytes:
         return self.token_file.read_bytes().strip()
@@ -60,6 +75,8 @@ class NodeProc:
         rest = ""
         if self.proc is not None:
             if self.proc.poll() is None:
+                for pid in self.traced_pids():  # the node itself, under a tracer
+                    os.kill(pid, signal.SIGTERM)
                 self.proc.terminate()
             try:
                 rest = self.proc.communicate(timeout=10)[1] or ""
@@ -74,10 +91,10 @@ class NodeProc:
 def node_factory(tmp_path):
     nodes: list[NodeProc] = []
 
-    def make(*args: str, store: Path | None = None, token_file: Path | None = None
-             ) -> NodeProc:
+    def make(*args: str, store: Path | None = None, token_file: Path | None = None,
+             prefix: list[str] | None = None) -> NodeProc:
         n = NodeProc(store or tmp_path / "store", token_file or tmp_path / "keys" / "token",
-                     list(args))
+                     list(args), prefix or [])
         nodes.append(n)
         return n.start()
 

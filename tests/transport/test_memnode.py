@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import socket
 import stat
 import threading
@@ -11,7 +13,13 @@ import time
 import pytest
 
 from tests.transport.rawclient import RawClient
-from transport.errors import AuthError, RemoteError, TokenError
+from transport.errors import (
+    AuthError,
+    ConnectError,
+    ConnectionLost,
+    RemoteError,
+    TokenError,
+)
 from transport.tcp import BlockingChannel
 from transport.token import load_token
 from transport.wire import (
@@ -232,23 +240,46 @@ def test_half_closed_client_gets_its_replies(memnode):
     assert_good_client(memnode)
 
 
+def unread_by_node(client: socket.socket, node_port: int) -> int:
+    """Bytes ``client`` sent that the node has not read: the client's send queue (SIOCOUTQ)
+    plus the node's socket receive queue (from ss)."""
+    import fcntl
+    import struct
+    import subprocess
+    import termios
+    outq = struct.unpack("i", fcntl.ioctl(client.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+    cport = client.getsockname()[1]
+    out = subprocess.run(["ss", "-tnH", "state", "established",
+                          f"( sport = :{node_port} and dport = :{cport} )"],
+                         capture_output=True, text=True, timeout=10, check=True).stdout.split()
+    assert out, f"no node-side socket for client port {cport}"
+    return outq + int(out[0])
+
+
 def test_slow_and_stalled_clients_do_not_block_others(memnode):
     slow = RawClient(memnode.endpoint).handshake(memnode.token)
     stalled = RawClient(memnode.endpoint).handshake(memnode.token)
+    node_port = int(memnode.endpoint.rsplit(":", 1)[1])
     # the stalled client floods requests and never reads: the node must stop reading it
     # instead of queueing replies without bound, and keep serving everyone else
     stalled.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stalled.sock.setblocking(False)
     one = pack_header(T.PING, 1, arg=MAX_DATA)
     flood = one * 600_000  # 19 MB of requests asking 78 GB of replies
-    sent = 0
-    deadline = time.monotonic() + 3
-    while time.monotonic() < deadline and sent < len(flood):
-        try:
-            sent += stalled.sock.send(flood[sent:])
-        except BlockingIOError:
-            time.sleep(0.05)
-    assert sent < len(flood), "node kept reading a client that never reads its replies"
+    sent, read_by_node, stable = 0, -1, 0
+    deadline = time.monotonic() + 120  # a hang guard only: the loop ends on the node's state
+    while stable < 3:
+        assert time.monotonic() < deadline, f"node read {read_by_node} of {sent} bytes"
+        with contextlib.suppress(BlockingIOError):
+            while sent < len(flood):
+                sent += stalled.sock.send(flood[sent:])
+        assert sent < len(flood), "node kept reading a client that never reads its replies"
+        assert_good_client(memnode)  # the node's loop ran (and serves others meanwhile)
+        now = sent - unread_by_node(stalled.sock, node_port)
+        stable = stable + 1 if now == read_by_node else 0
+        read_by_node = now
+    # it stopped reading: what it read is bounded, far below what the client wanted to send
+    assert 0 < read_by_node < len(flood) // 4, read_by_node
     # the slow client dribbles a request byte by byte while a good client is served
     req = pack_header(T.FETCH, 77, space=slow.space, arg=PAGE)
     for i, b in enumerate(req):
@@ -275,14 +306,12 @@ def test_handshake_timeout_closes_idle_unauthenticated(node_factory, tmp_path):
                           handshake_timeout=0.3)
         await node.start()
         reader, _writer = await asyncio.open_connection("127.0.0.1", node.port)
-        t0 = time.monotonic()
-        assert await asyncio.wait_for(reader.read(), 5) == b""
-        elapsed = time.monotonic() - t0
+        # closed by the node (the wait is a hang guard), and counted as a handshake timeout
+        assert await asyncio.wait_for(reader.read(), 60) == b""
         assert node.stats()["requests"]["handshake"]["timeout"] == 1
         await node.close()
-        return elapsed
 
-    assert asyncio.run(main()) < 3
+    asyncio.run(main())
 
 
 def test_kill9_and_restart_keeps_every_acked_page(node_factory, tmp_path):
@@ -290,6 +319,7 @@ def test_kill9_and_restart_keeps_every_acked_page(node_factory, tmp_path):
     acked: dict[int, bytes] = {}
     pending: list[tuple[int, bytes]] = []  # the store in flight at the kill: may have landed
     stop = threading.Event()
+    enough = threading.Event()  # set once 60 pages are acknowledged
     errors: list[BaseException] = []
 
     def writer() -> None:
@@ -304,6 +334,8 @@ def test_kill9_and_restart_keeps_every_acked_page(node_factory, tmp_path):
                 ch.store(gpa, data)  # returns only after the node wrote it
                 for k in range(len(data) // PAGE):
                     acked[gpa + k * PAGE] = data[k * PAGE:(k + 1) * PAGE]
+                if len(acked) >= 60:
+                    enough.set()
                 i += 1
         except Exception as exc:
             if not stop.is_set():
@@ -311,12 +343,15 @@ def test_kill9_and_restart_keeps_every_acked_page(node_factory, tmp_path):
 
     t = threading.Thread(target=writer)
     t.start()
-    time.sleep(1.0)
-    stop.set()
+    assert enough.wait(60), f"only {len(acked)} pages acknowledged: {errors}"
     node.kill9()  # while the writer is mid-flight
-    t.join(10)
-    assert not errors or all("closed" in str(e) or "failed" in str(e) for e in errors)
-    assert len(acked) > 50
+    stop.set()
+    t.join(30)
+    assert not t.is_alive()
+    # the writer saw the connection die (or, if stop won the race, nothing at all)
+    assert len(errors) <= 1 and all(isinstance(e, ConnectionLost | ConnectError)
+                                    for e in errors), errors
+    assert len(acked) >= 60
     node2 = node_factory()  # same store and token
     assert any("pages in 1 spaces" in line for line in node2.stderr_lines)
     with BlockingChannel.connect(node2.endpoint, node2.token, "vm9") as ch:
@@ -330,6 +365,7 @@ def test_kill9_and_restart_keeps_every_acked_page(node_factory, tmp_path):
 
 
 def test_port_auto_selection_skips_taken_ports(node_factory, tmp_path):
+    # every other test node binds port 0; here the first ports of the range are held
     taken = []
     for port in range(50051, 50054):
         s = socket.socket()
@@ -341,9 +377,9 @@ def test_port_auto_selection_skips_taken_ports(node_factory, tmp_path):
         except OSError:
             s.close()  # someone else holds it: still "taken"
     try:
-        node = node_factory(store=tmp_path / "s3")
+        node = node_factory("--listen", "127.0.0.1", store=tmp_path / "s3")
         port = int(node.endpoint.rsplit(":", 1)[1])
-        assert 50054 <= port <= 50100
+        assert 50054 <= port <= 50100  # the held ports skipped, still within the range
     finally:
         for s in taken:
             s.close()
@@ -414,3 +450,44 @@ def test_idle_handshakes_are_bounded_and_real_clients_get_in(tmp_path):
         await node.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.skipif(shutil.which("strace") is None,
+                    reason="strace missing: it shows the node's fdatasync calls")
+@pytest.mark.parametrize("fsync", [False, True])
+def test_fsync_flag_syncs_each_store_before_acknowledging(node_factory, tmp_path, fsync):
+    """--fsync: an fdatasync per acknowledged store (seen by strace on the real process);
+    without it, none (a killed node still loses nothing: the kill -9 test)."""
+    trace = tmp_path / "strace.log"
+    node = node_factory(*(["--fsync"] if fsync else []), store=tmp_path / "fs",
+                        prefix=["strace", "-f", "-qq", "-e", "trace=fdatasync,fsync,pwrite64",
+                                "-o", str(trace)])
+    with BlockingChannel.connect(node.endpoint, node.token, "vm1") as ch:
+        for i in range(5):
+            ch.store(i * 8 * PAGE, pattern(i, 2))
+        buf = bytearray(2 * PAGE)
+        assert ch.fetch_into(4 * 8 * PAGE, buf) == 0 and bytes(buf) == pattern(4, 2)
+    node.stop()  # the trace is complete once the node and strace exited
+    lines = trace.read_text().splitlines()
+    syncs = [line for line in lines if "fdatasync(" in line]
+    assert sum("pwrite64(" in line for line in lines) >= 5  # the trace saw the stores
+    assert (len(syncs) >= 5) if fsync else (syncs == []), syncs
+
+
+def test_max_space_gib_bounds_every_space(node_factory, tmp_path):
+    node = node_factory("--max-space-gib", "1", store=tmp_path / "ms")
+    with BlockingChannel.connect(node.endpoint, node.token, "vm1") as ch:
+        last = (1 << 30) - PAGE
+        ch.store(last, b"e" * PAGE)  # the last page inside 1 GiB
+        buf = bytearray(PAGE)
+        assert ch.fetch_into(last, buf) == 0 and buf == b"e" * PAGE
+        with pytest.raises(RemoteError, match="OUT_OF_RANGE"):
+            ch.fetch_into(1 << 30, buf)
+        with pytest.raises(RemoteError, match="OUT_OF_RANGE"):
+            ch.store(1 << 30, b"f" * PAGE)
+        with pytest.raises(RemoteError, match="OUT_OF_RANGE"):
+            ch.fetch_into(last, bytearray(2 * PAGE))  # straddling the limit
+    # the default is far larger: the same page number is fine
+    other = node_factory(store=tmp_path / "ms2")
+    with BlockingChannel.connect(other.endpoint, other.token, "vm1") as ch:
+        assert ch.fetch_into(1 << 30, bytearray(PAGE)) == 1

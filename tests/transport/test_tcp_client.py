@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 
 import pytest
 
 from transport.base import SyncTransport, TransportTier
 from transport.errors import AuthError, ConnectError
 from transport.tcp import TcpTransport, run
+from transport.wire import MAX_DATA
 
 PAGE = 4096
 
@@ -47,28 +47,34 @@ def test_pipelined_concurrent_fetches_content_checked(memnode):
 
 
 def test_urgent_lane_does_not_queue_behind_bulk(memnode):
-    async def small_fetch_during_bulk(t: TcpTransport, urgent: bool) -> float:
-        bulk = asyncio.ensure_future(t.fetch_pages(0, 8192, "n1", urgent=False))
-        await asyncio.sleep(0.002)  # the 32 MiB bulk stream is queued on its lane
-        t0 = time.perf_counter()
-        page = await t.fetch_pages(0, 1, "n1", urgent=urgent)
-        elapsed = time.perf_counter() - t0
-        await bulk
-        assert len(page.data) == PAGE
-        return elapsed
+    """A page fetched on the urgent lane arrives while a 32 MiB bulk fetch is still streaming;
+    on the bulk's own lane it arrives only after the whole stream (replies in order)."""
+    bulk_pages = 8192
 
-    async def main() -> tuple[float, float]:
+    async def small_fetch_during_bulk(t: TcpTransport, urgent: bool) -> bool:
+        """Whether the bulk fetch was still unfinished when the small fetch returned."""
+        lane = t.peers["n1"].lanes[1]
+        assert lane is not None and not lane.pending
+        bulk = asyncio.ensure_future(t.fetch_pages(0, bulk_pages, "n1", urgent=False))
+        while len(lane.pending) < bulk_pages * PAGE // MAX_DATA:  # every bulk request sent
+            await asyncio.sleep(0)
+        page = await t.fetch_pages(0, 1, "n1", urgent=urgent)
+        bulk_running = not bulk.done()
+        assert (await bulk).zero_mask == 0
+        assert len(page.data) == PAGE
+        return bulk_running
+
+    async def main() -> tuple[list[bool], list[bool]]:
         async with TcpTransport(memnode.token, "vmB", bulk_connections=1) as t:
             await t.connect_peer("n1", memnode.endpoint)
             await t.send_pages(0, os.urandom(32 << 20), "n1")
-            urgent = min([await small_fetch_during_bulk(t, True) for _ in range(5)])
-            same_lane = min([await small_fetch_during_bulk(t, False) for _ in range(5)])
+            urgent = [await small_fetch_during_bulk(t, True) for _ in range(5)]
+            same_lane = [await small_fetch_during_bulk(t, False) for _ in range(5)]
             return urgent, same_lane
 
     urgent, same_lane = run(main())
-    # behind the bulk stream on its lane the page waits for 32 MiB; on the urgent lane it does not
-    print(f"urgent {urgent * 1e6:.0f} us, same lane {same_lane * 1e6:.0f} us")
-    assert urgent * 3 < same_lane, (urgent, same_lane)
+    assert same_lane == [False] * 5  # the case the urgent lane exists for: queued behind bulk
+    assert urgent == [True] * 5, urgent
 
 
 def test_reconnects_after_node_restart(node_factory, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import grp
 import json
 import os
@@ -265,4 +266,5 @@ def test_unwritable_state_file_is_a_clear_error(root: Path, tmp_path: Path) -> N
     blocker.write_text("")
     with pytest.raises(StateError, match="pass --state FILE") as err:
         state.apply(root, knobs.inspect(root, options()), blocker / "state.json")
-    assert err.value.errno is not None
+    assert err.value.errno == errno.EEXIST  # the kernel's reason (a file where a dir goes), kept
+    assert str(blocker / "state.json") in str(err.value)

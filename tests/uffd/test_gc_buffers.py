@@ -78,6 +78,27 @@ def present():
     m.close()
 
 
+def cyclic_garbage_of(fn) -> list[object]:
+    """Run ``fn`` twice with the collector off, then collect: the exceptions and ``fn`` frames
+    that only a reference cycle kept alive (other garbage in the process is not counted)."""
+    import types
+    gc.collect()
+    was = gc.isenabled()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        fn()
+        fn()
+        gc.collect()
+        return [o for o in gc.garbage if isinstance(o, UffdExists)
+                or (isinstance(o, types.FrameType) and o.f_code is fn.__code__)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        if was:
+            gc.enable()
+
+
 def test_eexist_leaves_no_reference_cycle(present):
     """A failed copy's exception does not keep the frames of the fault path alive."""
     u, m = present
@@ -89,16 +110,15 @@ def test_eexist_leaves_no_reference_cycle(present):
         except UffdExists:
             pass
 
-    gc.collect()
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        install()
-        install()
-        assert gc.collect() == 0, "EEXIST left cyclic garbage (exception <-> frame)"
-    finally:
-        if was:
-            gc.enable()
+    def install_keeping_the_error() -> None:  # the check can fail: this one makes the cycle
+        try:
+            u.copy(m.address, addr, PAGE)
+        except UffdExists as exc:
+            kept = exc  # frame -> exc -> traceback -> frame
+            assert kept
+
+    assert cyclic_garbage_of(install) == [], "EEXIST left cyclic garbage (exception <-> frame)"
+    assert len(cyclic_garbage_of(install_keeping_the_error)) >= 2
 
 
 def test_address_of_memoryview_pins_its_owner_not_the_view():
