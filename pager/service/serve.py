@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from pager.engine import DEFAULT_CHUNK, DEFAULT_READAHEAD, ClientPager, FaultEngine
 from pager.errors import ConfigError
+from pager.service.access import AccessPolicy, SpaceRule, resolve_gid, resolve_uid
 from pager.service.handoff import HandoffServer, Handshake
 from pager.source import MemnodeSource, PageSource, parse_source
 from pager.uffd.faultloop import enabled_by_env
@@ -76,12 +77,23 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--socket", required=True, metavar="PATH",
-                        help="Unix socket clients hand their uffd over on (created 0600)")
+                        help="Unix socket clients hand their uffd over on (created 0600, "
+                             "or 0660 with --socket-group)")
+    parser.add_argument("--socket-group", metavar="GROUP", default=None,
+                        help="group owning the socket (mode 0660); its members may connect")
     add_source_arguments(parser)
     parser.add_argument("--metrics", metavar="HOST:PORT",
                         help="serve Prometheus metrics on this address")
-    parser.add_argument("--allow-uid", type=int, action="append", default=None,
-                        help="peer uid allowed to connect (repeatable; default: ours and root)")
+    parser.add_argument("--allow-uid", metavar="USER", action="append", default=[],
+                        help="peer user (name or uid) allowed to connect (repeatable; always "
+                             "allowed: ours and root)")
+    parser.add_argument("--allow-gid", metavar="GROUP", action="append", default=[],
+                        help="peers in this group (primary or supplementary, name or gid) may "
+                             "connect (repeatable)")
+    parser.add_argument("--allow-space", metavar="WHO:SPACES", action="append", default=[],
+                        help="spaces a peer may use: uid=N|user=NAME|gid=N|group=NAME|any, "
+                             "then a comma list of names or globs ({uid} = the peer's uid); "
+                             "repeatable. Without it every client gets --space only")
     parser.add_argument("--handshake-timeout", type=float, default=5.0,
                         help="seconds a client has to send its handshake (default %(default)s)")
     parser.add_argument("--supervise", action="store_true",
@@ -89,6 +101,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "restarts a pager that dies")
     parser.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--keeper-fd", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def policy_from_args(args: argparse.Namespace) -> tuple[AccessPolicy, int | None]:
+    """The access policy of ``serve``'s options and the socket's group (None: mode 0600)."""
+    gid = resolve_gid(args.socket_group) if args.socket_group else None
+    policy = AccessPolicy(
+        default_space=args.space,
+        allowed_uids={0, os.getuid(), *(resolve_uid(u) for u in args.allow_uid)},
+        allowed_gids={resolve_gid(g) for g in args.allow_gid} | ({gid} if gid is not None
+                                                                 else set()),
+        rules=[SpaceRule.parse(r) for r in args.allow_space])
+    return policy, gid
 
 
 def source_from_args(args: argparse.Namespace) -> PageSource:
@@ -124,10 +148,12 @@ class PagerService:
 
     def __init__(self, engine: FaultEngine, socket_path: str, *,
                  allowed_uids: set[int] | None = None, handshake_timeout: float = 5.0,
-                 listen_fd: int | None = None, keeper_fd: int | None = None) -> None:
+                 listen_fd: int | None = None, keeper_fd: int | None = None,
+                 policy: AccessPolicy | None = None, socket_gid: int | None = None) -> None:
         self.engine = engine
         self.server = HandoffServer(socket_path, self._on_client, allowed_uids=allowed_uids,
-                                    timeout=handshake_timeout, listen_fd=listen_fd)
+                                    policy=policy, timeout=handshake_timeout,
+                                    listen_fd=listen_fd, socket_gid=socket_gid)
         self.keeper = None
         self._keeper_fd = keeper_fd
         self._adopted: list[asyncio.Task] = []
@@ -195,10 +221,10 @@ def run(args: argparse.Namespace) -> int:
     if args.supervise:
         from pager.service.supervisor import run_supervised
         return run_supervised(sys.argv[1:])
+    policy, gid = policy_from_args(args)
     source = source_from_args(args)
     engine = engine_from_args(args, source)
-    allowed = set(args.allow_uid) | {0, os.getuid()} if args.allow_uid else None
-    service = PagerService(engine, args.socket, allowed_uids=allowed,
+    service = PagerService(engine, args.socket, policy=policy, socket_gid=gid,
                            handshake_timeout=args.handshake_timeout,
                            listen_fd=args.listen_fd, keeper_fd=args.keeper_fd)
     from transport.tcp import run as run_loop
