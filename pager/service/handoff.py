@@ -281,17 +281,26 @@ class HandoffServer:
         self._sock.setblocking(False)
         self._serve_task = asyncio.get_running_loop().create_task(self._accept_loop())
 
-    async def close(self) -> None:
+    async def stop_accepting(self) -> None:
+        """No new clients (the socket file goes away unless a supervisor owns it); the ones
+        connected keep their state."""
         if self._serve_task:
             self._serve_task.cancel()
-        for t in list(self._tasks):
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._serve_task
+            self._serve_task = None
         if self._sock:
             self._sock.close()
+            self._sock = None
             if self._listen_fd is None:
                 with contextlib.suppress(OSError):
                     os.unlink(self.path)
+
+    async def close(self) -> None:
+        await self.stop_accepting()
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()

@@ -43,8 +43,33 @@ def shared_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def start_halves(sock: str, seed: int, mib: int) -> subprocess.Popen:
+    """A client process that touches the first half of its memory, prints "half", waits for a
+    line on stdin, then touches the second half and checks everything (exit 0 if right)."""
+    return subprocess.Popen([sys.executable, __file__, "halves", sock, str(seed), str(mib)],
+                            cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _halves(sock: str, seed: str, mib: str) -> int:
+    from pager.tools.workload import Client, DataSet, Touch
+    size = int(mib) << 20
+    c = Client(size)
+    c.handoff(sock)
+    if not Touch(c.base, size // 2, threads=2).start().wait(60):
+        return STUCK
+    print("half", flush=True)
+    sys.stdin.readline()
+    if not Touch(c.base + size // 2, size // 2, threads=2).start().wait(60):
+        return STUCK
+    return WRONG_DATA if c.check(DataSet(size, seed=int(seed))) else SERVED
+
+
 def _main(argv: list[str]) -> int:
     from pager.tools.workload import Client
+    if argv[0] == "halves":
+        return _halves(*argv[1:])
     mode, sock, uid, gid, groups, space, seed, mib = argv
     size = int(mib) << 20
     Client.FEATURES = ("thread_id",)  # no UNMAP event to wait for at exit if refused
