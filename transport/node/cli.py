@@ -57,11 +57,11 @@ def run(args: argparse.Namespace) -> int:
     host, port = parse_endpoint(args.listen)
     if args.insecure_no_auth:
         token = None
-        where = "reachable from other hosts" if host not in ("127.0.0.1", "::1",
-                                                             "localhost") else "local"
-        print(f"memnode: WARNING: --insecure-no-auth: any peer that reaches this {where} port "
-              f"can read and overwrite guest memory; drop the flag to require the cluster token",
-              file=sys.stderr)
+        local = host in ("127.0.0.1", "::1", "localhost")
+        who = "any local process" if local else "anyone on the network"
+        print(f"memnode: WARNING: authentication is off (--insecure-no-auth): {who} that "
+              f"reaches {host}:{port or '(first free port)'} can read and overwrite every "
+              "guest's memory. Drop the flag to require the cluster token", file=sys.stderr)
     else:
         token = ensure_token(args.token_file)
     store = PageStore(args.store or default_store_dir(), sync=args.fsync,
