@@ -112,3 +112,22 @@ def test_a_store_that_failed_half_way_stays_unwritten_after_restart(tmp_path, sy
             assert ch.fetch_into(0, buf) == 0 and buf == b"a" * (16 * PAGE)
     finally:
         _stop(p)
+
+
+def test_the_number_of_spaces_is_capped_with_a_clear_error(tmp_path):
+    store, token = tmp_path / "store", tmp_path / "token"
+    p, ep = _node(store, token, tmp_path / "n.log", "--max-spaces", "3")
+    key = token.read_bytes().strip()
+    try:
+        for i in range(3):
+            with BlockingChannel.connect(ep, key, f"s{i}") as ch:
+                ch.store(0, bytes([i + 1]) * PAGE)
+        with (pytest.raises(TransportError, match=r"already holds 3 spaces.*--max-spaces"),
+              BlockingChannel.connect(ep, key, "s3", retry_for=0) as ch):
+            ch.fetch_into(0, bytearray(PAGE))
+        assert not (store / "s3.pages").exists()
+        with BlockingChannel.connect(ep, key, "s1") as ch:  # the others are still served
+            buf = bytearray(PAGE)
+            assert ch.fetch_into(0, buf) == 0 and buf == b"\x02" * PAGE
+    finally:
+        _stop(p)

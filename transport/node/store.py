@@ -43,6 +43,7 @@ from transport.wire.protocol import (
 log = logging.getLogger(__name__)
 
 BITMAP_SUFFIX = ".written"
+DEFAULT_MAX_SPACES = 1024  # two fds each (pages and bitmap)
 
 
 class Space:
@@ -255,10 +256,12 @@ class PageStore:
     """All address spaces of one memory node, under one 0700 directory."""
 
     def __init__(self, root: str | os.PathLike[str], *, sync: bool = False,
-                 max_space_bytes: int = DEFAULT_MAX_SPACE_BYTES) -> None:
+                 max_space_bytes: int = DEFAULT_MAX_SPACE_BYTES,
+                 max_spaces: int = DEFAULT_MAX_SPACES) -> None:
         self.root = Path(root)
         self.sync = sync
         self.max_space_bytes = max_space_bytes
+        self.max_spaces = max_spaces
         try:
             private_dir(self.root)
         except OSError as exc:
@@ -299,6 +302,10 @@ class PageStore:
         if space is None:
             if not valid_space_name(name):
                 raise StoreError(f"bad address space name {name!r}")
+            if len(self.spaces) >= self.max_spaces:
+                raise StoreError(f"cannot open space {name!r}: this node already holds "
+                                 f"{len(self.spaces)} spaces, its limit (--max-spaces); remove "
+                                 "unused spaces from the store or raise the limit")
             space = self.spaces[name] = Space(name, self.root / f"{name}.pages",
                                               sync=self.sync,
                                               max_bytes=self.max_space_bytes)
