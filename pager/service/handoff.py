@@ -125,14 +125,19 @@ def check_fd_kinds(fds: list[int]) -> None:
 
 
 def _uffd_api_done(fd: int) -> bool:
+    """Whether UFFDIO_API was done on ``fd``: the kernel's INITIALIZED feature bit in fdinfo,
+    or, on kernels without that bit, a probe (a second UFFDIO_API fails with EINVAL; on a fresh
+    uffd it succeeds, and the client is refused anyway)."""
     try:
         with open(f"/proc/self/fdinfo/{fd}") as f:
             for line in f:
-                if line.startswith("API:"):
-                    return bool(int(line.split(":")[2], 16) & UFFD_FEATURE_INITIALIZED)
+                if line.startswith("API:") and \
+                        int(line.split(":")[2], 16) & UFFD_FEATURE_INITIALIZED:
+                    return True
     except (OSError, ValueError, IndexError):
         pass
-    return True  # no readable fdinfo: let UFFDIO_REGISTER fail later
+    from pager.uffd._uffd_cffi import ffi, lib
+    return lib.ssi_uffd_api(fd, 0, ffi.new("struct uffdio_api *")) < 0
 
 
 def message_complete(buf: bytes) -> bool:

@@ -224,6 +224,21 @@ class Keeper:
             for fd in old:
                 os.close(fd)
 
+    def poison_all(self, why: str) -> None:
+        """Clients no pager will serve again (the supervisor exits with them held): poison
+        what they were not served, loudly, rather than leave them blocked forever."""
+        from pager.service.lifecycle import poison_unserved
+        with self.lock:
+            items = list(self.held.values())
+        for msg, fds, _ in items:
+            print(f"supervisor: {why}: poisoning the pages not served yet of client pid "
+                  f"{msg['pid']} (it gets SIGBUS there)", file=sys.stderr, flush=True)
+            try:
+                poison_unserved(os.dup(fds[0]), parse_regions(msg["body"].encode()),
+                                f"pid {msg['pid']}")
+            except Exception as exc:  # keep going: the other clients matter as much
+                log.error("poisoning client pid %s failed: %s", msg["pid"], exc)
+
     def close(self) -> None:
         with self.lock:
             for _, fds, _ in self.held.values():
@@ -315,6 +330,8 @@ def run_supervised(argv: list[str], *, restart_delay: float = 0.2) -> int:
             stopping.wait(delay)
         return 0
     finally:
+        if keeper.held:
+            keeper.poison_all("no pager will serve them any more")
         keeper.close()
         listener.close()
         with contextlib.suppress(OSError):

@@ -197,3 +197,29 @@ def test_halves_client_is_served_without_a_stop(memnode, run_pager):
         w.wait()
 
 
+
+
+def test_supervisor_giving_up_poisons_the_clients_it_holds(memnode, run_pager, tmp_path):
+    data = DataSet(4 * MIB)
+    memnode.seed(data)
+    token = tmp_path / "pager-token"
+    token.write_bytes(memnode.token_file.read_bytes())
+    token.chmod(0o600)
+    sup, sock = run_pager("--memnode", memnode.endpoint, "--token-file", str(token),
+                          "--supervise")
+    first = int(sup.wait_for(r"pager pid (\d+) started"))
+    w = start_halves(sock, data.seed, 4)
+    try:
+        assert w.stdout.readline() == "half\n", w.stderr.read()
+        token.unlink()  # every later start fails: a permanent start-up error
+        os.kill(first, signal.SIGKILL)
+        assert _exits(sup, 120) == 1
+        log = sup.log.read_text()
+        assert "giving up" in log
+        assert f"poisoning the pages not served yet of client pid {w.pid}" in log
+        w.stdin.write("go\n")
+        w.stdin.flush()
+        assert w.wait(60) == -signal.SIGBUS
+    finally:
+        w.kill()
+        w.wait()
