@@ -7,7 +7,7 @@ import os
 import stat
 
 import pytest
-from enginekit import Proc, memnode_args
+from enginekit import Proc, memnode_args, start_pager
 from trustkit import CLOSED, CONNECT_REFUSED, SERVED, run_as, shared_dir
 
 from pager.tools.workload import DataSet
@@ -24,11 +24,7 @@ def run_pager(tmp_path):
     procs: list[Proc] = []
     with shared_dir() as d:
         def start(*args: str) -> tuple[Proc, str]:
-            sock = str(d / f"pager{len(procs)}.sock")
-            p = Proc(["-v", "serve", "--socket", sock, *args], tmp_path / f"pager{len(procs)}.log")
-            procs.append(p)
-            p.wait_for(r"pager: serving")
-            return p, sock
+            return start_pager(procs, d, tmp_path, *args, name=f"pager{len(procs)}")
 
         yield start
         for p in procs:
