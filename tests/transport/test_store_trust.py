@@ -131,3 +131,30 @@ def test_the_number_of_spaces_is_capped_with_a_clear_error(tmp_path):
             assert ch.fetch_into(0, buf) == 0 and buf == b"\x02" * PAGE
     finally:
         _stop(p)
+
+
+def test_a_truncated_page_file_is_refused_not_served_as_zeros(tmp_path):
+    store, token = tmp_path / "store", tmp_path / "token"
+    p, ep = _node(store, token, tmp_path / "n1.log")
+    key = token.read_bytes().strip()
+    try:
+        with BlockingChannel.connect(ep, key, "vm") as ch:
+            ch.store(0, b"v" * (64 * PAGE))
+        with BlockingChannel.connect(ep, key, "other") as ch:
+            ch.store(0, b"o" * PAGE)
+    finally:
+        _stop(p)
+    os.truncate(store / "vm.pages", 16 * PAGE)
+    log = tmp_path / "n2.log"
+    p, ep = _node(store, token, log)
+    try:
+        assert f"skipping {store / 'vm.pages'}: page file {store / 'vm.pages'} is truncated" in \
+            log.read_text()
+        with (pytest.raises(TransportError, match="is truncated"),
+              BlockingChannel.connect(ep, key, "vm", retry_for=0) as ch):
+            ch.fetch_into(32 * PAGE, bytearray(PAGE))
+        with BlockingChannel.connect(ep, key, "other") as ch:
+            buf = bytearray(PAGE)
+            assert ch.fetch_into(0, buf) == 0 and buf == b"o" * PAGE
+    finally:
+        _stop(p)

@@ -102,8 +102,9 @@ class Space:
         return have == 0
 
     def _count(self) -> None:
-        """Count the written pages of an existing bitmap (only its data extents are read)."""
-        off, n, size = 0, 0, len(self._bits)
+        """Count the written pages of an existing bitmap (only its data extents are read) and
+        check the page file still holds the last of them."""
+        off, n, size, last = 0, 0, len(self._bits), -1
         while off < size:
             try:
                 data = os.lseek(self._bits_fd, off, os.SEEK_DATA)
@@ -113,10 +114,19 @@ class Space:
                 raise
             hole = min(os.lseek(self._bits_fd, data, os.SEEK_HOLE), size)
             for pos in range(data, hole, 1 << 20):
-                n += int.from_bytes(self._bits[pos:min(pos + (1 << 20), hole)], "little"
-                                    ).bit_count()
+                block = self._bits[pos:min(pos + (1 << 20), hole)]
+                n += int.from_bytes(block, "little").bit_count()
+                used = len(block.rstrip(b"\0"))
+                if used:
+                    last = (pos + used - 1) * 8 + block[used - 1].bit_length() - 1
             off = hole
         self.pages = n
+        size = os.fstat(self.fd).st_size
+        if last >= 0 and (last + 1) << PAGE_SHIFT > size:
+            raise StoreError(f"page file {self.path} is truncated: page {last} was written but "
+                             f"the file ends at {size} bytes. Restore it from a backup, or "
+                             f"delete it and {self.path.stem}{BITMAP_SUFFIX} to start space "
+                             f"{self.name} empty; its pages are not served meanwhile")
         log.info("space %s: %d written pages in %s", self.name, self.pages, self.path)
 
     def close(self) -> None:
