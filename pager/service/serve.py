@@ -302,6 +302,9 @@ async def _serve(service: PagerService, args: argparse.Namespace, source: PageSo
     if args.keeper_fd is not None:
         loop.add_signal_handler(signal.SIGHUP, on_signal, "handover")
         watch_supervisor()
+    else:  # the default action would end the pager and strand every client
+        loop.add_signal_handler(signal.SIGHUP, say, "SIGHUP ignored: restarting the pager "
+                                "under running clients needs --supervise")
     if getattr(args, "insecure_no_auth", False) and args.memnode:
         print("pager: WARNING: --insecure-no-auth: the memory node is not authenticated; "
               "anyone who can answer on its address can feed guests wrong memory. Drop the "

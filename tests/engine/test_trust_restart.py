@@ -223,3 +223,16 @@ def test_supervisor_giving_up_poisons_the_clients_it_holds(memnode, run_pager, t
     finally:
         w.kill()
         w.wait()
+
+
+def test_sighup_without_a_supervisor_is_ignored_loudly(memnode, run_pager):
+    data = DataSet(2 * MIB)
+    memnode.seed(data)
+    proc, sock = run_pager(*memnode_args(memnode))
+    proc.p.send_signal(signal.SIGHUP)
+    proc.wait_for(r"SIGHUP ignored: .* needs --supervise")
+    c = Client(2 * MIB)
+    c.handoff(sock)
+    wait_or_fail(c.touch(threads=2))
+    assert c.check(data) == [] and proc.p.poll() is None
+    c.close()
