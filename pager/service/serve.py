@@ -293,6 +293,8 @@ async def _serve(service: PagerService, args: argparse.Namespace, source: PageSo
 
     def on_signal(name: str) -> None:
         if stop.is_set():
+            if name == "orphan":
+                return  # delivered again as each supervisor thread exits
             force.set()
         why.append(name)
         stop.set()
@@ -301,6 +303,7 @@ async def _serve(service: PagerService, args: argparse.Namespace, source: PageSo
         loop.add_signal_handler(sig, on_signal, "stop")
     if args.keeper_fd is not None:
         loop.add_signal_handler(signal.SIGHUP, on_signal, "handover")
+        loop.add_signal_handler(ORPHAN_SIGNAL, on_signal, "orphan")
         watch_supervisor()
     else:  # the default action would end the pager and strand every client
         loop.add_signal_handler(signal.SIGHUP, say, "SIGHUP ignored: restarting the pager "
@@ -319,8 +322,8 @@ async def _serve(service: PagerService, args: argparse.Namespace, source: PageSo
     print(f"pager: serving {args.socket} from {source.describe()}, chunk "
           f"{args.chunk >> 10} KiB, {ra}", file=sys.stderr, flush=True)
     await stop.wait()
-    if why[0] == "stop" and args.keeper_fd is not None and not supervisor_alive():
-        say("the supervisor died: this pager is not supervised any more")
+    if why[0] == "orphan":
+        say("the supervisor died: this pager is not supervised any more and stops")
     print(f"pager: stopping ({why[0]})", file=sys.stderr, flush=True)
     if metrics is not None:
         with contextlib.suppress(Exception):
@@ -332,18 +335,19 @@ async def _serve(service: PagerService, args: argparse.Namespace, source: PageSo
     return 0
 
 
+ORPHAN_SIGNAL = signal.SIGUSR2
+
+
 def watch_supervisor() -> None:
-    """A supervised pager gets SIGTERM when its supervisor dies (PR_SET_PDEATHSIG): it then
-    stops as on ``systemctl stop`` instead of serving on unsupervised."""
+    """A supervised pager gets ORPHAN_SIGNAL when its supervisor dies (PR_SET_PDEATHSIG): it
+    then stops as on ``systemctl stop`` instead of serving on unsupervised. (Its own signal,
+    not SIGTERM: the kernel sends it again as each of the supervisor's threads exits, which
+    must not count as a second SIGTERM.)"""
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
-    if not supervisor_alive():  # died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-def supervisor_alive() -> bool:
-    return str(os.getppid()) == os.environ.get("SSI_PAGER_SUPERVISOR_PID", str(os.getppid()))
+    libc.prctl(1, ORPHAN_SIGNAL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if str(os.getppid()) != os.environ.get("SSI_PAGER_SUPERVISOR_PID", str(os.getppid())):
+        os.kill(os.getpid(), ORPHAN_SIGNAL)  # it died before prctl took effect
 
 
 async def announce_source(source: PageSource) -> None:

@@ -27,7 +27,8 @@ Signals: SIGHUP restarts the pager on purpose (it hands every client over and ex
 one takes them); SIGTERM/SIGINT are passed to the pager, which stops as documented in
 pager/service/lifecycle.py, and the supervisor exits with it. A pager that fails before it
 starts serving is restarted with a growing delay, and after ``MAX_START_FAILURES`` failures in a
-row the supervisor gives up with exit code 1. The pager gets SIGTERM if the supervisor dies.
+row the supervisor gives up with exit code 1, poisoning the clients it still holds. The
+pager is signalled (PR_SET_PDEATHSIG) if the supervisor dies and then stops like on SIGTERM.
 """
 
 from __future__ import annotations

@@ -164,7 +164,7 @@ def test_supervisor_death_stops_its_pager(memnode, run_pager):
             assert time.monotonic() < deadline, "the orphaned pager kept running"
             time.sleep(0.05)
         log = sup.log.read_text()
-        assert "the supervisor died" in log and "poisoning" in log
+        assert "the supervisor died" in log and "poisoning" in log, log[-3000:]
         w.stdin.write("go\n")
         w.stdin.flush()
         assert w.wait(60) == -signal.SIGBUS  # loud, documented; never a silent hang

@@ -98,6 +98,8 @@ def _serve_or_refuse(client, mode: str, sock: str, uid: str, gid: str, groups: s
         client.sock.settimeout(20)
         try:
             return CLOSED if client.sock.recv(1) == b"" else NOT_CLOSED
+        except ConnectionResetError:  # closed with our handshake unread
+            return CLOSED
         except TimeoutError:
             return NOT_CLOSED
     t = client.touch(op="read", threads=2)
