@@ -25,11 +25,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import socket
 import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -38,7 +41,7 @@ from prometheus_client.core import (
     InfoMetricFamily,
     Metric,
 )
-from prometheus_client.exposition import start_http_server
+from prometheus_client.exposition import make_wsgi_app
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from pager import __version__
@@ -324,8 +327,61 @@ def add_metrics_argument(parser: argparse.ArgumentParser) -> None:
                              "binds 127.0.0.1)")
 
 
+METRICS_MAX_CONNECTIONS = 16  # connections served at once; more wait in the listen backlog
+METRICS_IDLE_TIMEOUT = 5.0  # seconds a connection may stay silent before it is closed
+
+
+class _Handler(WSGIRequestHandler):
+    timeout = METRICS_IDLE_TIMEOUT  # an idle or slow client's thread ends after this
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("metrics: %s", format % args)
+
+
+class _BoundedServer(ThreadingMixIn, WSGIServer):
+    """A thread per connection, at most METRICS_MAX_CONNECTIONS of them: the accept loop
+    waits for a free slot, so idle connections cannot pile up threads."""
+
+    daemon_threads = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._slots = threading.BoundedSemaphore(METRICS_MAX_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self._slots.acquire()
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("metrics: connection from %s dropped: %s", client_address,
+                  sys.exc_info()[1])
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+def _bounded_http_server(host: str, port: int, registry: CollectorRegistry
+                         ) -> tuple[WSGIServer, threading.Thread]:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    class Server(_BoundedServer):
+        address_family = family
+
+    httpd = make_server(host, port, make_wsgi_app(registry), Server, handler_class=_Handler)
+    t = threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True)
+    t.start()
+    return httpd, t
+
+
 class MetricsServer:
-    """A running /metrics endpoint (prometheus-client's WSGI server on a daemon thread)."""
+    """A running /metrics endpoint (a bounded WSGI server on a daemon thread)."""
 
     def __init__(self, server: Any, thread: threading.Thread) -> None:
         self._server = server
@@ -350,7 +406,7 @@ def serve_metrics(hostport: str, registry: CollectorRegistry) -> MetricsServer:
     """Start serving ``registry`` on ``hostport``; prints the URL on stderr."""
     host, port = parse_hostport(hostport)
     try:
-        server, thread = start_http_server(port, addr=host, registry=registry)
+        server, thread = _bounded_http_server(host, port, registry)
     except OSError as exc:
         raise ConfigError(f"cannot serve metrics on {host}:{port}: {exc.strerror}; choose "
                           f"another --metrics port") from exc

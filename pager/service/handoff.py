@@ -10,8 +10,10 @@ Extensions, ignored by Firecracker-style parsers of unknown keys: a region may c
 (then a second fd, the memfd backing guest RAM, follows the uffd in the same SCM_RIGHTS).
 
 ``parse_regions`` and ``check_fds`` are pure; ``HandoffServer`` is the asyncio shell: socket
-mode 0600, the peer checked with SO_PEERCRED, a timeout for silent or truncated sends, one
-state per client, a bad client logged and closed without disturbing the others.
+mode 0600 (0660 for a ``--socket-group``), the peer and the spaces it names checked by an
+``AccessPolicy`` (pager/service/access.py), the fds checked to be what they claim, a timeout
+for silent or truncated sends, one state per client, a bad client logged in one line and
+closed without disturbing the others.
 """
 
 from __future__ import annotations
@@ -23,13 +25,13 @@ import json
 import logging
 import os
 import socket
-import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from pager.core.region import PAGE_SIZE, Region, RegionTable
-from pager.errors import HandoffError
+from pager.errors import ConfigError, HandoffError, PagerError
+from pager.service.access import AccessPolicy, Peer
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +103,44 @@ def check_fds(regions: list[Region], fds: list[int]) -> None:
                            "in the same sendmsg as the JSON")
 
 
+UFFD_FEATURE_INITIALIZED = 1 << 31  # set by the kernel once UFFDIO_API succeeded
+
+
+def check_fd_kinds(fds: list[int]) -> None:
+    """The first fd must be a userfaultfd on which UFFDIO_API was done, a second a memfd."""
+    for i, fd in enumerate(fds):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError as exc:
+            raise HandoffError(f"fd {i} of the handshake cannot be inspected ({exc})") from None
+        if i == 0:
+            if target != "anon_inode:[userfaultfd]":
+                raise HandoffError(f"the handshake's first fd is {target!r}, not a userfaultfd; "
+                                   "send the uffd first")
+            if not _uffd_api_done(fd):
+                raise HandoffError("the handshake's userfaultfd was never initialised; call "
+                                   "UFFDIO_API (and UFFDIO_REGISTER) on it before sending it")
+        elif not target.startswith("/memfd:"):
+            raise HandoffError(f"the handshake's second fd is {target!r}, not a memfd; send "
+                               "the memfd backing guest RAM")
+
+
+def _uffd_api_done(fd: int) -> bool:
+    """Whether UFFDIO_API was done on ``fd``: the kernel's INITIALIZED feature bit in fdinfo,
+    or, on kernels without that bit, a probe (a second UFFDIO_API fails with EINVAL; on a fresh
+    uffd it succeeds, and the client is refused anyway)."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            for line in f:
+                if line.startswith("API:") and \
+                        int(line.split(":")[2], 16) & UFFD_FEATURE_INITIALIZED:
+                    return True
+    except (OSError, ValueError, IndexError):
+        pass
+    from pager.uffd._uffd_cffi import ffi, lib
+    return lib.ssi_uffd_api(fd, 0, ffi.new("struct uffdio_api *")) < 0
+
+
 def message_complete(buf: bytes) -> bool:
     """True once ``buf`` holds a whole JSON array (or is certainly not going to be one).
 
@@ -149,9 +189,8 @@ def recv_handshake_part(sock: socket.socket, fds: list[int]) -> bytes:
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     """(pid, uid, gid) of the connected peer."""
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", raw)
-    return pid, uid, gid
+    p = Peer.of(sock)
+    return p.pid, p.uid, p.gid
 
 
 @dataclass
@@ -177,11 +216,15 @@ class HandoffServer:
 
     def __init__(self, path: str, on_client: OnClient, *,
                  allowed_uids: set[int] | None = None,
+                 policy: AccessPolicy | None = None,
                  timeout: float = HANDSHAKE_TIMEOUT,
-                 listen_fd: int | None = None) -> None:
+                 listen_fd: int | None = None, socket_gid: int | None = None) -> None:
         self.path = path
         self.on_client = on_client
-        self.allowed_uids = {0, os.getuid()} if allowed_uids is None else allowed_uids
+        self.policy = policy or AccessPolicy()
+        if allowed_uids is not None:
+            self.policy.allowed_uids = set(allowed_uids)
+        self.socket_gid = socket_gid
         self.timeout = timeout
         self.rejected = 0  # handshakes refused (counted for metrics)
         self.accepted = 0
@@ -191,19 +234,43 @@ class HandoffServer:
         self._serve_task: asyncio.Task | None = None
 
     @staticmethod
-    def bind(path: str) -> socket.socket:
-        """Create the listening socket, mode 0600 (a stale socket file is replaced)."""
+    def bind(path: str, group: int | None = None) -> socket.socket:
+        """Create the listening socket, mode 0600, or 0660 owned by ``group`` (a stale socket
+        file is replaced). Errors name the path and what to do (ConfigError)."""
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise ConfigError(f"--socket {path}: directory {parent} does not exist; create it "
+                              "(systemd: RuntimeDirectory=) or choose another path")
+        if len(os.fsencode(path)) > 107:
+            raise ConfigError(f"--socket {path}: longer than the 107 bytes a Unix socket path "
+                              "may have; choose a shorter path")
         with contextlib.suppress(FileNotFoundError):
             if os.path.exists(path) and not _is_socket(path):
-                raise HandoffError(f"{path} exists and is not a socket; choose another --socket")
+                raise ConfigError(f"--socket {path} exists and is not a socket; remove it or "
+                                  "choose another path")
             os.unlink(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
         try:
             sock.bind(path)
+        except OSError as exc:
+            sock.close()
+            raise ConfigError(f"--socket {path}: cannot create the socket ({exc.strerror}); "
+                              "check the directory's permissions") from None
         finally:
             os.umask(old)
-        os.chmod(path, 0o600)
+        mode = 0o600
+        if group is not None:
+            try:
+                os.chown(path, -1, group)
+            except OSError as exc:
+                sock.close()
+                os.unlink(path)
+                raise ConfigError(f"--socket-group {group}: cannot give {path} to that group "
+                                  f"({exc.strerror}); the pager's user must be a member of it"
+                                  ) from None
+            mode = 0o660
+        os.chmod(path, mode)
         sock.listen(64)
         return sock
 
@@ -211,21 +278,30 @@ class HandoffServer:
         if self._listen_fd is not None:
             self._sock = socket.socket(fileno=self._listen_fd)
         else:
-            self._sock = self.bind(self.path)
+            self._sock = self.bind(self.path, self.socket_gid)
         self._sock.setblocking(False)
         self._serve_task = asyncio.get_running_loop().create_task(self._accept_loop())
 
-    async def close(self) -> None:
+    async def stop_accepting(self) -> None:
+        """No new clients (the socket file goes away unless a supervisor owns it); the ones
+        connected keep their state."""
         if self._serve_task:
             self._serve_task.cancel()
-        for t in list(self._tasks):
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._serve_task
+            self._serve_task = None
         if self._sock:
             self._sock.close()
+            self._sock = None
             if self._listen_fd is None:
                 with contextlib.suppress(OSError):
                     os.unlink(self.path)
+
+    async def close(self) -> None:
+        await self.stop_accepting()
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -242,11 +318,9 @@ class HandoffServer:
         fds: list[int] = []
         try:
             try:
-                pid, uid, _ = peer_credentials(conn)
-                if uid not in self.allowed_uids:
-                    raise HandoffError(f"peer pid {pid} uid {uid} is not allowed; run the "
-                                       "client as the pager's user or root")
-                hs = await asyncio.wait_for(self._read_handshake(conn, fds, pid, uid),
+                peer = Peer.of(conn)
+                self.policy.admit(peer)
+                hs = await asyncio.wait_for(self._read_handshake(conn, fds, peer),
                                             self.timeout)
             except TimeoutError:
                 raise HandoffError(f"no complete handshake within {self.timeout:g} s; send the "
@@ -268,6 +342,9 @@ class HandoffServer:
             log.warning("handoff refused: %s", exc)
         except asyncio.CancelledError:
             pass
+        except (PagerError, OSError) as exc:  # the uffd binding's errors are OSErrors
+            self.rejected += 1
+            log.warning("handoff refused: %s: %s", type(exc).__name__, exc)
         except Exception:
             self.rejected += 1
             log.exception("handoff failed")
@@ -282,8 +359,9 @@ class HandoffServer:
                     log.exception("closing a client failed")
             conn.close()
 
-    async def _read_handshake(self, conn: socket.socket, fds: list[int], pid: int,
-                              uid: int) -> Handshake:
+    async def _read_handshake(self, conn: socket.socket, fds: list[int],
+                              peer: Peer) -> Handshake:
+        pid = peer.pid
         loop = asyncio.get_running_loop()
         buf = b""
         while True:
@@ -303,8 +381,10 @@ class HandoffServer:
                 break
         regions = parse_regions(buf)
         check_fds(regions, fds)
+        check_fd_kinds(fds)
+        self.policy.check_spaces(peer, regions)
         return Handshake(regions=regions, uffd=fds[0], memfd=fds[1] if len(fds) > 1 else None,
-                         pid=pid, uid=uid, body=buf, conn=conn)
+                         pid=pid, uid=peer.uid, body=buf, conn=conn)
 
     async def _wait_hangup(self, conn: socket.socket) -> None:
         loop = asyncio.get_running_loop()

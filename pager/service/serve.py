@@ -22,7 +22,15 @@ from dataclasses import dataclass
 
 from pager.engine import DEFAULT_CHUNK, DEFAULT_READAHEAD, ClientPager, FaultEngine
 from pager.errors import ConfigError
+from pager.service.access import AccessPolicy, SpaceRule, resolve_gid, resolve_uid
 from pager.service.handoff import HandoffServer, Handshake
+from pager.service.lifecycle import (
+    HANDOVER_EXIT,
+    drain,
+    dup_or_none,
+    poison_unserved,
+    say,
+)
 from pager.source import MemnodeSource, PageSource, parse_source
 from pager.uffd.faultloop import enabled_by_env
 
@@ -76,19 +84,46 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--socket", required=True, metavar="PATH",
-                        help="Unix socket clients hand their uffd over on (created 0600)")
+                        help="Unix socket clients hand their uffd over on (created 0600, "
+                             "or 0660 with --socket-group)")
+    parser.add_argument("--socket-group", metavar="GROUP", default=None,
+                        help="group owning the socket (mode 0660); its members may connect")
     add_source_arguments(parser)
     parser.add_argument("--metrics", metavar="HOST:PORT",
                         help="serve Prometheus metrics on this address")
-    parser.add_argument("--allow-uid", type=int, action="append", default=None,
-                        help="peer uid allowed to connect (repeatable; default: ours and root)")
+    parser.add_argument("--allow-uid", metavar="USER", action="append", default=[],
+                        help="peer user (name or uid) allowed to connect (repeatable; always "
+                             "allowed: ours and root)")
+    parser.add_argument("--allow-gid", metavar="GROUP", action="append", default=[],
+                        help="peers in this group (primary or supplementary, name or gid) may "
+                             "connect (repeatable)")
+    parser.add_argument("--allow-space", metavar="WHO:SPACES", action="append", default=[],
+                        help="spaces a peer may use: uid=N|user=NAME|gid=N|group=NAME|any, "
+                             "then a comma list of names or globs ({uid} = the peer's uid); "
+                             "repeatable. Without it every client gets --space only")
     parser.add_argument("--handshake-timeout", type=float, default=5.0,
                         help="seconds a client has to send its handshake (default %(default)s)")
     parser.add_argument("--supervise", action="store_true",
                         help="run under a supervisor that keeps the clients' uffds and "
-                             "restarts a pager that dies")
+                             "restarts a pager that dies (SIGHUP: restart it on purpose)")
+    parser.add_argument("--stop-timeout", type=float, default=60.0, metavar="S",
+                        help="on SIGTERM, serve attached clients until they exit for at most "
+                             "S seconds, then poison what they were not served (SIGBUS there) "
+                             "(default %(default)s)")
     parser.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--keeper-fd", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def policy_from_args(args: argparse.Namespace) -> tuple[AccessPolicy, int | None]:
+    """The access policy of ``serve``'s options and the socket's group (None: mode 0600)."""
+    gid = resolve_gid(args.socket_group) if args.socket_group else None
+    policy = AccessPolicy(
+        default_space=args.space,
+        allowed_uids={0, os.getuid(), *(resolve_uid(u) for u in args.allow_uid)},
+        allowed_gids={resolve_gid(g) for g in args.allow_gid} | ({gid} if gid is not None
+                                                                 else set()),
+        rules=[SpaceRule.parse(r) for r in args.allow_space])
+    return policy, gid
 
 
 def source_from_args(args: argparse.Namespace) -> PageSource:
@@ -105,7 +140,7 @@ def engine_from_args(args: argparse.Namespace, source: PageSource) -> FaultEngin
                        c_loop=getattr(args, "c_loop", None))
 
 
-@dataclass
+@dataclass(eq=False)
 class _Held:
     """A served client: closed when its socket hangs up."""
 
@@ -114,6 +149,7 @@ class _Held:
     key: int
 
     def close(self) -> None:
+        self.service.live.discard(self)
         self.client.close(timeout=0)
         if self.service.keeper is not None:
             self.service.keeper.drop(self.key)
@@ -124,11 +160,14 @@ class PagerService:
 
     def __init__(self, engine: FaultEngine, socket_path: str, *,
                  allowed_uids: set[int] | None = None, handshake_timeout: float = 5.0,
-                 listen_fd: int | None = None, keeper_fd: int | None = None) -> None:
+                 listen_fd: int | None = None, keeper_fd: int | None = None,
+                 policy: AccessPolicy | None = None, socket_gid: int | None = None) -> None:
         self.engine = engine
         self.server = HandoffServer(socket_path, self._on_client, allowed_uids=allowed_uids,
-                                    timeout=handshake_timeout, listen_fd=listen_fd)
+                                    policy=policy, timeout=handshake_timeout,
+                                    listen_fd=listen_fd, socket_gid=socket_gid)
         self.keeper = None
+        self.live: set[_Held] = set()  # clients attached now
         self._keeper_fd = keeper_fd
         self._adopted: list[asyncio.Task] = []
         # keys name clients to the supervisor: unique across pager restarts (pid + counter)
@@ -158,7 +197,9 @@ class PagerService:
             raise
         log.info("serving %s: pid %d, %d regions, %d MiB", client.name, hs.pid,
                  len(hs.regions), sum(r.size for r in hs.regions) >> 20)
-        return _Held(self, client, key)
+        handle = _Held(self, client, key)
+        self.live.add(handle)
+        return handle
 
     def _recorder(self, key: int):
         keeper = self.keeper
@@ -173,6 +214,7 @@ class PagerService:
                                         on_layout=self._recorder(held.key))
         log.warning("took over client pid %d from the previous pager", held.pid)
         handle = _Held(self, client, held.key)
+        self.live.add(handle)
         task = asyncio.get_running_loop().create_task(self._watch(held.conn, handle))
         self._adopted.append(task)
 
@@ -183,6 +225,45 @@ class PagerService:
         finally:
             handle.close()
             conn.close()
+
+    def describe_live(self) -> str:
+        pids = ", ".join(str(h.client.pid) for h in self.live)
+        return f"{len(self.live)} clients attached (pids {pids})"
+
+    async def stop(self, timeout: float, force: asyncio.Event) -> None:
+        """SIGTERM: no new clients; serve the attached ones until they exit, at most
+        ``timeout`` s (or until ``force``), then poison what they have not been served."""
+        await self.server.stop_accepting()
+        if self.live:
+            say(f"stopping: {self.describe_live()}: no new clients; serving these until they "
+                f"exit, at most {timeout:g} s (--stop-timeout; SIGTERM again: stop now)")
+        left = await drain(lambda: self.live, timeout, force)
+        if left:
+            say(f"stopping with {self.describe_live()}: poisoning their pages not served yet: "
+                "each gets SIGBUS at its next access to one (restart it)")
+            await asyncio.get_running_loop().run_in_executor(None, self._poison, left)
+        await self.close()
+
+    def _poison(self, handles: list[_Held]) -> None:
+        for h in handles:
+            fd = dup_or_none(h.client.uffd.fileno())
+            h.client.close()
+            if fd is None:
+                continue
+            n = poison_unserved(fd, h.client.state.regions, h.client.name)
+            say(f"client pid {h.client.pid}: {n >> 10} KiB not served yet poisoned")
+
+    async def handover(self) -> None:
+        """SIGHUP under a supervisor: stop serving without dropping any client, so the next
+        pager takes every one over (events not read yet stay queued on the uffds)."""
+        await self.server.stop_accepting()
+        say(f"restarting: handing {self.describe_live()} to the next pager")
+        loop = asyncio.get_running_loop()
+        for h in list(self.live):  # no layout event can arrive once the threads stopped
+            await loop.run_in_executor(None, h.client.close)
+        if self.keeper is not None:
+            self.keeper.detach()
+        await self.close()
 
     async def close(self) -> None:
         for t in self._adopted:
@@ -195,10 +276,10 @@ def run(args: argparse.Namespace) -> int:
     if args.supervise:
         from pager.service.supervisor import run_supervised
         return run_supervised(sys.argv[1:])
+    policy, gid = policy_from_args(args)
     source = source_from_args(args)
     engine = engine_from_args(args, source)
-    allowed = set(args.allow_uid) | {0, os.getuid()} if args.allow_uid else None
-    service = PagerService(engine, args.socket, allowed_uids=allowed,
+    service = PagerService(engine, args.socket, policy=policy, socket_gid=gid,
                            handshake_timeout=args.handshake_timeout,
                            listen_fd=args.listen_fd, keeper_fd=args.keeper_fd)
     from transport.tcp import run as run_loop
@@ -206,10 +287,31 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _serve(service: PagerService, args: argparse.Namespace, source: PageSource) -> int:
-    stop = asyncio.Event()
+    stop, force = asyncio.Event(), asyncio.Event()
+    why: list[str] = []
     loop = asyncio.get_running_loop()
+
+    def on_signal(name: str) -> None:
+        if stop.is_set():
+            if name == "orphan":
+                return  # delivered again as each supervisor thread exits
+            force.set()
+        why.append(name)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, "stop")
+    if args.keeper_fd is not None:
+        loop.add_signal_handler(signal.SIGHUP, on_signal, "handover")
+        loop.add_signal_handler(ORPHAN_SIGNAL, on_signal, "orphan")
+        watch_supervisor()
+    else:  # the default action would end the pager and strand every client
+        loop.add_signal_handler(signal.SIGHUP, say, "SIGHUP ignored: restarting the pager "
+                                "under running clients needs --supervise")
+    if getattr(args, "insecure_no_auth", False) and args.memnode:
+        print("pager: WARNING: --insecure-no-auth: the memory node is not authenticated; "
+              "anyone who can answer on its address can feed guests wrong memory. Drop the "
+              "flag and give both sides the cluster token", file=sys.stderr)
     await announce_source(source)
     await service.start()
     metrics = None
@@ -220,12 +322,32 @@ async def _serve(service: PagerService, args: argparse.Namespace, source: PageSo
     print(f"pager: serving {args.socket} from {source.describe()}, chunk "
           f"{args.chunk >> 10} KiB, {ra}", file=sys.stderr, flush=True)
     await stop.wait()
-    print("pager: stopping", file=sys.stderr)
+    if why[0] == "orphan":
+        say("the supervisor died: this pager is not supervised any more and stops")
+    print(f"pager: stopping ({why[0]})", file=sys.stderr, flush=True)
     if metrics is not None:
         with contextlib.suppress(Exception):
             await metrics.close()
-    await service.close()
+    if why[0] == "handover":
+        await service.handover()
+        return HANDOVER_EXIT
+    await service.stop(args.stop_timeout, force)
     return 0
+
+
+ORPHAN_SIGNAL = signal.SIGUSR2
+
+
+def watch_supervisor() -> None:
+    """A supervised pager gets ORPHAN_SIGNAL when its supervisor dies (PR_SET_PDEATHSIG): it
+    then stops as on ``systemctl stop`` instead of serving on unsupervised. (Its own signal,
+    not SIGTERM: the kernel sends it again as each of the supervisor's threads exits, which
+    must not count as a second SIGTERM.)"""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, ORPHAN_SIGNAL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if str(os.getppid()) != os.environ.get("SSI_PAGER_SUPERVISOR_PID", str(os.getppid())):
+        os.kill(os.getpid(), ORPHAN_SIGNAL)  # it died before prctl took effect
 
 
 async def announce_source(source: PageSource) -> None:

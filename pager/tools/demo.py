@@ -82,7 +82,20 @@ class _PagerThread:
         self.thread.join(30)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Every bad value named with what to pass instead (ConfigError)."""
+    from pager.errors import ConfigError
+    if args.mib < 1:
+        raise ConfigError(f"--mib {args.mib}: guest memory must be at least 1 MiB; pass e.g. "
+                          "--mib 64")
+    if args.threads < 1:
+        raise ConfigError(f"--threads {args.threads}: pass at least 1")
+    if args.chunk < 4096 or args.chunk & (args.chunk - 1):
+        raise ConfigError(f"--chunk {args.chunk}: must be a power of two >= 4096, e.g. 65536")
+
+
 def run(args: argparse.Namespace) -> int:
+    check_args(args)
     size = args.mib << 20
     data = DataSet(size)
     with tempfile.TemporaryDirectory(prefix="ssi-demo-") as tmp_s:

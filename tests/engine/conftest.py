@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from enginekit import Memnode, Proc
+from enginekit import Memnode, Proc, start_pager
 
 
 @pytest.fixture
@@ -19,11 +19,7 @@ def run_pager(tmp_path):
     procs: list[Proc] = []
 
     def start(*args: str, name: str = "pager") -> tuple[Proc, str]:
-        sock = str(tmp_path / f"{name}.sock")
-        p = Proc(["-v", "serve", "--socket", sock, *args], tmp_path / f"{name}.log")
-        procs.append(p)
-        p.wait_for(r"pager: serving")
-        return p, sock
+        return start_pager(procs, tmp_path, tmp_path, *args, name=name)
 
     yield start
     for p in procs:

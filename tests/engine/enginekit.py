@@ -52,6 +52,16 @@ class Memnode:
             lane.close()
 
 
+def start_pager(procs: list[Proc], sock_dir: Path, log_dir: Path, *args: str,
+                name: str = "pager") -> tuple[Proc, str]:
+    """A `serve` process with its socket in ``sock_dir`` (added to ``procs``), once serving."""
+    sock = str(sock_dir / f"{name}.sock")
+    p = Proc(["-v", "serve", "--socket", sock, *args], log_dir / f"{name}.log")
+    procs.append(p)
+    p.wait_for(r"pager: serving")
+    return p, sock
+
+
 def memnode_args(m: Memnode) -> list[str]:
     return ["--memnode", m.endpoint, "--token-file", str(m.token_file)]
 

@@ -13,8 +13,9 @@ import signal
 import sys
 from typing import Any
 
+from transport.errors import TransportError
 from transport.node.server import MemoryNode
-from transport.node.store import PageStore
+from transport.node.store import DEFAULT_MAX_SPACES, PageStore
 from transport.tcp import DEFAULT_HOST, parse_endpoint
 from transport.tcp import run as run_loop
 from transport.token import default_store_dir, default_token_path, ensure_token
@@ -40,6 +41,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "loss, slower); without it a killed node still loses nothing")
     parser.add_argument("--max-space-gib", type=int, default=DEFAULT_MAX_SPACE_BYTES >> 30,
                         help="largest address space served, GiB (default %(default)s)")
+    parser.add_argument("--max-spaces", type=int, default=DEFAULT_MAX_SPACES,
+                        help="most address spaces the node holds (two open files each; "
+                             "default %(default)s)")
     parser.add_argument("--name", default="memnode", help="node name reported to peers")
     parser.add_argument("--no-fastlane", action="store_true",
                         help="serve pagers' fault lanes in Python too, not in the C loop "
@@ -56,15 +60,18 @@ def run(args: argparse.Namespace) -> int:
     host, port = parse_endpoint(args.listen)
     if args.insecure_no_auth:
         token = None
-        where = "reachable from other hosts" if host not in ("127.0.0.1", "::1",
-                                                             "localhost") else "local"
-        print(f"memnode: WARNING: --insecure-no-auth: any peer that reaches this {where} port "
-              f"can read and overwrite guest memory; drop the flag to require the cluster token",
-              file=sys.stderr)
+        local = host in ("127.0.0.1", "::1", "localhost")
+        who = "any local process" if local else "anyone on the network"
+        print(f"memnode: WARNING: authentication is off (--insecure-no-auth): {who} that "
+              f"reaches {host}:{port or '(first free port)'} can read and overwrite every "
+              "guest's memory. Drop the flag to require the cluster token", file=sys.stderr)
     else:
         token = ensure_token(args.token_file)
+    if args.max_spaces < 1 or args.max_space_gib < 1:
+        raise TransportError(f"--max-spaces {args.max_spaces} and --max-space-gib "
+                             f"{args.max_space_gib} must each be at least 1")
     store = PageStore(args.store or default_store_dir(), sync=args.fsync,
-                      max_space_bytes=args.max_space_gib << 30)
+                      max_space_bytes=args.max_space_gib << 30, max_spaces=args.max_spaces)
     node = MemoryNode(store, token=token, host=host, port=port, name=args.name,
                       max_space_bytes=args.max_space_gib << 30,
                       fastlane=False if args.no_fastlane else None)

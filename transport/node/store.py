@@ -1,19 +1,24 @@
 """The memory node's page store: one sparse file per address space.
 
 ``<store>/<space>.pages`` holds the space's bytes at their gpa. Only written pages occupy disk.
-Which pages were ever written is kept in an in-memory bitmap, rebuilt at start from the file's
-extents (``SEEK_DATA``/``SEEK_HOLE``), so a never-written page is answered as "zero" without
-reading or sending 4 KiB of zeros. A write is ``pwrite`` before it is acknowledged: a killed
-node (even ``kill -9``) loses no acknowledged page, since the data is in the kernel's page
-cache; ``sync=True`` adds ``fdatasync`` per write for power loss.
+Which pages were written is the bitmap in ``<store>/<space>.written`` (one bit per page, a
+sparse file mapped shared), so a never-written page is answered as "zero" without reading or
+sending 4 KiB of zeros. A store is all or nothing: its bits are set only after the ``pwrite``
+of its whole range returned, so a store that failed half-way (disk full) leaves its new pages
+unwritten, also after a restart. Both are in the kernel's page cache before the store is
+acknowledged: a killed node (even ``kill -9``) loses no acknowledged page; ``sync=True`` adds
+``fdatasync`` of the data, then ``msync`` of the bits, per write for power loss. (A failed store
+over pages written before leaves them written, with old or new bytes.) A store from before the
+bitmap file existed gets one built from the page file's extents (``SEEK_DATA``/``SEEK_HOLE``).
 
-The bitmap is a fixed-capacity anonymous mapping (one bit per page up to the node's address space
-limit; untouched parts cost no memory), so its address never changes: the memory node's C fault
+The bitmap mapping has a fixed capacity (one bit per page up to the node's address space limit;
+untouched parts cost no memory or disk), so its address never changes: the memory node's C fault
 lane (`transport.node.fastlane`) reads it from its own thread while stores set bits here, under the
 space's lock and only after their pwrite returned.
 
-If the filesystem allocates in blocks larger than 4 KiB, neighbours of a written page also
-count as written after a restart; they then read back as real zeros, which is still correct.
+Entries of the store that are not regular page files (a symlink, directory or FIFO named
+``*.pages``, or a file larger than the node's space limit) are skipped with a warning naming
+them; the node serves the others.
 """
 
 from __future__ import annotations
@@ -37,7 +42,8 @@ from transport.wire import (
 
 log = logging.getLogger(__name__)
 
-_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)  # Linux value; mmap lacks it before 3.12
+BITMAP_SUFFIX = ".written"
+DEFAULT_MAX_SPACES = 1024  # two fds each (pages and bitmap)
 
 
 class Space:
@@ -62,22 +68,78 @@ class Space:
                              errno=exc.errno) from exc
         # one bit per page up to the limit (or the file's end, if a larger limit wrote it)
         self.capacity_pages = (max(max_bytes, size) + PAGE_SIZE - 1) >> PAGE_SHIFT
-        self._bits = mmap.mmap(-1, max((self.capacity_pages + 7) >> 3, 1),
-                               flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
         self.pages = 0
         # served since start (the memory node's stats)
         self.fetched_pages = 0
         self.zero_pages = 0
         self.stored_pages = 0
         self._lock = threading.Lock()  # the RDMA server's threads share the store
-        self._scan()
+        self._bits_fd = -1
+        try:
+            fresh = self._map_bitmap(path.with_name(path.stem + BITMAP_SUFFIX))
+            if fresh:
+                self._scan()
+            else:
+                self._count()
+        except BaseException:
+            self.close()
+            raise
+
+    def _map_bitmap(self, bpath: Path) -> bool:
+        """Map the written-page bitmap file (created sparse); True if it is new."""
+        nbytes = max((self.capacity_pages + 7) >> 3, 1)
+        try:
+            self._bits_fd = os.open(bpath, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                                    0o600)
+            have = os.fstat(self._bits_fd).st_size
+            if have < nbytes:
+                os.ftruncate(self._bits_fd, nbytes)
+        except OSError as exc:
+            raise StoreError(f"cannot open the written-page bitmap {bpath}: {exc.strerror}; "
+                             "check the store directory's permissions and free space",
+                             errno=exc.errno) from exc
+        self._bits = mmap.mmap(self._bits_fd, nbytes, flags=mmap.MAP_SHARED)
+        return have == 0
+
+    def _count(self) -> None:
+        """Count the written pages of an existing bitmap (only its data extents are read) and
+        check the page file still holds the last of them."""
+        off, n, size, last = 0, 0, len(self._bits), -1
+        while off < size:
+            try:
+                data = os.lseek(self._bits_fd, off, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:
+                    break
+                raise
+            hole = min(os.lseek(self._bits_fd, data, os.SEEK_HOLE), size)
+            for pos in range(data, hole, 1 << 20):
+                block = self._bits[pos:min(pos + (1 << 20), hole)]
+                n += int.from_bytes(block, "little").bit_count()
+                used = len(block.rstrip(b"\0"))
+                if used:
+                    last = (pos + used - 1) * 8 + block[used - 1].bit_length() - 1
+            off = hole
+        self.pages = n
+        size = os.fstat(self.fd).st_size
+        if last >= 0 and (last + 1) << PAGE_SHIFT > size:
+            raise StoreError(f"page file {self.path} is truncated: page {last} was written but "
+                             f"the file ends at {size} bytes. Restore it from a backup, or "
+                             f"delete it and {self.path.stem}{BITMAP_SUFFIX} to start space "
+                             f"{self.name} empty; its pages are not served meanwhile")
+        log.info("space %s: %d written pages in %s", self.name, self.pages, self.path)
 
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        with contextlib.suppress(BufferError):  # a fault lane still points at it: unmapped
-            self._bits.close()                   # when that lets go
+        bits = getattr(self, "_bits", None)
+        if bits is not None:
+            with contextlib.suppress(BufferError):  # a fault lane still points at it: unmapped
+                bits.close()                         # when that lets go
+        if self._bits_fd >= 0:
+            os.close(self._bits_fd)
+            self._bits_fd = -1
 
     @property
     def bitmap(self) -> mmap.mmap:
@@ -176,8 +238,19 @@ class Space:
             raise StoreError(f"writing {len(view)} bytes at {gpa:#x} of space {self.name} "
                              f"failed: {exc.strerror}; free space in {self.path.parent}",
                              errno=exc.errno) from exc
-        with self._lock:
+        with self._lock:  # only now: a store that failed half-way marks nothing
             self._mark(gpa >> PAGE_SHIFT, len(view) >> PAGE_SHIFT)
+        if self.sync:
+            self._flush_bits(gpa >> PAGE_SHIFT, len(view) >> PAGE_SHIFT)
+
+    def _flush_bits(self, first: int, count: int) -> None:
+        lo = (first >> 3) & ~(mmap.PAGESIZE - 1)
+        hi = min(((first + count) >> 3) + 1, len(self._bits))
+        try:
+            self._bits.flush(lo, hi - lo)
+        except OSError as exc:
+            raise StoreError(f"syncing the written-page bitmap of space {self.name} failed: "
+                             f"{exc.strerror}", errno=exc.errno) from exc
 
     def stats(self) -> dict[str, int]:
         try:
@@ -193,10 +266,12 @@ class PageStore:
     """All address spaces of one memory node, under one 0700 directory."""
 
     def __init__(self, root: str | os.PathLike[str], *, sync: bool = False,
-                 max_space_bytes: int = DEFAULT_MAX_SPACE_BYTES) -> None:
+                 max_space_bytes: int = DEFAULT_MAX_SPACE_BYTES,
+                 max_spaces: int = DEFAULT_MAX_SPACES) -> None:
         self.root = Path(root)
         self.sync = sync
         self.max_space_bytes = max_space_bytes
+        self.max_spaces = max_spaces
         try:
             private_dir(self.root)
         except OSError as exc:
@@ -204,14 +279,43 @@ class PageStore:
                              f"pass --store DIR somewhere writable", errno=exc.errno) from exc
         self.spaces: dict[str, Space] = {}
         for p in sorted(self.root.glob("*.pages")):
-            if valid_space_name(p.stem):
-                self.open(p.stem)
+            if valid_space_name(p.stem) and self._usable(p):
+                try:
+                    self.open(p.stem)
+                except StoreError as exc:
+                    log.warning("store: skipping %s: %s", p, exc)
+
+    def _usable(self, p: Path) -> bool:
+        """A regular page file within the space limit; anything else is skipped, named."""
+        import stat
+        try:
+            st = p.lstat()
+        except OSError as exc:
+            log.warning("store: skipping %s: %s", p, exc.strerror)
+            return False
+        if not stat.S_ISREG(st.st_mode):
+            kind = ("a symlink" if stat.S_ISLNK(st.st_mode) else "a directory"
+                    if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
+                    else "not a regular file")
+            log.warning("store: skipping %s: %s, not a page file; move it out of %s", p, kind,
+                        self.root)
+            return False
+        if st.st_size > self.max_space_bytes:
+            log.warning("store: skipping %s: %d bytes, larger than this node's space limit of "
+                        "%d bytes; start the node with a larger --max-space-gib to serve it, or "
+                        "move it out of %s", p, st.st_size, self.max_space_bytes, self.root)
+            return False
+        return True
 
     def open(self, name: str) -> Space:
         space = self.spaces.get(name)
         if space is None:
             if not valid_space_name(name):
                 raise StoreError(f"bad address space name {name!r}")
+            if len(self.spaces) >= self.max_spaces:
+                raise StoreError(f"cannot open space {name!r}: this node already holds "
+                                 f"{len(self.spaces)} spaces, its limit (--max-spaces); remove "
+                                 "unused spaces from the store or raise the limit")
             space = self.spaces[name] = Space(name, self.root / f"{name}.pages",
                                               sync=self.sync,
                                               max_bytes=self.max_space_bytes)
