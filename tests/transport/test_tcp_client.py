@@ -123,3 +123,25 @@ def test_tier_boundaries():
     assert TransportTier.from_latency(100e-6) is TransportTier.MediumPerformance
     assert TransportTier.from_latency(250e-6) is TransportTier.Standard
     assert TransportTier.from_latency(0.002) is TransportTier.Basic
+
+
+def test_a_failed_batch_store_leaves_no_unretrieved_future(node_factory, caplog):
+    """Every frame of a batched store refused (beyond the node's space limit): the caller gets
+    the node's error once, and no future of the batch is left with an unread exception (asyncio
+    would log "Future exception was never retrieved" for each one when it is collected)."""
+    import gc
+
+    from transport.errors import RemoteError
+
+    node = node_factory("--max-space-gib", "1")
+
+    async def main() -> None:
+        async with TcpTransport(node.token, "vmA") as t:
+            await t.connect_peer("n1", node.endpoint)
+            with pytest.raises(RemoteError, match="OUT_OF_RANGE"):
+                await t.send_pages(1 << 30, bytes(32 * MAX_DATA), "n1")
+
+    with caplog.at_level("ERROR", logger="asyncio"):
+        run(main())
+        gc.collect()
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]

@@ -146,6 +146,15 @@ async def _reply(fut: asyncio.Future[Reply], expect: int) -> Reply:
     return expect_reply(await fut, expect)
 
 
+async def _all_replies(futs: list[asyncio.Future[Reply]], expect: int) -> None:
+    """Wait for every reply (each future's outcome is retrieved, so a failed batch leaves no
+    "exception was never retrieved" behind), then raise the first error if any."""
+    results = await asyncio.gather(*(_reply(f, expect) for f in futs), return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+
+
 class _Peer:
     """Connections to one memory node: an urgent lane (faults) and bulk lanes (background),
     each re-established with exponential backoff when lost."""
@@ -310,8 +319,7 @@ class TcpTransport(PageTransport):
                 part = view[off:off + MAX_DATA]
                 futs.append(conn.submit(T.STORE, gpa=gpa + off, length=len(part),
                                         payload=part))
-            for fut in futs:
-                await _reply(fut, T.STORED)
+            await _all_replies(futs, T.STORED)
 
         await self._retry(node_id, op)
 
@@ -335,8 +343,7 @@ class TcpTransport(PageTransport):
             inflight.append(conns[i % len(conns)].submit(T.PING, arg=MAX_DATA))
             if len(inflight) >= depth * len(conns):
                 await _reply(inflight.pop(0), T.PONG)
-        for fut in inflight:
-            await _reply(fut, T.PONG)
+        await _all_replies(inflight, T.PONG)
         return n * MAX_DATA / (time.perf_counter() - t0)
 
     async def stats(self, node_id: str) -> dict[str, Any]:
