@@ -26,4 +26,24 @@ static inline int ssip_send_all(int fd, const void *buf, size_t n)
     return 0;
 }
 
+/* Receive exactly n bytes (blocking socket; retrying on EINTR): 0, -ECONNRESET when the peer
+ * closed first, or -errno. */
+static inline int ssip_recv_all(int fd, void *buf, size_t n)
+{
+    uint8_t *p = (uint8_t *)buf;
+    while (n) {
+        ssize_t k = recv(fd, p, n, MSG_WAITALL);
+        if (k < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (k == 0)
+            return -ECONNRESET;
+        p += k;
+        n -= (size_t)k;
+    }
+    return 0;
+}
+
 #endif /* SSIP_IO_H */

@@ -18,42 +18,11 @@
 #include <sys/socket.h>
 #include <sys/uio.h>
 
+#include "ssip_io.h"
 #include "ssip_wire.h"
 #include "ssi_uffd.h"
 
 #define SSI_PFL_FOLD_MS 10
-
-static int ssi_pfl_send_all(int fd, const uint8_t *p, size_t n)
-{
-    while (n) {
-        ssize_t k = send(fd, p, n, MSG_NOSIGNAL);
-        if (k < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        p += k;
-        n -= (size_t)k;
-    }
-    return 0;
-}
-
-static int ssi_pfl_recv_all(int fd, uint8_t *p, size_t n)
-{
-    while (n) {
-        ssize_t k = recv(fd, p, n, MSG_WAITALL);
-        if (k < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        if (k == 0)
-            return -ECONNRESET;
-        p += k;
-        n -= (size_t)k;
-    }
-    return 0;
-}
 
 /* One FETCH of len bytes at gpa into l->buf; the zero mask in *mask. 0 or -errno. */
 static int ssi_pfl_fetch(struct ssi_pfl *l, const struct ssi_pfl_region *r, uint64_t gpa,
@@ -66,9 +35,9 @@ static int ssi_pfl_fetch(struct ssi_pfl *l, const struct ssi_pfl_region *r, uint
         uint8_t q[12];
         memcpy(q, &gpa, 8);
         memcpy(q + 8, &len, 4);
-        if ((rc = ssi_pfl_send_all(r->sock, q, sizeof q)) < 0)
+        if ((rc = ssip_send_all(r->sock, q, sizeof q)) < 0)
             return rc;
-        return ssi_pfl_recv_all(r->sock, buf, len);
+        return ssip_recv_all(r->sock, buf, len);
     }
     /* the wire is little-endian, as is every host this runs on (x86-64, arm64) */
     uint32_t req = l->req = (l->req + 1) ? l->req + 1 : 1;
@@ -76,7 +45,7 @@ static int ssi_pfl_fetch(struct ssi_pfl *l, const struct ssi_pfl_region *r, uint
                             .flags = SSIP_FLAG_URGENT, .request_id = req, .space = r->space,
                             .gpa = gpa, .length = 0, .arg = len};
     memcpy(h.magic, SSIP_MAGIC, 4);
-    if ((rc = ssi_pfl_send_all(r->sock, (const uint8_t *)&h, sizeof h)) < 0)
+    if ((rc = ssip_send_all(r->sock, (const uint8_t *)&h, sizeof h)) < 0)
         return rc;
     /* header and pages in one recvmsg: only this reply can arrive */
     struct iovec iov[2] = {{&h, sizeof h}, {buf, len}};
@@ -90,7 +59,7 @@ static int ssi_pfl_fetch(struct ssi_pfl *l, const struct ssi_pfl_region *r, uint
     if (nb == 0)
         return -ECONNRESET;
     if ((size_t)nb < sizeof h) {
-        if ((rc = ssi_pfl_recv_all(r->sock, (uint8_t *)&h + nb, sizeof h - (size_t)nb)) < 0)
+        if ((rc = ssip_recv_all(r->sock, (uint8_t *)&h + nb, sizeof h - (size_t)nb)) < 0)
             return rc;
         nb = sizeof h;
     }
@@ -103,7 +72,7 @@ static int ssi_pfl_fetch(struct ssi_pfl *l, const struct ssi_pfl_region *r, uint
     if (memcmp(h.magic, SSIP_MAGIC, 4) || h.version != SSIP_VERSION || h.type != SSIP_T_DATA
             || h.request_id != req || h.length != want || got > h.length)
         return -EPROTO;
-    if (got < h.length && (rc = ssi_pfl_recv_all(r->sock, buf + got, h.length - got)) < 0)
+    if (got < h.length && (rc = ssip_recv_all(r->sock, buf + got, h.length - got)) < 0)
         return rc;
     if (m) {  /* pages arrived packed: move each to its place, last first */
         uint64_t pos = h.length;
