@@ -119,6 +119,15 @@ def _leaves_nothing_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator
     assert not leaks, "; ".join(leaks)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_transport_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The "using TCP, not RDMA" line is printed once per process: each test starts as a
+    fresh process would, so whether it sees the line never depends on the tests before it."""
+    import transport.lane
+
+    monkeypatch.setattr(transport.lane, "_warned", False)
+
+
 @pytest.fixture(scope="session")
 def refpager_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The C reference pager (../shared/refpager beside the checkout), built once per session.

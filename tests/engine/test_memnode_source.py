@@ -9,7 +9,6 @@ import shutil
 import pytest
 from enginekit import Memnode
 
-import transport.lane as lane_mod
 from pager.errors import ConfigError
 from pager.source import MemnodeSource
 from transport.tcp import TcpTransport, run
@@ -88,7 +87,6 @@ def test_one_node_lanes_hand_c_their_socket_and_name_spaces(memnode):
 
 
 def test_a_failed_lane_kind_falls_back_to_tcp_for_good(memnode, monkeypatch, capsys):
-    monkeypatch.setattr(lane_mod, "_warned", False)
     src = MemnodeSource(memnode.endpoint, load_token(memnode.token_file), "vm1")
 
     async def select() -> TcpTransport:

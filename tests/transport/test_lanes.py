@@ -13,7 +13,6 @@ import os
 
 import pytest
 
-import transport.lane as lane_mod
 from transport.errors import ConnectError
 from transport.lane import (
     PROOF_SPACE,
@@ -71,11 +70,6 @@ def connected(cls: type[TcpTransport], memnode) -> TcpTransport:
         return t
 
     return run(connect())
-
-
-@pytest.fixture(autouse=True)
-def _fresh_warning(monkeypatch):
-    monkeypatch.setattr(lane_mod, "_warned", False)
 
 
 def test_tcp_lane_stores_fetches_and_hands_c_its_socket(memnode):
