@@ -1,0 +1,300 @@
+"""Several memory nodes as one page source: extents placed by rendezvous hashing over the
+live nodes (`pager.source.placement`), ``R`` replicas, failover and repair.
+
+Who holds an extent: at start, its ``R`` rendezvous nodes over the nodes known then; a node
+that fails an operation (or leaves the membership, or re-registers with a new boot id) is
+*down* and its generation moves on, so it holds nothing any more. A background thread
+(`pager.source.repair.Repairer`) probes down nodes and copies every extent whose current
+targets (the ``R`` rendezvous nodes over the live set) it does not hold, from a holder, so a
+node that returns (empty or stale) serves an extent only after it has been re-synced.
+
+* fetch: from the extent's live holders, lowest measured round trip first; a failure marks
+  the node down and the fetch goes on to the next replica (latency, never zeros).
+* store: to every target and holder of the extent; done once it reached ``R`` targets (or
+  every live node, when fewer are live), else `ReplicationError` and the engine retries.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from pager.core.region import Region
+from pager.source.base import Lane, PageSource
+from pager.source.memnode import MemnodeSource
+from pager.source.placement import EXTENT_SHIFT, EXTENT_SIZE, check_replicas, replicas
+from transport.errors import RemoteError, TransportError
+from transport.membership import Membership
+from transport.wire import PAGE_SHIFT
+
+log = logging.getLogger(__name__)
+
+_LOCKS = 256  # extent locks, striped: a store and a repair of one extent never interleave
+
+
+class ReplicationError(TransportError):
+    """No replica could serve an extent, or a store reached fewer nodes than required."""
+
+
+class _NodeLanes(MemnodeSource):
+    """Per-node transports and lanes that fail at once (no reconnect-and-retry): a node
+    that breaks a connection may have restarted empty, so the cluster decides, not the lane."""
+
+    def _select(self, node_id: str) -> Any:
+        t = super()._select(node_id)
+        if hasattr(t, "retry_for"):
+            t.retry_for = 0.0
+        return t
+
+    def _fall_back(self, node_id: str, failed: Any) -> None:
+        super()._fall_back(node_id, failed)
+        t = self.transports.get(node_id)
+        if t is not None and hasattr(t, "retry_for"):
+            t.retry_for = 0.0
+
+
+class ClusterSource(PageSource):
+    """The memory nodes of ``membership`` with ``replicas`` copies of every extent."""
+
+    def __init__(self, membership: Membership, token: bytes | None, space: str, *,
+                 replicas: int | None = None, prefer: str = "auto",
+                 repair_rate: float = 64 << 20, probe_interval: float = 0.25,
+                 epoch: int | None = None) -> None:
+        self.membership = membership
+        nodes = membership.nodes()
+        self.r = check_replicas(replicas, len(nodes))
+        self.space = space
+        self.epoch = epoch
+        self.base = frozenset(nodes)  # the node set extents were placed on before we came
+        self.lanes = _NodeLanes(nodes, token, space, prefer=prefer,
+                                placement=lambda s, g: "")
+        self.lock = threading.RLock()
+        self.gen: dict[str, int] = dict.fromkeys(nodes, 0)
+        self.down: set[str] = set()
+        self.members: set[str] = set(nodes)
+        self.boots: dict[str, str | None] = {n: self._boot(n) for n in nodes}
+        self._held: dict[tuple[str, int], set[tuple[str, int]]] = {}
+        self.ext_locks = [threading.Lock() for _ in range(_LOCKS)]
+        self.rtt: dict[str, float] = {}
+        self.spaces: dict[str, int] = {}  # space -> bytes kept replicated
+        self.counters = {"failovers": 0, "repairs": 0, "repair_bytes": 0, "lost_extents": 0,
+                         "node_failures": 0}
+        self.under_replicated = 0
+        self.lag_since: float | None = None  # when under-replication was first seen
+        self.dirty = threading.Event()
+        membership.on_change(self._on_members)
+        from pager.source.repair import Repairer
+
+        self.repairer = Repairer(self, rate=repair_rate, interval=probe_interval)
+        self.repairer.start()
+
+    # --- node set -----------------------------------------------------------------------
+    def _boot(self, node_id: str) -> str | None:
+        boot = getattr(self.membership, "boot", None)
+        return boot(node_id) if boot else None
+
+    def _on_members(self, nodes: dict[str, str]) -> None:
+        with self.lock:
+            for n, ep in nodes.items():
+                self.lanes.nodes[n] = ep
+                boot = self._boot(n)
+                if n not in self.gen:
+                    self.gen[n] = 0
+                elif n not in self.members or boot != self.boots.get(n):
+                    self._bump(n, "re-registered")
+                self.boots[n] = boot
+            for n in self.members - set(nodes):
+                self._bump(n, "left the cluster")
+            self.members = set(nodes)
+            self.dirty.set()
+
+    def _bump(self, node_id: str, why: str) -> None:
+        """``node_id`` no longer holds anything: its generation moves on."""
+        self.gen[node_id] = self.gen.get(node_id, 0) + 1
+        log.warning("memory node %s %s: its extents are re-synced before it serves them",
+                    node_id, why)
+
+    def node_failed(self, node_id: str, exc: BaseException) -> None:
+        with self.lock:
+            if node_id in self.down:
+                return
+            self.down.add(node_id)
+            self.counters["node_failures"] += 1
+            self._bump(node_id, f"failed ({exc})")
+            self.dirty.set()
+
+    def node_back(self, node_id: str) -> None:
+        with self.lock:
+            if node_id in self.down:
+                self.down.discard(node_id)
+                log.warning("memory node %s answers again", node_id)
+            self.dirty.set()
+
+    def live(self) -> list[str]:
+        with self.lock:
+            return [n for n in self.members if n not in self.down]
+
+    # --- extents ------------------------------------------------------------------------
+    def targets(self, space: str, ext: int) -> list[str]:
+        return replicas(space, ext, self.live(), self.r)
+
+    def holders(self, space: str, ext: int) -> list[str]:
+        """Live nodes holding every page of the extent, lowest round trip first."""
+        with self.lock:
+            pairs = self._held.get((space, ext))
+            if pairs is None:
+                pairs = {(n, 0) for n in replicas(space, ext, self.base, self.r)}
+            got = [n for n, g in pairs if self.gen.get(n) == g and n not in self.down
+                   and n in self.members]
+        return sorted(got, key=lambda n: self.rtt.get(n, 0.0))
+
+    def add_holder(self, space: str, ext: int, node_id: str) -> None:
+        with self.lock:
+            pairs = {(n, self.gen[n]) for n in self.holders(space, ext)}
+            pairs.add((node_id, self.gen[node_id]))
+            self._held[space, ext] = pairs
+
+    def ext_lock(self, space: str, ext: int) -> threading.Lock:
+        return self.ext_locks[hash((space, ext)) % _LOCKS]
+
+    def note_rtt(self, node_id: str, seconds: float) -> None:
+        old = self.rtt.get(node_id)
+        self.rtt[node_id] = seconds if old is None else 0.8 * old + 0.2 * seconds
+
+    def keep(self, space: str, size: int) -> None:
+        """Keep ``size`` bytes of ``space`` replicated (repair scans them)."""
+        with self.lock:
+            if size > self.spaces.get(space, 0):
+                self.spaces[space] = size
+                self.dirty.set()
+
+    # --- PageSource ---------------------------------------------------------------------
+    def check_region(self, region: Region) -> None:
+        self.keep(region.space or self.space, region.offset + region.size)
+
+    def describe(self) -> str:
+        return (f"cluster of {len(self.members)} memory nodes ({self.membership.source}), "
+                f"R={self.r}, space {self.space}")
+
+    def open_lane(self) -> ClusterLane:
+        return ClusterLane(self)
+
+    def close(self) -> None:
+        self.repairer.stop()
+        self.membership.close()
+
+    def state(self) -> dict[str, Any]:
+        """The cluster as `ssi-pager status` shows it."""
+        with self.lock:
+            per_node: dict[str, int] = dict.fromkeys(self.members, 0)
+            for space, size in self.spaces.items():
+                for ext in range(-(-size >> EXTENT_SHIFT)):
+                    for n in self.holders(space, ext):
+                        per_node[n] = per_node.get(n, 0) + 1
+            nodes = [{"id": n, "endpoint": self.lanes.nodes.get(n),
+                      "transport": self.lanes.lane_kind(n),
+                      "state": "down" if n in self.down else "live" if n in self.members
+                      else "gone",
+                      "rtt_us": round(self.rtt[n] * 1e6, 1) if n in self.rtt else None,
+                      "extents": per_node.get(n, 0)} for n in sorted(self.gen)]
+            lag = 0.0 if self.lag_since is None else time.monotonic() - self.lag_since
+            return {"membership": self.membership.source, "replicas": self.r,
+                    "extent_bytes": EXTENT_SIZE, "nodes": nodes,
+                    "under_replicated": self.under_replicated,
+                    "replication_lag_seconds": round(lag, 3), **self.counters}
+
+
+class ClusterLane(Lane):
+    """One thread's lanes to the cluster's nodes, one per (node, space), opened on use."""
+
+    def __init__(self, src: ClusterSource) -> None:
+        self.src = src
+        self.lanes: dict[tuple[str, str], Any] = {}
+
+    def _lane(self, node_id: str, space: str) -> Any:
+        lane = self.lanes.get((node_id, space))
+        if lane is None:
+            lane = self.lanes[node_id, space] = self.src.lanes.open_node_lane(node_id, space)
+        return lane
+
+    def _failed(self, node_id: str, space: str, exc: BaseException) -> None:
+        lane = self.lanes.pop((node_id, space), None)
+        if lane is not None:
+            try:
+                lane.close()
+            except Exception:
+                log.debug("closing a failed lane", exc_info=True)
+        self.src.node_failed(node_id, exc)
+
+    def fetch_into(self, space: str | None, gpa: int, buf: memoryview) -> int:
+        name = space or self.src.space
+        view = memoryview(buf)
+        mask, off, n = 0, 0, len(view)
+        while off < n:
+            ext = (gpa + off) >> EXTENT_SHIFT
+            end = min(n, ((ext + 1) << EXTENT_SHIFT) - gpa)
+            part = view if (off, end) == (0, n) else view[off:end]
+            mask |= self._fetch_extent(name, ext, gpa + off, part) << (off >> PAGE_SHIFT)
+            off = end
+        return mask
+
+    def _fetch_extent(self, space: str, ext: int, gpa: int, part: memoryview) -> int:
+        tried: list[str] = []
+        for node_id in self.src.holders(space, ext):
+            tried.append(node_id)
+            try:
+                return self._lane(node_id, space).fetch_into(gpa, part)
+            except RemoteError:
+                raise
+            except TransportError as exc:
+                self._failed(node_id, space, exc)
+                self.src.counters["failovers"] += 1
+        raise ReplicationError(f"no live replica holds extent {ext} of space {space!r} "
+                               f"(tried {', '.join(tried) or 'none'}); waiting for a node "
+                               f"to come back")
+
+    def store_from(self, space: str | None, gpa: int, buf: bytes | memoryview) -> None:
+        name = space or self.src.space
+        view = memoryview(buf)
+        off, n = 0, len(view)
+        while off < n:
+            ext = (gpa + off) >> EXTENT_SHIFT
+            end = min(n, ((ext + 1) << EXTENT_SHIFT) - gpa)
+            self._store_extent(name, ext, gpa + off, view[off:end])
+            off = end
+
+    def _store_extent(self, space: str, ext: int, gpa: int, part: memoryview) -> None:
+        src = self.src
+        done: set[str] = set()
+        tried: set[str] = set()
+        with src.ext_lock(space, ext):
+            while True:
+                todo = (set(src.targets(space, ext)) | set(src.holders(space, ext))) - tried
+                if not todo:
+                    break
+                for node_id in todo:
+                    tried.add(node_id)
+                    try:
+                        self._lane(node_id, space).store_from(gpa, part)
+                        done.add(node_id)
+                    except RemoteError:
+                        raise
+                    except TransportError as exc:
+                        self._failed(node_id, space, exc)
+            targets = src.targets(space, ext)
+        need = min(src.r, len(targets))
+        reached = len(done & set(targets))
+        if need == 0 or reached < need:
+            raise ReplicationError(f"a store to extent {ext} of space {space!r} reached "
+                                   f"{reached} of {max(need, src.r)} memory nodes; retrying "
+                                   f"once nodes are back")
+
+    def reset(self) -> None:
+        for lane in self.lanes.values():
+            try:
+                lane.close()
+            except Exception:
+                log.debug("closing a lane failed", exc_info=True)
+        self.lanes.clear()

@@ -1,0 +1,249 @@
+"""Cluster membership: which memory nodes exist, from a static file or from etcd.
+
+A static file (``--cluster FILE``, JSON) suits small setups with no extra service::
+
+    {"nodes": {"a": "10.0.0.1:50051", "b": "10.0.0.2:50051", "c": "10.0.0.3:50051"},
+     "owners": {"vm1": {"pager": "host-a", "epoch": 1}}}
+
+With etcd (``--etcd http://HOST:2379``) each memory node registers itself under a lease
+(`NodeRegistration`): the key ``/ssi-pager/nodes/NAME`` holds ``{"endpoint": ..., "boot":
+...}`` and disappears when the node stops renewing the lease. Pagers watch the prefix
+(`EtcdMembership`, a poll every second) and keep the last map they read while etcd cannot be
+reached, so faults keep being served on the last known map.
+
+The etcd client is etcd3gw (HTTP/JSON through etcd's gRPC gateway, ``/v3/``): blocking like
+the pager's lanes and with only ``requests`` underneath (no grpcio/protobuf pins).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from transport.errors import TransportError
+
+log = logging.getLogger(__name__)
+
+PREFIX = "/ssi-pager/"
+NODES = PREFIX + "nodes/"
+OWNERS = PREFIX + "owners/"
+EPOCHS = PREFIX + "epochs/"
+DEFAULT_TTL = 5  # seconds a node's registration outlives its last renewal
+POLL_SECONDS = 1.0
+
+
+class ClusterError(TransportError):
+    """The cluster's description (file or etcd) is missing, malformed or unreachable."""
+
+
+def etcd_client(url: str, timeout: float = 3.0) -> Any:
+    """An etcd3gw client for ``http://HOST:PORT`` (etcd 3.4 or later, gateway ``/v3/``)."""
+    try:
+        from etcd3gw.client import Etcd3Client
+    except ImportError as exc:
+        raise ClusterError("--etcd needs the etcd3gw package: pip install etcd3gw") from exc
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ClusterError(f"cannot read etcd URL {url!r}; write http://HOST:2379")
+    return Etcd3Client(host=parts.hostname, port=parts.port or 2379, protocol=parts.scheme,
+                       timeout=timeout, api_path="/v3/")
+
+
+def _etcd_errors() -> tuple[type[BaseException], ...]:
+    from etcd3gw import exceptions
+
+    return (exceptions.Etcd3Exception, OSError, ValueError, KeyError)
+
+
+class Membership:
+    """The live memory nodes: ``nodes()`` -> {node id: endpoint}."""
+
+    source = "?"
+
+    def nodes(self) -> dict[str, str]:
+        raise NotImplementedError
+
+    def owner(self, space: str) -> dict[str, Any] | None:
+        """``{"pager": id, "epoch": n}`` of the address space's owner, or None."""
+        return None
+
+    def on_change(self, callback: Callable[[dict[str, str]], None]) -> None:
+        """Call ``callback(nodes)`` whenever the node set changes."""
+
+    def close(self) -> None:
+        """Stop watching."""
+
+
+class StaticMembership(Membership):
+    """Nodes (and owners) from a JSON file, read once; ``{node id: endpoint}`` for repeated
+    ``--memnode`` (ids "m0", "m1", ...) with ``path`` None."""
+
+    def __init__(self, path: str | Path | None = None, *,
+                 endpoints: list[str] | None = None) -> None:
+        self.source = str(path) if path else "--memnode"
+        self._owners: dict[str, dict[str, Any]] = {}
+        if path is None:
+            self._nodes = {f"m{i}": ep for i, ep in enumerate(endpoints or [])}
+        else:
+            self._nodes, self._owners = _read_cluster_file(Path(path))
+        if not self._nodes:
+            raise ClusterError(f"{self.source} names no memory node; list them as "
+                               f'{{"nodes": {{"a": "HOST:PORT"}}}}')
+
+    def nodes(self) -> dict[str, str]:
+        return dict(self._nodes)
+
+    def owner(self, space: str) -> dict[str, Any] | None:
+        return self._owners.get(space)
+
+
+def _read_cluster_file(path: Path) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
+    try:
+        doc = json.loads(path.read_text())
+    except OSError as exc:
+        raise ClusterError(f"cannot read cluster file {path}: {exc.strerror}",
+                           errno=exc.errno) from exc
+    except ValueError as exc:
+        raise ClusterError(f"cluster file {path} is not JSON ({exc}); write "
+                           f'{{"nodes": {{"a": "HOST:PORT", ...}}}}') from exc
+    nodes = doc.get("nodes") if isinstance(doc, dict) else None
+    if not isinstance(nodes, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and ":" in v for k, v in nodes.items()):
+        raise ClusterError(f'cluster file {path}: "nodes" must map node ids to "HOST:PORT"')
+    owners = doc.get("owners", {})
+    if not isinstance(owners, dict) or not all(
+            isinstance(o, dict) and isinstance(o.get("epoch"), int) for o in owners.values()):
+        raise ClusterError(f'cluster file {path}: "owners" must map spaces to '
+                           f'{{"pager": ID, "epoch": N}}')
+    return dict(nodes), dict(owners)
+
+
+class EtcdMembership(Membership):
+    """Nodes registered in etcd, polled every ``poll`` seconds by a thread; the last map read
+    stays in force while etcd is unreachable (``healthy`` False meanwhile)."""
+
+    def __init__(self, url: str, *, poll: float = POLL_SECONDS) -> None:
+        self.source = url
+        self.client = etcd_client(url)
+        self.poll = poll
+        self.healthy = False
+        self._nodes: dict[str, str] = {}
+        self._boots: dict[str, str] = {}
+        self._callbacks: list[Callable[[dict[str, str]], None]] = []
+        self._stop = threading.Event()
+        try:
+            self._refresh()
+        except _etcd_errors() as exc:
+            raise ClusterError(f"cannot read the memory nodes from etcd at {url}: {exc}; is "
+                               f"etcd running there?") from exc
+        self._thread = threading.Thread(target=self._watch, name="etcd-watch", daemon=True)
+        self._thread.start()
+
+    def nodes(self) -> dict[str, str]:
+        return dict(self._nodes)
+
+    def boot(self, node_id: str) -> str | None:
+        """The registration's boot id: a new one means the node restarted."""
+        return self._boots.get(node_id)
+
+    def owner(self, space: str) -> dict[str, Any] | None:
+        try:
+            got = self.client.get(OWNERS + space)
+        except _etcd_errors():
+            return None
+        return json.loads(got[0]) if got else None
+
+    def on_change(self, callback: Callable[[dict[str, str]], None]) -> None:
+        self._callbacks.append(callback)
+
+    def _refresh(self) -> None:
+        nodes, boots = {}, {}
+        for value, meta in self.client.get_prefix(NODES):
+            name = meta["key"].decode()[len(NODES):]
+            try:
+                info = json.loads(value)
+                nodes[name], boots[name] = info["endpoint"], info.get("boot", "")
+            except (ValueError, KeyError, TypeError):
+                log.warning("etcd: ignoring malformed registration of node %s", name)
+        self.healthy = True
+        if nodes != self._nodes or boots != self._boots:
+            log.info("etcd: memory nodes now %s", ", ".join(sorted(nodes)) or "none")
+            self._nodes, self._boots = nodes, boots
+            for cb in self._callbacks:
+                cb(dict(nodes))
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll):
+            try:
+                self._refresh()
+            except _etcd_errors() as exc:
+                if self.healthy:
+                    log.warning("etcd at %s unreachable (%s): serving on the last known map "
+                                "of %d nodes", self.source, exc, len(self._nodes))
+                self.healthy = False
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+class NodeRegistration:
+    """A memory node's key in etcd under a lease renewed by a thread; re-registered after
+    etcd comes back or the lease expired. ``close()`` revokes it (the node leaves at once)."""
+
+    def __init__(self, url: str, name: str, endpoint: str, *, ttl: int = DEFAULT_TTL,
+                 extra: dict[str, Any] | None = None) -> None:
+        self.client = etcd_client(url)
+        self.url, self.name, self.ttl = url, name, ttl
+        self.value = json.dumps({"endpoint": endpoint, "boot": os.urandom(8).hex(),
+                                 "host": socket.gethostname(), **(extra or {})})
+        self.lease: Any = None
+        self._stop = threading.Event()
+        try:
+            self._register()
+        except _etcd_errors() as exc:
+            raise ClusterError(f"cannot register memory node {name} in etcd at {url}: {exc}; "
+                               f"is etcd running there?") from exc
+        self._thread = threading.Thread(target=self._renew, name="etcd-lease", daemon=True)
+        self._thread.start()
+
+    def _register(self) -> None:
+        self.lease = self.client.lease(ttl=self.ttl)
+        self.client.put(NODES + self.name, self.value, lease=self.lease)
+        log.info("etcd: registered node %s (lease ttl %ds)", self.name, self.ttl)
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            try:
+                if self.lease is None or self.lease.refresh() <= 0:
+                    self._register()
+            except _etcd_errors() as exc:
+                log.warning("etcd: renewing node %s's lease failed: %s", self.name, exc)
+                self.lease = None
+
+    def close(self) -> None:
+        self._stop.set()
+        try:
+            if self.lease is not None:
+                self.lease.revoke()
+        except _etcd_errors():
+            log.debug("revoking the lease failed", exc_info=True)
+
+
+def membership_from(*, etcd: str | None = None, cluster: str | None = None,
+                    memnodes: list[str] | None = None) -> Membership:
+    """The membership the command line names: ``--etcd``, ``--cluster`` or ``--memnode``s."""
+    if sum(bool(x) for x in (etcd, cluster, memnodes)) != 1:
+        raise ClusterError("name the memory nodes one way: --etcd URL, --cluster FILE or "
+                           "--memnode HOST:PORT (repeatable)")
+    if etcd:
+        return EtcdMembership(etcd)
+    if cluster:
+        return StaticMembership(cluster)
+    return StaticMembership(endpoints=memnodes)
