@@ -6,17 +6,44 @@
 
 from __future__ import annotations
 
+import argparse
+
 from pager.errors import ConfigError
 from pager.source.base import Lane, PageSource
 from pager.source.file import FileSource
 from pager.source.memnode import MemnodeSource
 
-__all__ = ["FileSource", "Lane", "MemnodeSource", "PageSource", "parse_source"]
+__all__ = ["FileSource", "Lane", "MemnodeSource", "PageSource", "add_cluster_arguments",
+           "parse_source"]
 
 
-def parse_source(memnode: str | None, source: str | None, *, token: bytes | None,
-                 space: str) -> PageSource:
-    """The source named on the command line (``--memnode HOST:PORT`` or ``--source file:P``)."""
+def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    """--etcd, --cluster and --replicas (memory nodes as a cluster)."""
+    parser.add_argument("--etcd", metavar="URL",
+                        help="find the memory nodes in etcd (http://HOST:2379)")
+    parser.add_argument("--cluster", metavar="FILE",
+                        help='memory nodes from a JSON file {"nodes": {"ID": "HOST:PORT"}}')
+    parser.add_argument("--replicas", type=int, default=None, metavar="R",
+                        help="copies of every extent (default 2 with at least 2 nodes)")
+
+
+def parse_source(memnode: str | list[str] | None, source: str | None, *,
+                 token: bytes | None, space: str, etcd: str | None = None,
+                 cluster: str | None = None, replicas: int | None = None) -> PageSource:
+    """The source named on the command line: ``--memnode HOST:PORT`` (repeatable),
+    ``--etcd URL``, ``--cluster FILE`` or ``--source file:P``."""
+    memnodes = [memnode] if isinstance(memnode, str) else list(memnode or [])
+    if len(memnodes) > 1 or etcd or cluster:
+        if source:
+            raise ConfigError("give memory nodes or --source file:PATH, not both")
+        from pager.source.cluster import ClusterSource
+        from transport.membership import membership_from
+
+        return ClusterSource(membership_from(etcd=etcd, cluster=cluster, memnodes=memnodes),
+                             token, space, replicas=replicas)
+    memnode = memnodes[0] if memnodes else None
+    if replicas not in (None, 1):
+        raise ConfigError(f"--replicas {replicas} needs at least {replicas} memory nodes")
     if bool(memnode) == bool(source):
         raise ConfigError("give exactly one of --memnode HOST:PORT or --source file:PATH")
     if source:

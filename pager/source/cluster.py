@@ -170,6 +170,34 @@ class ClusterSource(PageSource):
                 self.spaces[space] = size
                 self.dirty.set()
 
+    async def connect(self) -> None:
+        """Select every node's transport (each prints its tier line); a node that cannot be
+        reached is down (a warning), and the repair thread probes it."""
+        from transport.errors import AuthError
+        from transport.manager import TransportManager
+
+        manager = TransportManager("pager", self.lanes.token, space=self.space,
+                                   prefer=self.lanes.prefer)
+        try:
+            for node_id, endpoint in sorted(self.lanes.nodes.items()):
+                try:
+                    info = await manager.connect_peer(node_id, endpoint)
+                except AuthError:
+                    raise
+                except (TransportError, OSError) as exc:
+                    log.warning("memory node %s (%s) not reachable (%s): down until it "
+                                "answers", node_id, endpoint, exc)
+                    self.node_failed(node_id, exc)
+                    continue
+                t = manager.transport(node_id)
+                if hasattr(t, "retry_for"):
+                    t.retry_for = 0.0
+                with self.lanes._lock:
+                    self.lanes.transports[node_id] = t
+                    self.lanes.lane_kinds[node_id] = info.transport
+        finally:
+            await manager.close()
+
     # --- PageSource ---------------------------------------------------------------------
     def check_region(self, region: Region) -> None:
         self.keep(region.space or self.space, region.offset + region.size)

@@ -48,6 +48,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     from pager import metrics
 
     metrics.add_metrics_argument(parser)
+    parser.add_argument("--etcd", metavar="URL",
+                        help="register this node in etcd (http://HOST:2379) under a lease, "
+                             "so pagers started with --etcd find it; --name must be unique")
+    parser.add_argument("--advertise", metavar="HOST:PORT",
+                        help="endpoint pagers reach this node on (default: the listening "
+                             "address; give it when listening on 0.0.0.0)")
     parser.add_argument("--rdma", action="store_true",
                         help="also serve RDMA (pyverbs) on the TCP port + 1000; without an "
                              "RDMA device this warns and serves TCP only")
@@ -92,15 +98,32 @@ async def _serve(node: MemoryNode, args: argparse.Namespace) -> int:
         from pager import metrics
 
         exporter = await metrics.start_memnode_metrics(args.metrics, node)
+    registration = None
+    if getattr(args, "etcd", None):
+        registration = await loop.run_in_executor(None, _register, args, endpoint)
     print(f"memnode: listening on {endpoint}", file=sys.stderr, flush=True)
     await stop.wait()
     print("memnode: stopping", file=sys.stderr)
+    if registration is not None:
+        await loop.run_in_executor(None, registration.close)
     if rdma is not None:
         rdma.stop()
     if exporter is not None:
         await exporter.close()
     await node.close()
     return 0
+
+
+def _register(args: argparse.Namespace, endpoint: str) -> Any:
+    from transport.membership import NodeRegistration
+
+    advertise = args.advertise or endpoint
+    if parse_endpoint(advertise)[0] in ("0.0.0.0", "::"):
+        raise TransportError(f"--etcd: pagers cannot reach {advertise}; give --advertise "
+                             f"HOST:PORT with this host's address")
+    reg = NodeRegistration(args.etcd, args.name, advertise)
+    print(f"memnode: registered as {args.name} in etcd {args.etcd}", file=sys.stderr)
+    return reg
 
 
 def start_rdma(node: MemoryNode) -> Any:

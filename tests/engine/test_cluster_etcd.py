@@ -1,0 +1,80 @@
+"""Memory nodes registered in a real etcd (the test's own server); a real pager process
+(`serve --etcd URL --replicas 2`) serving a client's faults while a node is killed with -9
+and while etcd is stopped."""
+
+from __future__ import annotations
+
+import pytest
+from clusterkit import Etcd, nodes, wait_until
+from enginekit import wait_or_fail
+
+from pager.source.cluster import ClusterSource
+from pager.tools.workload import Client, DataSet
+from transport.membership import EtcdMembership
+from transport.token import load_token
+
+MIB = 1 << 20
+
+
+@pytest.fixture
+def etcd(tmp_path):
+    e = Etcd(tmp_path)
+    yield e
+    e.stop()
+
+
+@pytest.fixture
+def three(tmp_path, etcd):
+    ns = nodes(tmp_path, 3, etcd.url)
+    yield ns
+    for n in ns:
+        n.proc.stop()
+
+
+def seed(etcd, ns, data: DataSet, space: str = "default") -> None:
+    src = ClusterSource(EtcdMembership(etcd.url), load_token(ns[0].token_file), space,
+                        replicas=2, prefer="tcp")
+    try:
+        with src.open_lane() as lane:
+            for off, buf in data.chunks():
+                lane.store_from(None, off, buf)
+    finally:
+        src.close()
+
+
+def test_nodes_register_under_leases_and_leave(etcd, three):
+    m = EtcdMembership(etcd.url, poll=0.1)
+    try:
+        assert sorted(m.nodes()) == ["n0", "n1", "n2"]
+        assert m.nodes()["n1"] == three[1].endpoint
+        three[1].proc.stop()  # a clean stop revokes its lease: it leaves at once
+        wait_until(lambda: sorted(m.nodes()) == ["n0", "n2"], 20, "n1 to leave")
+        three[2].proc.kill()  # kill -9: its lease expires
+        wait_until(lambda: sorted(m.nodes()) == ["n0"], 30, "n2's lease to expire")
+    finally:
+        m.close()
+
+
+def test_pager_survives_kill_9_and_etcd_outage(etcd, three, run_pager):
+    data = DataSet(32 * MIB)
+    seed(etcd, three, data)
+    pager, sock = run_pager("--etcd", etcd.url, "--replicas", "2", "--token-file",
+                        str(three[0].token_file), "--readahead", "0", "--no-c-loop")
+    c = Client(32 * MIB)
+    c.handoff(sock)
+    t = c.touch(op="read", order="rand", threads=2)
+    wait_until(lambda: t.done > t.naccess // 4 or t.wait(0), 60, "a quarter of the workload")
+    three[1].proc.kill()  # kill -9 mid-run
+    wait_or_fail(t, 120)
+    assert c.check(data) == []  # every byte right, and the toucher got no SIGBUS
+    pager.wait_for(r"memory node n1 (failed|left the cluster)")
+    c.close()
+    # etcd down: faults go on being served on the last known map
+    etcd.stop()
+    pager.wait_for(r"etcd at \S+ unreachable")
+    c2 = Client(32 * MIB)
+    c2.handoff(sock)
+    t2 = c2.touch(op="read", order="seq", threads=2)
+    wait_or_fail(t2, 120)
+    assert c2.check(data) == []
+    c2.close()
