@@ -6,7 +6,7 @@ A static file (``--cluster FILE``, JSON) suits small setups with no extra servic
      "owners": {"vm1": {"pager": "host-a", "epoch": 1}}}
 
 With etcd (``--etcd http://HOST:2379``) each memory node registers itself under a lease
-(`NodeRegistration`): the key ``/ssi-pager/nodes/NAME`` holds ``{"endpoint": ..., "boot":
+(`register_node`): the key ``/ssi-pager/nodes/NAME`` holds ``{"endpoint": ..., "boot":
 ...}`` and disappears when the node stops renewing the lease. Pagers watch the prefix
 (`EtcdMembership`, a poll every second) and keep the last map they read while etcd cannot be
 reached, so faults keep being served on the last known map.
@@ -193,30 +193,29 @@ class EtcdMembership(Membership):
         self._stop.set()
 
 
-class NodeRegistration:
-    """A memory node's key in etcd under a lease renewed by a thread; re-registered after
-    etcd comes back or the lease expired. ``close()`` revokes it (the node leaves at once)."""
+class LeasedKey:
+    """A key in etcd under a lease renewed by a thread; put again after etcd comes back or
+    the lease expired. ``close()`` revokes it (the key goes at once)."""
 
-    def __init__(self, url: str, name: str, endpoint: str, *, ttl: int = DEFAULT_TTL,
-                 extra: dict[str, Any] | None = None) -> None:
-        self.client = etcd_client(url)
-        self.url, self.name, self.ttl = url, name, ttl
-        self.value = json.dumps({"endpoint": endpoint, "boot": os.urandom(8).hex(),
-                                 "host": socket.gethostname(), **(extra or {})})
+    def __init__(self, url: str, key: str, value: dict[str, Any], *, ttl: int = DEFAULT_TTL,
+                 client: Any = None) -> None:
+        self.client = client or etcd_client(url)
+        self.url, self.key, self.ttl = url, key, ttl
+        self.value = json.dumps({**value, "host": socket.gethostname()})
         self.lease: Any = None
         self._stop = threading.Event()
         try:
             self._register()
         except _etcd_errors() as exc:
-            raise ClusterError(f"cannot register memory node {name} in etcd at {url}: {exc}; "
-                               f"is etcd running there?") from exc
+            raise ClusterError(f"cannot write {key} to etcd at {url}: {exc}; is etcd running "
+                               f"there?") from exc
         self._thread = threading.Thread(target=self._renew, name="etcd-lease", daemon=True)
         self._thread.start()
 
     def _register(self) -> None:
         self.lease = self.client.lease(ttl=self.ttl)
-        self.client.put(NODES + self.name, self.value, lease=self.lease)
-        log.info("etcd: registered node %s (lease ttl %ds)", self.name, self.ttl)
+        self.client.put(self.key, self.value, lease=self.lease)
+        log.info("etcd: registered %s (lease ttl %ds)", self.key, self.ttl)
 
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl / 3):
@@ -224,7 +223,7 @@ class NodeRegistration:
                 if self.lease is None or self.lease.refresh() <= 0:
                     self._register()
             except _etcd_errors() as exc:
-                log.warning("etcd: renewing node %s's lease failed: %s", self.name, exc)
+                log.warning("etcd: renewing the lease of %s failed: %s", self.key, exc)
                 self.lease = None
 
     def close(self) -> None:
@@ -234,6 +233,13 @@ class NodeRegistration:
                 self.lease.revoke()
         except _etcd_errors():
             log.debug("revoking the lease failed", exc_info=True)
+
+
+def register_node(url: str, name: str, endpoint: str, *, ttl: int = DEFAULT_TTL) -> LeasedKey:
+    """A memory node's registration: ``/ssi-pager/nodes/NAME`` -> endpoint and a boot id
+    (new at every start: pagers re-sync a node that restarted)."""
+    return LeasedKey(url, NODES + name, {"endpoint": endpoint, "boot": os.urandom(8).hex()},
+                     ttl=ttl)
 
 
 def membership_from(*, etcd: str | None = None, cluster: str | None = None,
@@ -247,3 +253,57 @@ def membership_from(*, etcd: str | None = None, cluster: str | None = None,
     if cluster:
         return StaticMembership(cluster)
     return StaticMembership(endpoints=memnodes)
+
+
+class Ownership:
+    """This pager owns ``space`` under ``epoch``: from etcd (`acquire`, a key under a lease
+    renewed by a thread; the epoch counter only grows) or fixed (a static file's owner)."""
+
+    def __init__(self, space: str, epoch: int, pager: str, registration: Any = None) -> None:
+        self.space, self.epoch, self.pager = space, epoch, pager
+        self._reg = registration
+
+    @classmethod
+    def acquire(cls, url: str, space: str, pager: str, *, ttl: int = DEFAULT_TTL) -> Ownership:
+        """Take ``space`` over: the next epoch, whoever owned it before (a guest resumed
+        here); the previous owner's stores are refused from now on by every node fenced."""
+        client = etcd_client(url)
+        try:
+            for _ in range(100):
+                got = client.get(EPOCHS + space, metadata=True)
+                if got:
+                    value, meta = got[0]
+                    epoch = int(value) + 1
+                    compare = {"key": _b64(EPOCHS + space), "result": "EQUAL",
+                               "target": "MOD", "mod_revision": int(meta["mod_revision"])}
+                else:
+                    epoch = 1
+                    compare = {"key": _b64(EPOCHS + space), "result": "EQUAL",
+                               "target": "CREATE", "create_revision": 0}
+                txn = {"compare": [compare], "success": [{"request_put": {
+                    "key": _b64(EPOCHS + space), "value": _b64(str(epoch))}}], "failure": []}
+                if client.transaction(txn).get("succeeded"):
+                    break
+            else:
+                raise ClusterError(f"could not take space {space} over in etcd: too many "
+                                   f"concurrent owners")
+            old = client.get(OWNERS + space)
+            if old:
+                log.warning("etcd: taking space %s over from %s (epoch %d)", space,
+                            old[0].decode(), epoch)
+            reg = LeasedKey(url, OWNERS + space, {"pager": pager, "epoch": epoch}, ttl=ttl,
+                            client=client)
+        except _etcd_errors() as exc:
+            raise ClusterError(f"cannot take space {space} over in etcd at {url}: {exc}; is "
+                               f"etcd running there?") from exc
+        return cls(space, epoch, pager, reg)
+
+    def close(self) -> None:
+        if self._reg is not None:
+            self._reg.close()
+
+
+def _b64(text: str) -> str:
+    import base64
+
+    return base64.b64encode(text.encode()).decode()

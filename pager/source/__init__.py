@@ -29,18 +29,27 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
 
 def parse_source(memnode: str | list[str] | None, source: str | None, *,
                  token: bytes | None, space: str, etcd: str | None = None,
-                 cluster: str | None = None, replicas: int | None = None) -> PageSource:
+                 cluster: str | None = None, replicas: int | None = None,
+                 owns: bool = False) -> PageSource:
     """The source named on the command line: ``--memnode HOST:PORT`` (repeatable),
-    ``--etcd URL``, ``--cluster FILE`` or ``--source file:P``."""
+    ``--etcd URL``, ``--cluster FILE`` or ``--source file:P``. ``owns``: this pager owns
+    ``space`` (serve): it takes the space over in etcd (or uses the cluster file's owner
+    epoch) and its stores carry that epoch."""
     memnodes = [memnode] if isinstance(memnode, str) else list(memnode or [])
     if len(memnodes) > 1 or etcd or cluster:
         if source:
             raise ConfigError("give memory nodes or --source file:PATH, not both")
         from pager.source.cluster import ClusterSource
-        from transport.membership import membership_from
+        from transport.membership import Ownership, membership_from
 
-        return ClusterSource(membership_from(etcd=etcd, cluster=cluster, memnodes=memnodes),
-                             token, space, replicas=replicas)
+        membership = membership_from(etcd=etcd, cluster=cluster, memnodes=memnodes)
+        owner = None
+        if owns:
+            if etcd:
+                owner = Ownership.acquire(etcd, space, pager_id())
+            elif (fixed := membership.owner(space)) is not None:
+                owner = Ownership(space, int(fixed["epoch"]), str(fixed.get("pager", "")))
+        return ClusterSource(membership, token, space, replicas=replicas, owner=owner)
     memnode = memnodes[0] if memnodes else None
     if replicas not in (None, 1):
         raise ConfigError(f"--replicas {replicas} needs at least {replicas} memory nodes")
@@ -54,3 +63,11 @@ def parse_source(memnode: str | list[str] | None, source: str | None, *,
         else:
             raise ConfigError(f"unknown source {source!r}; use file:PATH or --memnode HOST:PORT")
     return MemnodeSource(memnode, token, space)  # type: ignore[arg-type]
+
+
+def pager_id() -> str:
+    """This pager, as etcd's owner keys name it: host and pid."""
+    import os
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}"

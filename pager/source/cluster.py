@@ -26,7 +26,7 @@ from pager.source.base import Lane, PageSource
 from pager.source.memnode import MemnodeSource
 from pager.source.placement import EXTENT_SHIFT, EXTENT_SIZE, check_replicas, replicas
 from transport.errors import RemoteError, TransportError
-from transport.membership import Membership
+from transport.membership import Membership, Ownership
 from transport.wire import PAGE_SHIFT
 
 log = logging.getLogger(__name__)
@@ -39,20 +39,27 @@ class ReplicationError(TransportError):
 
 
 class _NodeLanes(MemnodeSource):
-    """Per-node transports and lanes that fail at once (no reconnect-and-retry): a node
-    that breaks a connection may have restarted empty, so the cluster decides, not the lane."""
+    """Per-node transports and lanes that fail at once (no reconnect-and-retry: a node
+    that breaks a connection may have restarted empty, so the cluster decides, not the lane)
+    and open the owned space under the owner's epoch (fencing)."""
 
-    def _select(self, node_id: str) -> Any:
-        t = super()._select(node_id)
+    epoch: int | None = None
+
+    def arm(self, t: Any) -> Any:
         if hasattr(t, "retry_for"):
             t.retry_for = 0.0
+        if self.epoch is not None and hasattr(t, "epochs"):
+            t.epochs[self.space] = self.epoch
         return t
+
+    def _select(self, node_id: str) -> Any:
+        return self.arm(super()._select(node_id))
 
     def _fall_back(self, node_id: str, failed: Any) -> None:
         super()._fall_back(node_id, failed)
         t = self.transports.get(node_id)
-        if t is not None and hasattr(t, "retry_for"):
-            t.retry_for = 0.0
+        if t is not None:
+            self.arm(t)
 
 
 class ClusterSource(PageSource):
@@ -61,15 +68,17 @@ class ClusterSource(PageSource):
     def __init__(self, membership: Membership, token: bytes | None, space: str, *,
                  replicas: int | None = None, prefer: str = "auto",
                  repair_rate: float = 64 << 20, probe_interval: float = 0.25,
-                 epoch: int | None = None) -> None:
+                 owner: Ownership | None = None) -> None:
         self.membership = membership
+        self.owner = owner
         nodes = membership.nodes()
         self.r = check_replicas(replicas, len(nodes))
         self.space = space
-        self.epoch = epoch
+        self.epoch = owner.epoch if owner is not None else None
         self.base = frozenset(nodes)  # the node set extents were placed on before we came
         self.lanes = _NodeLanes(nodes, token, space, prefer=prefer,
                                 placement=lambda s, g: "")
+        self.lanes.epoch = self.epoch
         self.lock = threading.RLock()
         self.gen: dict[str, int] = dict.fromkeys(nodes, 0)
         self.down: set[str] = set()
@@ -87,8 +96,22 @@ class ClusterSource(PageSource):
         membership.on_change(self._on_members)
         from pager.source.repair import Repairer
 
+        if self.epoch is not None:
+            self.fence()
         self.repairer = Repairer(self, rate=repair_rate, interval=probe_interval)
         self.repairer.start()
+
+    def fence(self) -> None:
+        """Open the owned space on every live node under our epoch: from now on they refuse
+        stores of an older owner. A node down now is fenced by the repair thread's first
+        lane to it, before it is repaired."""
+        for node_id in self.live():
+            try:
+                self.lanes.open_node_lane(node_id, self.space).close()
+            except RemoteError:
+                raise
+            except TransportError as exc:
+                self.node_failed(node_id, exc)
 
     # --- node set -----------------------------------------------------------------------
     def _boot(self, node_id: str) -> str | None:
@@ -189,9 +212,7 @@ class ClusterSource(PageSource):
                                 "answers", node_id, endpoint, exc)
                     self.node_failed(node_id, exc)
                     continue
-                t = manager.transport(node_id)
-                if hasattr(t, "retry_for"):
-                    t.retry_for = 0.0
+                t = self.lanes.arm(manager.transport(node_id))
                 with self.lanes._lock:
                     self.lanes.transports[node_id] = t
                     self.lanes.lane_kinds[node_id] = info.transport
@@ -212,6 +233,8 @@ class ClusterSource(PageSource):
     def close(self) -> None:
         self.repairer.stop()
         self.membership.close()
+        if self.owner is not None:
+            self.owner.close()
 
     def state(self) -> dict[str, Any]:
         """The cluster as `ssi-pager status` shows it."""
@@ -229,6 +252,7 @@ class ClusterSource(PageSource):
                       "extents": per_node.get(n, 0)} for n in sorted(self.gen)]
             lag = 0.0 if self.lag_since is None else time.monotonic() - self.lag_since
             return {"membership": self.membership.source, "replicas": self.r,
+                    "epoch": self.epoch,
                     "extent_bytes": EXTENT_SIZE, "nodes": nodes,
                     "under_replicated": self.under_replicated,
                     "replication_lag_seconds": round(lag, 3), **self.counters}

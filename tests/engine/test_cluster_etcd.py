@@ -4,6 +4,8 @@ and while etcd is stopped."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from clusterkit import Etcd, nodes, wait_until
 from enginekit import wait_or_fail
@@ -78,3 +80,36 @@ def test_pager_survives_kill_9_and_etcd_outage(etcd, three, run_pager):
     wait_or_fail(t2, 120)
     assert c2.check(data) == []
     c2.close()
+
+
+def test_second_owner_fences_the_first(etcd, three):
+    from transport.errors import RemoteError
+    from transport.membership import Ownership
+    from transport.wire import ErrorCode
+
+    token = load_token(three[0].token_file)
+
+    def pager(name):
+        owner = Ownership.acquire(etcd.url, "vm1", name)
+        return ClusterSource(EtcdMembership(etcd.url), token, "vm1", replicas=2,
+                             prefer="tcp", owner=owner)
+
+    first = pager("first")
+    second = None
+    try:
+        data = os.urandom(4 << 20)
+        with first.open_lane() as lane:
+            lane.store_from(None, 0, data)
+            second = pager("second")  # the guest resumed on another pager
+            assert second.epoch == first.epoch + 1
+            with pytest.raises(RemoteError) as refused:
+                lane.store_from(None, 0, os.urandom(4 << 20))
+            assert refused.value.code == ErrorCode.STALE_EPOCH
+        with second.open_lane() as lane:
+            buf = bytearray(len(data))
+            assert lane.fetch_into(None, 0, memoryview(buf)) == 0 and buf == data
+            lane.store_from(None, 0, data[::-1])
+    finally:
+        first.close()
+        if second is not None:
+            second.close()

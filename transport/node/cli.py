@@ -115,13 +115,13 @@ async def _serve(node: MemoryNode, args: argparse.Namespace) -> int:
 
 
 def _register(args: argparse.Namespace, endpoint: str) -> Any:
-    from transport.membership import NodeRegistration
+    from transport.membership import register_node
 
     advertise = args.advertise or endpoint
     if parse_endpoint(advertise)[0] in ("0.0.0.0", "::"):
         raise TransportError(f"--etcd: pagers cannot reach {advertise}; give --advertise "
                              f"HOST:PORT with this host's address")
-    reg = NodeRegistration(args.etcd, args.name, advertise)
+    reg = register_node(args.etcd, args.name, advertise)
     print(f"memnode: registered as {args.name} in etcd {args.etcd}", file=sys.stderr)
     return reg
 
