@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tune": ("tuning.cli", "check, plan, apply or revert host tuning (sysctl)"),
     "check": ("pager.uffd.check", "report what userfaultfd supports on this host"),
     "status": ("pager.tools.status", "show a running pager's and its memory nodes' state"),
+    "put": ("pager.tools.put", "upload a raw memory image into an address space"),
+    "get": ("pager.tools.get", "download an address space into a raw memory image"),
 }
 # bench kind -> (module, help)
 BENCHES: dict[str, tuple[str, str]] = {
