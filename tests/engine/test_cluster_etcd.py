@@ -4,11 +4,14 @@ and while etcd is stopped."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 from clusterkit import Etcd, nodes, wait_until
-from enginekit import wait_or_fail
+from enginekit import ROOT, wait_or_fail
 
 from pager.source.cluster import ClusterSource
 from pager.tools.workload import Client, DataSet
@@ -61,7 +64,9 @@ def test_pager_survives_kill_9_and_etcd_outage(etcd, three, run_pager):
     data = DataSet(32 * MIB)
     seed(etcd, three, data)
     pager, sock = run_pager("--etcd", etcd.url, "--replicas", "2", "--token-file",
-                        str(three[0].token_file), "--readahead", "0", "--no-c-loop")
+                        str(three[0].token_file), "--readahead", "0", "--no-c-loop",
+                        "--metrics", "127.0.0.1:0")
+    metrics = pager.wait_for(r"metrics: http://(\S+)/metrics")
     c = Client(32 * MIB)
     c.handoff(sock)
     t = c.touch(op="read", order="rand", threads=2)
@@ -71,6 +76,25 @@ def test_pager_survives_kill_9_and_etcd_outage(etcd, three, run_pager):
     assert c.check(data) == []  # every byte right, and the toucher got no SIGBUS
     pager.wait_for(r"memory node n1 (failed|left the cluster)")
     c.close()
+    # status shows the cluster: n1 gone from the live set, extents re-replicated, etcd's view
+    def status():
+        r = subprocess.run([sys.executable, "-m", "pager.cli", "status", "--json", "--pager",
+                            metrics, "--interval", "0", "--etcd", etcd.url], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    wait_until(lambda: (st := status())["pager"]["cluster"]["under_replicated"] == 0
+               and st["pager"]["cluster"]["repairs"] > 0, 60, "re-replication in status")
+    st = status()
+    cl = st["pager"]["cluster"]
+    assert cl["membership"] == etcd.url and cl["replicas"] == 2
+    states = {n["node"]: n["state"] for n in cl["nodes"]}
+    assert states["n0"] == states["n2"] == "live" and states["n1"] != "live"
+    assert sum(n["extents"] for n in cl["nodes"] if n["state"] == "live") == 2 * 16
+    assert list(st["etcd"]["owners"]) == ["default"]
+    wait_until(lambda: sorted(status()["etcd"]["nodes"]) == ["n0", "n2"], 30,
+               "n1's lease to expire")
     # etcd down: faults go on being served on the last known map
     etcd.stop()
     pager.wait_for(r"etcd at \S+ unreachable")
