@@ -13,11 +13,12 @@ if [ "${SSI_PAGER_SKIP_APT:-0}" != 1 ]; then
   # gcc/libc6-dev: cffi extension, preload shim, test helpers; qemu + busybox: test guests;
   # prometheus: promtool and the scrape test; systemd: systemd-analyze verify of the units;
   # iproute2: network namespaces; python3-pyverbs/rdma-core: the RDMA path (falls back to TCP
-  # where the kernel has no RDMA, as on CI).
+  # where the kernel has no RDMA, as on CI); etcd-server (3.4): cluster membership, ownership
+  # and fencing of several memory nodes (`--etcd URL`), and the cluster tests' own etcd.
   apt-get install -y -qq --no-install-recommends \
     gcc libc6-dev make cpio kmod iproute2 procps \
     qemu-system-x86 busybox-static \
-    prometheus systemd \
+    prometheus systemd etcd-server \
     python3-pyverbs rdma-core ibverbs-providers >/dev/null
 fi
 
