@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 from pager.core.region import Region
-from pager.source.base import Lane, PageSource
+from pager.source.base import Lane, PageSource, close_lanes
 from pager.source.memnode import MemnodeSource
 from pager.source.placement import EXTENT_SHIFT, EXTENT_SIZE, check_replicas, replicas
 from transport.errors import RemoteError, TransportError
@@ -344,9 +344,4 @@ class ClusterLane(Lane):
                                    f"once nodes are back")
 
     def reset(self) -> None:
-        for lane in self.lanes.values():
-            try:
-                lane.close()
-            except Exception:
-                log.debug("closing a lane failed", exc_info=True)
-        self.lanes.clear()
+        close_lanes(self.lanes)

@@ -9,9 +9,11 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from pager.source.base import close_lanes
 from pager.source.placement import EXTENT_SHIFT
 from transport.errors import TransportError
 from transport.wire import PAGE_SIZE
+from transport.wire.frames import zero_mask_runs
 
 if TYPE_CHECKING:
     from pager.source.cluster import ClusterSource
@@ -38,12 +40,7 @@ class Repairer(threading.Thread):
         self._halt.set()
         if self.is_alive() and threading.current_thread() is not self:
             self.join(timeout=5)
-        for lane in self.lanes.values():
-            try:
-                lane.close()
-            except Exception:
-                log.debug("closing a repair lane", exc_info=True)
-        self.lanes.clear()
+        close_lanes(self.lanes)
 
     def run(self) -> None:
         while not self._halt.is_set():
@@ -66,11 +63,7 @@ class Repairer(threading.Thread):
         return lane
 
     def _drop(self, node_id: str) -> None:
-        for key in [k for k in self.lanes if k[0] == node_id]:
-            try:
-                self.lanes.pop(key).close()
-            except Exception:
-                log.debug("closing a repair lane", exc_info=True)
+        close_lanes({k: self.lanes.pop(k) for k in [k for k in self.lanes if k[0] == node_id]})
 
     # --- probing --------------------------------------------------------------------------
     def probe(self) -> None:
@@ -163,14 +156,6 @@ class Repairer(threading.Thread):
         """Store the runs of pages ``mask`` says were written (zero bits)."""
         lane = self._lane(node_id, space)
         view = memoryview(buf)
-        pages = len(buf) // PAGE_SIZE
-        i = 0
-        while i < pages:
-            if mask >> i & 1:
-                i += 1
-                continue
-            j = i
-            while j < pages and not mask >> j & 1:
-                j += 1
-            lane.store_from(start + i * PAGE_SIZE, view[i * PAGE_SIZE:j * PAGE_SIZE])
-            i = j
+        for first, count in zero_mask_runs(len(buf) // PAGE_SIZE, mask):
+            lane.store_from(start + first * PAGE_SIZE,
+                            view[first * PAGE_SIZE:(first + count) * PAGE_SIZE])
