@@ -17,6 +17,7 @@ node that returns (empty or stale) serves an extent only after it has been re-sy
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from typing import Any
@@ -31,6 +32,7 @@ from transport.wire import PAGE_SHIFT
 
 log = logging.getLogger(__name__)
 
+PROBE_TIMEOUT = 1.0  # seconds a node has to accept a connection before it counts as down
 _LOCKS = 256  # extent locks, striped: a store and a repair of one extent never interleave
 
 
@@ -53,6 +55,18 @@ class _NodeLanes(MemnodeSource):
         return t
 
     def _select(self, node_id: str) -> Any:
+        # a node that refuses or does not answer fails now, not after the selection's
+        # reconnect-and-retry: the cluster has other replicas, and the repair thread probes
+        from transport.errors import ConnectError
+        from transport.tcp import require_port
+
+        host, port = require_port(self.nodes[node_id])
+        try:
+            socket.create_connection((host, port), timeout=PROBE_TIMEOUT).close()
+        except OSError as exc:
+            raise ConnectError(f"memory node {node_id} ({self.nodes[node_id]}) does not "
+                               f"accept connections: {exc.strerror or exc}",
+                               errno=exc.errno) from exc
         return self.arm(super()._select(node_id))
 
     def _fall_back(self, node_id: str, failed: Any) -> None:

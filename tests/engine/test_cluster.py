@@ -118,3 +118,38 @@ def test_node_killed_mid_workload_then_restarted_empty_is_refilled(tmp_path):
         src.close()
         for n in ns:
             n.proc.stop()
+
+
+def test_reads_prefer_the_lowest_round_trip(tmp_path):
+    ns = nodes(tmp_path, 3)
+    src = cluster(ns)
+    try:
+        src.repairer.stop()  # no pings: the round trips below stay as set
+        src.rtt.update({"m0": 3e-3, "m1": 1e-3, "m2": 2e-3})
+        for ext in range(SPACE_BYTES // EXTENT_SIZE):
+            held = src.holders("vm1", ext)
+            assert len(held) == 2 and held == sorted(held, key=src.rtt.__getitem__)
+    finally:
+        src.close()
+        for n in ns:
+            n.proc.stop()
+
+
+def test_a_node_down_from_the_start_costs_nothing(tmp_path):
+    ns = nodes(tmp_path, 2)
+    m = StaticMembership(endpoints=[ns[0].endpoint, ns[1].endpoint, "127.0.0.1:1"])
+    src = ClusterSource(m, load_token(ns[0].token_file), "vm1", replicas=2, prefer="tcp")
+    try:
+        data = os.urandom(8 * EXTENT_SIZE)
+        with src.open_lane() as lane:
+            lane.store_from(None, 0, data)  # every extent reaches the two live nodes
+            got, mask = read_all(lane, len(data))
+        assert mask == 0 and got == data
+        assert "m2" in src.down
+        for node_id in ("m0", "m1"):
+            part, mask = on_node(src, node_id, 0, len(data))
+            assert mask == 0 and part == data
+    finally:
+        src.close()
+        for n in ns:
+            n.proc.stop()
