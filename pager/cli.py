@@ -32,6 +32,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "transport": ("transport.bench", "page fetch latency and throughput"),
     "faults": ("pager.tools.bench", "end-to-end fault resolution from memory node and file"),
     "vm": ("pager.vm.bench", "QEMU guest wall time with and without the pager"),
+    "cluster": ("pager.tools.cluster_bench", "fetch and store cost of replication (R=2)"),
 }
 
 

@@ -69,3 +69,13 @@ def test_put_names_what_is_wrong(tmp_path):
     assert r.returncode == 1 and "not a whole number of 4 KiB pages" in r.stderr
     r = cli("put", str(tmp_path / "missing.img"), "--space", "s", "--memnode", "127.0.0.1:1")
     assert r.returncode == 1 and "cannot read memory image" in r.stderr
+
+
+def test_bench_cluster_prints_its_three_figures():
+    r = cli("bench", "cluster", "--mib", "2", "--count", "20", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    import json
+
+    lines = [json.loads(x) for x in r.stdout.splitlines()]
+    assert [x["name"] for x in lines] == ["store_gbps", "fetch_p50_us", "aggregate_gbps"]
+    assert all(x["ratio"] > 0 for x in lines)
