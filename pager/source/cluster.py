@@ -33,6 +33,9 @@ from transport.wire import PAGE_SHIFT
 log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT = 1.0  # seconds a node has to accept a connection before it counts as down
+# seconds a node has to answer a request before it counts as down (a partitioned node sends
+# no reset: without this bound a fault would wait the lane's default 10 s to fail over)
+LANE_TIMEOUT = 3.0
 _LOCKS = 256  # extent locks, striped: a store and a repair of one extent never interleave
 
 
@@ -50,6 +53,7 @@ class _NodeLanes(MemnodeSource):
     def arm(self, t: Any) -> Any:
         if hasattr(t, "retry_for"):
             t.retry_for = 0.0
+            t.timeout = LANE_TIMEOUT
         if self.epoch is not None and hasattr(t, "epochs"):
             t.epochs[self.space] = self.epoch
         return t
