@@ -35,6 +35,7 @@ PREFIX = "/ssi-pager/"
 NODES = PREFIX + "nodes/"
 OWNERS = PREFIX + "owners/"
 EPOCHS = PREFIX + "epochs/"
+PLACEMENT = PREFIX + "placement/"
 DEFAULT_TTL = 5  # seconds a node's registration outlives its last renewal
 POLL_SECONDS = 1.0
 
@@ -76,6 +77,16 @@ class Membership:
 
     def on_change(self, callback: Callable[[dict[str, str]], None]) -> None:
         """Call ``callback(nodes)`` whenever the node set changes."""
+
+    def placement(self, space: str, nodes: list[str], r: int) -> tuple[list[str], int]:
+        """The node set and R ``space``'s extents were placed with: recorded by the first
+        writer (``nodes``, ``r`` if none is), so a pager started while a holder is away still
+        knows where every extent is. A static membership records nothing: its nodes are the
+        file's, down or not."""
+        return nodes, r
+
+    def record_placement(self, space: str, nodes: list[str], r: int) -> None:
+        """Every extent of ``space`` is now on its ``r`` rendezvous nodes over ``nodes``."""
 
     def close(self) -> None:
         """Stop watching."""
@@ -162,6 +173,26 @@ class EtcdMembership(Membership):
 
     def on_change(self, callback: Callable[[dict[str, str]], None]) -> None:
         self._callbacks.append(callback)
+
+    def placement(self, space: str, nodes: list[str], r: int) -> tuple[list[str], int]:
+        value = json.dumps({"nodes": sorted(nodes), "replicas": r})
+        try:
+            if not self.client.create(PLACEMENT + space, value):
+                got = self.client.get(PLACEMENT + space)
+                if got:
+                    doc = json.loads(got[0])
+                    return [str(n) for n in doc["nodes"]], int(doc["replicas"])
+        except (*_etcd_errors(), TypeError) as exc:
+            log.warning("etcd: cannot read the placement of space %s (%s): assuming the "
+                        "current nodes hold it", space, exc)
+        return nodes, r
+
+    def record_placement(self, space: str, nodes: list[str], r: int) -> None:
+        try:
+            self.client.put(PLACEMENT + space,
+                            json.dumps({"nodes": sorted(nodes), "replicas": r}))
+        except _etcd_errors() as exc:
+            log.warning("etcd: cannot record the placement of space %s: %s", space, exc)
 
     def _refresh(self) -> None:
         nodes, boots = {}, {}

@@ -93,7 +93,9 @@ class ClusterSource(PageSource):
         self.r = check_replicas(replicas, len(nodes))
         self.space = space
         self.epoch = owner.epoch if owner is not None else None
-        self.base = frozenset(nodes)  # the node set extents were placed on before we came
+        # space -> (nodes, R) its extents were placed on before we came (`_base`)
+        self.bases: dict[str, tuple[frozenset[str], int]] = {}
+        self._recorded: dict[str, tuple[list[str], int]] = {}
         self.lanes = _NodeLanes(nodes, token, space, prefer=prefer,
                                 placement=lambda s, g: "")
         self.lanes.epoch = self.epoch
@@ -186,10 +188,26 @@ class ClusterSource(PageSource):
         with self.lock:
             pairs = self._held.get((space, ext))
             if pairs is None:
-                pairs = {(n, 0) for n in replicas(space, ext, self.base, self.r)}
+                nodes, r = self._base(space)
+                pairs = {(n, 0) for n in replicas(space, ext, nodes, r)}
             got = [n for n, g in pairs if self.gen.get(n) == g and n not in self.down
                    and n in self.members]
         return sorted(got, key=lambda n: self.rtt.get(n, 0.0))
+
+    def _base(self, space: str) -> tuple[frozenset[str], int]:
+        base = self.bases.get(space)
+        if base is None:
+            nodes, r = self.membership.placement(space, sorted(self.gen), self.r)
+            base = self.bases[space] = (frozenset(nodes), r)
+        return base
+
+    def settled(self, space: str) -> None:
+        """Repair found every extent of ``space`` on its targets: record the live set as its
+        placement, so a pager started later computes the holders from it."""
+        live = sorted(self.live())
+        if self._recorded.get(space) != (live, self.r):
+            self._recorded[space] = (live, self.r)
+            self.membership.record_placement(space, live, self.r)
 
     def add_holder(self, space: str, ext: int, node_id: str) -> None:
         with self.lock:

@@ -106,9 +106,13 @@ class Repairer(threading.Thread):
                     src.lag_since = time.monotonic()
                 src.under_replicated = max(src.under_replicated, missing_total)
                 self.copy_extent(space, ext, min(size, (ext + 1) << EXTENT_SHIFT), missing)
-        left = sum(1 for space, size in spaces.items()
-                   for ext in range(-(-size >> EXTENT_SHIFT))
-                   if set(src.targets(space, ext)) - set(src.holders(space, ext)))
+        left = 0
+        for space, size in spaces.items():
+            n = sum(1 for ext in range(-(-size >> EXTENT_SHIFT))
+                    if set(src.targets(space, ext)) - set(src.holders(space, ext)))
+            if n == 0:
+                src.settled(space)
+            left += n
         src.under_replicated = left
         if left == 0:
             src.lag_since = None

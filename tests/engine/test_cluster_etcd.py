@@ -137,3 +137,34 @@ def test_second_owner_fences_the_first(etcd, three):
         first.close()
         if second is not None:
             second.close()
+
+
+def test_pager_started_while_a_holder_is_away_reads_every_byte(etcd, three):
+    """The placement is recorded in etcd by the first writer: a pager that starts while a
+    node is gone still knows which extents it held, and reads them from the other replica."""
+    data = DataSet(32 * MIB)
+    seed(etcd, three, data)
+    three[1].proc.stop()  # a clean stop: its registration goes at once
+    m = EtcdMembership(etcd.url)
+    assert sorted(m.nodes()) == ["n0", "n2"]
+    src = ClusterSource(m, load_token(three[0].token_file), "default", replicas=2,
+                        prefer="tcp")
+    try:
+        buf = bytearray(32 * MIB)
+        with src.open_lane() as lane:
+            mask = lane.fetch_into(None, 0, memoryview(buf))
+        expect = bytearray(32 * MIB)
+        for off, chunk in data.chunks():
+            expect[off:off + len(chunk)] = chunk
+        for i in range(len(buf) // 4096):
+            if mask >> i & 1:
+                buf[i * 4096:(i + 1) * 4096] = bytes(4096)
+        assert buf == expect
+        # once repaired onto the two live nodes, the placement recorded is theirs
+        src.keep("default", 32 * MIB)
+        wait_until(lambda: src.under_replicated == 0 and not src.dirty.is_set(), 60,
+                   "re-replication")
+        wait_until(lambda: json.loads(m.client.get("/ssi-pager/placement/default")[0])
+                   == {"nodes": ["n0", "n2"], "replicas": 2}, 30, "the placement record")
+    finally:
+        src.close()
