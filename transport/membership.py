@@ -57,6 +57,11 @@ def etcd_client(url: str, timeout: float = 3.0) -> Any:
                        timeout=timeout, api_path="/v3/")
 
 
+def _why(exc: BaseException) -> str:
+    """An etcd client error as words (some carry no message)."""
+    return str(exc).strip() or type(exc).__name__
+
+
 def _etcd_errors() -> tuple[type[BaseException], ...]:
     from etcd3gw import exceptions
 
@@ -152,7 +157,7 @@ class EtcdMembership(Membership):
         try:
             self._refresh()
         except _etcd_errors() as exc:
-            raise ClusterError(f"cannot read the memory nodes from etcd at {url}: {exc}; is "
+            raise ClusterError(f"cannot read the memory nodes from etcd at {url}: {_why(exc)}; is "
                                f"etcd running there?") from exc
         self._thread = threading.Thread(target=self._watch, name="etcd-watch", daemon=True)
         self._thread.start()
@@ -217,7 +222,7 @@ class EtcdMembership(Membership):
             except _etcd_errors() as exc:
                 if self.healthy:
                     log.warning("etcd at %s unreachable (%s): serving on the last known map "
-                                "of %d nodes", self.source, exc, len(self._nodes))
+                                "of %d nodes", self.source, _why(exc), len(self._nodes))
                 self.healthy = False
 
     def close(self) -> None:
@@ -238,7 +243,7 @@ class LeasedKey:
         try:
             self._register()
         except _etcd_errors() as exc:
-            raise ClusterError(f"cannot write {key} to etcd at {url}: {exc}; is etcd running "
+            raise ClusterError(f"cannot write {key} to etcd at {url}: {_why(exc)}; is etcd running "
                                f"there?") from exc
         self._thread = threading.Thread(target=self._renew, name="etcd-lease", daemon=True)
         self._thread.start()
@@ -325,7 +330,7 @@ class Ownership:
             reg = LeasedKey(url, OWNERS + space, {"pager": pager, "epoch": epoch}, ttl=ttl,
                             client=client)
         except _etcd_errors() as exc:
-            raise ClusterError(f"cannot take space {space} over in etcd at {url}: {exc}; is "
+            raise ClusterError(f"cannot take space {space} over in etcd at {url}: {_why(exc)}; is "
                                f"etcd running there?") from exc
         return cls(space, epoch, pager, reg)
 

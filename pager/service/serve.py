@@ -101,7 +101,8 @@ def source_from_args(args: argparse.Namespace) -> PageSource:
         token = load_token(args.token_file)
     return parse_source(args.memnode, args.source, token=token, space=args.space,
                         etcd=getattr(args, "etcd", None), cluster=getattr(args, "cluster", None),
-                        replicas=getattr(args, "replicas", None), owns=True)
+                        replicas=getattr(args, "replicas", None), owns=True,
+                        repair_rate=getattr(args, "repair_rate", 64.0))
 
 
 def engine_from_args(args: argparse.Namespace, source: PageSource) -> FaultEngine:

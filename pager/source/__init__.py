@@ -25,12 +25,15 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
                         help='memory nodes from a JSON file {"nodes": {"ID": "HOST:PORT"}}')
     parser.add_argument("--replicas", type=int, default=None, metavar="R",
                         help="copies of every extent (default 2 with at least 2 nodes)")
+    parser.add_argument("--repair-rate", type=float, default=64.0, metavar="MIB_S",
+                        help="MiB/s at most copied back to under-replicated extents "
+                             "(default %(default)s)")
 
 
 def parse_source(memnode: str | list[str] | None, source: str | None, *,
                  token: bytes | None, space: str, etcd: str | None = None,
                  cluster: str | None = None, replicas: int | None = None,
-                 owns: bool = False) -> PageSource:
+                 owns: bool = False, repair_rate: float = 64.0) -> PageSource:
     """The source named on the command line: ``--memnode HOST:PORT`` (repeatable),
     ``--etcd URL``, ``--cluster FILE`` or ``--source file:P``. ``owns``: this pager owns
     ``space`` (serve): it takes the space over in etcd (or uses the cluster file's owner
@@ -49,7 +52,10 @@ def parse_source(memnode: str | list[str] | None, source: str | None, *,
                 owner = Ownership.acquire(etcd, space, pager_id())
             elif (fixed := membership.owner(space)) is not None:
                 owner = Ownership(space, int(fixed["epoch"]), str(fixed.get("pager", "")))
-        return ClusterSource(membership, token, space, replicas=replicas, owner=owner)
+        if repair_rate <= 0:
+            raise ConfigError(f"--repair-rate {repair_rate:g}: give a positive MiB/s")
+        return ClusterSource(membership, token, space, replicas=replicas, owner=owner,
+                             repair_rate=repair_rate * (1 << 20))
     memnode = memnodes[0] if memnodes else None
     if replicas not in (None, 1):
         raise ConfigError(f"--replicas {replicas} needs at least {replicas} memory nodes")

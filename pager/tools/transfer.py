@@ -55,7 +55,8 @@ def open_source(args: argparse.Namespace) -> PageSource:
         from transport.token import load_token
         token = load_token(args.token_file)
     return parse_source(args.memnode, None, token=token, space=args.space, etcd=args.etcd,
-                        cluster=args.cluster, replicas=args.replicas)
+                        cluster=args.cluster, replicas=args.replicas,
+                        repair_rate=args.repair_rate)
 
 
 def written_runs(block: memoryview) -> list[tuple[int, int]]:

@@ -41,7 +41,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "loss, slower); without it a killed node still loses nothing")
     parser.add_argument("--max-space-gib", type=int, default=DEFAULT_MAX_SPACE_BYTES >> 30,
                         help="largest address space served, GiB (default %(default)s)")
-    parser.add_argument("--name", default="memnode", help="node name reported to peers")
+    parser.add_argument("--name", default="memnode",
+                        help="node name reported to peers; with --etcd, its unique id in the "
+                             "cluster (default there: HOSTNAME-PORT)")
     parser.add_argument("--no-fastlane", action="store_true",
                         help="serve pagers' fault lanes in Python too, not in the C loop "
                              "(for comparison; also SSI_PAGER_NO_FASTLANE=1)")
@@ -121,8 +123,13 @@ def _register(args: argparse.Namespace, endpoint: str) -> Any:
     if parse_endpoint(advertise)[0] in ("0.0.0.0", "::"):
         raise TransportError(f"--etcd: pagers cannot reach {advertise}; give --advertise "
                              f"HOST:PORT with this host's address")
-    reg = register_node(args.etcd, args.name, advertise)
-    print(f"memnode: registered as {args.name} in etcd {args.etcd}", file=sys.stderr)
+    name = args.name
+    if name == "memnode":  # the default: unique names are what etcd's registry needs
+        import socket
+
+        name = f"{socket.gethostname()}-{parse_endpoint(advertise)[1]}"
+    reg = register_node(args.etcd, name, advertise)
+    print(f"memnode: registered as {name} in etcd {args.etcd}", file=sys.stderr)
     return reg
 
 
