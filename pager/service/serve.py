@@ -95,14 +95,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def source_from_args(args: argparse.Namespace) -> PageSource:
     token = None
-    clustered = getattr(args, "etcd", None) or getattr(args, "cluster", None)
+    clustered = (getattr(args, "etcd", None) or getattr(args, "cluster", None)
+                 or getattr(args, "discover", False))
     if (args.memnode or clustered) and not args.insecure_no_auth:
         from transport.token import load_token
         token = load_token(args.token_file)
     return parse_source(args.memnode, args.source, token=token, space=args.space,
                         etcd=getattr(args, "etcd", None), cluster=getattr(args, "cluster", None),
                         replicas=getattr(args, "replicas", None), owns=True,
-                        repair_rate=getattr(args, "repair_rate", 64.0))
+                        repair_rate=getattr(args, "repair_rate", 64.0),
+                        discover=getattr(args, "discover", False))
 
 
 def engine_from_args(args: argparse.Namespace, source: PageSource) -> FaultEngine:

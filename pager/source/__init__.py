@@ -23,6 +23,9 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
                         help="find the memory nodes in etcd (http://HOST:2379)")
     parser.add_argument("--cluster", metavar="FILE",
                         help='memory nodes from a JSON file {"nodes": {"ID": "HOST:PORT"}}')
+    parser.add_argument("--discover", action="store_true",
+                        help="find the memory nodes announced over mDNS on this LAN "
+                             "(`memnode --announce`)")
     parser.add_argument("--replicas", type=int, default=None, metavar="R",
                         help="copies of every extent (default 2 with at least 2 nodes)")
     parser.add_argument("--repair-rate", type=float, default=64.0, metavar="MIB_S",
@@ -33,19 +36,28 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
 def parse_source(memnode: str | list[str] | None, source: str | None, *,
                  token: bytes | None, space: str, etcd: str | None = None,
                  cluster: str | None = None, replicas: int | None = None,
-                 owns: bool = False, repair_rate: float = 64.0) -> PageSource:
+                 owns: bool = False, repair_rate: float = 64.0,
+                 discover: bool = False) -> PageSource:
     """The source named on the command line: ``--memnode HOST:PORT`` (repeatable),
     ``--etcd URL``, ``--cluster FILE`` or ``--source file:P``. ``owns``: this pager owns
     ``space`` (serve): it takes the space over in etcd (or uses the cluster file's owner
     epoch) and its stores carry that epoch."""
     memnodes = [memnode] if isinstance(memnode, str) else list(memnode or [])
-    if len(memnodes) > 1 or etcd or cluster:
+    if len(memnodes) > 1 or etcd or cluster or discover:
         if source:
             raise ConfigError("give memory nodes or --source file:PATH, not both")
         from pager.source.cluster import ClusterSource
         from transport.membership import Ownership, membership_from
 
-        membership = membership_from(etcd=etcd, cluster=cluster, memnodes=memnodes)
+        if discover:
+            if etcd or cluster or memnodes:
+                raise ConfigError("--discover finds the memory nodes itself: drop --memnode, "
+                                  "--etcd and --cluster")
+            from transport.discovery import DiscoveryMembership
+
+            membership = DiscoveryMembership()
+        else:
+            membership = membership_from(etcd=etcd, cluster=cluster, memnodes=memnodes)
         owner = None
         if owns:
             if etcd:

@@ -47,7 +47,7 @@ def configure(parser: argparse.ArgumentParser, *, get: bool = False) -> None:
 
 
 def open_source(args: argparse.Namespace) -> PageSource:
-    if not (args.memnode or args.etcd or args.cluster):
+    if not (args.memnode or args.etcd or args.cluster or args.discover):
         raise ConfigError("name the memory nodes: --memnode HOST:PORT (repeatable), "
                           "--etcd URL or --cluster FILE")
     token = None
@@ -56,7 +56,7 @@ def open_source(args: argparse.Namespace) -> PageSource:
         token = load_token(args.token_file)
     return parse_source(args.memnode, None, token=token, space=args.space, etcd=args.etcd,
                         cluster=args.cluster, replicas=args.replicas,
-                        repair_rate=args.repair_rate)
+                        repair_rate=args.repair_rate, discover=args.discover)
 
 
 def written_runs(block: memoryview) -> list[tuple[int, int]]:

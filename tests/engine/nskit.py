@@ -60,14 +60,15 @@ def cut(host_if: str) -> None:
 class NsMemnode:
     """`ssi-pager memnode` inside a namespace, listening on its address."""
 
-    def __init__(self, ns: str, addr: str, tmp: Path, token_file: Path, root: Path) -> None:
+    def __init__(self, ns: str, addr: str, tmp: Path, token_file: Path, root: Path,
+                 *extra: str) -> None:
         self.log = tmp / "memnode.log"
         self.endpoint = f"{addr}:50051"
         with open(self.log, "ab") as log:
             self.p = subprocess.Popen(
                 ["ip", "netns", "exec", ns, sys.executable, "-m", "pager.cli", "memnode",
                  "--listen", self.endpoint, "--store", str(tmp / "store"), "--token-file",
-                 str(token_file)], cwd=root, stdout=subprocess.DEVNULL, stderr=log)
+                 str(token_file), *extra], cwd=root, stdout=subprocess.DEVNULL, stderr=log)
 
     def stop(self) -> None:
         if self.p.poll() is None:

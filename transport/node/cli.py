@@ -53,6 +53,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--etcd", metavar="URL",
                         help="register this node in etcd (http://HOST:2379) under a lease, "
                              "so pagers started with --etcd find it; --name must be unique")
+    parser.add_argument("--announce", action="store_true",
+                        help="announce this node over mDNS on the LAN (found by `serve "
+                             "--discover`; needs python-zeroconf)")
     parser.add_argument("--advertise", metavar="HOST:PORT",
                         help="endpoint pagers reach this node on (default: the listening "
                              "address; give it when listening on 0.0.0.0)")
@@ -100,14 +103,21 @@ async def _serve(node: MemoryNode, args: argparse.Namespace) -> int:
         from pager import metrics
 
         exporter = await metrics.start_memnode_metrics(args.metrics, node)
-    registration = None
+    registration = announcement = None
     if getattr(args, "etcd", None):
         registration = await loop.run_in_executor(None, _register, args, endpoint)
+    if getattr(args, "announce", False):
+        from transport.discovery import Announcement
+
+        announcement = await loop.run_in_executor(
+            None, Announcement, _unique_name(args, args.advertise or endpoint),
+            args.advertise or endpoint)
     print(f"memnode: listening on {endpoint}", file=sys.stderr, flush=True)
     await stop.wait()
     print("memnode: stopping", file=sys.stderr)
-    if registration is not None:
-        await loop.run_in_executor(None, registration.close)
+    for held in (registration, announcement):
+        if held is not None:
+            await loop.run_in_executor(None, held.close)
     if rdma is not None:
         rdma.stop()
     if exporter is not None:
@@ -123,14 +133,19 @@ def _register(args: argparse.Namespace, endpoint: str) -> Any:
     if parse_endpoint(advertise)[0] in ("0.0.0.0", "::"):
         raise TransportError(f"--etcd: pagers cannot reach {advertise}; give --advertise "
                              f"HOST:PORT with this host's address")
-    name = args.name
-    if name == "memnode":  # the default: unique names are what etcd's registry needs
-        import socket
-
-        name = f"{socket.gethostname()}-{parse_endpoint(advertise)[1]}"
+    name = _unique_name(args, advertise)
     reg = register_node(args.etcd, name, advertise)
     print(f"memnode: registered as {name} in etcd {args.etcd}", file=sys.stderr)
     return reg
+
+
+def _unique_name(args: argparse.Namespace, endpoint: str) -> str:
+    """--name, or HOSTNAME-PORT for the default: registries need unique names."""
+    if args.name != "memnode":
+        return args.name
+    import socket
+
+    return f"{socket.gethostname()}-{parse_endpoint(endpoint)[1]}"
 
 
 def start_rdma(node: MemoryNode) -> Any:
