@@ -239,6 +239,7 @@ class LeasedKey:
         self.url, self.key, self.ttl = url, key, ttl
         self.value = json.dumps({**value, "host": socket.gethostname()})
         self.lease: Any = None
+        self.exclusive = False  # re-register only if nobody else wrote the key meanwhile
         self._stop = threading.Event()
         try:
             self._register()
@@ -249,8 +250,16 @@ class LeasedKey:
         self._thread.start()
 
     def _register(self) -> None:
-        self.lease = self.client.lease(ttl=self.ttl)
-        self.client.put(self.key, self.value, lease=self.lease)
+        lease = self.client.lease(ttl=self.ttl)
+        if self.exclusive and not self.client.create(self.key, self.value, lease=lease):
+            lease.revoke()
+            log.error("etcd: %s was taken by someone else while our lease had lapsed: not "
+                      "renewing it (nodes refuse our stores once they are fenced)", self.key)
+            self._stop.set()
+            return
+        if not self.exclusive:
+            self.client.put(self.key, self.value, lease=lease)
+        self.lease = lease
         log.info("etcd: registered %s (lease ttl %ds)", self.key, self.ttl)
 
     def _renew(self) -> None:
@@ -329,6 +338,7 @@ class Ownership:
                             old[0].decode(), epoch)
             reg = LeasedKey(url, OWNERS + space, {"pager": pager, "epoch": epoch}, ttl=ttl,
                             client=client)
+            reg.exclusive = True  # a lapsed owner key comes back only if still free
         except _etcd_errors() as exc:
             raise ClusterError(f"cannot take space {space} over in etcd at {url}: {_why(exc)}; is "
                                f"etcd running there?") from exc
