@@ -51,7 +51,9 @@ class Announcement:
             self.zc.register_service(self.info)
         except Exception as exc:
             self.zc.close()
-            raise ClusterError(f"cannot announce {name} over mDNS: {exc}") from exc
+            why = str(exc) or type(exc).__name__
+            raise ClusterError(f"cannot announce {name} over mDNS: {why} (another node with "
+                               f"that --name on the LAN?)") from exc
         log.info("mDNS: announced %s at %s", name, endpoint)
 
     def close(self) -> None:

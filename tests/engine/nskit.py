@@ -11,6 +11,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from pager.tools.child import Child
+
 _count = itertools.count()
 
 
@@ -57,24 +59,38 @@ def cut(host_if: str) -> None:
     _ip("link", "set", host_if, "down")
 
 
-class NsMemnode:
-    """`ssi-pager memnode` inside a namespace, listening on its address."""
+class NsMemnode(Child):
+    """`ssi-pager memnode` inside a namespace, listening on its address (``stop()`` it)."""
 
     def __init__(self, ns: str, addr: str, tmp: Path, token_file: Path, root: Path,
                  *extra: str) -> None:
         self.log = tmp / "memnode.log"
         self.endpoint = f"{addr}:50051"
-        with open(self.log, "ab") as log:
-            self.p = subprocess.Popen(
-                ["ip", "netns", "exec", ns, sys.executable, "-m", "pager.cli", "memnode",
-                 "--listen", self.endpoint, "--store", str(tmp / "store"), "--token-file",
-                 str(token_file), *extra], cwd=root, stdout=subprocess.DEVNULL, stderr=log)
+        self.f = open(self.log, "ab")  # noqa: SIM115 - closed in stop()
+        self.p = subprocess.Popen(
+            ["ip", "netns", "exec", ns, sys.executable, "-m", "pager.cli", "memnode",
+             "--listen", self.endpoint, "--store", str(tmp / "store"), "--token-file",
+             str(token_file), *extra], cwd=root, stdout=subprocess.DEVNULL, stderr=self.f)
 
-    def stop(self) -> None:
-        if self.p.poll() is None:
-            self.p.terminate()
-            try:
-                self.p.wait(10)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait(10)
+
+@contextlib.contextmanager
+def ns_cluster(n: int, tmp: Path, root: Path, *extra: str
+               ) -> Iterator[tuple[list[tuple[str, str, str]], list[NsMemnode], Path]]:
+    """``n`` hosts, a memory node listening in each (``extra``: more memnode arguments) and
+    their one token (tmp/token): yields (hosts, nodes, token file); all gone on exit."""
+    from transport.token import ensure_token
+
+    token_file = tmp / "token"
+    ensure_token(str(token_file))
+    with hosts(n) as hs:
+        nodes: list[NsMemnode] = []
+        try:
+            for i, (ns, addr, _) in enumerate(hs):
+                (tmp / f"n{i}").mkdir()
+                nodes.append(NsMemnode(ns, addr, tmp / f"n{i}", token_file, root, *extra))
+            for node in nodes:
+                node.wait_for(r"listening on (\S+)", timeout=30)
+            yield hs, nodes, token_file
+        finally:
+            for node in nodes:
+                node.stop()

@@ -11,11 +11,9 @@ import sys
 import pytest
 from clusterkit import wait_until
 from enginekit import ROOT, wait_or_fail
-from nskit import NsMemnode, cut, hosts
+from nskit import cut, ns_cluster
 
-from pager.source import MemnodeSource
 from pager.tools.workload import Client, DataSet
-from transport.token import ensure_token, load_token
 
 MIB = 1 << 20
 
@@ -31,45 +29,23 @@ pytestmark = [pytest.mark.netns,
 
 
 def test_partitioned_node_costs_latency_not_bytes(tmp_path, run_pager):
-    token_file = tmp_path / "token"
-    ensure_token(str(token_file))
-    with hosts(3) as hs:
-        nodes = []
-        try:
-            for i, (ns, addr, _) in enumerate(hs):
-                (tmp_path / f"n{i}").mkdir()
-                nodes.append(NsMemnode(ns, addr, tmp_path / f"n{i}", token_file, ROOT))
-            token = load_token(str(token_file))
-
-            def up(ep: str) -> bool:
-                try:
-                    with MemnodeSource(ep, token, "probe", prefer="tcp").open_node_lane(
-                            "memnode") as lane:
-                        lane.ping()
-                    return True
-                except Exception:
-                    return False
-            for n in nodes:
-                wait_until(lambda n=n: up(n.endpoint), 30, f"memnode {n.endpoint}")
-            data = DataSet(32 * MIB)
-            args = [a for n in nodes for a in ("--memnode", n.endpoint)]
-            seed = ["put", "--space", "default", "--token-file", str(token_file), *args]
-            img = tmp_path / "mem.img"
-            data.write_file(str(img))
-            r = subprocess.run([sys.executable, "-m", "pager.cli", *seed, str(img)], cwd=ROOT,
-                               capture_output=True, text=True, timeout=120)
-            assert r.returncode == 0, r.stderr
-            pager, sock = run_pager(*args, "--token-file", str(token_file), "--readahead",
-                                    "0", "--fetch-timeout", "60")
-            c = Client(32 * MIB)
-            c.handoff(sock)
-            t = c.touch(op="read", order="rand", threads=2)
-            wait_until(lambda: t.done > t.naccess // 4 or t.wait(0), 60, "a quarter done")
-            cut(hs[1][2])  # partition the second node mid-run
-            wait_or_fail(t, 120)
-            assert c.check(data) == []
-            pager.wait_for(r"memory node m1 failed")
-            c.close()
-        finally:
-            for n in nodes:
-                n.stop()
+    with ns_cluster(3, tmp_path, ROOT) as (hs, nodes, token_file):
+        data = DataSet(32 * MIB)
+        args = [a for n in nodes for a in ("--memnode", n.endpoint)]
+        img = tmp_path / "mem.img"
+        data.write_file(str(img))
+        r = subprocess.run([sys.executable, "-m", "pager.cli", "put", "--space", "default",
+                            "--token-file", str(token_file), *args, str(img)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        pager, sock = run_pager(*args, "--token-file", str(token_file), "--readahead", "0",
+                                "--fetch-timeout", "60")
+        c = Client(32 * MIB)
+        c.handoff(sock)
+        t = c.touch(op="read", order="rand", threads=2)
+        wait_until(lambda: t.done > t.naccess // 4 or t.wait(0), 60, "a quarter done")
+        cut(hs[1][2])  # partition the second node mid-run
+        wait_or_fail(t, 120)
+        assert c.check(data) == []
+        pager.wait_for(r"memory node m1 failed")
+        c.close()

@@ -42,8 +42,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-space-gib", type=int, default=DEFAULT_MAX_SPACE_BYTES >> 30,
                         help="largest address space served, GiB (default %(default)s)")
     parser.add_argument("--name", default="memnode",
-                        help="node name reported to peers; with --etcd, its unique id in the "
-                             "cluster (default there: HOSTNAME-PORT)")
+                        help="node name reported to peers; with --etcd or --announce, its "
+                             "unique id in the cluster (default there: HOSTNAME-ADDRESS-PORT)")
     parser.add_argument("--no-fastlane", action="store_true",
                         help="serve pagers' fault lanes in Python too, not in the C loop "
                              "(for comparison; also SSI_PAGER_NO_FASTLANE=1)")
@@ -140,12 +140,13 @@ def _register(args: argparse.Namespace, endpoint: str) -> Any:
 
 
 def _unique_name(args: argparse.Namespace, endpoint: str) -> str:
-    """--name, or HOSTNAME-PORT for the default: registries need unique names."""
+    """--name, or HOSTNAME-ADDRESS-PORT for the default: registries need unique names."""
     if args.name != "memnode":
         return args.name
     import socket
 
-    return f"{socket.gethostname()}-{parse_endpoint(endpoint)[1]}"
+    host, port = parse_endpoint(endpoint)
+    return f"{socket.gethostname()}-{host.replace('.', '-').replace(':', '-')}-{port}"
 
 
 def start_rdma(node: MemoryNode) -> Any:
