@@ -68,6 +68,19 @@ def _etcd_errors() -> tuple[type[BaseException], ...]:
     return (exceptions.Etcd3Exception, OSError, ValueError, KeyError)
 
 
+def _start(first: Callable[[], None], loop: Callable[[], None], name: str,
+           failure: str) -> threading.Thread:
+    """``first()`` now (its etcd errors raised as ClusterError starting with ``failure``),
+    then ``loop`` on a daemon thread."""
+    try:
+        first()
+    except _etcd_errors() as exc:
+        raise ClusterError(f"{failure}: {_why(exc)}; is etcd running there?") from exc
+    thread = threading.Thread(target=loop, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
 class Membership:
     """The live memory nodes: ``nodes()`` -> {node id: endpoint}."""
 
@@ -154,13 +167,8 @@ class EtcdMembership(Membership):
         self._boots: dict[str, str] = {}
         self._callbacks: list[Callable[[dict[str, str]], None]] = []
         self._stop = threading.Event()
-        try:
-            self._refresh()
-        except _etcd_errors() as exc:
-            raise ClusterError(f"cannot read the memory nodes from etcd at {url}: {_why(exc)}; is "
-                               f"etcd running there?") from exc
-        self._thread = threading.Thread(target=self._watch, name="etcd-watch", daemon=True)
-        self._thread.start()
+        self._thread = _start(self._refresh, self._watch, "etcd-watch",
+                              f"cannot read the memory nodes from etcd at {url}")
 
     def nodes(self) -> dict[str, str]:
         return dict(self._nodes)
@@ -241,13 +249,8 @@ class LeasedKey:
         self.lease: Any = None
         self.exclusive = False  # re-register only if nobody else wrote the key meanwhile
         self._stop = threading.Event()
-        try:
-            self._register()
-        except _etcd_errors() as exc:
-            raise ClusterError(f"cannot write {key} to etcd at {url}: {_why(exc)}; is etcd running "
-                               f"there?") from exc
-        self._thread = threading.Thread(target=self._renew, name="etcd-lease", daemon=True)
-        self._thread.start()
+        self._thread = _start(self._register, self._renew, "etcd-lease",
+                              f"cannot write {key} to etcd at {url}")
 
     def _register(self) -> None:
         lease = self.client.lease(ttl=self.ttl)
