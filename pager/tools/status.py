@@ -196,6 +196,14 @@ def human_bytes(n: float) -> str:
 
 
 def print_table(st: dict[str, Any]) -> None:
+    if st["pager"] is not None:
+        print_pager(st)
+    else:
+        print(f"pager {st['endpoint']}: not reachable ({st['pager_error']})")
+    print_cluster(st)
+
+
+def print_pager(st: dict[str, Any]) -> None:
     p = st["pager"]
     p99 = "-" if p["p99_us"] is None else f"{p['p99_us']:.0f} µs"
     print(f"pager {st['endpoint']} (ssi-pager {p['version']})")
@@ -207,7 +215,10 @@ def print_table(st: dict[str, Any]) -> None:
         for peer in p["peers"]:
             rtt = "-" if peer["rtt_us"] is None else f"{peer['rtt_us']:.0f} µs"
             print(f"  {peer['node']:<24} {peer['transport']:<10} {peer['tier'] or '-':<16} {rtt}")
-    c = st["pager"].get("cluster")
+
+
+def print_cluster(st: dict[str, Any]) -> None:
+    c = (st["pager"] or {}).get("cluster")
     if c:
         print(f"cluster {c['membership']}: R={c['replicas']}, epoch {c['epoch'] or '-'}, "
               f"under-replicated extents {c['under_replicated']} (lag "
@@ -250,7 +261,13 @@ def collect(pager: str, memnodes: list[str], interval: float) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    st = collect(args.pager, args.memnode, args.interval)
+    try:
+        st = collect(args.pager, args.memnode, args.interval)
+    except PagerError as exc:
+        if not args.etcd:
+            raise
+        # the cluster's own view is still worth showing
+        st = {"endpoint": args.pager, "pager": None, "pager_error": str(exc), "memnodes": []}
     if args.etcd:
         st["etcd"] = etcd_status(args.etcd)
     if args.json:

@@ -48,6 +48,13 @@ def seed(etcd, ns, data: DataSet, space: str = "default") -> None:
 
 
 def test_nodes_register_under_leases_and_leave(etcd, three):
+    # status shows etcd's view even with no pager running
+    r = subprocess.run([sys.executable, "-m", "pager.cli", "status", "--etcd", etcd.url,
+                        "--pager", "127.0.0.1:1", "--interval", "0"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "pager 127.0.0.1:1: not reachable" in r.stdout
+    assert f"3 nodes registered (n0={three[0].endpoint}, n1=" in r.stdout
     m = EtcdMembership(etcd.url, poll=0.1)
     try:
         assert sorted(m.nodes()) == ["n0", "n1", "n2"]
