@@ -25,7 +25,7 @@ from typing import Any
 from pager.core.region import Region
 from pager.source.base import Lane, PageSource, close_lanes
 from pager.source.memnode import MemnodeSource
-from pager.source.placement import EXTENT_SHIFT, EXTENT_SIZE, check_replicas, replicas
+from pager.source.placement import EXTENT_SHIFT, EXTENT_SIZE, check_replicas, placed
 from transport.errors import RemoteError, TransportError
 from transport.membership import Membership, Ownership
 from transport.wire import PAGE_SHIFT
@@ -181,7 +181,7 @@ class ClusterSource(PageSource):
 
     # --- extents ------------------------------------------------------------------------
     def targets(self, space: str, ext: int) -> list[str]:
-        return replicas(space, ext, self.live(), self.r)
+        return list(placed(space, ext, frozenset(self.live()), self.r))
 
     def holders(self, space: str, ext: int) -> list[str]:
         """Live nodes holding every page of the extent, lowest round trip first."""
@@ -189,7 +189,7 @@ class ClusterSource(PageSource):
             pairs = self._held.get((space, ext))
             if pairs is None:
                 nodes, r = self._base(space)
-                pairs = {(n, 0) for n in replicas(space, ext, nodes, r)}
+                pairs = {(n, 0) for n in placed(space, ext, nodes, r)}
             got = [n for n, g in pairs if self.gen.get(n) == g and n not in self.down
                    and n in self.members]
         return sorted(got, key=lambda n: self.rtt.get(n, 0.0))

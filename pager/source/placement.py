@@ -7,6 +7,7 @@ extent keeps its replicas, so losing one of N nodes re-replicates about R/N of t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterable
 
@@ -33,6 +34,12 @@ def rank(space: str, extent: int, nodes: Iterable[str]) -> list[str]:
 def replicas(space: str, extent: int, nodes: Iterable[str], r: int) -> list[str]:
     """The ``r`` nodes holding ``extent`` of ``space`` (fewer if there are fewer nodes)."""
     return rank(space, extent, nodes)[:r]
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def placed(space: str, extent: int, nodes: frozenset[str], r: int) -> tuple[str, ...]:
+    """`replicas` for a fixed node set, cached: the fault path asks it for every fetch."""
+    return tuple(replicas(space, extent, nodes, r))
 
 
 def default_replicas(n_nodes: int) -> int:
