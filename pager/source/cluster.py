@@ -20,6 +20,7 @@ import logging
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pager.core.region import Region
@@ -36,6 +37,7 @@ PROBE_TIMEOUT = 1.0  # seconds a node has to accept a connection before it count
 # seconds a node has to answer a request before it counts as down (a partitioned node sends
 # no reset: without this bound a fault would wait the lane's default 10 s to fail over)
 LANE_TIMEOUT = 3.0
+PARALLEL_STORE_BYTES = 128 << 10  # stores this large go to their replicas in parallel
 _LOCKS = 256  # extent locks, striped: a store and a repair of one extent never interleave
 
 
@@ -113,6 +115,7 @@ class ClusterSource(PageSource):
         self.under_replicated = 0
         self.lag_since: float | None = None  # when under-replication was first seen
         self.dirty = threading.Event()
+        self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="cluster-store")
         membership.on_change(self._on_members)
         from pager.source.repair import Repairer
 
@@ -268,6 +271,7 @@ class ClusterSource(PageSource):
 
     def close(self) -> None:
         self.repairer.stop()
+        self.pool.shutdown(wait=True)
         self.membership.close()
         if self.owner is not None:
             self.owner.close()
@@ -362,15 +366,14 @@ class ClusterLane(Lane):
                 todo = (set(src.targets(space, ext)) | set(src.holders(space, ext))) - tried
                 if not todo:
                     break
-                for node_id in todo:
-                    tried.add(node_id)
-                    try:
-                        self._lane(node_id, space).store_from(gpa, part)
+                tried |= todo
+                for node_id, error in self._store_all(sorted(todo), space, gpa, part):
+                    if error is None:
                         done.add(node_id)
-                    except RemoteError:
-                        raise
-                    except TransportError as exc:
-                        self._failed(node_id, space, exc)
+                    elif isinstance(error, RemoteError):
+                        raise error
+                    else:
+                        self._failed(node_id, space, error)
             targets = src.targets(space, ext)
         need = min(src.r, len(targets))
         reached = len(done & set(targets))
@@ -378,6 +381,24 @@ class ClusterLane(Lane):
             raise ReplicationError(f"a store to extent {ext} of space {space!r} reached "
                                    f"{reached} of {max(need, src.r)} memory nodes; retrying "
                                    f"once nodes are back")
+
+    def _store_all(self, nodes: list[str], space: str, gpa: int, part: memoryview
+                   ) -> list[tuple[str, BaseException | None]]:
+        """Store ``part`` on every node of ``nodes``: all but the first on the source's
+        store threads when the part is large enough to pay for the hand-off (each node's
+        lane is still used by one thread at a time)."""
+        def one(node_id: str) -> BaseException | None:
+            try:
+                self._lane(node_id, space).store_from(gpa, part)
+            except TransportError as exc:
+                return exc
+            return None
+
+        if len(nodes) == 1 or len(part) < PARALLEL_STORE_BYTES:
+            return [(n, one(n)) for n in nodes]
+        futures = [(n, self.src.pool.submit(one, n)) for n in nodes[1:]]
+        first = (nodes[0], one(nodes[0]))
+        return [first, *((n, f.result()) for n, f in futures)]
 
     def reset(self) -> None:
         close_lanes(self.lanes)
