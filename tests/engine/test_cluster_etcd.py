@@ -13,6 +13,7 @@ import pytest
 from clusterkit import Etcd, nodes, wait_until
 from enginekit import ROOT, wait_or_fail
 
+from pager.source import MemnodeSource
 from pager.source.cluster import ClusterSource
 from pager.tools.workload import Client, DataSet
 from transport.membership import EtcdMembership
@@ -102,6 +103,26 @@ def test_pager_survives_kill_9_and_etcd_outage(etcd, three, run_pager):
     assert list(st["etcd"]["owners"]) == ["default"]
     wait_until(lambda: sorted(status()["etcd"]["nodes"]) == ["n0", "n2"], 30,
                "n1's lease to expire")
+    # n1 comes back empty (a new boot id): the pager refills it before it serves
+    repairs = st["pager"]["cluster"]["repairs"]
+    three[1].wipe_and_restart()
+    wait_until(lambda: (s := status()["pager"]["cluster"])["repairs"] > repairs
+               and s["under_replicated"] == 0
+               and {n["node"]: n["state"] for n in s["nodes"]}["n1"] == "live"
+               and {n["node"]: n["extents"] for n in s["nodes"]}["n1"] > 0, 60,
+               "n1 to be refilled")
+    held = {n["node"]: n["extents"] for n in status()["pager"]["cluster"]["nodes"]}
+    assert held["n1"] > 0 and sum(held.values()) >= 2 * 16  # old copies stay: >= R each
+    token = load_token(three[1].token_file)
+    with MemnodeSource(three[1].endpoint, token, "default", prefer="tcp").open_lane() as lane:
+        got = bytearray(32 * MIB)
+        mask = lane.fetch_into(None, 0, memoryview(got))
+    expect = bytearray(32 * MIB)
+    for off, chunk in data.chunks():
+        expect[off:off + len(chunk)] = chunk
+    pages = [i for i in range(len(got) // 4096) if not mask >> i & 1]
+    assert len(pages) >= held["n1"] * 512 - 10 * 8  # its extents, less the data set's holes
+    assert all(got[i * 4096:(i + 1) * 4096] == expect[i * 4096:(i + 1) * 4096] for i in pages)
     # etcd down: faults go on being served on the last known map
     etcd.stop()
     pager.wait_for(r"etcd at \S+ unreachable")
