@@ -112,14 +112,17 @@ class Membership:
 
 class StaticMembership(Membership):
     """Nodes (and owners) from a JSON file, read once; ``{node id: endpoint}`` for repeated
-    ``--memnode`` (ids "m0", "m1", ...) with ``path`` None."""
+    ``--memnode`` with ``path`` None, each node's id its endpoint: placement goes by node id,
+    so the order of the list does not matter, and the same endpoints find the same extents."""
 
     def __init__(self, path: str | Path | None = None, *,
                  endpoints: list[str] | None = None) -> None:
         self.source = str(path) if path else "--memnode"
         self._owners: dict[str, dict[str, Any]] = {}
         if path is None:
-            self._nodes = {f"m{i}": ep for i, ep in enumerate(endpoints or [])}
+            self._nodes = {ep: ep for ep in endpoints or []}
+            if len(self._nodes) != len(endpoints or []):
+                raise ClusterError("the same --memnode is given twice: name each node once")
         else:
             self._nodes, self._owners = _read_cluster_file(Path(path))
         if not self._nodes:

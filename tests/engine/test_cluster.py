@@ -97,7 +97,7 @@ def test_node_killed_mid_workload_then_restarted_empty_is_refilled(three, source
                     if rounds[0] == 2:
                         victim.proc.kill()  # kill -9 mid-run
                         killed.set()
-                    if "m1" in src.down:
+                    if victim.endpoint in src.down:
                         after += 1
         except BaseException as exc:
             errors.append(exc)
@@ -113,7 +113,7 @@ def test_node_killed_mid_workload_then_restarted_empty_is_refilled(three, source
                "re-replication onto the two live nodes")
     victim.proc.stop()
     victim.wipe_and_restart()
-    vid = "m1"
+    vid = victim.endpoint
     wait_until(lambda: vid not in src.down and src.under_replicated == 0
                and not src.dirty.is_set(), 60, "the empty node to be refilled")
     assert src.counters["repairs"] > 0
@@ -135,7 +135,7 @@ def test_reads_prefer_the_lowest_round_trip(three, sources):
     src = cluster(ns)
     sources(src)
     src.repairer.stop()  # no pings: the round trips below stay as set
-    src.rtt.update({"m0": 3e-3, "m1": 1e-3, "m2": 2e-3})
+    src.rtt.update({ns[0].endpoint: 3e-3, ns[1].endpoint: 1e-3, ns[2].endpoint: 2e-3})
     for ext in range(SPACE_BYTES // EXTENT_SIZE):
         held = src.holders("vm1", ext)
         assert len(held) == 2 and held == sorted(held, key=src.rtt.__getitem__)
@@ -151,8 +151,8 @@ def test_a_node_down_from_the_start_costs_nothing(tmp_path):
             lane.store_from(None, 0, data)  # every extent reaches the two live nodes
             got, mask = read_all(lane, len(data))
         assert mask == 0 and got == data
-        assert "m2" in src.down
-        for node_id in ("m0", "m1"):
+        assert "127.0.0.1:1" in src.down
+        for node_id in (ns[0].endpoint, ns[1].endpoint):
             part, mask = on_node(src, node_id, 0, len(data))
             assert mask == 0 and part == data
     finally:

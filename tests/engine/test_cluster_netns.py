@@ -47,5 +47,5 @@ def test_partitioned_node_costs_latency_not_bytes(tmp_path, run_pager):
         cut(hs[1][2])  # partition the second node mid-run
         wait_or_fail(t, 120)
         assert c.check(data) == []
-        pager.wait_for(r"memory node m1 failed")
+        pager.wait_for(rf"memory node {nodes[1].endpoint} failed")
         c.close()

@@ -49,7 +49,9 @@ def test_put_skips_zero_pages_and_reaches_two_nodes_get_reads_back(tmp_path):
         assert r.returncode == 0, r.stderr
         assert f"{nonzero} pages stored" in r.stderr
         assert sum(_count_on(n) for n in ns) == 2 * nonzero  # each page on exactly 2 nodes
-        r = cli("get", str(tmp_path / "back.img"), *common, "--size", str(len(data)))
+        # the nodes named in another order: placement goes by node id, not position
+        again = [a for n in reversed(ns) for a in ("--memnode", n.endpoint)] + common[6:]
+        r = cli("get", str(tmp_path / "back.img"), *again, "--size", str(len(data)))
         assert r.returncode == 0, r.stderr
         assert (tmp_path / "back.img").read_bytes() == data
     finally:
