@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rdma-check": ("transport.rdma_c.check",
                    "connect an RDMA lane to a memory node, prove it and time it"),
     "status": ("pager.tools.status", "show a running pager's and its memory nodes' state"),
+    "put": ("pager.tools.put", "upload a raw memory image into an address space"),
+    "get": ("pager.tools.get", "download an address space into a raw memory image"),
 }
 # bench kind -> (module, help)
 BENCHES: dict[str, tuple[str, str]] = {
@@ -32,6 +34,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "transport": ("transport.bench", "page fetch latency and throughput"),
     "faults": ("pager.tools.bench", "end-to-end fault resolution from memory node and file"),
     "vm": ("pager.vm.bench", "QEMU guest wall time with and without the pager"),
+    "cluster": ("pager.tools.cluster_bench", "fetch and store cost of replication (R=2)"),
 }
 
 

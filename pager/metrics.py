@@ -294,6 +294,10 @@ class MemnodeCollector(Collector):
 def pager_registry(engine: Any, **kwargs: Any) -> CollectorRegistry:
     reg = CollectorRegistry(auto_describe=False)
     reg.register(PagerCollector(engine, **kwargs))
+    source = getattr(engine, "source", None)
+    if hasattr(source, "state"):  # a cluster of memory nodes
+        from pager.source.cluster_metrics import ClusterCollector
+        reg.register(ClusterCollector(source))
     return reg
 
 

@@ -31,7 +31,7 @@ from pager.service.lifecycle import (
     poison_unserved,
     say,
 )
-from pager.source import MemnodeSource, PageSource, parse_source
+from pager.source import MemnodeSource, PageSource, add_cluster_arguments, parse_source
 from pager.uffd.faultloop import enabled_by_env
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,9 @@ def parse_size(text: str) -> int:
 
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     """Source and engine options shared by serve, bench and demo."""
-    parser.add_argument("--memnode", metavar="HOST:PORT", help="memory node to fetch pages from")
+    parser.add_argument("--memnode", metavar="HOST:PORT", action="append", default=None,
+                        help="memory node to fetch pages from (repeat for a cluster)")
+    add_cluster_arguments(parser)
     parser.add_argument("--source", metavar="file:PATH",
                         help="snapshot file (a region's offset is its file position)")
     parser.add_argument("--space", default=DEFAULT_SPACE,
@@ -128,10 +130,16 @@ def policy_from_args(args: argparse.Namespace) -> tuple[AccessPolicy, int | None
 
 def source_from_args(args: argparse.Namespace) -> PageSource:
     token = None
-    if args.memnode and not args.insecure_no_auth:
+    clustered = (getattr(args, "etcd", None) or getattr(args, "cluster", None)
+                 or getattr(args, "discover", False))
+    if (args.memnode or clustered) and not args.insecure_no_auth:
         from transport.token import load_token
         token = load_token(args.token_file)
-    return parse_source(args.memnode, args.source, token=token, space=args.space)
+    return parse_source(args.memnode, args.source, token=token, space=args.space,
+                        etcd=getattr(args, "etcd", None), cluster=getattr(args, "cluster", None),
+                        replicas=getattr(args, "replicas", None), owns=True,
+                        repair_rate=getattr(args, "repair_rate", 64.0),
+                        discover=getattr(args, "discover", False))
 
 
 def engine_from_args(args: argparse.Namespace, source: PageSource) -> FaultEngine:
@@ -357,6 +365,11 @@ async def announce_source(source: PageSource) -> None:
     selected when the first fault needs it; faults wait and retry until it is up). An
     authentication failure is permanent: raised, so `serve` fails at start instead of letting
     faults wait for a node that never accepts."""
+    from pager.source.cluster import ClusterSource
+
+    if isinstance(source, ClusterSource):
+        await source.connect()
+        return
     if not isinstance(source, MemnodeSource):
         return
     from transport.errors import AuthError, TransportError

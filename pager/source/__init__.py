@@ -6,17 +6,71 @@
 
 from __future__ import annotations
 
+import argparse
+
 from pager.errors import ConfigError
 from pager.source.base import Lane, PageSource
 from pager.source.file import FileSource
 from pager.source.memnode import MemnodeSource
 
-__all__ = ["FileSource", "Lane", "MemnodeSource", "PageSource", "parse_source"]
+__all__ = ["FileSource", "Lane", "MemnodeSource", "PageSource", "add_cluster_arguments",
+           "parse_source"]
 
 
-def parse_source(memnode: str | None, source: str | None, *, token: bytes | None,
-                 space: str) -> PageSource:
-    """The source named on the command line (``--memnode HOST:PORT`` or ``--source file:P``)."""
+def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    """--etcd, --cluster and --replicas (memory nodes as a cluster)."""
+    parser.add_argument("--etcd", metavar="URL",
+                        help="find the memory nodes in etcd (http://HOST:2379)")
+    parser.add_argument("--cluster", metavar="FILE",
+                        help='memory nodes from a JSON file {"nodes": {"ID": "HOST:PORT"}}')
+    parser.add_argument("--discover", action="store_true",
+                        help="find the memory nodes announced over mDNS on this LAN "
+                             "(`memnode --announce`)")
+    parser.add_argument("--replicas", type=int, default=None, metavar="R",
+                        help="copies of every extent (default 2 with at least 2 nodes)")
+    parser.add_argument("--repair-rate", type=float, default=64.0, metavar="MIB_S",
+                        help="MiB/s at most copied back to under-replicated extents "
+                             "(default %(default)s)")
+
+
+def parse_source(memnode: str | list[str] | None, source: str | None, *,
+                 token: bytes | None, space: str, etcd: str | None = None,
+                 cluster: str | None = None, replicas: int | None = None,
+                 owns: bool = False, repair_rate: float = 64.0,
+                 discover: bool = False) -> PageSource:
+    """The source named on the command line: ``--memnode HOST:PORT`` (repeatable),
+    ``--etcd URL``, ``--cluster FILE`` or ``--source file:P``. ``owns``: this pager owns
+    ``space`` (serve): it takes the space over in etcd (or uses the cluster file's owner
+    epoch) and its stores carry that epoch."""
+    memnodes = [memnode] if isinstance(memnode, str) else list(memnode or [])
+    if len(memnodes) > 1 or etcd or cluster or discover:
+        if source:
+            raise ConfigError("give memory nodes or --source file:PATH, not both")
+        from pager.source.cluster import ClusterSource
+        from transport.membership import Ownership, membership_from
+
+        if discover:
+            if etcd or cluster or memnodes:
+                raise ConfigError("--discover finds the memory nodes itself: drop --memnode, "
+                                  "--etcd and --cluster")
+            from transport.discovery import DiscoveryMembership
+
+            membership = DiscoveryMembership()
+        else:
+            membership = membership_from(etcd=etcd, cluster=cluster, memnodes=memnodes)
+        owner = None
+        if owns:
+            if etcd:
+                owner = Ownership.acquire(etcd, space, pager_id())
+            elif (fixed := membership.owner(space)) is not None:
+                owner = Ownership(space, int(fixed["epoch"]), str(fixed.get("pager", "")))
+        if repair_rate <= 0:
+            raise ConfigError(f"--repair-rate {repair_rate:g}: give a positive MiB/s")
+        return ClusterSource(membership, token, space, replicas=replicas, owner=owner,
+                             repair_rate=repair_rate * (1 << 20))
+    memnode = memnodes[0] if memnodes else None
+    if replicas not in (None, 1):
+        raise ConfigError(f"--replicas {replicas} needs at least {replicas} memory nodes")
     if bool(memnode) == bool(source):
         raise ConfigError("give exactly one of --memnode HOST:PORT or --source file:PATH")
     if source:
@@ -27,3 +81,11 @@ def parse_source(memnode: str | None, source: str | None, *, token: bytes | None
         else:
             raise ConfigError(f"unknown source {source!r}; use file:PATH or --memnode HOST:PORT")
     return MemnodeSource(memnode, token, space)  # type: ignore[arg-type]
+
+
+def pager_id() -> str:
+    """This pager, as etcd's owner keys name it: host and pid."""
+    import os
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}"

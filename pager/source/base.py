@@ -13,10 +13,24 @@ retries with backoff after ``reset()`` — it never turns a failed fetch into ze
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
+from typing import Any
 
 from pager.core.region import Region
 from pager.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def close_lanes(lanes: dict[Any, Any]) -> None:
+    """Close every lane of ``lanes`` (errors logged, not raised) and empty it."""
+    for lane in lanes.values():
+        try:
+            lane.close()
+        except Exception:
+            log.debug("closing a lane failed", exc_info=True)
+    lanes.clear()
 
 
 class Lane(ABC):

@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from pager.errors import ConfigError
-from pager.source.base import Lane, PageSource
+from pager.source.base import Lane, PageSource, close_lanes
 from transport.wire import PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:
@@ -212,9 +212,4 @@ class MemnodeLane(Lane):
             self._lane(node_id, name).store_from(gpa + start, view[start:end])
 
     def reset(self) -> None:
-        for lane in self.lanes.values():
-            try:
-                lane.close()
-            except Exception:
-                log.debug("closing a lane failed", exc_info=True)
-        self.lanes.clear()
+        close_lanes(self.lanes)

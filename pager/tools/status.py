@@ -33,6 +33,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="the pager's metrics endpoint (default %(default)s)")
     parser.add_argument("--memnode", action="append", default=[], metavar="HOST:PORT",
                         help="a memory node's metrics endpoint (repeatable)")
+    parser.add_argument("--etcd", metavar="URL",
+                        help="also list the memory nodes and space owners registered in etcd")
     parser.add_argument("--interval", type=float, default=1.0, metavar="S",
                         help="seconds between the two reads giving rates (default %(default)s)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
@@ -127,7 +129,48 @@ def pager_status(a: Scrape, b: Scrape) -> dict[str, Any]:
         "errors": int(b.total("ssi_pager_errors_total")),
         "pages_in_flight": int(b.total("ssi_pager_pages_in_flight")),
         "peers": peers,
+        "cluster": cluster_status(b),
     }
+
+
+def cluster_status(b: Scrape) -> dict[str, Any] | None:
+    """The pager's cluster (``ssi_pager_cluster_*``), or None for a one-node pager."""
+    info = b.all("ssi_pager_cluster_info")
+    if not info:
+        return None
+    rtts = {lb["node"]: v for lb, v in b.all("ssi_pager_cluster_node_rtt_seconds")}
+    extents = {lb["node"]: int(v) for lb, v in b.all("ssi_pager_cluster_node_extents")}
+    return {
+        "membership": info[0][0]["membership"], "replicas": int(info[0][0]["replicas"]),
+        "epoch": info[0][0]["epoch"] or None,
+        "nodes": [{"node": lb["node"], "endpoint": lb["endpoint"],
+                   "transport": lb["transport"], "state": lb["state"],
+                   "rtt_us": round(rtts[lb["node"]] * 1e6, 1) if lb["node"] in rtts else None,
+                   "extents": extents.get(lb["node"], 0)}
+                  for lb, _ in b.all("ssi_pager_cluster_node_info")],
+        "under_replicated": int(b.total("ssi_pager_cluster_under_replicated_extents")),
+        "replication_lag_s": b.total("ssi_pager_cluster_replication_lag_seconds"),
+        "repairs": int(b.total("ssi_pager_cluster_repairs_total")),
+        "repair_bytes": int(b.total("ssi_pager_cluster_repair_bytes_total")),
+        "failovers": int(b.total("ssi_pager_cluster_failovers_total")),
+    }
+
+
+def etcd_status(url: str) -> dict[str, Any]:
+    """Memory nodes and space owners registered in etcd (unreachable: an "error")."""
+    import json as json_
+
+    from transport.membership import NODES, OWNERS, etcd_client
+
+    try:
+        client = etcd_client(url)
+        nodes = {m["key"].decode()[len(NODES):]: json_.loads(v)
+                 for v, m in client.get_prefix(NODES)}
+        owners = {m["key"].decode()[len(OWNERS):]: json_.loads(v)
+                  for v, m in client.get_prefix(OWNERS)}
+    except Exception as exc:  # etcd3gw's errors, bad JSON: shown, not raised
+        return {"endpoint": url, "error": str(exc)}
+    return {"endpoint": url, "nodes": nodes, "owners": owners}
 
 
 def memnode_status(hostport: str, a: Scrape, b: Scrape) -> dict[str, Any]:
@@ -153,6 +196,14 @@ def human_bytes(n: float) -> str:
 
 
 def print_table(st: dict[str, Any]) -> None:
+    if st["pager"] is not None:
+        print_pager(st)
+    else:
+        print(f"pager {st['endpoint']}: not reachable ({st['pager_error']})")
+    print_cluster(st)
+
+
+def print_pager(st: dict[str, Any]) -> None:
     p = st["pager"]
     p99 = "-" if p["p99_us"] is None else f"{p['p99_us']:.0f} µs"
     print(f"pager {st['endpoint']} (ssi-pager {p['version']})")
@@ -164,6 +215,32 @@ def print_table(st: dict[str, Any]) -> None:
         for peer in p["peers"]:
             rtt = "-" if peer["rtt_us"] is None else f"{peer['rtt_us']:.0f} µs"
             print(f"  {peer['node']:<24} {peer['transport']:<10} {peer['tier'] or '-':<16} {rtt}")
+
+
+def print_cluster(st: dict[str, Any]) -> None:
+    c = (st["pager"] or {}).get("cluster")
+    if c:
+        print(f"cluster {c['membership']}: R={c['replicas']}, epoch {c['epoch'] or '-'}, "
+              f"under-replicated extents {c['under_replicated']} (lag "
+              f"{c['replication_lag_s']:.1f} s), repairs {c['repairs']} "
+              f"({human_bytes(c['repair_bytes'])}), failovers {c['failovers']}")
+        print(f"  {'NODE':<12} {'ENDPOINT':<22} {'TRANSPORT':<10} {'STATE':<6} "
+              f"{'EXTENTS':>7} RTT")
+        for n in c["nodes"]:
+            rtt = "-" if n["rtt_us"] is None else f"{n['rtt_us']:.0f} µs"
+            print(f"  {n['node']:<12} {n['endpoint']:<22} {n['transport']:<10} "
+                  f"{n['state']:<6} {n['extents']:>7} {rtt}")
+    e = st.get("etcd")
+    if e:
+        if "error" in e:
+            print(f"etcd {e['endpoint']}: unreachable ({e['error']})")
+        else:
+            nodes = ", ".join(f"{k}={v.get('endpoint')}"
+                              for k, v in sorted(e["nodes"].items()))
+            owners = ", ".join(f"{k}={v.get('pager')}@{v.get('epoch')}"
+                               for k, v in sorted(e["owners"].items()))
+            print(f"etcd {e['endpoint']}: {len(e['nodes'])} nodes registered ({nodes}); "
+                  f"owners: {owners or 'none'}")
     for m in st["memnodes"]:
         print(f"memnode {m['metrics']}: stored {human_bytes(m['stored_bytes'])} "
               f"({m['stored_pages']} pages), {m['connections']} connections, "
@@ -184,7 +261,15 @@ def collect(pager: str, memnodes: list[str], interval: float) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    st = collect(args.pager, args.memnode, args.interval)
+    try:
+        st = collect(args.pager, args.memnode, args.interval)
+    except PagerError as exc:
+        if not args.etcd:
+            raise
+        # the cluster's own view is still worth showing
+        st = {"endpoint": args.pager, "pager": None, "pager_error": str(exc), "memnodes": []}
+    if args.etcd:
+        st["etcd"] = etcd_status(args.etcd)
     if args.json:
         json.dump(st, sys.stdout)
         print()

@@ -44,13 +44,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-spaces", type=int, default=DEFAULT_MAX_SPACES,
                         help="most address spaces the node holds (two open files each; "
                              "default %(default)s)")
-    parser.add_argument("--name", default="memnode", help="node name reported to peers")
+    parser.add_argument("--name", default="memnode",
+                        help="node name reported to peers; with --etcd or --announce, its "
+                             "unique id in the cluster (default there: HOSTNAME-ADDRESS-PORT)")
     parser.add_argument("--no-fastlane", action="store_true",
                         help="serve pagers' fault lanes in Python too, not in the C loop "
                              "(for comparison; also SSI_PAGER_NO_FASTLANE=1)")
     from pager import metrics
 
     metrics.add_metrics_argument(parser)
+    parser.add_argument("--etcd", metavar="URL",
+                        help="register this node in etcd (http://HOST:2379) under a lease, "
+                             "so pagers started with --etcd find it; --name must be unique")
+    parser.add_argument("--announce", action="store_true",
+                        help="announce this node over mDNS on the LAN (found by `serve "
+                             "--discover`; needs python-zeroconf)")
+    parser.add_argument("--advertise", metavar="HOST:PORT",
+                        help="endpoint pagers reach this node on (default: the listening "
+                             "address; give it when listening on 0.0.0.0)")
     parser.add_argument("--rdma", action="store_true",
                         help="also serve RDMA (rdma_cm/verbs, C) on the TCP port + 1000; "
                              "without an RDMA device this warns and serves TCP only")
@@ -98,15 +109,50 @@ async def _serve(node: MemoryNode, args: argparse.Namespace) -> int:
         from pager import metrics
 
         exporter = await metrics.start_memnode_metrics(args.metrics, node)
+    registration = announcement = None
+    if getattr(args, "etcd", None):
+        registration = await loop.run_in_executor(None, _register, args, endpoint)
+    if getattr(args, "announce", False):
+        from transport.discovery import Announcement
+
+        announcement = await loop.run_in_executor(
+            None, Announcement, _unique_name(args, args.advertise or endpoint),
+            args.advertise or endpoint)
     print(f"memnode: listening on {endpoint}", file=sys.stderr, flush=True)
     await stop.wait()
     print("memnode: stopping", file=sys.stderr)
+    for held in (registration, announcement):
+        if held is not None:
+            await loop.run_in_executor(None, held.close)
     if rdma is not None:  # off the loop: its threads may be waiting on the loop
         await asyncio.to_thread(rdma.stop)
     if exporter is not None:
         await exporter.close()
     await node.close()
     return 0
+
+
+def _register(args: argparse.Namespace, endpoint: str) -> Any:
+    from transport.membership import register_node
+
+    advertise = args.advertise or endpoint
+    if parse_endpoint(advertise)[0] in ("0.0.0.0", "::"):
+        raise TransportError(f"--etcd: pagers cannot reach {advertise}; give --advertise "
+                             f"HOST:PORT with this host's address")
+    name = _unique_name(args, advertise)
+    reg = register_node(args.etcd, name, advertise)
+    print(f"memnode: registered as {name} in etcd {args.etcd}", file=sys.stderr)
+    return reg
+
+
+def _unique_name(args: argparse.Namespace, endpoint: str) -> str:
+    """--name, or HOSTNAME-ADDRESS-PORT for the default: registries need unique names."""
+    if args.name != "memnode":
+        return args.name
+    import socket
+
+    host, port = parse_endpoint(endpoint)
+    return f"{socket.gethostname()}-{host.replace('.', '-').replace(':', '-')}-{port}"
 
 
 def start_rdma(node: MemoryNode) -> Any:

@@ -22,6 +22,7 @@ from typing import Any
 
 from transport.errors import ProtocolError, StoreError
 from transport.node import fastlane
+from transport.node.fence import Fences
 from transport.node.store import PageStore
 from transport.tcp import start_server, tune_socket
 from transport.wire import (
@@ -279,6 +280,9 @@ class NodeConnection(asyncio.BufferedProtocol):
         return view[:HEADER_SIZE + nbytes] if nbytes < ev.length else reply
 
     def _store(self, ev: Store) -> bytes:
+        epoch = self.session.epochs.get(ev.space)
+        if epoch is not None and self.node.fences.stale(ev.space, epoch):
+            return self._stale(ev.request_id, ev.space, epoch, "store")
         try:
             self.node.store.open(ev.space).write(ev.gpa, ev.data)
         except StoreError as exc:
@@ -288,6 +292,15 @@ class NodeConnection(asyncio.BufferedProtocol):
         self.node.requests["store", "ok"] += 1
         return pack_header(T.STORED, ev.request_id, gpa=ev.gpa, arg=len(ev.data))
 
+    def _stale(self, request_id: int, space: str, epoch: int, op: str) -> bytes:
+        self.node.count(op, "stale_epoch")
+        fence = self.node.fences.get(space)
+        log.warning("memnode: %s: %s of space %s under epoch %d refused: fenced at %d",
+                    self.peer, op, space, epoch, fence)
+        return encode_error(request_id, ErrorCode.STALE_EPOCH,
+                            f"space {space} is owned under epoch {fence}, this pager's epoch "
+                            f"{epoch} is stale: another pager owns the guest now")
+
     def _control(self, ev: Any) -> bytes:
         session = self.session
         if type(ev) is Ping:
@@ -295,13 +308,15 @@ class NodeConnection(asyncio.BufferedProtocol):
             return pack_header(T.PONG, ev.request_id, length=ev.reply_bytes) + \
                 _ZEROS[:ev.reply_bytes]
         if type(ev) is Open:
+            if ev.epoch is not None and not self.node.fences.admit(ev.space, ev.epoch):
+                return self._stale(ev.request_id, ev.space, ev.epoch, "open")
             try:
                 self.node.store.open(ev.space)
             except StoreError as exc:
                 self.node.count("open", "error")
                 return encode_error(ev.request_id, ErrorCode.IO_ERROR, str(exc))
             self.node.count("open", "ok")
-            return session.opened(ev.request_id, ev.space)
+            return session.opened(ev.request_id, ev.space, ev.epoch)
         if type(ev) is Hello:
             self.node.count("hello", "ok")
             self.fault_lane = ev.lane == FAULT_LANE and self.node.fastlane
@@ -332,6 +347,7 @@ class MemoryNode:
                              f"store's bitmaps cover {store.max_space_bytes}: pass "
                              f"PageStore(max_space_bytes=...) at least as large")
         self.store = store
+        self.fences = Fences(store.root)
         self.token = token
         self.host = host
         self.port = port

@@ -52,8 +52,10 @@ class BlockingChannel:
     """
 
     def __init__(self, endpoint: str, token: bytes | None, space: str, *,
-                 timeout: float = 10.0, retry_for: float = 5.0, node: str = "pager") -> None:
+                 timeout: float = 10.0, retry_for: float = 5.0, node: str = "pager",
+                 epoch: int | None = None) -> None:
         self.endpoint = endpoint
+        self.epoch = epoch
         self.host, self.port = require_port(endpoint)
         self.token = token
         self.space_name = space
@@ -74,7 +76,7 @@ class BlockingChannel:
     def _new_session(self) -> ClientSession:
         return ClientSession(self.token, self.space_name, node=self.node,
                              nonce=os.urandom(NONCE_SIZE), lane=FAULT_LANE,
-                             endpoint=self.endpoint)
+                             endpoint=self.endpoint, epoch=self.epoch)
 
     @classmethod
     def connect(cls, endpoint: str, token: bytes | None, space: str, **kw: Any

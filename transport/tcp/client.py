@@ -239,6 +239,7 @@ class TcpTransport(PageTransport):
         self.bulk_connections = bulk_connections
         self.timeout = timeout
         self.retry_for = retry_for
+        self.epochs: dict[str, int] = {}  # space -> the owner's epoch its lanes OPEN under
         self.peers: dict[str, _Peer] = {}
 
     def _peer(self, node_id: str) -> _Peer:
@@ -358,7 +359,8 @@ class TcpTransport(PageTransport):
         from transport.lane import TcpLane
 
         return TcpLane.connect(lookup_peer(self.endpoints, node_id), self.token, space,
-                               node=self.node, timeout=self.timeout, retry_for=self.retry_for)
+                               node=self.node, timeout=self.timeout, retry_for=self.retry_for,
+                               epoch=self.epochs.get(space))
 
     async def close(self) -> None:
         for peer in self.peers.values():

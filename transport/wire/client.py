@@ -276,8 +276,10 @@ class ClientSession:
     """
 
     def __init__(self, token: bytes | None, space: str, *, node: str = "client",
-                 nonce: bytes, lane: str = "", endpoint: str = "") -> None:
+                 nonce: bytes, lane: str = "", endpoint: str = "",
+                 epoch: int | None = None) -> None:
         check_space_name(space)
+        self.epoch = epoch  # the space owner's epoch sent in OPEN (fencing), or None
         self.token = token
         self.space_name = space
         self.node = node
@@ -394,7 +396,10 @@ class ClientSession:
             "nonce": self.nonce, "mac": client_proof(self.token, challenge, self.nonce)})
 
     def _open(self) -> bytes:
-        return self._control(T.OPEN, {"space": self.space_name})
+        msg: dict[str, Any] = {"space": self.space_name}
+        if self.epoch is not None:
+            msg["epoch"] = self.epoch
+        return self._control(T.OPEN, msg)
 
 
 ClientHandshake = ClientSession  # the handshake is the session's first phase

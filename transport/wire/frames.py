@@ -21,7 +21,11 @@ Frame = fixed 32-byte little-endian header, then ``length`` payload bytes::
 * ERROR: ``arg`` = `ErrorCode`, payload {"code", "message"}; ``request id`` names the request.
 * Handshake: HELLO {"versions", "node"[, "lane"]} -> WELCOME {"version", "auth", "challenge",
   "node"}; if auth: AUTH {"nonce", "mac"} -> AUTH_OK {"mac"} (mutual HMAC-SHA256 over the cluster
-  token, see `client_proof`/`server_proof`); then OPEN {"space"} -> OPENED (space handle).
+  token, see `client_proof`/`server_proof`); then OPEN {"space"[, "epoch"]} -> OPENED (space
+  handle). Fencing: an OPEN with ``"epoch"`` (the space owner's epoch, a u64) raises the
+  space's fence to it; an OPEN or STORE under an epoch below the fence gets STALE_EPOCH (a
+  pager that lost its guest to a newer owner can never overwrite newer pages). Handles opened
+  without an epoch are not fenced.
   Anything but HELLO/AUTH before authentication closes the connection. ``"lane": "fault"``
   marks a pager's fault thread (one request at a time; the node may serve it from C); nodes
   that do not know the key ignore it.
@@ -105,6 +109,7 @@ class ErrorCode(enum.IntEnum):
     NO_SUCH_SPACE = 9
     BAD_MESSAGE = 10
     IO_ERROR = 11
+    STALE_EPOCH = 12  # a store under an owner's epoch older than the space's fence
 
 
 @dataclass(slots=True)

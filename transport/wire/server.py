@@ -53,6 +53,7 @@ class Auth:
 class Open:
     request_id: int
     space: str
+    epoch: int | None = None  # the owner's epoch (fencing), None: not fenced
 
 
 @dataclass(slots=True)
@@ -114,6 +115,7 @@ class ServerSession:
         self.peer_node = "?"
         self.lane = ""  # what the client said the connection is for (HELLO "lane")
         self.spaces: list[str] = []  # handle - 1 -> name
+        self.epochs: dict[str, int] = {}  # space -> epoch it was opened under (fenced)
         self._space_ids: dict[str, int] = {}
         self.reader = FrameReader()
         self._auth_frame: Frame | None = None
@@ -177,7 +179,11 @@ class ServerSession:
             return self._on_hello(req, obj)
         if ftype == T.AUTH:
             return self._on_auth(req, obj)
-        return Open(req, check_space_name(obj.get("space"), req))
+        epoch = obj.get("epoch")
+        if epoch is not None and (type(epoch) is not int or not 0 <= epoch < 1 << 64):
+            raise ProtocolError(f"OPEN epoch {epoch!r} is not an unsigned 64-bit integer",
+                                ErrorCode.BAD_MESSAGE, request_id=req)
+        return Open(req, check_space_name(obj.get("space"), req), epoch)
 
     def _check_range(self, frame: Frame, length: int) -> str:
         req = frame.request_id
@@ -237,7 +243,9 @@ class ServerSession:
         return encode_control(T.AUTH_OK, request_id,
                               {"mac": server_proof(self.token, self.challenge, self._nonce)})
 
-    def opened(self, request_id: int, name: str) -> bytes:
+    def opened(self, request_id: int, name: str, epoch: int | None = None) -> bytes:
+        if epoch is not None:
+            self.epochs[name] = epoch
         handle = self._space_ids.get(name)
         if handle is None:
             self.spaces.append(name)

@@ -1,0 +1,404 @@
+"""Several memory nodes as one page source: extents placed by rendezvous hashing over the
+live nodes (`pager.source.placement`), ``R`` replicas, failover and repair.
+
+Who holds an extent: at start, its ``R`` rendezvous nodes over the nodes known then; a node
+that fails an operation (or leaves the membership, or re-registers with a new boot id) is
+*down* and its generation moves on, so it holds nothing any more. A background thread
+(`pager.source.repair.Repairer`) probes down nodes and copies every extent whose current
+targets (the ``R`` rendezvous nodes over the live set) it does not hold, from a holder, so a
+node that returns (empty or stale) serves an extent only after it has been re-synced.
+
+* fetch: from the extent's live holders, lowest measured round trip first; a failure marks
+  the node down and the fetch goes on to the next replica (latency, never zeros).
+* store: to every target and holder of the extent; done once it reached ``R`` targets (or
+  every live node, when fewer are live), else `ReplicationError` and the engine retries.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from pager.core.region import Region
+from pager.source.base import Lane, PageSource, close_lanes
+from pager.source.memnode import MemnodeSource
+from pager.source.placement import EXTENT_SHIFT, EXTENT_SIZE, check_replicas, placed
+from transport.errors import RemoteError, TransportError
+from transport.membership import Membership, Ownership
+from transport.wire import PAGE_SHIFT
+
+log = logging.getLogger(__name__)
+
+PROBE_TIMEOUT = 1.0  # seconds a node has to accept a connection before it counts as down
+# seconds a node has to answer a request before it counts as down (a partitioned node sends
+# no reset: without this bound a fault would wait the lane's default 10 s to fail over)
+LANE_TIMEOUT = 3.0
+PARALLEL_STORE_BYTES = 128 << 10  # stores this large go to their replicas in parallel
+_LOCKS = 256  # extent locks, striped: a store and a repair of one extent never interleave
+
+
+class ReplicationError(TransportError):
+    """No replica could serve an extent, or a store reached fewer nodes than required."""
+
+
+class _NodeLanes(MemnodeSource):
+    """Per-node transports and lanes that fail at once (no reconnect-and-retry: a node
+    that breaks a connection may have restarted empty, so the cluster decides, not the lane)
+    and open the owned space under the owner's epoch (fencing)."""
+
+    epoch: int | None = None
+
+    def arm(self, t: Any) -> Any:
+        if hasattr(t, "retry_for"):
+            t.retry_for = 0.0
+            t.timeout = LANE_TIMEOUT
+        if self.epoch is not None and hasattr(t, "epochs"):
+            t.epochs[self.space] = self.epoch
+        return t
+
+    def _select(self, node_id: str) -> Any:
+        # a node that refuses or does not answer fails now, not after the selection's
+        # reconnect-and-retry: the cluster has other replicas, and the repair thread probes
+        from transport.errors import ConnectError
+        from transport.tcp import require_port
+
+        host, port = require_port(self.nodes[node_id])
+        try:
+            socket.create_connection((host, port), timeout=PROBE_TIMEOUT).close()
+        except OSError as exc:
+            raise ConnectError(f"memory node {node_id} ({self.nodes[node_id]}) does not "
+                               f"accept connections: {exc.strerror or exc}",
+                               errno=exc.errno) from exc
+        return self.arm(super()._select(node_id))
+
+    def _fall_back(self, node_id: str, failed: Any) -> None:
+        super()._fall_back(node_id, failed)
+        t = self.transports.get(node_id)
+        if t is not None:
+            self.arm(t)
+
+
+class ClusterSource(PageSource):
+    """The memory nodes of ``membership`` with ``replicas`` copies of every extent."""
+
+    def __init__(self, membership: Membership, token: bytes | None, space: str, *,
+                 replicas: int | None = None, prefer: str = "auto",
+                 repair_rate: float = 64 << 20, probe_interval: float = 0.25,
+                 owner: Ownership | None = None) -> None:
+        self.membership = membership
+        self.owner = owner
+        nodes = membership.nodes()
+        self.r = check_replicas(replicas, len(nodes))
+        self.space = space
+        self.epoch = owner.epoch if owner is not None else None
+        # space -> (nodes, R) its extents were placed on before we came (`_base`)
+        self.bases: dict[str, tuple[frozenset[str], int]] = {}
+        self._recorded: dict[str, tuple[list[str], int]] = {}
+        self.lanes = _NodeLanes(nodes, token, space, prefer=prefer,
+                                placement=lambda s, g: "")
+        self.lanes.epoch = self.epoch
+        self.lock = threading.RLock()
+        self.gen: dict[str, int] = dict.fromkeys(nodes, 0)
+        self.down: set[str] = set()
+        self.members: set[str] = set(nodes)
+        self.boots: dict[str, str | None] = {n: self._boot(n) for n in nodes}
+        self._held: dict[tuple[str, int], set[tuple[str, int]]] = {}
+        self.ext_locks = [threading.Lock() for _ in range(_LOCKS)]
+        self.rtt: dict[str, float] = {}
+        self.spaces: dict[str, int] = {}  # space -> bytes kept replicated
+        self.counters = {"failovers": 0, "repairs": 0, "repair_bytes": 0, "lost_extents": 0,
+                         "node_failures": 0}
+        self.under_replicated = 0
+        self.lag_since: float | None = None  # when under-replication was first seen
+        self.dirty = threading.Event()
+        self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="cluster-store")
+        membership.on_change(self._on_members)
+        from pager.source.repair import Repairer
+
+        if self.epoch is not None:
+            self.fence()
+        self.repairer = Repairer(self, rate=repair_rate, interval=probe_interval)
+        self.repairer.start()
+
+    def fence(self) -> None:
+        """Open the owned space on every live node under our epoch: from now on they refuse
+        stores of an older owner. A node down now is fenced by the repair thread's first
+        lane to it, before it is repaired."""
+        for node_id in self.live():
+            try:
+                self.lanes.open_node_lane(node_id, self.space).close()
+            except RemoteError:
+                raise
+            except TransportError as exc:
+                self.node_failed(node_id, exc)
+
+    # --- node set -----------------------------------------------------------------------
+    def _boot(self, node_id: str) -> str | None:
+        boot = getattr(self.membership, "boot", None)
+        return boot(node_id) if boot else None
+
+    def _on_members(self, nodes: dict[str, str]) -> None:
+        with self.lock:
+            for n, ep in nodes.items():
+                self.lanes.nodes[n] = ep
+                boot = self._boot(n)
+                if n not in self.gen:
+                    self.gen[n] = 0
+                elif n not in self.members or boot != self.boots.get(n):
+                    self._bump(n, "re-registered")
+                self.boots[n] = boot
+            for n in self.members - set(nodes):
+                self._bump(n, "left the cluster")
+            self.members = set(nodes)
+            self.dirty.set()
+
+    def _bump(self, node_id: str, why: str) -> None:
+        """``node_id`` no longer holds anything: its generation moves on."""
+        self.gen[node_id] = self.gen.get(node_id, 0) + 1
+        log.warning("memory node %s %s: its extents are re-synced before it serves them",
+                    node_id, why)
+
+    def node_failed(self, node_id: str, exc: BaseException) -> None:
+        with self.lock:
+            if node_id in self.down:
+                return
+            self.down.add(node_id)
+            self.counters["node_failures"] += 1
+            self._bump(node_id, f"failed ({exc})")
+            self.dirty.set()
+
+    def node_back(self, node_id: str) -> None:
+        with self.lock:
+            if node_id in self.down:
+                self.down.discard(node_id)
+                log.warning("memory node %s answers again", node_id)
+            self.dirty.set()
+
+    def live(self) -> list[str]:
+        with self.lock:
+            return [n for n in self.members if n not in self.down]
+
+    # --- extents ------------------------------------------------------------------------
+    def targets(self, space: str, ext: int) -> list[str]:
+        return list(placed(space, ext, frozenset(self.live()), self.r))
+
+    def holders(self, space: str, ext: int) -> list[str]:
+        """Live nodes holding every page of the extent, lowest round trip first."""
+        with self.lock:
+            pairs = self._held.get((space, ext))
+            if pairs is None:
+                nodes, r = self._base(space)
+                pairs = {(n, 0) for n in placed(space, ext, nodes, r)}
+            got = [n for n, g in pairs if self.gen.get(n) == g and n not in self.down
+                   and n in self.members]
+        return sorted(got, key=lambda n: self.rtt.get(n, 0.0))
+
+    def _base(self, space: str) -> tuple[frozenset[str], int]:
+        base = self.bases.get(space)
+        if base is None:
+            nodes, r = self.membership.placement(space, sorted(self.gen), self.r)
+            base = self.bases[space] = (frozenset(nodes), r)
+        return base
+
+    def settled(self, space: str) -> None:
+        """Repair found every extent of ``space`` on its targets: record the live set as its
+        placement, so a pager started later computes the holders from it."""
+        live = sorted(self.live())
+        if self._recorded.get(space) != (live, self.r):
+            self._recorded[space] = (live, self.r)
+            self.membership.record_placement(space, live, self.r)
+
+    def add_holder(self, space: str, ext: int, node_id: str) -> None:
+        with self.lock:
+            pairs = {(n, self.gen[n]) for n in self.holders(space, ext)}
+            pairs.add((node_id, self.gen[node_id]))
+            self._held[space, ext] = pairs
+
+    def ext_lock(self, space: str, ext: int) -> threading.Lock:
+        return self.ext_locks[hash((space, ext)) % _LOCKS]
+
+    def note_rtt(self, node_id: str, seconds: float) -> None:
+        old = self.rtt.get(node_id)
+        self.rtt[node_id] = seconds if old is None else 0.8 * old + 0.2 * seconds
+
+    def keep(self, space: str, size: int) -> None:
+        """Keep ``size`` bytes of ``space`` replicated (repair scans them)."""
+        with self.lock:
+            if size > self.spaces.get(space, 0):
+                self.spaces[space] = size
+                self.dirty.set()
+
+    async def connect(self) -> None:
+        """Select every node's transport (each prints its tier line); a node that cannot be
+        reached is down (a warning), and the repair thread probes it."""
+        from transport.errors import AuthError
+        from transport.manager import TransportManager
+
+        manager = TransportManager("pager", self.lanes.token, space=self.space,
+                                   prefer=self.lanes.prefer)
+        try:
+            for node_id, endpoint in sorted(self.lanes.nodes.items()):
+                try:
+                    info = await manager.connect_peer(node_id, endpoint)
+                except AuthError:
+                    raise
+                except (TransportError, OSError) as exc:
+                    log.warning("memory node %s (%s) not reachable (%s): down until it "
+                                "answers", node_id, endpoint, exc)
+                    self.node_failed(node_id, exc)
+                    continue
+                t = self.lanes.arm(manager.transport(node_id))
+                with self.lanes._lock:
+                    self.lanes.transports[node_id] = t
+                    self.lanes.lane_kinds[node_id] = info.transport
+        finally:
+            await manager.close()
+
+    # --- PageSource ---------------------------------------------------------------------
+    def check_region(self, region: Region) -> None:
+        self.keep(region.space or self.space, region.offset + region.size)
+
+    def describe(self) -> str:
+        return (f"cluster of {len(self.members)} memory nodes ({self.membership.source}), "
+                f"R={self.r}, space {self.space}")
+
+    def open_lane(self) -> ClusterLane:
+        return ClusterLane(self)
+
+    def close(self) -> None:
+        self.repairer.stop()
+        self.pool.shutdown(wait=True)
+        self.membership.close()
+        if self.owner is not None:
+            self.owner.close()
+
+    def state(self) -> dict[str, Any]:
+        """The cluster as `ssi-pager status` shows it."""
+        with self.lock:
+            per_node: dict[str, int] = dict.fromkeys(self.members, 0)
+            for space, size in self.spaces.items():
+                for ext in range(-(-size >> EXTENT_SHIFT)):
+                    for n in self.holders(space, ext):
+                        per_node[n] = per_node.get(n, 0) + 1
+            nodes = [{"id": n, "endpoint": self.lanes.nodes.get(n),
+                      "transport": self.lanes.lane_kind(n),
+                      "state": "down" if n in self.down else "live" if n in self.members
+                      else "gone",
+                      "rtt_us": round(self.rtt[n] * 1e6, 1) if n in self.rtt else None,
+                      "extents": per_node.get(n, 0)} for n in sorted(self.gen)]
+            lag = 0.0 if self.lag_since is None else time.monotonic() - self.lag_since
+            return {"membership": self.membership.source, "replicas": self.r,
+                    "epoch": self.epoch,
+                    "extent_bytes": EXTENT_SIZE, "nodes": nodes,
+                    "under_replicated": self.under_replicated,
+                    "replication_lag_seconds": round(lag, 3), **self.counters}
+
+
+class ClusterLane(Lane):
+    """One thread's lanes to the cluster's nodes, one per (node, space), opened on use."""
+
+    def __init__(self, src: ClusterSource) -> None:
+        self.src = src
+        self.lanes: dict[tuple[str, str], Any] = {}
+
+    def _lane(self, node_id: str, space: str) -> Any:
+        lane = self.lanes.get((node_id, space))
+        if lane is None:
+            lane = self.lanes[node_id, space] = self.src.lanes.open_node_lane(node_id, space)
+        return lane
+
+    def _failed(self, node_id: str, space: str, exc: BaseException) -> None:
+        lane = self.lanes.pop((node_id, space), None)
+        if lane is not None:
+            try:
+                lane.close()
+            except Exception:
+                log.debug("closing a failed lane", exc_info=True)
+        self.src.node_failed(node_id, exc)
+
+    def fetch_into(self, space: str | None, gpa: int, buf: memoryview) -> int:
+        name = space or self.src.space
+        view = memoryview(buf)
+        mask, off, n = 0, 0, len(view)
+        while off < n:
+            ext = (gpa + off) >> EXTENT_SHIFT
+            end = min(n, ((ext + 1) << EXTENT_SHIFT) - gpa)
+            part = view if (off, end) == (0, n) else view[off:end]
+            mask |= self._fetch_extent(name, ext, gpa + off, part) << (off >> PAGE_SHIFT)
+            off = end
+        return mask
+
+    def _fetch_extent(self, space: str, ext: int, gpa: int, part: memoryview) -> int:
+        tried: list[str] = []
+        for node_id in self.src.holders(space, ext):
+            tried.append(node_id)
+            try:
+                return self._lane(node_id, space).fetch_into(gpa, part)
+            except RemoteError:
+                raise
+            except TransportError as exc:
+                self._failed(node_id, space, exc)
+                self.src.counters["failovers"] += 1
+        raise ReplicationError(f"no live replica holds extent {ext} of space {space!r} "
+                               f"(tried {', '.join(tried) or 'none'}); waiting for a node "
+                               f"to come back")
+
+    def store_from(self, space: str | None, gpa: int, buf: bytes | memoryview) -> None:
+        name = space or self.src.space
+        view = memoryview(buf)
+        off, n = 0, len(view)
+        while off < n:
+            ext = (gpa + off) >> EXTENT_SHIFT
+            end = min(n, ((ext + 1) << EXTENT_SHIFT) - gpa)
+            self._store_extent(name, ext, gpa + off, view[off:end])
+            off = end
+
+    def _store_extent(self, space: str, ext: int, gpa: int, part: memoryview) -> None:
+        src = self.src
+        done: set[str] = set()
+        tried: set[str] = set()
+        with src.ext_lock(space, ext):
+            while True:
+                todo = (set(src.targets(space, ext)) | set(src.holders(space, ext))) - tried
+                if not todo:
+                    break
+                tried |= todo
+                for node_id, error in self._store_all(sorted(todo), space, gpa, part):
+                    if error is None:
+                        done.add(node_id)
+                    elif isinstance(error, RemoteError):
+                        raise error
+                    else:
+                        self._failed(node_id, space, error)
+            targets = src.targets(space, ext)
+        need = min(src.r, len(targets))
+        reached = len(done & set(targets))
+        if need == 0 or reached < need:
+            raise ReplicationError(f"a store to extent {ext} of space {space!r} reached "
+                                   f"{reached} of {max(need, src.r)} memory nodes; retrying "
+                                   f"once nodes are back")
+
+    def _store_all(self, nodes: list[str], space: str, gpa: int, part: memoryview
+                   ) -> list[tuple[str, BaseException | None]]:
+        """Store ``part`` on every node of ``nodes``: all but the first on the source's
+        store threads when the part is large enough to pay for the hand-off (each node's
+        lane is still used by one thread at a time)."""
+        def one(node_id: str) -> BaseException | None:
+            try:
+                self._lane(node_id, space).store_from(gpa, part)
+            except TransportError as exc:
+                return exc
+            return None
+
+        if len(nodes) == 1 or len(part) < PARALLEL_STORE_BYTES:
+            return [(n, one(n)) for n in nodes]
+        futures = [(n, self.src.pool.submit(one, n)) for n in nodes[1:]]
+        first = (nodes[0], one(nodes[0]))
+        return [first, *((n, f.result()) for n, f in futures)]
+
+    def reset(self) -> None:
+        close_lanes(self.lanes)

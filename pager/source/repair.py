@@ -1,0 +1,165 @@
+"""The cluster's background thread: probes nodes (round trips, failures, returns) and copies
+under-replicated extents back to ``R`` nodes, rate-limited, on lanes of its own (bulk lanes:
+never the fault threads')."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from pager.source.base import close_lanes
+from pager.source.placement import EXTENT_SHIFT
+from transport.errors import TransportError
+from transport.wire import PAGE_SIZE
+from transport.wire.frames import zero_mask_runs
+
+if TYPE_CHECKING:
+    from pager.source.cluster import ClusterSource
+
+log = logging.getLogger(__name__)
+
+PING_EVERY = 1.0  # seconds between round-trip measurements of a live node
+
+
+class Repairer(threading.Thread):
+    """Probe and repair every ``interval`` seconds; copies at most ``rate`` bytes/s."""
+
+    def __init__(self, src: ClusterSource, *, rate: float, interval: float) -> None:
+        super().__init__(name="cluster-repair", daemon=True)
+        self.src = src
+        self.rate = rate
+        self.interval = interval
+        self._halt = threading.Event()
+        self.lanes: dict[tuple[str, str], Any] = {}
+        self._pinged = 0.0
+        self._lost_logged: set[tuple[str, int]] = set()
+
+    def stop(self) -> None:
+        self._halt.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(timeout=5)
+        close_lanes(self.lanes)
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            try:
+                self.probe()
+                if self.src.dirty.is_set():
+                    self.src.dirty.clear()
+                    if not self.repair_pass():
+                        self.src.dirty.set()  # something is still missing: try again
+            except Exception:
+                log.exception("cluster repair pass failed; retrying")
+                self.src.dirty.set()
+            self._halt.wait(self.interval)
+
+    # --- lanes ----------------------------------------------------------------------------
+    def _lane(self, node_id: str, space: str) -> Any:
+        lane = self.lanes.get((node_id, space))
+        if lane is None:
+            lane = self.lanes[node_id, space] = self.src.lanes.open_node_lane(node_id, space)
+        return lane
+
+    def _drop(self, node_id: str) -> None:
+        close_lanes({k: self.lanes.pop(k) for k in [k for k in self.lanes if k[0] == node_id]})
+
+    # --- probing --------------------------------------------------------------------------
+    def probe(self) -> None:
+        src = self.src
+        now = time.monotonic()
+        ping_live = now - self._pinged >= PING_EVERY
+        if ping_live:
+            self._pinged = now
+        with src.lock:
+            down = set(src.down) & src.members
+            live = [n for n in src.members if n not in src.down]
+        for node_id in down | (set(live) if ping_live else set()):
+            try:
+                rtt = self._lane(node_id, src.space).ping()
+            except TransportError as exc:
+                self._drop(node_id)
+                src.node_failed(node_id, exc)
+                continue
+            src.note_rtt(node_id, rtt)
+            if node_id in down:
+                src.node_back(node_id)
+
+    # --- repair ---------------------------------------------------------------------------
+    def repair_pass(self) -> bool:
+        """One scan of every kept space; True when every extent is on its targets."""
+        src = self.src
+        with src.lock:
+            spaces = dict(src.spaces)
+        missing_total = 0
+        for space, size in spaces.items():
+            for ext in range(-(-size >> EXTENT_SHIFT)):
+                if self._halt.is_set():
+                    return False
+                missing = [n for n in src.targets(space, ext)
+                           if n not in src.holders(space, ext)]
+                if not missing:
+                    continue
+                missing_total += 1
+                if src.lag_since is None:
+                    src.lag_since = time.monotonic()
+                src.under_replicated = max(src.under_replicated, missing_total)
+                self.copy_extent(space, ext, min(size, (ext + 1) << EXTENT_SHIFT), missing)
+        left = 0
+        for space, size in spaces.items():
+            n = sum(1 for ext in range(-(-size >> EXTENT_SHIFT))
+                    if set(src.targets(space, ext)) - set(src.holders(space, ext)))
+            if n == 0:
+                src.settled(space)
+            left += n
+        src.under_replicated = left
+        if left == 0:
+            src.lag_since = None
+        return left == 0
+
+    def copy_extent(self, space: str, ext: int, end: int, missing: list[str]) -> None:
+        src = self.src
+        start = ext << EXTENT_SHIFT
+        buf = bytearray(end - start)
+        t0 = time.monotonic()
+        with src.ext_lock(space, ext):
+            mask = None
+            for holder in src.holders(space, ext):
+                try:
+                    mask = self._lane(holder, space).fetch_into(start, memoryview(buf))
+                    break
+                except TransportError as exc:
+                    self._drop(holder)
+                    src.node_failed(holder, exc)
+            if mask is None:
+                if (space, ext) not in self._lost_logged:
+                    self._lost_logged.add((space, ext))
+                    src.counters["lost_extents"] += 1
+                    log.error("extent %d of space %r has no live replica: it cannot be "
+                              "repaired until one of its nodes returns", ext, space)
+                return
+            for node_id in missing:
+                try:
+                    self._store_written(node_id, space, start, buf, mask)
+                except TransportError as exc:
+                    self._drop(node_id)
+                    src.node_failed(node_id, exc)
+                    continue
+                src.add_holder(space, ext, node_id)
+                src.counters["repairs"] += 1
+                src.counters["repair_bytes"] += len(buf)
+                log.info("repaired extent %d of space %r onto %s", ext, space, node_id)
+        spent = time.monotonic() - t0
+        budget = len(buf) * len(missing) / self.rate
+        if budget > spent:
+            self._halt.wait(budget - spent)
+
+    def _store_written(self, node_id: str, space: str, start: int, buf: bytearray,
+                       mask: int) -> None:
+        """Store the runs of pages ``mask`` says were written (zero bits)."""
+        lane = self._lane(node_id, space)
+        view = memoryview(buf)
+        for first, count in zero_mask_runs(len(buf) // PAGE_SIZE, mask):
+            lane.store_from(start + first * PAGE_SIZE,
+                            view[first * PAGE_SIZE:(first + count) * PAGE_SIZE])

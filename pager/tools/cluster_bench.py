@@ -1,0 +1,140 @@
+"""`ssi-pager bench cluster`: what replication costs, JSON lines on stdout.
+
+Three memory nodes are started on loopback (their own processes, one token); then, through
+the pager's lanes (`ClusterSource` against `MemnodeSource`, the fault path's fetch and the
+write-back path's store):
+
+* ``fetch_p50`` 64 KiB fetch p50, R=2 over 3 nodes against one node alone
+  (``ratio``: goal <= 1.1);
+* ``store_gbps`` store throughput with R=2 against R=1 on the same 3 nodes (goal >= 0.5);
+* ``aggregate_gbps`` ``--threads`` threads fetching their own spaces, 3 nodes (R=2) against
+  one node.
+
+Numbers only mean something on a quiet machine; the ratios compare runs of the same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pager.source import MemnodeSource
+from pager.source.cluster import ClusterSource
+from pager.tools.child import Child
+from transport.membership import StaticMembership
+from transport.token import load_token
+
+CHUNK = 64 << 10
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="JSON lines (the only format)")
+    parser.add_argument("--mib", type=int, default=64, help="data set per space (MiB)")
+    parser.add_argument("--count", type=int, default=2000, help="fetches per latency figure")
+    parser.add_argument("--threads", type=int, default=3, help="threads of the aggregate run")
+
+
+def start_nodes(tmp: Path, n: int) -> list[tuple[Child, str]]:
+    nodes = []
+    for i in range(n):
+        d = tmp / f"n{i}"
+        d.mkdir()
+        if i:
+            shutil.copy(tmp / "n0" / "token", d / "token")
+            os.chmod(d / "token", 0o600)
+        c = Child(["memnode", "--listen", "127.0.0.1:0", "--store", str(d / "store"),
+                   "--token-file", str(d / "token"), "--name", f"n{i}"], d / "memnode.log")
+        nodes.append((c, c.wait_for(r"listening on (\S+)")))
+    return nodes
+
+
+def fill(source: Any, space: str, size: int) -> float:
+    """Store ``size`` random bytes into ``space``; returns Gbit/s."""
+    data = os.urandom(1 << 20)
+    t0 = time.perf_counter()
+    with source.open_lane() as lane:
+        for gpa in range(0, size, len(data)):
+            lane.store_from(space, gpa, data)
+    return size * 8 / (time.perf_counter() - t0) / 1e9
+
+
+def fetch_p50(source: Any, space: str, size: int, count: int) -> float:
+    buf = memoryview(bytearray(CHUNK))
+    lat = []
+    with source.open_lane() as lane:
+        for i in range(count):
+            gpa = (i * 7919 * CHUNK) % size
+            t0 = time.perf_counter()
+            lane.fetch_into(space, gpa, buf)
+            lat.append(time.perf_counter() - t0)
+    return statistics.median(lat) * 1e6
+
+
+def aggregate(source: Any, spaces: list[str], size: int) -> float:
+    done = [0] * len(spaces)
+
+    def worker(i: int) -> None:
+        buf = memoryview(bytearray(CHUNK))
+        with source.open_lane() as lane:
+            for gpa in range(0, size, CHUNK):
+                lane.fetch_into(spaces[i], gpa, buf)
+                done[i] += CHUNK
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(spaces))]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    return sum(done) * 8 / (time.perf_counter() - t0) / 1e9
+
+
+def emit(name: str, **kw: Any) -> None:
+    print(json.dumps({"bench": "cluster", "name": name, **kw}), flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    size = args.mib << 20
+    spaces = [f"agg{i}" for i in range(args.threads)]
+    with tempfile.TemporaryDirectory(prefix="ssi-bench-cluster-") as tmp_name:
+        tmp = Path(tmp_name)
+        nodes = start_nodes(tmp, 3)
+        token = load_token(tmp / "n0" / "token")
+        eps = [ep for _, ep in nodes]
+        one = MemnodeSource(eps[0], token, "b1", prefer="tcp")
+        r2 = ClusterSource(StaticMembership(endpoints=eps), token, "b2", replicas=2,
+                           prefer="tcp")
+        r1 = ClusterSource(StaticMembership(endpoints=eps), token, "b3", replicas=1,
+                           prefer="tcp")
+        try:
+            store_one, store_r2, store_r1 = (fill(one, "b1", size), fill(r2, "b2", size),
+                                             fill(r1, "b3", size))
+            emit("store_gbps", r2=round(store_r2, 3), r1=round(store_r1, 3),
+                 one_node=round(store_one, 3), ratio=round(store_r2 / store_r1, 3), goal=">=0.5")
+            p_one, p_r2 = (fetch_p50(one, "b1", size, args.count),
+                           fetch_p50(r2, "b2", size, args.count))
+            emit("fetch_p50_us", r2=round(p_r2, 1), one_node=round(p_one, 1),
+                 ratio=round(p_r2 / p_one, 3), goal="<=1.1")
+            for s in spaces:
+                fill(one, s, size)
+                fill(r2, s, size)
+            a_one, a_three = aggregate(one, spaces, size), aggregate(r2, spaces, size)
+            emit("aggregate_gbps", three_nodes=round(a_three, 3), one_node=round(a_one, 3),
+                 ratio=round(a_three / a_one, 3), threads=args.threads)
+        finally:
+            for src in (r2, r1, one):
+                src.close()
+            for c, _ in nodes:
+                c.stop()
+    print("bench cluster: lane-level figures (the fault and write-back paths' fetch and "
+          "store), not guest faults", file=sys.stderr)
+    return 0

@@ -1,0 +1,133 @@
+"""`ssi-pager put` and `ssi-pager get`: a raw memory image (a Firecracker snapshot's memory
+file, say) into an address space of the memory nodes, and back.
+
+    ssi-pager put --space NAME FILE (--memnode HOST:PORT... | --etcd URL | --cluster FILE)
+    ssi-pager get --space NAME --size BYTES FILE (same node options)
+
+``put`` skips zero pages (a node answers never-written pages as zero, so they need not
+travel) and, on a cluster, returns once every extent reached ``--replicas`` nodes. ``get``
+writes the space's first ``--size`` bytes to FILE, leaving holes where pages were never
+written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+from pager.errors import ConfigError
+from pager.source import PageSource, add_cluster_arguments, parse_source
+from transport.wire import PAGE_SIZE
+
+log = logging.getLogger(__name__)
+
+BLOCK = 1 << 20  # bytes read, checked for zero pages and stored per step
+_ZERO_PAGE = bytes(PAGE_SIZE)
+
+
+def configure(parser: argparse.ArgumentParser, *, get: bool = False) -> None:
+    parser.add_argument("file", metavar="FILE",
+                        help="raw memory image to write" if get else "raw memory image")
+    parser.add_argument("--space", required=True, help="address space on the memory nodes")
+    if get:
+        from pager.service.serve import parse_size
+
+        parser.add_argument("--size", type=parse_size, required=True,
+                            help="bytes to download (the guest's memory size, e.g. 512M)")
+    parser.add_argument("--memnode", metavar="HOST:PORT", action="append", default=None,
+                        help="memory node (repeat for a cluster)")
+    add_cluster_arguments(parser)
+    parser.add_argument("--token-file", metavar="F", default=None,
+                        help="cluster token (default $XDG_DATA_HOME/ssi-pager/token)")
+    parser.add_argument("--insecure-no-auth", action="store_true",
+                        help="talk to memory nodes that run without authentication")
+
+
+def open_source(args: argparse.Namespace) -> PageSource:
+    if not (args.memnode or args.etcd or args.cluster or args.discover):
+        raise ConfigError("name the memory nodes: --memnode HOST:PORT (repeatable), "
+                          "--etcd URL or --cluster FILE")
+    token = None
+    if not args.insecure_no_auth:
+        from transport.token import load_token
+        token = load_token(args.token_file)
+    return parse_source(args.memnode, None, token=token, space=args.space, etcd=args.etcd,
+                        cluster=args.cluster, replicas=args.replicas,
+                        repair_rate=args.repair_rate, discover=args.discover)
+
+
+def written_runs(block: memoryview) -> list[tuple[int, int]]:
+    """(start, end) byte runs of ``block`` made of pages that are not all zero."""
+    runs: list[tuple[int, int]] = []
+    for off in range(0, len(block), PAGE_SIZE):
+        if block[off:off + PAGE_SIZE] == _ZERO_PAGE:
+            continue
+        if runs and runs[-1][1] == off:
+            runs[-1] = (runs[-1][0], off + PAGE_SIZE)
+        else:
+            runs.append((off, off + PAGE_SIZE))
+    return runs
+
+
+def put(args: argparse.Namespace) -> int:
+    try:
+        f = open(args.file, "rb")  # noqa: SIM115 - closed below, after the source
+    except OSError as exc:
+        raise ConfigError(f"cannot read memory image {args.file}: {exc.strerror}") from exc
+    size = os.fstat(f.fileno()).st_size
+    if size % PAGE_SIZE:
+        f.close()
+        raise ConfigError(f"{args.file} is {size} bytes, not a whole number of 4 KiB pages: "
+                          f"is it a raw memory image?")
+    source = open_source(args)
+    if hasattr(source, "keep"):
+        source.keep(args.space, size)
+    t0 = time.monotonic()
+    stored = 0
+    buf = bytearray(BLOCK)
+    try:
+        with source.open_lane() as lane:
+            for gpa in range(0, size, BLOCK):
+                n = f.readinto(buf)
+                view = memoryview(buf)[:n]
+                for start, end in written_runs(view):
+                    lane.store_from(args.space, gpa + start, view[start:end])
+                    stored += end - start
+    finally:
+        source.close()
+        f.close()
+    secs = time.monotonic() - t0
+    print(f"put: {args.file} -> space {args.space}: {size >> 20} MiB, {stored >> 12} pages "
+          f"stored, {(size - stored) >> 12} zero pages skipped, {secs:.1f} s",
+          file=sys.stderr)
+    return 0
+
+
+def get(args: argparse.Namespace) -> int:
+    if args.size % PAGE_SIZE:
+        raise ConfigError(f"--size {args.size} is not a multiple of 4 KiB")
+    source = open_source(args)
+    written = 0
+    buf = bytearray(BLOCK)
+    try:
+        with open(args.file, "wb") as f, source.open_lane() as lane:
+            f.truncate(args.size)
+            for gpa in range(0, args.size, BLOCK):
+                n = min(BLOCK, args.size - gpa)
+                view = memoryview(buf)[:n]
+                mask = lane.fetch_into(args.space, gpa, view)
+                for i in range(n // PAGE_SIZE):
+                    if not mask >> i & 1:
+                        f.seek(gpa + i * PAGE_SIZE)
+                        f.write(view[i * PAGE_SIZE:(i + 1) * PAGE_SIZE])
+                        written += PAGE_SIZE
+    except OSError as exc:
+        raise ConfigError(f"cannot write {args.file}: {exc.strerror}") from exc
+    finally:
+        source.close()
+    print(f"get: space {args.space} -> {args.file}: {args.size >> 20} MiB, {written >> 12} "
+          f"pages written, the rest never written (holes)", file=sys.stderr)
+    return 0

@@ -1,0 +1,161 @@
+"""`ClusterSource`: three real memory nodes, R=2; a node killed with -9 mid-workload costs
+latency, never bytes; a node restarted empty is refilled before it serves."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+from clusterkit import nodes, wait_until
+
+from pager.source.cluster import ClusterSource
+from pager.source.placement import EXTENT_SIZE, replicas
+from transport.membership import StaticMembership
+from transport.token import load_token
+
+SPACE_BYTES = 16 * EXTENT_SIZE
+
+
+@pytest.fixture
+def three(tmp_path):
+    ns = nodes(tmp_path, 3)
+    yield ns
+    for n in ns:
+        n.proc.stop()
+
+
+@pytest.fixture
+def sources():
+    """sources(src) registers a source to close at teardown."""
+    made = []
+    yield made.append
+    for src in made:
+        src.close()
+
+
+def cluster(ns, r=2):
+    m = StaticMembership(endpoints=[n.endpoint for n in ns])
+    src = ClusterSource(m, load_token(ns[0].token_file), "vm1", replicas=r, prefer="tcp")
+    src.keep("vm1", SPACE_BYTES)
+    return src
+
+
+def read_all(lane, n=SPACE_BYTES):
+    buf = bytearray(n)
+    mask = lane.fetch_into(None, 0, memoryview(buf))
+    return bytes(buf), mask
+
+
+def on_node(src, node_id, gpa, n):
+    with src.lanes.open_node_lane(node_id) as lane:
+        buf = bytearray(n)
+        mask = lane.fetch_into(gpa, buf)
+        return bytes(buf), mask
+
+
+def test_every_store_reaches_two_nodes_by_rendezvous(three, sources):
+    ns = three
+    src = cluster(ns)
+    sources(src)
+    data = os.urandom(SPACE_BYTES)
+    with src.open_lane() as lane:
+        lane.store_from(None, 0, data)
+        got, mask = read_all(lane)
+    assert mask == 0 and got == data
+    ids = sorted(src.members)
+    for ext in range(SPACE_BYTES // EXTENT_SIZE):
+        owners = replicas("vm1", ext, ids, 2)
+        for node_id in ids:
+            part, mask = on_node(src, node_id, ext * EXTENT_SIZE, EXTENT_SIZE)
+            if node_id in owners:
+                assert mask == 0 and part == data[ext * EXTENT_SIZE:(ext + 1) * EXTENT_SIZE]
+            else:
+                assert mask == (1 << EXTENT_SIZE // 4096) - 1  # never written there
+
+
+def test_node_killed_mid_workload_then_restarted_empty_is_refilled(three, sources):
+    ns = three
+    src = cluster(ns)
+    sources(src)
+    data = bytearray(os.urandom(SPACE_BYTES))
+    with src.open_lane() as lane:
+        lane.store_from(None, 0, data)
+    victim = ns[1]
+    errors: list[BaseException] = []
+    rounds = [0]
+    killed = threading.Event()
+
+    def reader() -> None:  # a workload: reads and checks every byte, over and over,
+        try:               # until the cluster has noticed the loss, and twice more
+            after = 0
+            with src.open_lane() as lane:
+                while after < 2:
+                    got, mask = read_all(lane)
+                    assert mask == 0 and got == data, "wrong bytes read"
+                    rounds[0] += 1
+                    if rounds[0] == 2:
+                        victim.proc.kill()  # kill -9 mid-run
+                        killed.set()
+                    if victim.endpoint in src.down:
+                        after += 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    t.join(timeout=120)
+    assert not t.is_alive(), "the workload hung"
+    assert not errors, errors
+    assert killed.is_set() and src.counters["node_failures"] >= 1
+    # the two live nodes now hold every extent twice
+    wait_until(lambda: src.under_replicated == 0 and not src.dirty.is_set(), 60,
+               "re-replication onto the two live nodes")
+    victim.proc.stop()
+    victim.wipe_and_restart()
+    vid = victim.endpoint
+    wait_until(lambda: vid not in src.down and src.under_replicated == 0
+               and not src.dirty.is_set(), 60, "the empty node to be refilled")
+    assert src.counters["repairs"] > 0
+    # what placement puts on the restarted node is there, byte for byte
+    placed = [e for e in range(SPACE_BYTES // EXTENT_SIZE)
+              if vid in replicas("vm1", e, sorted(src.live()), 2)]
+    assert placed, "placement gives the restarted node no extent"
+    for e in placed:
+        assert vid in src.holders("vm1", e)
+        part, mask = on_node(src, vid, e * EXTENT_SIZE, EXTENT_SIZE)
+        assert mask == 0 and part == data[e * EXTENT_SIZE:(e + 1) * EXTENT_SIZE]
+    with src.open_lane() as lane:
+        got, mask = read_all(lane)
+    assert mask == 0 and got == data
+
+
+def test_reads_prefer_the_lowest_round_trip(three, sources):
+    ns = three
+    src = cluster(ns)
+    sources(src)
+    src.repairer.stop()  # no pings: the round trips below stay as set
+    src.rtt.update({ns[0].endpoint: 3e-3, ns[1].endpoint: 1e-3, ns[2].endpoint: 2e-3})
+    for ext in range(SPACE_BYTES // EXTENT_SIZE):
+        held = src.holders("vm1", ext)
+        assert len(held) == 2 and held == sorted(held, key=src.rtt.__getitem__)
+
+
+def test_a_node_down_from_the_start_costs_nothing(tmp_path):
+    ns = nodes(tmp_path, 2)
+    m = StaticMembership(endpoints=[ns[0].endpoint, ns[1].endpoint, "127.0.0.1:1"])
+    src = ClusterSource(m, load_token(ns[0].token_file), "vm1", replicas=2, prefer="tcp")
+    try:
+        data = os.urandom(8 * EXTENT_SIZE)
+        with src.open_lane() as lane:
+            lane.store_from(None, 0, data)  # every extent reaches the two live nodes
+            got, mask = read_all(lane, len(data))
+        assert mask == 0 and got == data
+        assert "127.0.0.1:1" in src.down
+        for node_id in (ns[0].endpoint, ns[1].endpoint):
+            part, mask = on_node(src, node_id, 0, len(data))
+            assert mask == 0 and part == data
+    finally:
+        src.close()
+        for n in ns:
+            n.proc.stop()

@@ -1,0 +1,361 @@
+"""Cluster membership: which memory nodes exist, from a static file or from etcd.
+
+A static file (``--cluster FILE``, JSON) suits small setups with no extra service::
+
+    {"nodes": {"a": "10.0.0.1:50051", "b": "10.0.0.2:50051", "c": "10.0.0.3:50051"},
+     "owners": {"vm1": {"pager": "host-a", "epoch": 1}}}
+
+With etcd (``--etcd http://HOST:2379``) each memory node registers itself under a lease
+(`register_node`): the key ``/ssi-pager/nodes/NAME`` holds ``{"endpoint": ..., "boot":
+...}`` and disappears when the node stops renewing the lease. Pagers watch the prefix
+(`EtcdMembership`, a poll every second) and keep the last map they read while etcd cannot be
+reached, so faults keep being served on the last known map.
+
+The etcd client is etcd3gw (HTTP/JSON through etcd's gRPC gateway, ``/v3/``): blocking like
+the pager's lanes and with only ``requests`` underneath (no grpcio/protobuf pins).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from transport.errors import TransportError
+
+log = logging.getLogger(__name__)
+
+PREFIX = "/ssi-pager/"
+NODES = PREFIX + "nodes/"
+OWNERS = PREFIX + "owners/"
+EPOCHS = PREFIX + "epochs/"
+PLACEMENT = PREFIX + "placement/"
+DEFAULT_TTL = 5  # seconds a node's registration outlives its last renewal
+POLL_SECONDS = 1.0
+
+
+class ClusterError(TransportError):
+    """The cluster's description (file or etcd) is missing, malformed or unreachable."""
+
+
+def etcd_client(url: str, timeout: float = 3.0) -> Any:
+    """An etcd3gw client for ``http://HOST:PORT`` (etcd 3.4 or later, gateway ``/v3/``)."""
+    try:
+        from etcd3gw.client import Etcd3Client
+    except ImportError as exc:
+        raise ClusterError("--etcd needs the etcd3gw package: pip install etcd3gw") from exc
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ClusterError(f"cannot read etcd URL {url!r}; write http://HOST:2379")
+    return Etcd3Client(host=parts.hostname, port=parts.port or 2379, protocol=parts.scheme,
+                       timeout=timeout, api_path="/v3/")
+
+
+def _why(exc: BaseException) -> str:
+    """An etcd client error as words (some carry no message)."""
+    return str(exc).strip() or type(exc).__name__
+
+
+def _etcd_errors() -> tuple[type[BaseException], ...]:
+    from etcd3gw import exceptions
+
+    return (exceptions.Etcd3Exception, OSError, ValueError, KeyError)
+
+
+def _start(first: Callable[[], None], loop: Callable[[], None], name: str,
+           failure: str) -> threading.Thread:
+    """``first()`` now (its etcd errors raised as ClusterError starting with ``failure``),
+    then ``loop`` on a daemon thread."""
+    try:
+        first()
+    except _etcd_errors() as exc:
+        raise ClusterError(f"{failure}: {_why(exc)}; is etcd running there?") from exc
+    thread = threading.Thread(target=loop, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+class Membership:
+    """The live memory nodes: ``nodes()`` -> {node id: endpoint}."""
+
+    source = "?"
+
+    def nodes(self) -> dict[str, str]:
+        raise NotImplementedError
+
+    def owner(self, space: str) -> dict[str, Any] | None:
+        """``{"pager": id, "epoch": n}`` of the address space's owner, or None."""
+        return None
+
+    def on_change(self, callback: Callable[[dict[str, str]], None]) -> None:
+        """Call ``callback(nodes)`` whenever the node set changes."""
+
+    def placement(self, space: str, nodes: list[str], r: int) -> tuple[list[str], int]:
+        """The node set and R ``space``'s extents were placed with: recorded by the first
+        writer (``nodes``, ``r`` if none is), so a pager started while a holder is away still
+        knows where every extent is. A static membership records nothing: its nodes are the
+        file's, down or not."""
+        return nodes, r
+
+    def record_placement(self, space: str, nodes: list[str], r: int) -> None:
+        """Every extent of ``space`` is now on its ``r`` rendezvous nodes over ``nodes``."""
+
+    def close(self) -> None:
+        """Stop watching."""
+
+
+class StaticMembership(Membership):
+    """Nodes (and owners) from a JSON file, read once; ``{node id: endpoint}`` for repeated
+    ``--memnode`` with ``path`` None, each node's id its endpoint: placement goes by node id,
+    so the order of the list does not matter, and the same endpoints find the same extents."""
+
+    def __init__(self, path: str | Path | None = None, *,
+                 endpoints: list[str] | None = None) -> None:
+        self.source = str(path) if path else "--memnode"
+        self._owners: dict[str, dict[str, Any]] = {}
+        if path is None:
+            self._nodes = {ep: ep for ep in endpoints or []}
+            if len(self._nodes) != len(endpoints or []):
+                raise ClusterError("the same --memnode is given twice: name each node once")
+        else:
+            self._nodes, self._owners = _read_cluster_file(Path(path))
+        if not self._nodes:
+            raise ClusterError(f"{self.source} names no memory node; list them as "
+                               f'{{"nodes": {{"a": "HOST:PORT"}}}}')
+
+    def nodes(self) -> dict[str, str]:
+        return dict(self._nodes)
+
+    def owner(self, space: str) -> dict[str, Any] | None:
+        return self._owners.get(space)
+
+
+def _read_cluster_file(path: Path) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
+    try:
+        doc = json.loads(path.read_text())
+    except OSError as exc:
+        raise ClusterError(f"cannot read cluster file {path}: {exc.strerror}",
+                           errno=exc.errno) from exc
+    except ValueError as exc:
+        raise ClusterError(f"cluster file {path} is not JSON ({exc}); write "
+                           f'{{"nodes": {{"a": "HOST:PORT", ...}}}}') from exc
+    nodes = doc.get("nodes") if isinstance(doc, dict) else None
+    if not isinstance(nodes, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and ":" in v for k, v in nodes.items()):
+        raise ClusterError(f'cluster file {path}: "nodes" must map node ids to "HOST:PORT"')
+    owners = doc.get("owners", {})
+    if not isinstance(owners, dict) or not all(
+            isinstance(o, dict) and isinstance(o.get("epoch"), int) for o in owners.values()):
+        raise ClusterError(f'cluster file {path}: "owners" must map spaces to '
+                           f'{{"pager": ID, "epoch": N}}')
+    return dict(nodes), dict(owners)
+
+
+class EtcdMembership(Membership):
+    """Nodes registered in etcd, polled every ``poll`` seconds by a thread; the last map read
+    stays in force while etcd is unreachable (``healthy`` False meanwhile)."""
+
+    def __init__(self, url: str, *, poll: float = POLL_SECONDS) -> None:
+        self.source = url
+        self.client = etcd_client(url)
+        self.poll = poll
+        self.healthy = False
+        self._nodes: dict[str, str] = {}
+        self._boots: dict[str, str] = {}
+        self._callbacks: list[Callable[[dict[str, str]], None]] = []
+        self._stop = threading.Event()
+        self._thread = _start(self._refresh, self._watch, "etcd-watch",
+                              f"cannot read the memory nodes from etcd at {url}")
+
+    def nodes(self) -> dict[str, str]:
+        return dict(self._nodes)
+
+    def boot(self, node_id: str) -> str | None:
+        """The registration's boot id: a new one means the node restarted."""
+        return self._boots.get(node_id)
+
+    def owner(self, space: str) -> dict[str, Any] | None:
+        try:
+            got = self.client.get(OWNERS + space)
+        except _etcd_errors():
+            return None
+        return json.loads(got[0]) if got else None
+
+    def on_change(self, callback: Callable[[dict[str, str]], None]) -> None:
+        self._callbacks.append(callback)
+
+    def placement(self, space: str, nodes: list[str], r: int) -> tuple[list[str], int]:
+        value = json.dumps({"nodes": sorted(nodes), "replicas": r})
+        try:
+            if not self.client.create(PLACEMENT + space, value):
+                got = self.client.get(PLACEMENT + space)
+                if got:
+                    doc = json.loads(got[0])
+                    return [str(n) for n in doc["nodes"]], int(doc["replicas"])
+        except (*_etcd_errors(), TypeError) as exc:
+            log.warning("etcd: cannot read the placement of space %s (%s): assuming the "
+                        "current nodes hold it", space, exc)
+        return nodes, r
+
+    def record_placement(self, space: str, nodes: list[str], r: int) -> None:
+        try:
+            self.client.put(PLACEMENT + space,
+                            json.dumps({"nodes": sorted(nodes), "replicas": r}))
+        except _etcd_errors() as exc:
+            log.warning("etcd: cannot record the placement of space %s: %s", space, exc)
+
+    def _refresh(self) -> None:
+        nodes, boots = {}, {}
+        for value, meta in self.client.get_prefix(NODES):
+            name = meta["key"].decode()[len(NODES):]
+            try:
+                info = json.loads(value)
+                nodes[name], boots[name] = info["endpoint"], info.get("boot", "")
+            except (ValueError, KeyError, TypeError):
+                log.warning("etcd: ignoring malformed registration of node %s", name)
+        self.healthy = True
+        if nodes != self._nodes or boots != self._boots:
+            log.info("etcd: memory nodes now %s", ", ".join(sorted(nodes)) or "none")
+            self._nodes, self._boots = nodes, boots
+            for cb in self._callbacks:
+                cb(dict(nodes))
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll):
+            try:
+                self._refresh()
+            except _etcd_errors() as exc:
+                if self.healthy:
+                    log.warning("etcd at %s unreachable (%s): serving on the last known map "
+                                "of %d nodes", self.source, _why(exc), len(self._nodes))
+                self.healthy = False
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+class LeasedKey:
+    """A key in etcd under a lease renewed by a thread; put again after etcd comes back or
+    the lease expired. ``close()`` revokes it (the key goes at once)."""
+
+    def __init__(self, url: str, key: str, value: dict[str, Any], *, ttl: int = DEFAULT_TTL,
+                 client: Any = None) -> None:
+        self.client = client or etcd_client(url)
+        self.url, self.key, self.ttl = url, key, ttl
+        self.value = json.dumps({**value, "host": socket.gethostname()})
+        self.lease: Any = None
+        self.exclusive = False  # re-register only if nobody else wrote the key meanwhile
+        self._stop = threading.Event()
+        self._thread = _start(self._register, self._renew, "etcd-lease",
+                              f"cannot write {key} to etcd at {url}")
+
+    def _register(self) -> None:
+        lease = self.client.lease(ttl=self.ttl)
+        if self.exclusive and not self.client.create(self.key, self.value, lease=lease):
+            lease.revoke()
+            log.error("etcd: %s was taken by someone else while our lease had lapsed: not "
+                      "renewing it (nodes refuse our stores once they are fenced)", self.key)
+            self._stop.set()
+            return
+        if not self.exclusive:
+            self.client.put(self.key, self.value, lease=lease)
+        self.lease = lease
+        log.info("etcd: registered %s (lease ttl %ds)", self.key, self.ttl)
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            try:
+                if self.lease is None or self.lease.refresh() <= 0:
+                    self._register()
+            except _etcd_errors() as exc:
+                log.warning("etcd: renewing the lease of %s failed: %s", self.key, exc)
+                self.lease = None
+
+    def close(self) -> None:
+        self._stop.set()
+        try:
+            if self.lease is not None:
+                self.lease.revoke()
+        except _etcd_errors():
+            log.debug("revoking the lease failed", exc_info=True)
+
+
+def register_node(url: str, name: str, endpoint: str, *, ttl: int = DEFAULT_TTL) -> LeasedKey:
+    """A memory node's registration: ``/ssi-pager/nodes/NAME`` -> endpoint and a boot id
+    (new at every start: pagers re-sync a node that restarted)."""
+    return LeasedKey(url, NODES + name, {"endpoint": endpoint, "boot": os.urandom(8).hex()},
+                     ttl=ttl)
+
+
+def membership_from(*, etcd: str | None = None, cluster: str | None = None,
+                    memnodes: list[str] | None = None) -> Membership:
+    """The membership the command line names: ``--etcd``, ``--cluster`` or ``--memnode``s."""
+    if sum(bool(x) for x in (etcd, cluster, memnodes)) != 1:
+        raise ClusterError("name the memory nodes one way: --etcd URL, --cluster FILE or "
+                           "--memnode HOST:PORT (repeatable)")
+    if etcd:
+        return EtcdMembership(etcd)
+    if cluster:
+        return StaticMembership(cluster)
+    return StaticMembership(endpoints=memnodes)
+
+
+class Ownership:
+    """This pager owns ``space`` under ``epoch``: from etcd (`acquire`, a key under a lease
+    renewed by a thread; the epoch counter only grows) or fixed (a static file's owner)."""
+
+    def __init__(self, space: str, epoch: int, pager: str, registration: Any = None) -> None:
+        self.space, self.epoch, self.pager = space, epoch, pager
+        self._reg = registration
+
+    @classmethod
+    def acquire(cls, url: str, space: str, pager: str, *, ttl: int = DEFAULT_TTL) -> Ownership:
+        """Take ``space`` over: the next epoch, whoever owned it before (a guest resumed
+        here); the previous owner's stores are refused from now on by every node fenced."""
+        client = etcd_client(url)
+        try:
+            for _ in range(100):
+                got = client.get(EPOCHS + space, metadata=True)
+                if got:
+                    value, meta = got[0]
+                    epoch = int(value) + 1
+                    compare = {"key": _b64(EPOCHS + space), "result": "EQUAL",
+                               "target": "MOD", "mod_revision": int(meta["mod_revision"])}
+                else:
+                    epoch = 1
+                    compare = {"key": _b64(EPOCHS + space), "result": "EQUAL",
+                               "target": "CREATE", "create_revision": 0}
+                txn = {"compare": [compare], "success": [{"request_put": {
+                    "key": _b64(EPOCHS + space), "value": _b64(str(epoch))}}], "failure": []}
+                if client.transaction(txn).get("succeeded"):
+                    break
+            else:
+                raise ClusterError(f"could not take space {space} over in etcd: too many "
+                                   f"concurrent owners")
+            old = client.get(OWNERS + space)
+            if old:
+                log.warning("etcd: taking space %s over from %s (epoch %d)", space,
+                            old[0].decode(), epoch)
+            reg = LeasedKey(url, OWNERS + space, {"pager": pager, "epoch": epoch}, ttl=ttl,
+                            client=client)
+            reg.exclusive = True  # a lapsed owner key comes back only if still free
+        except _etcd_errors() as exc:
+            raise ClusterError(f"cannot take space {space} over in etcd at {url}: {_why(exc)}; is "
+                               f"etcd running there?") from exc
+        return cls(space, epoch, pager, reg)
+
+    def close(self) -> None:
+        if self._reg is not None:
+            self._reg.close()
+
+
+def _b64(text: str) -> str:
+    import base64
+
+    return base64.b64encode(text.encode()).decode()
