@@ -266,7 +266,7 @@ def test_insecure_no_auth_on_both_sides(tmp_path, run_pager):
                  "--insecure-no-auth"], tmp_path / "memnode.log")
     try:
         endpoint = node.wait_for(r"listening on (\S+)")
-        assert "WARNING: --insecure-no-auth" in node.text()
+        assert "WARNING: authentication is off (--insecure-no-auth)" in node.text()
         assert not (tmp_path / "token").exists()
         data = DataSet(4 * MIB)
         lane = MemnodeSource(endpoint, None, "default").open_lane()
@@ -334,7 +334,7 @@ def test_allow_uid_decides_who_may_connect(tmp_path, allow):
                 pager.wait_for("not valid JSON")
                 assert f"uid {nobody} is not allowed" not in pager.text()
             else:
-                pager.wait_for(rf"peer pid \d+ uid {nobody} is not allowed")
+                pager.wait_for(rf"handoff refused: peer uid {nobody} is not allowed")
                 assert "not valid JSON" not in pager.text()
         finally:
             pager.stop()
