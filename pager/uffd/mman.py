@@ -27,6 +27,14 @@ def _check_addr(r: int, op: str) -> int:
     return r
 
 
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Free ``[offset, offset+length)`` of a memfd (``fallocate(PUNCH_HOLE|KEEP_SIZE)``): the
+    pages leave the page cache, every mapping of them faults again (no userfaultfd event)."""
+    rc = lib.ssi_punch_hole(fd, offset, length)
+    if rc < 0:
+        raise uffd_error(-rc, "fallocate(PUNCH_HOLE)", f"memfd {fd} range {offset:#x}+{length:#x}")
+
+
 class Mapping:
     """An mmap()ed range; unmapped by ``close()`` or when collected."""
 
