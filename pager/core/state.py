@@ -334,6 +334,15 @@ class ClientState:
         if self.farmem is not None:
             self.farmem.forget(start, end)
 
+    def on_stored(self, start: int, end: int) -> None:
+        """``[start, end)`` was written back to the node and dropped (far memory): fetch it
+        again on the next fault, even where a REMOVE had made it zero."""
+        for r in self.regions.overlapping(start, end):
+            s, e = r.clip(start, end)  # type: ignore[misc]
+            removed = self.removed.get(r.space)
+            if removed is not None:
+                removed.discard(r.gpa(s), r.gpa(e))
+
     def on_unmap(self, start: int, end: int) -> None:
         self.regions.remove_range(start, end)
         self.resident.discard(start, end)

@@ -118,6 +118,7 @@ class Evictor:
                     continue
                 todo.append((v, r.gpa(v.start), r.space))
         done = 0
+        stored: list[Victim] = []
         for v, off, space in todo:
             if not self._write_back(lane, buf, v, off, space):
                 with c.fm_lock:
@@ -130,8 +131,9 @@ class Evictor:
                 fm.evicted(v)
                 c.state.resident.discard(v.start, v.start + v.length)
                 removed = c.state.removed.get(space)
-                if v.dirty and removed is not None:
-                    removed.discard(off, off + v.length)  # on the node now: fetch it again
+                if v.dirty and removed is not None and removed.overlaps(off, off + v.length):
+                    stored.append(v)  # on the node now: fetch it again, not zero
+                    c.state.on_stored(v.start, v.start + v.length)
                 c.fm_lock.notify_all()
             try:
                 c.uffd.wake(v.start, v.length)
@@ -143,6 +145,9 @@ class Evictor:
             if not v.dirty:
                 st.clean_drops += 1
             done += v.length
+        for v in stored:  # a restarted pager replays this after the guest's REMOVEs
+            if c.on_layout is not None:
+                c.on_layout("stored", v.start, v.start + v.length)
         if todo:
             c.stats.observe_evict_us((time.perf_counter_ns() - t0) // 1000 // len(todo))
         return done

@@ -75,6 +75,9 @@ def launch(args: argparse.Namespace, qemu_argv: list[str], name: str, *,
     if args.pager and socket_live(args.pager):
         pager_sock = Path(args.pager)
         status(f"joining the pager at {pager_sock}")
+        if getattr(args, "max_resident", None):
+            status("note: --max-resident applies to a pager `vm` starts; the pager joined "
+                   "keeps its own limit (`serve --max-resident`)")
     else:
         pager_sock = Path(args.pager) if args.pager else d / "pager.sock"
         memnode = args.memnode

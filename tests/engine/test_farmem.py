@@ -6,15 +6,20 @@ anonymous memory refused with the reason."""
 
 from __future__ import annotations
 
+import mmap
 import os
+import signal
 import threading
+import time
 
 import pytest
+from enginekit import memnode_args
 
 from pager.core.region import Region
 from pager.engine import FaultEngine
 from pager.errors import ConfigError, HandoffError
 from pager.source import FileSource
+from pager.tools.workload import Client
 from pager.uffd import Userfaultfd
 from pager.uffd.mman import Mapping
 from pager.uffd.rmw import Rmw
@@ -92,17 +97,54 @@ def test_memory_node_restarted_during_write_back(farmem, memnode):
     before = engine.stats().written_back_bytes
     run = threading.Thread(target=w.run, kwargs={"ops": 6000})
     run.start()
-    # restart while write-backs flow (they retry; nothing is punched before the ack)
-    while engine.stats().written_back_bytes < before + 4 * limit and run.is_alive():
+    # kill the node while write-backs flow; they retry (nothing is punched before the ack)
+    while engine.stats().written_back_bytes < before + limit and run.is_alive():
         run.join(0.01)
-    memnode.restart()
+    memnode.proc.stop()
+    deadline = time.monotonic() + 60
+    while engine.stats().store_errors == 0 and time.monotonic() < deadline:
+        run.join(0.01)
+    assert engine.stats().store_errors > 0, "no write-back met the dead node"
+    memnode.start(memnode.endpoint)
     run.join(240)
     assert not run.is_alive(), f"workload stuck at {w.done} operations"
     check_run(engine, g, w, limit)
     assert w.check() == 0, f"page {w.first_bad} differs from the model"
     st = engine.stats()
     assert st.failed_faults == 0
-    assert st.store_errors > 0  # a write-back met the dead node and was retried
+
+
+def test_pager_killed_under_supervise_rebuilds_residency_and_the_data_is_right(
+        memnode, run_pager):
+    limit = 2 * MIB
+    size = 4 * limit
+    sup, sock = run_pager(*memnode_args(memnode), "--supervise", "--chunk", "16K",
+                          "--max-resident", str(limit))
+    first = int(sup.wait_for(r"pager pid (\d+) started"))
+    fd = os.memfd_create("guest")
+    os.ftruncate(fd, size)
+    c = Client(size, memory=mmap.mmap(fd, size, flags=mmap.MAP_SHARED), memfd=fd)
+    try:
+        c.handoff(sock)
+        w = Rmw(c.base, size // PAGE, threads=2, ops=3000, write_pct=60)
+        w.run()
+        assert w.errors == 0
+        run = threading.Thread(target=w.run, kwargs={"ops": 6000})
+        run.start()
+        run.join(1.0)  # mid-workload (or just after: the restart must be right either way)
+        os.kill(first, signal.SIGKILL)
+        sup.wait_for(r"restarting \(1\), 1 clients kept", 20)
+        run.join(240)
+        assert not run.is_alive(), f"workload stuck at {w.done} operations"
+        assert w.errors == 0, f"page {w.first_bad} differed from the model"
+        w.run(ops=3000)  # the new pager evicts what the old one left resident
+        assert w.errors == 0, f"page {w.first_bad} differed from the model"
+        assert w.check() == 0, f"page {w.first_bad} differs from the model"
+        log = sup.log.read_text()
+        assert "took over client" in log and "already resident in the memfd" in log
+    finally:
+        c.close(unmap=True)
+        os.close(fd)
 
 
 def test_anonymous_client_is_refused_with_the_reason(memnode):
