@@ -147,6 +147,42 @@ def test_pager_killed_under_supervise_rebuilds_residency_and_the_data_is_right(
         os.close(fd)
 
 
+def test_status_shows_the_limit_held_and_real_written_back_bytes(memnode, run_pager):
+    import json
+    import subprocess
+    import sys
+
+    from enginekit import ROOT
+    limit = 2 * MIB
+    size = 4 * limit
+    proc, sock = run_pager(*memnode_args(memnode), "--chunk", "16K", "--max-resident",
+                           str(limit), "--metrics", "127.0.0.1:0")
+    metrics = proc.wait_for(r"metrics: http://(\S+)/metrics")
+    fd = os.memfd_create("guest")
+    os.ftruncate(fd, size)
+    c = Client(size, memory=mmap.mmap(fd, size, flags=mmap.MAP_SHARED), memfd=fd)
+    try:
+        c.handoff(sock)
+        w = Rmw(c.base, size // PAGE, threads=2, ops=4000, write_pct=50)
+        w.run()
+        assert w.errors == 0 and w.check() == 0
+        r = subprocess.run([sys.executable, "-m", "pager.cli", "status", "--json", "--pager",
+                            metrics, "--interval", "0"], capture_output=True, text=True,
+                           cwd=ROOT, timeout=30)
+        assert r.returncode == 0, r.stderr
+        p = json.loads(r.stdout)["pager"]
+        [g] = p["guests"]
+        assert g["limit_bytes"] == limit and 0 < g["resident_bytes"] <= limit
+        assert p["evictions"] > 0
+        human = subprocess.run([sys.executable, "-m", "pager.cli", "status", "--pager", metrics,
+                                "--interval", "0"], capture_output=True, text=True, cwd=ROOT,
+                               timeout=30)
+        assert "LIMIT" in human.stdout and "2.0 MiB" in human.stdout, human.stdout
+    finally:
+        c.close(unmap=True)
+        os.close(fd)
+
+
 def test_anonymous_client_is_refused_with_the_reason(memnode):
     engine = FaultEngine(memnode.source(), readahead=0, max_resident=64 * MIB)
     m = Mapping.anonymous(MIB)
