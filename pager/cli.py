@@ -32,6 +32,8 @@ BENCHES: dict[str, tuple[str, str]] = {
     "transport": ("transport.bench", "page fetch latency and throughput"),
     "faults": ("pager.tools.bench", "end-to-end fault resolution from memory node and file"),
     "vm": ("pager.vm.bench", "QEMU guest wall time with and without the pager"),
+    "farmem": ("pager.tools.farmem", "far memory: ssi-pager under a resident limit vs kernel "
+               "swap to zram"),
 }
 
 

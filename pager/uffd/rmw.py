@@ -27,6 +27,10 @@ class Rmw:
         w.model = self._model
         w.first_bad = -1
 
+    def set_mix(self, *, write_pct: int, hot_ops: int, hot_pages: int = 20) -> None:
+        """Another operation mix for the next runs (the model stays)."""
+        self._w.write_pct, self._w.hot_ops, self._w.hot_pages = write_pct, hot_ops, hot_pages
+
     def run(self, ops: int | None = None) -> None:
         if ops is not None:
             self._w.ops = ops

@@ -1,0 +1,75 @@
+"""Far memory with a real QEMU guest (tests/qemu, marked qemu): a 512 MiB guest under a
+128 MiB resident limit runs its workload over 384 MiB and prints the uninterrupted run's
+checksums; `status` during the run shows the limit held and real written-back bytes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import METRICS_URL, PAGER_START_TIMEOUT, Pager
+from vmkit import VmRun
+
+from pager.vm.bench import guest_builder, start_pager
+from pager.vm.procs import stop_process
+
+pytestmark = [pytest.mark.qemu, pytest.mark.slow]
+
+MIB = 1 << 20
+LIMIT_MIB, MEM_MIB, WORK_MIB, PASSES = 128, 512, 384, 2
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def limited_pager(tmp_path: Path, memnode: str, token: Path) -> Iterator[Pager]:
+    sock = tmp_path / "pager.sock"
+    logf = tmp_path / "pager.log"
+    proc = start_pager(sock, memnode, token, logf,
+                       ["--metrics", "127.0.0.1:0", "--max-resident", f"{LIMIT_MIB}M"])
+    deadline = time.monotonic() + PAGER_START_TIMEOUT
+    while (m := METRICS_URL.search(logf.read_text(errors="replace"))) is None:
+        if time.monotonic() > deadline or proc.poll() is not None:
+            stop_process(proc)
+            pytest.fail(f"the pager printed no metrics URL: {logf.read_text()[-800:]}")
+        time.sleep(0.05)
+    try:
+        yield Pager(proc, sock, m.group(1), logf)
+    finally:
+        stop_process(proc)
+
+
+def status(p: Pager) -> dict:
+    hostport = p.metrics_url.removeprefix("http://").removesuffix("/metrics")
+    r = subprocess.run([sys.executable, "-m", "pager.cli", "status", "--json", "--pager",
+                        hostport, "--interval", "0"], capture_output=True, text=True, cwd=ROOT,
+                       timeout=30)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)["pager"]
+
+
+def test_guest_larger_than_its_limit_finishes_with_the_right_checksums(
+        guest, checksums, runtime, limited_pager, memnode, token):
+    g = dataclasses.replace(guest, mem_mib=MEM_MIB, work_mib=WORK_MIB, passes=PASSES,
+                            wait=True)
+    expected = guest_builder().expected_checksums(WORK_MIB, PASSES)
+    common = ["--memnode", memnode, "--token-file", str(token), "--pager",
+              str(limited_pager.socket)]
+    with VmRun(*common, "--name", "far", "--", *g.qemu_args()) as run:
+        run.read_until("pass 1 waiting")  # 384 MiB written once: most of it is on the node
+        p = status(limited_pager)
+        [guest_st] = p["guests"]
+        assert guest_st["limit_bytes"] == LIMIT_MIB * MIB
+        assert 0 < guest_st["resident_bytes"] <= LIMIT_MIB * MIB
+        assert p["evictions"] > 0
+        run.send("go")
+        res = run.finish()
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert checksums(res.stdout) == expected
+    m = limited_pager.metrics()
+    assert m["ssi_pager_written_back_bytes_total"] >= (WORK_MIB - LIMIT_MIB) * MIB
