@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 IDLE, FETCHING, EVICTING = 0, 1, 2
 MAX_REF = 3
+POLICIES = ("clock", "fifo")
 
 
 @dataclass(slots=True)
@@ -63,7 +64,11 @@ class Victim:
 class FarMemory:
     """Resident units of one client and the CLOCK over them (see the module docstring)."""
 
-    def __init__(self, limit: int, unit: int, *, low: float = 0.85, high: float = 0.95) -> None:
+    def __init__(self, limit: int, unit: int, *, low: float = 0.85, high: float = 0.95,
+                 policy: str = "clock") -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"eviction policy {policy!r}: expected one of {POLICIES}")
+        self.policy = policy  # "fifo": references ignored (the baseline CLOCK is measured against)
         self.unit = unit
         self._fractions = (low, high)
         self.set_limit(limit)
@@ -158,7 +163,7 @@ class FarMemory:
             units.move_to_end(key)
             if u.busy or key in self.fetching:
                 continue
-            if u.ref:
+            if u.ref and self.policy == "clock":
                 u.ref -= 1
                 if u.dirty and not u.protected:
                     u.protected = True

@@ -8,7 +8,7 @@ import logging
 import threading
 from collections.abc import Callable
 
-from pager.core.farmem import FarMemory
+from pager.core.farmem import POLICIES, FarMemory
 from pager.core.region import PAGE_SIZE, Region, RegionTable
 from pager.core.state import ClientState, Readahead
 from pager.engine.client import ClientPager
@@ -37,7 +37,7 @@ class FaultEngine:
     def __init__(self, source: PageSource, *, chunk_size: int = DEFAULT_CHUNK,
                  readahead: int = DEFAULT_READAHEAD, fetch_timeout: float = 60.0,
                  c_loop: bool | None = None, max_resident: int | None = None,
-                 pager_max_resident: int | None = None) -> None:
+                 pager_max_resident: int | None = None, evict_policy: str = "clock") -> None:
         if chunk_size < PAGE_SIZE or chunk_size & (chunk_size - 1):
             raise ConfigError(f"chunk size {chunk_size} must be a power of two >= "
                               f"{PAGE_SIZE}; pass e.g. --chunk 64K")
@@ -48,6 +48,10 @@ class FaultEngine:
         self.c_loop = enabled_by_env() if c_loop is None else c_loop
         self.max_resident = max_resident  # per client (None: no limit)
         self.pager_max_resident = pager_max_resident  # all far-memory clients together
+        if evict_policy not in POLICIES:
+            raise ConfigError(f"eviction policy {evict_policy!r}: use one of "
+                              f"{', '.join(POLICIES)}")
+        self.evict_policy = evict_policy
         for what, v in (("--max-resident", max_resident),
                         ("--pager-max-resident", pager_max_resident)):
             if v is not None and v < 4 * max(chunk_size, PAGE_SIZE):
@@ -84,7 +88,8 @@ class FaultEngine:
         if limited:
             register_wp(u, regions)
             state.farmem = FarMemory(self.max_resident or self.pager_max_resident or 0,
-                                     max(self.chunk_size, *(r.page_size for r in regions)))
+                                     max(self.chunk_size, *(r.page_size for r in regions)),
+                                     policy=self.evict_policy)
         with self._lock:
             cid = self._next_id
             self._next_id += 1

@@ -91,6 +91,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pager-max-resident", type=parse_size, default=None, metavar="SIZE",
                         help="far memory: all guests of this pager together under SIZE "
                              "(an even share each, capped by --max-resident)")
+    parser.add_argument("--evict-policy", choices=("clock", "fifo"), default="clock",
+                        help="far memory: replacement policy (default clock: CLOCK fed by "
+                             "write faults, re-fault history and sampled re-protection; fifo "
+                             "for comparison)")
     parser.add_argument("--supervise", action="store_true",
                         help="run under a supervisor that keeps the clients' uffds and "
                              "restarts a pager that dies")
@@ -111,7 +115,8 @@ def engine_from_args(args: argparse.Namespace, source: PageSource) -> FaultEngin
                        fetch_timeout=args.fetch_timeout,
                        c_loop=getattr(args, "c_loop", None),
                        max_resident=getattr(args, "max_resident", None),
-                       pager_max_resident=getattr(args, "pager_max_resident", None))
+                       pager_max_resident=getattr(args, "pager_max_resident", None),
+                       evict_policy=getattr(args, "evict_policy", "clock"))
 
 
 @dataclass

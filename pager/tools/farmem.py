@@ -8,7 +8,8 @@ against a model. Each case runs in a child process, which first touches every pa
 
 - ``resident``: anonymous memory, no limit (the ceiling);
 - ``ssi-pager``: memory on a shared memfd handed to ``ssi-pager serve --max-resident LIMIT``
-  with a memory node on loopback;
+  with a memory node on loopback (and ``ssi-pager-fifo``, FIFO eviction, on the skewed
+  workload over the limit: what the replacement policy gains);
 - ``zram``: anonymous memory in a memory cgroup v1 (``/sys/fs/cgroup/memory``) with the same
   limit, swapping to a zram device the bench creates (and removes). Needs root, the zram module
   and cgroup v1; otherwise skipped with the reason. A cgroup OOM kill is detected and reported
@@ -188,7 +189,8 @@ def oom_kills(cg: Path) -> int:
 
 
 # -- cases ------------------------------------------------------------------------------------
-def _ssi_case(size: int, hot_ops: int, args: argparse.Namespace, work: Path) -> dict:
+def _ssi_case(size: int, hot_ops: int, args: argparse.Namespace, work: Path,
+              policy: str = "clock") -> dict:
     token = work / "token"
     node = Child(["memnode", "--listen", "127.0.0.1:0", "--store", str(work / "store"),
                   "--token-file", str(token)], work / "memnode.log")
@@ -198,7 +200,8 @@ def _ssi_case(size: int, hot_ops: int, args: argparse.Namespace, work: Path) -> 
         sock = str(work / "pager.sock")
         pager = Child(["serve", "--socket", sock, "--memnode", endpoint, "--token-file",
                        str(token), "--max-resident", str(args.limit), "--chunk",
-                       str(args.chunk), "--readahead", "0"], work / "pager.log")
+                       str(args.chunk), "--readahead", "0", "--evict-policy", policy],
+                      work / "pager.log")
         pager.wait_for(r"pager: serving")
         return _run_child("memfd", size, hot_ops, args, socket=sock)
     finally:
@@ -238,6 +241,10 @@ def run(args: argparse.Namespace) -> int:
             _status(f"{case}: ssi-pager")
             with tempfile.TemporaryDirectory(prefix="ssi-farmem-") as d:
                 got["ssi-pager"] = _ssi_case(size, hot, args, Path(d))
+            if hot and r > 1:  # the replacement policy against FIFO, where it matters
+                _status(f"{case}: ssi-pager with FIFO eviction")
+                with tempfile.TemporaryDirectory(prefix="ssi-farmem-") as d:
+                    got["ssi-pager-fifo"] = _ssi_case(size, hot, args, Path(d), "fifo")
             if not why_not_zram:
                 _status(f"{case}: zram")
                 try:
@@ -250,7 +257,8 @@ def run(args: argparse.Namespace) -> int:
                 _emit({"name": f"{case}-{mode}", "ops_per_s": res.get("ops_per_s"), **common,
                        **{k: v for k, v in res.items() if k != "ops_per_s"}})
             ops = {m: r.get("ops_per_s") for m, r in got.items()}
-            for a, b in (("ssi-pager", "zram"), ("ssi-pager", "resident"), ("zram", "resident")):
+            for a, b in (("ssi-pager", "zram"), ("ssi-pager", "resident"), ("zram", "resident"),
+                         ("ssi-pager", "ssi-pager-fifo")):
                 if ops.get(a) and ops.get(b):
                     _emit({"name": f"{case}-{a}/{b}", "ratio": round(ops[a] / ops[b], 3),
                            **common})
