@@ -103,6 +103,7 @@ class ClientPager(CLoopMixin, ReadaheadMixin, FarMemMixin):
         self.installer = Installer(uffd.fileno(), state, self.stats)
         self.fm_lock = threading.Condition()  # far memory: state shared with the evictor
         self.evictor: Evictor | None = None
+        self._write_miss = False
         if state.farmem is not None:
             from pager.uffd.install import COPY_MODE_WP
             self.installer.mode = COPY_MODE_WP
@@ -293,6 +294,7 @@ class ClientPager(CLoopMixin, ReadaheadMixin, FarMemMixin):
         st = self.stats
         st.faults += 1
         kind = MISSING
+        self._write_miss = flags == FLAG_WRITE  # far memory: install that unit writable, dirty
         if flags:
             st.faults_write += bool(flags & FLAG_WRITE)
             if flags & FLAG_WP:

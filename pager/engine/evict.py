@@ -36,7 +36,7 @@ from pager.core.farmem import FarMemory, Victim
 from pager.core.region import Region
 from pager.core.state import Fetch
 from pager.errors import ConfigError, HandoffError
-from pager.uffd.errors import UffdError, UffdRetry
+from pager.uffd.errors import UffdError
 from pager.uffd.mman import punch_hole
 from transport.errors import TransportError
 
@@ -58,6 +58,7 @@ class Evictor:
         self.client = client
         self.fm = fm
         self._kick = threading.Event()
+        self._buf = memoryview(bytearray(max(BATCH, fm.unit)))  # one run's bytes at most
         self._thread = threading.Thread(target=self._run, name=f"evict-{client.name}",
                                         daemon=True)
 
@@ -75,7 +76,7 @@ class Evictor:
     def _run(self) -> None:
         c = self.client
         lane = c.engine.source.open_lane()
-        buf = memoryview(bytearray(self.fm.unit))
+        buf = self._buf
         try:
             while not c._stop.is_set():
                 self._kick.wait(0.05)
@@ -94,84 +95,121 @@ class Evictor:
                 c.fm_lock.notify_all()
 
     def _batch(self, lane: Lane, buf: memoryview, want: int) -> int:
-        """Evict up to ``want`` bytes; the bytes evicted (0: nothing could be)."""
-        c, fm, u = self.client, self.fm, self.client.uffd
+        """Evict up to ``want`` bytes; the bytes evicted (0: nothing could be). Victims
+        adjacent in the guest and in the memfd go as one run: one write-protect, one store per
+        dirty stretch, one punch, one wake."""
+        c, fm = self.client, self.fm
         t0 = time.perf_counter_ns()
-        todo: list[tuple[Victim, int, str | None]] = []
         with c.fm_lock:
             victims, reprotect = fm.pick(want)
             for start, length in reprotect:
                 try:
-                    u.writeprotect(start, length, protect=True)
+                    c.uffd.writeprotect(start, length, protect=True)
                     c.stats.reprotects += 1
                 except UffdError:
                     fm.installed(start, length, known=False)  # protection not known to hold
-            for v in victims:
-                r = c.state.regions.find(v.start)
-                try:
-                    if r is None:
-                        raise UffdRetry(0, "unit left the region table")
-                    u.writeprotect(v.start, v.length, protect=True)
-                except UffdError as exc:
-                    log.debug("%s: cannot evict %#x now: %s", c.name, v.start, exc)
-                    fm.abort(v, dirty=False)
-                    continue
-                todo.append((v, r.gpa(v.start), r.space))
+            runs = self._protect(victims)
         done = 0
-        stored: list[Victim] = []
-        for v, off, space in todo:
-            if not self._write_back(lane, buf, v, off, space):
-                with c.fm_lock:
-                    fm.abort(v)
-                    c.fm_lock.notify_all()
-                c.uffd.wake(v.start, v.length)
-                continue
-            punch_hole(c.memfd, off, v.length)
-            with c.fm_lock:
-                fm.evicted(v)
-                c.state.resident.discard(v.start, v.start + v.length)
-                removed = c.state.removed.get(space)
-                if v.dirty and removed is not None and removed.overlaps(off, off + v.length):
-                    stored.append(v)  # on the node now: fetch it again, not zero
-                    c.state.on_stored(v.start, v.start + v.length)
-                c.fm_lock.notify_all()
-            try:
-                c.uffd.wake(v.start, v.length)
-            except UffdError as exc:  # the range was unmapped meanwhile
-                log.debug("%s: wake %#x: %s", c.name, v.start, exc)
-            st = c.stats
-            st.evictions += 1
-            st.evicted_bytes += v.length
-            if not v.dirty:
-                st.clean_drops += 1
-            done += v.length
-        for v in stored:  # a restarted pager replays this after the guest's REMOVEs
-            if c.on_layout is not None:
-                c.on_layout("stored", v.start, v.start + v.length)
-        if todo:
-            c.stats.observe_evict_us((time.perf_counter_ns() - t0) // 1000 // len(todo))
+        for run in runs:
+            done += self._evict_run(lane, buf, run)
+        if victims:
+            c.stats.observe_evict_us((time.perf_counter_ns() - t0) // 1000 // len(victims))
         return done
 
-    def _write_back(self, lane: Lane, buf: memoryview, v: Victim, off: int,
-                    space: str | None) -> bool:
-        """Store a dirty victim and wait for the ack (retried with backoff); False only if
-        the client is closing first. A clean victim: True at once."""
-        if not v.dirty:
-            return True
+    def _protect(self, victims: list[Victim]) -> list[list[tuple[Victim, int, str | None]]]:
+        """Holding ``fm_lock``: runs of adjacent victims (with their memfd offset and space),
+        each write-protected in the guest's mm; victims that cannot be go back to the state."""
+        c, fm = self.client, self.fm
+        runs: list[list[tuple[Victim, int, str | None]]] = []
+        for v in sorted(victims, key=lambda v: v.start):
+            r = c.state.regions.find(v.start)
+            if r is None:
+                fm.abort(v, dirty=False)  # left the region table: the layout event says why
+                continue
+            item = (v, r.gpa(v.start), r.space)
+            last = runs[-1][-1] if runs else None
+            if (last is not None and last[0].start + last[0].length == v.start
+                    and last[1] + last[0].length == item[1] and last[2] == item[2]
+                    and item[1] + v.length - runs[-1][0][1] <= len(self._buf)):
+                runs[-1].append(item)
+            else:
+                runs.append([item])
+        out = []
+        for run in runs:
+            first, last = run[0][0], run[-1][0]
+            try:
+                c.uffd.writeprotect(first.start, last.start + last.length - first.start)
+                out.append(run)
+            except UffdError as exc:  # a layout event pending (EAGAIN), unmapped meanwhile
+                log.debug("%s: cannot evict %#x now: %s", c.name, first.start, exc)
+                for v, _, _ in run:
+                    fm.abort(v, dirty=False)
+        return out
+
+    def _evict_run(self, lane: Lane, buf: memoryview,
+                   run: list[tuple[Victim, int, str | None]]) -> int:
+        """Store the dirty stretches of one write-protected run, then punch, forget, wake."""
+        c, fm = self.client, self.fm
+        first, off0, space = run[0]
+        length = run[-1][0].start + run[-1][0].length - first.start
+        i = 0
+        while i < len(run):  # each stretch of dirty victims: one pread, one store
+            if not run[i][0].dirty:
+                i += 1
+                continue
+            j = i
+            while j + 1 < len(run) and run[j + 1][0].dirty:
+                j += 1
+            off = run[i][1]
+            n = run[j][1] + run[j][0].length - off
+            if not self._write_back(lane, buf[:n], off, space):
+                with c.fm_lock:
+                    for v, _, _ in run:
+                        fm.abort(v)
+                    c.fm_lock.notify_all()
+                c.uffd.wake(first.start, length)
+                return 0
+            i = j + 1
+        punch_hole(c.memfd, off0, length)
+        stored = False
+        with c.fm_lock:
+            removed = c.state.removed.get(space)
+            for v, off, _ in run:
+                fm.evicted(v)
+                if v.dirty and removed is not None and removed.overlaps(off, off + v.length):
+                    stored = True  # on the node now: fetch it again, not zero
+            c.state.resident.discard(first.start, first.start + length)
+            if stored:
+                c.state.on_stored(first.start, first.start + length)
+            c.fm_lock.notify_all()
+        try:
+            c.uffd.wake(first.start, length)
+        except UffdError as exc:  # the range was unmapped meanwhile
+            log.debug("%s: wake %#x: %s", c.name, first.start, exc)
+        if stored and c.on_layout is not None:  # a restarted pager replays it after REMOVEs
+            c.on_layout("stored", first.start, first.start + length)
+        st = c.stats
+        st.evictions += len(run)
+        st.evicted_bytes += length
+        st.clean_drops += sum(1 for v, _, _ in run if not v.dirty)
+        return length
+
+    def _write_back(self, lane: Lane, view: memoryview, off: int, space: str | None) -> bool:
+        """Read ``len(view)`` bytes at ``off`` of the memfd and store them; returns after the
+        node's ack (retried with backoff); False only if the client is closing first."""
         c = self.client
-        view = buf[:v.length]
         got = 0
-        while got < v.length:  # a hole reads as zeros (a page REMOVE'd meanwhile)
+        while got < len(view):  # a hole reads as zeros (a page REMOVE'd meanwhile)
             n = os.preadv(c.memfd, [view[got:]], off + got)
             if n <= 0:
-                view[got:] = bytes(v.length - got)
+                view[got:] = bytes(len(view) - got)
                 break
             got += n
         delay = 0.01
         while True:
             try:
                 lane.store_from(space, off, view)
-                c.stats.written_back_bytes += v.length
+                c.stats.written_back_bytes += len(view)
                 return True
             except (TransportError, OSError) as exc:
                 c.stats.store_errors += 1
@@ -204,13 +242,22 @@ class FarMemMixin:
                 self.stats.evict_waits += 1
                 return False
             self._fm_room(fm, f.length)
+        # a write fault: install the unit writable and dirty at once (saves the WP fault
+        # that would follow); it is not picked before end_fetch, so nothing sees it clean
+        write, self._write_miss = self._write_miss, False
+        mode = self.installer.mode
+        if write:
+            self.installer.mode = 0
         try:
             if zero:
                 self.installer.install(f.start, f.length, None, 0, (), f.region.page_size)
             else:
                 self._fetch_and_install(f, lane)
         finally:
+            self.installer.mode = mode
             with self.fm_lock:
+                if write and key in fm.units:
+                    fm.on_write(key, unit[1] if unit else f.length)
                 fm.end_fetch(key)
         if fm.excess() > 0:
             self.evictor.kick()
