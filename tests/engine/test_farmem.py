@@ -46,6 +46,13 @@ class Guest:
         self.map.close()
 
 
+def memfd_client(size: int) -> Client:
+    """A workload client whose memory is a shared memfd it hands over (as the QEMU shim)."""
+    fd = os.memfd_create("guest")
+    os.ftruncate(fd, size)
+    return Client(size, memory=mmap.mmap(fd, size, flags=mmap.MAP_SHARED), memfd=fd)
+
+
 @pytest.fixture
 def farmem(memnode):
     made: list[tuple[FaultEngine, Guest]] = []
@@ -121,9 +128,7 @@ def test_pager_killed_under_supervise_rebuilds_residency_and_the_data_is_right(
     sup, sock = run_pager(*memnode_args(memnode), "--supervise", "--chunk", "16K",
                           "--max-resident", str(limit))
     first = int(sup.wait_for(r"pager pid (\d+) started"))
-    fd = os.memfd_create("guest")
-    os.ftruncate(fd, size)
-    c = Client(size, memory=mmap.mmap(fd, size, flags=mmap.MAP_SHARED), memfd=fd)
+    c = memfd_client(size)
     try:
         c.handoff(sock)
         w = Rmw(c.base, size // PAGE, threads=2, ops=3000, write_pct=60)
@@ -144,7 +149,7 @@ def test_pager_killed_under_supervise_rebuilds_residency_and_the_data_is_right(
         assert "took over client" in log and "already resident in the memfd" in log
     finally:
         c.close(unmap=True)
-        os.close(fd)
+        os.close(c.memfd)
 
 
 def test_status_shows_the_limit_held_and_real_written_back_bytes(memnode, run_pager):
@@ -158,9 +163,7 @@ def test_status_shows_the_limit_held_and_real_written_back_bytes(memnode, run_pa
     proc, sock = run_pager(*memnode_args(memnode), "--chunk", "16K", "--max-resident",
                            str(limit), "--metrics", "127.0.0.1:0")
     metrics = proc.wait_for(r"metrics: http://(\S+)/metrics")
-    fd = os.memfd_create("guest")
-    os.ftruncate(fd, size)
-    c = Client(size, memory=mmap.mmap(fd, size, flags=mmap.MAP_SHARED), memfd=fd)
+    c = memfd_client(size)
     try:
         c.handoff(sock)
         w = Rmw(c.base, size // PAGE, threads=2, ops=4000, write_pct=50)
@@ -180,7 +183,7 @@ def test_status_shows_the_limit_held_and_real_written_back_bytes(memnode, run_pa
         assert "LIMIT" in human.stdout and "2.0 MiB" in human.stdout, human.stdout
     finally:
         c.close(unmap=True)
-        os.close(fd)
+        os.close(c.memfd)
 
 
 def test_anonymous_client_is_refused_with_the_reason(memnode):

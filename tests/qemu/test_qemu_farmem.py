@@ -8,16 +8,14 @@ import dataclasses
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import METRICS_URL, PAGER_START_TIMEOUT, Pager
+from conftest import Pager, metrics_pager
 from vmkit import VmRun
 
-from pager.vm.bench import guest_builder, start_pager
-from pager.vm.procs import stop_process
+from pager.vm.bench import guest_builder
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
@@ -28,20 +26,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def limited_pager(tmp_path: Path, memnode: str, token: Path) -> Iterator[Pager]:
-    sock = tmp_path / "pager.sock"
-    logf = tmp_path / "pager.log"
-    proc = start_pager(sock, memnode, token, logf,
-                       ["--metrics", "127.0.0.1:0", "--max-resident", f"{LIMIT_MIB}M"])
-    deadline = time.monotonic() + PAGER_START_TIMEOUT
-    while (m := METRICS_URL.search(logf.read_text(errors="replace"))) is None:
-        if time.monotonic() > deadline or proc.poll() is not None:
-            stop_process(proc)
-            pytest.fail(f"the pager printed no metrics URL: {logf.read_text()[-800:]}")
-        time.sleep(0.05)
-    try:
-        yield Pager(proc, sock, m.group(1), logf)
-    finally:
-        stop_process(proc)
+    with metrics_pager(tmp_path, memnode, token, ("--max-resident", f"{LIMIT_MIB}M")) as p:
+        yield p
 
 
 def status(p: Pager) -> dict:
