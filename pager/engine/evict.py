@@ -37,7 +37,7 @@ from pager.core.region import Region
 from pager.core.state import Fetch
 from pager.errors import ConfigError, HandoffError
 from pager.uffd.errors import UffdError
-from pager.uffd.mman import punch_hole
+from pager.uffd.mman import data_ranges, punch_hole
 from transport.errors import TransportError
 
 if TYPE_CHECKING:
@@ -48,7 +48,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BATCH = 1 << 20  # bytes per eviction batch
-SEEK_DATA, SEEK_HOLE = 3, 4
 
 
 class Evictor:
@@ -58,6 +57,7 @@ class Evictor:
         self.client = client
         self.fm = fm
         self._kick = threading.Event()
+        self.stalled = False  # the last batch evicted nothing
         self._buf = memoryview(bytearray(max(BATCH, fm.unit)))  # one run's bytes at most
         self._thread = threading.Thread(target=self._run, name=f"evict-{client.name}",
                                         daemon=True)
@@ -112,6 +112,12 @@ class Evictor:
         done = 0
         for run in runs:
             done += self._evict_run(lane, buf, run)
+        # nothing could be evicted (a layout event pending makes UFFDIO_WRITEPROTECT fail
+        # until the fault thread reads it): a fault waiting for room must not wait for this
+        self.stalled = bool(victims) and not done
+        if self.stalled:
+            with c.fm_lock:
+                c.fm_lock.notify_all()
         if victims:
             c.stats.observe_evict_us((time.perf_counter_ns() - t0) // 1000 // len(victims))
         return done
@@ -272,6 +278,8 @@ class FarMemMixin:
         deadline = time.monotonic() + self.engine.fetch_timeout
         while fm.full(length) and not self._stop.is_set():
             self.evictor.kick()
+            if self.evictor.stalled:  # events to read first: serve this one over the limit
+                return
             if time.monotonic() > deadline or not self.evictor._thread.is_alive():
                 log.warning("%s: the evictor is behind (%d of %d bytes resident); serving "
                             "over the limit", self.name, fm.bytes, fm.limit)
@@ -344,24 +352,12 @@ def rebuild_residency(client: ClientPager) -> int:
     found = 0
     cs = client.engine.chunk_size
     for r in client.state.regions:
-        off, end = r.offset, r.offset + r.size
-        while off < end:
-            try:
-                data = os.lseek(client.memfd, off, SEEK_DATA)
-            except OSError:  # ENXIO: no data after off
-                break
-            if data >= end:
-                break
-            try:
-                hole = min(os.lseek(client.memfd, data, SEEK_HOLE), end)
-            except OSError:
-                hole = end
-            a = r.addr_of(data)
-            while a < r.addr_of(hole):
+        for off, n in data_ranges(client.memfd, r.offset + r.size, r.offset):
+            a, end = r.addr_of(off), r.addr_of(off + n)
+            client.state.resident.add(a, end)
+            while a < end:
                 start, length = r.chunk(a, cs)
-                client.state.resident.add(start, start + length)
                 fm.installed(start, length, known=False)
-                found += length
+                found += min(end, start + length) - a
                 a = start + length
-            off = hole
     return found

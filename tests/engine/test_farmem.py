@@ -23,6 +23,7 @@ from pager.tools.workload import Client
 from pager.uffd import Userfaultfd
 from pager.uffd.mman import Mapping
 from pager.uffd.rmw import Rmw
+from pager.uffd.toucher import Background
 
 MIB = 1 << 20
 PAGE = 4096
@@ -93,6 +94,24 @@ def test_random_rmw_over_4x_the_limit_matches_the_model(farmem, skewed):
     assert st.written_back_bytes == (st.evictions - st.clean_drops) * 16 * 1024
     assert st.wp_dirty > 0 and st.failed_faults == 0
     assert st.served_fetch > 0
+
+
+def test_removed_range_written_and_evicted_is_fetched_again_not_zeroed(farmem):
+    """A range the guest REMOVE'd reads as zero; written afterwards and evicted, it must come
+    back from the node (the eviction is not a REMOVE: "zero forever" would lose the writes)."""
+    limit = MIB
+    engine, g = farmem(8 * MIB, limit)
+    base = g.map.address
+    assert Background.madvise(base, MIB, mmap.MADV_REMOVE).start().result(30) == 0
+    removed = Rmw(base, MIB // PAGE, threads=2, ops=1500, write_pct=70)
+    rest = Rmw(base + MIB, 7 * MIB // PAGE, threads=2, ops=1500, write_pct=70)
+    for _ in range(3):  # the rest pushes the removed range's dirty units out every round
+        removed.run()
+        rest.run()
+    assert removed.errors == 0 and rest.errors == 0, (removed.first_bad, rest.first_bad)
+    assert removed.check() == 0, f"page {removed.first_bad} lost its writes"
+    st = engine.stats()
+    assert st.removes == 1 and st.served_zero > 0 and st.written_back_bytes > 0
 
 
 def test_memory_node_restarted_during_write_back(farmem, memnode):

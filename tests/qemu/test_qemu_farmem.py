@@ -59,3 +59,28 @@ def test_guest_larger_than_its_limit_finishes_with_the_right_checksums(
     assert checksums(res.stdout) == expected
     m = limited_pager.metrics()
     assert m["ssi_pager_written_back_bytes_total"] >= (WORK_MIB - LIMIT_MIB) * MIB
+
+
+def test_suspend_under_a_limit_writes_only_what_the_node_lacks(
+        guest, checksums, runtime, limited_pager, memnode, token):
+    """Suspended after pass 1 (384 MiB written, at most 128 MiB resident), the guest's RAM
+    write is at most the resident part; resumed lazily, it ends with the right checksums."""
+    from test_qemu_vm import release, run_and_suspend
+
+    g = dataclasses.replace(guest, mem_mib=MEM_MIB, work_mib=WORK_MIB, passes=PASSES,
+                            wait=True)
+    expected = guest_builder().expected_checksums(WORK_MIB, PASSES)
+    common = ["--memnode", memnode, "--token-file", str(token), "--pager",
+              str(limited_pager.socket), "--max-resident", f"{LIMIT_MIB}M"]
+    res1 = run_and_suspend([*common, "--name", "farsus", "--", *g.qemu_args()], "farsus",
+                           "pass 1 waiting")
+    assert checksums(res1.stdout) == expected[:1]
+    saved = json.loads((runtime / "farsus" / "vm.json").read_text())
+    assert 0 < saved["stored_bytes"] <= LIMIT_MIB * MIB  # not the 384 MiB the guest wrote
+    with VmRun("resume", "farsus", "--pager", str(limited_pager.socket), "--",
+               *g.qemu_args()) as second:
+        second.status_until("resumed")
+        release(second, 1, g.passes)
+        res = second.finish()
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert checksums(res1.stdout) + checksums(res.stdout) == expected
