@@ -321,7 +321,8 @@ def check_writable(source: PageSource) -> None:
 
 
 def check_far_memory(regions: list[Region], memfd: int | None) -> None:
-    """A client under a resident limit must hand over the memfd behind all of its RAM."""
+    """A client under a resident limit must hand over the memfd behind all of its RAM (each
+    region's offset is its offset in that memfd, as the QEMU shim sends it)."""
     if memfd is None or not all(r.memfd for r in regions):
         raise HandoffError(
             "this pager keeps guests under a resident limit (--max-resident / "

@@ -33,13 +33,13 @@ FEATURES = ["event_remove", "event_unmap", "event_remap", "thread_id"]
 class Guest:
     """Memory on a shared memfd behind a uffd, served by ``engine`` with its memfd."""
 
-    def __init__(self, engine: FaultEngine, size: int) -> None:
+    def __init__(self, engine: FaultEngine, size: int, space: str | None = None) -> None:
         self.map = Mapping.memfd(size)
         self.uffd = Userfaultfd(features=FEATURES)
         self.uffd.register(self.map.address, size, missing=True)
-        self.client = engine.add_client(
-            os.dup(self.uffd.fileno()), [Region(self.map.address, size, 0, memfd=True)],
-            memfd=os.dup(self.map.fd))
+        region = Region(self.map.address, size, 0, space=space, memfd=True)
+        self.client = engine.add_client(os.dup(self.uffd.fileno()), [region],
+                                        memfd=os.dup(self.map.fd))
         self.size = size
 
     def close(self) -> None:
@@ -203,6 +203,33 @@ def test_status_shows_the_limit_held_and_real_written_back_bytes(memnode, run_pa
     finally:
         c.close(unmap=True)
         os.close(c.memfd)
+
+
+def test_pager_wide_limit_is_shared_by_its_guests(memnode):
+    total = 4 * MIB
+    engine = FaultEngine(memnode.source(), chunk_size=16 * 1024, readahead=0,
+                         pager_max_resident=total)
+    guests = []
+    try:
+        guests = [Guest(engine, 4 * MIB, space=f"guest{i}") for i in range(2)]
+        limits = [g.client.state.farmem.limit for g in guests]
+        assert limits == [total // 2, total // 2]
+        work = [Rmw(g.map.address, g.size // PAGE, threads=1, ops=3000, write_pct=50)
+                for g in guests]
+        runs = [threading.Thread(target=w.run) for w in work]
+        for t in runs:
+            t.start()
+        for t in runs:
+            t.join(240)
+            assert not t.is_alive()
+        for g, w in zip(guests, work, strict=True):
+            assert w.errors == 0 and w.check() == 0
+            assert g.client.quiesce(30) and g.client.resident_bytes <= total // 2
+        assert engine.resident_bytes() <= total
+    finally:
+        engine.close()
+        for g in guests:
+            g.close()
 
 
 def test_anonymous_client_is_refused_with_the_reason(memnode):
