@@ -35,6 +35,8 @@ BENCHES: dict[str, tuple[str, str]] = {
     "faults": ("pager.tools.bench", "end-to-end fault resolution from memory node and file"),
     "vm": ("pager.vm.bench", "QEMU guest wall time with and without the pager"),
     "cluster": ("pager.tools.cluster_bench", "fetch and store cost of replication (R=2)"),
+    "farmem": ("pager.tools.farmem", "far memory: ssi-pager under a resident limit vs kernel "
+               "swap to zram"),
 }
 
 

@@ -63,7 +63,18 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
                                 "readahead)", ()),
     "ssi_pager_installed_bytes": ("counter", "Bytes installed into guests (UFFDIO_COPY and "
                                   "UFFDIO_ZEROPAGE)", ()),
-    "ssi_pager_written_back_bytes": ("counter", "Bytes written back to memory nodes", ()),
+    "ssi_pager_written_back_bytes": ("counter", "Bytes of dirty pages written back to memory "
+                                     "nodes by the evictor (far memory)", ()),
+    "ssi_pager_resident_bytes": ("gauge", "Guest memory resident now (installed by the pager "
+                                 "and not evicted or removed since), by client", ("client",)),
+    "ssi_pager_resident_limit_bytes": ("gauge", "Resident limit of a client under far memory "
+                                       "(--max-resident / share of --pager-max-resident)",
+                                       ("client",)),
+    "ssi_pager_evictions": ("counter", "Units evicted to memory nodes, by whether they were "
+                            "written back (dirty) or dropped without a transfer (clean)",
+                            ("result",)),
+    "ssi_pager_eviction_seconds": ("counter", "Time spent evicting (write-protect to wake), "
+                                   "per evicted unit summed; divide by evictions", ()),
     "ssi_pager_zero_filled_pages": ("counter", "Pages installed with UFFDIO_ZEROPAGE (never "
                                     "written or removed)", ()),
     "ssi_pager_pages_in_flight": ("gauge", "Pages being fetched right now", ()),
@@ -203,7 +214,9 @@ class PagerCollector(Collector):
                            ("readahead", st.served_wait), ("present", st.served_dup),
                            ("unknown", st.unknown_faults), ("error", st.failed_faults)):
             faults.add_metric(["missing", outcome], n)
-        for kind, n in (("wp", st.faults_wp), ("minor", st.faults_minor)):
+        if st.wp_dirty:
+            faults.add_metric(["wp", "dirty"], st.wp_dirty)
+        for kind, n in (("wp", st.faults_wp - st.wp_dirty), ("minor", st.faults_minor)):
             if n:
                 faults.add_metric([kind, "seen"], n)
         yield faults
@@ -229,7 +242,24 @@ class PagerCollector(Collector):
         ra.add_metric(["waste"], st.readahead_wasted * chunk_pages)
         yield ra
 
+        ev = family("ssi_pager_evictions")
+        ev.add_metric(["written_back"], st.evictions - st.clean_drops)
+        ev.add_metric(["clean"], st.clean_drops)
+        yield ev
+        yield family("ssi_pager_eviction_seconds",
+                     value=st.evict_latency_sum_us / 1e6 * st.evictions
+                     / max(1, st.evict_latency_count))
+
         clients = list(getattr(self.engine, "clients", []))
+        resident = family("ssi_pager_resident_bytes")
+        limit = family("ssi_pager_resident_limit_bytes")
+        for c in clients:
+            resident.add_metric([c.name], c.resident_bytes)
+            fm = c.state.farmem
+            if fm is not None:
+                limit.add_metric([c.name], fm.limit)
+        yield resident
+        yield limit
         yield family("ssi_pager_clients", value=len(clients))
         yield family("ssi_pager_regions", value=sum(len(c.state.regions) for c in clients))
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
+from pager.core.farmem import FarMemory
 from pager.core.region import PAGE_SIZE, Region, RegionTable
 
 # fault kinds (the uffd page-fault flags): a missing page, a write to a write-protected page,
@@ -207,6 +208,7 @@ class ClientState:
     deferred: list[tuple[int, str]] = field(default_factory=list)
     readahead: Readahead = field(default_factory=Readahead)
     resident: IntervalSet = field(default_factory=IntervalSet)
+    farmem: FarMemory | None = None  # a resident limit: units, dirty bits, eviction order
 
     def fork(self) -> ClientState:
         """The state of a forked child: same layout, removed ranges and resident pages (the
@@ -309,6 +311,14 @@ class ClientState:
         """``[addr, addr+length)`` is resident now (``how``: "copy", "zero" or "eexist": found
         present, installed by someone else)."""
         self.resident.add(addr, addr + length)
+        fm = self.farmem
+        if fm is not None:
+            r = self.regions.find(addr)
+            end = addr + length
+            while r is not None and addr < end:
+                start, n = r.chunk(addr, self.chunk_size)
+                fm.installed(start, n, known=how != "eexist")
+                addr = start + n
 
     @property
     def resident_bytes(self) -> int:
@@ -321,10 +331,23 @@ class ClientState:
             s, e = r.clip(start, end)  # type: ignore[misc]
             self.removed.setdefault(r.space, IntervalSet()).add(r.gpa(s), r.gpa(e))
         self.resident.discard(start, end)
+        if self.farmem is not None:
+            self.farmem.forget(start, end)
+
+    def on_stored(self, start: int, end: int) -> None:
+        """``[start, end)`` was written back to the node and dropped (far memory): fetch it
+        again on the next fault, even where a REMOVE had made it zero."""
+        for r in self.regions.overlapping(start, end):
+            s, e = r.clip(start, end)  # type: ignore[misc]
+            removed = self.removed.get(r.space)
+            if removed is not None:
+                removed.discard(r.gpa(s), r.gpa(e))
 
     def on_unmap(self, start: int, end: int) -> None:
         self.regions.remove_range(start, end)
         self.resident.discard(start, end)
+        if self.farmem is not None:
+            self.farmem.forget(start, end)
 
     def on_remap(self, old: int, new: int, length: int) -> None:
         self.regions.move(old, new, length)
@@ -333,6 +356,8 @@ class ClientState:
         self.resident.discard(new, new + length)  # mremap unmapped what was there
         for s, e in moved:
             self.resident.add(new + (s - old), new + (e - old))
+        if self.farmem is not None:
+            self.farmem.move(old, new, length)
 
 
 def segments(start: int, length: int,

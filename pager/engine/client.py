@@ -38,6 +38,7 @@ from pager.core.state import (
     ZeroFill,
 )
 from pager.engine.cloop import CLoopMixin
+from pager.engine.evict import Evictor, FarMemMixin
 from pager.engine.install import Installer
 from pager.engine.readahead import ReadaheadMixin
 from pager.engine.stats import EngineStats
@@ -67,7 +68,7 @@ log = logging.getLogger(__name__)
 BATCH = 64  # events per read(2)
 
 
-class ClientPager(CLoopMixin, ReadaheadMixin):
+class ClientPager(CLoopMixin, ReadaheadMixin, FarMemMixin):
     """One client uffd: its fault thread, its readahead lane, its state and stats."""
 
     def __init__(self, engine: FaultEngine, uffd, state: ClientState, *, name: str, pid: int,
@@ -100,11 +101,21 @@ class ClientPager(CLoopMixin, ReadaheadMixin):
         self._buf = memoryview(bytearray(buf_size))
         self._buf_keep, self._buf_addr = address_of(self._buf)
         self.installer = Installer(uffd.fileno(), state, self.stats)
+        self.fm_lock = threading.Condition()  # far memory: state shared with the evictor
+        self.evictor: Evictor | None = None
+        self._write_miss = False
+        if state.farmem is not None:
+            from pager.uffd.install import COPY_MODE_WP
+            self.installer.mode = COPY_MODE_WP
+            self.installer.lock = self.fm_lock
+            self.evictor = Evictor(self, state.farmem)
         os.set_blocking(uffd.fileno(), False)
 
     # -- control plane ------------------------------------------------------------------------
     def start(self) -> None:
         self._thread.start()
+        if self.evictor is not None:
+            self.evictor.start()
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop serving (the client exited or the pager stops); idempotent."""
@@ -161,6 +172,8 @@ class ClientPager(CLoopMixin, ReadaheadMixin):
         finally:
             self._stop.set()
             self._ra_queue.put(None)
+            if self.evictor is not None:
+                self.evictor.join(30)  # it uses the memfd and the uffd closed below
             if self._ra_thread is not None:
                 self._ra_thread.join(5)
             lane.close()
@@ -267,7 +280,8 @@ class ClientPager(CLoopMixin, ReadaheadMixin):
                     log.warning("%s: ignoring unknown uffd event %r", self.name, ev)
 
     def _layout(self, kind: str, *args: int) -> None:
-        getattr(self.state, f"on_{kind}")(*args)
+        with self.fm_lock:
+            getattr(self.state, f"on_{kind}")(*args)
         self._c_dirty = True
         if self.on_layout is not None:
             try:
@@ -280,6 +294,7 @@ class ClientPager(CLoopMixin, ReadaheadMixin):
         st = self.stats
         st.faults += 1
         kind = MISSING
+        self._write_miss = flags == FLAG_WRITE  # far memory: install that unit writable, dirty
         if flags:
             st.faults_write += bool(flags & FLAG_WRITE)
             if flags & FLAG_WP:
@@ -304,8 +319,15 @@ class ClientPager(CLoopMixin, ReadaheadMixin):
                kind: str = MISSING) -> tuple[int, int] | None:
         """Resolve one fault as the state says; the chunk installed for it, if any (for batch
         dedupe)."""
-        action: Action = self.state.on_fault(addr, kind)
+        fm = self.state.farmem
+        if fm is None:
+            action: Action = self.state.on_fault(addr, kind)
+        else:
+            with self.fm_lock:  # the evictor changes removed ranges and residency
+                action = self.state.on_fault(addr, kind)
         try:
+            if fm is not None and type(action) in (Fetch, ZeroFill, Unprotect):
+                return self._fm_serve(action, addr, lane, t0)
             if type(action) is Fetch:  # the hot case first, without the match below
                 self._fetch_and_install(action, lane)
                 self.stats.served_fetch += 1
@@ -342,6 +364,25 @@ class ClientPager(CLoopMixin, ReadaheadMixin):
             return None
         self.stats.observe_us((time.perf_counter_ns() - t0) // 1000)
         return None  # not a fetched chunk: nothing for the batch to dedupe against
+
+    def _fm_serve(self, action: Action, addr: int, lane: Lane,
+                  t0: int) -> tuple[int, int] | None:
+        """``_serve`` for a client under a resident limit (see ``pager.engine.evict``)."""
+        if type(action) is Unprotect:
+            self._fm_write(addr)
+            self.stats.served_unprotect += 1
+        elif type(action) is ZeroFill:
+            f = Fetch(action.region, action.start, action.length, 0)
+            if self._fm_fetch(f, None, zero=True):
+                self.stats.served_zero += 1
+        elif self._fm_fetch(action, lane):  # type: ignore[arg-type]
+            self.stats.served_fetch += 1
+            self.stats.observe_us((time.perf_counter_ns() - t0) // 1000)
+            return action.start, action.start + action.length  # type: ignore[union-attr]
+        else:
+            return None
+        self.stats.observe_us((time.perf_counter_ns() - t0) // 1000)
+        return None
 
     def _fetch_and_install(self, f: Fetch, lane: Lane) -> None:
         if f.length > len(self._buf):  # huge pages: a chunk is at least one page

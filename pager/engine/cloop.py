@@ -34,7 +34,7 @@ class CLoopMixin:
         """The C loop for this client, or None where the Python loop serves every fault."""
         eng = self.engine
         if not eng.c_loop or not lane.c_capable or self.parent is not None \
-                or eng.readahead_active:
+                or eng.readahead_active or self.state.farmem is not None:
             return None
         return FaultLoop(self.uffd.fileno(), [self._efd], raw, max(eng.chunk_size, PAGE_SIZE),
                          LATENCY_BUCKETS_US)

@@ -4,18 +4,28 @@ control plane (handoff server, supervisor, metrics) calls ``add_client``, ``stat
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 
+from pager.core.farmem import POLICIES, FarMemory
 from pager.core.region import PAGE_SIZE, Region, RegionTable
 from pager.core.state import ClientState, Readahead
 from pager.engine.client import ClientPager
+from pager.engine.evict import (
+    check_far_memory,
+    check_writable,
+    rebuild_residency,
+    register_wp,
+)
 from pager.engine.readahead import RA_BATCH
 from pager.engine.stats import EngineStats
 from pager.errors import ConfigError
 from pager.source import PageSource
 from pager.uffd.binding import Userfaultfd
 from pager.uffd.faultloop import enabled_by_env
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK = 64 * 1024
 DEFAULT_READAHEAD = 2 * 1024 * 1024
@@ -26,7 +36,8 @@ class FaultEngine:
 
     def __init__(self, source: PageSource, *, chunk_size: int = DEFAULT_CHUNK,
                  readahead: int = DEFAULT_READAHEAD, fetch_timeout: float = 60.0,
-                 c_loop: bool | None = None) -> None:
+                 c_loop: bool | None = None, max_resident: int | None = None,
+                 pager_max_resident: int | None = None, evict_policy: str = "clock") -> None:
         if chunk_size < PAGE_SIZE or chunk_size & (chunk_size - 1):
             raise ConfigError(f"chunk size {chunk_size} must be a power of two >= "
                               f"{PAGE_SIZE}; pass e.g. --chunk 64K")
@@ -35,6 +46,19 @@ class FaultEngine:
         self.readahead = readahead
         self.fetch_timeout = fetch_timeout
         self.c_loop = enabled_by_env() if c_loop is None else c_loop
+        self.max_resident = max_resident  # per client (None: no limit)
+        self.pager_max_resident = pager_max_resident  # all far-memory clients together
+        if evict_policy not in POLICIES:
+            raise ConfigError(f"eviction policy {evict_policy!r}: use one of "
+                              f"{', '.join(POLICIES)}")
+        self.evict_policy = evict_policy
+        for what, v in (("--max-resident", max_resident),
+                        ("--pager-max-resident", pager_max_resident)):
+            if v is not None and v < 4 * max(chunk_size, PAGE_SIZE):
+                raise ConfigError(f"{what} {v} is too small: give at least 4 chunks "
+                                  f"({4 * chunk_size} bytes), e.g. {what} 128M")
+        if max_resident is not None or pager_max_resident is not None:
+            check_writable(source)
         self.clients: list[ClientPager] = []
         self._closed_stats = EngineStats()
         self._lock = threading.Lock()
@@ -54,9 +78,18 @@ class FaultEngine:
         """
         for r in regions:
             self.source.check_region(r)
+        limited = self.max_resident is not None or self.pager_max_resident is not None
+        if limited:
+            check_far_memory(regions, memfd)
         u = Userfaultfd.adopt(uffd_fd)
         state = ClientState(RegionTable(regions), chunk_size=self.chunk_size,
-                            readahead=self._detector())
+                            readahead=self._detector() if not limited
+                            else Readahead(min_hits=1 << 60))
+        if limited:
+            register_wp(u, regions)
+            state.farmem = FarMemory(self.max_resident or self.pager_max_resident or 0,
+                                     max(self.chunk_size, *(r.page_size for r in regions)),
+                                     policy=self.evict_policy)
         with self._lock:
             cid = self._next_id
             self._next_id += 1
@@ -64,12 +97,36 @@ class FaultEngine:
             getattr(state, f"on_{kind}")(*args)
         client = ClientPager(self, u, state, name=name or f"client{cid}", pid=pid, memfd=memfd)
         client.on_layout = on_layout
+        if state.farmem is not None:
+            found = rebuild_residency(client)
+            if found:
+                log.info("%s: %d bytes already resident in the memfd (taken as dirty)",
+                         client.name, found)
         with self._lock:
             self.clients.append(client)
+            self._share_limit()
         client.start()
         if wake:
             client.wake_all()
         return client
+
+    def _share_limit(self) -> None:
+        """Holding ``_lock``: each far-memory client's limit, its own one capped by an even
+        share of the pager-wide one."""
+        fm_clients = [c for c in self.clients if c.state.farmem is not None]
+        if not fm_clients:
+            return
+        cap = None
+        if self.pager_max_resident is not None:
+            cap = self.pager_max_resident // len(fm_clients)
+        for c in fm_clients:
+            fm = c.state.farmem
+            own = self.max_resident if self.max_resident is not None else cap
+            limit = min(x for x in (own, cap) if x is not None)
+            with c.fm_lock:
+                fm.set_limit(max(limit, 4 * fm.unit))  # type: ignore[union-attr]
+            if c.evictor is not None:
+                c.evictor.kick()
 
     @property
     def readahead_active(self) -> bool:
@@ -98,6 +155,7 @@ class FaultEngine:
             if client in self.clients:
                 self.clients.remove(client)
                 self._closed_stats.add(client.stats)
+                self._share_limit()
 
     def stats(self) -> EngineStats:
         """Totals over live and finished clients (a fresh object)."""

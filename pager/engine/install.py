@@ -10,6 +10,8 @@ stats, also when the install failed half way (what was installed is resident). E
 
 from __future__ import annotations
 
+import contextlib
+
 from pager.core.state import ClientState, segments
 from pager.engine.stats import EngineStats
 from pager.uffd.install import WIRE_PAGE, InstallLog, install
@@ -24,6 +26,9 @@ class Installer:
         self.stats = stats
         self.log = InstallLog()
         self._fits = 0  # the log has room for an install of this many bytes
+        self.mode = 0  # UFFDIO_COPY mode (far memory: write-protected copies)
+        # held while the state learns what was installed (far memory: the evictor reads it)
+        self.lock: contextlib.AbstractContextManager = contextlib.nullcontext()
 
     def install(self, start: int, length: int, src: int | None, mask: int,
                 removed: tuple[tuple[int, int], ...], page_size: int) -> None:
@@ -35,7 +40,7 @@ class Installer:
                 log.reserve(length)
                 self._fits = length
             try:
-                install(self.fd, start, src, length, mask, page_size, log)
+                install(self.fd, start, src, length, mask, page_size, log, self.mode)
             finally:
                 self.drain()
             return
@@ -44,13 +49,14 @@ class Installer:
             log.reserve(n)
             try:
                 install(self.fd, s, None if src is None else src + off, n,
-                        mask >> (off // WIRE_PAGE), page_size, log)
+                        mask >> (off // WIRE_PAGE), page_size, log, self.mode)
             finally:
                 self.drain()
 
     def drain(self, log: InstallLog | None = None) -> None:
         """Residency and counters of ``log`` (default this installer's) to state and stats."""
-        c, z, e = (log or self.log).drain(self.state.on_installed)
+        with self.lock:
+            c, z, e = (log or self.log).drain(self.state.on_installed)
         if c or z or e:
             st = self.stats
             st.copied_bytes += c

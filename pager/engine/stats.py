@@ -17,7 +17,16 @@ copied_bytes       bytes installed with UFFDIO_COPY
 zero_pages         pages installed with UFFDIO_ZEROPAGE (never written, or removed)
 served_unprotect   write-protect faults resolved by clearing the protection (no dirty tracking)
 served_continue    minor faults resolved with UFFDIO_CONTINUE
-written_back_bytes bytes written back to the source (0 until write-back exists)
+written_back_bytes bytes of dirty pages written back to the node by the evictor (far memory)
+evictions          units evicted (``evicted_bytes``); ``clean_drops`` of them clean, dropped
+                   without a transfer; ``evict_latency_sum_us`` / ``evict_latency_count``: time
+                   per evicted unit (write-protect .. wake, averaged over its batch)
+wp_dirty           write-protect faults that marked a unit dirty (far memory); ``wp_stale``:
+                   write-protect faults on a unit evicted meanwhile (woken, fault again)
+reprotects         dirty units write-protected again by the CLOCK hand (reference sampling)
+evict_waits        faults on a unit being evicted, resolved by the evictor's wake
+full_waits         faults that waited for the evictor to make room under the limit
+store_errors       failed write-back attempts (retried; nothing is punched before the ack)
 eexist             UFFDIO_COPY/ZEROPAGE that found pages present
 eagain             faults deferred by EAGAIN (a layout event was pending)
 fetch_errors       failed fetch attempts; ``retries`` of them retried
@@ -75,6 +84,17 @@ class EngineStats:
     forks: int = 0
     inflight: int = 0
     c_faults: int = 0
+    evictions: int = 0
+    evicted_bytes: int = 0
+    clean_drops: int = 0
+    evict_latency_sum_us: int = 0
+    evict_latency_count: int = 0
+    wp_dirty: int = 0
+    wp_stale: int = 0
+    reprotects: int = 0
+    evict_waits: int = 0
+    full_waits: int = 0
+    store_errors: int = 0
     latency_sum_us: int = 0
     latency_count: int = 0
     latency_buckets: list[int] = field(
@@ -84,6 +104,10 @@ class EngineStats:
         self.latency_buckets[bisect.bisect_left(LATENCY_BUCKETS_US, us)] += 1
         self.latency_sum_us += us
         self.latency_count += 1
+
+    def observe_evict_us(self, us: int) -> None:
+        self.evict_latency_sum_us += us
+        self.evict_latency_count += 1
 
     def add(self, other: EngineStats) -> None:
         for f in fields(self):

@@ -105,6 +105,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "repeatable. Without it every client gets --space only")
     parser.add_argument("--handshake-timeout", type=float, default=5.0,
                         help="seconds a client has to send its handshake (default %(default)s)")
+    parser.add_argument("--max-resident", type=parse_size, default=None, metavar="SIZE",
+                        help="far memory: keep each guest's resident RAM under SIZE (e.g. "
+                             "128M), evicting to the memory node; needs guests on a shared "
+                             "memfd (QEMU through `ssi-pager vm`)")
+    parser.add_argument("--pager-max-resident", type=parse_size, default=None, metavar="SIZE",
+                        help="far memory: all guests of this pager together under SIZE "
+                             "(an even share each, capped by --max-resident)")
+    parser.add_argument("--evict-policy", choices=("clock", "fifo"), default="clock",
+                        help="far memory: replacement policy (default clock: CLOCK fed by "
+                             "write faults, re-fault history and sampled re-protection; fifo "
+                             "for comparison)")
     parser.add_argument("--supervise", action="store_true",
                         help="run under a supervisor that keeps the clients' uffds and "
                              "restarts a pager that dies (SIGHUP: restart it on purpose)")
@@ -145,7 +156,10 @@ def source_from_args(args: argparse.Namespace) -> PageSource:
 def engine_from_args(args: argparse.Namespace, source: PageSource) -> FaultEngine:
     return FaultEngine(source, chunk_size=args.chunk, readahead=args.readahead,
                        fetch_timeout=args.fetch_timeout,
-                       c_loop=getattr(args, "c_loop", None))
+                       c_loop=getattr(args, "c_loop", None),
+                       max_resident=getattr(args, "max_resident", None),
+                       pager_max_resident=getattr(args, "pager_max_resident", None),
+                       evict_policy=getattr(args, "evict_policy", "clock"))
 
 
 @dataclass(eq=False)

@@ -99,6 +99,14 @@ def fault_buckets(s: Scrape) -> dict[float, float]:
     return {float(labels["le"]): v for labels, v in rows}
 
 
+def guests(s: Scrape) -> list[dict[str, Any]]:
+    """Resident bytes and the resident limit (None: no limit) of each client."""
+    limits = {lb["client"]: int(v) for lb, v in s.all("ssi_pager_resident_limit_bytes")}
+    return [{"client": lb["client"], "resident_bytes": int(v),
+             "limit_bytes": limits.get(lb["client"])}
+            for lb, v in s.all("ssi_pager_resident_bytes")]
+
+
 def pager_status(a: Scrape, b: Scrape) -> dict[str, Any]:
     dt = max(b.at - a.at, 1e-9)
     ba, bb = fault_buckets(a), fault_buckets(b)
@@ -119,7 +127,12 @@ def pager_status(a: Scrape, b: Scrape) -> dict[str, Any]:
         "version": build[0][0].get("version") if build else None,
         "clients": int(b.total("ssi_pager_clients")),
         "regions": int(b.total("ssi_pager_regions")),
-        "resident_bytes": int(b.total("ssi_pager_installed_bytes_total")),
+        "resident_bytes": int(b.total("ssi_pager_resident_bytes")),
+        "guests": guests(b),
+        "written_back_bytes_per_s": round((b.total("ssi_pager_written_back_bytes_total")
+                                           - a.total("ssi_pager_written_back_bytes_total"))
+                                          / dt),
+        "evictions": int(b.total("ssi_pager_evictions_total")),
         "faults": int(faults),
         "faults_per_s": round((faults - a.total("ssi_pager_faults_total")) / dt, 1),
         "fetched_bytes_per_s": round((b.total("ssi_pager_fetched_bytes_total")
@@ -210,6 +223,13 @@ def print_pager(st: dict[str, Any]) -> None:
     print(f"  clients {p['clients']}  regions {p['regions']}  resident "
           f"{human_bytes(p['resident_bytes'])}  faults/s {p['faults_per_s']:.0f}  p99 {p99}  "
           f"fetched {human_bytes(p['fetched_bytes_per_s'])}/s  errors {p['errors']}")
+    if any(g["limit_bytes"] is not None for g in p["guests"]):
+        print(f"  evictions {p['evictions']}  written back "
+              f"{human_bytes(p['written_back_bytes_per_s'])}/s")
+        print(f"  {'GUEST':<24} {'RESIDENT':>12} {'LIMIT':>12}")
+        for g in p["guests"]:
+            lim = "-" if g["limit_bytes"] is None else human_bytes(g["limit_bytes"])
+            print(f"  {g['client']:<24} {human_bytes(g['resident_bytes']):>12} {lim:>12}")
     if p["peers"]:
         print(f"  {'PEER':<24} {'TRANSPORT':<10} {'TIER':<16} RTT")
         for peer in p["peers"]:

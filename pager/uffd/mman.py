@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Iterator
 
 from pager.uffd._uffd_cffi import ffi, lib
 from pager.uffd.errors import uffd_error
@@ -25,6 +26,35 @@ def _check_addr(r: int, op: str) -> int:
     if r >= _ERR_LIMIT:
         raise uffd_error((1 << 64) - r, op)
     return r
+
+
+SEEK_DATA, SEEK_HOLE = 3, 4
+
+
+def data_ranges(fd: int, end: int, start: int = 0) -> Iterator[tuple[int, int]]:
+    """(offset, length) of the allocated parts of ``[start, end)`` of a memfd (SEEK_DATA /
+    SEEK_HOLE): the pages ever written and not punched since."""
+    off = start
+    while off < end:
+        try:
+            first = os.lseek(fd, off, SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data after off
+                return
+            raise
+        if first >= end:
+            return
+        last = min(os.lseek(fd, first, SEEK_HOLE), end)
+        yield first, last - first
+        off = last
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Free ``[offset, offset+length)`` of a memfd (``fallocate(PUNCH_HOLE|KEEP_SIZE)``): the
+    pages leave the page cache, every mapping of them faults again (no userfaultfd event)."""
+    rc = lib.ssi_punch_hole(fd, offset, length)
+    if rc < 0:
+        raise uffd_error(-rc, "fallocate(PUNCH_HOLE)", f"memfd {fd} range {offset:#x}+{length:#x}")
 
 
 class Mapping:

@@ -6,6 +6,7 @@ import argparse
 import logging
 
 from pager.errors import VmError
+from pager.service.serve import parse_size
 from pager.vm.launch import do_run
 from pager.vm.resume import do_resume
 from pager.vm.suspend import do_suspend
@@ -22,6 +23,9 @@ def _add_options(p: argparse.ArgumentParser) -> None:
                    help="join the pager on this socket (started here if nothing listens)")
     p.add_argument("--name", metavar="NAME", help="VM name for suspend/resume (default: space)")
     p.add_argument("--state", metavar="FILE", help="resume: device state file (default: saved)")
+    p.add_argument("--max-resident", type=parse_size, metavar="SIZE",
+                   help="far memory: keep the guest's resident RAM under SIZE (e.g. 128M), "
+                        "the rest on the memory node (passed to the pager started here)")
     p.add_argument("--pager-arg", action="append", metavar="ARG",
                    help="extra argument for the started `ssi-pager serve` (repeatable)")
 

@@ -75,6 +75,9 @@ def launch(args: argparse.Namespace, qemu_argv: list[str], name: str, *,
     if args.pager and socket_live(args.pager):
         pager_sock = Path(args.pager)
         status(f"joining the pager at {pager_sock}")
+        if getattr(args, "max_resident", None):
+            status("note: --max-resident applies to a pager `vm` starts; the pager joined "
+                   "keeps its own limit (`serve --max-resident`)")
     else:
         pager_sock = Path(args.pager) if args.pager else d / "pager.sock"
         memnode = args.memnode
@@ -103,7 +106,8 @@ def launch(args: argparse.Namespace, qemu_argv: list[str], name: str, *,
     os.close(w)
     state = VmState(name=name, space=space, ram_size=cmd.ram_size, ram_id=cmd.ram_id,
                     memnode=args.memnode, token_file=args.token_file, qemu_pid=qemu.pid,
-                    pager_socket=str(pager_sock), state_file=str(d / "device-state"))
+                    pager_socket=str(pager_sock), state_file=str(d / "device-state"),
+                    max_resident=getattr(args, "max_resident", None) or 0)
     try:
         line = _wait_handoff(r, qemu)
     except BaseException:

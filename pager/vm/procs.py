@@ -94,8 +94,10 @@ def spawn_pager(sock: Path, memnode: str, token_file: str | None, extra: list[st
 def start_pager(sock: Path, args: argparse.Namespace, space: str,
                 memnode: str) -> subprocess.Popen:
     """The pager `vm` starts for one guest (output on our stderr)."""
+    limit = getattr(args, "max_resident", None)
     return spawn_pager(sock, memnode, args.token_file,
-                       ["--space", space, *(args.pager_arg or [])],
+                       ["--space", space, *(["--max-resident", str(limit)] if limit else []),
+                        *(args.pager_arg or [])],
                        verbose=getattr(args, "verbose", 0) or 0)
 
 

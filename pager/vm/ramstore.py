@@ -17,12 +17,11 @@ from pager.core.region import PAGE_SIZE
 from pager.errors import VmError
 from pager.source.base import Lane
 from pager.source.memnode import MemnodeSource
+from pager.uffd.mman import data_ranges
 from pager.vm.state import VmState
 
 log = logging.getLogger(__name__)
 
-SEEK_DATA, SEEK_HOLE = 3, 4
-ENXIO = 6
 STORE_CHUNK = 1 << 20
 VMSTATE_MAGIC = "ssi-pager-vm-state-1"
 SPACE_MAX = 64
@@ -54,29 +53,19 @@ def fetch_pages(lane: Lane, gpa: int, view: memoryview, space: str | None = None
     return False
 
 
-def data_ranges(fd: int, size: int) -> Iterator[tuple[int, int]]:
-    """(offset, length) of the allocated parts of a memfd: pages the guest ever touched."""
-    off = 0
-    while off < size:
-        try:
-            start = os.lseek(fd, off, SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == ENXIO:  # no data after off
-                return
-            raise
-        if start >= size:
-            return
-        end = min(os.lseek(fd, start, SEEK_HOLE), size)
-        yield start, end - start
-        off = end
-
-
 def store_ram(memfd_path: str, size: int, memnode: str, token_file: str | None,
-              space: str) -> int:
-    """Copy every allocated page of guest RAM into the memory node; bytes stored."""
+              space: str, only_changed: bool = False) -> int:
+    """Copy every allocated page of guest RAM into the memory node; bytes stored.
+
+    A guest under a resident limit (``only_changed``): its memfd holds only the resident
+    pages, the rest is on the node already; a resident page the node holds unchanged (clean)
+    is not written again, only the dirty ones. Pages the pager's evictor punches meanwhile
+    (it stores them first) are left to the node: only what is still data after the read is
+    stored."""
     fd = os.open(memfd_path, os.O_RDONLY | os.O_CLOEXEC)
     stored = 0
     view = memoryview(bytearray(STORE_CHUNK))
+    node = memoryview(bytearray(STORE_CHUNK)) if only_changed else None
     try:
         with memnode_lane(memnode, token_file, space) as lane:
             for start, length in data_ranges(fd, size):
@@ -86,11 +75,32 @@ def store_ram(memfd_path: str, size: int, memnode: str, token_file: str | None,
                     if got != n:
                         raise VmError(f"short read of guest RAM at {off:#x}: {got} of {n} "
                                       f"bytes; did QEMU exit during the suspend?")
-                    lane.store_from(None, off, view[:n])
-                    stored += n
+                    for s, k in data_ranges(fd, off + n, off):  # not punched since the read
+                        part = view[s - off:s - off + k]
+                        for ps, pk in _changed(lane, part, s, node):
+                            lane.store_from(None, ps, part[ps - s:ps - s + pk])
+                            stored += pk
     finally:
         os.close(fd)
     return stored
+
+
+def _changed(lane: Lane, part: memoryview, gpa: int,
+             node: memoryview | None) -> list[tuple[int, int]]:
+    """(gpa, length) runs of ``part`` (at ``gpa``) that differ from the node's copy (all of it
+    when ``node`` is None: no comparison)."""
+    if node is None:
+        return [(gpa, len(part))]
+    theirs = node[:len(part)]
+    fetch_pages(lane, gpa, theirs)
+    runs: list[tuple[int, int]] = []
+    for p in range(0, len(part), PAGE_SIZE):
+        if part[p:p + PAGE_SIZE] != theirs[p:p + PAGE_SIZE]:
+            if runs and runs[-1][0] + runs[-1][1] == gpa + p:
+                runs[-1] = (runs[-1][0], runs[-1][1] + PAGE_SIZE)
+            else:
+                runs.append((gpa + p, PAGE_SIZE))
+    return runs
 
 
 def load_ram(memfd_path: str, size: int, memnode: str, token_file: str | None,

@@ -74,6 +74,7 @@ class VmState:
     state_file: str = ""
     suspended: bool = False
     stored_bytes: int = 0
+    max_resident: int = 0  # far memory: suspend writes only the pages the node lacks
 
     def save(self, d: Path) -> None:
         tmp = d / "vm.json.tmp"

@@ -35,7 +35,8 @@ def do_suspend(args: argparse.Namespace, name: str) -> int:
     try:
         qmp.execute("stop")
         stored = store_ram(f"/proc/{state.qemu_pid}/fd/{state.memfd}", state.ram_size,
-                           memnode, args.token_file or state.token_file, state.space)
+                           memnode, args.token_file or state.token_file, state.space,
+                           only_changed=state.max_resident > 0)
         t_ram = time.monotonic() - t0
         qmp.execute("migrate-set-capabilities",
                     capabilities=[{"capability": "x-ignore-shared", "state": True}])

@@ -61,14 +61,19 @@ def engine_stats() -> EngineStats:
     st.readahead_installed, st.readahead_wasted = 3, 1
     st.fetch_errors = 4
     st.inflight = 2
+    st.evictions, st.clean_drops, st.written_back_bytes = 5, 2, 3 * 65536
+    st.faults_wp, st.wp_dirty = 4, 3
+    st.observe_evict_us(20)
     for us in (3, 30, 30, 400, 2_000_000):
         st.observe_us(us)
     return st
 
 
 def test_pager_collector_exports_engine_stats(engine_stats: EngineStats) -> None:
-    engine = SimpleNamespace(stats=lambda: engine_stats, chunk_size=65536,
-                             clients=[SimpleNamespace(state=SimpleNamespace(regions=[1, 2]))],
+    from pager.core.farmem import FarMemory
+    client = SimpleNamespace(name="vm1", resident_bytes=3 << 20, state=SimpleNamespace(
+        regions=[1, 2], farmem=FarMemory(4 << 20, 65536)))
+    engine = SimpleNamespace(stats=lambda: engine_stats, chunk_size=65536, clients=[client],
                              source=SimpleNamespace(endpoint="10.0.0.2:50051"))
     reg = metrics.pager_registry(engine)
     assert REGISTRY.get_sample_value("ssi_pager_clients") is None   # not the global registry
@@ -93,6 +98,13 @@ def test_pager_collector_exports_engine_stats(engine_stats: EngineStats) -> None
     assert reg.get_sample_value("ssi_pager_errors_total", {"kind": "fetch"}) == 4
     assert reg.get_sample_value("ssi_pager_clients") == 1
     assert reg.get_sample_value("ssi_pager_regions") == 2
+    assert reg.get_sample_value("ssi_pager_resident_bytes", {"client": "vm1"}) == 3 << 20
+    assert reg.get_sample_value("ssi_pager_resident_limit_bytes", {"client": "vm1"}) == 4 << 20
+    assert reg.get_sample_value("ssi_pager_written_back_bytes_total") == 3 * 65536
+    assert reg.get_sample_value("ssi_pager_evictions_total", {"result": "written_back"}) == 3
+    assert reg.get_sample_value("ssi_pager_evictions_total", {"result": "clean"}) == 2
+    assert reg.get_sample_value("ssi_pager_eviction_seconds_total") == pytest.approx(5 * 20e-6)
+    assert reg.get_sample_value("ssi_pager_faults_total", {"kind": "wp", "outcome": "dirty"}) == 3
     assert reg.get_sample_value("ssi_pager_build_info",
                                 {"version": metrics.__version__, "binding": "cffi"}) == 1
     assert len(LATENCY_BUCKETS_US) + 1 == len(engine_stats.latency_buckets)

@@ -8,8 +8,8 @@ import re
 import pytest
 
 from pager.errors import VmError
+from pager.uffd.mman import data_ranges
 from pager.vm.cmdline import prepare_qemu
-from pager.vm.ramstore import data_ranges
 from pager.vm.state import RAM_ID, vm_dir
 
 

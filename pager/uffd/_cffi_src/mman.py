@@ -31,4 +31,5 @@ int ssi_madvise(uint64_t addr, uint64_t length, int advice);
 uint64_t ssi_mremap(uint64_t old, uint64_t old_len, uint64_t new_len, int flags, uint64_t new);
 int ssi_memfd_create(const char *name, unsigned int flags);
 int ssi_errno(void);
+int ssi_punch_hole(int fd, int64_t off, int64_t len);
 """

@@ -36,3 +36,11 @@ int ssi_errno(void)
 {
     return errno;
 }
+
+/* Free [off, off+len) of a shmem/memfd file (FALLOC_FL_PUNCH_HOLE | KEEP_SIZE): the pages leave
+   the page cache and read as holes; mappings of them fault again. 0 or -errno. */
+int ssi_punch_hole(int fd, int64_t off, int64_t len)
+{
+    return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) < 0
+               ? -errno : 0;
+}

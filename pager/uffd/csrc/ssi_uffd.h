@@ -11,9 +11,11 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/falloc.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 #include <sys/ioctl.h>
@@ -160,6 +162,28 @@ int ssi_munmap(uint64_t addr, uint64_t length);
 int ssi_madvise(uint64_t addr, uint64_t length, int advice);
 uint64_t ssi_mremap(uint64_t old, uint64_t old_len, uint64_t new_len, int flags, uint64_t new);
 int ssi_memfd_create(const char *name, unsigned int flags);
+int ssi_punch_hole(int fd, int64_t off, int64_t len);
+
+/* rmw.c: the far-memory workload (random reads and read-modify-writes checked against a model) */
+#define SSI_RMW_MAX_THREADS 64
+struct ssi_rmw {
+    uint64_t base;      /* first page */
+    uint64_t npages;
+    uint64_t page;      /* bytes per page */
+    uint64_t ops;       /* operations per thread */
+    uint64_t seed;
+    int nthreads;
+    int write_pct;      /* percent of operations that are read-modify-writes */
+    int hot_pages;      /* skew: hot_ops percent of operations on the first hot_pages percent */
+    int hot_ops;        /* 0: uniform */
+    uint64_t *model;    /* npages counters, outside the paged memory */
+    uint64_t done;
+    uint64_t errors;
+    int64_t first_bad;
+    uint64_t checksum;
+};
+int ssi_rmw_run(struct ssi_rmw *w);
+uint64_t ssi_rmw_check(struct ssi_rmw *w);
 int ssi_errno(void);
 
 /* ---- the toucher (toucher.c) ---- */

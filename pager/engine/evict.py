@@ -1,0 +1,364 @@
+"""Far memory for a client: its evictor thread, and the fault thread's side of dirty tracking.
+
+A client served with a resident limit (``serve --max-resident``) has guest RAM on a shared memfd
+that the pager can read and punch; its regions are registered with write-protect mode, every
+install is write-protected, and ``pager.core.farmem.FarMemory`` keeps the units, their dirty
+bits and the replacement policy. All of it is guarded by the client's ``fm_lock`` (a
+Condition: the fault thread waits on it for room, the evictor notifies after each batch).
+
+The evictor (its own thread and its own store lane: a fault never queues behind write-back)
+wakes when the resident bytes pass the high watermark and evicts batches down to the low one.
+Each victim goes through, in this order:
+
+1. write-protect it in the guest's mm (from here on a write blocks in a WP fault, which the
+   fault thread leaves to step 5);
+2. dirty: ``pread`` it from the memfd (never through a mapping: touching a hole there would
+   create a page the guest then reads as zeros without a fault), store it on the node and
+   wait for the ack (retried until it is acked; never punched before); clean: nothing, the
+   node holds this copy;
+3. ``fallocate(PUNCH_HOLE|KEEP_SIZE)``: the page cache drops the pages and the guest's mapping
+   faults again (no uffd event: the engine never mistakes an eviction for a guest REMOVE);
+4. the state forgets the unit (not resident; a written-back unit is no longer "zero on the
+   next fault" even if the guest had REMOVE'd part of it: it is fetched again);
+5. ``UFFDIO_WAKE``: a writer blocked on the unit faults again, as MISSING, and is served the
+   stored copy. A missing fault on a unit being evicted is likewise left to this wake.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from pager.core.farmem import FarMemory, Victim
+from pager.core.region import Region
+from pager.core.state import Fetch
+from pager.errors import ConfigError, HandoffError
+from pager.uffd.errors import UffdError
+from pager.uffd.mman import data_ranges, punch_hole
+from transport.errors import TransportError
+
+if TYPE_CHECKING:
+    from pager.engine.client import ClientPager
+    from pager.source import Lane, PageSource
+    from pager.uffd.binding import Userfaultfd
+
+log = logging.getLogger(__name__)
+
+BATCH = 1 << 20  # bytes per eviction batch
+
+
+class Evictor:
+    """One client's evictor thread (see the module docstring)."""
+
+    def __init__(self, client: ClientPager, fm: FarMemory) -> None:
+        self.client = client
+        self.fm = fm
+        self._kick = threading.Event()
+        self.stalled = False  # the last batch evicted nothing
+        self._buf = memoryview(bytearray(max(BATCH, fm.unit)))  # one run's bytes at most
+        self._thread = threading.Thread(target=self._run, name=f"evict-{client.name}",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def kick(self) -> None:
+        self._kick.set()
+
+    def join(self, timeout: float) -> None:
+        self._kick.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        c = self.client
+        lane = c.engine.source.open_lane()
+        buf = self._buf
+        try:
+            while not c._stop.is_set():
+                self._kick.wait(0.05)
+                self._kick.clear()
+                while not c._stop.is_set():
+                    with c.fm_lock:
+                        want = self.fm.excess()
+                    if want <= 0 or not self._batch(lane, buf, min(want, BATCH)):
+                        break
+        except Exception:
+            log.exception("%s: evictor failed; the resident limit is no longer held", c.name)
+            c.error = "evictor failed (see log)"
+        finally:
+            lane.close()
+            with c.fm_lock:
+                c.fm_lock.notify_all()
+
+    def _batch(self, lane: Lane, buf: memoryview, want: int) -> int:
+        """Evict up to ``want`` bytes; the bytes evicted (0: nothing could be). Victims
+        adjacent in the guest and in the memfd go as one run: one write-protect, one store per
+        dirty stretch, one punch, one wake."""
+        c, fm = self.client, self.fm
+        t0 = time.perf_counter_ns()
+        with c.fm_lock:
+            victims, reprotect = fm.pick(want)
+            for start, length in reprotect:
+                try:
+                    c.uffd.writeprotect(start, length, protect=True)
+                    c.stats.reprotects += 1
+                except UffdError:
+                    fm.installed(start, length, known=False)  # protection not known to hold
+            runs = self._protect(victims)
+        done = 0
+        for run in runs:
+            done += self._evict_run(lane, buf, run)
+        # nothing could be evicted (a layout event pending makes UFFDIO_WRITEPROTECT fail
+        # until the fault thread reads it): a fault waiting for room must not wait for this
+        self.stalled = bool(victims) and not done
+        if self.stalled:
+            with c.fm_lock:
+                c.fm_lock.notify_all()
+        if victims:
+            c.stats.observe_evict_us((time.perf_counter_ns() - t0) // 1000 // len(victims))
+        return done
+
+    def _protect(self, victims: list[Victim]) -> list[list[tuple[Victim, int, str | None]]]:
+        """Holding ``fm_lock``: runs of adjacent victims (with their memfd offset and space),
+        each write-protected in the guest's mm; victims that cannot be go back to the state."""
+        c, fm = self.client, self.fm
+        runs: list[list[tuple[Victim, int, str | None]]] = []
+        for v in sorted(victims, key=lambda v: v.start):
+            r = c.state.regions.find(v.start)
+            if r is None:
+                fm.abort(v, dirty=False)  # left the region table: the layout event says why
+                continue
+            item = (v, r.gpa(v.start), r.space)
+            last = runs[-1][-1] if runs else None
+            if (last is not None and last[0].start + last[0].length == v.start
+                    and last[1] + last[0].length == item[1] and last[2] == item[2]
+                    and item[1] + v.length - runs[-1][0][1] <= len(self._buf)):
+                runs[-1].append(item)
+            else:
+                runs.append([item])
+        out = []
+        for run in runs:
+            first, last = run[0][0], run[-1][0]
+            try:
+                c.uffd.writeprotect(first.start, last.start + last.length - first.start)
+                out.append(run)
+            except UffdError as exc:  # a layout event pending (EAGAIN), unmapped meanwhile
+                log.debug("%s: cannot evict %#x now: %s", c.name, first.start, exc)
+                for v, _, _ in run:
+                    fm.abort(v, dirty=False)
+        return out
+
+    def _evict_run(self, lane: Lane, buf: memoryview,
+                   run: list[tuple[Victim, int, str | None]]) -> int:
+        """Store the dirty stretches of one write-protected run, then punch, forget, wake."""
+        c, fm = self.client, self.fm
+        first, off0, space = run[0]
+        length = run[-1][0].start + run[-1][0].length - first.start
+        i = 0
+        while i < len(run):  # each stretch of dirty victims: one pread, one store
+            if not run[i][0].dirty:
+                i += 1
+                continue
+            j = i
+            while j + 1 < len(run) and run[j + 1][0].dirty:
+                j += 1
+            off = run[i][1]
+            n = run[j][1] + run[j][0].length - off
+            if not self._write_back(lane, buf[:n], off, space):
+                with c.fm_lock:
+                    for v, _, _ in run:
+                        fm.abort(v)
+                    c.fm_lock.notify_all()
+                c.uffd.wake(first.start, length)
+                return 0
+            i = j + 1
+        punch_hole(c.memfd, off0, length)
+        stored = False
+        with c.fm_lock:
+            removed = c.state.removed.get(space)
+            for v, off, _ in run:
+                fm.evicted(v)
+                if v.dirty and removed is not None and removed.overlaps(off, off + v.length):
+                    stored = True  # on the node now: fetch it again, not zero
+            c.state.resident.discard(first.start, first.start + length)
+            if stored:
+                c.state.on_stored(first.start, first.start + length)
+            c.fm_lock.notify_all()
+        try:
+            c.uffd.wake(first.start, length)
+        except UffdError as exc:  # the range was unmapped meanwhile
+            log.debug("%s: wake %#x: %s", c.name, first.start, exc)
+        if stored and c.on_layout is not None:  # a restarted pager replays it after REMOVEs
+            c.on_layout("stored", first.start, first.start + length)
+        st = c.stats
+        st.evictions += len(run)
+        st.evicted_bytes += length
+        st.clean_drops += sum(1 for v, _, _ in run if not v.dirty)
+        return length
+
+    def _write_back(self, lane: Lane, view: memoryview, off: int, space: str | None) -> bool:
+        """Read ``len(view)`` bytes at ``off`` of the memfd and store them; returns after the
+        node's ack (retried with backoff); False only if the client is closing first."""
+        c = self.client
+        got = 0
+        while got < len(view):  # a hole reads as zeros (a page REMOVE'd meanwhile)
+            n = os.preadv(c.memfd, [view[got:]], off + got)
+            if n <= 0:
+                view[got:] = bytes(len(view) - got)
+                break
+            got += n
+        delay = 0.01
+        while True:
+            try:
+                lane.store_from(space, off, view)
+                c.stats.written_back_bytes += len(view)
+                return True
+            except (TransportError, OSError) as exc:
+                c.stats.store_errors += 1
+                lane.reset()
+                if c._stop.is_set():
+                    return False
+                if delay >= 1.0 or c.stats.store_errors == 1:
+                    log.warning("%s: write-back of gpa %#x failed (%s); retrying, nothing is "
+                                "dropped before the node acks it", c.name, off, exc)
+                c._stop.wait(delay)
+                delay = min(delay * 2, 1.0)
+
+
+class FarMemMixin:
+    """The fault thread's side of far memory, part of ``ClientPager``."""
+
+    def _fm_unit(self: ClientPager, addr: int) -> tuple[int, int] | None:
+        r = self.state.regions.find(addr)
+        return None if r is None else r.chunk(addr, self.engine.chunk_size)
+
+    def _fm_fetch(self: ClientPager, f: Fetch, lane: Lane | None, zero: bool = False) -> bool:
+        """A missing fault's unit fetched (or zero filled) and installed, write-protected; False
+        if it is being evicted (the evictor's wake makes the thread fault again)."""
+        fm = self.state.farmem
+        assert fm is not None
+        unit = self._fm_unit(f.start)
+        key = f.start if unit is None else unit[0]
+        with self.fm_lock:
+            if not fm.begin_fetch(key):
+                self.stats.evict_waits += 1
+                return False
+            self._fm_room(fm, f.length)
+        # a write fault: install the unit writable and dirty at once (saves the WP fault
+        # that would follow); it is not picked before end_fetch, so nothing sees it clean
+        write, self._write_miss = self._write_miss, False
+        mode = self.installer.mode
+        if write:
+            self.installer.mode = 0
+        try:
+            if zero:
+                self.installer.install(f.start, f.length, None, 0, (), f.region.page_size)
+            else:
+                self._fetch_and_install(f, lane)
+        finally:
+            self.installer.mode = mode
+            with self.fm_lock:
+                if write and key in fm.units:
+                    fm.on_write(key, unit[1] if unit else f.length)
+                fm.end_fetch(key)
+        if fm.excess() > 0:
+            self.evictor.kick()
+        return True
+
+    def _fm_room(self: ClientPager, fm: FarMemory, length: int) -> None:
+        """Holding ``fm_lock``: wait until ``length`` more bytes fit under the limit (the
+        evictor ran behind); past ``fetch_timeout`` go on, over the limit, and say so."""
+        if not fm.full(length):
+            return
+        self.stats.full_waits += 1
+        deadline = time.monotonic() + self.engine.fetch_timeout
+        while fm.full(length) and not self._stop.is_set():
+            self.evictor.kick()
+            if self.evictor.stalled:  # events to read first: serve this one over the limit
+                return
+            if time.monotonic() > deadline or not self.evictor._thread.is_alive():
+                log.warning("%s: the evictor is behind (%d of %d bytes resident); serving "
+                            "over the limit", self.name, fm.bytes, fm.limit)
+                return
+            self.fm_lock.wait(0.05)
+
+    def _fm_write(self: ClientPager, addr: int) -> None:
+        """A write-protect fault: mark the unit dirty and clear the protection, unless it is
+        being evicted or no longer resident (then the wake / a missing fault serves it)."""
+        fm = self.state.farmem
+        assert fm is not None
+        unit = self._fm_unit(addr)
+        if unit is None:
+            return
+        start, length = unit
+        with self.fm_lock:
+            if self.state.resident.find(addr) is None:
+                self.stats.wp_stale += 1
+                self.uffd.wake(start, length)  # a fault from before an eviction: fault again
+                return
+            if not fm.on_write(start, length):
+                self.stats.evict_waits += 1
+                return
+            self.uffd.writeprotect(start, length, protect=False)
+        self.stats.wp_dirty += 1
+
+
+def check_writable(source: PageSource) -> None:
+    """Far memory writes dirty pages back: the source must take stores (a memory node)."""
+    from pager.source import Lane
+    lane = source.open_lane()
+    try:
+        if type(lane).store_from is Lane.store_from:
+            raise ConfigError(f"a resident limit needs a source that takes write-backs; "
+                              f"{source.describe()} is read-only: serve from a memory node "
+                              "(--memnode HOST:PORT)")
+    finally:
+        lane.close()
+
+
+def check_far_memory(regions: list[Region], memfd: int | None) -> None:
+    """A client under a resident limit must hand over the memfd behind all of its RAM (each
+    region's offset is its offset in that memfd, as the QEMU shim sends it)."""
+    if memfd is None or not all(r.memfd for r in regions):
+        raise HandoffError(
+            "this pager keeps guests under a resident limit (--max-resident / "
+            "--pager-max-resident), which needs guest RAM on a shared memfd handed over in the "
+            "handshake (the pager reads and punches evicted pages there); this client's memory "
+            "is anonymous (Firecracker today): serve it from a pager without a limit, or run "
+            "the guest through `ssi-pager vm` (QEMU on a shared memfd)")
+
+
+def register_wp(u: Userfaultfd, regions: list[Region]) -> None:
+    """Register the client's regions again, with write-protect mode added (dirty tracking);
+    the uffd's mm is the client's, so this works from the pager."""
+    for r in regions:
+        try:
+            u.register(r.base, r.size, missing=True, wp=True, page_size=r.page_size)
+        except UffdError as exc:
+            raise HandoffError(f"cannot track dirty pages of region {r.base:#x}+{r.size:#x} "
+                               f"(write-protect mode refused: {exc}); a resident limit needs "
+                               "a kernel with userfaultfd write-protect on shmem "
+                               "(CONFIG_PTE_MARKER_UFFD_WP, Linux 6.1+)") from exc
+
+
+def rebuild_residency(client: ClientPager) -> int:
+    """A (restarted) pager adopting a far-memory client: what the memfd holds is resident, and
+    dirty (nothing proves the node has that copy). Returns the bytes found."""
+    fm = client.state.farmem
+    assert fm is not None and client.memfd is not None
+    found = 0
+    cs = client.engine.chunk_size
+    for r in client.state.regions:
+        for off, n in data_ranges(client.memfd, r.offset + r.size, r.offset):
+            a, end = r.addr_of(off), r.addr_of(off + n)
+            client.state.resident.add(a, end)
+            while a < end:
+                start, length = r.chunk(a, cs)
+                fm.installed(start, length, known=False)
+                found += min(end, start + length) - a
+                a = start + length
+    return found

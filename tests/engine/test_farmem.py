@@ -1,0 +1,257 @@
+"""Far memory with the real kernel and a real memory node (engine in-process, the workload in
+C threads): two threads doing random reads and read-modify-writes over 4x the resident limit,
+every value checked against a model, the limit held, dirty pages written back and clean ones
+dropped; the same with the memory node killed and restarted during write-back; a client with
+anonymous memory refused with the reason."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import signal
+import threading
+import time
+
+import pytest
+from enginekit import memnode_args
+
+from pager.core.region import Region
+from pager.engine import FaultEngine
+from pager.errors import ConfigError, HandoffError
+from pager.source import FileSource
+from pager.tools.workload import Client
+from pager.uffd import Userfaultfd
+from pager.uffd.mman import Mapping
+from pager.uffd.rmw import Rmw
+from pager.uffd.toucher import Background
+
+MIB = 1 << 20
+PAGE = 4096
+FEATURES = ["event_remove", "event_unmap", "event_remap", "thread_id"]
+
+
+class Guest:
+    """Memory on a shared memfd behind a uffd, served by ``engine`` with its memfd."""
+
+    def __init__(self, engine: FaultEngine, size: int, space: str | None = None) -> None:
+        self.map = Mapping.memfd(size)
+        self.uffd = Userfaultfd(features=FEATURES)
+        self.uffd.register(self.map.address, size, missing=True)
+        region = Region(self.map.address, size, 0, space=space, memfd=True)
+        self.client = engine.add_client(os.dup(self.uffd.fileno()), [region],
+                                        memfd=os.dup(self.map.fd))
+        self.size = size
+
+    def close(self) -> None:
+        self.uffd.close()
+        self.map.close()
+
+
+def memfd_client(size: int) -> Client:
+    """A workload client whose memory is a shared memfd it hands over (as the QEMU shim)."""
+    fd = os.memfd_create("guest")
+    os.ftruncate(fd, size)
+    return Client(size, memory=mmap.mmap(fd, size, flags=mmap.MAP_SHARED), memfd=fd)
+
+
+@pytest.fixture
+def farmem(memnode):
+    made: list[tuple[FaultEngine, Guest]] = []
+
+    def start(size: int, limit: int, chunk: int = 16 * 1024) -> tuple[FaultEngine, Guest]:
+        engine = FaultEngine(memnode.source(), chunk_size=chunk, readahead=0,
+                             max_resident=limit)
+        g = Guest(engine, size)
+        made.append((engine, g))
+        return engine, g
+
+    yield start
+    for engine, g in made:
+        engine.close()
+        g.close()
+
+
+def check_run(engine: FaultEngine, g: Guest, w: Rmw, limit: int) -> None:
+    assert w.errors == 0, f"page {w.first_bad} differed from the model during the run"
+    assert g.client.quiesce(30)
+    fm = g.client.state.farmem
+    assert fm is not None and fm.bytes <= limit
+    assert g.client.resident_bytes <= limit
+
+
+@pytest.mark.parametrize("skewed", [False, True], ids=["uniform", "skewed"])
+def test_random_rmw_over_4x_the_limit_matches_the_model(farmem, skewed):
+    limit = 2 * MIB
+    engine, g = farmem(4 * limit, limit)
+    w = Rmw(g.map.address, g.size // PAGE, threads=2, ops=3000, write_pct=50,
+            hot_ops=90 if skewed else 0, hot_pages=20)
+    for _ in range(3):
+        w.run()
+        check_run(engine, g, w, limit)
+    assert w.check() == 0, f"page {w.first_bad} differs from the model"
+    st = engine.stats()
+    assert st.evictions > 0 and st.clean_drops > 0 and st.evictions > st.clean_drops
+    assert st.written_back_bytes == (st.evictions - st.clean_drops) * 16 * 1024
+    assert st.wp_dirty > 0 and st.failed_faults == 0
+    assert st.served_fetch > 0
+
+
+def test_removed_range_written_and_evicted_is_fetched_again_not_zeroed(farmem):
+    """A range the guest REMOVE'd reads as zero; written afterwards and evicted, it must come
+    back from the node (the eviction is not a REMOVE: "zero forever" would lose the writes)."""
+    limit = MIB
+    engine, g = farmem(8 * MIB, limit)
+    base = g.map.address
+    assert Background.madvise(base, MIB, mmap.MADV_REMOVE).start().result(30) == 0
+    removed = Rmw(base, MIB // PAGE, threads=2, ops=1500, write_pct=70)
+    rest = Rmw(base + MIB, 7 * MIB // PAGE, threads=2, ops=1500, write_pct=70)
+    for _ in range(3):  # the rest pushes the removed range's dirty units out every round
+        removed.run()
+        rest.run()
+    assert removed.errors == 0 and rest.errors == 0, (removed.first_bad, rest.first_bad)
+    assert removed.check() == 0, f"page {removed.first_bad} lost its writes"
+    st = engine.stats()
+    assert st.removes == 1 and st.served_zero > 0 and st.written_back_bytes > 0
+
+
+def test_memory_node_restarted_during_write_back(farmem, memnode):
+    limit = 2 * MIB
+    engine, g = farmem(4 * limit, limit)
+    w = Rmw(g.map.address, g.size // PAGE, threads=2, ops=3000, write_pct=70)
+    w.run()  # everything written once: the next runs evict dirty pages all the time
+    check_run(engine, g, w, limit)
+    before = engine.stats().written_back_bytes
+    run = threading.Thread(target=w.run, kwargs={"ops": 6000})
+    run.start()
+    # kill the node while write-backs flow; they retry (nothing is punched before the ack)
+    while engine.stats().written_back_bytes < before + limit and run.is_alive():
+        run.join(0.01)
+    memnode.proc.stop()
+    deadline = time.monotonic() + 60
+    while engine.stats().store_errors == 0 and time.monotonic() < deadline:
+        run.join(0.01)
+    assert engine.stats().store_errors > 0, "no write-back met the dead node"
+    memnode.start(memnode.endpoint)
+    run.join(240)
+    assert not run.is_alive(), f"workload stuck at {w.done} operations"
+    check_run(engine, g, w, limit)
+    assert w.check() == 0, f"page {w.first_bad} differs from the model"
+    st = engine.stats()
+    assert st.failed_faults == 0
+
+
+def test_pager_killed_under_supervise_rebuilds_residency_and_the_data_is_right(
+        memnode, run_pager):
+    limit = 2 * MIB
+    size = 4 * limit
+    sup, sock = run_pager(*memnode_args(memnode), "--supervise", "--chunk", "16K",
+                          "--max-resident", str(limit))
+    first = int(sup.wait_for(r"pager pid (\d+) started"))
+    c = memfd_client(size)
+    try:
+        c.handoff(sock)
+        w = Rmw(c.base, size // PAGE, threads=2, ops=3000, write_pct=60)
+        w.run()
+        assert w.errors == 0
+        run = threading.Thread(target=w.run, kwargs={"ops": 6000})
+        run.start()
+        run.join(1.0)  # mid-workload (or just after: the restart must be right either way)
+        os.kill(first, signal.SIGKILL)
+        sup.wait_for(r"restarting \(1\), 1 clients kept", 20)
+        run.join(240)
+        assert not run.is_alive(), f"workload stuck at {w.done} operations"
+        assert w.errors == 0, f"page {w.first_bad} differed from the model"
+        w.run(ops=3000)  # the new pager evicts what the old one left resident
+        assert w.errors == 0, f"page {w.first_bad} differed from the model"
+        assert w.check() == 0, f"page {w.first_bad} differs from the model"
+        log = sup.log.read_text()
+        assert "took over client" in log and "already resident in the memfd" in log
+    finally:
+        c.close(unmap=True)
+        os.close(c.memfd)
+
+
+def test_status_shows_the_limit_held_and_real_written_back_bytes(memnode, run_pager):
+    import json
+    import subprocess
+    import sys
+
+    from enginekit import ROOT
+    limit = 2 * MIB
+    size = 4 * limit
+    proc, sock = run_pager(*memnode_args(memnode), "--chunk", "16K", "--max-resident",
+                           str(limit), "--metrics", "127.0.0.1:0")
+    metrics = proc.wait_for(r"metrics: http://(\S+)/metrics")
+    c = memfd_client(size)
+    try:
+        c.handoff(sock)
+        w = Rmw(c.base, size // PAGE, threads=2, ops=4000, write_pct=50)
+        w.run()
+        assert w.errors == 0 and w.check() == 0
+        r = subprocess.run([sys.executable, "-m", "pager.cli", "status", "--json", "--pager",
+                            metrics, "--interval", "0"], capture_output=True, text=True,
+                           cwd=ROOT, timeout=30)
+        assert r.returncode == 0, r.stderr
+        p = json.loads(r.stdout)["pager"]
+        [g] = p["guests"]
+        assert g["limit_bytes"] == limit and 0 < g["resident_bytes"] <= limit
+        assert p["evictions"] > 0
+        human = subprocess.run([sys.executable, "-m", "pager.cli", "status", "--pager", metrics,
+                                "--interval", "0"], capture_output=True, text=True, cwd=ROOT,
+                               timeout=30)
+        assert "LIMIT" in human.stdout and "2.0 MiB" in human.stdout, human.stdout
+    finally:
+        c.close(unmap=True)
+        os.close(c.memfd)
+
+
+def test_pager_wide_limit_is_shared_by_its_guests(memnode):
+    total = 4 * MIB
+    engine = FaultEngine(memnode.source(), chunk_size=16 * 1024, readahead=0,
+                         pager_max_resident=total)
+    guests = []
+    try:
+        guests = [Guest(engine, 4 * MIB, space=f"guest{i}") for i in range(2)]
+        limits = [g.client.state.farmem.limit for g in guests]
+        assert limits == [total // 2, total // 2]
+        work = [Rmw(g.map.address, g.size // PAGE, threads=1, ops=3000, write_pct=50)
+                for g in guests]
+        runs = [threading.Thread(target=w.run) for w in work]
+        for t in runs:
+            t.start()
+        for t in runs:
+            t.join(240)
+            assert not t.is_alive()
+        for g, w in zip(guests, work, strict=True):
+            assert w.errors == 0 and w.check() == 0
+            assert g.client.quiesce(30) and g.client.resident_bytes <= total // 2
+        assert engine.resident_bytes() <= total
+    finally:
+        engine.close()
+        for g in guests:
+            g.close()
+
+
+def test_anonymous_client_is_refused_with_the_reason(memnode):
+    engine = FaultEngine(memnode.source(), readahead=0, max_resident=64 * MIB)
+    m = Mapping.anonymous(MIB)
+    u = Userfaultfd(features=FEATURES)
+    u.register(m.address, MIB, missing=True)
+    fd = os.dup(u.fileno())
+    try:
+        with pytest.raises(HandoffError, match=r"shared memfd.*anonymous"):
+            engine.add_client(fd, [Region(m.address, MIB, 0)])
+    finally:
+        os.close(fd)
+        engine.close()
+        u.close()
+        m.close()
+
+
+def test_limit_needs_a_source_that_takes_stores(tmp_path):
+    path = tmp_path / "image"
+    path.write_bytes(bytes(MIB))
+    with pytest.raises(ConfigError, match=r"read-only.*memory node"):
+        FaultEngine(FileSource(str(path)), max_resident=64 * MIB)
+    with pytest.raises(ConfigError, match="too small"):
+        FaultEngine(FileSource(str(path)), max_resident=4096)
