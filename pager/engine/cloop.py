@@ -37,7 +37,7 @@ class CLoopMixin:
                 or eng.readahead_active:
             return None
         return FaultLoop(self.uffd.fileno(), [self._efd], raw, max(eng.chunk_size, PAGE_SIZE),
-                         LATENCY_BUCKETS_US)
+                         LATENCY_BUCKETS_US, poll_us=eng.poll_us)
 
     def _c_prepare(self: ClientPager, cl: FaultLoop, lane: Lane) -> bool:
         """Give C the current region table, sockets and slow ranges; False: Python's turn."""

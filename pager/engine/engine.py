@@ -16,6 +16,7 @@ from pager.errors import ConfigError
 from pager.source import PageSource
 from pager.uffd.binding import Userfaultfd
 from pager.uffd.faultloop import enabled_by_env
+from transport.polling import DEFAULT_POLL_US, MAX_POLL_US
 
 DEFAULT_CHUNK = 64 * 1024
 DEFAULT_READAHEAD = 2 * 1024 * 1024
@@ -26,7 +27,7 @@ class FaultEngine:
 
     def __init__(self, source: PageSource, *, chunk_size: int = DEFAULT_CHUNK,
                  readahead: int = DEFAULT_READAHEAD, fetch_timeout: float = 60.0,
-                 c_loop: bool | None = None) -> None:
+                 c_loop: bool | None = None, poll_us: int = DEFAULT_POLL_US) -> None:
         if chunk_size < PAGE_SIZE or chunk_size & (chunk_size - 1):
             raise ConfigError(f"chunk size {chunk_size} must be a power of two >= "
                               f"{PAGE_SIZE}; pass e.g. --chunk 64K")
@@ -35,6 +36,10 @@ class FaultEngine:
         self.readahead = readahead
         self.fetch_timeout = fetch_timeout
         self.c_loop = enabled_by_env() if c_loop is None else c_loop
+        if not 0 <= poll_us <= MAX_POLL_US:
+            raise ConfigError(f"poll window {poll_us} µs must be 0 (off) to {MAX_POLL_US}; "
+                              f"pass e.g. --poll-us {DEFAULT_POLL_US}")
+        self.poll_us = poll_us  # the C loop's adaptive polling window
         self.clients: list[ClientPager] = []
         self._closed_stats = EngineStats()
         self._lock = threading.Lock()

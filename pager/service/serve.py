@@ -25,6 +25,7 @@ from pager.errors import ConfigError
 from pager.service.handoff import HandoffServer, Handshake
 from pager.source import MemnodeSource, PageSource, parse_source
 from pager.uffd.faultloop import enabled_by_env
+from transport.polling import DEFAULT_POLL_US, add_poll_argument
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
                         default=enabled_by_env(),
                         help="serve every fault with the Python loop, not the C fault loop "
                              "(also SSI_PAGER_C_LOOP=0)")
+    add_poll_argument(parser, "the C fault loop")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -102,7 +104,8 @@ def source_from_args(args: argparse.Namespace) -> PageSource:
 def engine_from_args(args: argparse.Namespace, source: PageSource) -> FaultEngine:
     return FaultEngine(source, chunk_size=args.chunk, readahead=args.readahead,
                        fetch_timeout=args.fetch_timeout,
-                       c_loop=getattr(args, "c_loop", None))
+                       c_loop=getattr(args, "c_loop", None),
+                       poll_us=getattr(args, "poll_us", DEFAULT_POLL_US))
 
 
 @dataclass

@@ -20,15 +20,17 @@ class Proc(Child):
 
 
 class Memnode:
-    def __init__(self, tmp: Path, listen: str = "127.0.0.1:0") -> None:
+    def __init__(self, tmp: Path, listen: str = "127.0.0.1:0", *args: str) -> None:
         self.tmp = tmp
+        self.args = list(args)  # extra memnode options
         self.token_file = tmp / "token"
         self.store = tmp / "store"
         self.start(listen)
 
     def start(self, listen: str) -> None:
         self.proc = Proc(["memnode", "--listen", listen, "--store", str(self.store),
-                          "--token-file", str(self.token_file)], self.tmp / "memnode.log")
+                          "--token-file", str(self.token_file), *self.args],
+                         self.tmp / "memnode.log")
         self.endpoint = self.proc.wait_for(r"listening on (\S+)")
 
     def restart(self) -> None:
@@ -54,3 +56,10 @@ def memnode_args(m: Memnode) -> list[str]:
 
 def wait_or_fail(touch, timeout: float = 60.0) -> None:
     assert touch.wait(timeout), f"toucher stuck: {touch.done}/{touch.naccess} accesses done"
+
+
+def cpu_ticks(pid: int) -> int:
+    """User + system clock ticks the process has used (all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)

@@ -14,8 +14,10 @@ import sys
 from typing import Any
 
 from transport.errors import TransportError
+from transport.node import fastlane
 from transport.node.server import MemoryNode
 from transport.node.store import PageStore
+from transport.polling import add_poll_argument
 from transport.tcp import DEFAULT_HOST, parse_endpoint
 from transport.tcp import run as run_loop
 from transport.token import default_store_dir, default_token_path, ensure_token
@@ -45,6 +47,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-fastlane", action="store_true",
                         help="serve pagers' fault lanes in Python too, not in the C loop "
                              "(for comparison; also SSI_PAGER_NO_FASTLANE=1)")
+    add_poll_argument(parser, "the C fault lane")
     from pager import metrics
 
     metrics.add_metrics_argument(parser)
@@ -64,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
     else:
         token = ensure_token(args.token_file)
+    fastlane.set_poll_us(args.poll_us)
     store = PageStore(args.store or default_store_dir(), sync=args.fsync,
                       max_space_bytes=args.max_space_gib << 30)
     node = MemoryNode(store, token=token, host=host, port=port, name=args.name,

@@ -55,6 +55,8 @@ struct ssi_pfl {
     uint64_t bucket_us[...];
     int timeout_ms;
     uint64_t max_ns;
+    uint64_t poll_ns;
+    uint64_t last_event_ns;
     uint32_t req;
     int first;
     int n;

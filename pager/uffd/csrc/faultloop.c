@@ -15,6 +15,7 @@
  * transport/wire/protocol.py); the DATA reply's arg is the zero mask and only the written pages
  * follow, packed. SSI_PFL_PROTO_RAW is the reference memory node's format used by
  * `bench faults` ({u64 offset, u32 length} -> length raw bytes, nothing zero). */
+#include <sched.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 
@@ -205,6 +206,32 @@ static int ssi_pfl_fault(struct ssi_pfl *l, int i, uint64_t t0, uint64_t *done_s
     return 1;
 }
 
+/* Adaptive polling: for poll_ns after the last event, read the uffd without blocking (its fd
+ * is O_NONBLOCK) instead of sleeping in poll(), so the next fault of a burst is seen within one
+ * read() rather than after a wakeup. The window is bounded and restarts only on events, so an
+ * idle pager blocks in poll() and costs nothing; between reads the thread yields, so a spinning
+ * pager leaves the CPU to any runnable thread (on a small host, the guest's). The interrupting
+ * fds are not looked at while spinning: they wait at most one window. Returns the events read,
+ * 0 when the window closed, -errno. */
+static int ssi_pfl_spin(struct ssi_pfl *l, int max_events)
+{
+    if (!l->poll_ns)
+        return 0;
+    for (unsigned k = 1;; k++) {
+        if (ssi_now_ns() - l->last_event_ns >= l->poll_ns)
+            return 0;
+        int n = ssi_uffd_read(l->uffd, l->events, max_events);
+        if (n)
+            return n;
+        if (k % 4 == 0)
+            sched_yield();
+#if defined(__x86_64__) || defined(__i386__)
+        else
+            __builtin_ia32_pause();
+#endif
+    }
+}
+
 int ssi_pfl_run(struct ssi_pfl *l)
 {
     uint64_t entered = ssi_now_ns();
@@ -220,31 +247,35 @@ int ssi_pfl_run(struct ssi_pfl *l)
     for (;;) {
         if (served && l->log.max_res - l->log.nres < worst)
             return SSI_PFL_IDLE;  /* Python drains it and calls again */
-        p[0].fd = l->uffd;
-        p[0].events = POLLIN;
-        for (int k = 1; k < np; k++) {
-            p[k].fd = l->wake_fds[k - 1];
-            p[k].events = POLLIN;
+        int n = ssi_pfl_spin(l, max_events);
+        if (n == 0) {
+            p[0].fd = l->uffd;
+            p[0].events = POLLIN;
+            for (int k = 1; k < np; k++) {
+                p[k].fd = l->wake_fds[k - 1];
+                p[k].events = POLLIN;
+            }
+            /* once faults were served, return soon after they stop, so Python folds the
+               counters (metrics lag by at most SSI_PFL_FOLD_MS idle, max_ns busy) */
+            int r = poll(p, (nfds_t)np, served && l->timeout_ms > SSI_PFL_FOLD_MS
+                                            ? SSI_PFL_FOLD_MS : l->timeout_ms);
+            if (r < 0 && errno == EINTR)
+                continue;
+            if (r <= 0)
+                return SSI_PFL_IDLE;
+            for (int k = 1; k < np; k++)
+                if (p[k].revents)
+                    return SSI_PFL_WAKE;
+            n = ssi_uffd_read(l->uffd, l->events, max_events);
         }
-        /* once faults were served, return soon after they stop, so Python folds the counters
-           (metrics lag by at most SSI_PFL_FOLD_MS idle, max_ns busy) */
-        int r = poll(p, (nfds_t)np, served && l->timeout_ms > SSI_PFL_FOLD_MS ? SSI_PFL_FOLD_MS
-                                                                          : l->timeout_ms);
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r <= 0)
-            return SSI_PFL_IDLE;
-        for (int k = 1; k < np; k++)
-            if (p[k].revents)
-                return SSI_PFL_WAKE;
-        int n = ssi_uffd_read(l->uffd, l->events, max_events);
         if (n < 0) {
             l->err = -n;
             return SSI_PFL_READ_ERROR;
         }
         if (n == 0)
             return SSI_PFL_IDLE;
-        uint64_t t0 = ssi_now_ns();
+        l->last_event_ns = ssi_now_ns();
+        uint64_t t0 = l->last_event_ns;
         int ndone = 0;
         for (int i = 0; i < n; i++) {
             int rc = ssi_pfl_fault(l, i, t0, done_s, done_e, &ndone);
@@ -260,7 +291,8 @@ int ssi_pfl_run(struct ssi_pfl *l)
             }
             return SSI_PFL_EVENTS;
         }
-        if (ssi_now_ns() - entered >= l->max_ns)
+        l->last_event_ns = ssi_now_ns();  /* the window runs from the end of the batch */
+        if (l->last_event_ns - entered >= l->max_ns)
             return SSI_PFL_IDLE;
     }
 }

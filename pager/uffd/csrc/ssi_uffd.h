@@ -298,6 +298,9 @@ struct ssi_pfl {
     uint64_t bucket_us[SSI_PFL_NBUCKETS - 1];
     int timeout_ms;                     /* poll timeout -> SSI_PFL_IDLE */
     uint64_t max_ns;                    /* serve at most this long per call -> SSI_PFL_IDLE */
+    uint64_t poll_ns;                   /* adaptive polling: read without blocking this long
+                                           after the last event before poll() (0: off) */
+    uint64_t last_event_ns;             /* when the last event was read or served */
     uint32_t req;                       /* last request id */
     int first;                          /* on return: events[first:n] are Python's */
     int n;
