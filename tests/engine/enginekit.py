@@ -57,9 +57,3 @@ def memnode_args(m: Memnode) -> list[str]:
 def wait_or_fail(touch, timeout: float = 60.0) -> None:
     assert touch.wait(timeout), f"toucher stuck: {touch.done}/{touch.naccess} accesses done"
 
-
-def cpu_ticks(pid: int) -> int:
-    """User + system clock ticks the process has used (all its threads)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)

@@ -30,7 +30,13 @@ def test_bench_faults_prints_json_lines():
     r = _run("bench", "faults", "--mib", "4", "--rss-gib", "0", "--only", "remote-4k-rand",
              "--refpager", "/nonexistent")
     assert r.returncode == 0, r.stderr[-2000:]
-    lines = [json.loads(line) for line in r.stdout.splitlines()]
-    assert [x["name"] for x in lines] == ["pager-remote-4k-rand"]
-    assert lines[0]["bad_pages"] == 0 and lines[0]["p50_us"] > 0 and lines[0]["gbps"] > 0
-    assert lines[0]["faults"] == 1024
+    lines = {x["name"]: x for x in map(json.loads, r.stdout.splitlines())}
+    assert sorted(lines) == sorted(f"pager-remote-4k-rand{s}" for s in (
+        "", "-nora", "-nora-nopoll", "-nora-busy", "-nora-nopoll-busy"))
+    for x in lines.values():
+        assert x["bad_pages"] == 0 and x["p50_us"] > 0 and x["gbps"] > 0, x
+        assert x["faults"] == 1024
+        # what the faults cost: CPU per million faults of pager and node, idle pager CPU
+        assert x["pager_cpu_s_per_mfault"] >= 0 and x["node_cpu_s_per_mfault"] >= 0
+        assert 0 <= x["pager_idle_cpu_pct"] < 10, x
+    assert 0 < lines["pager-remote-4k-rand-nora-busy"]["busy_cpu_share"] <= 1.05

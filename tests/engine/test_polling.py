@@ -9,16 +9,16 @@ import os
 import time
 
 import pytest
-from enginekit import Memnode, cpu_ticks, memnode_args, wait_or_fail
+from enginekit import Memnode, memnode_args, wait_or_fail
 
 from pager.core.region import Region
 from pager.engine import FaultEngine
 from pager.errors import ConfigError
+from pager.tools.bench import cpu_seconds
 from pager.tools.workload import Client, DataSet
 
 MIB = 1 << 20
 PAGE = 4096
-HZ = os.sysconf("SC_CLK_TCK")
 
 
 def _served_digest(node: Memnode, data: DataSet, poll_us: int, chunk: int) -> str:
@@ -53,9 +53,9 @@ def test_polling_on_and_off_serve_the_same_bytes(tmp_path, chunk):
 
 
 def _idle_share(pid: int, seconds: float = 1.0) -> float:
-    t0, c0 = time.monotonic(), cpu_ticks(pid)
+    t0, c0 = time.monotonic(), cpu_seconds(pid)
     time.sleep(seconds)
-    return (cpu_ticks(pid) - c0) / HZ / (time.monotonic() - t0)
+    return (cpu_seconds(pid) - c0) / (time.monotonic() - t0)
 
 
 def test_idle_pager_and_node_that_poll_use_no_cpu(tmp_path, run_pager):

@@ -19,16 +19,15 @@
  */
 #include <errno.h>
 #include <fcntl.h>
-#include <sched.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/types.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "ssip_io.h"
+#include "ssip_poll.h"
 #include "ssip_wire.h"
 #include "fastlane.h"
 
@@ -141,13 +140,6 @@ static int serve_frame(struct ssi_fl_conn *c)
     return 0;
 }
 
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
 /* Adaptive polling: for poll_ns after the last frame, recv without blocking so the next FETCH
  * of a burst is read at once instead of after a thread wakeup; then a blocking recv. The window
  * restarts only when bytes arrive, so an idle lane sleeps; the thread yields between reads so
@@ -157,16 +149,11 @@ static ssize_t recv_polling(struct ssi_fl_conn *c, uint64_t since)
     void *dst = c->inbuf + c->end;
     size_t room = c->in_cap - c->end;
     if (c->poll_ns) {
-        for (unsigned k = 1; now_ns() - since < c->poll_ns; k++) {
+        for (unsigned k = 1; ssip_mono_ns() - since < c->poll_ns; k++) {
             ssize_t n = recv(c->fd, dst, room, MSG_DONTWAIT);
             if (n >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR))
                 return n;
-            if (k % 4 == 0)
-                sched_yield();
-#if defined(__x86_64__) || defined(__i386__)
-            else
-                __builtin_ia32_pause();
-#endif
+            ssip_poll_relax(k);
         }
     }
     return recv(c->fd, dst, room, 0);
@@ -174,7 +161,7 @@ static ssize_t recv_polling(struct ssi_fl_conn *c, uint64_t since)
 
 int ssi_fl_serve(struct ssi_fl_conn *c)
 {
-    uint64_t last = now_ns();
+    uint64_t last = ssip_mono_ns();
     int rc, flags = fcntl(c->fd, F_GETFL);
     if (flags >= 0 && (flags & O_NONBLOCK))
         fcntl(c->fd, F_SETFL, flags & ~O_NONBLOCK);
@@ -198,7 +185,7 @@ int ssi_fl_serve(struct ssi_fl_conn *c)
         n = recv_polling(c, last);
         if (n > 0) {
             c->end += (uint32_t)n;
-            last = now_ns();
+            last = ssip_mono_ns();
         } else if (n == 0) {
             rc = SSI_FL_EOF;
             break;

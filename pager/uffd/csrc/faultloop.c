@@ -15,10 +15,10 @@
  * transport/wire/protocol.py); the DATA reply's arg is the zero mask and only the written pages
  * follow, packed. SSI_PFL_PROTO_RAW is the reference memory node's format used by
  * `bench faults` ({u64 offset, u32 length} -> length raw bytes, nothing zero). */
-#include <sched.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 
+#include "ssip_poll.h"
 #include "ssip_wire.h"
 #include "ssi_uffd.h"
 
@@ -223,12 +223,7 @@ static int ssi_pfl_spin(struct ssi_pfl *l, int max_events)
         int n = ssi_uffd_read(l->uffd, l->events, max_events);
         if (n)
             return n;
-        if (k % 4 == 0)
-            sched_yield();
-#if defined(__x86_64__) || defined(__i386__)
-        else
-            __builtin_ia32_pause();
-#endif
+        ssip_poll_relax(k);
     }
 }
 
