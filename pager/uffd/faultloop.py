@@ -25,6 +25,7 @@ PROTO_SSIP: int = lib.SSI_PFL_PROTO_SSIP
 PROTO_RAW: int = lib.SSI_PFL_PROTO_RAW
 MAX_REGIONS: int = lib.SSI_PFL_MAX_REGIONS
 MAX_SLOW: int = lib.SSI_PFL_MAX_SLOW
+MAX_FETCH: int = lib.SSI_PFL_MAX_FETCH  # regions with larger pages are served by Python
 COUNTERS = ("faults", "faults_write", "served_fetch", "served_dup", "fetched_bytes",
             "latency_sum_us", "latency_count")
 
@@ -45,7 +46,9 @@ class FaultLoop:
             raise ValueError(f"{len(bucket_us)} latency bounds; the C loop has "
                              f"{lib.SSI_PFL_NBUCKETS - 1}")
         self._l = ffi.new("struct ssi_pfl *")
-        self._buf = ffi.new("uint8_t[]", chunk)
+        # room for a whole huge page up to what C fetches (calloc'd: untouched until used)
+        buf_size = max(chunk, lib.SSI_PFL_MAX_FETCH)
+        self._buf = ffi.new("uint8_t[]", buf_size)
         self._raw = raw
         # residency ring: two batches of chunks that each split into single pages (C returns
         # to be drained before reading a batch it might not have room for)
@@ -58,7 +61,7 @@ class FaultLoop:
         lp.events = raw.array
         lp.max_events = raw.max_events
         lp.buf = self._buf
-        lp.buf_size = chunk
+        lp.buf_size = buf_size
         for i, b in enumerate(bucket_us):
             lp.bucket_us[i] = b
         lp.timeout_ms = timeout_ms

@@ -250,6 +250,7 @@ int ssi_install(int uffd, uint64_t dst, uint64_t src, uint64_t len, const uint64
 #define SSI_PFL_MAX_SLOW 256
 #define SSI_PFL_MAX_WAKE 2
 #define SSI_PFL_NBUCKETS 15
+#define SSI_PFL_MAX_FETCH (2u << 20)  /* largest fetch C serves (a 2 MiB page); more: Python */
 
 #define SSI_PFL_IDLE 0
 #define SSI_PFL_WAKE 1
