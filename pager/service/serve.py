@@ -159,8 +159,9 @@ class PagerService:
             if self.keeper is not None:
                 self.keeper.drop(key)
             raise
-        log.info("serving %s: pid %d, %d regions, %d MiB", client.name, hs.pid,
-                 len(hs.regions), sum(r.size for r in hs.regions) >> 20)
+        log.info("serving %s: pid %d, %d regions, %d MiB, %s KiB pages", client.name, hs.pid,
+                 len(hs.regions), sum(r.size for r in hs.regions) >> 20,
+                 "/".join(sorted({str(r.page_size >> 10) for r in hs.regions})))
         return _Held(self, client, key)
 
     def _recorder(self, key: int):
