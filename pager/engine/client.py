@@ -39,6 +39,7 @@ from pager.core.state import (
 )
 from pager.engine.cloop import CLoopMixin
 from pager.engine.install import Installer
+from pager.engine.prefetch import WorkingSetMixin
 from pager.engine.readahead import ReadaheadMixin
 from pager.engine.stats import EngineStats
 from pager.errors import FaultError
@@ -67,7 +68,7 @@ log = logging.getLogger(__name__)
 BATCH = 64  # events per read(2)
 
 
-class ClientPager(CLoopMixin, ReadaheadMixin):
+class ClientPager(CLoopMixin, ReadaheadMixin, WorkingSetMixin):
     """One client uffd: its fault thread, its readahead lane, its state and stats."""
 
     def __init__(self, engine: FaultEngine, uffd, state: ClientState, *, name: str, pid: int,
@@ -91,6 +92,7 @@ class ClientPager(CLoopMixin, ReadaheadMixin):
         self._ra_queue: queue.SimpleQueue = queue.SimpleQueue()
         self._ra_done: collections.deque = collections.deque()
         self._ra_thread: threading.Thread | None = None
+        self._ws_init()
         self._pidfd: int | None = None
         self._lane: Lane | None = None
         self._c_dirty = True  # the C loop's region table / slow ranges must be rebuilt
@@ -152,6 +154,7 @@ class ClientPager(CLoopMixin, ReadaheadMixin):
     def _run(self) -> None:
         lane = self._lane = self.engine.source.open_lane()
         try:
+            self._ws_begin()
             self._loop(lane)
         except UffdGone:
             log.info("%s: client address space gone", self.name)
@@ -160,6 +163,7 @@ class ClientPager(CLoopMixin, ReadaheadMixin):
             self.error = "fault thread failed (see log)"
         finally:
             self._stop.set()
+            self._ws_end()
             self._ra_queue.put(None)
             if self._ra_thread is not None:
                 self._ra_thread.join(5)
@@ -200,7 +204,7 @@ class ClientPager(CLoopMixin, ReadaheadMixin):
         # poll, then read only when the uffd is readable: two syscalls per fault when faults
         # come one at a time, and poll returns at once while more events are queued
         while not stop.is_set():
-            busy = state.deferred or self._ra_done
+            busy = state.deferred or self._ra_done or self._pf_done
             timeout = 0 if busy else 1000
             if cl is not None and not busy and self._c_prepare(cl, lane):
                 code, first, n, err = cl.run()  # GIL released while C serves faults
@@ -239,6 +243,7 @@ class ClientPager(CLoopMixin, ReadaheadMixin):
                 continue
             if self._ra_done:
                 self._install_readahead(*self._ra_done.popleft())
+            self._ws_tick()  # a replay batch (no fault waiting), the recording window
 
     def _handle(self, raw: RawEvents, words, n: int, lane: Lane, first: int = 0) -> None:
         """One batch (from event ``first``), in order: page faults straight from the raw
@@ -267,6 +272,8 @@ class ClientPager(CLoopMixin, ReadaheadMixin):
                     log.warning("%s: ignoring unknown uffd event %r", self.name, ev)
 
     def _layout(self, kind: str, *args: int) -> None:
+        if kind == "unmap":
+            self._ws_keep(*args)  # what the window saw there stays in the working set
         getattr(self.state, f"on_{kind}")(*args)
         self._c_dirty = True
         if self.on_layout is not None:

@@ -27,7 +27,9 @@ class FaultEngine:
 
     def __init__(self, source: PageSource, *, chunk_size: int = DEFAULT_CHUNK,
                  readahead: int = DEFAULT_READAHEAD, fetch_timeout: float = 60.0,
-                 c_loop: bool | None = None, poll_us: int = DEFAULT_POLL_US) -> None:
+                 c_loop: bool | None = None, poll_us: int = DEFAULT_POLL_US,
+                 ws_window: float = 0.0, prefetch: bool = True, prefetch_rate: int = 0,
+                 ws_max_fraction: float = 0.5) -> None:
         if chunk_size < PAGE_SIZE or chunk_size & (chunk_size - 1):
             raise ConfigError(f"chunk size {chunk_size} must be a power of two >= "
                               f"{PAGE_SIZE}; pass e.g. --chunk 64K")
@@ -40,6 +42,16 @@ class FaultEngine:
             raise ConfigError(f"poll window {poll_us} µs must be 0 (off) to {MAX_POLL_US}; "
                               f"pass e.g. --poll-us {DEFAULT_POLL_US}")
         self.poll_us = poll_us  # the C loop's adaptive polling window
+        if ws_window < 0 or prefetch_rate < 0 or not 0 < ws_max_fraction <= 1:
+            raise ConfigError(f"working set: window {ws_window} s, prefetch rate "
+                              f"{prefetch_rate} B/s, cap {ws_max_fraction}: the window and rate "
+                              f"must be >= 0 and the cap a fraction in (0, 1]")
+        # working sets (pager.engine.prefetch): recorded for ws_window s after a client starts
+        # (0: neither recorded nor replayed), replayed on the next start unless not prefetch
+        self.ws_window = ws_window
+        self.prefetch = prefetch and ws_window > 0
+        self.prefetch_rate = prefetch_rate
+        self.ws_max_fraction = ws_max_fraction
         self.clients: list[ClientPager] = []
         self._closed_stats = EngineStats()
         self._lock = threading.Lock()

@@ -26,16 +26,17 @@ class Installer:
         self._fits = 0  # the log has room for an install of this many bytes
 
     def install(self, start: int, length: int, src: int | None, mask: int,
-                removed: tuple[tuple[int, int], ...], page_size: int) -> None:
+                removed: tuple[tuple[int, int], ...], page_size: int, *, mode: int = 0) -> None:
         """Install ``[start, start+length)`` from address ``src`` (None: zero pages); bit i of
-        ``mask``: wire page i was never written; pages in ``removed`` are left alone."""
+        ``mask``: wire page i was never written; pages in ``removed`` are left alone. ``mode``:
+        UFFDIO_COPY mode bits (``COPY_DONTWAKE``: the caller wakes the range later)."""
         log = self.log
         if not removed:
             if length > self._fits:
                 log.reserve(length)
                 self._fits = length
             try:
-                install(self.fd, start, src, length, mask, page_size, log)
+                install(self.fd, start, src, length, mask, page_size, log, mode)
             finally:
                 self.drain()
             return
@@ -44,7 +45,7 @@ class Installer:
             log.reserve(n)
             try:
                 install(self.fd, s, None if src is None else src + off, n,
-                        mask >> (off // WIRE_PAGE), page_size, log)
+                        mask >> (off // WIRE_PAGE), page_size, log, mode)
             finally:
                 self.drain()
 

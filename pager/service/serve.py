@@ -74,6 +74,14 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
                         help="serve every fault with the Python loop, not the C fault loop "
                              "(also SSI_PAGER_C_LOOP=0)")
     add_poll_argument(parser, "the C fault loop")
+    parser.add_argument("--ws-window", type=float, default=0.0, metavar="S",
+                        help="record each client's working set over its first S seconds and "
+                             "store it with its space on the memory node; replay it ahead of "
+                             "faults when the space starts again (0 = off, the default)")
+    parser.add_argument("--no-prefetch", dest="prefetch", action="store_false",
+                        help="with --ws-window: record working sets but do not replay them")
+    parser.add_argument("--prefetch-rate", type=parse_size, default=0, metavar="BYTES",
+                        help="most bytes per second a replay fetches, e.g. 256M (0 = no limit)")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -105,7 +113,10 @@ def engine_from_args(args: argparse.Namespace, source: PageSource) -> FaultEngin
     return FaultEngine(source, chunk_size=args.chunk, readahead=args.readahead,
                        fetch_timeout=args.fetch_timeout,
                        c_loop=getattr(args, "c_loop", None),
-                       poll_us=getattr(args, "poll_us", DEFAULT_POLL_US))
+                       poll_us=getattr(args, "poll_us", DEFAULT_POLL_US),
+                       ws_window=getattr(args, "ws_window", 0.0),
+                       prefetch=getattr(args, "prefetch", True),
+                       prefetch_rate=getattr(args, "prefetch_rate", 0))
 
 
 @dataclass
