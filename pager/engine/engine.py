@@ -52,6 +52,9 @@ class FaultEngine:
         self.prefetch = prefetch and ws_window > 0
         self.prefetch_rate = prefetch_rate
         self.ws_max_fraction = ws_max_fraction
+        # space -> set once the working set a client of it recorded is stored (a client of
+        # the space starting meanwhile, a resume, waits for it before loading)
+        self.ws_stored: dict[str, threading.Event] = {}
         self.clients: list[ClientPager] = []
         self._closed_stats = EngineStats()
         self._lock = threading.Lock()

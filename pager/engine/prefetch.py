@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 PF_BATCH = 1 << 20   # bytes per replay batch (one wake per batch)
 PF_AHEAD = 2         # batches fetched and not yet installed, at most
 STORE_CHUNK = 1 << 20
+STORE_WAIT = 10.0    # s a starting client waits for its space's record being stored
 
 
 class WorkingSetMixin:
@@ -67,7 +68,8 @@ class WorkingSetMixin:
         self._ws_kept: dict[str, WorkingSet] = {}  # faulted-in ranges unmapped in the window
         self._ws_ram: dict[str, int] = {}            # bytes of RAM per space at start
         self._ws_ready = threading.Event()        # records loaded (or none)
-        self.replay_done = threading.Event()      # the replay ended (or there was none)
+        self.replay_done = threading.Event()      # replay fetched and installed (or none)
+        self._pf_fetched = False                  # the helper fetched all it will
 
     def _ws_spaces(self: ClientPager) -> dict[str, list[Region]]:
         """Regions by the memory-node space they map (only sources that can store)."""
@@ -99,6 +101,10 @@ class WorkingSetMixin:
         lane = self.engine.source.open_lane()
         try:
             for space in spaces:
+                pending = self.engine.ws_stored.get(space)
+                if pending is not None and not pending.wait(STORE_WAIT):
+                    log.warning("%s: the working set of %r is still being stored; replaying "
+                                "the previous one", self.name, space)
                 try:
                     ws = load_record(lane, space)
                 except (TransportError, OSError) as exc:
@@ -113,7 +119,8 @@ class WorkingSetMixin:
                     self._replay(lane, space, ws, spaces[space])
         finally:
             self._ws_ready.set()
-            self.replay_done.set()
+            self._pf_fetched = True
+            self._kick()  # the fault thread sets replay_done once it installed the rest
             lane.close()
 
     def _replay(self: ClientPager, lane: Lane, space: str, ws: WorkingSet,
@@ -157,6 +164,8 @@ class WorkingSetMixin:
         close the recording window when it is due."""
         if self._pf_done:
             self._pf_install(self._pf_done.popleft())
+        elif self._pf_fetched:
+            self.replay_done.set()
         if self._ws_deadline and time.monotonic() >= self._ws_deadline:
             self._ws_record()
 
@@ -234,6 +243,8 @@ class WorkingSetMixin:
                 sets[space] = ws
                 self.stats.ws_recorded_pages += pages
         if sets:
+            for space in sets:
+                self.engine.ws_stored[space] = threading.Event()
             t = threading.Thread(target=self._ws_store, args=(sets,), name=f"ws-store-{self.name}",
                                  daemon=True)
             t.start()
@@ -250,6 +261,8 @@ class WorkingSetMixin:
                 except (TransportError, OSError) as exc:
                     log.warning("%s: working set of %r not stored: %s", self.name, space, exc)
                     lane.reset()
+                finally:
+                    self.engine.ws_stored[space].set()
         finally:
             lane.close()
 
@@ -264,6 +277,7 @@ class WorkingSetMixin:
             self._pf_thread.join(5)
         while self._pf_done:
             self.stats.prefetch_wasted += sum(b[3] for b in self._pf_done.popleft())
+        self.replay_done.set()
 
 
 def _minus(s: int, e: int, cut: IntervalSet) -> list[tuple[int, int]]:
