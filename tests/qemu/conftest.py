@@ -117,13 +117,16 @@ METRICS_URL = re.compile(r"metrics: (http://\S+)")
 PAGER_START_TIMEOUT = 30
 
 
-@pytest.fixture
-def pager(tmp_path: Path, memnode: str, token: Path) -> Iterator[Pager]:
-    """A pager whose metrics endpoint binds a port of the kernel's choosing (no port picked
-    here that another process could take first); its URL is read from the pager's log."""
+@contextlib.contextmanager
+def metrics_pager(tmp_path: Path, memnode: str, token: Path,
+                  extra: list[str] | None = None) -> Iterator[Pager]:
+    """A pager (``extra`` serve options) whose metrics endpoint binds a port of the kernel's
+    choosing (no port picked here that another process could take first); its URL is read
+    from the pager's log."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     sock = tmp_path / "pager.sock"
     logf = tmp_path / "pager.log"
-    proc = start_pager(sock, memnode, token, logf, ["--metrics", "127.0.0.1:0"])
+    proc = start_pager(sock, memnode, token, logf, ["--metrics", "127.0.0.1:0", *(extra or [])])
     deadline = time.monotonic() + PAGER_START_TIMEOUT
     while (m := METRICS_URL.search(logf.read_text(errors="replace"))) is None:
         if time.monotonic() > deadline or proc.poll() is not None:
@@ -136,3 +139,9 @@ def pager(tmp_path: Path, memnode: str, token: Path) -> Iterator[Pager]:
         yield p
     finally:
         stop_process(proc)
+
+
+@pytest.fixture
+def pager(tmp_path: Path, memnode: str, token: Path) -> Iterator[Pager]:
+    with metrics_pager(tmp_path, memnode, token) as p:
+        yield p
