@@ -116,10 +116,11 @@ def services(workdir: Path, token_file: Path, listen: str = "127.0.0.1:0",
 
 # --- runs ---------------------------------------------------------------------------------------
 
-def vm_args(memnode: str | None, token_file: Path, pager: Path | None) -> argparse.Namespace:
+def vm_args(memnode: str | None, token_file: Path, pager: Path | None,
+            hugetlb: bool = False) -> argparse.Namespace:
     return argparse.Namespace(memnode=memnode, token_file=str(token_file), space=None,
                               pager=str(pager) if pager else None, name=None, state=None,
-                              pager_arg=None, verbose=0)
+                              pager_arg=None, verbose=0, hugetlb=hugetlb)
 
 
 def run_plain(argv: list[str]) -> tuple[float, str]:
