@@ -142,19 +142,25 @@ static int serve_frame(struct ssi_fl_conn *c)
 
 /* Adaptive polling: for poll_ns after the last frame, recv without blocking so the next FETCH
  * of a burst is read at once instead of after a thread wakeup; then a blocking recv. The window
- * restarts only when bytes arrive, so an idle lane sleeps; the thread yields between reads so
- * it leaves the CPU to anything runnable. Returns what recv returned (-1 with errno set). */
+ * restarts only when bytes arrive, so an idle lane sleeps; the spin yields now and then and
+ * backs off when that got it preempted (ssip_poll.h). Returns what recv returned (-1 with
+ * errno set). */
 static ssize_t recv_polling(struct ssi_fl_conn *c, uint64_t since)
 {
     void *dst = c->inbuf + c->end;
     size_t room = c->in_cap - c->end;
-    if (c->poll_ns) {
-        for (unsigned k = 1; ssip_mono_ns() - since < c->poll_ns; k++) {
+    uint64_t prev = ssip_mono_ns();
+    if (prev - since < c->poll_ns && ssip_poll_allowed(c->poll_ns, c->poll_skip_until, prev)) {
+        unsigned k = 1;
+        do {
             ssize_t n = recv(c->fd, dst, room, MSG_DONTWAIT);
-            if (n >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR))
+            if (n >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
+                c->poll_backoff_ns = 0;
                 return n;
-            ssip_poll_relax(k);
-        }
+            }
+            ssip_poll_relax(k++);
+        } while (!ssip_poll_over(since, c->poll_ns, &prev, &c->poll_skip_until,
+                                 &c->poll_backoff_ns));
     }
     return recv(c->fd, dst, room, 0);
 }

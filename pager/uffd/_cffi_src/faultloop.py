@@ -58,6 +58,8 @@ struct ssi_pfl {
     uint64_t max_ns;
     uint64_t poll_ns;
     uint64_t last_event_ns;
+    uint64_t poll_skip_until;
+    uint64_t poll_backoff_ns;
     uint32_t req;
     int first;
     int n;

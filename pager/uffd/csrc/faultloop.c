@@ -61,6 +61,31 @@ static int ssi_pfl_recv_all(int fd, uint8_t *p, size_t n)
     return 0;
 }
 
+/* recvmsg for a fetch's reply: with adaptive polling, non-blocking reads for up to poll_ns
+   first (the reply of a fast node arrives within the window, and this thread is not put to
+   sleep and woken for it), then a blocking one. */
+static ssize_t ssi_pfl_recvmsg(struct ssi_pfl *l, int fd, struct msghdr *msg)
+{
+    ssize_t n;
+    uint64_t t0 = ssip_mono_ns(), prev = t0;
+    if (ssip_poll_allowed(l->poll_ns, l->poll_skip_until, t0)) {
+        unsigned k = 1;
+        do {
+            n = recvmsg(fd, msg, MSG_DONTWAIT);
+            if (n >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
+                l->poll_backoff_ns = 0;
+                return n;
+            }
+            ssip_poll_relax(k++);
+        } while (!ssip_poll_over(t0, l->poll_ns, &prev, &l->poll_skip_until,
+                                 &l->poll_backoff_ns));
+    }
+    do {
+        n = recvmsg(fd, msg, 0);
+    } while (n < 0 && errno == EINTR);
+    return n;
+}
+
 /* Pages of one DATA reply arrived packed at p (the written ones only, zero mask m): move each
    to its place, last first. */
 static void ssi_pfl_unpack(uint8_t *p, uint32_t npages, uint32_t m, uint64_t length)
@@ -163,10 +188,7 @@ static int ssi_pfl_fetch(struct ssi_pfl *l, const struct ssi_pfl_region *r, uint
     /* header and pages in one recvmsg: only this reply can arrive */
     struct iovec iov[2] = {{&h, sizeof h}, {buf, len}};
     struct msghdr msg = {.msg_iov = iov, .msg_iovlen = 2};
-    ssize_t nb;
-    do {
-        nb = recvmsg(r->sock, &msg, 0);
-    } while (nb < 0 && errno == EINTR);
+    ssize_t nb = ssi_pfl_recvmsg(l, r->sock, &msg);
     if (nb < 0)
         return -errno;
     if (nb == 0)
@@ -280,20 +302,27 @@ static int ssi_pfl_fault(struct ssi_pfl *l, int i, uint64_t t0, uint64_t *done_s
 /* Adaptive polling: for poll_ns after the last event, read the uffd without blocking (its fd
  * is O_NONBLOCK) instead of sleeping in poll(), so the next fault of a burst is seen within one
  * read() rather than after a wakeup. The window is bounded and restarts only on events, so an
- * idle pager blocks in poll() and costs nothing; between reads the thread yields, so a spinning
- * pager leaves the CPU to any runnable thread (on a small host, the guest's). The interrupting
- * fds are not looked at while spinning: they wait at most one window. Returns the events read,
- * 0 when the window closed, -errno. */
+ * idle pager blocks in poll() and costs nothing; the spin yields now and then, and backs off
+ * when that got it preempted (ssip_poll.h). The interrupting fds are not looked at while
+ * spinning: they wait at most one window. Returns the events read, 0 when the window closed,
+ * -errno. */
 static int ssi_pfl_spin(struct ssi_pfl *l, int max_events)
 {
     if (!l->poll_ns)
         return 0;
+    uint64_t prev = ssip_mono_ns();
+    if (prev - l->last_event_ns >= l->poll_ns
+            || !ssip_poll_allowed(l->poll_ns, l->poll_skip_until, prev))
+        return 0;
     for (unsigned k = 1;; k++) {
-        if (ssi_now_ns() - l->last_event_ns >= l->poll_ns)
-            return 0;
         int n = ssi_uffd_read(l->uffd, l->events, max_events);
-        if (n)
+        if (n) {
+            l->poll_backoff_ns = 0;
             return n;
+        }
+        if (ssip_poll_over(l->last_event_ns, l->poll_ns, &prev, &l->poll_skip_until,
+                           &l->poll_backoff_ns))
+            return 0;
         ssip_poll_relax(k);
     }
 }

@@ -302,6 +302,8 @@ struct ssi_pfl {
     uint64_t poll_ns;                   /* adaptive polling: read without blocking this long
                                            after the last event before poll() (0: off) */
     uint64_t last_event_ns;             /* when the last event was read or served */
+    uint64_t poll_skip_until;           /* no polling before (back-off, ssip_poll.h) */
+    uint64_t poll_backoff_ns;
     uint32_t req;                       /* last request id */
     int first;                          /* on return: events[first:n] are Python's */
     int n;
