@@ -24,6 +24,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/types.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "ssip_io.h"
@@ -147,22 +148,10 @@ static int serve_frame(struct ssi_fl_conn *c)
  * errno set). */
 static ssize_t recv_polling(struct ssi_fl_conn *c, uint64_t since)
 {
-    void *dst = c->inbuf + c->end;
-    size_t room = c->in_cap - c->end;
-    uint64_t prev = ssip_mono_ns();
-    if (prev - since < c->poll_ns && ssip_poll_allowed(c->poll_ns, c->poll_skip_until, prev)) {
-        unsigned k = 1;
-        do {
-            ssize_t n = recv(c->fd, dst, room, MSG_DONTWAIT);
-            if (n >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
-                c->poll_backoff_ns = 0;
-                return n;
-            }
-            ssip_poll_relax(k++);
-        } while (!ssip_poll_over(since, c->poll_ns, &prev, &c->poll_skip_until,
-                                 &c->poll_backoff_ns));
-    }
-    return recv(c->fd, dst, room, 0);
+    struct iovec iov = {c->inbuf + c->end, c->in_cap - c->end};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1};
+    return ssip_recvmsg_polling(c->fd, &msg, since, c->poll_ns, &c->poll_skip_until,
+                                &c->poll_backoff_ns);
 }
 
 int ssi_fl_serve(struct ssi_fl_conn *c)

@@ -3,8 +3,10 @@
 #ifndef SSIP_POLL_H
 #define SSIP_POLL_H
 
+#include <errno.h>
 #include <sched.h>
 #include <stdint.h>
+#include <sys/socket.h>
 #include <time.h>
 
 #define SSIP_POLL_PREEMPTED_NS 100000u        /* 100 µs between two reads: preempted */
@@ -57,6 +59,31 @@ static inline int ssip_poll_over(uint64_t start, uint64_t window, uint64_t *prev
         return 1;
     }
     return now - start >= window;
+}
+
+/* recvmsg with adaptive polling: non-blocking reads from ``start`` until ``window`` has passed
+ * (or a preemption ended it), then a blocking read. What recvmsg returned (-1: errno). */
+static inline ssize_t ssip_recvmsg_polling(int fd, struct msghdr *msg, uint64_t start,
+                                           uint64_t window, uint64_t *skip_until,
+                                           uint64_t *backoff)
+{
+    ssize_t n;
+    uint64_t prev = ssip_mono_ns();
+    if (prev - start < window && ssip_poll_allowed(window, *skip_until, prev)) {
+        unsigned k = 1;
+        do {
+            n = recvmsg(fd, msg, MSG_DONTWAIT);
+            if (n >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
+                *backoff = 0;
+                return n;
+            }
+            ssip_poll_relax(k++);
+        } while (!ssip_poll_over(start, window, &prev, skip_until, backoff));
+    }
+    do {
+        n = recvmsg(fd, msg, 0);
+    } while (n < 0 && errno == EINTR);
+    return n;
 }
 
 #endif /* SSIP_POLL_H */

@@ -61,31 +61,6 @@ static int ssi_pfl_recv_all(int fd, uint8_t *p, size_t n)
     return 0;
 }
 
-/* recvmsg for a fetch's reply: with adaptive polling, non-blocking reads for up to poll_ns
-   first (the reply of a fast node arrives within the window, and this thread is not put to
-   sleep and woken for it), then a blocking one. */
-static ssize_t ssi_pfl_recvmsg(struct ssi_pfl *l, int fd, struct msghdr *msg)
-{
-    ssize_t n;
-    uint64_t t0 = ssip_mono_ns(), prev = t0;
-    if (ssip_poll_allowed(l->poll_ns, l->poll_skip_until, t0)) {
-        unsigned k = 1;
-        do {
-            n = recvmsg(fd, msg, MSG_DONTWAIT);
-            if (n >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
-                l->poll_backoff_ns = 0;
-                return n;
-            }
-            ssip_poll_relax(k++);
-        } while (!ssip_poll_over(t0, l->poll_ns, &prev, &l->poll_skip_until,
-                                 &l->poll_backoff_ns));
-    }
-    do {
-        n = recvmsg(fd, msg, 0);
-    } while (n < 0 && errno == EINTR);
-    return n;
-}
-
 /* Pages of one DATA reply arrived packed at p (the written ones only, zero mask m): move each
    to its place, last first. */
 static void ssi_pfl_unpack(uint8_t *p, uint32_t npages, uint32_t m, uint64_t length)
@@ -188,7 +163,10 @@ static int ssi_pfl_fetch(struct ssi_pfl *l, const struct ssi_pfl_region *r, uint
     /* header and pages in one recvmsg: only this reply can arrive */
     struct iovec iov[2] = {{&h, sizeof h}, {buf, len}};
     struct msghdr msg = {.msg_iov = iov, .msg_iovlen = 2};
-    ssize_t nb = ssi_pfl_recvmsg(l, r->sock, &msg);
+    /* adaptive polling: the reply of a fast node arrives within the window, and this
+       thread is not put to sleep and woken for it */
+    ssize_t nb = ssip_recvmsg_polling(r->sock, &msg, ssip_mono_ns(), l->poll_ns,
+                                      &l->poll_skip_until, &l->poll_backoff_ns);
     if (nb < 0)
         return -errno;
     if (nb == 0)
