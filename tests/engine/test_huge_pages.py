@@ -126,3 +126,23 @@ def test_unservable_huge_page_gives_sigbus(memnode, run_pager, huge_pool):
     log = proc.log.read_text()
     assert "not served" in log and "SIGBUS" in log
     assert proc.p.poll() is None
+
+
+def test_firecracker_style_handshake_through_serve(memnode, run_pager, huge_pool):
+    """The whole path a Firecracker client takes: hugetlbfs memfd, Unix-socket handshake with
+    ``page_size`` 2097152 and the memfd, a `serve` process on a memory node."""
+    data = DataSet(SEEDED)
+    memnode.seed(data)
+    proc, sock = run_pager(*memnode_args(memnode))
+    c = hugetlb_client()
+    try:
+        assert c.region()["page_size"] == HUGE
+        c.handoff(sock)
+        t = c.touch(threads=2, order="rand")
+        wait_or_fail(t)
+        assert t.mismatches == 0
+        assert c.check(data) == []
+        assert c.mem[SEEDED:] == bytes(SIZE - SEEDED)
+        assert "2048 KiB pages" in proc.log.read_text()
+    finally:
+        c.close(unmap=True)
