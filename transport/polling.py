@@ -29,11 +29,14 @@ def check_poll_us(value: int) -> int:
 def poll_us_arg(text: str) -> int:
     """argparse type of ``--poll-us``."""
     try:
-        return check_poll_us(int(text))
-    except (ValueError, TransportError) as exc:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: {exc if isinstance(exc, TransportError) else 'not a whole number'}; "
-            f"pass µs, 0 = off") from None
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of µs; pass e.g. "
+                                         f"--poll-us {DEFAULT_POLL_US}, or 0 for off") from None
+    try:
+        return check_poll_us(value)
+    except TransportError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_poll_argument(parser: argparse.ArgumentParser, what: str) -> None:
