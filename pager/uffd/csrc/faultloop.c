@@ -151,7 +151,13 @@ static int ssi_pfl_fetch(struct ssi_pfl *l, const struct ssi_pfl_region *r, uint
         memcpy(q + 8, &len, 4);
         if ((rc = ssi_pfl_send_all(r->sock, q, sizeof q)) < 0)
             return rc;
-        return ssi_pfl_recv_all(r->sock, buf, len);
+        struct iovec v = {buf, len};
+        struct msghdr mh = {.msg_iov = &v, .msg_iovlen = 1};
+        ssize_t got = ssip_recvmsg_polling(r->sock, &mh, ssip_mono_ns(), l->poll_ns,
+                                           &l->poll_skip_until, &l->poll_backoff_ns);
+        if (got <= 0)
+            return got < 0 ? -errno : -ECONNRESET;
+        return ssi_pfl_recv_all(r->sock, buf + got, len - (uint32_t)got);
     }
     if (len > SSIP_MAX_DATA)
         return ssi_pfl_fetch_pipelined(l, r, gpa, len, mask);
