@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from enginekit import ROOT, memnode_args, wait_or_fail
@@ -48,7 +47,8 @@ def hugetlb_client(size: int = SIZE) -> Client:
 
 
 def stats(engine: FaultEngine):
-    time.sleep(0.1)  # the C loop folds its counters 10 ms after the last fault
+    """The engine's counters once every client's fault thread folded what C served."""
+    assert all(c.quiesce() for c in engine.clients)
     return engine.stats()
 
 

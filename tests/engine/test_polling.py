@@ -26,12 +26,12 @@ def _served_digest(node: Memnode, data: DataSet, poll_us: int, chunk: int) -> st
                          poll_us=poll_us)
     c = Client(data.size)
     try:
-        engine.add_client(os.dup(c.uffd.fileno()), [Region(c.base, c.size, c.offset)])
+        client = engine.add_client(os.dup(c.uffd.fileno()), [Region(c.base, c.size, c.offset)])
         t = c.touch(threads=3, order="rand")
         wait_or_fail(t)
         assert t.mismatches == 0
         assert c.check(data) == []
-        time.sleep(0.1)  # the C loop folds its counters 10 ms after the last fault
+        assert client.quiesce()  # the C loop's counters folded
         st = engine.stats()
         assert st.c_faults > 0 and st.failed_faults == 0
         return hashlib.sha256(c.mem[:]).hexdigest()
