@@ -167,7 +167,10 @@ class WorkingSetMixin:
         elif self._pf_fetched:
             self.replay_done.set()
         if self._ws_deadline and time.monotonic() >= self._ws_deadline:
-            self._ws_record()
+            if self._ws_ready.is_set():
+                self._ws_record()
+            else:  # the old record is still loading: never wait for it here
+                self._ws_deadline = time.monotonic() + 1.0
 
     def _pf_install(self: ClientPager, batch: list) -> None:
         self._pf_slots.release()
@@ -222,7 +225,9 @@ class WorkingSetMixin:
         record loaded, stored by a helper thread."""
         self._ws_deadline = 0.0
         spaces = self._ws_spaces()
-        self._ws_ready.wait(5)
+        if not self._ws_ready.wait(5):  # only at the client's end; from _ws_tick it is set
+            log.warning("%s: the recorded working set did not load; storing this one alone",
+                        self.name)
         sets: dict[str, WorkingSet] = {}
         rams = self._ws_ram
         for space in set(spaces) | set(self._ws_kept):
