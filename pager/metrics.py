@@ -75,6 +75,8 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
                             ("result",)),
     "ssi_pager_eviction_seconds": ("counter", "Time spent evicting (write-protect to wake), "
                                    "per evicted unit summed; divide by evictions", ()),
+    "ssi_pager_prefetched_bytes": ("counter", "Bytes a working-set replay installed ahead of "
+                                              "faults", ()),
     "ssi_pager_zero_filled_pages": ("counter", "Pages installed with UFFDIO_ZEROPAGE (never "
                                     "written or removed)", ()),
     "ssi_pager_pages_in_flight": ("gauge", "Pages being fetched right now", ()),
@@ -233,6 +235,7 @@ class PagerCollector(Collector):
                 ("ssi_pager_fetched_bytes", st.fetched_bytes),
                 ("ssi_pager_installed_bytes", st.copied_bytes + st.zero_pages * PAGE),
                 ("ssi_pager_written_back_bytes", st.written_back_bytes),
+                ("ssi_pager_prefetched_bytes", st.prefetch_bytes),
                 ("ssi_pager_zero_filled_pages", st.zero_pages)):
             yield family(name, value=value)
         yield family("ssi_pager_pages_in_flight", value=max(0, st.inflight) * chunk_pages)

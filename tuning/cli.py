@@ -29,6 +29,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help=f"apply/revert state file (default ROOT/{state.STATE_REL})")
     parser.add_argument("--uffd-group", default=knobs.UFFD_GROUP, metavar="GROUP",
                         help="group allowed to open /dev/userfaultfd (default %(default)s)")
+    parser.add_argument("--hugepages", type=int, default=None, metavar="N",
+                        help="2 MiB huge pages to reserve (vm.nr_hugepages) for guests on "
+                             "hugetlb memory: one per 2 MiB of their RAM (default: report only)")
     parser.add_argument("--emit-sysctl-d", metavar="PATH",
                         help="write the recommended sysctl.d file to PATH ('-' = stdout)")
 
@@ -95,7 +98,11 @@ def run(args: argparse.Namespace) -> int:
         if args.action is None:
             return 0
     action = args.action or "check"
-    options = knobs.Options(uffd_group=args.uffd_group)
+    if args.hugepages is not None and args.hugepages < 0:
+        print(f"ssi-pager tune: --hugepages {args.hugepages} is negative; pass a page count",
+              file=sys.stderr)
+        return 2
+    options = knobs.Options(uffd_group=args.uffd_group, hugepages=args.hugepages)
     state_path = args.state or state.default_state_path(args.root)
     if action == "revert":
         done, errors = state.revert(args.root, state_path)

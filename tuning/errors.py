@@ -17,3 +17,7 @@ class KnobWriteError(TuningError):
 
 class StateError(TuningError):
     """The tune state file (what `apply` changed) is missing, unreadable or malformed."""
+
+
+class HugePagesError(TuningError):
+    """The hugetlb pool cannot hold the huge pages asked for."""

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from tuning import sysfs
+from tuning import hugepages, sysfs
 
 MIB = 1024 * 1024
 SOCKET_BUFFER_MAX = 16 * MIB       # room for a 64 KiB-chunk pipeline at 10-25 Gbit/s x ~1 ms
@@ -64,6 +64,7 @@ class Options:
     """Choices an operator may make on the command line."""
 
     uffd_group: str = UFFD_GROUP
+    hugepages: int | None = None  # 2 MiB pages guests on hugetlb memory need (None: report)
 
 
 # ---------------------------------------------------------------- sysctls
@@ -272,6 +273,32 @@ class Memlock:
                        f"units set LimitMEMLOCK=infinity); takes effect at next login", changes)
 
 
+class HugePages:
+    """vm.nr_hugepages: the pool hugetlb guest RAM comes from (``tune --hugepages N``)."""
+
+    name = "vm.nr_hugepages"
+
+    def inspect(self, root: str, options: Options) -> Finding:
+        cur = sysfs.read_sysctl(root, self.name)
+        if cur is None:
+            return Finding(self.name, "missing", None, None,
+                           "no hugetlb pool in this kernel: guests use 4 KiB pages")
+        p = hugepages.pool(root)
+        free = f", {p.free} free" if p is not None else ""
+        want = options.hugepages
+        if want is None:
+            return Finding(self.name, "info", cur, None,
+                           f"{cur} huge pages reserved{free}; guests on hugetlb memory need "
+                           f"one per 2 MiB of RAM: `ssi-pager tune apply --hugepages N`")
+        if int(cur) >= want:
+            return Finding(self.name, "ok", cur, cur, f"at least {want} huge pages{free}")
+        return Finding(self.name, "change", cur, str(want),
+                       f"{want} huge pages for guests on hugetlb memory (the kernel may find "
+                       f"fewer when memory is fragmented: check again after apply)",
+                       [Change(self.name, "text", sysfs.sysctl_rel(self.name), cur,
+                               str(want))])
+
+
 # ---------------------------------------------------------------- hardware (report only)
 
 class Network:
@@ -305,8 +332,8 @@ class Rdma:
                        "(python3-pyverbs installed)")
 
 
-KNOBS: list[Any] = [UnprivilegedUffd(), UffdDevice(), *SYSCTLS, *THPS, Memlock(), Network(),
-                    Rdma()]
+KNOBS: list[Any] = [UnprivilegedUffd(), UffdDevice(), *SYSCTLS, *THPS, HugePages(), Memlock(),
+                    Network(), Rdma()]
 
 
 def inspect(root: str = "/", options: Options | None = None) -> list[Finding]:

@@ -3,8 +3,9 @@
 Modules: ``engine`` (``FaultEngine``: source, clients, totals), ``client`` (``ClientPager``: the
 per-client fault thread, its event loop and the fault policy: backoff, poisoning), ``install``
 (installs through the one C installer, residency reported to the client state), ``readahead``
-(the readahead lane), ``cloop`` (glue to the C fault loop), ``evict`` (far memory: the evictor
-thread and the write-protect dirty tracking of a client under a resident limit), ``stats``
+(the readahead lane), ``prefetch`` (working-set record and replay: fetched on a helper thread,
+installed by the fault thread), ``cloop`` (glue to the C fault loop), ``evict`` (far memory: the
+evictor thread and the write-protect dirty tracking of a client under a resident limit), ``stats``
 (``EngineStats``).
 
 Shape (decided from measurements, see README "Design"): asyncio scheduling per fault costs more

@@ -40,6 +40,7 @@ from pager.core.state import (
 from pager.engine.cloop import CLoopMixin
 from pager.engine.evict import Evictor, FarMemMixin
 from pager.engine.install import Installer
+from pager.engine.prefetch import WorkingSetMixin
 from pager.engine.readahead import ReadaheadMixin
 from pager.engine.stats import EngineStats
 from pager.errors import FaultError
@@ -68,7 +69,7 @@ log = logging.getLogger(__name__)
 BATCH = 64  # events per read(2)
 
 
-class ClientPager(CLoopMixin, ReadaheadMixin, FarMemMixin):
+class ClientPager(CLoopMixin, ReadaheadMixin, FarMemMixin, WorkingSetMixin):
     """One client uffd: its fault thread, its readahead lane, its state and stats."""
 
     def __init__(self, engine: FaultEngine, uffd, state: ClientState, *, name: str, pid: int,
@@ -92,6 +93,7 @@ class ClientPager(CLoopMixin, ReadaheadMixin, FarMemMixin):
         self._ra_queue: queue.SimpleQueue = queue.SimpleQueue()
         self._ra_done: collections.deque = collections.deque()
         self._ra_thread: threading.Thread | None = None
+        self._ws_init()
         self._pidfd: int | None = None
         self._lane: Lane | None = None
         self._c_dirty = True  # the C loop's region table / slow ranges must be rebuilt
@@ -163,6 +165,7 @@ class ClientPager(CLoopMixin, ReadaheadMixin, FarMemMixin):
     def _run(self) -> None:
         lane = self._lane = self.engine.source.open_lane()
         try:
+            self._ws_begin()
             self._loop(lane)
         except UffdGone:
             log.info("%s: client address space gone", self.name)
@@ -171,6 +174,7 @@ class ClientPager(CLoopMixin, ReadaheadMixin, FarMemMixin):
             self.error = "fault thread failed (see log)"
         finally:
             self._stop.set()
+            self._ws_end()
             self._ra_queue.put(None)
             if self.evictor is not None:
                 self.evictor.join(30)  # it uses the memfd and the uffd closed below
@@ -213,7 +217,7 @@ class ClientPager(CLoopMixin, ReadaheadMixin, FarMemMixin):
         # poll, then read only when the uffd is readable: two syscalls per fault when faults
         # come one at a time, and poll returns at once while more events are queued
         while not stop.is_set():
-            busy = state.deferred or self._ra_done
+            busy = state.deferred or self._ra_done or self._pf_done
             timeout = 0 if busy else 1000
             if cl is not None and not busy and self._c_prepare(cl, lane):
                 code, first, n, err = cl.run()  # GIL released while C serves faults
@@ -252,6 +256,7 @@ class ClientPager(CLoopMixin, ReadaheadMixin, FarMemMixin):
                 continue
             if self._ra_done:
                 self._install_readahead(*self._ra_done.popleft())
+            self._ws_tick()  # a replay batch (no fault waiting), the recording window
 
     def _handle(self, raw: RawEvents, words, n: int, lane: Lane, first: int = 0) -> None:
         """One batch (from event ``first``), in order: page faults straight from the raw
@@ -280,6 +285,8 @@ class ClientPager(CLoopMixin, ReadaheadMixin, FarMemMixin):
                     log.warning("%s: ignoring unknown uffd event %r", self.name, ev)
 
     def _layout(self, kind: str, *args: int) -> None:
+        if kind == "unmap":
+            self._ws_keep(*args)  # what the window saw there stays in the working set
         with self.fm_lock:
             getattr(self.state, f"on_{kind}")(*args)
         self._c_dirty = True

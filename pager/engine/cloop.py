@@ -18,7 +18,7 @@ from pager.core.region import PAGE_SIZE
 from pager.engine.stats import LATENCY_BUCKETS_US
 from pager.source import Lane
 from pager.uffd.binding import RawEvents
-from pager.uffd.faultloop import PROTO_RAW, PROTO_SSIP, FaultLoop
+from pager.uffd.faultloop import MAX_FETCH, PROTO_RAW, PROTO_SSIP, FaultLoop
 from transport.errors import TransportError
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ class CLoopMixin:
                 or eng.readahead_active or self.state.farmem is not None:
             return None
         return FaultLoop(self.uffd.fileno(), [self._efd], raw, max(eng.chunk_size, PAGE_SIZE),
-                         LATENCY_BUCKETS_US)
+                         LATENCY_BUCKETS_US, poll_us=eng.poll_us)
 
     def _c_prepare(self: ClientPager, cl: FaultLoop, lane: Lane) -> bool:
         """Give C the current region table, sockets and slow ranges; False: Python's turn."""
@@ -51,8 +51,9 @@ class CLoopMixin:
         slow: list[tuple[int, int]] = []
         try:
             for r in state.regions:
-                # a chunk of a huge page region is larger than a wire frame: Python's
-                ep = lane.c_endpoint(r.space) if r.page_size == PAGE_SIZE else None
+                # a huge page up to MAX_FETCH (2 MiB) is fetched by C in pipelined frames;
+                # larger ones are Python's
+                ep = lane.c_endpoint(r.space) if r.page_size <= MAX_FETCH else None
                 sock, proto, space = (-1, 0, 0) if ep is None else (
                     ep[0], PROTO_RAW if ep[1] == "raw" else PROTO_SSIP, ep[2])
                 table.append((r.base, r.size, r.offset, r.page_size, sock, proto, space))

@@ -24,6 +24,7 @@ from pager.errors import ConfigError
 from pager.source import PageSource
 from pager.uffd.binding import Userfaultfd
 from pager.uffd.faultloop import enabled_by_env
+from transport.polling import DEFAULT_POLL_US, MAX_POLL_US
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,9 @@ class FaultEngine:
     def __init__(self, source: PageSource, *, chunk_size: int = DEFAULT_CHUNK,
                  readahead: int = DEFAULT_READAHEAD, fetch_timeout: float = 60.0,
                  c_loop: bool | None = None, max_resident: int | None = None,
-                 pager_max_resident: int | None = None, evict_policy: str = "clock") -> None:
+                 pager_max_resident: int | None = None, evict_policy: str = "clock",
+                 poll_us: int = DEFAULT_POLL_US, ws_window: float = 0.0, prefetch: bool = True,
+                 prefetch_rate: int = 0, ws_max_fraction: float = 0.5) -> None:
         if chunk_size < PAGE_SIZE or chunk_size & (chunk_size - 1):
             raise ConfigError(f"chunk size {chunk_size} must be a power of two >= "
                               f"{PAGE_SIZE}; pass e.g. --chunk 64K")
@@ -59,6 +62,23 @@ class FaultEngine:
                                   f"({4 * chunk_size} bytes), e.g. {what} 128M")
         if max_resident is not None or pager_max_resident is not None:
             check_writable(source)
+        if not 0 <= poll_us <= MAX_POLL_US:
+            raise ConfigError(f"poll window {poll_us} µs must be 0 (off) to {MAX_POLL_US}; "
+                              f"pass e.g. --poll-us {DEFAULT_POLL_US}")
+        self.poll_us = poll_us  # the C loop's adaptive polling window
+        if ws_window < 0 or prefetch_rate < 0 or not 0 < ws_max_fraction <= 1:
+            raise ConfigError(f"working set: window {ws_window} s, prefetch rate "
+                              f"{prefetch_rate} B/s, cap {ws_max_fraction}: the window and rate "
+                              f"must be >= 0 and the cap a fraction in (0, 1]")
+        # working sets (pager.engine.prefetch): recorded for ws_window s after a client starts
+        # (0: neither recorded nor replayed), replayed on the next start unless not prefetch
+        self.ws_window = ws_window
+        self.prefetch = prefetch and ws_window > 0
+        self.prefetch_rate = prefetch_rate
+        self.ws_max_fraction = ws_max_fraction
+        # space -> set once the working set a client of it recorded is stored (a client of
+        # the space starting meanwhile, a resume, waits for it before loading)
+        self.ws_stored: dict[str, threading.Event] = {}
         self.clients: list[ClientPager] = []
         self._closed_stats = EngineStats()
         self._lock = threading.Lock()

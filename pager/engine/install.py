@@ -31,16 +31,17 @@ class Installer:
         self.lock: contextlib.AbstractContextManager = contextlib.nullcontext()
 
     def install(self, start: int, length: int, src: int | None, mask: int,
-                removed: tuple[tuple[int, int], ...], page_size: int) -> None:
+                removed: tuple[tuple[int, int], ...], page_size: int, *, mode: int = 0) -> None:
         """Install ``[start, start+length)`` from address ``src`` (None: zero pages); bit i of
-        ``mask``: wire page i was never written; pages in ``removed`` are left alone."""
+        ``mask``: wire page i was never written; pages in ``removed`` are left alone. ``mode``:
+        UFFDIO_COPY mode bits (``COPY_DONTWAKE``: the caller wakes the range later)."""
         log = self.log
         if not removed:
             if length > self._fits:
                 log.reserve(length)
                 self._fits = length
             try:
-                install(self.fd, start, src, length, mask, page_size, log, self.mode)
+                install(self.fd, start, src, length, mask, page_size, log, self.mode | mode)
             finally:
                 self.drain()
             return
@@ -49,7 +50,7 @@ class Installer:
             log.reserve(n)
             try:
                 install(self.fd, s, None if src is None else src + off, n,
-                        mask >> (off // WIRE_PAGE), page_size, log, self.mode)
+                        mask >> (off // WIRE_PAGE), page_size, log, self.mode | mode)
             finally:
                 self.drain()
 

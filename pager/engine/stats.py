@@ -37,6 +37,9 @@ removes / unmaps / remaps / forks   layout events handled
 latency_buckets    fault service time histogram (event read -> installed), counts per bucket
                    with upper bounds ``LATENCY_BUCKETS_US`` (last = +Inf); ``latency_sum_us``,
                    ``latency_count``
+prefetch_bytes     bytes a working-set replay installed ahead of faults
+prefetch_wasted    replay bytes dropped (layout changed, client gone, install failed)
+ws_recorded_pages  pages of working sets recorded (stored on the memory node)
 inflight           chunks being fetched right now (gauge)
 c_faults           faults served by the C loop (also counted in ``faults`` and ``served_*``)
 ================== ========================================================================
@@ -82,6 +85,9 @@ class EngineStats:
     unmaps: int = 0
     remaps: int = 0
     forks: int = 0
+    prefetch_bytes: int = 0
+    prefetch_wasted: int = 0
+    ws_recorded_pages: int = 0
     inflight: int = 0
     c_faults: int = 0
     evictions: int = 0

@@ -33,6 +33,7 @@ from pager.service.lifecycle import (
 )
 from pager.source import MemnodeSource, PageSource, add_cluster_arguments, parse_source
 from pager.uffd.faultloop import enabled_by_env
+from transport.polling import DEFAULT_POLL_US, add_poll_argument
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,15 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
                         default=enabled_by_env(),
                         help="serve every fault with the Python loop, not the C fault loop "
                              "(also SSI_PAGER_C_LOOP=0)")
+    add_poll_argument(parser, "the C fault loop")
+    parser.add_argument("--ws-window", type=float, default=0.0, metavar="S",
+                        help="record each client's working set over its first S seconds and "
+                             "store it with its space on the memory node; replay it ahead of "
+                             "faults when the space starts again (0 = off, the default)")
+    parser.add_argument("--no-prefetch", dest="prefetch", action="store_false",
+                        help="with --ws-window: record working sets but do not replay them")
+    parser.add_argument("--prefetch-rate", type=parse_size, default=0, metavar="BYTES",
+                        help="most bytes per second a replay fetches, e.g. 256M (0 = no limit)")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -159,7 +169,11 @@ def engine_from_args(args: argparse.Namespace, source: PageSource) -> FaultEngin
                        c_loop=getattr(args, "c_loop", None),
                        max_resident=getattr(args, "max_resident", None),
                        pager_max_resident=getattr(args, "pager_max_resident", None),
-                       evict_policy=getattr(args, "evict_policy", "clock"))
+                       evict_policy=getattr(args, "evict_policy", "clock"),
+                       poll_us=getattr(args, "poll_us", DEFAULT_POLL_US),
+                       ws_window=getattr(args, "ws_window", 0.0),
+                       prefetch=getattr(args, "prefetch", True),
+                       prefetch_rate=getattr(args, "prefetch_rate", 0))
 
 
 @dataclass(eq=False)
@@ -217,8 +231,9 @@ class PagerService:
             if self.keeper is not None:
                 self.keeper.drop(key)
             raise
-        log.info("serving %s: pid %d, %d regions, %d MiB", client.name, hs.pid,
-                 len(hs.regions), sum(r.size for r in hs.regions) >> 20)
+        log.info("serving %s: pid %d, %d regions, %d MiB, %s KiB pages", client.name, hs.pid,
+                 len(hs.regions), sum(r.size for r in hs.regions) >> 20,
+                 "/".join(sorted({str(r.page_size >> 10) for r in hs.regions})))
         handle = _Held(self, client, key)
         self.live.add(handle)
         return handle

@@ -15,7 +15,9 @@
  *
  * Finding guest RAM: QEMU maps it with a MAP_FIXED read-write mmap of exactly the RAM size,
  * anonymous private for plain -m, or MAP_SHARED from a memfd named "memory-backend-memfd" for
- * memory-backend-memfd. Size alone is not enough (the TCG code buffer is a large anonymous
+ * memory-backend-memfd (hugetlb=on too), or from a file on tmpfs or hugetlbfs (-mem-path, which
+ * `ssi-pager vm` turns into a shared memory-backend-file). On hugetlbfs the handshake's
+ * page_size is the file system's huge page size. Size alone is not enough (the TCG code buffer is a large anonymous
  * mapping, and QEMU makes other large reservations and a test memfd at start), so mmap, mmap64
  * and memfd_create are all hooked.
  *
@@ -227,7 +229,8 @@ static void json_escape(char *out, size_t cap, const char *in)
 	out[o] = 0;
 }
 
-static void send_handshake(int sock, int uffd, int memfd, void *base, size_t size, off_t offset)
+static void send_handshake(int sock, int uffd, int memfd, void *base, size_t size, off_t offset,
+			   uint64_t page_size)
 {
 	char space[256] = "", space_json[300] = "";
 	const char *sp = cfg_space;
@@ -238,8 +241,8 @@ static void send_handshake(int sock, int uffd, int memfd, void *base, size_t siz
 	char body[1024];
 	int n = snprintf(body, sizeof(body),
 			 "[{\"base_host_virt_addr\": %" PRIuPTR ", \"size\": %zu, \"offset\": %lld, "
-			 "\"page_size\": 4096, \"page_size_kib\": 4096%s%s}]",
-			 (uintptr_t)base, size, (long long)offset, space_json,
+			 "\"page_size\": %" PRIu64 ", \"page_size_kib\": %" PRIu64 "%s%s}]",
+			 (uintptr_t)base, size, (long long)offset, page_size, page_size, space_json,
 			 memfd >= 0 ? ", \"memfd\": true" : "");
 	int fds[2] = {uffd, memfd};
 	int nfds = memfd >= 0 ? 2 : 1;
@@ -302,13 +305,16 @@ static void status_line(void *base, size_t size, int memfd)
 }
 
 /* Called with the lock held, right after QEMU mapped what looks like guest RAM. */
-static void hand_off(void *base, size_t size, int memfd, off_t offset)
+static void hand_off(void *base, size_t size, int memfd, off_t offset, uint64_t page_size)
 {
 	const char *path = cfg_socket;
+	if (size % page_size || (uintptr_t)base % page_size)
+		die("guest RAM %p+%zu is not aligned to its %" PRIu64 " KiB pages", base, size,
+		    page_size >> 10);
 	int uffd = uffd_create();
 	uffd_register(uffd, base, size);
 	int sock = connect_pager(path);
-	send_handshake(sock, uffd, memfd, base, size, offset);
+	send_handshake(sock, uffd, memfd, base, size, offset, page_size);
 	pager_sock = sock;
 	uffd_keep = uffd;
 	handed_off = 1;
@@ -325,15 +331,15 @@ static void hand_off(void *base, size_t size, int memfd, off_t offset)
 	status_line(base, size, memfd);
 }
 
-static int fd_is_ram_file(int fd)
+/* Whether fd is guest RAM; *page_size set to its page size. */
+static int fd_is_ram_file(int fd, uint64_t *page_size)
 {
 	struct statfs sfs;
 	if (fstatfs(fd, &sfs) != 0)
 		return 0;
-	if ((unsigned long)sfs.f_type == HUGETLBFS_MAGIC)
-		die("guest RAM on hugetlbfs is not supported yet; use memory-backend-memfd without "
-		    "hugetlb=on, or plain -m");
-	if (fd == ram_memfd)
+	int huge = (unsigned long)sfs.f_type == HUGETLBFS_MAGIC;
+	*page_size = huge ? (uint64_t)sfs.f_bsize : 4096;
+	if (fd == ram_memfd || huge)
 		return 1;
 	char link[64], target[256];
 	snprintf(link, sizeof(link), "/proc/self/fd/%d", fd);
@@ -354,12 +360,13 @@ static void *hooked_mmap(mmap_fn real, void *addr, size_t len, int prot, int fla
 		return p;
 	pthread_mutex_lock(&lock);
 	if (!handed_off && len == cfg_ram_size) {
+		uint64_t page = 4096;
 		int anon = (flags & MAP_ANONYMOUS) && fd < 0 && !(flags & MAP_SHARED);
-		int shared_file = fd >= 0 && (flags & MAP_SHARED) && fd_is_ram_file(fd);
+		int shared_file = fd >= 0 && (flags & MAP_SHARED) && fd_is_ram_file(fd, &page);
 		if (anon)
-			hand_off(p, len, -1, 0);
+			hand_off(p, len, -1, 0, page);
 		else if (shared_file)
-			hand_off(p, len, fd, off);
+			hand_off(p, len, fd, off, page);
 	}
 	pthread_mutex_unlock(&lock);
 	return p;
@@ -388,8 +395,6 @@ int memfd_create(const char *name, unsigned int flags)
 		real = (memfd_create_fn)real_sym("memfd_create");
 	int fd = real(name, flags);
 	if (fd >= 0 && name && strcmp(name, QEMU_MEMFD_NAME) == 0 && active()) {
-		if (flags & MFD_HUGETLB)
-			die("guest RAM on hugetlbfs is not supported yet; drop hugetlb=on");
 		pthread_mutex_lock(&lock);
 		ram_memfd = fd;
 		pthread_mutex_unlock(&lock);

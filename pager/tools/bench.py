@@ -13,6 +13,14 @@ The C reference (``pager.tools.refpager``: ``../shared/refpager`` built into a t
 directory, or ``--refpager DIR``; ``--no-ref`` skips it) runs refpager-remote / refpager-local in
 the same session and ``ratio`` lines compare them. ``--rss-gib N`` (default 4) also reports
 the pager's RSS while serving an N GiB client.
+
+Adaptive polling (``--poll-us``, on by default in pager and node) is compared with ``-nopoll``
+cases (both at ``--poll-us 0``); every case of ours reports the CPU it cost:
+``pager_cpu_s_per_mfault`` / ``node_cpu_s_per_mfault`` (CPU seconds per million faults, from
+/proc/PID/stat) and ``pager_idle_cpu_pct`` (the pager's CPU over the second after the faults
+stopped). ``-busy`` cases fault while one CPU burner per core runs (a guest that needs every
+CPU): ``busy_cpu_share`` is the share of all CPUs the burners still got. The reference runs
+with and without its ``--spin`` handler (``refpager-*-spin``).
 One JSON object per line on stdout: ``name``, ``p50_us``, ``p99_us``, ``gbps`` (+ details).
 """
 
@@ -20,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import socket
@@ -28,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from pager.core.region import PAGE_SIZE, Region
@@ -74,6 +84,60 @@ def measure(sock: str, size: int, chunk: int, order: str, data: DataSet | None) 
                 "bad_pages": bad}
     finally:
         c.close(unmap=True)
+
+
+HZ = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used by process ``pid`` (all its threads) so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / HZ  # utime, stime (stat fields 14, 15)
+
+
+class Burners:
+    """One CPU-bound process per core while a case runs: ``share()`` is the part of all
+    CPUs they got (1.0 = the faults cost them nothing)."""
+
+    def __init__(self) -> None:
+        n = os.cpu_count() or 1
+        self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                      for _ in range(n)]
+        self.t0 = time.monotonic()
+        self.c0 = [cpu_seconds(p.pid) for p in self.procs]
+
+    def share(self) -> float:
+        used = sum(cpu_seconds(p.pid) - c for p, c in zip(self.procs, self.c0, strict=True))
+        return used / ((time.monotonic() - self.t0) * len(self.procs))
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.kill()
+            p.wait(10)
+
+
+def _costed(pager_pid: int, node_pid: int | None, busy: bool, fn) -> dict:
+    """``fn()``'s result plus the CPU the pager (and node) spent on its faults."""
+    burners = Burners() if busy else None
+    try:
+        c0 = cpu_seconds(pager_pid)
+        n0 = cpu_seconds(node_pid) if node_pid else 0.0
+        r = fn()
+        if burners is not None:
+            r["busy_cpu_share"] = round(burners.share(), 3)
+        per = 1e6 / max(1, r["faults"])
+        r["pager_cpu_s_per_mfault"] = round((cpu_seconds(pager_pid) - c0) * per, 2)
+        if node_pid:
+            r["node_cpu_s_per_mfault"] = round((cpu_seconds(node_pid) - n0) * per, 2)
+    finally:
+        if burners is not None:
+            burners.stop()
+    t0, c0 = time.monotonic(), cpu_seconds(pager_pid)
+    time.sleep(1.0)  # no faults now: a polling pager must be back asleep
+    r["pager_idle_cpu_pct"] = round(100 * (cpu_seconds(pager_pid) - c0)
+                                    / (time.monotonic() - t0), 1)
+    return r
 
 
 def _rss_kib(pid: int) -> tuple[int, int]:
@@ -131,19 +195,20 @@ class _RefnodeSource(PageSource):
 
 
 def _reference_pair(refdir: Path, port: int, mib: int, mode: str, chunk: int,
-                    order: str) -> list[tuple[str, dict]]:
-    """One refpager run, and for remote our engine on the same node right after it."""
+                    order: str, spin: bool = False) -> list[tuple[str, dict]]:
+    """One refpager run (``spin``: its handler spins on the uffd), and for remote without
+    spin our engine on the same node right after it."""
     cmd = [str(refdir / f"refpager-{mode}"), "--mib", str(mib), "--chunk", str(chunk),
-           "--order", order, "--tcpu", "-1", "--hcpu", "-1"]
+           "--order", order, "--tcpu", "-1", "--hcpu", "-1", *(["--spin"] if spin else [])]
     if mode == "remote":
         cmd += ["--port", str(port)]
     r = json.loads(subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                                   check=True).stdout)
-    name = f"refpager-{mode}-{chunk >> 10}k-{order}"
+    name = f"refpager-{mode}-{chunk >> 10}k-{order}" + ("-spin" if spin else "")
     out = [(name, {"name": name, "p50_us": r["fault_lat"]["p50_us"],
                    "p99_us": r["fault_lat"]["p99_us"], "gbps": r["gbps"], "faults": r["faults"],
                    "bad_pages": r["verify_bad_pages"]})]
-    if mode == "remote":
+    if mode == "remote" and not spin:
         for ra in (0, 2 << 20) if order == "seq" and chunk < 65536 else (0,):
             for c_loop in (True, False):
                 ours = (f"pager-refnode-{chunk >> 10}k-{order}" + ("" if ra else "-nora")
@@ -197,14 +262,37 @@ def refpager_cases(refdir: Path, mib: int, repeat: int = 1) -> dict[str, dict]:
             for mode in ("remote", "local"):
                 for chunk in (PAGE_SIZE, 65536):
                     for order in ("seq", "rand"):
-                        for name, r in _reference_pair(refdir, port, mib, mode, chunk, order):
-                            samples.setdefault(name, []).append(r)
+                        for spin in (False, True) if chunk == PAGE_SIZE else (False,):
+                            for name, r in _reference_pair(refdir, port, mib, mode, chunk,
+                                                           order, spin):
+                                samples.setdefault(name, []).append(r)
         for name, runs in samples.items():
             out[name] = _median_of(runs)
     finally:
         node.terminate()
         node.wait(10)
     return out
+
+
+def _seeded_node(tmp: Path, store: str, extra: list[str], data: DataSet) -> tuple[Child, str]:
+    """A memory node on ``tmp/store`` holding ``data`` in space "bench", and its endpoint."""
+    node = Child(["memnode", "--listen", "127.0.0.1:0", "--store", str(tmp / store),
+                  "--token-file", str(tmp / "token"), *extra], tmp / f"{store}.log")
+    try:
+        endpoint = node.wait_for(r"listening on (\S+)")
+        _status(f"seeding {data.size >> 20} MiB on memory node {endpoint}")
+        from pager.source import MemnodeSource
+        from transport.token import load_token
+        lane = MemnodeSource(endpoint, load_token(tmp / "token"), "bench").open_lane()
+        try:
+            for off, buf in data.chunks():
+                lane.store_from(None, off, buf)
+        finally:
+            lane.close()
+    except BaseException:
+        node.stop()
+        raise
+    return node, endpoint
 
 
 def run(args: argparse.Namespace) -> int:
@@ -221,17 +309,12 @@ def _run(args: argparse.Namespace, refdir: Path | None) -> int:
     bad = 0
     with tempfile.TemporaryDirectory(prefix="ssi-bench-") as tmp_s:
         tmp = Path(tmp_s)
-        node = Child(["memnode", "--listen", "127.0.0.1:0", "--store", str(tmp / "store"),
-                       "--token-file", str(tmp / "token")], tmp / "memnode.log")
+        # the same pages on two nodes: one polling (the default), one not (-nopoll cases)
+        node, endpoint = _seeded_node(tmp, "store", [], data)
+        nopoll_node = None
         try:
-            endpoint = node.wait_for(r"listening on (\S+)")
-            _status(f"seeding {args.mib} MiB on memory node {endpoint}")
-            from pager.source import MemnodeSource
-            from transport.token import load_token
-            lane = MemnodeSource(endpoint, load_token(tmp / "token"), "bench").open_lane()
-            for off, buf in data.chunks():
-                lane.store_from(None, off, buf)
-            lane.close()
+            nopoll_node, nopoll_endpoint = _seeded_node(tmp, "store-nopoll", ["--poll-us", "0"],
+                                                        data)
             snap = tmp / "snapshot.mem"
             data.write_file(str(snap))
             os.sync()  # the seeded store's writeback would otherwise compete with case one
@@ -240,24 +323,33 @@ def _run(args: argparse.Namespace, refdir: Path | None) -> int:
                            "--space", "bench"],
                 "file": ["--source", f"file:{snap}"],
             }
-            configs = []
-            for src in ("remote", "file"):
-                for chunk in (PAGE_SIZE, 65536):
-                    configs.append((src, chunk, True))
-            configs += [("remote", PAGE_SIZE, False), ("remote", 65536, False)]
+            # (source, chunk, readahead, orders, suffix, extra serve options)
+            configs = [(src, chunk, True, ("seq", "rand"), "", [])
+                       for src in ("remote", "file") for chunk in (PAGE_SIZE, 65536)]
+            configs += [("remote", chunk, False, ("seq",), "-nora", [])
+                        for chunk in (PAGE_SIZE, 65536)]
             # the bare fault path served by the Python loop too (serve --no-c-loop)
-            configs += [("remote", PAGE_SIZE, None)]
-            for src, chunk, ra in configs:
+            configs += [("remote", PAGE_SIZE, False, ("seq",), "-nora-pyloop", ["--no-c-loop"])]
+            # adaptive polling against none (pager and node both at --poll-us 0), idle and
+            # beside a CPU burner per core
+            configs += [("remote", PAGE_SIZE, False, ("rand",), "-nora", []),
+                        ("remote", PAGE_SIZE, False, ("seq", "rand"), "-nora-nopoll",
+                         ["--poll-us", "0"]),
+                        ("remote", PAGE_SIZE, False, ("rand",), "-nora-busy", []),
+                        ("remote", PAGE_SIZE, False, ("rand",), "-nora-nopoll-busy",
+                         ["--poll-us", "0"])]
+            for src, chunk, ra, orders, suffix, extra in configs:
                 tag = f"{src}-{chunk >> 10}k"
-                orders = ("seq", "rand") if ra else ("seq",)
-                suffix = "" if ra else "-nora" if ra is False else "-nora-pyloop"
                 names = {o: f"pager-{tag}-{o}{suffix}" for o in orders}
                 if args.only and not any(args.only in n for n in names.values()):
                     continue
-                sock = str(tmp / f"{tag}.sock")
-                pager = Child(["serve", "--socket", sock, *sources[src], "--chunk", str(chunk),
-                                "--readahead", "2M" if ra else "0",
-                                *(["--no-c-loop"] if ra is None else [])],
+                nopoll = "--poll-us" in extra
+                n = nopoll_node if nopoll else node
+                srcargs = sources[src] if src == "file" or not nopoll else [
+                    "--memnode", nopoll_endpoint, *sources[src][2:]]
+                sock = str(tmp / f"{tag}{suffix}.sock")
+                pager = Child(["serve", "--socket", sock, *srcargs, "--chunk", str(chunk),
+                                "--readahead", "2M" if ra else "0", *extra],
                               tmp / f"{tag}{suffix}.log")
                 try:
                     pager.wait_for("pager: serving")
@@ -265,7 +357,10 @@ def _run(args: argparse.Namespace, refdir: Path | None) -> int:
                         if args.only and args.only not in name:
                             continue
                         _status(f"{name} ...")
-                        r = {"name": name, **measure(sock, size, chunk, order, data)}
+                        r = {"name": name, **_costed(
+                            pager.p.pid, n.p.pid if src == "remote" else None,
+                            suffix.endswith("-busy"),
+                            functools.partial(measure, sock, size, chunk, order, data))}
                         bad += r["bad_pages"]
                         results[name] = r
                         _emit(r)
@@ -275,6 +370,8 @@ def _run(args: argparse.Namespace, refdir: Path | None) -> int:
                 _emit(_rss_case(tmp, args.rss_gib))
         finally:
             node.stop()
+            if nopoll_node is not None:
+                nopoll_node.stop()
     refs = refpager_cases(refdir, args.mib, args.repeat) if refdir is not None else {}
     for r in refs.values():
         _emit(r)
@@ -289,6 +386,8 @@ def _run(args: argparse.Namespace, refdir: Path | None) -> int:
             ("pager-refnode-4k-seq", "refpager-remote-4k-seq", "gbps"),
             ("pager-remote-4k-seq-nora", "refpager-remote-4k-seq", "p50"),
             ("pager-remote-4k-rand", "refpager-remote-4k-rand", "p50"),
+            ("pager-remote-4k-rand-nora", "refpager-remote-4k-rand-spin", "p50"),
+            ("pager-remote-4k-seq-nora", "refpager-remote-4k-seq-spin", "p50"),
             ("pager-remote-64k-seq-nora", "refpager-remote-64k-seq", "gbps"),
             ("pager-remote-64k-seq", "refpager-remote-64k-seq", "gbps"),
             ("pager-remote-4k-seq", "refpager-remote-4k-seq", "gbps")):

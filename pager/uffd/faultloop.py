@@ -25,6 +25,7 @@ PROTO_SSIP: int = lib.SSI_PFL_PROTO_SSIP
 PROTO_RAW: int = lib.SSI_PFL_PROTO_RAW
 MAX_REGIONS: int = lib.SSI_PFL_MAX_REGIONS
 MAX_SLOW: int = lib.SSI_PFL_MAX_SLOW
+MAX_FETCH: int = lib.SSI_PFL_MAX_FETCH  # regions with larger pages are served by Python
 COUNTERS = ("faults", "faults_write", "served_fetch", "served_dup", "fetched_bytes",
             "latency_sum_us", "latency_count")
 
@@ -40,12 +41,14 @@ class FaultLoop:
 
     def __init__(self, uffd_fd: int, wake_fds: Sequence[int], raw: RawEvents, chunk: int,
                  bucket_us: Sequence[int], *, timeout_ms: int = 1000,
-                 max_ms: float = 50.0) -> None:
+                 max_ms: float = 50.0, poll_us: int = 0) -> None:
         if len(bucket_us) != lib.SSI_PFL_NBUCKETS - 1:
             raise ValueError(f"{len(bucket_us)} latency bounds; the C loop has "
                              f"{lib.SSI_PFL_NBUCKETS - 1}")
         self._l = ffi.new("struct ssi_pfl *")
-        self._buf = ffi.new("uint8_t[]", chunk)
+        # room for a whole huge page up to what C fetches (calloc'd: untouched until used)
+        buf_size = max(chunk, lib.SSI_PFL_MAX_FETCH)
+        self._buf = ffi.new("uint8_t[]", buf_size)
         self._raw = raw
         # residency ring: two batches of chunks that each split into single pages (C returns
         # to be drained before reading a batch it might not have room for)
@@ -58,11 +61,21 @@ class FaultLoop:
         lp.events = raw.array
         lp.max_events = raw.max_events
         lp.buf = self._buf
-        lp.buf_size = chunk
+        lp.buf_size = buf_size
         for i, b in enumerate(bucket_us):
             lp.bucket_us[i] = b
         lp.timeout_ms = timeout_ms
         lp.max_ns = int(max_ms * 1e6)
+        self.set_poll_us(poll_us)
+
+    def set_poll_us(self, poll_us: int) -> None:
+        """Adaptive polling: read the uffd without blocking for ``poll_us`` µs after the last
+        event before blocking in poll() (0: always block). Only on a non-blocking uffd (a
+        read on a blocking one would sleep where the loop means to spin)."""
+        if poll_us < 0:
+            raise ValueError(f"poll window {poll_us} µs is negative; pass 0 to turn polling off")
+        spin = poll_us > 0 and not os.get_blocking(self._l.uffd)
+        self._l.poll_ns = poll_us * 1000 if spin else 0
 
     def set_wake_fds(self, fds: Sequence[int]) -> None:
         fds = [fd for fd in fds if fd >= 0][:lib.SSI_PFL_MAX_WAKE]

@@ -19,6 +19,7 @@ from pager.uffd._uffd_cffi import ffi, lib
 from pager.uffd.errors import UffdError, UffdRetry, uffd_error
 
 WIRE_PAGE: int = lib.SSI_WIRE_PAGE  # the zero mask's granule: the wire page (SSIP_PAGE_SIZE)
+COPY_DONTWAKE: int = lib.UFFDIO_COPY_MODE_DONTWAKE  # install mode: wake nobody (UFFDIO_WAKE later)
 HOW = {lib.SSI_RES_COPY: "copy", lib.SSI_RES_ZERO: "zero", lib.SSI_RES_EEXIST: "eexist"}
 COPY_MODE_WP: int = lib.UFFDIO_COPY_MODE_WP  # install write-protected (far memory)
 _COUNTERS = ("copied_bytes", "zero_pages", "eexist")

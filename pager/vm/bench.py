@@ -12,6 +12,8 @@ One JSON object per line (`name`, `wall_s`, `ratio`, and details):
   vm_resume_full_load_memnode    `vm suspend`, then resume loading all stored RAM from the
                          memory node before `cont`: the same time
   vm_resume_lazy         `vm suspend` after pass 1, `vm resume`: the same time, RAM on demand
+  vm_many_pass_*, vm_resume_ws_*   many-pass guest; resume lazy / with working-set prefetch /
+                         full load: first output, workload done, faults (pager.vm.bench_ws)
 ratio: wall time / baseline for the pager runs (goal <= 1.10); memory-node full load / lazy
 for vm_resume_lazy (goal >= 5; ratio_vs_migration against ordinary migration). Times are QEMU
 process lifetimes; the pager and memory node run as long-lived services, started once before
@@ -34,12 +36,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import IO
 
 from pager.errors import VmError
+from pager.vm import bench_ws
 from pager.vm.launch import Launch, finish, launch
 from pager.vm.procs import spawn_memnode, spawn_pager, stop_process
 from pager.vm.qmp import Qmp
@@ -113,10 +116,11 @@ def services(workdir: Path, token_file: Path, listen: str = "127.0.0.1:0",
 
 # --- runs ---------------------------------------------------------------------------------------
 
-def vm_args(memnode: str | None, token_file: Path, pager: Path | None) -> argparse.Namespace:
+def vm_args(memnode: str | None, token_file: Path, pager: Path | None,
+            hugetlb: bool = False) -> argparse.Namespace:
     return argparse.Namespace(memnode=memnode, token_file=str(token_file), space=None,
                               pager=str(pager) if pager else None, name=None, state=None,
-                              pager_arg=None, verbose=0)
+                              pager_arg=None, verbose=0, hugetlb=hugetlb)
 
 
 def run_plain(argv: list[str]) -> tuple[float, str]:
@@ -191,23 +195,31 @@ def load_all_ram(lau: Launch) -> None:
 
 
 def resume_lazy(args: argparse.Namespace, argv: list[str], name: str,
-                eager: bool = False) -> tuple[float, str]:
+                eager: bool = False, times: dict[str, float] | None = None,
+                before_resume: Callable[[], None] | None = None) -> tuple[float, str]:
     """Run to pass 1, suspend, resume; (time from resume start to first output, full text).
-    ``eager``: load all RAM from the memory node before `cont` instead of on demand."""
+    ``eager``: load all RAM from the memory node before `cont` instead of on demand.
+    ``times`` gets ``first_s`` and ``done_s`` (resume start to QEMU's exit, the workload
+    done); ``before_resume`` runs between the suspend and the resume."""
     args = argparse.Namespace(**vars(args))  # resume fills in --space etc.: not for the next run
     lau = launch(args, argv, name, stdout=subprocess.PIPE)
     _, before = read_until(lau.qemu.stdout, "pass 1 checksum")
     do_suspend(args, name)
     before += rest_of_console(lau.qemu)
     finish(lau)
+    if before_resume is not None:
+        before_resume()
     t0 = time.monotonic()
     res = resume_start(args, name, argv, stdout=subprocess.PIPE,
                           before_cont=load_all_ram if eager else None)
     t1 = first_output(res.qemu.stdout)
     after = rest_of_console(res.qemu)
+    t2 = time.monotonic()
     rc = finish(res)
     if rc != 0:
         raise VmError(f"resumed QEMU failed ({rc})")
+    if times is not None:
+        times.update(first_s=t1 - t0, done_s=t2 - t0)
     return t1 - t0, before + after
 
 
@@ -266,6 +278,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pager-arg", action="append", default=[], metavar="ARG",
                         help="extra `ssi-pager serve` argument, e.g. --pager-arg=--chunk=256K "
                              "(repeatable)")
+    bench_ws.configure(parser)
 
 
 def emit(obj: dict) -> None:
@@ -346,6 +359,7 @@ def run(args: argparse.Namespace) -> int:
               "ratio": round(eager / lazy, 2), "ratio_vs_migration": round(full / lazy, 2),
               "mem_mib": args.resume_mem_mib, "work_mib": args.resume_work_mib,
               "goal_ratio_min": 5.0})
+        bench_ws.run(args, gb, work, token, reps)
         if not args.no_netns:
             bench_netns(work, token, plain, expected, reps, args.pager_arg)
     return 0

@@ -28,6 +28,9 @@ def _add_options(p: argparse.ArgumentParser) -> None:
                         "the rest on the memory node (passed to the pager started here)")
     p.add_argument("--pager-arg", action="append", metavar="ARG",
                    help="extra argument for the started `ssi-pager serve` (repeatable)")
+    p.add_argument("--hugetlb", action="store_true", default=None,
+                   help="plain -m guest RAM on 2 MiB huge pages (memory-backend-memfd,"
+                        "hugetlb=on); reserve them first: `ssi-pager tune apply --hugepages N`")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -1,8 +1,15 @@
-"""The user's QEMU command line, checked and given a shared memfd RAM backend behind plain -m."""
+"""The user's QEMU command line, checked and given a shared memfd RAM backend behind plain -m.
+
+Huge pages: ``memory-backend-memfd,hugetlb=on`` is kept as given; ``-mem-path DIR`` (a hugetlbfs
+or tmpfs mount) becomes a shared ``memory-backend-file`` in DIR, so the pager gets the file as
+the RAM's memfd; ``prepare_qemu(..., hugetlb=True)`` puts plain -m on 2 MiB pages. The pager
+learns the page size from the shim's handshake.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -44,16 +51,42 @@ class QemuCommand:
     ram_id: str
     shared: bool  # guest RAM on a shared memfd (needed by suspend)
     notes: list[str] = field(default_factory=list)
+    hugetlb: bool = False  # guest RAM on huge pages (hugetlbfs)
 
 
-def prepare_qemu(argv: list[str], ram_id: str = RAM_ID) -> QemuCommand:
-    """Check the user's QEMU command line and add a shared memfd backend behind plain -m."""
+HUGE_PAGE = 2 << 20
+ON = ("on", "yes", "true")
+
+
+def fs_type(path: str) -> str | None:
+    """The file system type of the mount holding ``path`` (from /proc/self/mounts)."""
+    best, kind = "", None
+    real = os.path.realpath(path)
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            parts = line.split()
+            mnt = parts[1].replace("\\040", " ")
+            if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                best, kind = mnt, parts[2]
+    return kind
+
+
+def _check_huge_size(size: int, what: str) -> None:
+    if size % HUGE_PAGE:
+        raise VmError(f"{what}: guest RAM on huge pages must be a multiple of 2 MiB, not "
+                      f"{size} bytes; round -m up")
+
+
+def prepare_qemu(argv: list[str], ram_id: str = RAM_ID, *, hugetlb: bool = False) -> QemuCommand:
+    """Check the user's QEMU command line and add a shared memfd backend behind plain -m
+    (on huge pages with ``hugetlb``)."""
     if not argv:
         raise VmError("no QEMU command given: ssi-pager vm [options] -- qemu-system-x86_64 ...")
     out: list[str] = [argv[0]]
     mem_value: str | None = None
     backends: dict[str, dict[str, str]] = {}
     machine_backend: str | None = None
+    mem_path: str | None = None
     notes: list[str] = []
     i = 1
     while i < len(argv):
@@ -67,8 +100,9 @@ def prepare_qemu(argv: list[str], ram_id: str = RAM_ID) -> QemuCommand:
             i += 2
             continue  # re-added below, once
         if opt == "-mem-path":
-            raise VmError("-mem-path (hugetlbfs) is not supported yet: guest RAM must be "
-                          "anonymous or a memfd; drop -mem-path")
+            mem_path = val
+            i += 2
+            continue  # becomes a shared memory-backend-file below
         if opt == "-daemonize":
             raise VmError("-daemonize is not supported: `ssi-pager vm` stays in front of QEMU "
                           "(run it under systemd or nohup instead)")
@@ -77,9 +111,7 @@ def prepare_qemu(argv: list[str], ram_id: str = RAM_ID) -> QemuCommand:
         if opt == "-object" and val and val.startswith("memory-backend"):
             o = _opts(val)
             backends[o.get("id", "")] = o
-            if o.get("hugetlb") in ("on", "yes", "true"):
-                raise VmError("memory-backend-memfd with hugetlb=on is not supported yet")
-            if o.get("prealloc") in ("on", "yes", "true"):
+            if o.get("prealloc") in ON:
                 notes.append("prealloc=on faults all guest RAM in at start (no lazy paging)")
         if opt in ("-machine", "-M") and val:
             mb = _opts(val).get("memory-backend")
@@ -101,19 +133,54 @@ def prepare_qemu(argv: list[str], ram_id: str = RAM_ID) -> QemuCommand:
         raise VmError("memory hotplug (-m maxmem=/slots=) is not supported yet")
     size = parse_size(mem.get("size") or mem.get("", "128M"))
     if machine_backend is not None:
+        if mem_path is not None:
+            raise VmError("-mem-path and -machine memory-backend= both give guest RAM; keep one")
         be = backends.get(machine_backend)
         if be is None:
             raise VmError(f"-machine memory-backend={machine_backend} names no -object")
         be_size = parse_size(be.get("size", "0"), "B")
         if be_size != size:
             raise VmError(f"-m {mem_value} and backend {machine_backend} size differ")
-        shared = be.get("", "") == "memory-backend-memfd" and be.get("share") in ("on", "yes",
-                                                                                 "true")
-        return QemuCommand([*out, "-m", _mem_arg(size)], size, machine_backend, shared, notes)
+        kind = be.get("", "")
+        huge = kind == "memory-backend-memfd" and be.get("hugetlb") in ON
+        if kind == "memory-backend-file":
+            huge = _ram_dir(be.get("mem-path", ""), "memory-backend-file mem-path")
+        if huge:
+            _check_huge_size(size, f"backend {machine_backend}")
+        # a memfd backend is shared unless share=off; a file backend only with share=on
+        shared = (kind == "memory-backend-memfd" and be.get("share", "on") in ON) or (
+            kind == "memory-backend-file" and be.get("share") in ON)
+        return QemuCommand([*out, "-m", _mem_arg(size)], size, machine_backend, shared, notes,
+                           huge)
+    if mem_path is not None:
+        huge = _ram_dir(mem_path, "-mem-path")
+        if huge:
+            _check_huge_size(size, "-mem-path")
+        out += ["-m", _mem_arg(size),
+                "-object", f"memory-backend-file,id={ram_id},size={size},mem-path={mem_path},"
+                           f"share=on",
+                "-machine", f"memory-backend={ram_id}"]
+        return QemuCommand(out, size, ram_id, True, notes, huge)
+    if hugetlb:
+        _check_huge_size(size, "-m")
     out += ["-m", _mem_arg(size),
-            "-object", f"memory-backend-memfd,id={ram_id},size={size},share=on",
+            "-object", f"memory-backend-memfd,id={ram_id},size={size},share=on"
+                       + (",hugetlb=on,hugetlbsize=2M" if hugetlb else ""),
             "-machine", f"memory-backend={ram_id}"]
-    return QemuCommand(out, size, ram_id, True, notes)
+    return QemuCommand(out, size, ram_id, True, notes, hugetlb)
+
+
+def _ram_dir(path: str, what: str) -> bool:
+    """Whether RAM files in ``path`` are huge pages (hugetlbfs) or not (tmpfs); VmError for
+    anything else (a disk-backed file would page guest RAM to disk behind the pager)."""
+    if not path or not os.path.isdir(path):
+        raise VmError(f"{what} {path!r} is not a directory; give a hugetlbfs mount "
+                      f"(e.g. /dev/hugepages) or tmpfs")
+    kind = fs_type(path)
+    if kind not in ("hugetlbfs", "tmpfs"):
+        raise VmError(f"{what} {path} is on {kind or 'an unknown file system'}: guest RAM "
+                      f"files must be on hugetlbfs (e.g. /dev/hugepages) or tmpfs")
+    return kind == "hugetlbfs"
 
 
 def _mem_arg(size: int) -> str:

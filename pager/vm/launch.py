@@ -57,7 +57,7 @@ def launch(args: argparse.Namespace, qemu_argv: list[str], name: str, *,
     from pager.shim import library
 
     shim = library()
-    cmd = prepare_qemu(qemu_argv, ram_id)
+    cmd = prepare_qemu(qemu_argv, ram_id, hugetlb=bool(getattr(args, "hugetlb", False)))
     if expect_size is not None and cmd.ram_size != expect_size:
         raise VmError(f"resume needs the same RAM size as the suspended guest "
                       f"({expect_size >> 20} MiB), got -m {cmd.ram_size >> 20} MiB")

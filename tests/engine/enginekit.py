@@ -24,15 +24,17 @@ class Proc(Child):
 
 
 class Memnode:
-    def __init__(self, tmp: Path, listen: str = "127.0.0.1:0") -> None:
+    def __init__(self, tmp: Path, listen: str = "127.0.0.1:0", *args: str) -> None:
         self.tmp = tmp
+        self.args = list(args)  # extra memnode options
         self.token_file = tmp / "token"
         self.store = tmp / "store"
         self.start(listen)
 
     def start(self, listen: str) -> None:
         self.proc = Proc(["memnode", "--listen", listen, "--store", str(self.store),
-                          "--token-file", str(self.token_file)], self.tmp / "memnode.log")
+                          "--token-file", str(self.token_file), *self.args],
+                         self.tmp / "memnode.log")
         self.endpoint = self.proc.wait_for(r"listening on (\S+)")
 
     def restart(self) -> None:

@@ -14,6 +14,10 @@ from pathlib import Path
 import pytest
 from enginekit import ROOT
 
+# the cases `bench faults --only remote-4k-rand` runs: readahead on/off, polling off, CPU burners
+RAND_CASES = sorted(f"pager-remote-4k-rand{s}" for s in (
+    "", "-nora", "-nora-nopoll", "-nora-busy", "-nora-nopoll-busy"))
+
 
 def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pager.cli", *args], cwd=ROOT,
@@ -36,9 +40,15 @@ def test_bench_faults_json_lines_and_ratios(refpager_dir):
              "--repeat", "1", "--refpager", str(refpager_dir))
     assert r.returncode == 0, r.stderr[-2000:]
     lines = {x["name"]: x for x in map(json.loads, r.stdout.splitlines())}
-    ours = lines["pager-remote-4k-rand"]
-    assert ours["bad_pages"] == 0 and ours["p50_us"] > 0 and ours["gbps"] > 0
-    assert ours["faults"] == 1024
+    ours = {n: x for n, x in lines.items() if n.startswith("pager-")}
+    assert sorted(ours) == RAND_CASES
+    for x in ours.values():
+        assert x["bad_pages"] == 0 and x["p50_us"] > 0 and x["gbps"] > 0, x
+        assert x["faults"] == 1024
+        # what the faults cost: CPU per million faults of pager and node, idle pager CPU
+        assert x["pager_cpu_s_per_mfault"] >= 0 and x["node_cpu_s_per_mfault"] >= 0
+        assert 0 <= x["pager_idle_cpu_pct"] < 10, x
+    assert 0 < lines["pager-remote-4k-rand-nora-busy"]["busy_cpu_share"] <= 1.05
     assert all(x["bad_pages"] == 0 for n, x in lines.items() if n.startswith("refpager-"))
     ratios = [x for n, x in lines.items() if n.startswith("ratio-")]
     assert "ratio-pager-remote-4k-rand-vs-refpager-remote-4k-rand" in lines
@@ -57,7 +67,7 @@ def test_bench_faults_refuses_a_missing_reference(tmp_path):
     r = _run("bench", "faults", "--mib", "4", "--rss-gib", "0", "--only", "remote-4k-rand",
              "--no-ref")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert [json.loads(x)["name"] for x in r.stdout.splitlines()] == ["pager-remote-4k-rand"]
+    assert sorted(json.loads(x)["name"] for x in r.stdout.splitlines()) == RAND_CASES
 
 
 def test_demo_exits_non_zero_on_a_wrong_byte():

@@ -136,18 +136,14 @@ def test_malformed_handshakes_each_followed_by_a_good_client(memnode, run_pager,
 
 @pytest.fixture
 def huge_pages():
-    """A few 2 MiB huge pages for the test (the previous setting is restored)."""
-    path = "/proc/sys/vm/nr_hugepages"
+    """A few 2 MiB huge pages for the test (given back after, others' reservations kept)."""
+    from tuning.errors import HugePagesError
+    from tuning.hugepages import reserved
     try:
-        with open(path) as f:
-            old = f.read().strip()
-        with open(path, "w") as f:
-            f.write(str(int(old) + 8))
-    except OSError as exc:
+        with reserved(8):
+            yield
+    except HugePagesError as exc:
         pytest.skip(f"cannot reserve huge pages: {exc}")
-    yield
-    with open(path, "w") as f:
-        f.write(old)
 
 
 def test_huge_page_region_with_holes(memnode, run_pager, huge_pages):

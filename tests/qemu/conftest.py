@@ -119,10 +119,11 @@ PAGER_START_TIMEOUT = 30
 
 @contextlib.contextmanager
 def metrics_pager(tmp_path: Path, memnode: str, token: Path,
-                  extra: tuple[str, ...] = ()) -> Iterator[Pager]:
-    """A pager (with ``extra`` arguments) whose metrics endpoint binds a port of the kernel's
-    choosing (no port picked here that another process could take first); its URL is read
-    from the pager's log."""
+                  extra: tuple[str, ...] | list[str] = ()) -> Iterator[Pager]:
+    """A pager (with ``extra`` serve options) whose metrics endpoint binds a port of the
+    kernel's choosing (no port picked here that another process could take first); its URL is
+    read from the pager's log."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     sock = tmp_path / "pager.sock"
     logf = tmp_path / "pager.log"
     proc = start_pager(sock, memnode, token, logf, ["--metrics", "127.0.0.1:0", *extra])

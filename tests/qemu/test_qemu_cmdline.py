@@ -48,9 +48,13 @@ def test_private_backend_is_not_shared():
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["q", "-m", "1G", "-mem-path", "/dev/hugepages"], "-mem-path (hugetlbfs) is not supported"),
-    (["q", "-m", "1G", "-object", "memory-backend-memfd,id=m,size=1G,hugetlb=on",
-      "-machine", "memory-backend=m"], "hugetlb=on is not supported"),
+    (["q", "-m", "1G", "-mem-path", "/nonexistent-dir"], "-mem-path '/nonexistent-dir' is not a "
+                                                         "directory"),
+    (["q", "-m", "1G", "-mem-path", "/proc"], "-mem-path /proc is on proc: guest RAM files"),
+    (["q", "-m", "1G", "-mem-path", "/dev/shm", "-object", "memory-backend-memfd,id=m,size=1G",
+      "-machine", "memory-backend=m"], "-mem-path and -machine memory-backend= both"),
+    (["q", "-m", "3M", "-object", "memory-backend-memfd,id=m,size=3M,hugetlb=on",
+      "-machine", "memory-backend=m"], "must be a multiple of 2 MiB, not 3145728 bytes"),
     (["q", "-m", "1G,slots=2,maxmem=4G"], "memory hotplug (-m maxmem=/slots=)"),
     (["q", "-m", "lots"], "cannot read memory size 'lots'; write it like 512M"),
     (["q", "-m"], "QEMU option -m needs a value"),
@@ -69,6 +73,30 @@ def test_private_backend_is_not_shared():
 def test_unsupported_or_wrong_is_refused(argv, message):
     with pytest.raises(VmError, match=re.escape(message)):
         prepare_qemu(argv)
+
+
+def test_hugetlb_memfd_backend_is_kept():
+    argv = ["q", "-m", "1G", "-object", "memory-backend-memfd,id=m,size=1G,hugetlb=on",
+            "-machine", "memory-backend=m"]
+    cmd = prepare_qemu(argv)
+    assert cmd.hugetlb and cmd.shared and cmd.ram_id == "m"
+    assert cmd.argv.count("-object") == 1
+
+
+def test_plain_m_on_huge_pages():
+    cmd = prepare_qemu(["q", "-m", "512M"], hugetlb=True)
+    assert cmd.hugetlb and cmd.shared
+    assert (f"memory-backend-memfd,id={RAM_ID},size={512 << 20},share=on,hugetlb=on,"
+            f"hugetlbsize=2M") in cmd.argv
+
+
+def test_mem_path_becomes_a_shared_file_backend():
+    """-mem-path on tmpfs (/dev/shm): a shared memory-backend-file, not huge pages."""
+    cmd = prepare_qemu(["q", "-m", "256M", "-mem-path", "/dev/shm"])
+    assert cmd.shared and not cmd.hugetlb and "-mem-path" not in cmd.argv
+    assert (f"memory-backend-file,id={RAM_ID},size={256 << 20},mem-path=/dev/shm,share=on"
+            in cmd.argv)
+    assert cmd.argv[cmd.argv.index("-machine") + 1] == f"memory-backend={RAM_ID}"
 
 
 def test_prealloc_is_noted():

@@ -19,7 +19,7 @@ from tuning.errors import StateError
 ROOT_GROUP = grp.getgrgid(0).gr_name
 COPIED = [sysfs.sysctl_rel(s.name) for s in knobs.SYSCTLS] + [
     sysfs.sysctl_rel("vm.unprivileged_userfaultfd"), knobs.THP_ENABLED, knobs.THP_DEFRAG,
-    "proc/self/limits"]
+    "proc/self/limits", sysfs.sysctl_rel("vm.nr_hugepages"), "proc/meminfo"]
 
 
 @pytest.fixture
@@ -268,3 +268,43 @@ def test_unwritable_state_file_is_a_clear_error(root: Path, tmp_path: Path) -> N
         state.apply(root, knobs.inspect(root, options()), blocker / "state.json")
     assert err.value.errno == errno.EEXIST  # the kernel's reason (a file where a dir goes), kept
     assert str(blocker / "state.json") in str(err.value)
+
+
+def test_hugepages_checked_set_and_reverted(root: Path, tmp_path: Path) -> None:
+    nr = root / sysfs.sysctl_rel("vm.nr_hugepages")
+    nr.write_text("2\n")
+    found = by_knob(knobs.inspect(root, options()))["vm.nr_hugepages"]
+    assert found.status == "info" and found.current == "2" and not found.changes
+    assert "--hugepages" in found.message  # says how to ask for a pool
+    want = knobs.Options(uffd_group=ROOT_GROUP, hugepages=512)  # 1 GiB of guest RAM
+    found = by_knob(knobs.inspect(root, want))["vm.nr_hugepages"]
+    assert found.status == "change" and found.desired == "512"
+    st = tmp_path / "state.json"
+    done, errors = state.apply(root, [found], st)
+    assert errors == [] and [c.knob for c in done] == ["vm.nr_hugepages"]
+    assert nr.read_text().strip() == "512"
+    assert by_knob(knobs.inspect(root, want))["vm.nr_hugepages"].status == "ok"
+    state.revert(root, st)
+    assert nr.read_text().strip() == "2"
+    # the command line refuses a negative count
+    r = subprocess.run([sys.executable, "-m", "pager.cli", "tune", "check", "--root", str(root),
+                        "--hugepages", "-1"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--hugepages -1 is negative" in r.stderr
+
+
+def test_reserved_pool_is_given_back(tmp_path: Path) -> None:
+    """On the real kernel: free pages while the block runs, the pool lowered again after."""
+    from tuning import hugepages
+    from tuning.errors import HugePagesError
+
+    before = hugepages.pool()
+    if before is None or os.getuid() != 0:
+        pytest.skip("needs root and a hugetlb pool")
+    try:
+        with hugepages.reserved(before.free + 2) as p:
+            assert p.free >= before.free + 2
+            inside = p.total
+    except HugePagesError as exc:
+        pytest.skip(str(exc))
+    after = hugepages.pool()
+    assert after is not None and after.total <= inside - 2

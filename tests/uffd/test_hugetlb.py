@@ -14,36 +14,23 @@ import pytest
 from pager.uffd import Ioctl, UffdInvalid, Userfaultfd
 from pager.uffd.mman import Mapping
 from pager.uffd.toucher import Toucher, pattern_bytes
+from tuning.errors import HugePagesError
+from tuning.hugepages import reserved
 
 from .conftest import serve
-
-NR = "/proc/sys/vm/nr_hugepages"
-
-
-def _meminfo(key: str) -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return 0
 
 
 @contextmanager
 def huge_pages(count: int):
+    """``count`` free huge pages (their size in bytes is yielded), given back after; others'
+    reservations made meanwhile are kept (tuning.hugepages.reserved)."""
     if os.geteuid() != 0:
         pytest.skip("reserving huge pages needs root")
-    with open(NR) as f:
-        old = f.read().strip()
     try:
-        if _meminfo("HugePages_Free") < count:
-            with open(NR, "w") as f:
-                f.write(str(int(old) + count))
-        if _meminfo("HugePages_Free") < count:
-            pytest.skip("the host could not reserve huge pages")
-        yield _meminfo("Hugepagesize") * 1024
-    finally:
-        with open(NR, "w") as f:
-            f.write(old)
+        with reserved(count) as pool:
+            yield pool.page_size
+    except HugePagesError as exc:
+        pytest.skip(f"the host could not reserve huge pages: {exc}")
 
 
 def test_missing_faults_on_hugetlbfs():

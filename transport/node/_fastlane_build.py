@@ -37,7 +37,7 @@ ffi.set_source("transport.node._fastlane_cffi", '#include "fastlane.h"\n',
                sources=[os.path.join(_NODE, "fastlane.c")],
                include_dirs=[_NODE, _WIRE],
                depends=[os.path.join(_NODE, "fastlane.h"), os.path.join(_WIRE, "ssip_wire.h"),
-                        os.path.join(_WIRE, "ssip_io.h")],
+                        os.path.join(_WIRE, "ssip_io.h"), os.path.join(_WIRE, "ssip_poll.h")],
                define_macros=[("_GNU_SOURCE", None)],
                extra_compile_args=CFLAGS)
 

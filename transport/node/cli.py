@@ -14,8 +14,10 @@ import sys
 from typing import Any
 
 from transport.errors import TransportError
+from transport.node import fastlane
 from transport.node.server import MemoryNode
 from transport.node.store import DEFAULT_MAX_SPACES, PageStore
+from transport.polling import add_poll_argument
 from transport.tcp import DEFAULT_HOST, parse_endpoint
 from transport.tcp import run as run_loop
 from transport.token import default_store_dir, default_token_path, ensure_token
@@ -50,6 +52,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-fastlane", action="store_true",
                         help="serve pagers' fault lanes in Python too, not in the C loop "
                              "(for comparison; also SSI_PAGER_NO_FASTLANE=1)")
+    add_poll_argument(parser, "the C fault lane")
     from pager import metrics
 
     metrics.add_metrics_argument(parser)
@@ -81,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_spaces < 1 or args.max_space_gib < 1:
         raise TransportError(f"--max-spaces {args.max_spaces} and --max-space-gib "
                              f"{args.max_space_gib} must each be at least 1")
+    fastlane.set_poll_us(args.poll_us)
     store = PageStore(args.store or default_store_dir(), sync=args.fsync,
                       max_space_bytes=args.max_space_gib << 30, max_spaces=args.max_spaces)
     node = MemoryNode(store, token=token, host=host, port=port, name=args.name,

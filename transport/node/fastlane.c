@@ -24,9 +24,11 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/types.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "ssip_io.h"
+#include "ssip_poll.h"
 #include "ssip_wire.h"
 #include "fastlane.h"
 
@@ -139,8 +141,22 @@ static int serve_frame(struct ssi_fl_conn *c)
     return 0;
 }
 
+/* Adaptive polling: for poll_ns after the last frame, recv without blocking so the next FETCH
+ * of a burst is read at once instead of after a thread wakeup; then a blocking recv. The window
+ * restarts only when bytes arrive, so an idle lane sleeps; the spin yields now and then and
+ * backs off when that got it preempted (ssip_poll.h). Returns what recv returned (-1 with
+ * errno set). */
+static ssize_t recv_polling(struct ssi_fl_conn *c, uint64_t since)
+{
+    struct iovec iov = {c->inbuf + c->end, c->in_cap - c->end};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1};
+    return ssip_recvmsg_polling(c->fd, &msg, since, c->poll_ns, &c->poll_skip_until,
+                                &c->poll_backoff_ns);
+}
+
 int ssi_fl_serve(struct ssi_fl_conn *c)
 {
+    uint64_t last = ssip_mono_ns();
     int rc, flags = fcntl(c->fd, F_GETFL);
     if (flags >= 0 && (flags & O_NONBLOCK))
         fcntl(c->fd, F_SETFL, flags & ~O_NONBLOCK);
@@ -161,9 +177,10 @@ int ssi_fl_serve(struct ssi_fl_conn *c)
             c->end -= c->pos;
             c->pos = 0;
         }
-        n = recv(c->fd, c->inbuf + c->end, c->in_cap - c->end, 0);
+        n = recv_polling(c, last);
         if (n > 0) {
             c->end += (uint32_t)n;
+            last = ssip_mono_ns();
         } else if (n == 0) {
             rc = SSI_FL_EOF;
             break;

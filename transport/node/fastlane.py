@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from transport.node.store import Space
+from transport.polling import DEFAULT_POLL_US, check_poll_us
 from transport.wire import HEADER_SIZE, MAX_DATA, MAX_FRAME
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,18 @@ HANDBACK = lib.SSI_FL_HANDBACK if lib is not None else 1
 EOF_ = lib.SSI_FL_EOF if lib is not None else 2
 ERROR = lib.SSI_FL_ERROR if lib is not None else 3
 MAX_SPACES = lib.SSI_FL_MAX_SPACES if lib is not None else 0
+_poll_us = DEFAULT_POLL_US
+
+
+def set_poll_us(poll_us: int) -> None:
+    """The adaptive polling window of the lanes started from now on in this process (µs of
+    non-blocking reads after the last frame; 0 = off): ``memnode --poll-us``."""
+    global _poll_us
+    _poll_us = check_poll_us(poll_us)
+
+
+def poll_us() -> int:
+    return _poll_us
 
 
 def enabled(requested: bool | None = None) -> bool:
@@ -64,6 +77,7 @@ class FastLane:
         c = self.c = ffi.new("struct ssi_fl_conn *")
         c.fd = -1
         c.max_space_bytes = max_space_bytes
+        c.poll_ns = _poll_us * 1000
         self._bitmaps: list[Any] = []  # keeps the bitmaps' buffer exports alive
         self._names: list[str] = []
         self.thread: threading.Thread | None = None

@@ -19,41 +19,129 @@
 #include <sys/uio.h>
 
 #include "ssip_io.h"
+#include "ssip_poll.h"
 #include "ssip_wire.h"
 #include "ssi_uffd.h"
 
 #define SSI_PFL_FOLD_MS 10
+#define SSI_PFL_MASK_WORDS (SSI_PFL_MAX_FETCH / SSIP_PAGE_SIZE / 64)
 
-/* One FETCH of len bytes at gpa into l->buf; the zero mask in *mask. 0 or -errno. */
+_Static_assert(SSIP_MAX_PAGES == 32 && SSIP_MAX_DATA == SSIP_MAX_PAGES * SSIP_PAGE_SIZE
+               && SSI_PFL_MAX_FETCH % SSIP_MAX_DATA == 0,
+               "a frame's u32 zero mask is one half of a mask[] word");
+
+/* Pages of one DATA reply arrived packed at p (the written ones only, zero mask m): move each
+   to its place, last first. */
+static void ssi_pfl_unpack(uint8_t *p, uint32_t npages, uint32_t m, uint64_t length)
+{
+    uint64_t pos = length;
+    for (int i = (int)npages - 1; i >= 0 && m; i--) {
+        if (m >> i & 1)
+            continue;
+        pos -= SSIP_PAGE_SIZE;
+        if (pos != (uint64_t)i * SSIP_PAGE_SIZE)
+            memmove(p + (uint64_t)i * SSIP_PAGE_SIZE, p + pos, SSIP_PAGE_SIZE);
+    }
+}
+
+static uint32_t ssi_pfl_next_req(struct ssi_pfl *l)
+{
+    return l->req = (l->req + 1) ? l->req + 1 : 1;
+}
+
+/* Check a DATA header for request req asking npages: its zero mask, or -EPROTO (an ERROR
+   frame or anything unexpected: Python drops the connection and asks again). */
+static int64_t ssi_pfl_check(const struct ssip_header *h, uint32_t req, uint32_t npages)
+{
+    uint32_t full = npages >= 32 ? 0xffffffffu : (1u << npages) - 1;
+    uint32_t m = h->arg & full;
+    uint32_t want = (npages - (uint32_t)__builtin_popcount(m)) * SSIP_PAGE_SIZE;
+    if (memcmp(h->magic, SSIP_MAGIC, 4) || h->version != SSIP_VERSION || h->type != SSIP_T_DATA
+            || h->request_id != req || h->length != want)
+        return -EPROTO;
+    return m;
+}
+
+static void ssi_pfl_request(struct ssip_header *h, uint32_t req, uint32_t space, uint64_t gpa,
+                            uint32_t len)
+{
+    /* the wire is little-endian, as is every host this runs on (x86-64, arm64) */
+    *h = (struct ssip_header){.version = SSIP_VERSION, .type = SSIP_T_FETCH,
+                              .flags = SSIP_FLAG_URGENT, .request_id = req, .space = space,
+                              .gpa = gpa, .length = 0, .arg = len};
+    memcpy(h->magic, SSIP_MAGIC, 4);
+}
+
+/* A fetch larger than one frame (a huge page): every FETCH sent at once, the replies taken in
+   order, each unpacked in place; zero-mask bits into mask[] (one bit per wire page). */
+static int ssi_pfl_fetch_pipelined(struct ssi_pfl *l, const struct ssi_pfl_region *r,
+                                   uint64_t gpa, uint32_t len, uint64_t *mask)
+{
+    struct ssip_header hs[SSI_PFL_MAX_FETCH / SSIP_MAX_DATA];
+    uint32_t nf = (len + SSIP_MAX_DATA - 1) / SSIP_MAX_DATA;
+    uint32_t first = 0;
+    int rc;
+    for (uint32_t f = 0; f < nf; f++) {
+        uint32_t req = ssi_pfl_next_req(l), n = len - f * SSIP_MAX_DATA;
+        first = f ? first : req;
+        ssi_pfl_request(&hs[f], req, r->space, gpa + (uint64_t)f * SSIP_MAX_DATA,
+                        n < SSIP_MAX_DATA ? n : SSIP_MAX_DATA);
+    }
+    if ((rc = ssip_send_all(r->sock, (const uint8_t *)hs, nf * sizeof hs[0])) < 0)
+        return rc;
+    for (uint32_t f = 0, req = first; f < nf; f++, req = req + 1 ? req + 1 : 1) {
+        struct ssip_header h;
+        uint32_t npages = hs[f].arg / SSIP_PAGE_SIZE;
+        uint8_t *p = l->buf + (uint64_t)f * SSIP_MAX_DATA;
+        if ((rc = ssip_recv_all(r->sock, (uint8_t *)&h, sizeof h)) < 0)
+            return rc;
+        int64_t m = ssi_pfl_check(&h, req, npages);
+        if (m < 0)
+            return (int)m;
+        if (h.length && (rc = ssip_recv_all(r->sock, p, h.length)) < 0)
+            return rc;
+        ssi_pfl_unpack(p, npages, (uint32_t)m, h.length);
+        uint64_t bit = (uint64_t)f * SSIP_MAX_PAGES;  /* frames are whole 32-page groups */
+        mask[bit / 64] |= (uint64_t)m << (bit % 64);
+    }
+    return 0;
+}
+
+/* One fetch of len bytes at gpa into l->buf; the zero mask in mask[] (len / 4 KiB bits, the
+   caller zeroes it). 0 or -errno. */
 static int ssi_pfl_fetch(struct ssi_pfl *l, const struct ssi_pfl_region *r, uint64_t gpa,
-                         uint32_t len, uint32_t *mask)
+                         uint32_t len, uint64_t *mask)
 {
     uint8_t *buf = l->buf;
     int rc;
-    *mask = 0;
     if (r->proto == SSI_PFL_PROTO_RAW) {
         uint8_t q[12];
         memcpy(q, &gpa, 8);
         memcpy(q + 8, &len, 4);
         if ((rc = ssip_send_all(r->sock, q, sizeof q)) < 0)
             return rc;
-        return ssip_recv_all(r->sock, buf, len);
+        struct iovec v = {buf, len};
+        struct msghdr mh = {.msg_iov = &v, .msg_iovlen = 1};
+        ssize_t got = ssip_recvmsg_polling(r->sock, &mh, ssip_mono_ns(), l->poll_ns,
+                                           &l->poll_skip_until, &l->poll_backoff_ns);
+        if (got <= 0)
+            return got < 0 ? -errno : -ECONNRESET;
+        return ssip_recv_all(r->sock, buf + got, len - (uint32_t)got);
     }
-    /* the wire is little-endian, as is every host this runs on (x86-64, arm64) */
-    uint32_t req = l->req = (l->req + 1) ? l->req + 1 : 1;
-    struct ssip_header h = {.version = SSIP_VERSION, .type = SSIP_T_FETCH,
-                            .flags = SSIP_FLAG_URGENT, .request_id = req, .space = r->space,
-                            .gpa = gpa, .length = 0, .arg = len};
-    memcpy(h.magic, SSIP_MAGIC, 4);
+    if (len > SSIP_MAX_DATA)
+        return ssi_pfl_fetch_pipelined(l, r, gpa, len, mask);
+    uint32_t req = ssi_pfl_next_req(l);
+    struct ssip_header h;
+    ssi_pfl_request(&h, req, r->space, gpa, len);
     if ((rc = ssip_send_all(r->sock, (const uint8_t *)&h, sizeof h)) < 0)
         return rc;
     /* header and pages in one recvmsg: only this reply can arrive */
     struct iovec iov[2] = {{&h, sizeof h}, {buf, len}};
     struct msghdr msg = {.msg_iov = iov, .msg_iovlen = 2};
-    ssize_t nb;
-    do {
-        nb = recvmsg(r->sock, &msg, 0);
-    } while (nb < 0 && errno == EINTR);
+    /* adaptive polling: the reply of a fast node arrives within the window, and this
+       thread is not put to sleep and woken for it */
+    ssize_t nb = ssip_recvmsg_polling(r->sock, &msg, ssip_mono_ns(), l->poll_ns,
+                                      &l->poll_skip_until, &l->poll_backoff_ns);
     if (nb < 0)
         return -errno;
     if (nb == 0)
@@ -64,27 +152,14 @@ static int ssi_pfl_fetch(struct ssi_pfl *l, const struct ssi_pfl_region *r, uint
         nb = sizeof h;
     }
     uint32_t npages = len / SSIP_PAGE_SIZE;
-    uint32_t full = npages >= 32 ? 0xffffffffu : (1u << npages) - 1;
-    uint32_t m = h.arg & full;
-    uint32_t want = (npages - (uint32_t)__builtin_popcount(m)) * SSIP_PAGE_SIZE;
+    int64_t m = ssi_pfl_check(&h, req, npages);
     size_t got = (size_t)nb - sizeof h;
-    /* an ERROR frame or anything unexpected: Python drops the connection and asks again */
-    if (memcmp(h.magic, SSIP_MAGIC, 4) || h.version != SSIP_VERSION || h.type != SSIP_T_DATA
-            || h.request_id != req || h.length != want || got > h.length)
+    if (m < 0 || got > h.length)
         return -EPROTO;
     if (got < h.length && (rc = ssip_recv_all(r->sock, buf + got, h.length - got)) < 0)
         return rc;
-    if (m) {  /* pages arrived packed: move each to its place, last first */
-        uint64_t pos = h.length;
-        for (int i = (int)npages - 1; i >= 0; i--) {
-            if (m >> i & 1)
-                continue;
-            pos -= SSIP_PAGE_SIZE;
-            if (pos != (uint64_t)i * SSIP_PAGE_SIZE)
-                memmove(buf + (uint64_t)i * SSIP_PAGE_SIZE, buf + pos, SSIP_PAGE_SIZE);
-        }
-    }
-    *mask = m;
+    ssi_pfl_unpack(buf, npages, (uint32_t)m, h.length);
+    mask[0] = (uint64_t)m;
     return 0;
 }
 
@@ -150,18 +225,21 @@ static int ssi_pfl_fault(struct ssi_pfl *l, int i, uint64_t t0, uint64_t *done_s
     if (len > chunk)
         len = chunk;
     struct ssi_install_log *g = &l->log;
-    /* room in the residency ring for the worst case (every page its own run, plus EEXIST) */
-    if (len > l->buf_size || (r->proto == SSI_PFL_PROTO_SSIP && len > SSIP_MAX_DATA)
-            || g->max_res - g->nres < 2 * (len / SSIP_PAGE_SIZE) + 2
+    /* room in the residency ring for the worst case (every page its own run, plus EEXIST);
+       a huge page is copied whole (one run) */
+    if (len > l->buf_size || len > SSI_PFL_MAX_FETCH
+            || g->max_res - g->nres < 2 * (len / r->page_size) + 2
             || ssi_pfl_is_slow(l, start, start + len))
         return 0;
-    uint32_t m32;
-    int rc = ssi_pfl_fetch(l, r, r->gpa + (start - r->base), (uint32_t)len, &m32);
+    uint64_t mask[SSI_PFL_MASK_WORDS] = {0};
+    int rc = ssi_pfl_fetch(l, r, r->gpa + (start - r->base), (uint32_t)len, mask);
     if (rc < 0)
         return rc;
     st->fetched_bytes += len;
-    uint64_t mask = m32;
-    if (ssi_install(l->uffd, start, (uint64_t)(uintptr_t)l->buf, len, m32 ? &mask : NULL,
+    int any = 0;
+    for (uint64_t k = 0; k < (len / SSIP_PAGE_SIZE + 63) / 64; k++)
+        any |= mask[k] != 0;
+    if (ssi_install(l->uffd, start, (uint64_t)(uintptr_t)l->buf, len, any ? mask : NULL,
                     r->page_size, 0, g) < 0)
         return 0;  /* Python fetches again and reports, defers or ends the client */
     st->faults++;
@@ -172,6 +250,34 @@ static int ssi_pfl_fault(struct ssi_pfl *l, int i, uint64_t t0, uint64_t *done_s
     done_e[*ndone] = start + len;
     (*ndone)++;
     return 1;
+}
+
+/* Adaptive polling: for poll_ns after the last event, read the uffd without blocking (its fd
+ * is O_NONBLOCK) instead of sleeping in poll(), so the next fault of a burst is seen within one
+ * read() rather than after a wakeup. The window is bounded and restarts only on events, so an
+ * idle pager blocks in poll() and costs nothing; the spin yields now and then, and backs off
+ * when that got it preempted (ssip_poll.h). The interrupting fds are not looked at while
+ * spinning: they wait at most one window. Returns the events read, 0 when the window closed,
+ * -errno. */
+static int ssi_pfl_spin(struct ssi_pfl *l, int max_events)
+{
+    if (!l->poll_ns)
+        return 0;
+    uint64_t prev = ssip_mono_ns();
+    if (prev - l->last_event_ns >= l->poll_ns
+            || !ssip_poll_allowed(l->poll_ns, l->poll_skip_until, prev))
+        return 0;
+    for (unsigned k = 1;; k++) {
+        int n = ssi_uffd_read(l->uffd, l->events, max_events);
+        if (n) {
+            l->poll_backoff_ns = 0;
+            return n;
+        }
+        if (ssip_poll_over(l->last_event_ns, l->poll_ns, &prev, &l->poll_skip_until,
+                           &l->poll_backoff_ns))
+            return 0;
+        ssip_poll_relax(k);
+    }
 }
 
 int ssi_pfl_run(struct ssi_pfl *l)
@@ -189,31 +295,35 @@ int ssi_pfl_run(struct ssi_pfl *l)
     for (;;) {
         if (served && l->log.max_res - l->log.nres < worst)
             return SSI_PFL_IDLE;  /* Python drains it and calls again */
-        p[0].fd = l->uffd;
-        p[0].events = POLLIN;
-        for (int k = 1; k < np; k++) {
-            p[k].fd = l->wake_fds[k - 1];
-            p[k].events = POLLIN;
+        int n = ssi_pfl_spin(l, max_events);
+        if (n == 0) {
+            p[0].fd = l->uffd;
+            p[0].events = POLLIN;
+            for (int k = 1; k < np; k++) {
+                p[k].fd = l->wake_fds[k - 1];
+                p[k].events = POLLIN;
+            }
+            /* once faults were served, return soon after they stop, so Python folds the
+               counters (metrics lag by at most SSI_PFL_FOLD_MS idle, max_ns busy) */
+            int r = poll(p, (nfds_t)np, served && l->timeout_ms > SSI_PFL_FOLD_MS
+                                            ? SSI_PFL_FOLD_MS : l->timeout_ms);
+            if (r < 0 && errno == EINTR)
+                continue;
+            if (r <= 0)
+                return SSI_PFL_IDLE;
+            for (int k = 1; k < np; k++)
+                if (p[k].revents)
+                    return SSI_PFL_WAKE;
+            n = ssi_uffd_read(l->uffd, l->events, max_events);
         }
-        /* once faults were served, return soon after they stop, so Python folds the counters
-           (metrics lag by at most SSI_PFL_FOLD_MS idle, max_ns busy) */
-        int r = poll(p, (nfds_t)np, served && l->timeout_ms > SSI_PFL_FOLD_MS ? SSI_PFL_FOLD_MS
-                                                                          : l->timeout_ms);
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r <= 0)
-            return SSI_PFL_IDLE;
-        for (int k = 1; k < np; k++)
-            if (p[k].revents)
-                return SSI_PFL_WAKE;
-        int n = ssi_uffd_read(l->uffd, l->events, max_events);
         if (n < 0) {
             l->err = -n;
             return SSI_PFL_READ_ERROR;
         }
         if (n == 0)
             return SSI_PFL_IDLE;
-        uint64_t t0 = ssi_now_ns();
+        l->last_event_ns = ssi_now_ns();
+        uint64_t t0 = l->last_event_ns;
         int ndone = 0;
         for (int i = 0; i < n; i++) {
             int rc = ssi_pfl_fault(l, i, t0, done_s, done_e, &ndone);
@@ -229,7 +339,8 @@ int ssi_pfl_run(struct ssi_pfl *l)
             }
             return SSI_PFL_EVENTS;
         }
-        if (ssi_now_ns() - entered >= l->max_ns)
+        l->last_event_ns = ssi_now_ns();  /* the window runs from the end of the batch */
+        if (l->last_event_ns - entered >= l->max_ns)
             return SSI_PFL_IDLE;
     }
 }

@@ -274,6 +274,7 @@ int ssi_install(int uffd, uint64_t dst, uint64_t src, uint64_t len, const uint64
 #define SSI_PFL_MAX_SLOW 256
 #define SSI_PFL_MAX_WAKE 2
 #define SSI_PFL_NBUCKETS 15
+#define SSI_PFL_MAX_FETCH (2u << 20)  /* largest fetch C serves (a 2 MiB page); more: Python */
 
 #define SSI_PFL_IDLE 0
 #define SSI_PFL_WAKE 1
@@ -322,6 +323,11 @@ struct ssi_pfl {
     uint64_t bucket_us[SSI_PFL_NBUCKETS - 1];
     int timeout_ms;                     /* poll timeout -> SSI_PFL_IDLE */
     uint64_t max_ns;                    /* serve at most this long per call -> SSI_PFL_IDLE */
+    uint64_t poll_ns;                   /* adaptive polling: read without blocking this long
+                                           after the last event before poll() (0: off) */
+    uint64_t last_event_ns;             /* when the last event was read or served */
+    uint64_t poll_skip_until;           /* no polling before (back-off, ssip_poll.h) */
+    uint64_t poll_backoff_ns;
     uint32_t req;                       /* last request id */
     int first;                          /* on return: events[first:n] are Python's */
     int n;

@@ -1,0 +1,174 @@
+"""`bench vm` cases for working sets and many-pass guests (run by `pager.vm.bench`).
+
+  vm_many_pass_baseline / vm_many_pass_pager_local / vm_many_pass_pager_hugetlb
+        a guest that makes many passes over a working set much smaller than its RAM, under
+        plain QEMU (anonymous RAM: transparent huge pages), with all RAM behind the pager
+        (shared memfd, 4 KiB pages), and behind the pager on 2 MiB pages (`vm --hugetlb`,
+        skipped with the reason when the hugetlb pool cannot be reserved); ratio goal <= 1.10.
+        Once every page is resident the pager does nothing, so what remains between the first
+        two is the page size: the TLB reach of 4 KiB pages against huge pages.
+  vm_resume_ws_lazy / vm_resume_ws_prefetch / vm_resume_ws_full_load
+        suspend after pass 1, resume: on demand; on demand with the working set the pager
+        recorded (serve --ws-window) replayed ahead of faults; all stored RAM loaded before
+        `cont`. Each reports ``first_s`` (resume start to the guest's first output),
+        ``done_s`` (to the workload done: QEMU's exit) and ``faults`` (faults the pager served
+        for the resumed guest), medians of --repeat runs.
+Goals (issue 12): prefetch done_s <= lazy done_s / 2, faults <= lazy faults / 10, first_s no
+later than lazy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import re
+import statistics
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+from pager.errors import VmError
+from tuning.errors import HugePagesError
+from tuning.hugepages import pages_for, reserved
+
+log = logging.getLogger(__name__)
+
+METRICS_URL = re.compile(r"metrics: (http://\S+)")
+FAULTS_RE = re.compile(r'^ssi_pager_faults_total\{kind="missing",outcome="(\w+)"\} (\S+)$',
+                       re.M)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--many-work-mib", type=int, default=64,
+                        help="working set of the many-pass guest (default 64, RAM --mem-mib)")
+    parser.add_argument("--many-passes", type=int, default=16,
+                        help="passes of the many-pass guest (default 16)")
+    parser.add_argument("--ws-work-mib", type=int, default=256,
+                        help="workload of the working-set resume cases (default 256, RAM "
+                             "--resume-mem-mib)")
+    parser.add_argument("--ws-window", type=float, default=60.0,
+                        help="serve --ws-window of the prefetch case (default 60 s)")
+    parser.add_argument("--no-ws", action="store_true",
+                        help="skip the many-pass and working-set cases")
+
+
+def faults_served(url: str) -> float:
+    """Missing faults the pager at metrics ``url`` served so far (every outcome)."""
+    with urllib.request.urlopen(url, timeout=10) as r:
+        text = r.read().decode()
+    return sum(float(v) for _o, v in FAULTS_RE.findall(text))
+
+
+def metrics_url(logf: Path, timeout: float = 30.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = METRICS_URL.search(logf.read_text(errors="replace")) if logf.exists() else None
+        if m:
+            return m.group(1)
+        time.sleep(0.05)
+    raise VmError(f"the pager printed no metrics URL in {logf}")
+
+
+def run(args: argparse.Namespace, gb: ModuleType, work: Path, token: Path, reps: int) -> None:
+    """Both groups of cases, with pager.vm.bench's services and runs."""
+    if args.no_ws:
+        return
+    from pager.vm import bench  # it runs us: imported when both are loaded
+
+    many_pass(args, gb, work, token, reps, bench)
+    resume_ws(args, gb, work, token, reps, bench)
+
+
+def many_pass(args: argparse.Namespace, gb: ModuleType, work: Path, token: Path, reps: int,
+              bench: ModuleType) -> None:
+    guest = gb.build(args.mem_mib, args.many_work_mib, args.many_passes)
+    expected = gb.expected_checksums(args.many_work_mib, args.many_passes)
+    argv = guest.qemu_args()
+    base: list[float] = []
+    walls: list[float] = []
+    huge: list[float] = []
+    why = ""
+    (work / "many").mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(reserved(pages_for(args.mem_mib << 20, 2 << 20) + 2))
+        except HugePagesError as exc:
+            why = str(exc)
+        endpoint, sock = stack.enter_context(
+            bench.services(work / "many", token, pager_args=args.pager_arg))
+        a = bench.vm_args(endpoint, token, sock)
+        ah = bench.vm_args(endpoint, token, sock, hugetlb=True)
+        for i in range(reps):  # interleaved: host load drifts
+            wall, out = bench.run_plain(argv)
+            bench.check(out, expected, "many-pass baseline")
+            base.append(wall)
+            wall, out = bench.run_paged(a, argv, f"bench-many-{i}")
+            bench.check(out, expected, "many-pass guest under the pager")
+            walls.append(wall)
+            if not why:
+                wall, out = bench.run_paged(ah, argv, f"bench-many-huge-{i}")
+                bench.check(out, expected, "many-pass guest on huge pages under the pager")
+                huge.append(wall)
+    b, w = statistics.median(base), statistics.median(walls)
+    bench.emit({"name": "vm_many_pass_baseline", "wall_s": round(b, 3), "ratio": 1.0,
+                "runs": base, "mem_mib": args.mem_mib, "work_mib": args.many_work_mib,
+                "passes": args.many_passes})
+    bench.emit({"name": "vm_many_pass_pager_local", "wall_s": round(w, 3),
+                "ratio": round(w / b, 3), "runs": walls, "goal_ratio_max": 1.10})
+    if why:
+        bench.emit({"name": "vm_many_pass_pager_hugetlb", "skipped": why})
+    else:
+        h = statistics.median(huge)
+        bench.emit({"name": "vm_many_pass_pager_hugetlb", "wall_s": round(h, 3),
+                    "ratio": round(h / b, 3), "runs": huge, "goal_ratio_max": 1.10})
+
+
+def _marker(mark: list[float], url: str) -> Callable[[], None]:
+    """Appends the pager's fault count to ``mark`` when called (just before a resume)."""
+    return lambda: mark.append(faults_served(url))
+
+
+def resume_ws(args: argparse.Namespace, gb: ModuleType, work: Path, token: Path, reps: int,
+              bench: ModuleType) -> None:
+    guest = gb.build(args.resume_mem_mib, args.ws_work_mib, args.passes)
+    expected = gb.expected_checksums(args.ws_work_mib, args.passes)
+    argv = guest.qemu_args()
+    modes: dict[str, tuple[list[str], bool]] = {
+        "lazy": ([], False),
+        "prefetch": (["--ws-window", str(args.ws_window)], False),
+        "full_load": ([], True),
+    }
+    rows: dict[str, dict[str, list[float]]] = {}
+    for mode, (extra, eager) in modes.items():
+        d = work / f"ws-{mode}"
+        d.mkdir(parents=True, exist_ok=True)
+        pager_args = [*args.pager_arg, "--metrics", "127.0.0.1:0", *extra]
+        with bench.services(d, token, pager_args=pager_args) as (endpoint, sock):
+            url = metrics_url(d / "pager.log")
+            a = bench.vm_args(endpoint, token, sock)
+            for i in range(reps):
+                times: dict[str, float] = {}
+                mark: list[float] = []
+                _, out = bench.resume_lazy(a, argv, f"bench-ws-{mode}-{i}", eager=eager,
+                                           times=times,
+                                           before_resume=_marker(mark, url))
+                bench.check(out, expected, f"{mode} resume")
+                row = rows.setdefault(mode, {"first_s": [], "done_s": [], "faults": []})
+                row["first_s"].append(times["first_s"])
+                row["done_s"].append(times["done_s"])
+                row["faults"].append(faults_served(url) - mark[0])
+    lazy = {k: statistics.median(v) for k, v in rows["lazy"].items()}
+    for mode, row in rows.items():
+        med = {k: statistics.median(v) for k, v in row.items()}
+        out = {"name": f"vm_resume_ws_{mode}", **{k: round(v, 3) for k, v in med.items()},
+               "runs": row, "mem_mib": args.resume_mem_mib, "work_mib": args.ws_work_mib}
+        if mode != "lazy":
+            out["done_speedup_vs_lazy"] = round(lazy["done_s"] / max(med["done_s"], 1e-9), 2)
+            out["fault_ratio_vs_lazy"] = round(med["faults"] / max(lazy["faults"], 1), 3)
+        if mode == "prefetch":
+            out["goals"] = {"done_speedup_vs_lazy_min": 2.0, "fault_ratio_vs_lazy_max": 0.1,
+                            "first_s_max": round(lazy["first_s"], 3)}
+        bench.emit(out)

@@ -1,0 +1,94 @@
+"""Adaptive polling (``--poll-us``): the pager's C fault loop and the memory node's C fault lane
+read without blocking for a bounded window after the last event. With it on or off the data
+served is the same, and an idle pager or node that polls still sleeps (~0% CPU)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+
+import pytest
+from enginekit import Memnode, memnode_args, wait_or_fail
+
+from pager.core.region import Region
+from pager.engine import FaultEngine
+from pager.errors import ConfigError
+from pager.tools.bench import cpu_seconds
+from pager.tools.workload import Client, DataSet
+
+MIB = 1 << 20
+PAGE = 4096
+
+
+def _served_digest(node: Memnode, data: DataSet, poll_us: int, chunk: int) -> str:
+    engine = FaultEngine(node.source(), chunk_size=chunk, readahead=0, c_loop=True,
+                         poll_us=poll_us)
+    c = Client(data.size)
+    try:
+        client = engine.add_client(os.dup(c.uffd.fileno()), [Region(c.base, c.size, c.offset)])
+        t = c.touch(threads=3, order="rand")
+        wait_or_fail(t)
+        assert t.mismatches == 0
+        assert c.check(data) == []
+        assert client.quiesce()  # the C loop's counters folded
+        st = engine.stats()
+        assert st.c_faults > 0 and st.failed_faults == 0
+        return hashlib.sha256(c.mem[:]).hexdigest()
+    finally:
+        c.close(unmap=True)
+        engine.close()
+
+
+@pytest.mark.parametrize("chunk", [PAGE, 64 * 1024])
+def test_polling_on_and_off_serve_the_same_bytes(tmp_path, chunk):
+    node = Memnode(tmp_path, "127.0.0.1:0", "--poll-us", "500")  # the node's lane polls too
+    try:
+        data = DataSet(8 * MIB)  # with holes: zero pages through both paths
+        node.seed(data)
+        digests = {us: _served_digest(node, data, us, chunk) for us in (0, 500, 20000)}
+        assert len(set(digests.values())) == 1, digests
+    finally:
+        node.proc.stop()
+
+
+def _idle_share(pid: int, seconds: float = 1.0) -> float:
+    t0, c0 = time.monotonic(), cpu_seconds(pid)
+    time.sleep(seconds)
+    return (cpu_seconds(pid) - c0) / (time.monotonic() - t0)
+
+
+def test_idle_pager_and_node_that_poll_use_no_cpu(tmp_path, run_pager):
+    node = Memnode(tmp_path, "127.0.0.1:0", "--poll-us", "2000")
+    try:
+        data = DataSet(4 * MIB, holes=False)
+        node.seed(data)
+        pager, sock = run_pager(*memnode_args(node), "--space", "default", "--chunk", "4K",
+                                "--readahead", "0", "--poll-us", "2000")
+        c = Client(data.size)
+        try:
+            c.handoff(sock)
+            wait_or_fail(c.touch(threads=1, order="rand"))  # faults: both windows opened
+            assert c.check(data) == []
+            # no more faults: the windows close after 2 ms and both block again
+            pager_share = _idle_share(pager.p.pid)
+            node_share = _idle_share(node.proc.p.pid)
+            assert pager_share < 0.10, f"idle pager used {pager_share:.0%} of a CPU"
+            assert node_share < 0.10, f"idle memory node used {node_share:.0%} of a CPU"
+        finally:
+            c.close(unmap=True)
+    finally:
+        node.proc.stop()
+
+
+def test_bad_poll_windows_are_refused(tmp_path, run_pager):
+    with pytest.raises(ConfigError, match="poll window -1"):
+        FaultEngine(None, poll_us=-1)  # type: ignore[arg-type]
+    from enginekit import Proc
+    p = Proc(["serve", "--socket", str(tmp_path / "s"), "--source", "file:x",
+              "--poll-us", "x"], tmp_path / "bad.log")
+    try:
+        assert p.p.wait(20) == 2
+    finally:
+        p.stop()
+    assert "--poll-us" in (tmp_path / "bad.log").read_text()

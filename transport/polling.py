@@ -1,0 +1,46 @@
+"""Adaptive polling, shared by the pager's C fault loop and the memory node's C fault lane.
+
+After the last event either loop keeps reading its fd without blocking for a bounded window
+before it sleeps in poll()/recv() again: a fault (or a FETCH) that arrives inside the window is
+seen within one read instead of after a thread wakeup, and an idle loop still sleeps.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from transport.errors import TransportError
+
+# µs of non-blocking reads after the last event (``--poll-us`` of serve and memnode).
+# Placeholder until measured: the lead sets it from `ssi-pager bench faults` (poll cases,
+# CPU s per million faults) on a quiet machine.
+DEFAULT_POLL_US = 50
+MAX_POLL_US = 1_000_000
+
+
+def check_poll_us(value: int) -> int:
+    """``value`` if it is a usable window (0 = off), else a TransportError saying what to pass."""
+    if not 0 <= value <= MAX_POLL_US:
+        raise TransportError(f"poll window {value} µs is out of range; pass 0 (off) to "
+                             f"{MAX_POLL_US} µs, e.g. --poll-us {DEFAULT_POLL_US}")
+    return value
+
+
+def poll_us_arg(text: str) -> int:
+    """argparse type of ``--poll-us``."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of µs; pass e.g. "
+                                         f"--poll-us {DEFAULT_POLL_US}, or 0 for off") from None
+    try:
+        return check_poll_us(value)
+    except TransportError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_poll_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--poll-us", type=poll_us_arg, default=DEFAULT_POLL_US, metavar="N",
+                        help=f"µs {what} keeps reading without blocking after the last event "
+                             f"before it sleeps (adaptive polling; 0 = off, default "
+                             f"%(default)s)")

@@ -1,0 +1,89 @@
+/* ssip_poll.h - adaptive polling helpers shared by the pager's C fault loop and the memory
+ * node's C fault lane (transport/polling.py says what the window is for). */
+#ifndef SSIP_POLL_H
+#define SSIP_POLL_H
+
+#include <errno.h>
+#include <sched.h>
+#include <stdint.h>
+#include <sys/socket.h>
+#include <time.h>
+
+#define SSIP_POLL_PREEMPTED_NS 100000u        /* 100 µs between two reads: preempted */
+#define SSIP_POLL_BACKOFF_MIN_NS 1000000u     /* first back-off after a preemption */
+#define SSIP_POLL_BACKOFF_MAX_NS 1000000000u  /* longest back-off */
+
+static inline uint64_t ssip_mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* Between two non-blocking reads of a polling window (k counts them from 1): every fourth
+ * yields, so a thread that must run for the next event to come (on a small host: the guest's
+ * vCPU, the client's faulting thread) gets the CPU; the others pause. */
+static inline void ssip_poll_relax(unsigned k)
+{
+    if (k % 4 == 0)
+        sched_yield();
+#if defined(__x86_64__) || defined(__i386__)
+    else
+        __builtin_ia32_pause();
+#endif
+}
+
+/* Whether polling may start now: a window (window > 0) and no back-off in force. */
+static inline int ssip_poll_allowed(uint64_t window, uint64_t skip_until, uint64_t now)
+{
+    return window && now >= skip_until;
+}
+
+/* Whether a polling window should end: it is over, or this thread was just preempted (a gap
+ * between two reads far longer than one read: a yield let a CPU-bound thread run for its
+ * time slice). A yielding thread stays runnable and loses the wakeup preemption a sleeping
+ * one gets, so on a busy host it would wait whole time slices for its own events: after a
+ * preemption polling backs off (no spinning for 1 ms, doubling to 1 s while it repeats, reset
+ * by a window that ends in data). ``*prev`` is the last read's time. */
+static inline int ssip_poll_over(uint64_t start, uint64_t window, uint64_t *prev,
+                                 uint64_t *skip_until, uint64_t *backoff)
+{
+    uint64_t now = ssip_mono_ns();
+    uint64_t gap = now - *prev;
+    *prev = now;
+    if (gap > SSIP_POLL_PREEMPTED_NS) {
+        *backoff = *backoff ? (*backoff * 2 > SSIP_POLL_BACKOFF_MAX_NS ? SSIP_POLL_BACKOFF_MAX_NS
+                                                                       : *backoff * 2)
+                            : SSIP_POLL_BACKOFF_MIN_NS;
+        *skip_until = now + *backoff;
+        return 1;
+    }
+    return now - start >= window;
+}
+
+/* recvmsg with adaptive polling: non-blocking reads from ``start`` until ``window`` has passed
+ * (or a preemption ended it), then a blocking read. What recvmsg returned (-1: errno). */
+static inline ssize_t ssip_recvmsg_polling(int fd, struct msghdr *msg, uint64_t start,
+                                           uint64_t window, uint64_t *skip_until,
+                                           uint64_t *backoff)
+{
+    ssize_t n;
+    uint64_t prev = ssip_mono_ns();
+    if (prev - start < window && ssip_poll_allowed(window, *skip_until, prev)) {
+        unsigned k = 1;
+        do {
+            n = recvmsg(fd, msg, MSG_DONTWAIT);
+            if (n >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
+                *backoff = 0;
+                return n;
+            }
+            ssip_poll_relax(k++);
+        } while (!ssip_poll_over(start, window, &prev, skip_until, backoff));
+    }
+    do {
+        n = recvmsg(fd, msg, 0);
+    } while (n < 0 && errno == EINTR);
+    return n;
+}
+
+#endif /* SSIP_POLL_H */
