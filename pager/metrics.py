@@ -45,11 +45,11 @@ from prometheus_client.exposition import make_wsgi_app
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from pager import __version__
+from pager.core.region import PAGE_SIZE
 from pager.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-PAGE = 4096
 NS = "ssi"
 
 # name -> (type, help, labels). The single declaration of every metric ssi-pager exports.
@@ -207,7 +207,7 @@ class PagerCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         st = self.engine.stats()
-        chunk_pages = max(1, getattr(self.engine, "chunk_size", PAGE) // PAGE)
+        chunk_pages = max(1, getattr(self.engine, "chunk_size", PAGE_SIZE) // PAGE_SIZE)
 
         # The engine registers MISSING faults; WP and MINOR faults appear under their kind once
         # it serves them (their outcomes are counted with the missing ones until then).
@@ -233,7 +233,7 @@ class PagerCollector(Collector):
 
         for name, value in (
                 ("ssi_pager_fetched_bytes", st.fetched_bytes),
-                ("ssi_pager_installed_bytes", st.copied_bytes + st.zero_pages * PAGE),
+                ("ssi_pager_installed_bytes", st.copied_bytes + st.zero_pages * PAGE_SIZE),
                 ("ssi_pager_written_back_bytes", st.written_back_bytes),
                 ("ssi_pager_prefetched_bytes", st.prefetch_bytes),
                 ("ssi_pager_zero_filled_pages", st.zero_pages)):

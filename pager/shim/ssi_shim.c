@@ -112,8 +112,10 @@ static uint64_t parse_ram_size(void)
 		die("SSI_PAGER_RAM_SIZE is not set; start QEMU through `ssi-pager vm`");
 	errno = 0;
 	unsigned long long v = strtoull(s, &end, 0);
-	if (errno || *end || strchr(s, '-') || v == 0 || v % 4096)
-		die("SSI_PAGER_RAM_SIZE=%s is not a positive multiple of 4096 bytes", s);
+	long page = sysconf(_SC_PAGESIZE);
+	if (errno || *end || strchr(s, '-') || v == 0 || v % (unsigned long long)page)
+		die("SSI_PAGER_RAM_SIZE=%s is not a positive multiple of the page size (%ld bytes)",
+		    s, page);
 	return v;
 }
 

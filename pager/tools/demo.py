@@ -90,8 +90,9 @@ def check_args(args: argparse.Namespace) -> None:
                           "--mib 64")
     if args.threads < 1:
         raise ConfigError(f"--threads {args.threads}: pass at least 1")
-    if args.chunk < 4096 or args.chunk & (args.chunk - 1):
-        raise ConfigError(f"--chunk {args.chunk}: must be a power of two >= 4096, e.g. 65536")
+    if args.chunk < PAGE_SIZE or args.chunk & (args.chunk - 1):
+        raise ConfigError(f"--chunk {args.chunk}: must be a power of two >= {PAGE_SIZE}, "
+                          "e.g. 65536")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ import sys
 from typing import Any
 
 from transport.token import default_token_path, load_token
+from transport.wire import PAGE_SIZE
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -46,9 +47,9 @@ def check(endpoint: str, token: bytes | None, count: int = 1000) -> dict[str, An
         _say("lane proven: a random page stored and read back byte for byte")
         rtts = [lane.ping() for _ in range(max(1, count))]
         result["rtt_p50_us"] = round(statistics.median(rtts) * 1e6, 2)
-        page = bytearray(os.urandom(4096))
+        page = bytearray(os.urandom(PAGE_SIZE))
         lane.store_from(0, page)
-        buf = bytearray(4096)
+        buf = bytearray(PAGE_SIZE)
         import time
 
         lat = []
@@ -75,7 +76,7 @@ def bench_lines(endpoint: str, token: bytes | None, space: str, span: int, count
     with RdmaLane.connect(endpoint, token, PROOF_SPACE) as probe:
         prove_lane(probe)
     with RdmaLane.connect(endpoint, token, space) as lane:
-        return [bench_blocking(lane, "rdma_fetch_4k", 4096, span, count, label),
+        return [bench_blocking(lane, "rdma_fetch_4k", PAGE_SIZE, span, count, label),
                 bench_blocking(lane, "rdma_fetch_64k", 64 * 1024, span, max(500, count // 4),
                                label)]
 

@@ -14,6 +14,7 @@
  * What it does not model: the passive side's "NIC" serves one-sided requests only while
  * that side waits in ssip_r_recv (the node always does between requests). */
 #include "ssip_rdma.h"
+#include "ssip_wire.h"
 #include "rdma_util.h"
 
 #include <arpa/inet.h>
@@ -135,7 +136,7 @@ static int await_pkt(struct ssip_rconn *c, uint8_t want, struct pkt *h, void *ou
                                "double)", what, h->op);
         }
         if (h->op == OP_WRITE || h->op == want) {
-            uint8_t sink[4096];
+            uint8_t sink[SSIP_PAGE_SIZE];
             for (uint32_t left = h->len; left;) {  /* a refused WRITE's bytes are dropped */
                 uint32_t k = dst ? left : left < sizeof sink ? left : sizeof sink;
                 if ((rc = io_full(c->fd, dst ? dst + (h->len - left) : sink, k, deadline, 0)))

@@ -9,6 +9,7 @@
  * This file compiles and links on a machine with rdma-core's headers; it runs only on an
  * RDMA NIC or soft-RoCE (rdma_rxe). See transport/README.md. */
 #include "ssip_rdma.h"
+#include "ssip_wire.h"
 #include "rdma_util.h"
 
 #include <fcntl.h>
@@ -124,7 +125,7 @@ static int expect_event(struct ssip_rconn *c, enum rdma_cm_event_type want, int6
 static uint8_t *reg(struct ssip_rconn *c, size_t len, int access, struct ibv_mr **mr)
 {
     uint8_t *p = NULL;
-    if (posix_memalign((void **)&p, 4096, len))
+    if (posix_memalign((void **)&p, SSIP_PAGE_SIZE, len))
         return NULL;
     memset(p, 0, len);
     *mr = ibv_reg_mr(c->pd, p, len, access);
