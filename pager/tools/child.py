@@ -18,12 +18,14 @@ from pathlib import Path
 class Child:
     """``python -m pager.cli ARGS`` with stderr appended to ``log``; ``stop()`` it."""
 
-    def __init__(self, args: list[str], log: Path, cwd: str | Path | None = None) -> None:
+    def __init__(self, args: list[str], log: Path, cwd: str | Path | None = None, *,
+                 prefix: list[str] | None = None) -> None:
+        """``prefix``: a command to run it under (e.g. ``ip netns exec NS``)."""
         self.log = log
         self.f = open(log, "ab")  # noqa: SIM115 - closed in stop()
         self.log_start = self.f.seek(0, 2)  # where this process's lines begin
-        self.p = subprocess.Popen([sys.executable, "-m", "pager.cli", *args], cwd=cwd,
-                                  stdout=subprocess.DEVNULL, stderr=self.f)
+        self.p = subprocess.Popen([*(prefix or []), sys.executable, "-m", "pager.cli", *args],
+                                  cwd=cwd, stdout=subprocess.DEVNULL, stderr=self.f)
 
     def text(self) -> str:
         """What this process has written to the log so far."""

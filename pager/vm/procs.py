@@ -25,12 +25,19 @@ EXIT_SIGNAL_BASE = 128
 PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent() -> None:
-    """preexec_fn for helper processes: SIGTERM when `ssi-pager vm` itself dies, so a killed
-    `vm` leaves no pager behind (and the shim then stops QEMU: fail closed)."""
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """preexec_fn for helper processes: ``sig`` when `ssi-pager vm` itself dies, so a killed
+    `vm` leaves nothing behind."""
     import ctypes
 
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+
+
+def pager_dies_with_parent() -> None:
+    """The pager `vm` started goes at once with `vm` (SIGKILL: a SIGTERM would make it serve
+    its client until that exits, and its client is this guest); the shim then stops QEMU
+    (fail closed)."""
+    die_with_parent(signal.SIGKILL)
 
 
 SO_ACCEPTCON = 0x10000  # /proc/net/unix "Flags" of a listening socket
@@ -76,7 +83,7 @@ def spawn_pager(sock: Path, memnode: str, token_file: str | None, extra: list[st
         sock.unlink()
     with open(log, "ab") if log else contextlib.nullcontext() as out:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                preexec_fn=die_with_parent)
+                                preexec_fn=pager_dies_with_parent)
     deadline = time.monotonic() + PAGER_START_TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:

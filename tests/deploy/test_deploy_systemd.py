@@ -91,10 +91,12 @@ def test_units_exposure_is_low(tmp_path: Path, name: str) -> None:
     assert float(m.group(1)) < 4.0, r.stdout
 
 
-def exec_argv(name: str) -> list[str]:
-    """ExecStart's arguments after `ssi-pager`, with specifiers and Environment= defaults."""
+def exec_argv(name: str, override: dict[str, str] | None = None) -> list[str]:
+    """ExecStart's arguments after `ssi-pager`, with specifiers and Environment= defaults
+    (``override``: what an EnvironmentFile sets on top of them)."""
     d = directives(name)
     env = dict(kv.split("=", 1) for line in d["Environment"] for kv in line.split())
+    env.update(override or {})
     # unbraced $VAR: split into words (none when empty), as systemd does
     argv = [w for a in d["ExecStart"][0].split()[1:]
             for w in (env[a[1:]].split() if re.fullmatch(r"\$\w+", a) else [a])]
@@ -119,12 +121,15 @@ def test_exec_start_is_accepted_by_the_cli(name: str) -> None:
     assert args.metrics.startswith("127.0.0.1:")
 
 
-def env_file_blocks() -> dict[str, dict[str, str]]:
-    """The environment files deploy/README.md has the admin write: path -> {VAR: value}."""
+def env_file_blocks() -> dict[str, list[dict[str, str]]]:
+    """The environment files deploy/README.md has the admin write: path -> [{VAR: value}] (one
+    per place the guide writes that file)."""
     text = (UNITS.parent / "README.md").read_text()
-    blocks = re.findall(r"cat > (\S+) <<EOF\n(.*?)\n\s*EOF", text, re.S)
-    return {path: dict(line.strip().split("=", 1) for line in body.splitlines() if line.strip())
-            for path, body in blocks}
+    blocks: dict[str, list[dict[str, str]]] = {}
+    for path, body in re.findall(r"cat > (\S+) <<EOF\n(.*?)\n\s*EOF", text, re.S):
+        blocks.setdefault(path, []).append(
+            dict(line.strip().split("=", 1) for line in body.splitlines() if line.strip()))
+    return blocks
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -140,16 +145,13 @@ def test_environment_file_variables_match_the_unit(name: str) -> None:
     defaults = {kv.split("=", 1)[0] for line in d["Environment"] for kv in line.split()}
     assert used, d["ExecStart"]
     assert used <= defaults, f"no Environment= default for {used - defaults}"
-    assert set(blocks[path]) <= used, f"{path} sets {set(blocks[path]) - used}, unused"
     readme = (UNITS.parent / "README.md").read_text()
     assert {v for v in used if v not in readme} == set(), "variables the README never names"
-    # the values the README writes give a command line the CLI accepts
     from pager.cli import build_parser
-    argv = exec_argv(name)
-    for var, value in blocks[path].items():
-        default = next(kv.split("=", 1)[1] for line in d["Environment"]
-                       for kv in line.split() if kv.startswith(var + "="))
-        argv = [value if a == default else a for a in argv]
-    assert all(value in argv for value in blocks[path].values())
-    args = build_parser(argv).parse_args(argv)
-    assert args.command == argv[0]
+    for block in blocks[path]:
+        assert set(block) <= used, f"{path} sets {set(block) - used}, unused"
+        # the values the README writes give a command line the CLI accepts, and carry them
+        argv = exec_argv(name, block)
+        assert all(word in argv for value in block.values() for word in value.split()), argv
+        args = build_parser(argv).parse_args(argv)
+        assert args.command == argv[0]

@@ -7,7 +7,6 @@ import contextlib
 import itertools
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -64,13 +63,10 @@ class NsMemnode(Child):
 
     def __init__(self, ns: str, addr: str, tmp: Path, token_file: Path, root: Path,
                  *extra: str) -> None:
-        self.log = tmp / "memnode.log"
         self.endpoint = f"{addr}:50051"
-        self.f = open(self.log, "ab")  # noqa: SIM115 - closed in stop()
-        self.p = subprocess.Popen(
-            ["ip", "netns", "exec", ns, sys.executable, "-m", "pager.cli", "memnode",
-             "--listen", self.endpoint, "--store", str(tmp / "store"), "--token-file",
-             str(token_file), *extra], cwd=root, stdout=subprocess.DEVNULL, stderr=self.f)
+        super().__init__(["memnode", "--listen", self.endpoint, "--store", str(tmp / "store"),
+                          "--token-file", str(token_file), *extra], tmp / "memnode.log",
+                         root, prefix=["ip", "netns", "exec", ns])
 
 
 @contextlib.contextmanager
