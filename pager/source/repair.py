@@ -10,6 +10,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from pager.source.base import close_lanes
+from pager.source.cluster import replica_lost
 from pager.source.placement import EXTENT_SHIFT
 from transport.errors import TransportError
 from transport.wire import PAGE_SIZE
@@ -130,6 +131,10 @@ class Repairer(threading.Thread):
                     mask = self._lane(holder, space).fetch_into(start, memoryview(buf))
                     break
                 except TransportError as exc:
+                    if replica_lost(exc):
+                        src.drop_holder(space, ext, holder, exc)
+                        missing = sorted({*missing, holder} & set(src.targets(space, ext)))
+                        continue
                     self._drop(holder)
                     src.node_failed(holder, exc)
             if mask is None:
