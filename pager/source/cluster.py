@@ -108,7 +108,8 @@ class ClusterSource(PageSource):
     def __init__(self, membership: Membership, token: bytes | None, space: str, *,
                  replicas: int | None = None, prefer: str = "auto",
                  repair_rate: float = 64 << 20, probe_interval: float = 0.25,
-                 owner: Ownership | None = None) -> None:
+                 owner: Ownership | None = None, compress: tuple[str, ...] | None = None
+                 ) -> None:
         self.membership = membership
         self.owner = owner
         nodes = membership.nodes()
@@ -119,7 +120,7 @@ class ClusterSource(PageSource):
         self.bases: dict[str, tuple[frozenset[str], int]] = {}
         self._recorded: dict[str, tuple[list[str], int]] = {}
         self.lanes = _NodeLanes(nodes, token, space, prefer=prefer,
-                                placement=lambda s, g: "")
+                                placement=lambda s, g: "", compress=compress)
         self.lanes.epoch = self.epoch
         self.lock = threading.RLock()
         self.gen: dict[str, int] = dict.fromkeys(nodes, 0)
@@ -286,6 +287,7 @@ class ClusterSource(PageSource):
                 with self.lanes._lock:
                     self.lanes.transports[node_id] = t
                     self.lanes.lane_kinds[node_id] = info.transport
+                    self.lanes.tiers[node_id] = info.tier.value
         finally:
             await manager.close()
 
@@ -297,8 +299,8 @@ class ClusterSource(PageSource):
         return (f"cluster of {len(self.members)} memory nodes ({self.membership.source}), "
                 f"R={self.r}, space {self.space}")
 
-    def open_lane(self) -> ClusterLane:
-        return ClusterLane(self)
+    def open_lane(self, bulk: bool = False) -> ClusterLane:
+        return ClusterLane(self, bulk)
 
     def close(self) -> None:
         self.repairer.stop()
@@ -332,14 +334,16 @@ class ClusterSource(PageSource):
 class ClusterLane(Lane):
     """One thread's lanes to the cluster's nodes, one per (node, space), opened on use."""
 
-    def __init__(self, src: ClusterSource) -> None:
+    def __init__(self, src: ClusterSource, bulk: bool = False) -> None:
         self.src = src
+        self.bulk = bulk
         self.lanes: dict[tuple[str, str], Any] = {}
 
     def _lane(self, node_id: str, space: str) -> Any:
         lane = self.lanes.get((node_id, space))
         if lane is None:
-            lane = self.lanes[node_id, space] = self.src.lanes.open_node_lane(node_id, space)
+            lane = self.lanes[node_id, space] = self.src.lanes.open_node_lane(
+                node_id, space, bulk=self.bulk)
         return lane
 
     def _failed(self, node_id: str, space: str, exc: BaseException) -> None:

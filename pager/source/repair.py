@@ -60,7 +60,8 @@ class Repairer(threading.Thread):
     def _lane(self, node_id: str, space: str) -> Any:
         lane = self.lanes.get((node_id, space))
         if lane is None:
-            lane = self.lanes[node_id, space] = self.src.lanes.open_node_lane(node_id, space)
+            lane = self.lanes[node_id, space] = self.src.lanes.open_node_lane(node_id, space,
+                                                                               bulk=True)
         return lane
 
     def _drop(self, node_id: str) -> None:

@@ -33,7 +33,7 @@ def memnode_lane(nodes: Nodes, space: str) -> Iterator[Lane]:
     """A lane to ``space`` on ``nodes`` (lane and source closed on exit)."""
     source = nodes.source(space)
     try:
-        lane = source.open_lane()
+        lane = source.open_lane(bulk=True)
         try:
             yield lane
         finally:

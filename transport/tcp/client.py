@@ -355,12 +355,14 @@ class TcpTransport(PageTransport):
 
         return await self._retry(node_id, op)
 
-    def open_lane(self, node_id: str, space: str) -> TcpLane:
+    def open_lane(self, node_id: str, space: str, *, compress: tuple[str, ...] = ()
+                  ) -> TcpLane:
+        """``compress``: codecs to offer (a bulk lane; a fault lane never compresses)."""
         from transport.lane import TcpLane
 
         return TcpLane.connect(lookup_peer(self.endpoints, node_id), self.token, space,
                                node=self.node, timeout=self.timeout, retry_for=self.retry_for,
-                               epoch=self.epochs.get(space))
+                               epoch=self.epochs.get(space), compress=compress)
 
     async def close(self) -> None:
         for peer in self.peers.values():

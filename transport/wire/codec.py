@@ -25,6 +25,14 @@ from transport.errors import ProtocolError
 log = logging.getLogger(__name__)
 
 MIN_SAVING = 8  # compress only when the payload shrinks by at least 1/MIN_SAVING
+# tiers (transport.base.TransportTier values) on which compressing bulk lanes pays: a round
+# trip of 200 us or more is a link slower than the codecs (1 Gbit or less)
+PAYS_ON_TIERS = frozenset({"Standard", "Basic"})
+
+
+def pays_on(tier: str) -> bool:
+    """Does compression pay on a link of ``tier``?"""
+    return tier in PAYS_ON_TIERS
 
 
 def _lz4() -> tuple[Callable[[Any], bytes], Callable[[Any, int], bytes]] | None:
