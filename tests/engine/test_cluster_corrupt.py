@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from clusterkit import nodes, wait_until
+from clusterkit import wait_until
 
 from pager.source.cluster import ClusterSource
 from pager.source.placement import EXTENT_SIZE, replicas
@@ -16,14 +16,6 @@ from transport.token import load_token
 
 SPACE = "vm1"
 SPACE_BYTES = 4 * EXTENT_SIZE
-
-
-@pytest.fixture
-def three(tmp_path):
-    ns = nodes(tmp_path, 3)
-    yield ns
-    for n in ns:
-        n.proc.stop()
 
 
 def cluster(ns):
@@ -65,18 +57,26 @@ def read_all(src) -> bytes:
         lane.reset()
 
 
-def test_a_damaged_page_file_fails_over_to_the_other_replica(three):
-    first, _ = write_all(three)
+def damaged(three, damage) -> tuple[str, str, ClusterSource]:
+    """Write the pattern with R=2, ``damage(page file)`` on extent 0's first holder while it
+    is stopped, restart it; (damaged node, other holder, a fresh cluster source reading from
+    the damaged node first)."""
+    first, second = write_all(three)
     bad = node_of(three, first)
     bad.proc.stop()
-    pages = bad.store / f"{SPACE}.pages"
-    os.truncate(pages, EXTENT_SIZE // 2)  # the bitmap says more was written: damaged
+    damage(bad.store / f"{SPACE}.pages")
     bad.start(bad.endpoint)
     src = cluster(three)
+    src.rtt[first] = 0.0  # read from the damaged replica first
+    for other in src.members - {first}:
+        src.rtt[other] = 1.0
+    return first, second, src
+
+
+def test_a_damaged_page_file_fails_over_to_the_other_replica(three):
+    # the bitmap says more was written than the file holds: the node cannot open the space
+    first, _, src = damaged(three, lambda p: os.truncate(p, EXTENT_SIZE // 2))
     try:
-        src.rtt[first] = 0.0  # read from the damaged replica first
-        for other in src.members - {first}:
-            src.rtt[other] = 1.0
         assert read_all(src) == pattern()
         assert src.counters["lost_replicas"] >= 1
         assert first not in src.holders(SPACE, 0)
@@ -84,22 +84,17 @@ def test_a_damaged_page_file_fails_over_to_the_other_replica(three):
         src.close()
 
 
-def test_a_flipped_byte_is_served_from_the_other_replica_and_repaired(three):
-    first, second = write_all(three)
-    bad = node_of(three, first)
-    bad.proc.stop()
-    pages = bad.store / f"{SPACE}.pages"
-    with open(pages, "r+b") as f:
+def flip_byte(path) -> None:
+    with open(path, "r+b") as f:
         f.seek(100)
         byte = f.read(1)
         f.seek(100)
         f.write(bytes([byte[0] ^ 0xFF]))
-    bad.start(bad.endpoint)
-    src = cluster(three)
+
+
+def test_a_flipped_byte_is_served_from_the_other_replica_and_repaired(three):
+    first, second, src = damaged(three, flip_byte)
     try:
-        src.rtt[first] = 0.0
-        for other in src.members - {first}:
-            src.rtt[other] = 1.0
         with src.lanes.open_node_lane(first) as lane:
             buf = bytearray(EXTENT_SIZE)
             try:

@@ -9,7 +9,6 @@ import argparse
 import os
 
 import pytest
-from clusterkit import Etcd, nodes
 from enginekit import wait_or_fail
 
 from pager.source import MemnodeSource
@@ -28,21 +27,6 @@ MIB = 1 << 20
 SIZE = 16 * MIB
 
 
-@pytest.fixture
-def etcd(tmp_path):
-    e = Etcd(tmp_path)
-    yield e
-    e.stop()
-
-
-@pytest.fixture
-def three(tmp_path, etcd):
-    ns = nodes(tmp_path, 3, etcd.url)
-    yield ns
-    for n in ns:
-        n.proc.stop()
-
-
 def guest_ram(data: DataSet) -> int:
     """A memfd holding ``data`` (its holes never written), as a guest's RAM would."""
     fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
@@ -59,8 +43,9 @@ def written_pages(endpoint: str, token: bytes, space: str, size: int) -> int:
     return size // 4096 - bin(mask).count("1")
 
 
-def test_suspend_stores_reach_two_nodes_and_resume_fences_the_old_pager(etcd, three,
+def test_suspend_stores_reach_two_nodes_and_resume_fences_the_old_pager(etcd, three_etcd,
                                                                        tmp_path):
+    three = three_etcd
     tf = str(three[0].token_file)
     token = load_token(tf)
     where = Nodes(etcd=etcd.url, replicas=2, token_file=tf)
