@@ -88,3 +88,29 @@ def test_fault_lanes_never_compress(memnode):
 def test_an_unknown_codec_is_a_clear_error(memnode):
     with pytest.raises(ValueError, match="unknown compression 'gzip': use lz4 or zstd"):
         BlockingChannel(memnode.endpoint, memnode.token, "vm1", compress=("gzip",))
+
+
+def test_async_client_bulk_lanes_compress(memnode):
+    """The asyncio TCP client: stores and non-urgent fetches on its bulk connections go
+    compressed, its urgent connection stays raw; the bytes are the same."""
+    import asyncio
+
+    from transport.tcp import TcpTransport
+
+    async def run() -> None:
+        t = TcpTransport(memnode.token, "vm1")
+        t.compress = CODECS[:1]
+        await t.connect_peer("n", memnode.endpoint)
+        try:
+            data = guest_like(1 << 20)
+            await t.send_pages(0, data, "n")
+            bulk = await t.fetch_pages(0, 256, "n", urgent=False)
+            urgent = await t.fetch_pages(0, 32, "n", urgent=True)
+            assert bytes(bulk.data) == data and bytes(urgent.data) == data[:MAX_DATA]
+            peer = t.peers["n"]
+            assert peer.lanes[0].session.codec is None
+            assert any(c is not None and c.session.codec == CODECS[0] for c in peer.lanes[1:])
+        finally:
+            await t.close()
+
+    asyncio.run(run())

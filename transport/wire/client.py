@@ -199,6 +199,8 @@ class ReplyReader:
         self._segments: list[memoryview] = []
         self._current: Reply | None = None
         self._dest: dict[int, memoryview] = {}
+        self._unpack: memoryview | None = None  # where a compressed DATA's pages go
+        self.codec: str | None = None  # the connection's compression (set after handshake)
         self.replies: list[Reply] = []
 
     def expect_data(self, request_id: int, into: memoryview) -> None:
@@ -230,6 +232,10 @@ class ReplyReader:
                 raise ProtocolError(f"DATA for unknown request {cur.request_id}",
                                     ErrorCode.BAD_FRAME, fatal=True)
             check_data(cur, cur.request_id, len(into) >> PAGE_SHIFT)
+            if cur.flags & COMPRESSED:  # into the scratch buffer, unpacked in _finish
+                self._unpack = into
+                self._target = self._scratch_view[:cur.length]
+                return
             segs = data_segments(into, cur.arg)
             segs.reverse()
             self._segments = segs
@@ -240,7 +246,10 @@ class ReplyReader:
     def _finish(self) -> None:
         cur = self._current
         assert cur is not None
-        if cur.type in CONTROL_TYPES:
+        if self._unpack is not None:
+            into, self._unpack = self._unpack, None
+            unpack_data(self.codec, cur, self._target, into)
+        elif cur.type in CONTROL_TYPES:
             decode_reply_body(cur, self._target)
             if cur.type == T.ERROR:
                 self._dest.pop(cur.request_id, None)
