@@ -107,7 +107,9 @@ class TcpLane(BlockingLane):
 
     def c_endpoint(self) -> tuple[int, str, int] | None:
         fd = self.channel.fileno()
-        return None if fd < 0 else (fd, "ssip", self.channel.space)
+        if fd < 0 or self.channel.compress:  # a compressing lane is never driven from C
+            return None
+        return (fd, "ssip", self.channel.space)
 
     def reset(self) -> None:
         self.channel.close()

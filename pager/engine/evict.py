@@ -75,7 +75,7 @@ class Evictor:
 
     def _run(self) -> None:
         c = self.client
-        lane = c.engine.source.open_lane()
+        lane = c.engine.source.open_lane(bulk=True)
         buf = self._buf
         try:
             while not c._stop.is_set():

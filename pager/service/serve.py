@@ -31,7 +31,7 @@ from pager.service.lifecycle import (
     poison_unserved,
     say,
 )
-from pager.source import MemnodeSource, PageSource, add_cluster_arguments, parse_source
+from pager.source import MemnodeSource, PageSource, add_cluster_arguments, source_from_args
 from pager.uffd.faultloop import enabled_by_env
 from transport.polling import DEFAULT_POLL_US, add_poll_argument
 
@@ -147,20 +147,6 @@ def policy_from_args(args: argparse.Namespace) -> tuple[AccessPolicy, int | None
                                                                  else set()),
         rules=[SpaceRule.parse(r) for r in args.allow_space])
     return policy, gid
-
-
-def source_from_args(args: argparse.Namespace) -> PageSource:
-    token = None
-    clustered = (getattr(args, "etcd", None) or getattr(args, "cluster", None)
-                 or getattr(args, "discover", False))
-    if (args.memnode or clustered) and not args.insecure_no_auth:
-        from transport.token import load_token
-        token = load_token(args.token_file)
-    return parse_source(args.memnode, args.source, token=token, space=args.space,
-                        etcd=getattr(args, "etcd", None), cluster=getattr(args, "cluster", None),
-                        replicas=getattr(args, "replicas", None), owns=True,
-                        repair_rate=getattr(args, "repair_rate", 64.0),
-                        discover=getattr(args, "discover", False))
 
 
 def engine_from_args(args: argparse.Namespace, source: PageSource) -> FaultEngine:

@@ -14,7 +14,7 @@ from pager.source.file import FileSource
 from pager.source.memnode import MemnodeSource
 
 __all__ = ["FileSource", "Lane", "MemnodeSource", "PageSource", "add_cluster_arguments",
-           "parse_source"]
+           "parse_source", "source_from_args"]
 
 
 def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,6 +81,27 @@ def parse_source(memnode: str | list[str] | None, source: str | None, *,
         else:
             raise ConfigError(f"unknown source {source!r}; use file:PATH or --memnode HOST:PORT")
     return MemnodeSource(memnode, token, space)  # type: ignore[arg-type]
+
+
+def source_from_args(args: argparse.Namespace, *, space: str | None = None,
+                     owns: bool = True) -> PageSource:
+    """The source a command's options name (``--memnode`` once or repeated, ``--etcd``,
+    ``--cluster``, ``--discover``, ``--source file:P``, ``--replicas``, ``--token-file``,
+    ``--insecure-no-auth``), for ``space`` (default ``args.space``): `serve`, and `vm`'s
+    suspend and resume, so guest RAM stored by either reaches the same ``R`` replicas.
+    ``owns``: take the space over (fencing its previous owner), as a pager does."""
+    token = None
+    clustered = (getattr(args, "etcd", None) or getattr(args, "cluster", None)
+                 or getattr(args, "discover", False))
+    if (args.memnode or clustered) and not getattr(args, "insecure_no_auth", False):
+        from transport.token import load_token
+        token = load_token(args.token_file)
+    return parse_source(args.memnode, getattr(args, "source", None), token=token,
+                        space=space or args.space, etcd=getattr(args, "etcd", None),
+                        cluster=getattr(args, "cluster", None),
+                        replicas=getattr(args, "replicas", None), owns=owns,
+                        repair_rate=getattr(args, "repair_rate", 64.0),
+                        discover=getattr(args, "discover", False))
 
 
 def pager_id() -> str:

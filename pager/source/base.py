@@ -72,7 +72,9 @@ class PageSource(ABC):
     """Where pages live; ``describe()`` is shown in status lines."""
 
     @abstractmethod
-    def open_lane(self) -> Lane: ...
+    def open_lane(self, bulk: bool = False) -> Lane:
+        """A lane for one thread. ``bulk``: for transfers no fault waits on (write-back,
+        suspend, repair, put/get): on a slow link its pages may travel compressed."""
 
     @abstractmethod
     def describe(self) -> str: ...

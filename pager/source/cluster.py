@@ -9,7 +9,10 @@ targets (the ``R`` rendezvous nodes over the live set) it does not hold, from a 
 node that returns (empty or stale) serves an extent only after it has been re-synced.
 
 * fetch: from the extent's live holders, lowest measured round trip first; a failure marks
-  the node down and the fetch goes on to the next replica (latency, never zeros).
+  the node down and the fetch goes on to the next replica (latency, never zeros). A node
+  that answers but cannot serve the extent from its store (an I/O error, a failed store
+  identity or checksum check: `replica_lost`) loses that extent only: the fetch goes on to
+  the next replica and the repair thread copies the extent back onto it.
 * store: to every target and holder of the extent; done once it reached ``R`` targets (or
   every live node, when fewer are live), else `ReplicationError` and the engine retries.
 """
@@ -30,6 +33,7 @@ from pager.source.placement import EXTENT_SHIFT, EXTENT_SIZE, check_replicas, pl
 from transport.errors import RemoteError, TransportError
 from transport.membership import Membership, Ownership
 from transport.wire import PAGE_SHIFT
+from transport.wire.frames import ErrorCode
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +43,22 @@ PROBE_TIMEOUT = 1.0  # seconds a node has to accept a connection before it count
 LANE_TIMEOUT = 3.0
 PARALLEL_STORE_BYTES = 128 << 10  # stores this large go to their replicas in parallel
 _LOCKS = 256  # extent locks, striped: a store and a repair of one extent never interleave
+
+
+# errors about the request itself: every replica would refuse it alike, so they are raised;
+# any other error a node reports about a fetch is about its store (I/O error, failed store
+# identity or checksum check, codes added later included): that replica is lost for the extent
+REQUEST_ERRORS = frozenset({ErrorCode.BAD_FRAME, ErrorCode.TOO_LARGE, ErrorCode.UNKNOWN_TYPE,
+                            ErrorCode.MISALIGNED, ErrorCode.OUT_OF_RANGE,
+                            ErrorCode.AUTH_REQUIRED, ErrorCode.AUTH_FAILED, ErrorCode.VERSION,
+                            ErrorCode.NO_SUCH_SPACE, ErrorCode.BAD_MESSAGE,
+                            ErrorCode.STALE_EPOCH})
+
+
+def replica_lost(exc: BaseException) -> bool:
+    """Is ``exc``, raised by a fetch from one node, that node's store failing the extent (so
+    another replica serves it and repair rewrites it), not a bad request?"""
+    return isinstance(exc, RemoteError) and exc.code not in REQUEST_ERRORS
 
 
 class ReplicationError(TransportError):
@@ -88,7 +108,8 @@ class ClusterSource(PageSource):
     def __init__(self, membership: Membership, token: bytes | None, space: str, *,
                  replicas: int | None = None, prefer: str = "auto",
                  repair_rate: float = 64 << 20, probe_interval: float = 0.25,
-                 owner: Ownership | None = None) -> None:
+                 owner: Ownership | None = None, compress: tuple[str, ...] | None = None
+                 ) -> None:
         self.membership = membership
         self.owner = owner
         nodes = membership.nodes()
@@ -99,7 +120,7 @@ class ClusterSource(PageSource):
         self.bases: dict[str, tuple[frozenset[str], int]] = {}
         self._recorded: dict[str, tuple[list[str], int]] = {}
         self.lanes = _NodeLanes(nodes, token, space, prefer=prefer,
-                                placement=lambda s, g: "")
+                                placement=lambda s, g: "", compress=compress)
         self.lanes.epoch = self.epoch
         self.lock = threading.RLock()
         self.gen: dict[str, int] = dict.fromkeys(nodes, 0)
@@ -111,7 +132,7 @@ class ClusterSource(PageSource):
         self.rtt: dict[str, float] = {}
         self.spaces: dict[str, int] = {}  # space -> bytes kept replicated
         self.counters = {"failovers": 0, "repairs": 0, "repair_bytes": 0, "lost_extents": 0,
-                         "node_failures": 0}
+                         "node_failures": 0, "lost_replicas": 0}
         self.under_replicated = 0
         self.lag_since: float | None = None  # when under-replication was first seen
         self.dirty = threading.Event()
@@ -218,6 +239,17 @@ class ClusterSource(PageSource):
             pairs.add((node_id, self.gen[node_id]))
             self._held[space, ext] = pairs
 
+    def drop_holder(self, space: str, ext: int, node_id: str, exc: BaseException) -> None:
+        """``node_id`` failed to serve extent ``ext`` of ``space`` from its store: it no longer
+        holds that extent (the rest of its extents stay), and repair copies it back."""
+        with self.lock:
+            self._held[space, ext] = {(n, self.gen[n]) for n in self.holders(space, ext)
+                                      if n != node_id}
+            self.counters["lost_replicas"] += 1
+            self.dirty.set()
+        log.warning("memory node %s cannot serve extent %d of space %r (%s): served from "
+                    "another replica, repaired onto it", node_id, ext, space, exc)
+
     def ext_lock(self, space: str, ext: int) -> threading.Lock:
         return self.ext_locks[hash((space, ext)) % _LOCKS]
 
@@ -255,6 +287,7 @@ class ClusterSource(PageSource):
                 with self.lanes._lock:
                     self.lanes.transports[node_id] = t
                     self.lanes.lane_kinds[node_id] = info.transport
+                    self.lanes.tiers[node_id] = info.tier.value
         finally:
             await manager.close()
 
@@ -266,8 +299,8 @@ class ClusterSource(PageSource):
         return (f"cluster of {len(self.members)} memory nodes ({self.membership.source}), "
                 f"R={self.r}, space {self.space}")
 
-    def open_lane(self) -> ClusterLane:
-        return ClusterLane(self)
+    def open_lane(self, bulk: bool = False) -> ClusterLane:
+        return ClusterLane(self, bulk)
 
     def close(self) -> None:
         self.repairer.stop()
@@ -301,14 +334,16 @@ class ClusterSource(PageSource):
 class ClusterLane(Lane):
     """One thread's lanes to the cluster's nodes, one per (node, space), opened on use."""
 
-    def __init__(self, src: ClusterSource) -> None:
+    def __init__(self, src: ClusterSource, bulk: bool = False) -> None:
         self.src = src
+        self.bulk = bulk
         self.lanes: dict[tuple[str, str], Any] = {}
 
     def _lane(self, node_id: str, space: str) -> Any:
         lane = self.lanes.get((node_id, space))
         if lane is None:
-            lane = self.lanes[node_id, space] = self.src.lanes.open_node_lane(node_id, space)
+            lane = self.lanes[node_id, space] = self.src.lanes.open_node_lane(
+                node_id, space, bulk=self.bulk)
         return lane
 
     def _failed(self, node_id: str, space: str, exc: BaseException) -> None:
@@ -338,8 +373,11 @@ class ClusterLane(Lane):
             tried.append(node_id)
             try:
                 return self._lane(node_id, space).fetch_into(gpa, part)
-            except RemoteError:
-                raise
+            except RemoteError as exc:
+                if not replica_lost(exc):
+                    raise
+                self.src.drop_holder(space, ext, node_id, exc)
+                self.src.counters["failovers"] += 1
             except TransportError as exc:
                 self._failed(node_id, space, exc)
                 self.src.counters["failovers"] += 1

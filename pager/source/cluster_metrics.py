@@ -47,5 +47,7 @@ class ClusterCollector(Collector):
                 ("ssi_pager_cluster_repair_bytes", "repair_bytes", "Bytes read for repair"),
                 ("ssi_pager_cluster_failovers", "failovers", "Fetches retried on a replica"),
                 ("ssi_pager_cluster_node_failures", "node_failures",
-                 "Memory nodes seen failing")):
+                 "Memory nodes seen failing"),
+                ("ssi_pager_cluster_lost_replicas", "lost_replicas",
+                 "Extents a node could not serve from its store (I/O error, failed check)")):
             yield CounterMetricFamily(name, help_, value=st[key])

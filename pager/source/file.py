@@ -35,7 +35,7 @@ class FileSource(PageSource):
                 f"ends beyond the snapshot file {self.path} ({size} bytes); send regions "
                 "inside the file")
 
-    def open_lane(self) -> Lane:
+    def open_lane(self, bulk: bool = False) -> Lane:
         return _FileLane(self.fd)
 
     def close(self) -> None:

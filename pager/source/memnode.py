@@ -56,7 +56,8 @@ class MemnodeSource(PageSource):
     the transport choice ("auto", "rdma", "tcp")."""
 
     def __init__(self, endpoint: str | Mapping[str, str], token: bytes | None, space: str, *,
-                 prefer: str = "auto", placement: Placement | None = None) -> None:
+                 prefer: str = "auto", placement: Placement | None = None,
+                 compress: tuple[str, ...] | None = None) -> None:
         self.nodes = ({DEFAULT_NODE: endpoint} if isinstance(endpoint, str)
                       else dict(endpoint))
         if not self.nodes:
@@ -73,6 +74,9 @@ class MemnodeSource(PageSource):
         self.prefer = prefer
         self.transports: dict[str, PageTransport] = {}  # node id -> selected transport
         self.lane_kinds: dict[str, str] = {}  # node id -> kind of the lanes carrying faults
+        self.tiers: dict[str, str] = {}  # node id -> measured tier ("Standard", ...)
+        # codecs of bulk lanes: None = by the node's measured tier (`codecs_for`)
+        self.compress = compress
         self._lock = threading.Lock()
 
     @property
@@ -99,6 +103,7 @@ class MemnodeSource(PageSource):
             with self._lock:
                 self.transports[node_id] = manager.transport(node_id)
                 self.lane_kinds[node_id] = info.transport
+                self.tiers[node_id] = info.tier.value
             infos[node_id] = info
         return infos
 
@@ -129,14 +134,38 @@ class MemnodeSource(PageSource):
 
         return run(select())
 
-    def open_node_lane(self, node_id: str, space: str | None = None) -> BlockingLane:
-        """A blocking lane to ``space`` on ``node_id``, of the node's selected kind."""
+    def codecs_for(self, node_id: str) -> tuple[str, ...]:
+        """Compression a bulk lane to ``node_id`` offers: the source's choice, else every
+        codec installed when the link to the node is slow enough for it to pay (its measured
+        tier, measured here with a few pings when no transport manager did)."""
+        from transport.wire.codec import CODECS, pays_on
+
+        if self.compress is not None:
+            return self.compress
+        tier = self.tiers.get(node_id)
+        if tier is None:
+            import statistics
+
+            from transport.base import TransportTier
+            from transport.lane import open_lane_or_tcp
+
+            with open_lane_or_tcp(self._transport(node_id), node_id, self.space) as probe:
+                rtt = statistics.median(probe.ping() for _ in range(5))
+            tier = self.tiers[node_id] = TransportTier.from_latency(rtt).value
+        return CODECS if pays_on(tier) else ()
+
+    def open_node_lane(self, node_id: str, space: str | None = None, *,
+                       bulk: bool = False) -> BlockingLane:
+        """A blocking lane to ``space`` on ``node_id``, of the node's selected kind.
+        ``bulk``: no fault waits on it; over TCP it offers compression (`codecs_for`)."""
         from transport.lane import open_lane_or_tcp
 
         if node_id not in self.nodes:
             raise ConfigError(f"placement named memory node {node_id!r}, which this source "
                               f"does not have (nodes: {', '.join(self.nodes)})")
         t = self._transport(node_id)
+        if bulk and t.name == "tcp" and (codecs := self.codecs_for(node_id)):
+            return t.open_lane(node_id, space or self.space, compress=codecs)  # type: ignore[call-arg]
         lane = open_lane_or_tcp(t, node_id, space or self.space)
         if lane.kind != t.name:  # the selected kind failed: this node's lanes are TCP now
             self._fall_back(node_id, t)
@@ -152,8 +181,8 @@ class MemnodeSource(PageSource):
             if self.transports.get(node_id) is failed:
                 self.transports[node_id] = tcp
 
-    def open_lane(self) -> MemnodeLane:
-        return MemnodeLane(self)
+    def open_lane(self, bulk: bool = False) -> MemnodeLane:
+        return MemnodeLane(self, bulk)
 
 
 class MemnodeLane(Lane):
@@ -162,15 +191,17 @@ class MemnodeLane(Lane):
 
     c_capable = True
 
-    def __init__(self, src: MemnodeSource) -> None:
+    def __init__(self, src: MemnodeSource, bulk: bool = False) -> None:
         self.src = src
+        self.bulk = bulk
         self.only = src.only_node()
         self.lanes: dict[tuple[str, str], BlockingLane] = {}
 
     def _lane(self, node_id: str, space: str) -> BlockingLane:
         lane = self.lanes.get((node_id, space))
         if lane is None:
-            lane = self.lanes[node_id, space] = self.src.open_node_lane(node_id, space)
+            lane = self.lanes[node_id, space] = self.src.open_node_lane(node_id, space,
+                                                                        bulk=self.bulk)
         return lane
 
     def c_endpoint(self, space: str | None) -> tuple[int, str, int] | None:

@@ -10,6 +10,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from pager.source.base import close_lanes
+from pager.source.cluster import replica_lost
 from pager.source.placement import EXTENT_SHIFT
 from transport.errors import TransportError
 from transport.wire import PAGE_SIZE
@@ -59,7 +60,8 @@ class Repairer(threading.Thread):
     def _lane(self, node_id: str, space: str) -> Any:
         lane = self.lanes.get((node_id, space))
         if lane is None:
-            lane = self.lanes[node_id, space] = self.src.lanes.open_node_lane(node_id, space)
+            lane = self.lanes[node_id, space] = self.src.lanes.open_node_lane(node_id, space,
+                                                                               bulk=True)
         return lane
 
     def _drop(self, node_id: str) -> None:
@@ -130,6 +132,10 @@ class Repairer(threading.Thread):
                     mask = self._lane(holder, space).fetch_into(start, memoryview(buf))
                     break
                 except TransportError as exc:
+                    if replica_lost(exc):
+                        src.drop_holder(space, ext, holder, exc)
+                        missing = sorted({*missing, holder} & set(src.targets(space, ext)))
+                        continue
                     self._drop(holder)
                     src.node_failed(holder, exc)
             if mask is None:

@@ -187,7 +187,7 @@ class _RefnodeSource(PageSource):
     def __init__(self, port: int) -> None:
         self.port = port
 
-    def open_lane(self) -> Lane:
+    def open_lane(self, bulk: bool = False) -> Lane:
         return _RefnodeLane(self.port)
 
     def describe(self) -> str:

@@ -8,7 +8,9 @@ write-back path's store):
   (``ratio``: goal <= 1.1);
 * ``store_gbps`` store throughput with R=2 against R=1 on the same 3 nodes (goal >= 0.5);
 * ``aggregate_gbps`` ``--threads`` threads fetching their own spaces, 3 nodes (R=2) against
-  one node.
+  one node;
+* ``compression_gbps`` page throughput over a 1 Gbit `tc tbf` link between two network
+  namespaces, raw against lz4 and zstd, on real guest memory (`pager.tools.compress_bench`).
 
 Numbers only mean something on a quiet machine; the ratios compare runs of the same process.
 """
@@ -29,6 +31,7 @@ from typing import Any
 
 from pager.source import MemnodeSource
 from pager.source.cluster import ClusterSource
+from pager.tools import compress_bench
 from pager.tools.child import Child
 from transport.membership import StaticMembership
 from transport.token import load_token
@@ -41,6 +44,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mib", type=int, default=64, help="data set per space (MiB)")
     parser.add_argument("--count", type=int, default=2000, help="fetches per latency figure")
     parser.add_argument("--threads", type=int, default=3, help="threads of the aggregate run")
+    compress_bench.add_arguments(parser)
 
 
 def start_nodes(tmp: Path, n: int) -> list[tuple[Child, str]]:
@@ -103,6 +107,9 @@ def emit(name: str, **kw: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.link_child:
+        print(json.dumps(compress_bench.link_child(*args.link_child)), flush=True)
+        return 0
     size = args.mib << 20
     spaces = [f"agg{i}" for i in range(args.threads)]
     with tempfile.TemporaryDirectory(prefix="ssi-bench-cluster-") as tmp_name:
@@ -130,6 +137,9 @@ def run(args: argparse.Namespace) -> int:
             a_one, a_three = aggregate(one, spaces, size), aggregate(r2, spaces, size)
             emit("aggregate_gbps", three_nodes=round(a_three, 3), one_node=round(a_one, 3),
                  ratio=round(a_three / a_one, 3), threads=args.threads)
+            if not args.no_link:
+                emit("compression_gbps", **compress_bench.compression_figure(
+                    tmp, tmp / "n0" / "token", args.image))
         finally:
             for src in (r2, r1, one):
                 src.close()

@@ -89,7 +89,7 @@ def put(args: argparse.Namespace) -> int:
     stored = 0
     buf = bytearray(BLOCK)
     try:
-        with source.open_lane() as lane:
+        with source.open_lane(bulk=True) as lane:
             for gpa in range(0, size, BLOCK):
                 n = f.readinto(buf)
                 view = memoryview(buf)[:n]
@@ -113,7 +113,7 @@ def get(args: argparse.Namespace) -> int:
     written = 0
     buf = bytearray(BLOCK)
     try:
-        with open(args.file, "wb") as f, source.open_lane() as lane:
+        with open(args.file, "wb") as f, source.open_lane(bulk=True) as lane:
             f.truncate(args.size)
             for gpa in range(0, args.size, BLOCK):
                 n = min(BLOCK, args.size - gpa)

@@ -44,6 +44,7 @@ from typing import IO
 from pager.errors import VmError
 from pager.vm import bench_ws
 from pager.vm.launch import Launch, finish, launch
+from pager.vm.nodes import Nodes
 from pager.vm.procs import spawn_memnode, spawn_pager, stop_process
 from pager.vm.qmp import Qmp
 from pager.vm.ramstore import load_ram
@@ -189,9 +190,9 @@ def load_all_ram(lau: Launch) -> None:
     """Eager comparator: copy every stored page of the guest's space from the memory node
     into its fresh RAM memfd before the guest runs (what resuming without lazy paging does)."""
     st = lau.state
-    assert st.memnode is not None
-    load_ram(f"/proc/{st.qemu_pid}/fd/{st.memfd}", st.ram_size, st.memnode, st.token_file,
-             st.space)
+    nodes = Nodes.from_args(argparse.Namespace(), st)
+    assert nodes, "the guest was started without memory nodes"
+    load_ram(f"/proc/{st.qemu_pid}/fd/{st.memfd}", st.ram_size, nodes, st.space)
 
 
 def resume_lazy(args: argparse.Namespace, argv: list[str], name: str,

@@ -15,8 +15,17 @@ log = logging.getLogger(__name__)
 
 
 def _add_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--memnode", metavar="HOST:PORT",
-                   help="memory node holding guest RAM (default: the pager's own source)")
+    p.add_argument("--memnode", metavar="HOST:PORT", action="append",
+                   help="memory node holding guest RAM (repeat for several: a cluster; "
+                        "default: a local one started here)")
+    p.add_argument("--etcd", metavar="URL",
+                   help="guest RAM on the memory nodes registered in etcd (http://HOST:2379)")
+    p.add_argument("--cluster", metavar="FILE",
+                   help='guest RAM on the memory nodes of a JSON file {"nodes": {"ID": '
+                        '"HOST:PORT"}}')
+    p.add_argument("--replicas", type=int, metavar="R",
+                   help="copies of every extent of guest RAM (default 2 with at least 2 "
+                        "nodes)")
     p.add_argument("--token-file", metavar="F", help="cluster token (default: the user's)")
     p.add_argument("--space", metavar="NAME", help="memory-node address space (default: name)")
     p.add_argument("--pager", metavar="SOCKET",

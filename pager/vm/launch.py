@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pager.errors import VmError
 from pager.vm.cmdline import prepare_qemu
+from pager.vm.nodes import Nodes
 from pager.vm.procs import (
     exit_code,
     socket_live,
@@ -80,13 +81,14 @@ def launch(args: argparse.Namespace, qemu_argv: list[str], name: str, *,
                    "keeps its own limit (`serve --max-resident`)")
     else:
         pager_sock = Path(args.pager) if args.pager else d / "pager.sock"
-        memnode = args.memnode
-        if not memnode:
+        nodes = Nodes.from_args(args)
+        if not nodes:
             node, memnode = start_local_memnode(d, args.token_file)
             helpers.append(node)
             status(f"no --memnode: started a local memory node on {memnode} (fresh RAM)")
+            nodes = Nodes((memnode,), token_file=args.token_file)
         try:
-            helpers.append(start_pager(pager_sock, args, space, memnode))
+            helpers.append(start_pager(pager_sock, args, space, nodes))
         except BaseException:
             stop_all(helpers)
             raise
@@ -105,9 +107,10 @@ def launch(args: argparse.Namespace, qemu_argv: list[str], name: str, *,
         raise VmError(f"cannot start {argv[0]}: {exc.strerror}") from exc
     os.close(w)
     state = VmState(name=name, space=space, ram_size=cmd.ram_size, ram_id=cmd.ram_id,
-                    memnode=args.memnode, token_file=args.token_file, qemu_pid=qemu.pid,
+                    qemu_pid=qemu.pid,
                     pager_socket=str(pager_sock), state_file=str(d / "device-state"),
                     max_resident=getattr(args, "max_resident", None) or 0)
+    Nodes.from_args(args).record(state)
     try:
         line = _wait_handoff(r, qemu)
     except BaseException:

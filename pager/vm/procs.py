@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from pager.errors import VmError
+from pager.vm.nodes import Nodes
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +70,14 @@ def socket_live(path: str) -> bool:
         s.close()
 
 
-def spawn_pager(sock: Path, memnode: str, token_file: str | None, extra: list[str], *,
+def spawn_pager(sock: Path, memnode: str | None, token_file: str | None, extra: list[str], *,
                 prefix: list[str] | None = None, log: Path | None = None,
                 verbose: int = 0) -> subprocess.Popen:
-    """`ssi-pager serve` on ``sock`` fetching from ``memnode`` (``prefix``: e.g. `ip netns exec
-    NS`; ``log``: output file, else our stderr); returns once the socket is bound."""
+    """`ssi-pager serve` on ``sock`` fetching from ``memnode`` (None: the memory nodes are
+    named in ``extra``; ``prefix``: e.g. `ip netns exec NS`; ``log``: output file, else our
+    stderr); returns once the socket is bound."""
     cmd = [*(prefix or []), sys.executable, "-m", "pager.cli", *["-v"] * verbose, "serve",
-           "--socket", str(sock), "--memnode", memnode]
+           "--socket", str(sock), *(["--memnode", memnode] if memnode else [])]
     if token_file:
         cmd += ["--token-file", str(token_file)]
     cmd += extra
@@ -99,11 +101,12 @@ def spawn_pager(sock: Path, memnode: str, token_file: str | None, extra: list[st
 
 
 def start_pager(sock: Path, args: argparse.Namespace, space: str,
-                memnode: str) -> subprocess.Popen:
-    """The pager `vm` starts for one guest (output on our stderr)."""
+                nodes: Nodes) -> subprocess.Popen:
+    """The pager `vm` starts for one guest on ``nodes`` (output on our stderr)."""
     limit = getattr(args, "max_resident", None)
-    return spawn_pager(sock, memnode, args.token_file,
-                       ["--space", space, *(["--max-resident", str(limit)] if limit else []),
+    return spawn_pager(sock, None, args.token_file,
+                       [*nodes.serve_args(), "--space", space,
+                        *(["--max-resident", str(limit)] if limit else []),
                         *(args.pager_arg or [])],
                        verbose=getattr(args, "verbose", 0) or 0)
 

@@ -1,4 +1,5 @@
-"""Guest RAM and device state to and from a memory node, through a page-source lane.
+"""Guest RAM and device state to and from the memory nodes (one, or a cluster: every store
+reaches its ``R`` replicas), through a lane of the source `serve` would build for them.
 
 Suspend writes every page the guest ever touched (found with SEEK_DATA/SEEK_HOLE on the RAM
 memfd) into the guest's address space, and the device state with a small header into the space
@@ -16,8 +17,8 @@ from collections.abc import Iterator
 from pager.core.region import PAGE_SIZE
 from pager.errors import VmError
 from pager.source.base import Lane
-from pager.source.memnode import MemnodeSource
 from pager.uffd.mman import data_ranges
+from pager.vm.nodes import Nodes
 from pager.vm.state import VmState
 
 log = logging.getLogger(__name__)
@@ -28,15 +29,17 @@ SPACE_MAX = 64
 
 
 @contextlib.contextmanager
-def memnode_lane(memnode: str, token_file: str | None, space: str) -> Iterator[Lane]:
-    """A lane to ``space`` on the memory node ``memnode`` (closed on exit)."""
-    from transport.token import load_token
-
-    lane = MemnodeSource(memnode, load_token(token_file), space).open_lane()
+def memnode_lane(nodes: Nodes, space: str) -> Iterator[Lane]:
+    """A lane to ``space`` on ``nodes`` (lane and source closed on exit)."""
+    source = nodes.source(space)
     try:
-        yield lane
+        lane = source.open_lane(bulk=True)
+        try:
+            yield lane
+        finally:
+            lane.close()
     finally:
-        lane.close()
+        source.close()
 
 
 def fetch_pages(lane: Lane, gpa: int, view: memoryview, space: str | None = None) -> bool:
@@ -53,9 +56,9 @@ def fetch_pages(lane: Lane, gpa: int, view: memoryview, space: str | None = None
     return False
 
 
-def store_ram(memfd_path: str, size: int, memnode: str, token_file: str | None,
-              space: str, only_changed: bool = False) -> int:
-    """Copy every allocated page of guest RAM into the memory node; bytes stored.
+def store_ram(memfd_path: str, size: int, nodes: Nodes, space: str,
+              only_changed: bool = False) -> int:
+    """Copy every allocated page of guest RAM into the memory nodes; bytes stored.
 
     A guest under a resident limit (``only_changed``): its memfd holds only the resident
     pages, the rest is on the node already; a resident page the node holds unchanged (clean)
@@ -67,7 +70,7 @@ def store_ram(memfd_path: str, size: int, memnode: str, token_file: str | None,
     view = memoryview(bytearray(STORE_CHUNK))
     node = memoryview(bytearray(STORE_CHUNK)) if only_changed else None
     try:
-        with memnode_lane(memnode, token_file, space) as lane:
+        with memnode_lane(nodes, space) as lane:
             for start, length in data_ranges(fd, size):
                 for off in range(start, start + length, STORE_CHUNK):
                     n = min(STORE_CHUNK, start + length - off)
@@ -103,15 +106,14 @@ def _changed(lane: Lane, part: memoryview, gpa: int,
     return runs
 
 
-def load_ram(memfd_path: str, size: int, memnode: str, token_file: str | None,
-             space: str) -> int:
+def load_ram(memfd_path: str, size: int, nodes: Nodes, space: str) -> int:
     """Write every stored page of ``space`` into a fresh RAM memfd (an eager resume, the
     benchmark's comparator); bytes written."""
     fd = os.open(memfd_path, os.O_WRONLY | os.O_CLOEXEC)
     view = memoryview(bytearray(STORE_CHUNK))
     written = 0
     try:
-        with memnode_lane(memnode, token_file, space) as lane:
+        with memnode_lane(nodes, space) as lane:
             for off in range(0, size, STORE_CHUNK):
                 part = view[:min(STORE_CHUNK, size - off)]
                 if fetch_pages(lane, off, part):
@@ -132,8 +134,7 @@ def state_space(space: str) -> str:
     return name
 
 
-def store_device_state(memnode: str, token_file: str | None, st: VmState,
-                       data: bytes) -> None:
+def store_device_state(nodes: Nodes, st: VmState, data: bytes) -> None:
     """Device state + what resume needs to know, into the memory node: page 0 a JSON header,
     the state from page 1. The header is cleared first and written last, so a suspend cut
     short never leaves a header describing half-written state."""
@@ -144,27 +145,27 @@ def store_device_state(memnode: str, token_file: str | None, st: VmState,
         raise VmError(f"the suspended-guest header of {st.name!r} is {len(header)} bytes, "
                       f"more than one page; use a shorter name or space")
     padded = data + bytes(-len(data) % PAGE_SIZE)
-    with memnode_lane(memnode, token_file, state_space(st.space)) as lane:
+    with memnode_lane(nodes, state_space(st.space)) as lane:
         lane.store_from(None, 0, bytes(PAGE_SIZE))
         for off in range(0, len(padded), STORE_CHUNK):
             lane.store_from(None, PAGE_SIZE + off, padded[off:off + STORE_CHUNK])
         lane.store_from(None, 0, header.ljust(PAGE_SIZE, b"\0"))
 
 
-def clear_device_state(memnode: str, token_file: str | None, space: str) -> None:
+def clear_device_state(nodes: Nodes, space: str) -> None:
     """Invalidate a suspended guest's stored state (it must be resumed once: its RAM changes
     as soon as it runs)."""
-    with memnode_lane(memnode, token_file, state_space(space)) as lane:
+    with memnode_lane(nodes, state_space(space)) as lane:
         lane.store_from(None, 0, bytes(PAGE_SIZE))
 
 
-def load_device_state(memnode: str, token_file: str | None, space: str) -> tuple[dict, bytes]:
+def load_device_state(nodes: Nodes, space: str) -> tuple[dict, bytes]:
     """(header, device state) of a guest suspended into ``space``."""
-    where = f"{state_space(space)!r} on {memnode}"
-    with memnode_lane(memnode, token_file, state_space(space)) as lane:
+    where = f"{state_space(space)!r} on {nodes}"
+    with memnode_lane(nodes, state_space(space)) as lane:
         page = memoryview(bytearray(PAGE_SIZE))
         if fetch_pages(lane, 0, page) or not bytes(page).rstrip(b"\0"):
-            raise VmError(f"no suspended guest in space {space!r} on {memnode}: suspend it "
+            raise VmError(f"no suspended guest in space {space!r} on {nodes}: suspend it "
                           f"first (or it was already resumed)")
         try:
             meta = json.loads(bytes(page).rstrip(b"\0"))

@@ -13,6 +13,7 @@ from pathlib import Path
 from pager.errors import VmError
 from pager.vm.cmdline import prepare_qemu, shell_quote
 from pager.vm.launch import Launch, finish, launch
+from pager.vm.nodes import Nodes
 from pager.vm.procs import socket_live, stop_all, stop_process
 from pager.vm.qmp import Qmp
 from pager.vm.ramstore import clear_device_state, load_device_state
@@ -33,21 +34,23 @@ def _saved_state(args: argparse.Namespace, name: str, d: Path) -> VmState:
         if not saved.suspended:
             raise VmError(f"VM {name!r} is not suspended; suspend it first")
         return saved
-    if not args.memnode:
+    nodes = Nodes.from_args(args)
+    if not nodes:
         cleanup(d)
-        raise VmError(f"VM {name!r} was not suspended on this host: give the memory node "
-                      f"holding it (--memnode HOST:PORT, --token-file F)")
+        raise VmError(f"VM {name!r} was not suspended on this host: give the memory nodes "
+                      f"holding it (--memnode HOST:PORT, --etcd URL or --cluster FILE; "
+                      f"--token-file F)")
     try:
-        meta, data = load_device_state(args.memnode, args.token_file, args.space or name)
+        meta, data = load_device_state(nodes, args.space or name)
     except BaseException:
         cleanup(d)
         raise
     saved = VmState(name=name, space=meta["space"], ram_size=int(meta["ram_size"]),
-                    ram_id=str(meta["ram_id"]), memnode=args.memnode,
-                    token_file=args.token_file, suspended=True,
+                    ram_id=str(meta["ram_id"]), suspended=True,
                     state_file=str(d / "device-state.remote"))
+    nodes.record(saved)
     Path(saved.state_file).write_bytes(data)
-    status(f"device state of {name!r} ({len(data) >> 10} KiB) fetched from {args.memnode}")
+    status(f"device state of {name!r} ({len(data) >> 10} KiB) fetched from {nodes}")
     return saved
 
 
@@ -67,13 +70,15 @@ def resume_start(args: argparse.Namespace, name: str, qemu_argv: list[str], *,
     if not state_file.is_file():
         raise VmError(f"device state {state_file} missing; copy it from the suspending host "
                       f"and pass --state FILE, or give --memnode to load it from there")
-    args.memnode = args.memnode or saved.memnode
-    args.token_file = args.token_file or saved.token_file
+    nodes = Nodes.from_args(args, saved)
+    args.memnode, args.etcd, args.cluster = list(nodes.memnodes), nodes.etcd, nodes.cluster
+    args.replicas, args.token_file = nodes.replicas, nodes.token_file
     args.space = args.space or saved.space
     if not args.pager and saved.pager_socket and socket_live(saved.pager_socket):
         args.pager = saved.pager_socket  # the shared pager the guest used before
-    if not args.memnode:
-        raise VmError("resume needs the memory node holding the guest's RAM: --memnode HOST:PORT")
+    if not nodes:
+        raise VmError("resume needs the memory nodes holding the guest's RAM: --memnode "
+                      "HOST:PORT, --etcd URL or --cluster FILE")
     # keep the device state out of the way of the new instance's own state file
     held = d / "device-state.resume"
     own = state_file.resolve() == (d / "device-state").resolve()
@@ -91,7 +96,7 @@ def resume_start(args: argparse.Namespace, name: str, qemu_argv: list[str], *,
     if lau.qemu.poll() is not None:
         return lau
     status(f"guest {name!r} resumed in {time.monotonic() - t0:.2f} s (RAM served on demand "
-           f"from {args.memnode}, space {args.space!r})")
+           f"from {nodes}, space {args.space!r})")
     for f in (held, d / "device-state.remote"):
         with contextlib.suppress(FileNotFoundError):
             f.unlink()
@@ -112,7 +117,7 @@ def _start_and_load(args: argparse.Namespace, name: str, qemu_argv: list[str],
             qmp.execute("migrate-incoming", uri=f"exec:cat {shell_quote(str(state_file))}")
             qmp.wait_migration()
             # resumed once: the stored state goes stale as soon as the guest runs
-            clear_device_state(args.memnode, args.token_file, args.space)
+            clear_device_state(Nodes.from_args(args), args.space)
             if before_cont is not None:
                 before_cont(lau)
             qmp.execute("cont")

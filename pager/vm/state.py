@@ -66,8 +66,11 @@ class VmState:
     space: str
     ram_size: int
     ram_id: str
-    memnode: str | None = None
+    memnode: str | list[str] | None = None  # one memory node, or several (a cluster)
     token_file: str | None = None
+    etcd: str | None = None  # a cluster in etcd (`--etcd URL`)
+    cluster: str | None = None  # a cluster file (`--cluster FILE`)
+    replicas: int | None = None
     qemu_pid: int = 0
     memfd: int = -1
     pager_socket: str = ""

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pager.errors import VmError
 from pager.vm.cmdline import shell_quote
+from pager.vm.nodes import Nodes
 from pager.vm.qmp import Qmp
 from pager.vm.ramstore import store_device_state, store_ram
 from pager.vm.state import VmState, status, vm_dir
@@ -23,10 +24,11 @@ def do_suspend(args: argparse.Namespace, name: str) -> int:
     if state.suspended:
         raise VmError(f"VM {name!r} is already suspended; resume it with `ssi-pager vm resume "
                       f"{name} -- <same QEMU arguments>`")
-    memnode = args.memnode or state.memnode
-    if not memnode:
-        raise VmError("suspend needs a memory node to hold the guest's RAM: the VM was started "
-                      "without --memnode (or pass --memnode HOST:PORT)")
+    nodes = Nodes.from_args(args, state)
+    if not nodes:
+        raise VmError("suspend needs memory nodes to hold the guest's RAM: the VM was started "
+                      "without --memnode (or pass --memnode HOST:PORT, --etcd URL or "
+                      "--cluster FILE)")
     if state.memfd < 0:
         raise VmError("suspend needs guest RAM on a shared memfd (plain -m, or "
                       "memory-backend-memfd with share=on)")
@@ -35,7 +37,7 @@ def do_suspend(args: argparse.Namespace, name: str) -> int:
     try:
         qmp.execute("stop")
         stored = store_ram(f"/proc/{state.qemu_pid}/fd/{state.memfd}", state.ram_size,
-                           memnode, args.token_file or state.token_file, state.space,
+                           nodes, state.space,
                            only_changed=state.max_resident > 0)
         t_ram = time.monotonic() - t0
         qmp.execute("migrate-set-capabilities",
@@ -45,11 +47,10 @@ def do_suspend(args: argparse.Namespace, name: str) -> int:
             state_file.unlink()
         qmp.execute("migrate", uri=f"exec:cat > {shell_quote(str(state_file))}")
         qmp.wait_migration()
-        store_device_state(memnode, args.token_file or state.token_file, state,
-                           state_file.read_bytes())
+        store_device_state(nodes, state, state_file.read_bytes())
         state.suspended = True
         state.stored_bytes = stored
-        state.memnode = memnode
+        nodes.record(state)
         state.save(d)
         qmp.quit()
     except BaseException:
@@ -59,6 +60,6 @@ def do_suspend(args: argparse.Namespace, name: str) -> int:
     finally:
         qmp.close()
     dev = Path(state.state_file).stat().st_size
-    status(f"suspended {name!r}: {stored >> 20} MiB of RAM to {memnode} in {t_ram:.2f} s, "
+    status(f"suspended {name!r}: {stored >> 20} MiB of RAM to {nodes} in {t_ram:.2f} s, "
            f"device state {dev >> 10} KiB (in {state.state_file} and on the memory node)")
     return 0

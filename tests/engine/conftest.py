@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from clusterkit import Etcd, nodes
 from enginekit import Memnode, Proc, start_pager
 
 
@@ -11,6 +12,32 @@ def memnode(tmp_path):
     m = Memnode(tmp_path)
     yield m
     m.proc.stop()
+
+
+@pytest.fixture
+def three(tmp_path):
+    """Three memory nodes sharing a token (a cluster from a file or --memnode list)."""
+    ns = nodes(tmp_path, 3)
+    yield ns
+    for n in ns:
+        n.proc.stop()
+
+
+@pytest.fixture
+def etcd(tmp_path):
+    """An etcd server of the test's own."""
+    e = Etcd(tmp_path)
+    yield e
+    e.stop()
+
+
+@pytest.fixture
+def three_etcd(tmp_path, etcd):
+    """Three memory nodes registered in ``etcd``."""
+    ns = nodes(tmp_path, 3, etcd.url)
+    yield ns
+    for n in ns:
+        n.proc.stop()
 
 
 @pytest.fixture

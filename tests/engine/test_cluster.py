@@ -18,14 +18,6 @@ SPACE_BYTES = 16 * EXTENT_SIZE
 
 
 @pytest.fixture
-def three(tmp_path):
-    ns = nodes(tmp_path, 3)
-    yield ns
-    for n in ns:
-        n.proc.stop()
-
-
-@pytest.fixture
 def sources():
     """sources(src) registers a source to close at teardown."""
     made = []

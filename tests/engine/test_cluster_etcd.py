@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from clusterkit import Etcd, nodes, wait_until
+from clusterkit import wait_until
 from enginekit import ROOT, wait_or_fail
 
 from pager.source import MemnodeSource
@@ -23,18 +23,8 @@ MIB = 1 << 20
 
 
 @pytest.fixture
-def etcd(tmp_path):
-    e = Etcd(tmp_path)
-    yield e
-    e.stop()
-
-
-@pytest.fixture
-def three(tmp_path, etcd):
-    ns = nodes(tmp_path, 3, etcd.url)
-    yield ns
-    for n in ns:
-        n.proc.stop()
+def three(three_etcd):
+    return three_etcd
 
 
 def seed(etcd, ns, data: DataSet, space: str = "default") -> None:

@@ -73,11 +73,22 @@ def test_put_names_what_is_wrong(tmp_path):
     assert r.returncode == 1 and "cannot read memory image" in r.stderr
 
 
-def test_bench_cluster_prints_its_three_figures():
-    r = cli("bench", "cluster", "--mib", "2", "--count", "20", "--threads", "1")
-    assert r.returncode == 0, r.stderr
+def test_bench_cluster_prints_its_four_figures(tmp_path):
     import json
+    import struct
 
+    image = tmp_path / "ram.img"  # a small memory image with a hole, for the link figure
+    with open(image, "wb") as f:
+        f.write(b"".join(struct.pack("<QQ", i, i * 7) + bytes(16) for i in range(1 << 16)))
+        f.truncate(4 << 20)
+    r = cli("bench", "cluster", "--mib", "2", "--count", "20", "--threads", "1", "--image",
+            str(image))
+    assert r.returncode == 0, r.stderr
     lines = [json.loads(x) for x in r.stdout.splitlines()]
-    assert [x["name"] for x in lines] == ["store_gbps", "fetch_p50_us", "aggregate_gbps"]
-    assert all(x["ratio"] > 0 for x in lines)
+    assert [x["name"] for x in lines] == ["store_gbps", "fetch_p50_us", "aggregate_gbps",
+                                          "compression_gbps"]
+    assert all(x["ratio"] > 0 for x in lines[:3])
+    link = lines[3]
+    if "skipped" not in link:  # network namespaces available (root)
+        assert link["page_bytes"] == 2 << 20
+        assert link["raw_store_gbps"] > 0 and link["lz4_fetch_ratio"] > 0

@@ -41,6 +41,7 @@ from transport.wire import (
     StatsRequest,
     Store,
     T,
+    codec,
     encode_control,
     encode_error,
     pack_header,
@@ -52,6 +53,7 @@ _fastlane_enabled = fastlane.enabled
 
 _ZEROS = bytes(1 << 17)  # PONG payloads for bandwidth probes
 _DATA = int(T.DATA)
+_COMPRESSED = int(Flag.COMPRESSED)
 _URGENT = int(Flag.URGENT)
 BULK_TURN = 4  # bulk page requests answered per event-loop turn and connection
 _FETCH_OK = ("fetch", "ok")
@@ -272,11 +274,16 @@ class NodeConnection(asyncio.BufferedProtocol):
         except (OSError, StoreError) as exc:
             self.node.count("fetch", "error")
             return encode_error(ev.request_id, ErrorCode.IO_ERROR, f"read failed: {exc}")
-        pack_header_into(reply, 0, _DATA, ev.request_id, gpa=ev.gpa, length=nbytes, arg=mask)
         space.fetched_pages += npages
         if mask:
             space.zero_pages += mask.bit_count()
         self.node.requests[_FETCH_OK] += 1
+        if self.session.codec is not None and nbytes:  # negotiated: send it compressed
+            packed = codec.compress(self.session.codec, view[HEADER_SIZE:HEADER_SIZE + nbytes])
+            if packed is not None:
+                return pack_header(_DATA, ev.request_id, gpa=ev.gpa, length=len(packed),
+                                   arg=mask, flags=_COMPRESSED) + packed
+        pack_header_into(reply, 0, _DATA, ev.request_id, gpa=ev.gpa, length=nbytes, arg=mask)
         return view[:HEADER_SIZE + nbytes] if nbytes < ev.length else reply
 
     def _store(self, ev: Store) -> bytes:

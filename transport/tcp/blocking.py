@@ -30,15 +30,19 @@ from transport.wire import (
     decode_reply_body,
     expect_reply,
     full_data,
+    pack_store,
     parse_reply_header,
     spread_pages,
     timed_out,
+    unpack_data,
 )
+from transport.wire.client import COMPRESSED
 
 log = logging.getLogger(__name__)
 
 _R = TypeVar("_R")
 _ERROR = int(T.ERROR)
+BULK_LANE = "bulk"  # HELLO "lane" of a connection that may compress (never served by C)
 
 
 class BlockingChannel:
@@ -53,9 +57,13 @@ class BlockingChannel:
 
     def __init__(self, endpoint: str, token: bytes | None, space: str, *,
                  timeout: float = 10.0, retry_for: float = 5.0, node: str = "pager",
-                 epoch: int | None = None) -> None:
+                 epoch: int | None = None, compress: Any = ()) -> None:
+        from transport.wire.codec import check_offer
+
         self.endpoint = endpoint
         self.epoch = epoch
+        # codecs to offer (`transport.wire.codec`): a bulk connection, never a fault lane
+        self.compress = check_offer(compress)
         self.host, self.port = require_port(endpoint)
         self.token = token
         self.space_name = space
@@ -75,8 +83,15 @@ class BlockingChannel:
 
     def _new_session(self) -> ClientSession:
         return ClientSession(self.token, self.space_name, node=self.node,
-                             nonce=os.urandom(NONCE_SIZE), lane=FAULT_LANE,
-                             endpoint=self.endpoint, epoch=self.epoch)
+                             nonce=os.urandom(NONCE_SIZE),
+                             lane=BULK_LANE if self.compress else FAULT_LANE,
+                             endpoint=self.endpoint, epoch=self.epoch,
+                             compress=self.compress)
+
+    @property
+    def codec(self) -> str | None:
+        """The compression negotiated with the node (None: pages travel raw)."""
+        return self.session.codec if self.session.done else None
 
     @classmethod
     def connect(cls, endpoint: str, token: bytes | None, space: str, **kw: Any
@@ -256,6 +271,12 @@ class BlockingChannel:
             self._recv_exact(payload[got:])
             raise decode_reply_body(reply, payload).error  # type: ignore[misc]
         check_data(reply, req, len(view) >> PAGE_SHIFT)
+        if reply.flags & COMPRESSED:
+            payload = self._scratch_view[:reply.length]
+            payload[:got] = view[:got]
+            self._recv_exact(payload[got:])
+            unpack_data(self.session.codec, reply, payload, view)
+            return reply.arg
         if got < reply.length:
             self._recv_exact(view[got:reply.length])
         if reply.arg and reply.length:  # pages arrived packed at the front
@@ -269,6 +290,11 @@ class BlockingChannel:
             self._recv_exact(payload)
             raise decode_reply_body(reply, payload).error  # type: ignore[misc]
         check_data(reply, req, len(view) >> PAGE_SHIFT)
+        if reply.flags & COMPRESSED:
+            payload = self._scratch_view[:reply.length]
+            self._recv_exact(payload)
+            unpack_data(self.session.codec, reply, payload, view)
+            return reply.arg
         for seg in data_segments(view, reply.arg):
             self._recv_exact(seg)
         return reply.arg
@@ -283,10 +309,11 @@ class BlockingChannel:
         assert sock is not None
         reqs = []
         for off in range(0, n, MAX_DATA):
-            part = min(MAX_DATA, n - off)
+            flags, arg, chunk = pack_store(self.session.codec, view[off:off + min(MAX_DATA,
+                                                                                   n - off)])
+            part = len(chunk)
             req = self.session.pack_request_into(self._hdr, 0, T.STORE, gpa=gpa + off,
-                                                 length=part)
-            chunk = view[off:off + part]
+                                                 length=part, arg=arg, flags=flags)
             sent = sock.sendmsg([self._hdr, chunk])
             if sent < HEADER_SIZE:  # partial sends: finish both parts
                 sock.sendall(self._hdr_view[sent:])

@@ -26,6 +26,7 @@ from transport.wire import (
     ReplyReader,
     T,
     expect_reply,
+    pack_store,
 )
 
 if TYPE_CHECKING:
@@ -173,7 +174,8 @@ class _Peer:
         label = f"memory node {self.node_id} ({self.endpoint})"
         t = self.t
         session = ClientSession(t.token, t.space, node=t.node, nonce=os.urandom(NONCE_SIZE),
-                                endpoint=f"{self.node_id} ({self.endpoint})")
+                                endpoint=f"{self.node_id} ({self.endpoint})",
+                                compress=t.compress if lane else ())  # bulk lanes only
         try:
             _tr, conn = await asyncio.wait_for(loop.create_connection(
                 lambda: _Conn(label, session), self.host, self.port), t.timeout)
@@ -185,6 +187,7 @@ class _Peer:
         except BaseException:
             conn.close()
             raise
+        conn.reader.codec = session.codec
         return conn
 
     async def lane(self, urgent: bool) -> _Conn:
@@ -240,6 +243,8 @@ class TcpTransport(PageTransport):
         self.timeout = timeout
         self.retry_for = retry_for
         self.epochs: dict[str, int] = {}  # space -> the owner's epoch its lanes OPEN under
+        # codecs the bulk connections offer (`transport.wire.codec`); the urgent one never
+        self.compress: tuple[str, ...] = ()
         self.peers: dict[str, _Peer] = {}
 
     def _peer(self, node_id: str) -> _Peer:
@@ -317,9 +322,9 @@ class TcpTransport(PageTransport):
             futs = []
             for off in range(0, len(view), MAX_DATA):
                 await conn._writable.wait()
-                part = view[off:off + MAX_DATA]
-                futs.append(conn.submit(T.STORE, gpa=gpa + off, length=len(part),
-                                        payload=part))
+                flags, arg, part = pack_store(conn.session.codec, view[off:off + MAX_DATA])
+                futs.append(conn.submit(T.STORE, gpa=gpa + off, length=len(part), arg=arg,
+                                        flags=flags, payload=part))
             await _all_replies(futs, T.STORED)
 
         await self._retry(node_id, op)
@@ -355,12 +360,14 @@ class TcpTransport(PageTransport):
 
         return await self._retry(node_id, op)
 
-    def open_lane(self, node_id: str, space: str) -> TcpLane:
+    def open_lane(self, node_id: str, space: str, *, compress: tuple[str, ...] = ()
+                  ) -> TcpLane:
+        """``compress``: codecs to offer (a bulk lane; a fault lane never compresses)."""
         from transport.lane import TcpLane
 
         return TcpLane.connect(lookup_peer(self.endpoints, node_id), self.token, space,
                                node=self.node, timeout=self.timeout, retry_for=self.retry_for,
-                               epoch=self.epochs.get(space))
+                               epoch=self.epochs.get(space), compress=compress)
 
     async def close(self) -> None:
         for peer in self.peers.values():

@@ -18,11 +18,13 @@ from transport.wire.client import (
     decode_reply_body,
     expect_reply,
     full_data,
+    pack_store,
     parse_reply_header,
     reply_from_frame,
     retryable,
     spread_pages,
     timed_out,
+    unpack_data,
 )
 from transport.wire.frames import (
     CONTROL_TYPES,
@@ -128,6 +130,7 @@ __all__ = [
     "full_data",
     "pack_header",
     "pack_header_into",
+    "pack_store",
     "parse_reply_header",
     "reply_from_frame",
     "retryable",
@@ -135,6 +138,7 @@ __all__ = [
     "spread_pages",
     "timed_out",
     "type_name",
+    "unpack_data",
     "valid_space_name",
     "zero_mask_runs",
 ]

@@ -23,9 +23,11 @@ from transport.errors import (
     ProtocolError,
     RemoteError,
 )
+from transport.wire import codec
 from transport.wire.frames import (
     CONTROL_TYPES,
     DEFAULT_MAX_SPACE_BYTES,
+    FAULT_LANE,
     HEADER,
     HEADER_SIZE,
     MAGIC,
@@ -55,6 +57,7 @@ from transport.wire.frames import (
 _REPLY_TYPES = frozenset({T.WELCOME, T.AUTH_OK, T.OPENED, T.DATA, T.STORED, T.PONG,
                           T.STATS_REPLY, T.ERROR})
 _DATA = int(T.DATA)
+COMPRESSED = int(Flag.COMPRESSED)
 
 
 # --- replies ---------------------------------------------------------------------------------
@@ -70,11 +73,12 @@ class Reply:
     length: int = 0
     obj: dict[str, Any] | None = None
     error: Exception | None = None
+    flags: int = 0  # Flag.COMPRESSED: a DATA payload to `unpack_data`
 
 
 def parse_reply_header(header: Any, peer: str = "memory node") -> Reply:
     """The `Reply` a 32-byte header announces; a header no node may send is fatal."""
-    magic, version, ftype, _flags, req, space, _gpa, length, arg = HEADER.unpack_from(header)
+    magic, version, ftype, flags, req, space, _gpa, length, arg = HEADER.unpack_from(header)
     if magic != MAGIC or version not in SUPPORTED_VERSIONS:
         raise ProtocolError(f"{peer} sent a corrupt frame header", ErrorCode.BAD_FRAME,
                             fatal=True)
@@ -85,7 +89,7 @@ def parse_reply_header(header: Any, peer: str = "memory node") -> Reply:
     if ftype not in _REPLY_TYPES:
         raise ProtocolError(f"{peer} sent a {type_name(ftype)} frame, which is not a reply",
                             ErrorCode.UNKNOWN_TYPE, fatal=True)
-    return Reply(ftype, req, space, arg, length)
+    return Reply(ftype, req, space, arg, length, flags=flags)
 
 
 def decode_reply_body(reply: Reply, payload: memoryview) -> Reply:
@@ -128,12 +132,35 @@ def full_data(header: Any, request_id: int, nbytes: int) -> bool:
 
 def check_data(reply: Reply, request_id: int, npages: int) -> None:
     """Raise unless ``reply`` is the DATA answering a FETCH (``request_id``) of ``npages``."""
-    if reply.type == T.DATA and reply.request_id == request_id and \
-            reply.length == data_length(npages, reply.arg):
+    if reply.type == T.DATA and reply.request_id == request_id and (
+            reply.length == data_length(npages, reply.arg) if not reply.flags & COMPRESSED
+            else 0 < reply.length < data_length(npages, reply.arg)):
         return
     raise ProtocolError(f"memory node answered request {request_id} with "
                         f"{type_name(reply.type)} id {reply.request_id} length {reply.length}",
                         ErrorCode.BAD_FRAME, fatal=True)
+
+
+def unpack_data(codec_name: str | None, reply: Reply, payload: memoryview,
+                into: memoryview) -> None:
+    """A compressed DATA ``payload`` (checked by `check_data`) into ``into``, each page at
+    its place (zero-mask pages left as they are)."""
+    raw = codec.decompress(codec_name, payload, data_length(len(into) >> PAGE_SHIFT,
+                                                            reply.arg), reply.request_id)
+    pos = 0
+    for seg in data_segments(into, reply.arg):
+        seg[:] = raw[pos:pos + len(seg)]
+        pos += len(seg)
+
+
+def pack_store(codec_name: str | None, data: memoryview) -> tuple[int, int, Any]:
+    """(flags, arg, payload) of a STORE of ``data``: compressed with the connection's codec
+    when that pays (`codec.compress`), else raw."""
+    if codec_name is not None:
+        packed = codec.compress(codec_name, data)
+        if packed is not None:
+            return COMPRESSED, len(data), packed
+    return 0, 0, data
 
 
 def data_segments(into: memoryview, zero_mask: int) -> list[memoryview]:
@@ -172,6 +199,8 @@ class ReplyReader:
         self._segments: list[memoryview] = []
         self._current: Reply | None = None
         self._dest: dict[int, memoryview] = {}
+        self._unpack: memoryview | None = None  # where a compressed DATA's pages go
+        self.codec: str | None = None  # the connection's compression (set after handshake)
         self.replies: list[Reply] = []
 
     def expect_data(self, request_id: int, into: memoryview) -> None:
@@ -203,6 +232,10 @@ class ReplyReader:
                 raise ProtocolError(f"DATA for unknown request {cur.request_id}",
                                     ErrorCode.BAD_FRAME, fatal=True)
             check_data(cur, cur.request_id, len(into) >> PAGE_SHIFT)
+            if cur.flags & COMPRESSED:  # into the scratch buffer, unpacked in _finish
+                self._unpack = into
+                self._target = self._scratch_view[:cur.length]
+                return
             segs = data_segments(into, cur.arg)
             segs.reverse()
             self._segments = segs
@@ -213,7 +246,10 @@ class ReplyReader:
     def _finish(self) -> None:
         cur = self._current
         assert cur is not None
-        if cur.type in CONTROL_TYPES:
+        if self._unpack is not None:
+            into, self._unpack = self._unpack, None
+            unpack_data(self.codec, cur, self._target, into)
+        elif cur.type in CONTROL_TYPES:
             decode_reply_body(cur, self._target)
             if cur.type == T.ERROR:
                 self._dest.pop(cur.request_id, None)
@@ -277,8 +313,12 @@ class ClientSession:
 
     def __init__(self, token: bytes | None, space: str, *, node: str = "client",
                  nonce: bytes, lane: str = "", endpoint: str = "",
-                 epoch: int | None = None) -> None:
+                 epoch: int | None = None, compress: tuple[str, ...] = ()) -> None:
         check_space_name(space)
+        if compress and lane == FAULT_LANE:
+            raise ValueError("a fault lane never compresses (the C loops serve it raw)")
+        self.compress = compress  # codecs offered in HELLO (`codec`), preferred first
+        self.codec: str | None = None  # the one the node picked in WELCOME
         self.epoch = epoch  # the space owner's epoch sent in OPEN (fencing), or None
         self.token = token
         self.space_name = space
@@ -333,6 +373,8 @@ class ClientSession:
         hello: dict[str, Any] = {"versions": list(SUPPORTED_VERSIONS), "node": self.node}
         if self.lane:  # nodes that do not know the key ignore it
             hello["lane"] = self.lane
+        if self.compress:  # so do they "compress": such a node never compresses
+            hello["compress"] = list(self.compress)
         return self._control(T.HELLO, hello)
 
     def _where(self) -> str:
@@ -377,6 +419,11 @@ class ClientSession:
                                 fatal=True)
         self.peer_node = str(obj.get("node", "?"))
         self.max_space_bytes = int(obj.get("max_space_bytes", DEFAULT_MAX_SPACE_BYTES))
+        picked = obj.get("compress")
+        if picked is not None and picked not in self.compress:
+            raise ProtocolError(f"{self._where()} chose compression {picked!r}, which this "
+                                f"client did not offer", ErrorCode.BAD_MESSAGE, fatal=True)
+        self.codec = picked
         if not obj.get("auth"):
             if self.token is not None:
                 raise AuthError(f"{self._where()} does not authenticate (it runs with "

@@ -19,16 +19,18 @@ Frame = fixed 32-byte little-endian header, then ``length`` payload bytes::
 * STORE carries ``length`` bytes of pages; STORED is sent only after the node wrote them.
 * PING asks for ``arg`` payload bytes back in PONG (0 for an RTT probe, more for bandwidth).
 * ERROR: ``arg`` = `ErrorCode`, payload {"code", "message"}; ``request id`` names the request.
-* Handshake: HELLO {"versions", "node"[, "lane"]} -> WELCOME {"version", "auth", "challenge",
-  "node"}; if auth: AUTH {"nonce", "mac"} -> AUTH_OK {"mac"} (mutual HMAC-SHA256 over the cluster
-  token, see `client_proof`/`server_proof`); then OPEN {"space"[, "epoch"]} -> OPENED (space
-  handle). Fencing: an OPEN with ``"epoch"`` (the space owner's epoch, a u64) raises the
-  space's fence to it; an OPEN or STORE under an epoch below the fence gets STALE_EPOCH (a
-  pager that lost its guest to a newer owner can never overwrite newer pages). Handles opened
-  without an epoch are not fenced.
+* Handshake: HELLO {"versions", "node"[, "lane"][, "compress"]} -> WELCOME {"version", "auth",
+  "challenge", "node"[, "compress"]}; if auth: AUTH {"nonce", "mac"} -> AUTH_OK {"mac"}
+  (mutual HMAC-SHA256 over the cluster token, see `client_proof`/`server_proof`); then
+  OPEN {"space"[, "epoch"]} -> OPENED (space handle). Fencing: an OPEN with ``"epoch"`` (the
+  space owner's epoch, a u64) raises the space's fence to it; an OPEN or STORE under an epoch
+  below the fence gets STALE_EPOCH (a pager that lost its guest to a newer owner can never
+  overwrite newer pages). Handles opened without an epoch are not fenced.
   Anything but HELLO/AUTH before authentication closes the connection. ``"lane": "fault"``
   marks a pager's fault thread (one request at a time; the node may serve it from C); nodes
-  that do not know the key ignore it.
+  that do not know the key ignore it. ``"compress"``: the codecs a non-fault connection
+  offers; WELCOME names the one the node picked, and from then on a STORE or DATA payload may
+  be compressed, flagged COMPRESSED (a STORE's raw length in ``arg``): see `codec`.
 
 Bounds: a frame is at most ``HEADER.size + MAX_DATA`` bytes (control messages `MAX_CONTROL`).
 A bad magic, unsupported header version or oversized length is *fatal* (the stream cannot be
@@ -88,9 +90,10 @@ class T(enum.IntEnum):
 
 class Flag(enum.IntFlag):
     URGENT = 1  # a fault waits on this fetch: the sender keeps it off bulk lanes
+    COMPRESSED = 2  # STORE/DATA payload compressed with the connection's codec (`codec`)
 
 
-KNOWN_FLAGS = int(Flag.URGENT)
+KNOWN_FLAGS = int(Flag.URGENT | Flag.COMPRESSED)
 CONTROL_TYPES = frozenset({T.HELLO, T.WELCOME, T.AUTH, T.AUTH_OK, T.OPEN, T.STATS_REPLY,
                            T.ERROR})
 PAGE_PAYLOAD_TYPES = frozenset({T.STORE, T.DATA, T.PONG})

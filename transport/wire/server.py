@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from transport.errors import ProtocolError
+from transport.wire import codec
 from transport.wire.frames import (
     DEFAULT_MAX_SPACE_BYTES,
+    FAULT_LANE,
     MAX_DATA,
     NEED_DATA,
     NONCE_SIZE,
@@ -21,6 +23,7 @@ from transport.wire.frames import (
     SUPPORTED_VERSIONS,
     VERSION,
     ErrorCode,
+    Flag,
     Frame,
     FrameReader,
     T,
@@ -114,6 +117,7 @@ class ServerSession:
         self.version = VERSION
         self.peer_node = "?"
         self.lane = ""  # what the client said the connection is for (HELLO "lane")
+        self.codec: str | None = None  # compression negotiated in HELLO/WELCOME (`codec`)
         self.spaces: list[str] = []  # handle - 1 -> name
         self.epochs: dict[str, int] = {}  # space -> epoch it was opened under (fenced)
         self._space_ids: dict[str, int] = {}
@@ -165,6 +169,10 @@ class ServerSession:
             space = self._check_range(frame, length)
             return Fetch(req, space, frame.gpa, length, frame.flags)
         if ftype == T.STORE:
+            if frame.flags & Flag.COMPRESSED:
+                space = self._check_range(frame, frame.arg)
+                return Store(req, space, frame.gpa, memoryview(
+                    codec.decompress(self.codec, frame.payload, frame.arg, req)))
             space = self._check_range(frame, frame.length)
             return Store(req, space, frame.gpa, frame.payload)
         if ftype == T.PING:
@@ -214,6 +222,8 @@ class ServerSession:
         self.peer_node = str(obj.get("node", "?"))[:64]
         lane = obj.get("lane", "")
         self.lane = lane[:16] if isinstance(lane, str) else ""
+        # a fault lane (served by the C loops) never compresses
+        self.codec = None if self.lane == FAULT_LANE else codec.choose(obj.get("compress"))
         self.state = _AWAIT_AUTH if self.token is not None else _READY
         return Hello(req, version, self.peer_node, self.lane)
 
@@ -221,7 +231,8 @@ class ServerSession:
         return encode_control(T.WELCOME, request_id, {
             "version": self.version, "auth": self.token is not None,
             "challenge": self.challenge, "node": self.node,
-            "max_space_bytes": self.max_space_bytes, **extra})
+            "max_space_bytes": self.max_space_bytes,
+            **({"compress": self.codec} if self.codec else {}), **extra})
 
     def _on_auth(self, req: int, obj: dict[str, Any]) -> Auth:
         nonce, mac = obj.get("nonce"), obj.get("mac")

@@ -29,6 +29,7 @@
 #define SSIP_T_STATS_REPLY 14u
 #define SSIP_T_ERROR 15u
 #define SSIP_FLAG_URGENT 1u
+#define SSIP_FLAG_COMPRESSED 2u
 #define SSIP_E_BAD_FRAME 1u
 #define SSIP_E_TOO_LARGE 2u
 #define SSIP_E_UNKNOWN_TYPE 3u
