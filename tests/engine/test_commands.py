@@ -40,7 +40,7 @@ def test_bench_faults_json_lines_and_ratios(refpager_dir):
              "--repeat", "1", "--refpager", str(refpager_dir))
     assert r.returncode == 0, r.stderr[-2000:]
     lines = {x["name"]: x for x in map(json.loads, r.stdout.splitlines())}
-    ours = {n: x for n, x in lines.items() if n.startswith("pager-")}
+    ours = {n: x for n, x in lines.items() if n.startswith("pager-remote-")}
     assert sorted(ours) == RAND_CASES
     for x in ours.values():
         assert x["bad_pages"] == 0 and x["p50_us"] > 0 and x["gbps"] > 0, x
