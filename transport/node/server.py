@@ -20,7 +20,7 @@ import threading
 from collections import Counter
 from typing import Any
 
-from transport.errors import ProtocolError, StoreError
+from transport.errors import ProtocolError, StoreCorruptError, StoreError
 from transport.node import fastlane
 from transport.node.fence import Fences
 from transport.node.store import PageStore
@@ -269,6 +269,10 @@ class NodeConnection(asyncio.BufferedProtocol):
             reply = bytearray(HEADER_SIZE + ev.length)
             view = memoryview(reply)
             mask, nbytes = space.read_compact(ev.gpa, npages, view[HEADER_SIZE:])
+        except StoreCorruptError as exc:
+            self.node.count("fetch", "corrupt")
+            log.error("memnode: %s: %s", self.peer, exc)
+            return encode_error(ev.request_id, ErrorCode.CORRUPT, str(exc))
         except (OSError, StoreError) as exc:
             self.node.count("fetch", "error")
             return encode_error(ev.request_id, ErrorCode.IO_ERROR, f"read failed: {exc}")

@@ -48,7 +48,7 @@ from typing import Any
 
 import msgpack
 
-from transport.errors import AuthError, ProtocolError, RemoteError
+from transport.errors import AuthError, CorruptPageError, ProtocolError, RemoteError
 
 MAGIC = b"SSIP"
 VERSION = 1
@@ -110,6 +110,7 @@ class ErrorCode(enum.IntEnum):
     BAD_MESSAGE = 10
     IO_ERROR = 11
     STALE_EPOCH = 12  # a store under an owner's epoch older than the space's fence
+    CORRUPT = 13  # a written page fails its checksum or its page file is truncated
 
 
 @dataclass(slots=True)
@@ -183,6 +184,8 @@ def error_from_frame(frame: Frame) -> RemoteError:
     if cls is AuthError:
         return AuthError(f"authentication refused ({name}): {message}", code,
                          frame.request_id)
+    if code == ErrorCode.CORRUPT:
+        return CorruptPageError(f"memory node error {name}: {message}", code, frame.request_id)
     return RemoteError(f"memory node error {name}: {message}", code, frame.request_id)
 
 
