@@ -9,8 +9,9 @@ import os
 
 import pytest
 
-from transport.errors import CorruptPageError
+from transport.errors import CorruptPageError, StoreIdentityError
 from transport.tcp import BlockingChannel
+from transport.wire import IDENTITIES
 
 PAGE = 4096
 LANES = ["fastlane", "--no-fastlane"]
@@ -71,3 +72,53 @@ def test_checksums_survive_a_restart_and_rewrites(node_factory, tmp_path):
         _flip(tmp_path / "store" / "vm.pages", 10)
         with pytest.raises(CorruptPageError):
             ch.fetch_into(0, buf)
+
+
+# --- store identity ---------------------------------------------------------------------------
+
+def _restart_on(node, store, endpoint: str) -> None:
+    node.stop()
+    node.store = store
+    node.args = [*node.args, "--listen", endpoint]
+    node.start()
+
+
+@pytest.mark.parametrize("how", ["empty", "other", "space-deleted"])
+def test_a_node_restarted_on_another_store_is_refused_loudly(node_factory, tmp_path, how):
+    node = node_factory()
+    first = node.endpoint
+    with BlockingChannel.connect(first, node.token, "vm") as ch:
+        ch.store(0, b"w" * PAGE)
+    other = tmp_path / "other"
+    if how == "other":  # a store that holds a space of the same name, other bytes
+        elsewhere = node_factory(store=other)
+        with BlockingChannel.connect(elsewhere.endpoint, node.token, "vm") as ch:
+            ch.store(0, b"o" * PAGE)
+        elsewhere.stop()
+    if how == "space-deleted":
+        node.stop()
+        for suffix in ("pages", "written", "sums", "gen"):
+            (tmp_path / "store" / f"vm.{suffix}").unlink()
+        other = tmp_path / "store"
+    _restart_on(node, other, first)
+    with pytest.raises(StoreIdentityError) as err:
+        BlockingChannel.connect(first, node.token, "vm", retry_for=5)
+    text = str(err.value)
+    assert first in text and "space vm" in text and "restarted on an empty or another store" \
+        in text
+    seen = IDENTITIES.get(first, "vm")
+    assert seen is not None and seen[0] in text  # names the store it expected
+    assert not isinstance(err.value, CorruptPageError)
+
+
+def test_the_same_store_after_a_restart_is_accepted(node_factory, tmp_path):
+    node = node_factory()
+    first = node.endpoint
+    with BlockingChannel.connect(first, node.token, "vm") as ch:
+        ch.store(0, b"s" * PAGE)
+    _restart_on(node, tmp_path / "store", first)
+    with BlockingChannel.connect(first, node.token, "vm", retry_for=5) as ch:
+        buf = bytearray(PAGE)
+        assert ch.fetch_into(0, buf) == 0 and buf == b"s" * PAGE
+    assert (tmp_path / "store" / "store.id").read_text().strip() == IDENTITIES.get(first,
+                                                                                   "vm")[0]

@@ -315,18 +315,19 @@ class NodeConnection(asyncio.BufferedProtocol):
             if ev.epoch is not None and not self.node.fences.admit(ev.space, ev.epoch):
                 return self._stale(ev.request_id, ev.space, ev.epoch, "open")
             try:
-                self.node.store.open(ev.space)
+                space = self.node.store.open(ev.space)
             except StoreError as exc:
                 self.node.count("open", "error")
                 return encode_error(ev.request_id, ErrorCode.IO_ERROR, str(exc))
             self.node.count("open", "ok")
-            return session.opened(ev.request_id, ev.space, ev.epoch)
+            return session.opened(ev.request_id, ev.space, ev.epoch,
+                                  generation=space.generation)
         if type(ev) is Hello:
             self.node.count("hello", "ok")
             self.fault_lane = ev.lane == FAULT_LANE and self.node.fastlane
             if self.node.token is None:  # insecure mode: ready after HELLO
                 self.node.handshaking.pop(self, None)
-            return session.welcome(ev.request_id)
+            return session.welcome(ev.request_id, store=self.node.store.store_id)
         if type(ev) is StatsRequest:
             self.node.count("stats", "ok")
             return encode_control(T.STATS_REPLY, ev.request_id, self.node.stats())

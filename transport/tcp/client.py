@@ -173,7 +173,8 @@ class _Peer:
         label = f"memory node {self.node_id} ({self.endpoint})"
         t = self.t
         session = ClientSession(t.token, t.space, node=t.node, nonce=os.urandom(NONCE_SIZE),
-                                endpoint=f"{self.node_id} ({self.endpoint})")
+                                endpoint=f"{self.node_id} ({self.endpoint})",
+                                identity_key=self.endpoint)
         try:
             _tr, conn = await asyncio.wait_for(loop.create_connection(
                 lambda: _Conn(label, session), self.host, self.port), t.timeout)

@@ -20,12 +20,14 @@ Frame = fixed 32-byte little-endian header, then ``length`` payload bytes::
 * PING asks for ``arg`` payload bytes back in PONG (0 for an RTT probe, more for bandwidth).
 * ERROR: ``arg`` = `ErrorCode`, payload {"code", "message"}; ``request id`` names the request.
 * Handshake: HELLO {"versions", "node"[, "lane"]} -> WELCOME {"version", "auth", "challenge",
-  "node"}; if auth: AUTH {"nonce", "mac"} -> AUTH_OK {"mac"} (mutual HMAC-SHA256 over the cluster
-  token, see `client_proof`/`server_proof`); then OPEN {"space"[, "epoch"]} -> OPENED (space
-  handle). Fencing: an OPEN with ``"epoch"`` (the space owner's epoch, a u64) raises the
-  space's fence to it; an OPEN or STORE under an epoch below the fence gets STALE_EPOCH (a
-  pager that lost its guest to a newer owner can never overwrite newer pages). Handles opened
-  without an epoch are not fenced.
+  "node", "store"}; if auth: AUTH {"nonce", "mac"} -> AUTH_OK {"mac"} (mutual HMAC-SHA256 over
+  the cluster token, see `client_proof`/`server_proof`); then OPEN {"space"[, "epoch"]} ->
+  OPENED (space handle; ``gpa`` = the space's generation on the node's store). Store identity:
+  WELCOME's "store" (the store's random id) and the generation tell a pager whether the node
+  still holds the store it wrote the space to (`client.StoreIdentities`). Fencing: an OPEN with
+  ``"epoch"`` (the space owner's epoch, a u64) raises the space's fence to it; an OPEN or STORE
+  under an epoch below the fence gets STALE_EPOCH (a pager that lost its guest to a newer owner
+  can never overwrite newer pages). Handles opened without an epoch are not fenced.
   Anything but HELLO/AUTH before authentication closes the connection. ``"lane": "fault"``
   marks a pager's fault thread (one request at a time; the node may serve it from C); nodes
   that do not know the key ignore it.
