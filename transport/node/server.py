@@ -55,6 +55,7 @@ _DATA = int(T.DATA)
 _URGENT = int(Flag.URGENT)
 BULK_TURN = 4  # bulk page requests answered per event-loop turn and connection
 _FETCH_OK = ("fetch", "ok")
+MAX_OPEN_PER_CONNECTION = 64  # spaces one connection may open (a pager opens one or a few)
 
 
 class NodeConnection(asyncio.BufferedProtocol):
@@ -312,6 +313,15 @@ class NodeConnection(asyncio.BufferedProtocol):
             return pack_header(T.PONG, ev.request_id, length=ev.reply_bytes) + \
                 _ZEROS[:ev.reply_bytes]
         if type(ev) is Open:
+            if ev.space not in session.spaces and \
+                    len(session.spaces) >= self.node.max_open_per_connection:
+                self.node.count("open", "too_many")
+                log.warning("memnode: %s: OPEN of a space beyond its %d refused", self.peer,
+                            self.node.max_open_per_connection)
+                return encode_error(ev.request_id, ErrorCode.TOO_LARGE,
+                                    f"this connection already opened "
+                                    f"{len(session.spaces)} spaces, the node's limit per "
+                                    f"connection: open space {ev.space} on another connection")
             if ev.epoch is not None and not self.node.fences.admit(ev.space, ev.epoch):
                 return self._stale(ev.request_id, ev.space, ev.epoch, "open")
             try:
@@ -346,7 +356,8 @@ class MemoryNode:
                  port: int | None = None, name: str = "memnode",
                  max_space_bytes: int = DEFAULT_MAX_SPACE_BYTES,
                  handshake_timeout: float = 10.0, max_handshaking: int = 64,
-                 fastlane: bool | None = None) -> None:
+                 fastlane: bool | None = None,
+                 max_open_per_connection: int = MAX_OPEN_PER_CONNECTION) -> None:
         if max_space_bytes > store.max_space_bytes:
             raise StoreError(f"the node serves spaces of up to {max_space_bytes} bytes but its "
                              f"store's bitmaps cover {store.max_space_bytes}: pass "
@@ -359,6 +370,7 @@ class MemoryNode:
         self.name = name
         self.max_space_bytes = max_space_bytes
         self.handshake_timeout = handshake_timeout
+        self.max_open_per_connection = max_open_per_connection
         self.max_handshaking = max_handshaking
         # connections not authenticated yet, oldest first (each holds a frame buffer)
         self.handshaking: dict[NodeConnection, None] = {}
