@@ -86,6 +86,11 @@ class StoreIdentityError(RemoteError):
     restarted on an empty or another store directory): its answers would be wrong pages."""
 
 
+class TlsError(TransportError):
+    """TLS material is missing, unreadable or does not fit together, or a TLS handshake was
+    refused (a peer without a certificate of the cluster CA): permanent, not retried."""
+
+
 class RdmaUnavailable(TransportError):
     """RDMA cannot be used here (no extension or libraries, no device); callers fall back to
     TCP."""

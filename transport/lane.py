@@ -107,6 +107,8 @@ class TcpLane(BlockingLane):
 
     def c_endpoint(self) -> tuple[int, str, int] | None:
         fd = self.channel.fileno()
+        if getattr(self.channel, "tls", False):
+            return None  # TLS is served by Python: C reads raw sockets
         return None if fd < 0 else (fd, "ssip", self.channel.space)
 
     def reset(self) -> None:

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import ssl
 import threading
 from collections import Counter
 from typing import Any
@@ -357,7 +358,8 @@ class MemoryNode:
                  max_space_bytes: int = DEFAULT_MAX_SPACE_BYTES,
                  handshake_timeout: float = 10.0, max_handshaking: int = 64,
                  fastlane: bool | None = None,
-                 max_open_per_connection: int = MAX_OPEN_PER_CONNECTION) -> None:
+                 max_open_per_connection: int = MAX_OPEN_PER_CONNECTION,
+                 tls: ssl.SSLContext | None = None) -> None:
         if max_space_bytes > store.max_space_bytes:
             raise StoreError(f"the node serves spaces of up to {max_space_bytes} bytes but its "
                              f"store's bitmaps cover {store.max_space_bytes}: pass "
@@ -379,7 +381,9 @@ class MemoryNode:
         self.counters: Counter[str] = Counter()
         self._server: asyncio.Server | None = None
         # fault lanes in C (None: unless $SSI_PAGER_NO_FASTLANE); False without the extension
-        self.fastlane = _fastlane_enabled(fastlane)
+        # TLS connections are served in Python: the C fault lane reads the raw socket
+        self.tls = tls
+        self.fastlane = _fastlane_enabled(fastlane) and tls is None
         self._lane_lock = threading.Lock()  # stats() may run on another thread (metrics)
 
     def admit(self, conn: NodeConnection) -> None:
@@ -405,7 +409,8 @@ class MemoryNode:
         def factory() -> NodeConnection:
             return NodeConnection(self)
 
-        self._server, self.port = await start_server(factory, self.host, self.port)
+        self._server, self.port = await start_server(factory, self.host, self.port,
+                                                     tls=self.tls)
         return self.endpoint
 
     @property
