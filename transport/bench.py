@@ -12,8 +12,9 @@ Lines (``name``, ``p50_us``, ``p99_us``, ``gbps`` where they apply):
 * ``ratio_*``             ours / reference (goal: 4 KiB p50 <= 1.5, pipelined >= 0.75)
 * with ``--tls``: the same lines (label ``<label>-tls``) against a second node started with
   ``--tls`` in the same rounds, and ``tls_cost_*`` (how many times TLS costs: plaintext / TLS
-  Gbit/s where the line has a rate, else TLS / plaintext p50). TLS connections are served by the Python paths on both sides
-  (no C fault loop or C fast lane), so the cost includes losing those.
+  Gbit/s where the line has a rate, else TLS / plaintext p50). TLS connections are served by
+  the Python paths on both sides (no C fault loop or C fast lane), so the cost includes losing
+  those.
 * ``rdma_fetch_4k`` / ``rdma_fetch_64k``   with ``--rdma --endpoint``: the same fetches over a
   proven RDMA lane (`transport.rdma_c.check.bench_lines`)
 

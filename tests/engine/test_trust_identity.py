@@ -5,10 +5,8 @@ node's new one, and its client gets SIGBUS with the reason in the log."""
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 
-from enginekit import ROOT, Proc, memnode_args
+from enginekit import Proc, memnode_args, run_workload
 
 from pager.tools.workload import DataSet
 
@@ -24,17 +22,8 @@ def test_node_back_on_an_empty_store_fails_faults_not_zeros(memnode, run_pager, 
                  "--token-file", str(memnode.token_file)], tmp_path / "memnode-empty.log")
     try:
         node.wait_for(r"listening on (\S+)")
-        w = subprocess.Popen([sys.executable, "-m", "pager.tools.workload", "--socket", sock,
-                              "--mib", "4", "--threads", "2"], cwd=ROOT,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            _, err = w.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            w.kill()
-            w.communicate()
-            raise AssertionError("faults waited for a node with the wrong store") from None
-        # zeros would fail the workload's checks (exit 1), not SIGBUS
-        assert w.returncode == -signal.SIGBUS, (w.returncode, err[-500:])
+        rc, err = run_workload(sock, 4, "faults waited for a node with the wrong store")
+        assert rc == -signal.SIGBUS, (rc, err[-500:])
         log = proc.log.read_text()
         assert "restarted on an empty or another store" in log and "SIGBUS" in log, \
             log[-2000:]

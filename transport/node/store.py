@@ -80,6 +80,23 @@ def _identity_file(path: Path, nbytes: int, what: str) -> int:
     return value
 
 
+def _map_sparse(path: Path, nbytes: int, what: str) -> tuple[int, mmap.mmap, bool]:
+    """Open (or create) ``path`` at least ``nbytes`` long, sparse, and map it shared.
+    Returns (fd, mapping, whether the file is new)."""
+    fd = -1
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        have = os.fstat(fd).st_size
+        if have < nbytes:
+            os.ftruncate(fd, nbytes)
+        return fd, mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED), have == 0
+    except OSError as exc:
+        if fd >= 0:
+            os.close(fd)
+        raise StoreError(f"cannot open {what} {path}: {exc.strerror}; check the store "
+                         "directory's permissions and free space", errno=exc.errno) from exc
+
+
 class Space:
     """One address space: a sparse file plus the bitmap of written pages."""
 
@@ -126,36 +143,16 @@ class Space:
 
     def _map_bitmap(self, bpath: Path) -> bool:
         """Map the written-page bitmap file (created sparse); True if it is new."""
-        nbytes = max((self.capacity_pages + 7) >> 3, 1)
-        try:
-            self._bits_fd = os.open(bpath, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
-                                    0o600)
-            have = os.fstat(self._bits_fd).st_size
-            if have < nbytes:
-                os.ftruncate(self._bits_fd, nbytes)
-        except OSError as exc:
-            raise StoreError(f"cannot open the written-page bitmap {bpath}: {exc.strerror}; "
-                             "check the store directory's permissions and free space",
-                             errno=exc.errno) from exc
-        self._bits = mmap.mmap(self._bits_fd, nbytes, flags=mmap.MAP_SHARED)
-        return have == 0
+        self._bits_fd, self._bits, fresh = _map_sparse(
+            bpath, max((self.capacity_pages + 7) >> 3, 1), "the written-page bitmap")
+        return fresh
 
     def _map_sums(self, spath: Path) -> bool:
         """Map the per-page checksum file (created sparse); True if it is new."""
-        nbytes = max(self.capacity_pages * 4, 4)
-        try:
-            self._sums_fd = os.open(spath, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
-                                    0o600)
-            have = os.fstat(self._sums_fd).st_size
-            if have < nbytes:
-                os.ftruncate(self._sums_fd, nbytes)
-        except OSError as exc:
-            raise StoreError(f"cannot open the page checksums {spath}: {exc.strerror}; "
-                             "check the store directory's permissions and free space",
-                             errno=exc.errno) from exc
-        self._sums_map = mmap.mmap(self._sums_fd, nbytes, flags=mmap.MAP_SHARED)
+        self._sums_fd, self._sums_map, fresh = _map_sparse(
+            spath, max(self.capacity_pages * 4, 4), "the page checksums")
         self._sums = memoryview(self._sums_map).cast("I")
-        return have == 0
+        return fresh
 
     def _sum_existing(self) -> None:
         """Checksum the written pages of a store made before checksums existed."""
