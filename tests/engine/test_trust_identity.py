@@ -1,7 +1,7 @@
-"""A memory node restarted on an empty store fails faults loudly instead of serving zeros
-(issue 14 item 6): the pager remembers the store identity it saw for its space, refuses the
-node's new one, and its client gets SIGBUS with the reason in the log."""
-
+"""A page the node cannot vouch for fails its fault loudly, never read as zeros or wrong
+bytes (issue 14 item 6): a node restarted on an empty store is refused by the store identity
+the pager remembered, a flipped byte on the node's disk is answered CORRUPT; the client gets
+SIGBUS and the pager's log says why."""
 from __future__ import annotations
 
 import signal
@@ -30,3 +30,18 @@ def test_node_back_on_an_empty_store_fails_faults_not_zeros(memnode, run_pager, 
         assert memnode.endpoint in log
     finally:
         node.stop()
+
+
+def test_a_corrupt_page_fails_its_fault_not_served(memnode, run_pager):
+    memnode.seed(DataSet(4 * MIB))
+    with open(memnode.store / "default.pages", "r+b") as f:  # a flipped byte on the disk
+        f.seek(MIB + 123)
+        b = f.read(1)
+        f.seek(MIB + 123)
+        f.write(bytes([b[0] ^ 1]))
+    proc, sock = run_pager(*memnode_args(memnode), "--fetch-timeout", "3600",
+                           "--readahead", "0")
+    rc, err = run_workload(sock, 4, "faults waited for a node answering CORRUPT")
+    assert rc == -signal.SIGBUS, (rc, err[-500:])
+    log = proc.log.read_text()
+    assert "CORRUPT" in log and "fails its checksum" in log and "SIGBUS" in log, log[-2000:]
