@@ -2,6 +2,7 @@
 bytes (issue 14 item 6): a node restarted on an empty store is refused by the store identity
 the pager remembered, a flipped byte on the node's disk is answered CORRUPT; the client gets
 SIGBUS and the pager's log says why."""
+
 from __future__ import annotations
 
 import signal

@@ -122,3 +122,20 @@ def test_the_same_store_after_a_restart_is_accepted(node_factory, tmp_path):
         assert ch.fetch_into(0, buf) == 0 and buf == b"s" * PAGE
     assert (tmp_path / "store" / "store.id").read_text().strip() == IDENTITIES.get(first,
                                                                                    "vm")[0]
+
+
+def test_a_store_from_before_checksums_gets_them_on_start(node_factory, tmp_path):
+    node = node_factory()
+    with BlockingChannel.connect(node.endpoint, node.token, "vm") as ch:
+        ch.store(0, b"p" * PAGE)
+        ch.store(1 << 30, b"q" * (2 * PAGE))  # far apart: two data extents
+    node.stop()
+    (tmp_path / "store" / "vm.sums").unlink()
+    node = node_factory()
+    with BlockingChannel.connect(node.endpoint, node.token, "vm") as ch:
+        buf = bytearray(2 * PAGE)
+        assert ch.fetch_into(1 << 30, buf) == 0 and buf == b"q" * (2 * PAGE)
+        assert ch.fetch_into(0, buf) == 0b10 and buf[:PAGE] == b"p" * PAGE
+        _flip(tmp_path / "store" / "vm.pages", (1 << 30) + PAGE)
+        with pytest.raises(CorruptPageError):
+            ch.fetch_into(1 << 30, buf)

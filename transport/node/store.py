@@ -155,15 +155,26 @@ class Space:
         return fresh
 
     def _sum_existing(self) -> None:
-        """Checksum the written pages of a store made before checksums existed."""
+        """Checksum the written pages of a store made before checksums existed (only the page
+        file's data extents are read)."""
         log.info("space %s: computing checksums of %d written pages", self.name, self.pages)
         buf = bytearray(PAGE_SIZE)
-        for p in range(min(self.capacity_pages, len(self._bits) * 8)):
-            if self._bits[p >> 3] >> (p & 7) & 1:
-                n = os.preadv(self.fd, [buf], p << PAGE_SHIFT)
-                if n < PAGE_SIZE:
-                    buf[n:] = bytes(PAGE_SIZE - n)
-                self._sums[p] = zlib.crc32(buf)
+        off, nbits = 0, len(self._bits) * 8
+        while True:
+            try:
+                data = os.lseek(self.fd, off, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:
+                    break
+                raise
+            hole = os.lseek(self.fd, data, os.SEEK_HOLE)
+            for p in range(data >> PAGE_SHIFT, min((hole + PAGE_SIZE - 1) >> PAGE_SHIFT, nbits)):
+                if self._bits[p >> 3] >> (p & 7) & 1:
+                    n = os.preadv(self.fd, [buf], p << PAGE_SHIFT)
+                    if n < PAGE_SIZE:
+                        buf[n:] = bytes(PAGE_SIZE - n)
+                    self._sums[p] = zlib.crc32(buf)
+            off = hole
 
     @property
     def sums(self) -> mmap.mmap:
