@@ -30,6 +30,7 @@ from transport.errors import (
     StoreError,
     TransportError,
 )
+from transport.node.server import MAX_OPEN_PER_CONNECTION
 from transport.rdma import IO_TIMEOUT, RDMA_PORT_OFFSET
 from transport.rdma_c.conn import RdmaConn, RdmaListener, load, rdma_devices
 from transport.wire import (
@@ -224,6 +225,9 @@ class RdmaServer:
                 # no RDMA keys before authentication
                 return session.welcome(req, store=self.store.store_id)
             if isinstance(ev, Open):
+                refused = session.open_refused(ev.space, MAX_OPEN_PER_CONNECTION)
+                if refused:
+                    return encode_error(req, ErrorCode.TOO_LARGE, refused)
                 space = self._open_space(ev.space, spaces)
                 return session.opened(req, ev.space, generation=space.generation)
             if isinstance(ev, Ping):

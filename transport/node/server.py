@@ -314,15 +314,11 @@ class NodeConnection(asyncio.BufferedProtocol):
             return pack_header(T.PONG, ev.request_id, length=ev.reply_bytes) + \
                 _ZEROS[:ev.reply_bytes]
         if type(ev) is Open:
-            if ev.space not in session.spaces and \
-                    len(session.spaces) >= self.node.max_open_per_connection:
+            refused = session.open_refused(ev.space, self.node.max_open_per_connection)
+            if refused:
                 self.node.count("open", "too_many")
-                log.warning("memnode: %s: OPEN of a space beyond its %d refused", self.peer,
-                            self.node.max_open_per_connection)
-                return encode_error(ev.request_id, ErrorCode.TOO_LARGE,
-                                    f"this connection already opened "
-                                    f"{len(session.spaces)} spaces, the node's limit per "
-                                    f"connection: open space {ev.space} on another connection")
+                log.warning("memnode: %s: %s", self.peer, refused)
+                return encode_error(ev.request_id, ErrorCode.TOO_LARGE, refused)
             if ev.epoch is not None and not self.node.fences.admit(ev.space, ev.epoch):
                 return self._stale(ev.request_id, ev.space, ev.epoch, "open")
             try:
