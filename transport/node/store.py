@@ -30,6 +30,7 @@ import mmap
 import os
 import threading
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 from transport.errors import StoreCorruptError, StoreError
@@ -78,6 +79,20 @@ def _identity_file(path: Path, nbytes: int, what: str) -> int:
                          f"{exc}; the store was damaged: restore it, or move the store "
                          "directory away to start empty") from None
     return value
+
+
+def _extents(fd: int) -> Iterator[tuple[int, int]]:
+    """The data extents ``(start, end)`` of a sparse file (SEEK_DATA/SEEK_HOLE)."""
+    off = 0
+    while True:
+        try:
+            data = os.lseek(fd, off, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                return  # no data after off
+            raise
+        off = os.lseek(fd, data, os.SEEK_HOLE)
+        yield data, off
 
 
 def _map_sparse(path: Path, nbytes: int, what: str) -> tuple[int, mmap.mmap, bool]:
@@ -159,22 +174,14 @@ class Space:
         file's data extents are read)."""
         log.info("space %s: computing checksums of %d written pages", self.name, self.pages)
         buf = bytearray(PAGE_SIZE)
-        off, nbits = 0, len(self._bits) * 8
-        while True:
-            try:
-                data = os.lseek(self.fd, off, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:
-                    break
-                raise
-            hole = os.lseek(self.fd, data, os.SEEK_HOLE)
+        nbits = len(self._bits) * 8
+        for data, hole in _extents(self.fd):
             for p in range(data >> PAGE_SHIFT, min((hole + PAGE_SIZE - 1) >> PAGE_SHIFT, nbits)):
                 if self._bits[p >> 3] >> (p & 7) & 1:
                     n = os.preadv(self.fd, [buf], p << PAGE_SHIFT)
                     if n < PAGE_SIZE:
                         buf[n:] = bytes(PAGE_SIZE - n)
                     self._sums[p] = zlib.crc32(buf)
-            off = hole
 
     @property
     def sums(self) -> mmap.mmap:
@@ -235,18 +242,9 @@ class Space:
         return self._bits
 
     def _scan(self) -> None:
-        off = 0
-        while True:
-            try:
-                data = os.lseek(self.fd, off, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:
-                    break  # no data after off
-                raise
-            hole = os.lseek(self.fd, data, os.SEEK_HOLE)
+        for data, hole in _extents(self.fd):
             first = data >> PAGE_SHIFT
             self._mark(first, ((hole + PAGE_SIZE - 1) >> PAGE_SHIFT) - first)
-            off = hole
         log.info("space %s: %d written pages in %s", self.name, self.pages, self.path)
 
     def _mark(self, first: int, count: int) -> None:
