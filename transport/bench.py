@@ -10,6 +10,11 @@ Lines (``name``, ``p50_us``, ``p99_us``, ``gbps`` where they apply):
 * ``ref_remote_4k`` / ``ref_remote_64k``   the C reference pager (refpager-remote against
   refpager-memnode) in the same run: fault latency, and its handler's mean fetch time
 * ``ratio_*``             ours / reference (goal: 4 KiB p50 <= 1.5, pipelined >= 0.75)
+* with ``--tls``: the same lines (label ``<label>-tls``) against a second node started with
+  ``--tls`` in the same rounds, and ``tls_cost_*`` (how many times TLS costs: plaintext / TLS
+  Gbit/s where the line has a rate, else TLS / plaintext p50). TLS connections are served by
+  the Python paths on both sides (no C fault loop or C fast lane), so the cost includes losing
+  those.
 * ``rdma_fetch_4k`` / ``rdma_fetch_64k``   with ``--rdma --endpoint``: the same fetches over a
   proven RDMA lane (`transport.rdma_c.check.bench_lines`)
 
@@ -61,6 +66,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rdma", action="store_true",
                         help="also measure RDMA lanes (rdma_fetch_4k/64k) against --endpoint, "
                              "a node started with memnode --rdma on an RDMA NIC")
+    parser.add_argument("--tls", action="store_true",
+                        help="also measure TLS 1.3 (a second node with --tls) beside "
+                             "plaintext in the same rounds")
     parser.add_argument("--no-fill", action="store_true", help=argparse.SUPPRESS)
 
 
@@ -232,10 +240,11 @@ def ratios(ours: list[dict[str, Any]], ref: list[dict[str, Any]]) -> list[dict[s
 
 # --- memory node processes -----------------------------------------------------------------------
 
-def start_memnode(tmp: Path, listen: str, prefix: list[str] | None = None
+def start_memnode(tmp: Path, listen: str, prefix: list[str] | None = None,
+                  extra: tuple[str, ...] = (), store: str = "store"
                   ) -> tuple[subprocess.Popen[str], str]:
     cmd = [*(prefix or []), sys.executable, "-m", "pager.cli", "memnode", "--listen", listen,
-           "--store", str(tmp / "store"), "--token-file", str(tmp / "token")]
+           "--store", str(tmp / store), "--token-file", str(tmp / "token"), *extra]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
     for line in proc.stderr:
@@ -277,6 +286,41 @@ def run(args: argparse.Namespace) -> int:
     return main(args)
 
 
+def measure_tls(endpoint: str, token: bytes | None, args: argparse.Namespace,
+                tls_dir: Path) -> list[dict[str, Any]]:
+    """`measure` with every connection of this process over TLS."""
+    from transport.tls import client_context, use_client_tls
+
+    use_client_tls(client_context(tls_dir))
+    try:
+        return measure(endpoint, token, args, f"{args.label}-tls")
+    finally:
+        use_client_tls(None)
+
+
+def tls_costs(plain: list[dict[str, Any]], tls: list[dict[str, Any]]
+              ) -> list[dict[str, Any]]:
+    """How many times TLS costs per line: plaintext / TLS Gbit/s where the line has a rate,
+    else TLS / plaintext p50."""
+    by_name = {line["name"]: line for line in plain}
+    out = []
+    for line in tls:
+        base = by_name.get(line["name"])
+        if base is None:
+            continue
+        if line.get("gbps") and base.get("gbps"):
+            out.append({"name": f"tls_cost_{line['name']}", "label": args_label(line),
+                        "ratio": round(base["gbps"] / line["gbps"], 3)})
+        elif line.get("p50_us") and base.get("p50_us"):
+            out.append({"name": f"tls_cost_{line['name']}", "label": args_label(line),
+                        "ratio": round(line["p50_us"] / base["p50_us"], 3)})
+    return out
+
+
+def args_label(line: dict[str, Any]) -> str:
+    return str(line.get("label", ""))
+
+
 def median_lines(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """Per name, the median over rounds of every numeric field."""
     out = []
@@ -314,6 +358,13 @@ def main(args: argparse.Namespace) -> int:
             ref = RefPager(refpager.locate(args.refpager, tmp), args.mib)
         node, endpoint = start_memnode(tmp, "127.0.0.1:0")
         token = load_token(tmp / "token")
+        tls_node = None
+        if getattr(args, "tls", False):
+            tls_node, tls_endpoint = start_memnode(
+                tmp, "127.0.0.1:0", extra=("--tls", "--tls-dir", str(tmp / "tls")),
+                store="tls-store")
+        tls_rounds: list[list[dict[str, Any]]] = []
+        cost_rounds: list[list[dict[str, Any]]] = []
         ours_rounds: list[list[dict[str, Any]]] = []
         ref_rounds: list[list[dict[str, Any]]] = []
         ratio_rounds: list[list[dict[str, Any]]] = []
@@ -323,17 +374,25 @@ def main(args: argparse.Namespace) -> int:
                 args.no_fill = r > 0
                 ours = measure(endpoint, token, args, args.label)
                 ours_rounds.append(ours)
+                if tls_node is not None:
+                    tls = measure_tls(tls_endpoint, token, args, tmp / "tls")
+                    tls_rounds.append(tls)
+                    cost_rounds.append(tls_costs(ours, tls))
                 if ref is not None:
                     refs = [ref.remote(4096), ref.remote(65536),
                             ref.python_client_fetch(args.count)]
                     ref_rounds.append(refs)
                     ratio_rounds.append(ratios(ours, refs))
         finally:
-            node.terminate()
-            node.wait(10)
+            for proc in (node, tls_node):
+                if proc is not None:
+                    proc.terminate()
+                    proc.wait(10)
             if ref is not None:
                 ref.close()
         ours = median_lines(ours_rounds)
+        if tls_rounds:
+            ours += median_lines(tls_rounds) + median_lines(cost_rounds)
         refs = median_lines(ref_rounds) if ref_rounds else []
         for line in ours + refs + (median_lines(ratio_rounds) if ratio_rounds else []):
             emit(line)

@@ -71,6 +71,26 @@ class StoreError(TransportError):
     """The memory node's page store failed (bad space name, I/O error on the sparse file)."""
 
 
+class StoreCorruptError(StoreError):
+    """A written page read back wrong: its checksum fails, or its page file was truncated.
+    The node answers CORRUPT, never the bytes."""
+
+
+class CorruptPageError(RemoteError):
+    """The memory node answered CORRUPT: the page it holds is damaged (checksum or truncated
+    file). Treat the node's copy as lost: read a replica or restore it."""
+
+
+class StoreIdentityError(RemoteError):
+    """The memory node's store is not the one this pager wrote the space to (the node was
+    restarted on an empty or another store directory): its answers would be wrong pages."""
+
+
+class TlsError(TransportError):
+    """TLS material is missing, unreadable or does not fit together, or a TLS handshake was
+    refused (a peer without a certificate of the cluster CA): permanent, not retried."""
+
+
 class RdmaUnavailable(TransportError):
     """RDMA cannot be used here (no extension or libraries, no device); callers fall back to
     TCP."""

@@ -54,6 +54,12 @@ async def create_transport(endpoint: str, token: bytes | None = None, *,
     """
     if prefer not in ("auto", "rdma", "tcp"):
         raise TransportError(f"unknown transport {prefer!r}: use auto, rdma or tcp")
+    from transport.tls import client_tls
+
+    if client_tls() is not None:  # RDMA lanes carry no TLS
+        if prefer == "rdma":
+            raise TransportError("RDMA lanes carry no TLS: drop --tls or use TCP")
+        prefer = "tcp"
     if prefer != "tcp":
         fast = await _upgraded(endpoint, token, space, node_id, node, prefer == "rdma",
                                upgrade)

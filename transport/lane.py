@@ -109,6 +109,8 @@ class TcpLane(BlockingLane):
         fd = self.channel.fileno()
         if fd < 0 or self.channel.compress:  # a compressing lane is never driven from C
             return None
+        if getattr(self.channel, "tls", False):
+            return None  # TLS is served by Python: C reads raw sockets
         return (fd, "ssip", self.channel.space)
 
     def reset(self) -> None:

@@ -109,7 +109,7 @@ class RdmaLane(BlockingLane):
         try:
             conn.timeout_ms = int(timeout * 1000)  # the handshake is bounded like the connect
             session = ClientSession(token, space, node=node, nonce=os.urandom(NONCE_SIZE),
-                                    endpoint=where)
+                                    endpoint=where, identity_key=endpoint)
             out = session.start()
             while out:
                 conn.send(out)

@@ -71,6 +71,13 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cluster token (default $XDG_DATA_HOME/ssi-pager/token)")
     parser.add_argument("--insecure-no-auth", action="store_true",
                         help="talk to a memory node that runs without authentication")
+    parser.add_argument("--tls", action="store_true",
+                        help="TLS 1.3 to the memory nodes (started with --tls), with a "
+                             "certificate of the cluster CA from --tls-dir")
+    parser.add_argument("--tls-dir", metavar="DIR", default=None,
+                        help="TLS material (ca.pem, cert.pem, key.pem; with ca.key the "
+                             "pager's certificate is made there); default "
+                             "$XDG_DATA_HOME/ssi-pager/tls")
     parser.add_argument("--chunk", type=parse_size, default=DEFAULT_CHUNK,
                         help="bytes fetched per fault, a power of two (default 64K)")
     parser.add_argument("--readahead", type=parse_size, default=DEFAULT_READAHEAD,

@@ -96,6 +96,11 @@ def source_from_args(args: argparse.Namespace, *, space: str | None = None,
     if (args.memnode or clustered) and not getattr(args, "insecure_no_auth", False):
         from transport.token import load_token
         token = load_token(args.token_file)
+    if getattr(args, "tls", False) or getattr(args, "tls_dir", None):
+        from transport.tls import client_context, ensure_tls_dir, use_client_tls
+
+        use_client_tls(client_context(ensure_tls_dir(args.tls_dir, name="pager",
+                                                     who="pager")))
     return parse_source(args.memnode, getattr(args, "source", None), token=token,
                         space=space or args.space, etcd=getattr(args, "etcd", None),
                         cluster=getattr(args, "cluster", None),

@@ -32,7 +32,7 @@ from pager.source.memnode import MemnodeSource
 from pager.source.placement import EXTENT_SHIFT, EXTENT_SIZE, check_replicas, placed
 from transport.errors import RemoteError, TransportError
 from transport.membership import Membership, Ownership
-from transport.wire import PAGE_SHIFT
+from transport.wire import IDENTITIES, PAGE_SHIFT
 from transport.wire.frames import ErrorCode
 
 log = logging.getLogger(__name__)
@@ -180,6 +180,8 @@ class ClusterSource(PageSource):
     def _bump(self, node_id: str, why: str) -> None:
         """``node_id`` no longer holds anything: its generation moves on."""
         self.gen[node_id] = self.gen.get(node_id, 0) + 1
+        # its store may come back empty: the next identity it shows is its new one
+        IDENTITIES.forget(self.lanes.nodes.get(node_id, node_id))
         log.warning("memory node %s %s: its extents are re-synced before it serves them",
                     node_id, why)
 

@@ -27,11 +27,12 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-from pager.errors import ConfigError
+from pager.errors import ConfigError, HandoffError
 from pager.source.base import Lane, PageSource, close_lanes
-from transport.wire import PAGE_SHIFT, PAGE_SIZE
+from transport.wire import DEFAULT_MAX_SPACE_BYTES, PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:
+    from pager.core.region import Region
     from transport.base import PageTransport
     from transport.lane import BlockingLane
     from transport.manager import PeerInfo, TransportManager
@@ -78,6 +79,19 @@ class MemnodeSource(PageSource):
         # codecs of bulk lanes: None = by the node's measured tier (`codecs_for`)
         self.compress = compress
         self._lock = threading.Lock()
+        # the nodes' address space limit (what they serve, as a file source's file size)
+        self.max_space_bytes = DEFAULT_MAX_SPACE_BYTES
+
+    def check_region(self, region: Region) -> None:
+        """A region whose bytes lie beyond the nodes' address space limit is refused, as a
+        file source refuses one beyond its file."""
+        end = region.offset + region.size
+        if region.offset < 0 or end > self.max_space_bytes:
+            raise HandoffError(
+                f"region {region.base:#x}+{region.size:#x} at offset {region.offset:#x} of "
+                f"space {region.space or self.space} ends at {end:#x}, beyond the memory "
+                f"nodes' address space limit of {self.max_space_bytes:#x} bytes; send "
+                "regions inside it (or raise the nodes' --max-space-gib)")
 
     @property
     def endpoint(self) -> str:

@@ -10,8 +10,8 @@ from pager.tools.child import Child
 from pager.tools.workload import DataSet
 from tests.kernel import uffd_blocked, wait_until
 
-__all__ = ["ROOT", "Memnode", "Proc", "memnode_args", "uffd_blocked", "wait_or_fail",
-           "wait_until"]
+__all__ = ["ROOT", "Memnode", "Proc", "memnode_args", "run_workload", "uffd_blocked",
+           "wait_or_fail", "wait_until"]
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -62,6 +62,24 @@ def start_pager(procs: list[Proc], sock_dir: Path, log_dir: Path, *args: str,
     procs.append(p)
     p.wait_for(r"pager: serving")
     return p, sock
+
+
+def run_workload(sock: str, mib: int, what: str, timeout: float = 120.0) -> tuple[int, str]:
+    """Run the checking workload on the pager's socket: (return code, stderr). ``what``
+    names the failure if it hangs past ``timeout``."""
+    import subprocess
+    import sys
+
+    w = subprocess.Popen([sys.executable, "-m", "pager.tools.workload", "--socket", sock,
+                          "--mib", str(mib), "--threads", "2"], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = w.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        w.kill()
+        w.communicate()
+        raise AssertionError(what) from None
+    return w.returncode, err
 
 
 def memnode_args(m: Memnode) -> list[str]:

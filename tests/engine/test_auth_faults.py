@@ -5,10 +5,8 @@ a node that will never accept it; the client gets SIGBUS, and the log says why."
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 
-from enginekit import ROOT, Proc, memnode_args
+from enginekit import Proc, memnode_args, run_workload
 
 from pager.tools.workload import DataSet
 
@@ -29,16 +27,8 @@ def test_node_back_with_another_token_fails_faults_without_waiting(memnode, run_
                  "--token-file", str(other)], tmp_path / "memnode-other.log")
     try:
         node.wait_for(r"listening on (\S+)")
-        w = subprocess.Popen([sys.executable, "-m", "pager.tools.workload", "--socket", sock,
-                              "--mib", "4", "--threads", "2"], cwd=ROOT,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            _, err = w.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            w.kill()
-            w.communicate()
-            raise AssertionError("faults waited for a node that refuses the token") from None
-        assert w.returncode == -signal.SIGBUS, (w.returncode, err[-500:])
+        rc, err = run_workload(sock, 4, "faults waited for a node that refuses the token")
+        assert rc == -signal.SIGBUS, (rc, err[-500:])
         log = proc.log.read_text()
         assert "authentication refused" in log and "SIGBUS" in log, log[-2000:]
         assert proc.p.poll() is None  # the pager itself keeps running

@@ -18,6 +18,7 @@ from pager.source.cluster import ClusterSource
 from pager.tools.workload import Client, DataSet
 from transport.membership import EtcdMembership
 from transport.token import load_token
+from transport.wire import IDENTITIES
 
 MIB = 1 << 20
 
@@ -104,6 +105,9 @@ def test_pager_survives_kill_9_and_etcd_outage(etcd, three, run_pager):
     held = {n["node"]: n["extents"] for n in status()["pager"]["cluster"]["nodes"]}
     assert held["n1"] > 0 and sum(held.values()) >= 2 * 16  # old copies stay: >= R each
     token = load_token(three[1].token_file)
+    # this process seeded n1's old store: it forgets that identity, since n1 was wiped on
+    # purpose (a reader that did not would be refused, StoreIdentityError)
+    IDENTITIES.forget(three[1].endpoint)
     with MemnodeSource(three[1].endpoint, token, "default", prefer="tcp").open_lane() as lane:
         got = bytearray(32 * MIB)
         mask = lane.fetch_into(None, 0, memoryview(got))

@@ -47,3 +47,15 @@ def test_bench_transport_refuses_a_missing_reference(tmp_path):
     out = bench("--refpager", str(tmp_path), "--count", "10")
     assert out.returncode == 1
     assert f"--refpager {tmp_path}: refpager-local" in out.stderr and "make -C" in out.stderr
+
+
+def test_bench_transport_tls_beside_plaintext():
+    out = bench("--no-ref", "--tls")
+    assert out.returncode == 0, out.stderr
+    lines = {(x["name"], x["label"]): x for x in map(json.loads, out.stdout.splitlines())}
+    for name in ("fetch_4k", "fetch_4k_async", "pipelined"):
+        plain, tls = lines[name, "loopback"], lines[name, "loopback-tls"]
+        assert tls["p50_us"] > 0 and plain["p50_us"] > 0
+        cost = lines[f"tls_cost_{name}", "loopback-tls"]["ratio"]
+        want = plain["gbps"] / tls["gbps"] if "gbps" in tls else tls["p50_us"] / plain["p50_us"]
+        assert cost == pytest.approx(want, rel=0.01, abs=0.002), name

@@ -38,6 +38,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--insecure-no-auth", action="store_true",
                         help="accept unauthenticated peers (anyone reaching the port can read "
                              "and overwrite guest memory)")
+    parser.add_argument("--tls", action="store_true",
+                        help="TLS 1.3 on every connection, pagers authenticated by a "
+                             "certificate of the cluster CA (made in --tls-dir on first start)")
+    parser.add_argument("--tls-dir", metavar="DIR", default=None,
+                        help="TLS material: ca.pem, cert.pem, key.pem (and ca.key to issue "
+                             "certificates); default $XDG_DATA_HOME/ssi-pager/tls")
     parser.add_argument("--fsync", action="store_true",
                         help="fdatasync every write before acknowledging it (survives power "
                              "loss, slower); without it a killed node still loses nothing")
@@ -87,9 +93,14 @@ def run(args: argparse.Namespace) -> int:
     fastlane.set_poll_us(args.poll_us)
     store = PageStore(args.store or default_store_dir(), sync=args.fsync,
                       max_space_bytes=args.max_space_gib << 30, max_spaces=args.max_spaces)
+    tls = None
+    if args.tls or args.tls_dir:
+        from transport.tls import ensure_tls_dir, server_context
+
+        tls = server_context(ensure_tls_dir(args.tls_dir, name=args.name, who="memnode"))
     node = MemoryNode(store, token=token, host=host, port=port, name=args.name,
                       max_space_bytes=args.max_space_gib << 30,
-                      fastlane=False if args.no_fastlane else None)
+                      fastlane=False if args.no_fastlane else None, tls=tls)
     try:
         return run_loop(_serve(node, args))
     finally:
@@ -104,10 +115,14 @@ async def _serve(node: MemoryNode, args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     auth = "off (insecure)" if node.token is None else \
         f"token {args.token_file or default_token_path()}"
+    if node.tls is not None:
+        auth += ", TLS 1.3 (cluster CA certificates)"
     print(f"memnode: store {node.store.root}, auth {auth}, "
           f"{sum(s.pages for s in node.store.spaces.values())} pages in "
           f"{len(node.store.spaces)} spaces", file=sys.stderr)
-    rdma = start_rdma(node) if args.rdma else None
+    if args.rdma and node.tls is not None:
+        print("memnode: --rdma ignored with --tls: RDMA lanes carry no TLS", file=sys.stderr)
+    rdma = start_rdma(node) if args.rdma and node.tls is None else None
     exporter = None
     if getattr(args, "metrics", None):
         from pager import metrics

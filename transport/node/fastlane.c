@@ -26,6 +26,7 @@
 #include <sys/types.h>
 #include <sys/uio.h>
 #include <unistd.h>
+#include <zlib.h>
 
 #include "ssip_io.h"
 #include "ssip_poll.h"
@@ -43,8 +44,10 @@ uint64_t ssi_fl_load(uint64_t *counter)
     return __atomic_load_n(counter, __ATOMIC_RELAXED);
 }
 
-/* Read the written pages among npages from gpa, packed, into dst. Returns the written-page
-   bits (bit i = page i written) or -1 with errno on a read error. */
+/* Read the written pages among npages from gpa, packed, into dst, and check each one's crc32.
+   Returns the written-page bits (bit i = page i written), or -1 on a read error, a page file
+   that ends before a written page (truncated) or a page that fails its checksum: the Python
+   path then reads again and answers the error (IO_ERROR or CORRUPT), never the bytes. */
 static int64_t read_pages(const struct ssi_fl_space *sp, uint64_t gpa, uint32_t npages,
                           uint8_t *dst, uint32_t *nbytes)
 {
@@ -73,14 +76,14 @@ static int64_t read_pages(const struct ssi_fl_space *sp, uint64_t gpa, uint32_t 
                     continue;
                 return -1;
             }
-            if (k == 0) {  /* past the end of the file: zeros, as the Python path does */
-                memset(dst + pos + got, 0, want - got);
-                break;
-            }
+            if (k == 0)  /* a written page past the end of the file: truncated */
+                return -1;
             got += (uint32_t)k;
         }
-        pos += want;
-        i = j;
+        for (; i < j; i++, pos += SSIP_PAGE_SIZE)
+            if ((uint32_t)crc32(0L, dst + pos, SSIP_PAGE_SIZE)
+                != __atomic_load_n(&sp->sums[first + i], __ATOMIC_ACQUIRE))
+                return -1;
     }
     *nbytes = pos;
     return written;

@@ -14,6 +14,7 @@ struct ssi_fl_space {
     int fd;                   /* the space's page file; -1: not served here */
     const uint8_t *bits;      /* written-page bitmap, bit p = page p written */
     uint64_t nbits;           /* bits the bitmap holds */
+    const uint32_t *sums;     /* crc32 of each written page (the store's .sums file) */
     uint64_t fetched_pages;   /* pages answered (written or zero) */
     uint64_t zero_pages;      /* pages answered as never written */
 };

@@ -105,9 +105,11 @@ class FastLane:
                     slot.fd = -1
                     continue
                 bits = ffi.from_buffer("uint8_t[]", space.bitmap)
-                self._bitmaps.append(bits)
+                sums = ffi.from_buffer("uint32_t[]", space.sums)
+                self._bitmaps += (bits, sums)
                 slot.fd = space.fd
                 slot.bits = bits
+                slot.sums = sums
                 slot.nbits = min(space.capacity_pages, len(space.bitmap) * 8)
             self._names = list(names)
 

@@ -23,7 +23,14 @@ import threading
 import time
 from typing import Any
 
-from transport.errors import ConnectionLost, ProtocolError, StoreError, TransportError
+from transport.errors import (
+    ConnectionLost,
+    ProtocolError,
+    StoreCorruptError,
+    StoreError,
+    TransportError,
+)
+from transport.node.server import MAX_OPEN_PER_CONNECTION
 from transport.rdma import IO_TIMEOUT, RDMA_PORT_OFFSET
 from transport.rdma_c.conn import RdmaConn, RdmaListener, load, rdma_devices
 from transport.wire import (
@@ -215,10 +222,14 @@ class RdmaServer:
                 space.write(ev.gpa, ev.data)
                 return pack_header(T.STORED, req, gpa=ev.gpa)
             if isinstance(ev, Hello):
-                return session.welcome(req)  # no RDMA keys before authentication
+                # no RDMA keys before authentication
+                return session.welcome(req, store=self.store.store_id)
             if isinstance(ev, Open):
-                self._open_space(ev.space, spaces)
-                return session.opened(req, ev.space)
+                refused = session.open_refused(ev.space, MAX_OPEN_PER_CONNECTION)
+                if refused:
+                    return encode_error(req, ErrorCode.TOO_LARGE, refused)
+                space = self._open_space(ev.space, spaces)
+                return session.opened(req, ev.space, generation=space.generation)
             if isinstance(ev, Ping):
                 room = load().lib.SSIP_R_MSG - HEADER_SIZE
                 if ev.reply_bytes > room:  # a PONG is one message: answer, do not fail
@@ -229,6 +240,9 @@ class RdmaServer:
                 return encode_control(T.STATS_REPLY, req, {
                     "rdma": conn.keys(), "spaces": sorted(spaces), "node": session.node})
             return session.auth_ok(req)
+        except StoreCorruptError as exc:
+            log.error("RDMA request %d: %s", req, exc)
+            return encode_error(req, ErrorCode.CORRUPT, str(exc))
         except (StoreError, OSError) as exc:
             log.warning("RDMA request %d failed: %s", req, exc)
             return encode_error(req, ErrorCode.IO_ERROR, f"memory node store error: {exc}")

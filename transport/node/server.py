@@ -16,11 +16,12 @@ import asyncio
 import contextlib
 import logging
 import os
+import ssl
 import threading
 from collections import Counter
 from typing import Any
 
-from transport.errors import ProtocolError, StoreError
+from transport.errors import ProtocolError, StoreCorruptError, StoreError
 from transport.node import fastlane
 from transport.node.fence import Fences
 from transport.node.store import PageStore
@@ -57,6 +58,7 @@ _COMPRESSED = int(Flag.COMPRESSED)
 _URGENT = int(Flag.URGENT)
 BULK_TURN = 4  # bulk page requests answered per event-loop turn and connection
 _FETCH_OK = ("fetch", "ok")
+MAX_OPEN_PER_CONNECTION = 64  # spaces one connection may open (a pager opens one or a few)
 
 
 class NodeConnection(asyncio.BufferedProtocol):
@@ -271,6 +273,10 @@ class NodeConnection(asyncio.BufferedProtocol):
             reply = bytearray(HEADER_SIZE + ev.length)
             view = memoryview(reply)
             mask, nbytes = space.read_compact(ev.gpa, npages, view[HEADER_SIZE:])
+        except StoreCorruptError as exc:
+            self.node.count("fetch", "corrupt")
+            log.error("memnode: %s: %s", self.peer, exc)
+            return encode_error(ev.request_id, ErrorCode.CORRUPT, str(exc))
         except (OSError, StoreError) as exc:
             self.node.count("fetch", "error")
             return encode_error(ev.request_id, ErrorCode.IO_ERROR, f"read failed: {exc}")
@@ -315,21 +321,27 @@ class NodeConnection(asyncio.BufferedProtocol):
             return pack_header(T.PONG, ev.request_id, length=ev.reply_bytes) + \
                 _ZEROS[:ev.reply_bytes]
         if type(ev) is Open:
+            refused = session.open_refused(ev.space, self.node.max_open_per_connection)
+            if refused:
+                self.node.count("open", "too_many")
+                log.warning("memnode: %s: %s", self.peer, refused)
+                return encode_error(ev.request_id, ErrorCode.TOO_LARGE, refused)
             if ev.epoch is not None and not self.node.fences.admit(ev.space, ev.epoch):
                 return self._stale(ev.request_id, ev.space, ev.epoch, "open")
             try:
-                self.node.store.open(ev.space)
+                space = self.node.store.open(ev.space)
             except StoreError as exc:
                 self.node.count("open", "error")
                 return encode_error(ev.request_id, ErrorCode.IO_ERROR, str(exc))
             self.node.count("open", "ok")
-            return session.opened(ev.request_id, ev.space, ev.epoch)
+            return session.opened(ev.request_id, ev.space, ev.epoch,
+                                  generation=space.generation)
         if type(ev) is Hello:
             self.node.count("hello", "ok")
             self.fault_lane = ev.lane == FAULT_LANE and self.node.fastlane
             if self.node.token is None:  # insecure mode: ready after HELLO
                 self.node.handshaking.pop(self, None)
-            return session.welcome(ev.request_id)
+            return session.welcome(ev.request_id, store=self.node.store.store_id)
         if type(ev) is StatsRequest:
             self.node.count("stats", "ok")
             return encode_control(T.STATS_REPLY, ev.request_id, self.node.stats())
@@ -348,7 +360,9 @@ class MemoryNode:
                  port: int | None = None, name: str = "memnode",
                  max_space_bytes: int = DEFAULT_MAX_SPACE_BYTES,
                  handshake_timeout: float = 10.0, max_handshaking: int = 64,
-                 fastlane: bool | None = None) -> None:
+                 fastlane: bool | None = None,
+                 max_open_per_connection: int = MAX_OPEN_PER_CONNECTION,
+                 tls: ssl.SSLContext | None = None) -> None:
         if max_space_bytes > store.max_space_bytes:
             raise StoreError(f"the node serves spaces of up to {max_space_bytes} bytes but its "
                              f"store's bitmaps cover {store.max_space_bytes}: pass "
@@ -361,6 +375,7 @@ class MemoryNode:
         self.name = name
         self.max_space_bytes = max_space_bytes
         self.handshake_timeout = handshake_timeout
+        self.max_open_per_connection = max_open_per_connection
         self.max_handshaking = max_handshaking
         # connections not authenticated yet, oldest first (each holds a frame buffer)
         self.handshaking: dict[NodeConnection, None] = {}
@@ -369,7 +384,9 @@ class MemoryNode:
         self.counters: Counter[str] = Counter()
         self._server: asyncio.Server | None = None
         # fault lanes in C (None: unless $SSI_PAGER_NO_FASTLANE); False without the extension
-        self.fastlane = _fastlane_enabled(fastlane)
+        # TLS connections are served in Python: the C fault lane reads the raw socket
+        self.tls = tls
+        self.fastlane = _fastlane_enabled(fastlane) and tls is None
         self._lane_lock = threading.Lock()  # stats() may run on another thread (metrics)
 
     def admit(self, conn: NodeConnection) -> None:
@@ -395,7 +412,8 @@ class MemoryNode:
         def factory() -> NodeConnection:
             return NodeConnection(self)
 
-        self._server, self.port = await start_server(factory, self.host, self.port)
+        self._server, self.port = await start_server(factory, self.host, self.port,
+                                                     tls=self.tls)
         return self.endpoint
 
     @property

@@ -29,9 +29,11 @@ import logging
 import mmap
 import os
 import threading
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
-from transport.errors import StoreError
+from transport.errors import StoreCorruptError, StoreError
 from transport.token import private_dir
 from transport.wire import (
     DEFAULT_MAX_SPACE_BYTES,
@@ -43,7 +45,71 @@ from transport.wire import (
 log = logging.getLogger(__name__)
 
 BITMAP_SUFFIX = ".written"
+SUMS_SUFFIX = ".sums"  # crc32 of each written page, 4 bytes per page (native order)
+GEN_SUFFIX = ".gen"  # the space's generation: random, made with its page file
+STORE_ID_FILE = "store.id"  # the store's identity: random, made with the store
 DEFAULT_MAX_SPACES = 1024  # two fds each (pages and bitmap)
+
+
+def _identity_file(path: Path, nbytes: int, what: str) -> int:
+    """The random number in ``path`` (hex), made there first if the file does not exist."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
+                     0o600)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise StoreError(f"cannot create {path} ({what}): {exc.strerror}; check the store "
+                         "directory's permissions and free space", errno=exc.errno) from exc
+    else:
+        value = int.from_bytes(os.urandom(nbytes), "little") or 1
+        try:
+            os.write(fd, f"{value:0{nbytes * 2}x}\n".encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return value
+    try:
+        text = path.read_text().strip()
+        value = int(text, 16)
+        if len(text) != nbytes * 2 or not value:
+            raise ValueError(text)
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"{path} ({what}) is unreadable or not {nbytes * 2} hex digits: "
+                         f"{exc}; the store was damaged: restore it, or move the store "
+                         "directory away to start empty") from None
+    return value
+
+
+def _extents(fd: int) -> Iterator[tuple[int, int]]:
+    """The data extents ``(start, end)`` of a sparse file (SEEK_DATA/SEEK_HOLE)."""
+    off = 0
+    while True:
+        try:
+            data = os.lseek(fd, off, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                return  # no data after off
+            raise
+        off = os.lseek(fd, data, os.SEEK_HOLE)
+        yield data, off
+
+
+def _map_sparse(path: Path, nbytes: int, what: str) -> tuple[int, mmap.mmap, bool]:
+    """Open (or create) ``path`` at least ``nbytes`` long, sparse, and map it shared.
+    Returns (fd, mapping, whether the file is new)."""
+    fd = -1
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        have = os.fstat(fd).st_size
+        if have < nbytes:
+            os.ftruncate(fd, nbytes)
+        return fd, mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED), have == 0
+    except OSError as exc:
+        if fd >= 0:
+            os.close(fd)
+        raise StoreError(f"cannot open {what} {path}: {exc.strerror}; check the store "
+                         "directory's permissions and free space", errno=exc.errno) from exc
 
 
 class Space:
@@ -75,31 +141,52 @@ class Space:
         self.stored_pages = 0
         self._lock = threading.Lock()  # the RDMA server's threads share the store
         self._bits_fd = -1
+        self._sums_fd = -1
         try:
             fresh = self._map_bitmap(path.with_name(path.stem + BITMAP_SUFFIX))
             if fresh:
                 self._scan()
             else:
                 self._count()
+            if self._map_sums(path.with_name(path.stem + SUMS_SUFFIX)) and self.pages:
+                self._sum_existing()
+            self.generation = _identity_file(path.with_name(path.stem + GEN_SUFFIX), 8,
+                                             f"generation of space {name}")
         except BaseException:
             self.close()
             raise
 
     def _map_bitmap(self, bpath: Path) -> bool:
         """Map the written-page bitmap file (created sparse); True if it is new."""
-        nbytes = max((self.capacity_pages + 7) >> 3, 1)
-        try:
-            self._bits_fd = os.open(bpath, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
-                                    0o600)
-            have = os.fstat(self._bits_fd).st_size
-            if have < nbytes:
-                os.ftruncate(self._bits_fd, nbytes)
-        except OSError as exc:
-            raise StoreError(f"cannot open the written-page bitmap {bpath}: {exc.strerror}; "
-                             "check the store directory's permissions and free space",
-                             errno=exc.errno) from exc
-        self._bits = mmap.mmap(self._bits_fd, nbytes, flags=mmap.MAP_SHARED)
-        return have == 0
+        self._bits_fd, self._bits, fresh = _map_sparse(
+            bpath, max((self.capacity_pages + 7) >> 3, 1), "the written-page bitmap")
+        return fresh
+
+    def _map_sums(self, spath: Path) -> bool:
+        """Map the per-page checksum file (created sparse); True if it is new."""
+        self._sums_fd, self._sums_map, fresh = _map_sparse(
+            spath, max(self.capacity_pages * 4, 4), "the page checksums")
+        self._sums = memoryview(self._sums_map).cast("I")
+        return fresh
+
+    def _sum_existing(self) -> None:
+        """Checksum the written pages of a store made before checksums existed (only the page
+        file's data extents are read)."""
+        log.info("space %s: computing checksums of %d written pages", self.name, self.pages)
+        buf = bytearray(PAGE_SIZE)
+        nbits = len(self._bits) * 8
+        for data, hole in _extents(self.fd):
+            for p in range(data >> PAGE_SHIFT, min((hole + PAGE_SIZE - 1) >> PAGE_SHIFT, nbits)):
+                if self._bits[p >> 3] >> (p & 7) & 1:
+                    n = os.preadv(self.fd, [buf], p << PAGE_SHIFT)
+                    if n < PAGE_SIZE:
+                        buf[n:] = bytes(PAGE_SIZE - n)
+                    self._sums[p] = zlib.crc32(buf)
+
+    @property
+    def sums(self) -> mmap.mmap:
+        """crc32 of each written page (u32 p = page p), native order; fixed address."""
+        return self._sums_map
 
     def _count(self) -> None:
         """Count the written pages of an existing bitmap (only its data extents are read) and
@@ -130,6 +217,14 @@ class Space:
         log.info("space %s: %d written pages in %s", self.name, self.pages, self.path)
 
     def close(self) -> None:
+        sums = getattr(self, "_sums", None)
+        if sums is not None:
+            sums.release()
+            with contextlib.suppress(BufferError):
+                self._sums_map.close()
+        if self._sums_fd >= 0:
+            os.close(self._sums_fd)
+            self._sums_fd = -1
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -147,18 +242,9 @@ class Space:
         return self._bits
 
     def _scan(self) -> None:
-        off = 0
-        while True:
-            try:
-                data = os.lseek(self.fd, off, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:
-                    break  # no data after off
-                raise
-            hole = os.lseek(self.fd, data, os.SEEK_HOLE)
+        for data, hole in _extents(self.fd):
             first = data >> PAGE_SHIFT
             self._mark(first, ((hole + PAGE_SIZE - 1) >> PAGE_SHIFT) - first)
-            off = hole
         log.info("space %s: %d written pages in %s", self.name, self.pages, self.path)
 
     def _mark(self, first: int, count: int) -> None:
@@ -204,9 +290,8 @@ class Space:
             written = self._written_bits(first, npages)
         full = (1 << npages) - 1
         if written == full:  # the common case: one read
-            n = os.preadv(self.fd, [out[:npages << PAGE_SHIFT]], gpa)
-            if n < npages << PAGE_SHIFT:
-                out[n:npages << PAGE_SHIFT] = bytes((npages << PAGE_SHIFT) - n)
+            self._read(gpa, out[:npages << PAGE_SHIFT])
+            self._verify(first, written, npages, out)
             return 0, npages << PAGE_SHIFT
         pos = 0
         i = 0
@@ -218,35 +303,82 @@ class Space:
             while j < npages and written >> j & 1:
                 j += 1
             want = (j - i) << PAGE_SHIFT
-            n = os.preadv(self.fd, [out[pos:pos + want]], gpa + (i << PAGE_SHIFT))
-            if n < want:
-                out[pos + n:pos + want] = bytes(want - n)
+            self._read(gpa + (i << PAGE_SHIFT), out[pos:pos + want])
             pos += want
             i = j
+        self._verify(first, written, npages, out)
         return ~written & full, pos
+
+    def _read(self, gpa: int, into: memoryview) -> None:
+        """Read written pages: a page file that ends before them is truncated, an error."""
+        n = os.preadv(self.fd, [into], gpa)
+        if n < len(into):
+            raise StoreCorruptError(
+                f"page file {self.path} is truncated: page {(gpa + n) >> PAGE_SHIFT} of space "
+                f"{self.name} was written but the file ends at {os.fstat(self.fd).st_size} "
+                f"bytes; restore it from a backup or a replica")
+
+    def _verify(self, first: int, written: int, npages: int, out: memoryview,
+                again: bool = True) -> None:
+        """Check the crc32 of each written page read (packed in ``out``)."""
+        sums = self._sums
+        pos = 0
+        for i in range(npages):
+            if not written >> i & 1:
+                continue
+            if zlib.crc32(out[pos:pos + PAGE_SIZE]) != sums[first + i]:
+                if again:  # a store of that page may be under way: read it again under its lock
+                    with self._lock:
+                        self._reread(first, written, npages, out)
+                        self._verify(first, written, npages, out, again=False)
+                    return
+                raise StoreCorruptError(
+                    f"page {first + i} (gpa {(first + i) << PAGE_SHIFT:#x}) of space "
+                    f"{self.name} fails its checksum: {self.path} was changed outside the "
+                    f"node or the disk corrupted it; restore it from a backup or a replica")
+            pos += PAGE_SIZE
+
+    def _reread(self, first: int, written: int, npages: int, out: memoryview) -> None:
+        pos = 0
+        for i in range(npages):
+            if written >> i & 1:
+                self._read((first + i) << PAGE_SHIFT, out[pos:pos + PAGE_SIZE])
+                pos += PAGE_SIZE
 
     def write(self, gpa: int, data: memoryview | bytes) -> None:
         """pwrite every byte (and fdatasync if ``sync``) before returning."""
         view = memoryview(data)
+        first = gpa >> PAGE_SHIFT
+        crcs = [zlib.crc32(view[i:i + PAGE_SIZE]) for i in range(0, len(view), PAGE_SIZE)]
         done = 0
-        try:
-            while done < len(view):
-                done += os.pwrite(self.fd, view[done:], gpa + done)
-            if self.sync:
-                os.fdatasync(self.fd)
-        except OSError as exc:
-            raise StoreError(f"writing {len(view)} bytes at {gpa:#x} of space {self.name} "
-                             f"failed: {exc.strerror}; free space in {self.path.parent}",
-                             errno=exc.errno) from exc
-        with self._lock:  # only now: a store that failed half-way marks nothing
-            self._mark(gpa >> PAGE_SHIFT, len(view) >> PAGE_SHIFT)
+        # under the lock: a reader whose checksum failed reads again under it, and so never
+        # takes a store under way for corruption
+        with self._lock:
+            try:
+                while done < len(view):
+                    done += os.pwrite(self.fd, view[done:], gpa + done)
+                if self.sync:
+                    os.fdatasync(self.fd)
+            except OSError as exc:
+                raise StoreError(f"writing {len(view)} bytes at {gpa:#x} of space {self.name} "
+                                 f"failed: {exc.strerror}; free space in {self.path.parent}",
+                                 errno=exc.errno) from exc
+            if first + len(crcs) > self.capacity_pages:
+                self._mark(first, len(crcs))  # raises, naming the limit
+            for i, crc in enumerate(crcs):
+                self._sums[first + i] = crc
+            # only now: a store that failed half-way marks nothing
+            self._mark(first, len(view) >> PAGE_SHIFT)
         if self.sync:
-            self._flush_bits(gpa >> PAGE_SHIFT, len(view) >> PAGE_SHIFT)
+            self._flush_bits(first, len(crcs))
 
     def _flush_bits(self, first: int, count: int) -> None:
         lo = (first >> 3) & ~(mmap.PAGESIZE - 1)
         hi = min(((first + count) >> 3) + 1, len(self._bits))
+        slo = (first * 4) & ~(mmap.PAGESIZE - 1)
+        shi = min((first + count) * 4, len(self._sums_map))
         try:
+            self._sums_map.flush(slo, shi - slo)
             self._bits.flush(lo, hi - lo)
         except OSError as exc:
             raise StoreError(f"syncing the written-page bitmap of space {self.name} failed: "
@@ -277,6 +409,8 @@ class PageStore:
         except OSError as exc:
             raise StoreError(f"cannot create store directory {self.root}: {exc.strerror}; "
                              f"pass --store DIR somewhere writable", errno=exc.errno) from exc
+        # who this store is: pagers refuse a node whose store is not the one they wrote
+        self.store_id = f"{_identity_file(self.root / STORE_ID_FILE, 16, 'the store id'):032x}"
         self.spaces: dict[str, Space] = {}
         for p in sorted(self.root.glob("*.pages")):
             if valid_space_name(p.stem) and self._usable(p):

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from transport.base import page_view
 from transport.errors import ConnectError, ConnectionLost, RemoteError, TransportError
 from transport.tcp.endpoint import require_port, tune_socket
+from transport.tls import client_tls, wrap_client
 from transport.wire import (
     FAULT_LANE,
     HEADER_SIZE,
@@ -70,7 +71,8 @@ class BlockingChannel:
         self.timeout = timeout
         self.retry_for = retry_for
         self.node = node
-        self.sock: socket.socket | None = None
+        self.sock: Any = None  # a socket, or a `transport.tls.TlsSocket`
+        self.tls = False  # the connection runs TLS (the C fault loop cannot serve it)
         self.space = 0
         self.session = self._new_session()
         self._label = f"memory node {endpoint}"
@@ -122,13 +124,21 @@ class BlockingChannel:
             raise ConnectError(f"cannot connect to {self._label}: {exc.strerror or exc}; is "
                                f"`ssi-pager memnode` running there?", errno=exc.errno) from exc
         tune_socket(sock)
-        # blocking mode for the hot path (no poll per recv); SO_RCVTIMEO/SO_SNDTIMEO bound it
-        sock.settimeout(None)
-        tv = int(self.timeout).to_bytes(8, "little") + int(
-            (self.timeout % 1) * 1e6).to_bytes(8, "little")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
-        self.sock = sock
+        ctx = client_tls()
+        if ctx is not None:  # TLS: Python's socket timeout bounds every read and write
+            self.sock = wrap_client(sock, ctx, self._label)
+            self.tls = True
+        else:
+            # blocking mode for the hot path (no poll per recv); SO_RCVTIMEO/SO_SNDTIMEO
+            # bound it
+            sock.settimeout(None)
+            tv = int(self.timeout).to_bytes(8, "little") + int(
+                (self.timeout % 1) * 1e6).to_bytes(8, "little")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+            self.sock = sock
+            self.tls = False
+        sock = self.sock
         hs = self.session = self._new_session()
         try:
             sock.sendall(hs.start())

@@ -7,13 +7,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
 import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from transport.base import Pages, PageTransport, check_pages, lookup_peer, page_view
-from transport.errors import ConnectError, ConnectionLost, ProtocolError, TransportError
+from transport.errors import (
+    ConnectError,
+    ConnectionLost,
+    ProtocolError,
+    TlsError,
+    TransportError,
+)
 from transport.tcp.endpoint import require_port, tune_socket
+from transport.tls import client_tls
 from transport.wire import (
     MAX_DATA,
     NONCE_SIZE,
@@ -175,10 +183,14 @@ class _Peer:
         t = self.t
         session = ClientSession(t.token, t.space, node=t.node, nonce=os.urandom(NONCE_SIZE),
                                 endpoint=f"{self.node_id} ({self.endpoint})",
-                                compress=t.compress if lane else ())  # bulk lanes only
+                                compress=t.compress if lane else (),  # bulk lanes only
+                                identity_key=self.endpoint)
         try:
             _tr, conn = await asyncio.wait_for(loop.create_connection(
-                lambda: _Conn(label, session), self.host, self.port), t.timeout)
+                lambda: _Conn(label, session), self.host, self.port, ssl=client_tls()), t.timeout)
+        except ssl.SSLError as exc:
+            raise TlsError(f"TLS handshake with {label} failed: {exc.reason or exc}; both "
+                           "sides need --tls and certificates of the same cluster CA") from exc
         except (TimeoutError, OSError) as exc:
             raise ConnectError(f"cannot connect to {label}: {exc}; is `ssi-pager memnode` "
                                f"running there?", errno=getattr(exc, "errno", None)) from exc

@@ -8,11 +8,13 @@ Callers import from here: ``from transport.wire import HEADER, ClientSession``.
 from __future__ import annotations
 
 from transport.wire.client import (
+    IDENTITIES,
     Backoff,
     ClientHandshake,
     ClientSession,
     Reply,
     ReplyReader,
+    StoreIdentities,
     check_data,
     data_segments,
     decode_reply_body,
@@ -83,6 +85,7 @@ __all__ = [
     "FAULT_LANE",
     "HEADER",
     "HEADER_SIZE",
+    "IDENTITIES",
     "KNOWN_FLAGS",
     "MAGIC",
     "MAX_CONTROL",
@@ -114,6 +117,7 @@ __all__ = [
     "ServerSession",
     "StatsRequest",
     "Store",
+    "StoreIdentities",
     "T",
     "check_data",
     "check_space_name",

@@ -22,6 +22,7 @@ from transport.errors import (
     ConnectionLost,
     ProtocolError,
     RemoteError,
+    StoreIdentityError,
 )
 from transport.wire import codec
 from transport.wire.frames import (
@@ -74,11 +75,12 @@ class Reply:
     obj: dict[str, Any] | None = None
     error: Exception | None = None
     flags: int = 0  # Flag.COMPRESSED: a DATA payload to `unpack_data`
+    gpa: int = 0  # OPENED: the space's generation on the node's store
 
 
 def parse_reply_header(header: Any, peer: str = "memory node") -> Reply:
     """The `Reply` a 32-byte header announces; a header no node may send is fatal."""
-    magic, version, ftype, flags, req, space, _gpa, length, arg = HEADER.unpack_from(header)
+    magic, version, ftype, flags, req, space, gpa, length, arg = HEADER.unpack_from(header)
     if magic != MAGIC or version not in SUPPORTED_VERSIONS:
         raise ProtocolError(f"{peer} sent a corrupt frame header", ErrorCode.BAD_FRAME,
                             fatal=True)
@@ -89,7 +91,7 @@ def parse_reply_header(header: Any, peer: str = "memory node") -> Reply:
     if ftype not in _REPLY_TYPES:
         raise ProtocolError(f"{peer} sent a {type_name(ftype)} frame, which is not a reply",
                             ErrorCode.UNKNOWN_TYPE, fatal=True)
-    return Reply(ftype, req, space, arg, length, flags=flags)
+    return Reply(ftype, req, space, arg, length, flags=flags, gpa=gpa)
 
 
 def decode_reply_body(reply: Reply, payload: memoryview) -> Reply:
@@ -108,7 +110,7 @@ def decode_reply_body(reply: Reply, payload: memoryview) -> Reply:
 
 def reply_from_frame(frame: Frame) -> Reply:
     return decode_reply_body(Reply(frame.type, frame.request_id, frame.space, frame.arg,
-                                   frame.length), frame.payload)
+                                   frame.length, gpa=frame.gpa), frame.payload)
 
 
 def expect_reply(reply: Reply, ftype: int, request_id: int | None = None) -> Reply:
@@ -300,6 +302,40 @@ class Backoff:
         return delay
 
 
+# --- store identity --------------------------------------------------------------------------
+
+class StoreIdentities:
+    """What a pager saw of each (node endpoint, space): the node's store id (WELCOME "store")
+    and the space's generation (OPENED ``gpa``). The first OPENED is remembered; any later one
+    that differs (the node restarted on an empty or another store directory, or the space's
+    files were deleted) is refused with `StoreIdentityError`: its pages would be wrong (zeros
+    for what the pager wrote). `forget` after a deliberate move (a repair that refilled the
+    space on a new store)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[str, str], tuple[str, int]] = {}
+
+    def check(self, node: str, space: str, store_id: str, generation: int) -> None:
+        seen = self._seen.setdefault((node, space), (store_id, generation))
+        if seen != (store_id, generation):
+            raise StoreIdentityError(
+                f"memory node {node} holds space {space} in store {store_id or '?'} generation "
+                f"{generation:#x}, but this pager wrote it to store {seen[0] or '?'} generation "
+                f"{seen[1]:#x}: the node was restarted on an empty or another store directory "
+                f"(or the space's files were deleted), so its pages would be wrong. Restart the "
+                f"node on its own --store, or restore the space from a replica; refused", 0)
+
+    def forget(self, node: str, space: str | None = None) -> None:
+        for key in [k for k in self._seen if k[0] == node and space in (None, k[1])]:
+            del self._seen[key]
+
+    def get(self, node: str, space: str) -> tuple[str, int] | None:
+        return self._seen.get((node, space))
+
+
+IDENTITIES = StoreIdentities()  # this process's memory, shared by every shell's sessions
+
+
 # --- the session -----------------------------------------------------------------------------
 
 class ClientSession:
@@ -313,7 +349,9 @@ class ClientSession:
 
     def __init__(self, token: bytes | None, space: str, *, node: str = "client",
                  nonce: bytes, lane: str = "", endpoint: str = "",
-                 epoch: int | None = None, compress: tuple[str, ...] = ()) -> None:
+                 epoch: int | None = None, compress: tuple[str, ...] = (),
+                 identity_key: str = "",
+                 identities: StoreIdentities | None = IDENTITIES) -> None:
         check_space_name(space)
         if compress and lane == FAULT_LANE:
             raise ValueError("a fault lane never compresses (the C loops serve it raw)")
@@ -326,6 +364,11 @@ class ClientSession:
         self.nonce = nonce
         self.lane = lane
         self.endpoint = endpoint
+        # the node as the identity memory knows it (its TCP endpoint), None: not checked
+        self.identity_key = identity_key or endpoint
+        self.identities = identities
+        self.store_id = ""  # WELCOME "store" (nodes before store ids send none)
+        self.generation = 0  # OPENED gpa: the space's generation on that store
         self.done = False
         self.space = 0
         self.version = 0
@@ -405,6 +448,10 @@ class ClientSession:
                                 f"it is not the node you meant, or its token differs")
             return self._open()
         if frame.type == T.OPENED:
+            self.generation = frame.gpa
+            if self.identities is not None and self.identity_key:
+                self.identities.check(self.identity_key, self.space_name, self.store_id,
+                                      self.generation)
             self.space = frame.space
             self.done = True
             return b""
@@ -418,6 +465,7 @@ class ClientSession:
                                 f"which this client does not speak", ErrorCode.VERSION,
                                 fatal=True)
         self.peer_node = str(obj.get("node", "?"))
+        self.store_id = str(obj.get("store", ""))[:64]
         self.max_space_bytes = int(obj.get("max_space_bytes", DEFAULT_MAX_SPACE_BYTES))
         picked = obj.get("compress")
         if picked is not None and picked not in self.compress:

@@ -20,12 +20,15 @@ Frame = fixed 32-byte little-endian header, then ``length`` payload bytes::
 * PING asks for ``arg`` payload bytes back in PONG (0 for an RTT probe, more for bandwidth).
 * ERROR: ``arg`` = `ErrorCode`, payload {"code", "message"}; ``request id`` names the request.
 * Handshake: HELLO {"versions", "node"[, "lane"][, "compress"]} -> WELCOME {"version", "auth",
-  "challenge", "node"[, "compress"]}; if auth: AUTH {"nonce", "mac"} -> AUTH_OK {"mac"}
-  (mutual HMAC-SHA256 over the cluster token, see `client_proof`/`server_proof`); then
-  OPEN {"space"[, "epoch"]} -> OPENED (space handle). Fencing: an OPEN with ``"epoch"`` (the
-  space owner's epoch, a u64) raises the space's fence to it; an OPEN or STORE under an epoch
-  below the fence gets STALE_EPOCH (a pager that lost its guest to a newer owner can never
-  overwrite newer pages). Handles opened without an epoch are not fenced.
+  "challenge", "node", "store"[, "compress"]}; if auth: AUTH {"nonce", "mac"} -> AUTH_OK
+  {"mac"} (mutual HMAC-SHA256 over the cluster token, see `client_proof`/`server_proof`); then
+  OPEN {"space"[, "epoch"]} -> OPENED (space handle; ``gpa`` = the space's generation on the
+  node's store). Store identity: WELCOME's "store" (the store's random id) and the generation
+  tell a pager whether the node still holds the store it wrote the space to
+  (`client.StoreIdentities`). Fencing: an OPEN with ``"epoch"`` (the space owner's epoch, a
+  u64) raises the space's fence to it; an OPEN or STORE under an epoch below the fence gets
+  STALE_EPOCH (a pager that lost its guest to a newer owner can never overwrite newer pages).
+  Handles opened without an epoch are not fenced.
   Anything but HELLO/AUTH before authentication closes the connection. ``"lane": "fault"``
   marks a pager's fault thread (one request at a time; the node may serve it from C); nodes
   that do not know the key ignore it. ``"compress"``: the codecs a non-fault connection
@@ -50,7 +53,7 @@ from typing import Any
 
 import msgpack
 
-from transport.errors import AuthError, ProtocolError, RemoteError
+from transport.errors import AuthError, CorruptPageError, ProtocolError, RemoteError
 
 MAGIC = b"SSIP"
 VERSION = 1
@@ -113,6 +116,7 @@ class ErrorCode(enum.IntEnum):
     BAD_MESSAGE = 10
     IO_ERROR = 11
     STALE_EPOCH = 12  # a store under an owner's epoch older than the space's fence
+    CORRUPT = 13  # a written page fails its checksum or its page file is truncated
 
 
 @dataclass(slots=True)
@@ -186,6 +190,8 @@ def error_from_frame(frame: Frame) -> RemoteError:
     if cls is AuthError:
         return AuthError(f"authentication refused ({name}): {message}", code,
                          frame.request_id)
+    if code == ErrorCode.CORRUPT:
+        return CorruptPageError(f"memory node error {name}: {message}", code, frame.request_id)
     return RemoteError(f"memory node error {name}: {message}", code, frame.request_id)
 
 

@@ -254,13 +254,22 @@ class ServerSession:
         return encode_control(T.AUTH_OK, request_id,
                               {"mac": server_proof(self.token, self.challenge, self._nonce)})
 
-    def opened(self, request_id: int, name: str, epoch: int | None = None) -> bytes:
+    def open_refused(self, name: str, limit: int) -> str | None:
+        """Why opening ``name`` would pass this connection's ``limit`` of spaces, or None."""
+        if name in self._space_ids or len(self.spaces) < limit:
+            return None
+        return (f"this connection already opened {len(self.spaces)} spaces, the node's limit "
+                f"per connection: open space {name} on another connection")
+
+    def opened(self, request_id: int, name: str, epoch: int | None = None,
+               generation: int = 0) -> bytes:
+        """OPENED: the handle, and in ``gpa`` the space's generation on this store."""
         if epoch is not None:
             self.epochs[name] = epoch
         handle = self._space_ids.get(name)
         if handle is None:
             self.spaces.append(name)
             handle = self._space_ids[name] = len(self.spaces)
-        return pack_header(T.OPENED, request_id, space=handle)
+        return pack_header(T.OPENED, request_id, space=handle, gpa=generation)
 
 

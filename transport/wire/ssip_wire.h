@@ -42,6 +42,7 @@
 #define SSIP_E_BAD_MESSAGE 10u
 #define SSIP_E_IO_ERROR 11u
 #define SSIP_E_STALE_EPOCH 12u
+#define SSIP_E_CORRUPT 13u
 
 /* header fields, in order: magic | version u8 | type u8 | flags u16 | request id u32 |
  * space u32 | gpa u64 | length u32 | arg u32 (all little-endian) */
