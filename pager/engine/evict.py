@@ -156,7 +156,7 @@ class Evictor:
                    run: list[tuple[Victim, int, str | None]]) -> int:
         """Store the dirty stretches of one write-protected run, then punch, forget, wake."""
         c, fm = self.client, self.fm
-        first, off0, space = run[0]
+        first, _, space = run[0]
         length = run[-1][0].start + run[-1][0].length - first.start
         i = 0
         while i < len(run):  # each stretch of dirty victims: one pread, one store
@@ -176,6 +176,26 @@ class Evictor:
                 c.uffd.wake(first.start, length)
                 return 0
             i = j + 1
+        cl = c.c_farmem
+        slot = None if cl is None else cl.evicting(first.start, first.start + length)
+        if cl is not None and slot is None:  # cannot tell the C loop: keep the run
+            with c.fm_lock:
+                for v, _, _ in run:
+                    fm.abort(v)
+                c.fm_lock.notify_all()
+            c.uffd.wake(first.start, length)
+            return 0
+        try:
+            return self._drop_run(run, length, space)
+        finally:
+            if slot is not None:
+                cl.evicted(slot)  # after the wake: C may serve that range again
+
+    def _drop_run(self, run: list[tuple[Victim, int, str | None]], length: int,
+                  space: str | None) -> int:
+        """Punch a stored (or clean) run, forget it, wake its waiters."""
+        c, fm = self.client, self.fm
+        first, off0, _ = run[0]
         punch_hole(c.memfd, off0, length)
         stored = False
         with c.fm_lock:
