@@ -6,8 +6,12 @@ install is write-protected, and ``pager.core.farmem.FarMemory`` keeps the units,
 bits and the replacement policy. All of it is guarded by the client's ``fm_lock`` (a
 Condition: the fault thread waits on it for room, the evictor notifies after each batch).
 
-The evictor (its own thread and its own store lane: a fault never queues behind write-back)
-wakes when the resident bytes pass the high watermark and evicts batches down to the low one.
+The evictor (its own thread and its own store lanes: a fault never queues behind write-back)
+wakes when the resident bytes pass the high watermark and evicts batches down to the low one;
+the stores of a batch's runs go to ``DEPTH`` store workers (several in flight), and each run
+goes on to steps 3-5 as soon as its own acks are in. The C fault loop serves missing faults of
+the client too (``pager.engine.cloop``): before its punch the evictor publishes the run's range
+to the loop, which then leaves faults there to Python, and clears it after the wake.
 Each victim goes through, in this order:
 
 1. write-protect it in the guest's mm (from here on a write blocks in a WP fault, which the

@@ -11,6 +11,12 @@
  * any fetch error (SSI_PFL_FETCH_ERROR: Python drops the connection and
  * serves the fault with retries).
  *
+ * Far memory (l->farmem, a client under a resident limit): installs are write-protected, a
+ * write fault's chunk is installed writable and listed in l->dirty; the loop installs at most
+ * l->budget bytes (the room Python saw under the limit) and never into a range the evictor
+ * thread published in evict_start/evict_end (published before its punch, cleared after its
+ * wake): such faults go back to Python, as do write-protect faults.
+ *
  * Wire: SSI_PFL_PROTO_SSIP is the memory node's FETCH/DATA (ssip_wire.h, generated from
  * transport/wire/protocol.py); the DATA reply's arg is the zero mask and only the written pages
  * follow, packed. SSI_PFL_PROTO_RAW is the reference memory node's format used by
