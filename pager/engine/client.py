@@ -58,7 +58,7 @@ from pager.uffd.events import (
     Unmap,
     decode,
 )
-from pager.uffd.faultloop import EVENTS, FETCH_ERROR, READ_ERROR
+from pager.uffd.faultloop import EVENTS, FETCH_ERROR, READ_ERROR, FaultLoop
 from transport.errors import RemoteError, TransportError
 
 if TYPE_CHECKING:
@@ -106,6 +106,7 @@ class ClientPager(CLoopMixin, ReadaheadMixin, FarMemMixin, WorkingSetMixin):
         self.fm_lock = threading.Condition()  # far memory: state shared with the evictor
         self.evictor: Evictor | None = None
         self._write_miss = False
+        self.c_farmem: FaultLoop | None = None  # the C loop, for the evictor's in-flight ranges
         if state.farmem is not None:
             from pager.uffd.install import COPY_MODE_WP
             self.installer.mode = COPY_MODE_WP

@@ -34,13 +34,22 @@ class CLoopMixin:
         """The C loop for this client, or None where the Python loop serves every fault."""
         eng = self.engine
         if not eng.c_loop or not lane.c_capable or self.parent is not None \
-                or eng.readahead_active or self.state.farmem is not None:
+                or eng.readahead_active:
             return None
-        return FaultLoop(self.uffd.fileno(), [self._efd], raw, max(eng.chunk_size, PAGE_SIZE),
-                         LATENCY_BUCKETS_US, poll_us=eng.poll_us)
+        cl = FaultLoop(self.uffd.fileno(), [self._efd], raw, max(eng.chunk_size, PAGE_SIZE),
+                       LATENCY_BUCKETS_US, poll_us=eng.poll_us)
+        if self.state.farmem is not None:
+            # C serves missing faults, write-protected and within the room under the limit;
+            # write-protect faults and the units the evictor works on are Python's
+            cl.set_farmem()
+            self.c_farmem = cl
+        return cl
 
     def _c_prepare(self: ClientPager, cl: FaultLoop, lane: Lane) -> bool:
         """Give C the current region table, sockets and slow ranges; False: Python's turn."""
+        fm = self.state.farmem
+        if fm is not None:
+            cl.set_budget(fm.limit - fm.bytes)  # read without the lock: the evictor only lowers it
         if not self._c_dirty:
             return True
         now = time.monotonic()
@@ -77,6 +86,15 @@ class CLoopMixin:
         """What C installed (residency) and its counters, into the state and the stats."""
         got = cl.take_stats()
         self.installer.drain(cl.log)  # after take_stats: its install counters are taken
+        fm = self.state.farmem
+        if fm is not None:
+            dirty = cl.take_dirty()
+            with self.fm_lock:
+                for start in dirty:  # installed writable for a write fault: dirty at once
+                    fm.on_write(start, fm.units[start].length if start in fm.units else fm.unit)
+                excess = fm.excess()
+            if excess > 0:
+                self.evictor.kick()
         if got is None:
             return
         counters, buckets = got

@@ -175,6 +175,7 @@ class FaultEngine:
             if client in self.clients:
                 self.clients.remove(client)
                 self._closed_stats.add(client.stats)
+                log.debug("%s: retired: %s", client.name, client.stats)
                 self._share_limit()
 
     def stats(self) -> EngineStats:

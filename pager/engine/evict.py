@@ -6,8 +6,12 @@ install is write-protected, and ``pager.core.farmem.FarMemory`` keeps the units,
 bits and the replacement policy. All of it is guarded by the client's ``fm_lock`` (a
 Condition: the fault thread waits on it for room, the evictor notifies after each batch).
 
-The evictor (its own thread and its own store lane: a fault never queues behind write-back)
-wakes when the resident bytes pass the high watermark and evicts batches down to the low one.
+The evictor (its own thread and its own store lanes: a fault never queues behind write-back)
+wakes when the resident bytes pass the high watermark and evicts batches down to the low one;
+the stores of a batch's runs go to ``DEPTH`` store workers (several in flight), and each run
+goes on to steps 3-5 as soon as its own acks are in. The C fault loop serves missing faults of
+the client too (``pager.engine.cloop``): before its punch the evictor publishes the run's range
+to the loop, which then leaves faults there to Python, and clears it after the wake.
 Each victim goes through, in this order:
 
 1. write-protect it in the guest's mm (from here on a write blocks in a WP fault, which the
@@ -30,6 +34,7 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import TYPE_CHECKING
 
 from pager.core.farmem import FarMemory, Victim
@@ -48,6 +53,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BATCH = 1 << 20  # bytes per eviction batch
+DEPTH = 4  # write-backs in flight (store workers, each with its own lane)
+
+
+def _dirty(run: list[tuple[Victim, int, str | None]]) -> bool:
+    return any(v.dirty for v, _, _ in run)
 
 
 class Evictor:
@@ -58,7 +68,10 @@ class Evictor:
         self.fm = fm
         self._kick = threading.Event()
         self.stalled = False  # the last batch evicted nothing
-        self._buf = memoryview(bytearray(max(BATCH, fm.unit)))  # one run's bytes at most
+        self._max_run = max(BATCH, fm.unit)  # bytes of one run at most
+        self._local = threading.local()  # a store worker's lane
+        self._lanes: list[Lane] = []
+        self._lanes_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"evict-{client.name}",
                                         daemon=True)
 
@@ -75,8 +88,8 @@ class Evictor:
 
     def _run(self) -> None:
         c = self.client
-        lane = c.engine.source.open_lane(bulk=True)
-        buf = self._buf
+        pool = ThreadPoolExecutor(DEPTH, thread_name_prefix=f"store-{c.name}",
+                                  initializer=self._open_lane)
         try:
             while not c._stop.is_set():
                 self._kick.wait(0.05)
@@ -84,20 +97,32 @@ class Evictor:
                 while not c._stop.is_set():
                     with c.fm_lock:
                         want = self.fm.excess()
-                    if want <= 0 or not self._batch(lane, buf, min(want, BATCH)):
+                    if want <= 0 or not self._batch(pool, min(want, BATCH)):
                         break
         except Exception:
             log.exception("%s: evictor failed; the resident limit is no longer held", c.name)
             c.error = "evictor failed (see log)"
         finally:
-            lane.close()
+            pool.shutdown(wait=True)
+            with self._lanes_lock:
+                lanes, self._lanes = self._lanes, []
+            for lane in lanes:
+                lane.close()
             with c.fm_lock:
                 c.fm_lock.notify_all()
 
-    def _batch(self, lane: Lane, buf: memoryview, want: int) -> int:
+    def _open_lane(self) -> None:
+        """A store worker's own lane (its stores in flight beside the other workers')."""
+        lane = self._local.lane = self.client.engine.source.open_lane(bulk=True)
+        with self._lanes_lock:
+            self._lanes.append(lane)
+
+    def _batch(self, pool: ThreadPoolExecutor, want: int) -> int:
         """Evict up to ``want`` bytes; the bytes evicted (0: nothing could be). Victims
         adjacent in the guest and in the memfd go as one run: one write-protect, one store per
-        dirty stretch, one punch, one wake."""
+        dirty stretch, one punch, one wake. The runs' stores go to ``pool`` (``DEPTH`` in
+        flight, each on its worker's lane); each run is punched and woken after its own acks,
+        never before."""
         c, fm = self.client, self.fm
         t0 = time.perf_counter_ns()
         with c.fm_lock:
@@ -110,8 +135,12 @@ class Evictor:
                     fm.installed(start, length, known=False)  # protection not known to hold
             runs = self._protect(victims)
         done = 0
-        for run in runs:
-            done += self._evict_run(lane, buf, run)
+        pending = {pool.submit(self._store_run, run): run for run in runs if _dirty(run)}
+        for run in runs:  # clean runs: the node holds them, nothing to wait for
+            if not _dirty(run):
+                done += self._finish_run(run, True)
+        for fut in as_completed(pending):
+            done += self._finish_run(pending[fut], fut.result())
         # nothing could be evicted (a layout event pending makes UFFDIO_WRITEPROTECT fail
         # until the fault thread reads it): a fault waiting for room must not wait for this
         self.stalled = bool(victims) and not done
@@ -136,7 +165,7 @@ class Evictor:
             last = runs[-1][-1] if runs else None
             if (last is not None and last[0].start + last[0].length == v.start
                     and last[1] + last[0].length == item[1] and last[2] == item[2]
-                    and item[1] + v.length - runs[-1][0][1] <= len(self._buf)):
+                    and item[1] + v.length - runs[-1][0][1] <= self._max_run):
                 runs[-1].append(item)
             else:
                 runs.append([item])
@@ -152,14 +181,13 @@ class Evictor:
                     fm.abort(v, dirty=False)
         return out
 
-    def _evict_run(self, lane: Lane, buf: memoryview,
-                   run: list[tuple[Victim, int, str | None]]) -> int:
-        """Store the dirty stretches of one write-protected run, then punch, forget, wake."""
-        c, fm = self.client, self.fm
-        first, off0, space = run[0]
-        length = run[-1][0].start + run[-1][0].length - first.start
+    def _store_run(self, run: list[tuple[Victim, int, str | None]]) -> bool:
+        """A store worker: write back the dirty stretches of one write-protected run (one
+        pread, one store each); False if the client closed first."""
+        lane = self._local.lane
+        space = run[0][2]
         i = 0
-        while i < len(run):  # each stretch of dirty victims: one pread, one store
+        while i < len(run):
             if not run[i][0].dirty:
                 i += 1
                 continue
@@ -168,14 +196,39 @@ class Evictor:
                 j += 1
             off = run[i][1]
             n = run[j][1] + run[j][0].length - off
-            if not self._write_back(lane, buf[:n], off, space):
-                with c.fm_lock:
-                    for v, _, _ in run:
-                        fm.abort(v)
-                    c.fm_lock.notify_all()
-                c.uffd.wake(first.start, length)
-                return 0
+            if not self._write_back(lane, memoryview(bytearray(n)), off, space):
+                return False
             i = j + 1
+        return True
+
+    def _finish_run(self, run: list[tuple[Victim, int, str | None]], stored: bool) -> int:
+        """After the run's acks (``stored``): punch, forget, wake; else keep it resident."""
+        c, fm = self.client, self.fm
+        first, _, space = run[0]
+        length = run[-1][0].start + run[-1][0].length - first.start
+        cl = c.c_farmem
+        slot = None
+        if stored and cl is not None:
+            slot = cl.evicting(first.start, first.start + length)
+            stored = slot is not None  # cannot tell the C loop: keep the run
+        if not stored:
+            with c.fm_lock:
+                for v, _, _ in run:
+                    fm.abort(v)
+                c.fm_lock.notify_all()
+            c.uffd.wake(first.start, length)
+            return 0
+        try:
+            return self._drop_run(run, length, space)
+        finally:
+            if slot is not None:
+                cl.evicted(slot)  # after the wake: C may serve that range again
+
+    def _drop_run(self, run: list[tuple[Victim, int, str | None]], length: int,
+                  space: str | None) -> int:
+        """Punch a stored (or clean) run, forget it, wake its waiters."""
+        c, fm = self.client, self.fm
+        first, off0, _ = run[0]
         punch_hole(c.memfd, off0, length)
         stored = False
         with c.fm_lock:
@@ -215,10 +268,12 @@ class Evictor:
         while True:
             try:
                 lane.store_from(space, off, view)
-                c.stats.written_back_bytes += len(view)
+                with self._lanes_lock:  # store workers count side by side
+                    c.stats.written_back_bytes += len(view)
                 return True
             except (TransportError, OSError) as exc:
-                c.stats.store_errors += 1
+                with self._lanes_lock:
+                    c.stats.store_errors += 1
                 lane.reset()
                 if c._stop.is_set():
                     return False

@@ -26,6 +26,7 @@ PROTO_RAW: int = lib.SSI_PFL_PROTO_RAW
 MAX_REGIONS: int = lib.SSI_PFL_MAX_REGIONS
 MAX_SLOW: int = lib.SSI_PFL_MAX_SLOW
 MAX_FETCH: int = lib.SSI_PFL_MAX_FETCH  # regions with larger pages are served by Python
+MAX_EVICT: int = lib.SSI_PFL_MAX_EVICT
 COUNTERS = ("faults", "faults_write", "served_fetch", "served_dup", "fetched_bytes",
             "latency_sum_us", "latency_count")
 
@@ -113,6 +114,41 @@ class FaultLoop:
             lp.slow_end[i] = e
         lp.nslow = len(merged)
         return True
+
+    # -- far memory (a client under a resident limit) -------------------------------------
+    def set_farmem(self) -> None:
+        """Install write-protected (a write fault: writable, reported by ``take_dirty``),
+        within ``set_budget``, never in a range published with ``evicting``."""
+        self._l.farmem = 1
+        self._l.budget = 0
+        self._evict_free = list(range(MAX_EVICT - 1, -1, -1))
+
+    def set_budget(self, nbytes: int) -> None:
+        """Bytes the loop may install before faults go back to Python (which waits for room)."""
+        self._l.budget = max(0, nbytes)
+
+    def take_dirty(self) -> list[int]:
+        """Chunks installed writable for a write fault since the last call (dirty units)."""
+        lp = self._l
+        n = lp.ndirty
+        out = list(lp.dirty[0:n]) if n else []
+        lp.ndirty = 0
+        return out
+
+    def evicting(self, start: int, end: int) -> int | None:
+        """From the evictor thread, before the punch: the loop leaves ``[start, end)`` alone
+        until ``evicted(slot)``. None if every slot is taken (then do not evict that range)."""
+        if not self._evict_free:
+            return None
+        k = self._evict_free.pop()
+        self._l.evict_start[k] = start
+        self._l.evict_end[k] = end  # published last: C reads end first
+        return k
+
+    def evicted(self, slot: int) -> None:
+        """After the wake: the loop may serve faults in that range again."""
+        self._l.evict_end[slot] = 0
+        self._evict_free.append(slot)
 
     def run(self) -> tuple[int, int, int, int]:
         """Serve faults until something is Python's: ``(code, first, n, errno)``; after

@@ -11,6 +11,12 @@
  * any fetch error (SSI_PFL_FETCH_ERROR: Python drops the connection and
  * serves the fault with retries).
  *
+ * Far memory (l->farmem, a client under a resident limit): installs are write-protected, a
+ * write fault's chunk is installed writable and listed in l->dirty; the loop installs at most
+ * l->budget bytes (the room Python saw under the limit) and never into a range the evictor
+ * thread published in evict_start/evict_end (published before its punch, cleared after its
+ * wake): such faults go back to Python, as do write-protect faults.
+ *
  * Wire: SSI_PFL_PROTO_SSIP is the memory node's FETCH/DATA (ssip_wire.h, generated from
  * transport/wire/protocol.py); the DATA reply's arg is the zero mask and only the written pages
  * follow, packed. SSI_PFL_PROTO_RAW is the reference memory node's format used by
@@ -186,6 +192,18 @@ static int ssi_pfl_is_slow(const struct ssi_pfl *l, uint64_t start, uint64_t end
     return lo < l->nslow && l->slow_start[lo] < end;
 }
 
+/* Far memory: is [start, end) in a range the evictor is working on? Its wake serves the fault
+   (or Python, once the range is forgotten). */
+static int ssi_pfl_is_evicting(const struct ssi_pfl *l, uint64_t start, uint64_t end)
+{
+    for (int k = 0; k < SSI_PFL_MAX_EVICT; k++) {
+        uint64_t e = __atomic_load_n(&l->evict_end[k], __ATOMIC_ACQUIRE);
+        if (e > start && __atomic_load_n(&l->evict_start[k], __ATOMIC_RELAXED) < end)
+            return 1;
+    }
+    return 0;
+}
+
 static void ssi_pfl_observe(struct ssi_pfl *l, uint64_t t0)
 {
     uint64_t us = (ssi_now_ns() - t0) / 1000;
@@ -231,6 +249,16 @@ static int ssi_pfl_fault(struct ssi_pfl *l, int i, uint64_t t0, uint64_t *done_s
             || g->max_res - g->nres < 2 * (len / r->page_size) + 2
             || ssi_pfl_is_slow(l, start, start + len))
         return 0;
+    /* far memory: within the budget, never in a unit being evicted, room to report a dirty
+       unit; a write fault installs its unit writable (reported dirty: no WP fault follows) */
+    int write = w[1] == UFFD_PAGEFAULT_FLAG_WRITE;
+    uint64_t mode = 0;
+    if (l->farmem) {
+        if ((int64_t)len > l->budget || l->ndirty >= SSI_PFL_MAX_DIRTY
+                || ssi_pfl_is_evicting(l, start, start + len))
+            return 0;
+        mode = write ? 0 : UFFDIO_COPY_MODE_WP;
+    }
     uint64_t mask[SSI_PFL_MASK_WORDS] = {0};
     int rc = ssi_pfl_fetch(l, r, r->gpa + (start - r->base), (uint32_t)len, mask);
     if (rc < 0)
@@ -240,8 +268,13 @@ static int ssi_pfl_fault(struct ssi_pfl *l, int i, uint64_t t0, uint64_t *done_s
     for (uint64_t k = 0; k < (len / SSIP_PAGE_SIZE + 63) / 64; k++)
         any |= mask[k] != 0;
     if (ssi_install(l->uffd, start, (uint64_t)(uintptr_t)l->buf, len, any ? mask : NULL,
-                    r->page_size, 0, g) < 0)
+                    r->page_size, mode, g) < 0)
         return 0;  /* Python fetches again and reports, defers or ends the client */
+    if (l->farmem) {
+        l->budget -= (int64_t)len;
+        if (write)
+            l->dirty[l->ndirty++] = start;
+    }
     st->faults++;
     st->faults_write += !!(w[1] & UFFD_PAGEFAULT_FLAG_WRITE);
     st->served_fetch++;
@@ -293,8 +326,10 @@ int ssi_pfl_run(struct ssi_pfl *l)
     /* room in the residency ring for a batch of chunks that each split into single pages */
     uint64_t worst = (uint64_t)max_events * (2 * (l->chunk / SSIP_PAGE_SIZE) + 2);
     for (;;) {
-        if (served && l->log.max_res - l->log.nres < worst)
-            return SSI_PFL_IDLE;  /* Python drains it and calls again */
+        if (served && (l->log.max_res - l->log.nres < worst
+                       || (l->farmem && (l->budget < (int64_t)(max_events * l->chunk)
+                                         || l->ndirty + max_events > SSI_PFL_MAX_DIRTY))))
+            return SSI_PFL_IDLE;  /* Python drains it (and evicts) and calls again */
         int n = ssi_pfl_spin(l, max_events);
         if (n == 0) {
             p[0].fd = l->uffd;

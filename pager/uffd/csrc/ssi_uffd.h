@@ -275,6 +275,8 @@ int ssi_install(int uffd, uint64_t dst, uint64_t src, uint64_t len, const uint64
 #define SSI_PFL_MAX_WAKE 2
 #define SSI_PFL_NBUCKETS 15
 #define SSI_PFL_MAX_FETCH (2u << 20)  /* largest fetch C serves (a 2 MiB page); more: Python */
+#define SSI_PFL_MAX_EVICT 64
+#define SSI_PFL_MAX_DIRTY 256
 
 #define SSI_PFL_IDLE 0
 #define SSI_PFL_WAKE 1
@@ -334,6 +336,15 @@ struct ssi_pfl {
     int err;                            /* errno of SSI_PFL_FETCH_ERROR / SSI_PFL_READ_ERROR */
     struct ssi_pfl_stats stats;
     struct ssi_install_log log;         /* install counters and the residency ring */
+    /* far memory (a client under a resident limit; all zero otherwise) */
+    int farmem;                         /* installs write-protected, within budget */
+    int64_t budget;                     /* bytes the loop may still install (Python sets it) */
+    /* ranges the evictor is working on (end 0: a free slot), written by the evictor thread
+       while the loop runs: published before the punch, cleared after the wake */
+    uint64_t evict_start[SSI_PFL_MAX_EVICT];
+    uint64_t evict_end[SSI_PFL_MAX_EVICT];
+    int ndirty;                         /* chunks installed writable for a write fault */
+    uint64_t dirty[SSI_PFL_MAX_DIRTY];
 };
 
 int ssi_pfl_run(struct ssi_pfl *l);
