@@ -6,9 +6,11 @@ import json
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
 import threading
+import zlib
 from pathlib import Path
 
 import pytest
@@ -72,7 +74,9 @@ def test_bench_faults_refuses_a_missing_reference(tmp_path):
 
 def test_demo_exits_non_zero_on_a_wrong_byte():
     """One byte of the memory node's store file changed (a real file edit, after the demo
-    seeded it and before its workload runs): the demo must say FAILED and exit 3."""
+    seeded it and before its workload runs, its checksum rewritten to match): the demo must
+    say FAILED and exit 3. (A wrong byte under its old checksum is the node's to refuse:
+    tests/engine/test_trust_identity.py.)"""
     from pager.tools.workload import DataSet
     mib = 16
     data = DataSet(mib << 20)  # what the demo seeds (same default seed and holes)
@@ -96,6 +100,13 @@ def test_demo_exits_non_zero_on_a_wrong_byte():
                         byte = f.read(1)
                         f.seek(last + 100)
                         f.write(bytes([byte[0] ^ 0xFF]))
+                        f.seek(last)
+                        page = f.read(4096)
+                    # and its checksum to match: a wrong byte the node cannot tell from a
+                    # right one, which only the demo's own check of every byte can catch
+                    with open(store.with_suffix(".sums"), "r+b") as f:
+                        f.seek(last // 4096 * 4)
+                        f.write(struct.pack("=I", zlib.crc32(page)))
                 finally:
                     os.kill(p.pid, signal.SIGCONT)
                 break
