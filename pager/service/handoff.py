@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import socket
+import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -107,7 +108,8 @@ UFFD_FEATURE_INITIALIZED = 1 << 31  # set by the kernel once UFFDIO_API succeede
 
 
 def check_fd_kinds(fds: list[int]) -> None:
-    """The first fd must be a userfaultfd on which UFFDIO_API was done, a second a memfd."""
+    """The first fd must be a userfaultfd on which UFFDIO_API was done, a second guest RAM's
+    file (a memfd, or a hugetlbfs/tmpfs file)."""
     for i, fd in enumerate(fds):
         try:
             target = os.readlink(f"/proc/self/fd/{fd}")
@@ -120,9 +122,10 @@ def check_fd_kinds(fds: list[int]) -> None:
             if not _uffd_api_done(fd):
                 raise HandoffError("the handshake's userfaultfd was never initialised; call "
                                    "UFFDIO_API (and UFFDIO_REGISTER) on it before sending it")
-        elif not target.startswith("/memfd:"):
+        elif not stat.S_ISREG(os.fstat(fd).st_mode):
+            # guest RAM's file: a memfd, or a file on hugetlbfs/tmpfs (QEMU's -mem-path)
             raise HandoffError(f"the handshake's second fd is {target!r}, not a memfd; send "
-                               "the memfd backing guest RAM")
+                               "the memfd (or hugetlbfs/tmpfs file) backing guest RAM")
 
 
 def _uffd_api_done(fd: int) -> bool:

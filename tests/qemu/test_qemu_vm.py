@@ -175,7 +175,7 @@ def test_suspend_needs_memory_node(small_guest, small_expected, checksums, runti
     cannot be suspended; the refusal leaves it running."""
     g = small_guest
     suspend_refused_guest_runs_on(["--", *g.qemu_args()], "local",
-                                  "suspend needs a memory node to hold the guest's RAM",
+                                  "suspend needs memory nodes to hold the guest's RAM",
                                   g.passes, small_expected, checksums)
 
 
