@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Pager, metrics_pager
+from pagerkit import Pager, metrics_pager
 from vmkit import VmRun
 
 from pager.vm.bench import guest_builder

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import MEM_MIB
+from pagerkit import MEM_MIB
 from vmkit import VmRun
 
 from tuning.errors import HugePagesError

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from conftest import metrics_pager
+from pagerkit import metrics_pager
 from test_qemu_vm import release, run_and_suspend
 from vmkit import VmRun
 

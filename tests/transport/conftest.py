@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -13,8 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
-LISTENING = re.compile(r"memnode: listening on (\S+)")
+from nodekit import LISTENING
 
 
 @dataclass

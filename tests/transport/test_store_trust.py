@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import LISTENING
+from nodekit import LISTENING
 
 from transport.errors import TransportError
 from transport.tcp import BlockingChannel
