@@ -120,12 +120,18 @@ def _leaves_nothing_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 
 @pytest.fixture(autouse=True)
-def _fresh_transport_warning(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The "using TCP, not RDMA" line is printed once per process: each test starts as a
-    fresh process would, so whether it sees the line never depends on the tests before it."""
+def _fresh_transport_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-process memory of the transport (the "using TCP, not RDMA" line printed once, the
+    store identities seen): each test starts as a fresh process would, so what it sees never
+    depends on the tests before it."""
     import transport.lane
+    from transport.wire import IDENTITIES
 
     monkeypatch.setattr(transport.lane, "_warned", False)
+    # what "this pager" saw of each node's store: a test's pager is a new process, and a port
+    # a previous test's node had may be another node's now
+    for node in {node for node, _space in IDENTITIES._seen}:
+        IDENTITIES.forget(node)
 
 
 @pytest.fixture(scope="session")
