@@ -127,10 +127,14 @@ def test_pager_collector_exports_the_fault_lanes_transport(engine_stats, memnode
     reg = metrics.pager_registry(engine)
     assert reg.get_sample_value("ssi_pager_peer_info",
                                 {"node": node.endpoint, "transport": "tcp"}) == 1
-    rtt = reg.get_sample_value("ssi_pager_transport_rtt_seconds", {"node": node.endpoint})
-    assert rtt is not None and rtt > 0
-    assert reg.get_sample_value("ssi_pager_transport_tier",
-                                {"node": node.endpoint, "tier": metrics.tier_for(rtt)}) == 1
+    # one scrape (each get_sample_value probes again, and the round trip differs every time):
+    # the tier exported is the one of the round trip exported beside it
+    samples = {(x.name, tuple(sorted(x.labels.items()))): x.value
+               for fam in reg.collect() for x in fam.samples}
+    rtt = samples[("ssi_pager_transport_rtt_seconds", (("node", node.endpoint),))]
+    assert rtt > 0
+    assert samples[("ssi_pager_transport_tier",
+                    (("node", node.endpoint), ("tier", metrics.tier_for(rtt))))] == 1
     assert reg.get_sample_value("ssi_pager_errors_total", {"kind": "probe"}) == 0
 
 
