@@ -6,15 +6,15 @@ import json
 import os
 import re
 import signal
-import struct
 import subprocess
 import sys
 import threading
-import zlib
 from pathlib import Path
 
 import pytest
 from enginekit import ROOT
+
+from transport.node.checksum import page_sums, store_checksum
 
 # the cases `bench faults --only remote-4k-rand` runs: readahead on/off, polling off, CPU burners
 RAND_CASES = sorted(f"pager-remote-4k-rand{s}" for s in (
@@ -106,7 +106,8 @@ def test_demo_exits_non_zero_on_a_wrong_byte():
                     # right one, which only the demo's own check of every byte can catch
                     with open(store.with_suffix(".sums"), "r+b") as f:
                         f.seek(last // 4096 * 4)
-                        f.write(struct.pack("=I", zlib.crc32(page)))
+                        kind = store_checksum(store.parent, fresh=False)
+                        f.write(page_sums(kind, page).tobytes())
                 finally:
                     os.kill(p.pid, signal.SIGCONT)
                 break

@@ -34,12 +34,14 @@ ffi = FFI()
 with open(os.path.join(_HERE, "fastlane.h")) as f:
     ffi.cdef(_cdef(f.read()))
 ffi.set_source("transport.node._fastlane_cffi", '#include "fastlane.h"\n',
-               sources=[os.path.join(_NODE, "fastlane.c")],
+               sources=[os.path.join(_NODE, "fastlane.c"), os.path.join(_NODE, "crc32c.c")],
                include_dirs=[_NODE, _WIRE],
-               depends=[os.path.join(_NODE, "fastlane.h"), os.path.join(_WIRE, "ssip_wire.h"),
+               depends=[os.path.join(_NODE, "fastlane.h"), os.path.join(_NODE, "crc32c.h"),
+                        os.path.join(_WIRE, "ssip_wire.h"),
                         os.path.join(_WIRE, "ssip_io.h"), os.path.join(_WIRE, "ssip_poll.h")],
                define_macros=[("_GNU_SOURCE", None)],
-               libraries=["z"],  # crc32 of each page read, as zlib.crc32 on the Python side
+               # page checksums: crc32c.c (crc32c stores), zlib's crc32 (stores written before)
+               libraries=["z"],
                extra_compile_args=CFLAGS)
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@
 #include "ssip_io.h"
 #include "ssip_poll.h"
 #include "ssip_wire.h"
+#include "crc32c.h"
 #include "fastlane.h"
 
 #if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -44,7 +45,15 @@ uint64_t ssi_fl_load(uint64_t *counter)
     return __atomic_load_n(counter, __ATOMIC_RELAXED);
 }
 
-/* Read the written pages among npages from gpa, packed, into dst, and check each one's crc32.
+/* A page's checksum, of the kind its store was written with. */
+static inline uint32_t page_sum(const struct ssi_fl_space *sp, const uint8_t *page)
+{
+    if (sp->sum_kind == SSI_FL_SUM_CRC32C)
+        return ssi_crc32c(0, page, SSIP_PAGE_SIZE);
+    return (uint32_t)crc32(0L, page, SSIP_PAGE_SIZE);
+}
+
+/* Read the written pages among npages from gpa, packed, into dst, and check each one's sum.
    Returns the written-page bits (bit i = page i written), or -1 on a read error, a page file
    that ends before a written page (truncated) or a page that fails its checksum: the Python
    path then reads again and answers the error (IO_ERROR or CORRUPT), never the bytes. */
@@ -81,8 +90,7 @@ static int64_t read_pages(const struct ssi_fl_space *sp, uint64_t gpa, uint32_t 
             got += (uint32_t)k;
         }
         for (; i < j; i++, pos += SSIP_PAGE_SIZE)
-            if ((uint32_t)crc32(0L, dst + pos, SSIP_PAGE_SIZE)
-                != __atomic_load_n(&sp->sums[first + i], __ATOMIC_ACQUIRE))
+            if (page_sum(sp, dst + pos) != __atomic_load_n(&sp->sums[first + i], __ATOMIC_ACQUIRE))
                 return -1;
     }
     *nbytes = pos;

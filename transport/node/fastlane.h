@@ -9,12 +9,15 @@
 #define SSI_FL_HANDBACK 1     /* met a frame it does not serve: Python takes over */
 #define SSI_FL_EOF 2          /* the peer closed */
 #define SSI_FL_ERROR 3        /* recv/send failed: err holds errno */
+#define SSI_FL_SUM_CRC32 0    /* zlib's crc32: stores written before crc32c */
+#define SSI_FL_SUM_CRC32C 1   /* CRC32C (crc32c.h): stores made since */
 
 struct ssi_fl_space {
     int fd;                   /* the space's page file; -1: not served here */
     const uint8_t *bits;      /* written-page bitmap, bit p = page p written */
     uint64_t nbits;           /* bits the bitmap holds */
-    const uint32_t *sums;     /* crc32 of each written page (the store's .sums file) */
+    const uint32_t *sums;     /* checksum of each written page (the store's .sums file) */
+    int sum_kind;             /* SSI_FL_SUM_*: how the store computed them */
     uint64_t fetched_pages;   /* pages answered (written or zero) */
     uint64_t zero_pages;      /* pages answered as never written */
 };

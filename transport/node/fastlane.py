@@ -21,6 +21,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from transport.node.checksum import CRC32C
 from transport.node.store import Space
 from transport.polling import DEFAULT_POLL_US, check_poll_us
 from transport.wire import HEADER_SIZE, MAX_DATA, MAX_FRAME
@@ -110,6 +111,8 @@ class FastLane:
                 slot.fd = space.fd
                 slot.bits = bits
                 slot.sums = sums
+                slot.sum_kind = (lib.SSI_FL_SUM_CRC32C if space.checksum == CRC32C
+                                 else lib.SSI_FL_SUM_CRC32)
                 slot.nbits = min(space.capacity_pages, len(space.bitmap) * 8)
             self._names = list(names)
 

@@ -29,11 +29,11 @@ import logging
 import mmap
 import os
 import threading
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 from transport.errors import StoreCorruptError, StoreError
+from transport.node.checksum import page_sums, store_checksum
 from transport.token import private_dir
 from transport.wire import (
     DEFAULT_MAX_SPACE_BYTES,
@@ -45,7 +45,7 @@ from transport.wire import (
 log = logging.getLogger(__name__)
 
 BITMAP_SUFFIX = ".written"
-SUMS_SUFFIX = ".sums"  # crc32 of each written page, 4 bytes per page (native order)
+SUMS_SUFFIX = ".sums"  # checksum of each written page, 4 bytes per page (native order)
 GEN_SUFFIX = ".gen"  # the space's generation: random, made with its page file
 STORE_ID_FILE = "store.id"  # the store's identity: random, made with the store
 DEFAULT_MAX_SPACES = 1024  # two fds each (pages and bitmap)
@@ -113,13 +113,15 @@ def _map_sparse(path: Path, nbytes: int, what: str) -> tuple[int, mmap.mmap, boo
 
 
 class Space:
-    """One address space: a sparse file plus the bitmap of written pages."""
+    """One address space: a sparse file plus the bitmap of written pages and their checksums
+    of kind ``checksum`` (`transport.node.checksum`: the store's kind)."""
 
-    def __init__(self, name: str, path: Path, *, sync: bool = False,
+    def __init__(self, name: str, path: Path, *, checksum: str, sync: bool = False,
                  max_bytes: int = DEFAULT_MAX_SPACE_BYTES) -> None:
         self.name = name
         self.path = path
         self.sync = sync
+        self.checksum = checksum
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
                               0o600)
@@ -181,11 +183,12 @@ class Space:
                     n = os.preadv(self.fd, [buf], p << PAGE_SHIFT)
                     if n < PAGE_SIZE:
                         buf[n:] = bytes(PAGE_SIZE - n)
-                    self._sums[p] = zlib.crc32(buf)
+                    self._sums[p] = page_sums(self.checksum, buf)[0]
 
     @property
     def sums(self) -> mmap.mmap:
-        """crc32 of each written page (u32 p = page p), native order; fixed address."""
+        """The checksum of each written page (u32 p = page p, of kind ``checksum``), native
+        order; fixed address."""
         return self._sums_map
 
     def _count(self) -> None:
@@ -320,13 +323,14 @@ class Space:
 
     def _verify(self, first: int, written: int, npages: int, out: memoryview,
                 again: bool = True) -> None:
-        """Check the crc32 of each written page read (packed in ``out``)."""
+        """Check the checksum of each written page read (packed in ``out``)."""
         sums = self._sums
+        got = page_sums(self.checksum, out[:written.bit_count() << PAGE_SHIFT])
         pos = 0
         for i in range(npages):
             if not written >> i & 1:
                 continue
-            if zlib.crc32(out[pos:pos + PAGE_SIZE]) != sums[first + i]:
+            if got[pos] != sums[first + i]:
                 if again:  # a store of that page may be under way: read it again under its lock
                     with self._lock:
                         self._reread(first, written, npages, out)
@@ -336,7 +340,7 @@ class Space:
                     f"page {first + i} (gpa {(first + i) << PAGE_SHIFT:#x}) of space "
                     f"{self.name} fails its checksum: {self.path} was changed outside the "
                     f"node or the disk corrupted it; restore it from a backup or a replica")
-            pos += PAGE_SIZE
+            pos += 1
 
     def _reread(self, first: int, written: int, npages: int, out: memoryview) -> None:
         pos = 0
@@ -349,7 +353,7 @@ class Space:
         """pwrite every byte (and fdatasync if ``sync``) before returning."""
         view = memoryview(data)
         first = gpa >> PAGE_SHIFT
-        crcs = [zlib.crc32(view[i:i + PAGE_SIZE]) for i in range(0, len(view), PAGE_SIZE)]
+        crcs = page_sums(self.checksum, view)
         done = 0
         # under the lock: a reader whose checksum failed reads again under it, and so never
         # takes a store under way for corruption
@@ -365,8 +369,7 @@ class Space:
                                  errno=exc.errno) from exc
             if first + len(crcs) > self.capacity_pages:
                 self._mark(first, len(crcs))  # raises, naming the limit
-            for i, crc in enumerate(crcs):
-                self._sums[first + i] = crc
+            self._sums[first:first + len(crcs)] = crcs
             # only now: a store that failed half-way marks nothing
             self._mark(first, len(view) >> PAGE_SHIFT)
         if self.sync:
@@ -409,6 +412,9 @@ class PageStore:
         except OSError as exc:
             raise StoreError(f"cannot create store directory {self.root}: {exc.strerror}; "
                              f"pass --store DIR somewhere writable", errno=exc.errno) from exc
+        # how its pages are checksummed: crc32c, or crc32 for a store written before
+        self.checksum = store_checksum(self.root, fresh=not (self.root / STORE_ID_FILE).exists()
+                                       and next(self.root.glob("*" + SUMS_SUFFIX), None) is None)
         # who this store is: pagers refuse a node whose store is not the one they wrote
         self.store_id = f"{_identity_file(self.root / STORE_ID_FILE, 16, 'the store id'):032x}"
         self.spaces: dict[str, Space] = {}
@@ -451,7 +457,7 @@ class PageStore:
                                  f"{len(self.spaces)} spaces, its limit (--max-spaces); remove "
                                  "unused spaces from the store or raise the limit")
             space = self.spaces[name] = Space(name, self.root / f"{name}.pages",
-                                              sync=self.sync,
+                                              checksum=self.checksum, sync=self.sync,
                                               max_bytes=self.max_space_bytes)
         return space
 

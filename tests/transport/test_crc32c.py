@@ -1,0 +1,67 @@
+"""CRC32C of the store's page checksums (`transport.node.checksum`, C in crc32c.c): the
+published check values, every length and alignment against the portable tables, and the CPU's
+crc32 instruction in use wherever the CPU has SSE4.2."""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+import zlib
+
+import pytest
+
+from transport.node import checksum
+from transport.node.checksum import crc32c, crc32c_table, page_sums
+from transport.wire import PAGE_SIZE
+
+# RFC 3720 (iSCSI) B.4 and the common check value
+VECTORS = [
+    (b"", 0x00000000),
+    (b"123456789", 0xE3069283),
+    (bytes(32), 0x8A9136AA),
+    (b"\xff" * 32, 0x62A8AB43),
+    (bytes(range(32)), 0x46DD794E),
+    (bytes(range(31, -1, -1)), 0x113FDB5C),
+]
+
+
+@pytest.mark.parametrize(("data", "want"), VECTORS, ids=lambda v: f"{v:#x}"
+                         if isinstance(v, int) else f"{len(v)}B")
+def test_check_values(data, want):
+    assert crc32c(data) == want
+    assert crc32c_table(data) == want
+
+
+def test_every_length_and_alignment_matches_the_tables():
+    rng = random.Random(14)
+    buf = bytes(rng.getrandbits(8) for _ in range(3 * PAGE_SIZE + 64))
+    view = memoryview(buf)
+    for off in range(8):
+        for n in range(1, PAGE_SIZE + 1):
+            assert crc32c(view[off:off + n]) == crc32c_table(view[off:off + n]), (off, n)
+    for n in (2 * PAGE_SIZE, 3 * PAGE_SIZE + 57):  # past the three-stream block sizes
+        assert crc32c(view[3:3 + n]) == crc32c_table(view[3:3 + n]), n
+
+
+def test_continuing_a_crc_is_the_crc_of_the_concatenation():
+    a, b = os.urandom(1000), os.urandom(5000)
+    assert crc32c(b, crc32c(a)) == crc32c(a + b) == crc32c_table(b, crc32c_table(a))
+
+
+def test_the_cpu_instruction_is_used_where_the_cpu_has_it():
+    with open("/proc/cpuinfo") as f:
+        flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")),
+                     [])
+    assert checksum.hardware() == ("sse4_2" in flags)
+
+
+def test_page_sums_are_per_page_of_the_kind():
+    data = os.urandom(5 * PAGE_SIZE)
+    pages = [data[i:i + PAGE_SIZE] for i in range(0, len(data), PAGE_SIZE)]
+    assert list(page_sums("crc32c", data)) == [crc32c_table(p) for p in pages]
+    assert list(page_sums("crc32", data)) == [zlib.crc32(p) for p in pages]
+    assert len(page_sums("crc32c", b"")) == 0
+    # native-order u32, as the .sums file holds them
+    assert struct.unpack("=5I", page_sums("crc32c", data).tobytes()) == tuple(
+        crc32c(p) for p in pages)
