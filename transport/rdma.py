@@ -2,8 +2,8 @@
 
 Connection setup (rdma_cm), the waits on completions and the per-fault path (FETCH, DATA,
 RDMA READ, scatter by zero mask; STORE by RDMA WRITE + staged STORE) are C (``lane.c``,
-``verbs.c``), each call bounded by a deadline and run with the GIL released. Python runs the
-handshake through the sans-IO `transport.wire.ClientSession`:
+``verbs_setup.c``, ``verbs_data.c``), each call bounded by a deadline and run with the GIL
+released. Python runs the handshake through the sans-IO `transport.wire.ClientSession`:
 
 * HELLO -> WELCOME (no RDMA keys) -> AUTH -> AUTH_OK -> OPEN -> OPENED, as SEND/RECV messages;
 * then STATS -> STATS_REPLY {"rdma": {read_addr, read_rkey, write_addr, write_rkey, size}}:

@@ -1,6 +1,6 @@
-"""Build the RDMA data path: ``transport.rdma_c._rdma_cffi`` (verbs.c + lane.c, linked to
-libibverbs and librdmacm) and ``transport.rdma_c._rdma_loopback_cffi`` (loopback.c + lane.c,
-the test double; no RDMA libraries needed).
+"""Build the RDMA data path: ``transport.rdma_c._rdma_cffi`` (verbs_setup.c + verbs_data.c +
+lane.c, linked to libibverbs and librdmacm) and ``transport.rdma_c._rdma_loopback_cffi``
+(loopback.c + lane.c, the test double; no RDMA libraries needed).
 
 The verbs extension needs rdma-core's headers (Debian: ``apt install libibverbs-dev
 librdmacm-dev``): `have_verbs_headers` says whether they are there, and setup.py leaves the
@@ -33,14 +33,15 @@ def have_verbs_headers() -> str | None:
     return None
 
 
-def _make(module: str, backend: str, libraries: list[str]) -> FFI:
+def _make(module: str, backend: list[str], libraries: list[str]) -> FFI:
     ffi = FFI()
     with open(os.path.join(_HERE, "ssip_rdma.h")) as f:
         ffi.cdef("\n".join(line for line in f.read().splitlines()
                            if not line.lstrip().startswith("#")))
-    deps = ["ssip_rdma.h", "rdma_util.h", "lane.c", backend]
+    deps = ["ssip_rdma.h", "rdma_util.h", "lane.c", *backend]
     ffi.set_source(module, '#include "ssip_rdma.h"\n',
-                   sources=[os.path.join(_DIR, "lane.c"), os.path.join(_DIR, backend)],
+                   sources=[os.path.join(_DIR, c) for c in ("lane.c", *backend)
+                            if c.endswith(".c")],
                    include_dirs=[_DIR, _WIRE], libraries=libraries,
                    depends=[os.path.join(_DIR, d) for d in deps]
                    + [os.path.join(_WIRE, "ssip_wire.h")],
@@ -48,8 +49,10 @@ def _make(module: str, backend: str, libraries: list[str]) -> FFI:
     return ffi
 
 
-ffi = _make("transport.rdma_c._rdma_cffi", "verbs.c", ["ibverbs", "rdmacm"])
-ffi_loopback = _make("transport.rdma_c._rdma_loopback_cffi", "loopback.c", [])
+# the verbs backend: connection setup and the data path, and the header they share
+VERBS = ["verbs_setup.c", "verbs_data.c", "verbs_conn.h"]
+ffi = _make("transport.rdma_c._rdma_cffi", VERBS, ["ibverbs", "rdmacm"])
+ffi_loopback = _make("transport.rdma_c._rdma_loopback_cffi", ["loopback.c"], [])
 
 if __name__ == "__main__":
     os.chdir(_ROOT)

@@ -1,19 +1,20 @@
 /* ssip_rdma.h - the RDMA data path of ssi-pager, in C (cffi module transport.rdma_c).
  *
  * One connection = one RC queue pair with its own event channel, protection domain,
- * completion channel, completion queue and registered buffers (see verbs.c). Every call that
- * can wait takes a timeout in milliseconds and waits with poll(2) on a file descriptor (the
- * rdma_cm event channel, the completion channel), so no call blocks longer than asked and
- * none holds the Python GIL (cffi releases it around every call).
+ * completion channel, completion queue and registered buffers (see verbs_conn.h). Every call
+ * that can wait takes a timeout in milliseconds and waits with poll(2) on a file descriptor
+ * (the rdma_cm event channel, the completion channel), so no call blocks longer than asked
+ * and none holds the Python GIL (cffi releases it around every call).
  *
  * Return values: >= 0 on success, -errno on failure with a message in err[errlen]:
  * -ETIMEDOUT (deadline), -ECONNRESET (the peer disconnected), -ECONNREFUSED (rejected),
  * -EBUSY (a connect request this node refused), -EACCES (remote access error), -EIO (a work
  * completion failed), -EPROTO (the peer broke the SSIP frame rules), -ENODEV (no device).
  *
- * Two backends implement the same functions: verbs.c over libibverbs/librdmacm (production)
- * and loopback.c, a TEST DOUBLE over TCP sockets on this machine (no RDMA here); the frame
- * logic in lane.c is shared by both. The cdef is this header minus its preprocessor lines. */
+ * Two backends implement the same functions: verbs_setup.c (connection setup) and
+ * verbs_data.c (data path) over libibverbs/librdmacm (production), and loopback.c, a TEST
+ * DOUBLE over TCP sockets on this machine (no RDMA here); the frame logic in lane.c is shared
+ * by both. The cdef is this header minus its preprocessor lines. */
 #ifndef SSIP_RDMA_H
 #define SSIP_RDMA_H
 #include <stddef.h>

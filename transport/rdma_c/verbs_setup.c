@@ -1,16 +1,8 @@
-/* verbs.c - the production backend of ssip_rdma.h over libibverbs and librdmacm.
- *
- * Each connection owns its rdma_cm event channel (an accepted id is migrated to it), its
- * protection domain (ibv_alloc_pd: never librdmacm's shared per-device PD, so an rkey is
- * valid on this connection's QP only), a completion channel and one CQ for sends and
- * receives. Waits poll(2) the completion channel and the event channel together with a
- * deadline, so a DISCONNECTED event ends any wait with -ECONNRESET. Both fds are non-blocking.
- *
- * This file compiles and links on a machine with rdma-core's headers; it runs only on an
- * RDMA NIC or soft-RoCE (rdma_rxe). See transport/README.md. */
-#include "ssip_rdma.h"
-#include "ssip_wire.h"
-#include "rdma_util.h"
+/* verbs_setup.c - the verbs backend of ssip_rdma.h, connection setup and teardown: device
+ * discovery, listen, connect requests, accept, connect (rdma_cm events each waited for with a
+ * deadline), the verbs objects of a connection (PD, completion channel, CQ, RC QP, registered
+ * buffers) and close. The data path is verbs_data.c; what both share, verbs_conn.h. */
+#include "verbs_conn.h"
 
 #include <fcntl.h>
 #include <netdb.h>
@@ -18,33 +10,9 @@
 #include <string.h>
 #include <sys/socket.h>
 
-#include <infiniband/verbs.h>
-#include <rdma/rdma_cma.h>
-
-#define QUEUE_DEPTH 8
-#define RECV_WR_ID 0
-
 struct ssip_rlisten {
     struct rdma_event_channel *ch;
     struct rdma_cm_id *id;
-};
-
-struct ssip_rconn {
-    struct rdma_event_channel *ch;
-    struct rdma_cm_id *id;
-    struct ibv_pd *pd;
-    struct ibv_comp_channel *cc;
-    struct ibv_cq *cq;
-    int qp;                       /* rdma_create_qp succeeded */
-    int established, disconnected;
-    uint8_t *msg_send, *msg_recv; /* SSIP_R_MSG bytes each */
-    struct ibv_mr *send_mr, *recv_mr;
-    uint8_t *buf[2];
-    struct ibv_mr *mr[2];
-    size_t window;
-    uint64_t wr_seq;
-    int recv_done;                /* a receive completed and was not consumed yet */
-    uint32_t recv_len;
 };
 
 const char *ssip_r_backend(void) { return "verbs"; }
@@ -78,8 +46,7 @@ static int nonblock(int fd)
 
 static const char *cm_name(enum rdma_cm_event_type t) { return rdma_event_str(t); }
 
-/* The next event on ch within the deadline, acknowledged; its type in *type and status. */
-static int next_event(struct rdma_event_channel *ch, int64_t deadline,
+int ssip_v_next_event(struct rdma_event_channel *ch, int64_t deadline,
                       enum rdma_cm_event_type *type, int *status, struct rdma_cm_id **id)
 {
     struct pollfd p = {.fd = ch->fd, .events = POLLIN};
@@ -106,7 +73,7 @@ static int expect_event(struct ssip_rconn *c, enum rdma_cm_event_type want, int6
 {
     enum rdma_cm_event_type t;
     int status;
-    int rc = next_event(c->ch, deadline, &t, &status, NULL);
+    int rc = ssip_v_next_event(c->ch, deadline, &t, &status, NULL);
     if (rc == -ETIMEDOUT)
         return ssip_r_fail(err, errlen, rc, "%s: no rdma_cm event before the deadline", what);
     if (rc < 0)
@@ -135,14 +102,6 @@ static uint8_t *reg(struct ssip_rconn *c, size_t len, int access, struct ibv_mr 
     }
     return p;
 }
-
-static int post_recv(struct ssip_rconn *c)
-{
-    struct ibv_sge sge = {(uintptr_t)c->msg_recv, SSIP_R_MSG, c->recv_mr->lkey};
-    struct ibv_recv_wr wr = {.wr_id = RECV_WR_ID, .sg_list = &sge, .num_sge = 1}, *bad;
-    return -ibv_post_recv(c->id->qp, &wr, &bad);
-}
-
 /* PD, completion channel, CQ, QP and buffers of c->id; passive: buffers 0/1 remotely
  * readable/writable (the node), else buffer 0 local only (the pager) */
 static int setup(struct ssip_rconn *c, size_t window, int passive, char *err, size_t errlen)
@@ -173,7 +132,7 @@ static int setup(struct ssip_rconn *c, size_t window, int passive, char *err, si
                               &c->mr[i])))
             return ssip_r_fail(err, errlen, -ENOMEM, "ibv_reg_mr (%zu-byte window): %s",
                                window, strerror(errno));
-    int rc = post_recv(c);
+    int rc = ssip_v_post_recv(c);
     return rc ? ssip_r_fail(err, errlen, rc, "ibv_post_recv: %s", strerror(-rc)) : 0;
 }
 
@@ -251,7 +210,7 @@ int ssip_r_get_request(struct ssip_rlisten *l, int timeout_ms, struct ssip_rreq 
     int status, rc;
     struct rdma_cm_id *id;
     do {  /* only connect requests arrive here: accepted ids are migrated at once */
-        rc = next_event(l->ch, deadline, &t, &status, &id);
+        rc = ssip_v_next_event(l->ch, deadline, &t, &status, &id);
         if (rc < 0)
             return ssip_r_fail(err, errlen, rc, "waiting for a connect request: %s",
                                strerror(-rc));
@@ -360,150 +319,6 @@ int ssip_r_connect(const char *host, int port, int timeout_ms, size_t window,
     c->established = 1;
     *out = c;
     return 0;
-}
-
-uint8_t *ssip_r_buffer(struct ssip_rconn *c, int which) { return c->buf[which & 1]; }
-
-size_t ssip_r_window(struct ssip_rconn *c) { return c->window; }
-
-void ssip_r_keys(struct ssip_rconn *c, uint64_t *read_addr, uint32_t *read_rkey,
-                 uint64_t *write_addr, uint32_t *write_rkey)
-{
-    *read_addr = (uintptr_t)c->buf[0];
-    *read_rkey = c->mr[0] ? c->mr[0]->rkey : 0;
-    *write_addr = (uintptr_t)c->buf[1];
-    *write_rkey = c->mr[1] ? c->mr[1]->rkey : 0;
-}
-
-/* Wait for the completion of work request wr_id (RECV_WR_ID: the next receive). A
- * DISCONNECTED event, a failed completion or the deadline end the wait. */
-static int wait_wc(struct ssip_rconn *c, uint64_t wr_id, int64_t deadline, const char *what,
-                   char *err, size_t errlen)
-{
-    if (c->disconnected)
-        return ssip_r_fail(err, errlen, -ECONNRESET, "%s: the peer disconnected", what);
-    struct pollfd p[2] = {{.fd = c->cc->fd, .events = POLLIN},
-                          {.fd = c->ch->fd, .events = POLLIN}};
-    int armed = 0;
-    for (;;) {
-        if (wr_id == RECV_WR_ID && c->recv_done)
-            return 0;
-        struct ibv_wc wc;
-        int n = ibv_poll_cq(c->cq, 1, &wc);
-        if (n < 0)
-            return ssip_r_fail(err, errlen, -EIO, "%s: ibv_poll_cq failed", what);
-        if (n == 1) {
-            if (wc.status != IBV_WC_SUCCESS) {
-                int rc = wc.status == IBV_WC_REM_ACCESS_ERR ? -EACCES
-                         : wc.status == IBV_WC_WR_FLUSH_ERR ? -ECONNRESET : -EIO;
-                return ssip_r_fail(err, errlen, rc, "%s: work completion %s", what,
-                                   ibv_wc_status_str(wc.status));
-            }
-            if (wc.wr_id == RECV_WR_ID) {
-                c->recv_done = 1;
-                c->recv_len = wc.byte_len;
-            } else if (wc.wr_id == wr_id) {
-                return 0;
-            }
-            continue;
-        }
-        if (!armed) {  /* arm, then poll once more: a completion may have raced the arming */
-            if (ibv_req_notify_cq(c->cq, 0))
-                return ssip_r_fail(err, errlen, -EIO, "%s: ibv_req_notify_cq failed", what);
-            armed = 1;
-            continue;
-        }
-        int rc = ssip_r_poll(p, 2, deadline);
-        if (rc < 0)
-            return ssip_r_fail(err, errlen, rc, "%s: poll: %s", what, strerror(-rc));
-        if (rc == 0)
-            return ssip_r_fail(err, errlen, -ETIMEDOUT, "%s: no completion before the "
-                               "deadline", what);
-        if (p[1].revents) {
-            enum rdma_cm_event_type t;
-            int status;
-            if (next_event(c->ch, ssip_r_now_ms(), &t, &status, NULL) == 0
-                && (t == RDMA_CM_EVENT_DISCONNECTED || t == RDMA_CM_EVENT_DEVICE_REMOVAL
-                    || t == RDMA_CM_EVENT_TIMEWAIT_EXIT)) {
-                c->disconnected = 1;
-                return ssip_r_fail(err, errlen, -ECONNRESET, "%s: the peer disconnected (%s)",
-                                   what, cm_name(t));
-            }
-        }
-        if (p[0].revents) {
-            struct ibv_cq *cq;
-            void *ctx;
-            if (ibv_get_cq_event(c->cc, &cq, &ctx) == 0) {
-                ibv_ack_cq_events(cq, 1);
-                armed = 0;
-            }
-        }
-    }
-}
-
-static int post_send(struct ssip_rconn *c, enum ibv_wr_opcode op, void *local, uint32_t lkey,
-                     size_t len, uint64_t raddr, uint32_t rkey, int timeout_ms,
-                     const char *what, char *err, size_t errlen)
-{
-    int64_t deadline = ssip_r_now_ms() + timeout_ms;
-    if (c->disconnected)
-        return ssip_r_fail(err, errlen, -ECONNRESET, "%s: the peer disconnected", what);
-    struct ibv_sge sge = {(uintptr_t)local, (uint32_t)len, lkey};
-    struct ibv_send_wr wr = {.wr_id = ++c->wr_seq, .sg_list = &sge, .num_sge = 1,
-                             .opcode = op, .send_flags = IBV_SEND_SIGNALED}, *bad;
-    wr.wr.rdma.remote_addr = raddr;
-    wr.wr.rdma.rkey = rkey;
-    int rc = ibv_post_send(c->id->qp, &wr, &bad);
-    if (rc)
-        return ssip_r_fail(err, errlen, -rc, "%s: ibv_post_send: %s", what, strerror(rc));
-    return wait_wc(c, wr.wr_id, deadline, what, err, errlen);
-}
-
-int ssip_r_send(struct ssip_rconn *c, const void *msg, size_t len, int timeout_ms,
-                char *err, size_t errlen)
-{
-    if (len > SSIP_R_MSG)
-        return ssip_r_fail(err, errlen, -EMSGSIZE, "message of %zu bytes exceeds %d", len,
-                           SSIP_R_MSG);
-    memcpy(c->msg_send, msg, len);
-    return post_send(c, IBV_WR_SEND, c->msg_send, c->send_mr->lkey, len, 0, 0, timeout_ms,
-                     "RDMA send", err, errlen);
-}
-
-int ssip_r_recv(struct ssip_rconn *c, void *out, size_t cap, int timeout_ms,
-                char *err, size_t errlen)
-{
-    int rc = wait_wc(c, RECV_WR_ID, ssip_r_now_ms() + timeout_ms, "RDMA receive", err,
-                     errlen);
-    if (rc < 0)
-        return rc;
-    uint32_t n = c->recv_len;
-    c->recv_done = 0;
-    if (n > cap)
-        return ssip_r_fail(err, errlen, -EMSGSIZE, "received %u bytes, room for %zu", n, cap);
-    memcpy(out, c->msg_recv, n);
-    rc = post_recv(c);  /* keep one receive posted */
-    return rc ? ssip_r_fail(err, errlen, rc, "ibv_post_recv: %s", strerror(-rc)) : (int)n;
-}
-
-int ssip_r_read(struct ssip_rconn *c, size_t len, uint64_t raddr, uint32_t rkey,
-                int timeout_ms, char *err, size_t errlen)
-{
-    if (len > c->window)
-        return ssip_r_fail(err, errlen, -EINVAL, "RDMA READ of %zu bytes exceeds the "
-                           "%zu-byte buffer", len, c->window);
-    return post_send(c, IBV_WR_RDMA_READ, c->buf[0], c->mr[0]->lkey, len, raddr, rkey,
-                     timeout_ms, "RDMA READ", err, errlen);
-}
-
-int ssip_r_write(struct ssip_rconn *c, size_t len, uint64_t raddr, uint32_t rkey,
-                 int timeout_ms, char *err, size_t errlen)
-{
-    if (len > c->window)
-        return ssip_r_fail(err, errlen, -EINVAL, "RDMA WRITE of %zu bytes exceeds the "
-                           "%zu-byte buffer", len, c->window);
-    return post_send(c, IBV_WR_RDMA_WRITE, c->buf[0], c->mr[0]->lkey, len, raddr, rkey,
-                     timeout_ms, "RDMA WRITE", err, errlen);
 }
 
 void ssip_r_close(struct ssip_rconn *c)
