@@ -17,6 +17,10 @@ Lines (``name``, ``p50_us``, ``p99_us``, ``gbps`` where they apply):
   those.
 * ``rdma_fetch_4k`` / ``rdma_fetch_64k``   with ``--rdma --endpoint``: the same fetches over a
   proven RDMA lane (`transport.rdma_c.check.bench_lines`)
+* ``checksum-crc32-4k`` / ``checksum-crc32c-4k``   the memory node's per-page checksum
+  (``ns_per_page``, zlib's crc32 of stores written before CRC32C vs CRC32C on the CPU's crc32
+  instruction where ``hardware``), as the store computes it, in this process; and
+  ``ratio-checksum-crc32c-crc32-4k`` (crc32c / crc32; `transport.node.checksum.bench_lines`)
 
 Without ``--endpoint`` a memory node is started on loopback (its own process) and filled with
 ``--mib`` MiB. ``--netns`` repeats the client measurements across a veth link between two
@@ -42,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from pager.tools import refpager
+from transport.node.checksum import bench_lines as checksum_lines
 from transport.tcp import BlockingChannel, TcpTransport
 from transport.tcp import run as run_loop
 from transport.token import load_token
@@ -395,6 +400,8 @@ def main(args: argparse.Namespace) -> int:
             ours += median_lines(tls_rounds) + median_lines(cost_rounds)
         refs = median_lines(ref_rounds) if ref_rounds else []
         for line in ours + refs + (median_lines(ratio_rounds) if ratio_rounds else []):
+            emit(line)
+        for line in checksum_lines(label=args.label):  # the store's page checksum, per page
             emit(line)
         if args.netns:
             for line in bench_netns(args, tmp):

@@ -65,3 +65,15 @@ def test_page_sums_are_per_page_of_the_kind():
     # native-order u32, as the .sums file holds them
     assert struct.unpack("=5I", page_sums("crc32c", data).tobytes()) == tuple(
         crc32c(p) for p in pages)
+
+
+def test_the_bench_lines_name_both_kinds_and_their_ratio():
+    lines = checksum.bench_lines(seconds=0.01, label="t")
+    assert [x["name"] for x in lines] == ["checksum-crc32-4k", "checksum-crc32c-4k",
+                                          "ratio-checksum-crc32c-crc32-4k"]
+    assert all(x["label"] == "t" for x in lines)
+    crc32, crc32c_, ratio = lines
+    assert crc32["ns_per_page"] > 0 and crc32c_["ns_per_page"] > 0
+    assert crc32c_["hardware"] == checksum.hardware()
+    assert ratio["ratio"] == pytest.approx(crc32c_["ns_per_page"] / crc32["ns_per_page"],
+                                           rel=0.01)
