@@ -138,22 +138,28 @@ int ssip_r_recv(struct ssip_rconn *c, void *out, size_t cap, int timeout_ms,
     return rc ? ssip_r_fail(err, errlen, rc, "ibv_post_recv: %s", strerror(-rc)) : (int)n;
 }
 
+/* An RDMA READ or WRITE of len bytes between buffer 0 and the peer's raddr/rkey. */
+static int read_write(struct ssip_rconn *c, enum ibv_wr_opcode op, const char *what,
+                      size_t len, uint64_t raddr, uint32_t rkey, int timeout_ms, char *err,
+                      size_t errlen)
+{
+    if (len > c->window)
+        return ssip_r_fail(err, errlen, -EINVAL, "%s of %zu bytes exceeds the %zu-byte buffer",
+                           what, len, c->window);
+    return post_send(c, op, c->buf[0], c->mr[0]->lkey, len, raddr, rkey, timeout_ms, what,
+                     err, errlen);
+}
+
 int ssip_r_read(struct ssip_rconn *c, size_t len, uint64_t raddr, uint32_t rkey,
                 int timeout_ms, char *err, size_t errlen)
 {
-    if (len > c->window)
-        return ssip_r_fail(err, errlen, -EINVAL, "RDMA READ of %zu bytes exceeds the "
-                           "%zu-byte buffer", len, c->window);
-    return post_send(c, IBV_WR_RDMA_READ, c->buf[0], c->mr[0]->lkey, len, raddr, rkey,
-                     timeout_ms, "RDMA READ", err, errlen);
+    return read_write(c, IBV_WR_RDMA_READ, "RDMA READ", len, raddr, rkey, timeout_ms, err,
+                      errlen);
 }
 
 int ssip_r_write(struct ssip_rconn *c, size_t len, uint64_t raddr, uint32_t rkey,
                  int timeout_ms, char *err, size_t errlen)
 {
-    if (len > c->window)
-        return ssip_r_fail(err, errlen, -EINVAL, "RDMA WRITE of %zu bytes exceeds the "
-                           "%zu-byte buffer", len, c->window);
-    return post_send(c, IBV_WR_RDMA_WRITE, c->buf[0], c->mr[0]->lkey, len, raddr, rkey,
-                     timeout_ms, "RDMA WRITE", err, errlen);
+    return read_write(c, IBV_WR_RDMA_WRITE, "RDMA WRITE", len, raddr, rkey, timeout_ms, err,
+                      errlen);
 }
