@@ -6,14 +6,19 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import struct
+import subprocess
 import zlib
+from pathlib import Path
 
 import pytest
 
 from transport.node import checksum
 from transport.node.checksum import crc32c, crc32c_table, page_sums
 from transport.wire import PAGE_SIZE
+
+NODE = Path(__file__).resolve().parents[2] / "transport" / "node"
 
 # RFC 3720 (iSCSI) B.4 and the common check value
 VECTORS = [
@@ -77,3 +82,43 @@ def test_the_bench_lines_name_both_kinds_and_their_ratio():
     assert crc32c_["hardware"] == checksum.hardware()
     assert ratio["ratio"] == pytest.approx(crc32c_["ns_per_page"] / crc32["ns_per_page"],
                                            rel=0.01)
+
+
+FALLBACK_MAIN = r"""
+#include <stdio.h>
+#include "crc32c.h"
+int main(void)
+{
+    static unsigned char b[3 * 4096 + 8];
+    for (unsigned i = 0; i < sizeof b; i++)
+        b[i] = (unsigned char)(i * 131 + 7);
+    printf("%d %08x", ssi_crc32c_hardware(), ssi_crc32c(0, "123456789", 9));
+    for (unsigned n = 0; n <= 3 * 4096; n += 1 + n / 7)
+        printf(" %08x", ssi_crc32c(0, b + n % 8, n));
+    printf("\n");
+    return 0;
+}
+"""
+
+
+def test_without_the_instruction_the_tables_answer_the_same(tmp_path):
+    """crc32c.c built without its SSE4.2 path (as on a CPU or architecture without it): the
+    same answers from the table fallback, which says it is no hardware."""
+    cc = shutil.which("gcc") or shutil.which("cc")
+    assert cc, "a C compiler is needed to build crc32c.c"
+    (tmp_path / "main.c").write_text(FALLBACK_MAIN)
+    exe = tmp_path / "fallback"
+    done = subprocess.run([cc, "-O2", "-Wall", "-Wextra", "-Werror", "-std=gnu11",
+                           "-DSSI_CRC32C_NO_HW", f"-I{NODE}", str(tmp_path / "main.c"),
+                           str(NODE / "crc32c.c"), "-o", str(exe)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60,
+                         check=True).stdout.split()
+    assert out[:2] == ["0", "e3069283"]
+    b = bytes((i * 131 + 7) & 0xFF for i in range(3 * 4096 + 8))
+    want, n = [], 0
+    while n <= 3 * 4096:
+        want.append(f"{crc32c(b[n % 8:n % 8 + n]):08x}")  # this process: the instruction
+        n += 1 + n // 7
+    assert out[2:] == want
