@@ -88,6 +88,7 @@ def store_checksum(root: Path, fresh: bool) -> str:
         text = path.read_text()
     except FileNotFoundError:
         if not fresh:
+            log.info("store %s: page checksums crc32 (written before crc32c; kept)", root)
             return CRC32
         return _record(path, DEFAULT)
     except OSError as exc:
