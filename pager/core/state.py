@@ -232,9 +232,9 @@ class ClientState:
         ``follows(chunk start)``: whether the chunk before was faulted on just before (the C
         loop served it, so the detector did not see it); ``clock``: faults so far."""
         r = self.regions.find(addr)
-        if r is None:
-            return []
         cs = self.chunk_size
+        if r is None or r.page_size > cs:  # huge pages: a fault fetches a whole page already
+            return []
         nchunks = -(-r.size // cs)
         index = (addr - r.base) // cs
         after = follows is not None and follows(r.base + index * cs)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from pager.core.readahead import CONFIRM_WITHIN, NEVER, PATIENCE, PATIENCE_PER_CHUNK, Readahead
+from pager.core.region import Region, RegionTable
+from pager.core.state import ClientState
 
 A, B = 0x100000, 0x900000  # two regions' bases
 N = 1000  # chunks per region
@@ -95,3 +97,18 @@ def test_off():
     ra.on_fault(A, 0, N)
     f = ra.fresh()
     assert (f.min_hits, f.max_chunks, f.max_streams, f.streams) == (3, 4, 2, [])
+
+
+def test_client_state_feeds_the_detector_and_marks_chunks_in_flight():
+    K = 4096
+    small = Region(base=0x200000, size=64 * K, offset=0)
+    huge = Region(base=0x40000000, size=8 << 20, offset=1 << 30, page_size=2 << 20)
+    st = ClientState(RegionTable([small, huge]), chunk_size=K)
+    served_by_c = {small.base + 9 * K}  # C served chunk 8 just before: chunk 9 follows it
+    assert st.readahead_after(small.base + 9 * K, served_by_c.__contains__) == []
+    ra = st.readahead_after(small.base + 10 * K, served_by_c.__contains__)
+    assert [f.start for f in ra] == [small.base + 11 * K, small.base + 12 * K]
+    assert set(st.inflight) == {(small.base, 11), (small.base, 12)}
+    # huge pages: every fault fetches a whole page; nothing is read ahead there
+    for i in range(4):
+        assert st.readahead_after(huge.base + i * K) == []
