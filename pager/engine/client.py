@@ -199,6 +199,7 @@ class ClientPager(CLoopMixin, ReadaheadMixin, FarMemMixin, WorkingSetMixin):
             if self.parent is not None:
                 with contextlib.suppress(ValueError):
                     self.parent.children.remove(self)
+            self._cl = None  # its buffers are freed with it
             self.engine._retire(self)
             self.finished.set()
             for ev in self._synced:
