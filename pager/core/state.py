@@ -16,9 +16,11 @@ the resident set is kept in host addresses (what the kernel maps), moved with th
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pager.core.farmem import FarMemory
+from pager.core.readahead import Readahead
 from pager.core.region import PAGE_SIZE, Region, RegionTable
 
 # fault kinds (the uffd page-fault flags): a missing page, a write to a write-protected page,
@@ -165,39 +167,6 @@ Action = Fetch | ZeroFill | Wait | Unknown | Unprotect | Continue
 
 
 @dataclass
-class Readahead:
-    """Sequential-stream detector: consecutive faults in consecutive chunks of a region open
-    a readahead window that doubles on every further hit, up to ``max_chunks``."""
-
-    min_hits: int = 2
-    max_chunks: int = 32
-    last: tuple[int, int] | None = None  # (region base, chunk index) of the last fault
-    hits: int = 0
-    window: int = 0
-    ahead: int = -1  # chunks with index <= ahead are already requested (same region)
-
-    def on_fault(self, base: int, index: int, nchunks: int) -> range:
-        """Chunk indexes of ``base``'s region to read ahead after a fault at chunk ``index``."""
-        last = self.last
-        self.last = (base, index)
-        if last is not None and last[0] == base and (
-                index == last[1] + 1 or last[1] < index <= self.ahead + 1):
-            self.hits += 1
-        else:
-            self.hits, self.window, self.ahead = 0, 0, -1
-            return range(0)
-        if self.hits < self.min_hits:
-            return range(0)
-        self.window = min(self.max_chunks, max(2, self.window * 2))
-        first = max(index + 1, self.ahead + 1)
-        stop = min(nchunks, index + 1 + self.window)
-        if first >= stop:
-            return range(0)
-        self.ahead = stop - 1
-        return range(first, stop)
-
-
-@dataclass
 class ClientState:
     """Per-client bookkeeping (one per uffd: a forked child gets a copy)."""
 
@@ -215,8 +184,7 @@ class ClientState:
         child shares them copy-on-write), nothing in flight."""
         return ClientState(regions=self.regions.copy(), chunk_size=self.chunk_size,
                            removed={k: v.copy() for k, v in self.removed.items()},
-                           readahead=Readahead(self.readahead.min_hits,
-                                               self.readahead.max_chunks),
+                           readahead=self.readahead.fresh(),
                            resident=self.resident.copy())
 
     # -- faults ------------------------------------------------------------------------------
@@ -258,15 +226,20 @@ class ClientState:
                          for s, e in removed.overlaps(r.gpa(start), r.gpa(start + length)))
         return Fetch(r, start, length, r.gpa(start), gone)
 
-    def readahead_after(self, addr: int) -> list[Fetch]:
-        """Chunks to read ahead after a fault at ``addr`` (marked in flight here)."""
+    def readahead_after(self, addr: int, follows: Callable[[int], bool] | None = None,
+                        clock: int = 0) -> list[Fetch]:
+        """Chunks to read ahead after a fault at ``addr`` (marked in flight here).
+        ``follows(chunk start)``: whether the chunk before was faulted on just before (the C
+        loop served it, so the detector did not see it); ``clock``: faults so far."""
         r = self.regions.find(addr)
-        if r is None:
-            return []
         cs = self.chunk_size
+        if r is None or r.page_size > cs:  # huge pages: a fault fetches a whole page already
+            return []
         nchunks = -(-r.size // cs)
+        index = (addr - r.base) // cs
+        after = follows is not None and follows(r.base + index * cs)
         out = []
-        for i in self.readahead.on_fault(r.base, (addr - r.base) // cs, nchunks):
+        for i in self.readahead.on_fault(r.base, index, nchunks, after, clock):
             key = (r.base, i)
             if key in self.inflight:
                 continue

@@ -34,17 +34,18 @@ userfaultfd.rst):
 
 The C fast path (``c_loop``, default on; ``SSI_PAGER_C_LOOP=0`` or ``serve --no-c-loop`` turn it
 off): measured, the Python loop above adds ~5 us to a ~11 us remote 4 KiB fault, so for sources
-whose lanes expose a socket (memory node) and clients without readahead in flight, the fault
-thread hands the per-fault loop to C (``pager.uffd.faultloop``, GIL released): poll, read a
-batch, fetch each ordinary fault's chunk, ``ssi_install`` it (the same installer), logging each
-installed chunk in a ring. C returns every event it
-does not serve (layout events, WP/MINOR faults, faults in REMOVE'd or read-ahead chunks or
-outside the table, failed installs) together with the rest of the batch, in order, to the
-Python path below, and any fetch error after dropping the connection, so retries, poisoning,
-REMOVE and fork semantics stay in Python. Its counters are folded into ``EngineStats`` and its
-residency ring into the state whenever it returns (at least every 50 ms, and when the ring is
-too full for another chunk); ``ClientPager.quiesce`` waits for that. Forked children and
-readahead clients use the Python loop.
+whose lanes expose a socket (memory node), the fault thread hands the per-fault loop to C
+(``pager.uffd.faultloop``, GIL released): poll, read a batch, fetch each ordinary fault's
+chunk, ``ssi_install`` it (the same installer), logging each installed chunk in a ring. C
+returns every event it does not serve (layout events, WP/MINOR faults, faults in REMOVE'd or
+read-ahead chunks or outside the table, failed installs, and with readahead on a fault on the
+chunk after one C served lately or on a stream's next chunk, for the stream detector: see
+``readahead``) together with the rest of the batch, in order, to the Python path below, and
+any fetch error after dropping the connection, so retries, poisoning, REMOVE and fork semantics
+stay in Python. Its counters are folded into ``EngineStats`` and its residency ring into the
+state whenever it returns (at least every 50 ms, and when the ring is too full for another
+chunk); ``ClientPager.quiesce`` waits for that. A fault waiting when C returned is left to C
+when it runs again next. Forked children use the Python loop.
 
 Failure policy: a fetch that fails is retried with exponential backoff (10 ms .. 1 s) until
 ``fetch_timeout``; a page a node holds is never zero-filled instead. A fault that cannot be

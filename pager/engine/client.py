@@ -97,6 +97,7 @@ class ClientPager(CLoopMixin, ReadaheadMixin, FarMemMixin, WorkingSetMixin):
         self._pidfd: int | None = None
         self._lane: Lane | None = None
         self._c_dirty = True  # the C loop's region table / slow ranges must be rebuilt
+        self._cl: FaultLoop | None = None  # the C loop, once the fault thread made one
         self._c_retry_at = 0.0
         self._thread = threading.Thread(target=self._run, name=f"fault-{name}", daemon=True)
         buf_size = max(engine.chunk_size, PAGE_SIZE)
@@ -198,6 +199,7 @@ class ClientPager(CLoopMixin, ReadaheadMixin, FarMemMixin, WorkingSetMixin):
             if self.parent is not None:
                 with contextlib.suppress(ValueError):
                     self.parent.children.remove(self)
+            self._cl = None  # its buffers are freed with it
             self.engine._retire(self)
             self.finished.set()
             for ev in self._synced:
@@ -220,6 +222,7 @@ class ClientPager(CLoopMixin, ReadaheadMixin, FarMemMixin, WorkingSetMixin):
         while not stop.is_set():
             busy = state.deferred or self._ra_done or self._pf_done
             timeout = 0 if busy else 1000
+            c_next = False  # C returned and runs again next: a fault waiting now is its
             if cl is not None and not busy and self._c_prepare(cl, lane):
                 code, first, n, err = cl.run()  # GIL released while C serves faults
                 self._c_fold(cl)
@@ -231,6 +234,7 @@ class ClientPager(CLoopMixin, ReadaheadMixin, FarMemMixin, WorkingSetMixin):
                 if code == READ_ERROR:
                     raise uffd_error(err, "read(userfaultfd)")
                 timeout = 0  # WAKE / IDLE: one Python pass (eventfd, stop, pidfd)
+                c_next = True
             uffd_ready = False
             for fd, ev in poller.poll(timeout):
                 if fd == ufd:
@@ -242,7 +246,8 @@ class ClientPager(CLoopMixin, ReadaheadMixin, FarMemMixin, WorkingSetMixin):
                     raise UffdGone(3, "forked client exited")
             while self._synced:  # C (if any) returned and folded: all served so far is known
                 self._synced.pop().set()
-            if uffd_ready:
+            if uffd_ready and not (c_next and not (state.deferred or self._ra_done
+                                                   or self._pf_done)):
                 n = read_raw(raw)
                 if n:
                     self._handle(raw, words, n, lane)

@@ -1,7 +1,8 @@
 """Glue between a client's fault thread and the C fault loop (``pager.uffd.faultloop``).
 
 ``CLoopMixin`` (part of ``ClientPager``) decides whether a client may use the C loop, gives it
-the region table (with each region's page size), the sockets and the slow ranges, folds its
+the region table (with each region's page size), the sockets and the slow ranges (removed,
+read ahead in flight, each readahead stream's next chunk), folds its
 counters into the client's stats and its residency ring into the client state whenever it
 returns, and drops the lane's connections after a failed fetch (Python then serves the fault
 with its retries).
@@ -18,7 +19,7 @@ from pager.core.region import PAGE_SIZE
 from pager.engine.stats import LATENCY_BUCKETS_US
 from pager.source import Lane
 from pager.uffd.binding import RawEvents
-from pager.uffd.faultloop import MAX_FETCH, PROTO_RAW, PROTO_SSIP, FaultLoop
+from pager.uffd.faultloop import MAX_FETCH, MAX_WATCH, PROTO_RAW, PROTO_SSIP, FaultLoop
 from transport.errors import TransportError
 
 if TYPE_CHECKING:
@@ -33,11 +34,16 @@ class CLoopMixin:
     def _c_loop(self: ClientPager, raw: RawEvents, lane: Lane) -> FaultLoop | None:
         """The C loop for this client, or None where the Python loop serves every fault."""
         eng = self.engine
-        if not eng.c_loop or not lane.c_capable or self.parent is not None \
-                or eng.readahead_active:
+        if not eng.c_loop or not lane.c_capable or self.parent is not None:
             return None
         cl = FaultLoop(self.uffd.fileno(), [self._efd], raw, max(eng.chunk_size, PAGE_SIZE),
                        LATENCY_BUCKETS_US, poll_us=eng.poll_us)
+        ra = self.state.readahead
+        if ra.active:
+            # C serves every fault but one on the chunk after one it served lately: the
+            # detector sees a stream from its second fault, random faults never leave C
+            cl.set_watch(min(ra.max_streams, MAX_WATCH))
+        self._cl = cl
         if self.state.farmem is not None:
             # C serves missing faults, write-protected and within the room under the limit;
             # write-protect faults and the units the evictor works on are Python's
@@ -76,6 +82,9 @@ class CLoopMixin:
             return False
         cs = self.engine.chunk_size
         slow += [(base + i * cs, base + (i + 1) * cs) for base, i in state.inflight]
+        # each stream's next chunk: its fault goes on to the detector
+        slow += [(base + i * cs, base + (i + 1) * cs) for base, i in
+                 state.readahead.watch(self.stats.faults)]
         if not (cl.set_regions(table) and cl.set_slow(slow)):
             self._c_retry_at = now + 1.0  # too many regions / removed ranges for C
             return False

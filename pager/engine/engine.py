@@ -9,8 +9,9 @@ import threading
 from collections.abc import Callable
 
 from pager.core.farmem import POLICIES, FarMemory
+from pager.core.readahead import NEVER, Readahead
 from pager.core.region import PAGE_SIZE, Region, RegionTable
-from pager.core.state import ClientState, Readahead
+from pager.core.state import ClientState
 from pager.engine.client import ClientPager
 from pager.engine.evict import (
     check_far_memory,
@@ -104,7 +105,7 @@ class FaultEngine:
         u = Userfaultfd.adopt(uffd_fd)
         state = ClientState(RegionTable(regions), chunk_size=self.chunk_size,
                             readahead=self._detector() if not limited
-                            else Readahead(min_hits=1 << 60))
+                            else Readahead(min_hits=NEVER))
         if limited:
             register_wp(u, regions)
             state.farmem = FarMemory(self.max_resident or self.pager_max_resident or 0,
@@ -158,7 +159,7 @@ class FaultEngine:
         # fault path already streams as fast, and the thread hand-off only adds latency
         # (measured: README "Design"), so it is used for smaller chunks only.
         if not self.readahead_active:
-            return Readahead(min_hits=1 << 60)
+            return Readahead(min_hits=NEVER)
         return Readahead(max_chunks=max(2, self.readahead // self.chunk_size))
 
     def adopt_child(self, parent: ClientPager, fd: int) -> ClientPager:

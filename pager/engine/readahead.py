@@ -1,6 +1,12 @@
 """The readahead lane of a client: sequential streams are fetched ahead on a second thread
 and connection; the fault thread installs what landed only when no fault is waiting, so
-readahead never delays a fault. ``ReadaheadMixin`` is part of ``ClientPager``."""
+readahead never delays a fault. ``ReadaheadMixin`` is part of ``ClientPager``.
+
+Streams are detected per stream (``pager.core.readahead``) from the faults Python serves. The
+C loop keeps serving every other fault: it leaves to Python only a fault on the chunk right
+after one it served lately, on a stream's next chunk, or on a chunk in flight, so a random
+fault stays in C (no hand-back, no round trip more) and a sequential stream reaches the
+detector from its second fault on."""
 
 from __future__ import annotations
 
@@ -25,16 +31,20 @@ class ReadaheadMixin:
     """Readahead for ``ClientPager``: request, fetch on the lane thread, install."""
 
     def _readahead(self: ClientPager, addr: int) -> None:
-        if not self.engine.readahead:
+        """After a fault served by Python at ``addr``: feed the stream detector, request what
+        it reads ahead."""
+        if not self.state.readahead.active:
             return
-        todo = self.state.readahead_after(addr)
+        cl = self._cl
+        todo = self.state.readahead_after(addr, cl.watching if cl is not None else None,
+                                          self.stats.faults)
+        self._c_dirty = True  # the streams' next chunks (and maybe chunks in flight) moved
         if not todo:
             return
         if self._ra_thread is None:
             self._ra_thread = threading.Thread(target=self._ra_run, name=f"ra-{self.name}",
                                                daemon=True)
             self._ra_thread.start()
-        self._c_dirty = True
         self.stats.readahead_chunks += len(todo)
         self.stats.inflight += len(todo)
         # consecutive chunks travel as one fetch and one install (fewer round trips/ioctls)

@@ -27,6 +27,7 @@ MAX_REGIONS: int = lib.SSI_PFL_MAX_REGIONS
 MAX_SLOW: int = lib.SSI_PFL_MAX_SLOW
 MAX_FETCH: int = lib.SSI_PFL_MAX_FETCH  # regions with larger pages are served by Python
 MAX_EVICT: int = lib.SSI_PFL_MAX_EVICT
+MAX_WATCH: int = lib.SSI_PFL_MAX_WATCH
 COUNTERS = ("faults", "faults_write", "served_fetch", "served_dup", "fetched_bytes",
             "latency_sum_us", "latency_count")
 
@@ -114,6 +115,24 @@ class FaultLoop:
             lp.slow_end[i] = e
         lp.nslow = len(merged)
         return True
+
+    # -- sequential streams (readahead) ---------------------------------------------------
+    def set_watch(self, n: int) -> None:
+        """Remember the chunk after each of the last ``n`` chunks the loop served and leave a
+        fault there to Python (which detects sequential streams); 0 turns it off."""
+        if not 0 <= n <= MAX_WATCH:
+            raise ValueError(f"{n} watched chunks: the C loop holds 0 to {MAX_WATCH}")
+        lp = self._l
+        for k in range(MAX_WATCH):
+            lp.watch[k] = 0
+        lp.watch_next = 0
+        lp.nwatch = n
+
+    def watching(self, addr: int) -> bool:
+        """Whether the loop served the chunk right before the one at ``addr`` lately."""
+        lp = self._l
+        w = lp.watch
+        return any(w[k] == addr for k in range(lp.nwatch))
 
     # -- far memory (a client under a resident limit) -------------------------------------
     def set_farmem(self) -> None:

@@ -176,7 +176,7 @@ def test_python_path_when_the_c_loop_is_off(memnode, monkeypatch):
         engine.close()
 
 
-def test_sources_and_clients_c_cannot_serve_use_python(tmp_path, memnode):
+def test_sources_and_clients_c_cannot_serve_use_python(tmp_path):
     data = DataSet(2 * MIB)
     snap = tmp_path / "snap.mem"
     data.write_file(str(snap))
@@ -190,20 +190,6 @@ def test_sources_and_clients_c_cannot_serve_use_python(tmp_path, memnode):
     finally:
         c.close(unmap=True)
         engine.close()
-    # readahead in flight is Python's business: a 4 KiB-chunk client with readahead
-    memnode.seed(data)
-    engine = FaultEngine(memnode.source(), chunk_size=PAGE, readahead=256 * 1024)
-    c = Client(2 * MIB)
-    try:
-        serve(engine, c)
-        wait_or_fail(c.touch(threads=1))
-        assert c.check(data) == []
-        st = stats(engine, 2 * MIB)
-        assert st.c_faults == 0 and st.readahead_installed > 0
-    finally:
-        c.close(unmap=True)
-        engine.close()
-
 
 
 def test_serve_flag_turns_the_c_loop_off(memnode, monkeypatch):

@@ -6,10 +6,11 @@
  * itself: one FETCH, one reply straight into the buffer, then ssi_install (install.c, the same
  * code the Python path calls). It returns as soon as it meets anything else, with the events it
  * has not handled (first .. n) left for Python: layout events, write-protect or minor faults,
- * faults outside the table or on a slow chunk, an install that failed, a residency ring too full
- * for another chunk (it returns SSI_PFL_IDLE before reading a batch the ring may not hold), and
- * any fetch error (SSI_PFL_FETCH_ERROR: Python drops the connection and
- * serves the fault with retries).
+ * faults outside the table or on a slow chunk, a fault on the chunk right after one it served
+ * lately when Python watches for sequential streams (nwatch), an install that failed, a
+ * residency ring too full for another chunk (it returns SSI_PFL_IDLE before reading a batch
+ * the ring may not hold), and any fetch error (SSI_PFL_FETCH_ERROR: Python drops the
+ * connection and serves the fault with retries).
  *
  * Far memory (l->farmem, a client under a resident limit): installs are write-protected, a
  * write fault's chunk is installed writable and listed in l->dirty; the loop installs at most
@@ -249,6 +250,9 @@ static int ssi_pfl_fault(struct ssi_pfl *l, int i, uint64_t t0, uint64_t *done_s
             || g->max_res - g->nres < 2 * (len / r->page_size) + 2
             || ssi_pfl_is_slow(l, start, start + len))
         return 0;
+    for (int k = 0; k < l->nwatch; k++)
+        if (l->watch[k] == start)
+            return 0;  /* the chunk after one just served: a stream's detector is Python's */
     /* far memory: within the budget, never in a unit being evicted, room to report a dirty
        unit; a write fault installs its unit writable (reported dirty: no WP fault follows) */
     int write = w[1] == UFFD_PAGEFAULT_FLAG_WRITE;
@@ -278,6 +282,8 @@ static int ssi_pfl_fault(struct ssi_pfl *l, int i, uint64_t t0, uint64_t *done_s
     st->faults++;
     st->faults_write += !!(w[1] & UFFD_PAGEFAULT_FLAG_WRITE);
     st->served_fetch++;
+    if (l->nwatch)
+        l->watch[l->watch_next++ % (uint32_t)l->nwatch] = start + len;
     ssi_pfl_observe(l, t0);
     done_s[*ndone] = start;
     done_e[*ndone] = start + len;

@@ -277,6 +277,7 @@ int ssi_install(int uffd, uint64_t dst, uint64_t src, uint64_t len, const uint64
 #define SSI_PFL_MAX_FETCH (2u << 20)  /* largest fetch C serves (a 2 MiB page); more: Python */
 #define SSI_PFL_MAX_EVICT 64
 #define SSI_PFL_MAX_DIRTY 256
+#define SSI_PFL_MAX_WATCH 16
 
 #define SSI_PFL_IDLE 0
 #define SSI_PFL_WAKE 1
@@ -345,6 +346,11 @@ struct ssi_pfl {
     uint64_t evict_end[SSI_PFL_MAX_EVICT];
     int ndirty;                         /* chunks installed writable for a write fault */
     uint64_t dirty[SSI_PFL_MAX_DIRTY];
+    /* sequential streams (readahead on: nwatch > 0): the chunk after each of the last nwatch
+       chunks the loop served; a fault there is Python's (its stream detector decides) */
+    int nwatch;
+    uint32_t watch_next;
+    uint64_t watch[SSI_PFL_MAX_WATCH];
 };
 
 int ssi_pfl_run(struct ssi_pfl *l);
