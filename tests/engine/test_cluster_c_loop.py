@@ -1,13 +1,14 @@
 """A cluster-backed pager serves its faults in the C fault loop (engine in-process, so its
 counters can be read): each extent from the replica with the lowest round trip, and a kill -9
 of that replica mid-workload loses nothing (the fault goes back to Python, which fails over,
-and C goes on from the surviving replica)."""
+and C goes on from the surviving replica); a replica whose store fails a page's check is
+lost for that extent only, the fault served right from the other."""
 
 from __future__ import annotations
 
 import os
 
-from clusterkit import wait_until
+from clusterkit import flip_byte, wait_until
 from enginekit import wait_or_fail
 
 from pager.core.region import Region
@@ -108,4 +109,35 @@ def test_cluster_faults_are_served_in_c_and_a_kill_of_the_read_replica_loses_not
             cl.close(unmap=True)
         if engine is not None:
             engine.close()
+        src.close()
+
+
+def test_a_corrupt_replica_read_from_c_is_served_from_the_other(three):
+    size = 4 * EXTENT_SIZE
+    data = os.urandom(size)
+    src = cluster(three)
+    with src.open_lane() as lane:
+        lane.store_from(None, 0, data)
+    first = src.holders("default", 0)[0]
+    src.close()
+    bad = next(n for n in three if n.endpoint == first)
+    bad.proc.stop()
+    flip_byte(bad.store / "default.pages")  # page 0 of extent 0
+    bad.start(bad.endpoint)
+    src = cluster(three)
+    src.repairer.stop()  # no probe reorders the replicas: extent 0 is read from ``bad``
+    src.rtt.update({n: 0.0 if n == first else 1.0 for n in src.members})
+    engine = FaultEngine(src, chunk_size=64 * 1024, readahead=0, c_loop=True)
+    c = Client(size)
+    try:
+        serve(engine, c)
+        wait_or_fail(c.touch(threads=2, order="rand"), 120)
+        assert c.mem[:] == data
+        st = installed(engine, size)
+        assert st.c_faults >= st.faults // 2, st.as_dict()
+        assert src.counters["lost_replicas"] == 1 and src.counters["node_failures"] == 0
+        assert first not in src.holders("default", 0) and first not in src.down
+    finally:
+        c.close(unmap=True)
+        engine.close()
         src.close()
