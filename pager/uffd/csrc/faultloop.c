@@ -8,8 +8,14 @@
  * has not handled (first .. n) left for Python: layout events, write-protect or minor faults,
  * faults outside the table or on a slow chunk, an install that failed, a residency ring too full
  * for another chunk (it returns SSI_PFL_IDLE before reading a batch the ring may not hold), and
- * any fetch error (SSI_PFL_FETCH_ERROR: Python drops the connection and
- * serves the fault with retries).
+ * any fetch error (SSI_PFL_FETCH_ERROR, err_lane naming the lane: Python drops that connection,
+ * a cluster marks its node, and serves the fault with retries or from another replica).
+ *
+ * Routing: the loop fetches on l->lanes[] (one per memory node and space it may read from). A
+ * region names its lane, one for all of it (a one-node source), or, per extent of 1 << ext_shift
+ * bytes, in ext[] (a cluster: the holder read first); a fault whose extent has no lane, or
+ * that arrives after the source bumped *route_gen (holders changed since Python built the
+ * table), is Python's.
  *
  * Far memory (l->farmem, a client under a resident limit): installs are write-protected, a
  * write fault's chunk is installed writable and listed in l->dirty; the loop installs at most
