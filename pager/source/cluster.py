@@ -19,9 +19,7 @@ node that returns (empty or stale) serves an extent only after it has been re-sy
 
 from __future__ import annotations
 
-import errno
 import logging
-import os
 import socket
 import threading
 import time
@@ -30,7 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pager.core.region import Region
-from pager.source.base import CRoutes, Lane, PageSource, close_lanes
+from pager.source.base import Lane, PageSource, close_lanes
+from pager.source.cluster_route import CRouting
 from pager.source.memnode import MemnodeSource
 from pager.source.placement import EXTENT_SHIFT, EXTENT_SIZE, check_replicas, placed
 from transport.errors import RemoteError, TransportError
@@ -133,9 +132,12 @@ class ClusterSource(PageSource):
         self._held: dict[tuple[str, int], set[tuple[str, int]]] = {}
         self.ext_locks = [threading.Lock() for _ in range(_LOCKS)]
         self.rtt: dict[str, float] = {}
-        # bumped (under the lock) whenever a node or an extent's holders change: C fault
-        # loops routing by an older table hand their faults to Python until rebuilt
+        # bumped (under the lock) whenever a node or an extent loses a holder: C fault loops
+        # routing by an older table hand their faults to Python until rebuilt. Holders
+        # gained and round trips reordered only move ``route_soft``: an older table is still
+        # right, and is refreshed when next rebuilt (at most once a second)
         self.route_gen = array("Q", [0])
+        self.route_soft = 0
         self.spaces: dict[str, int] = {}  # space -> bytes kept replicated
         self.counters = {"failovers": 0, "repairs": 0, "repair_bytes": 0, "lost_extents": 0,
                          "node_failures": 0, "lost_replicas": 0}
@@ -181,12 +183,17 @@ class ClusterSource(PageSource):
             for n in self.members - set(nodes):
                 self._bump(n, "left the cluster")
             self.members = set(nodes)
-            self.rerouted()
+            self.rerouted_soft()  # a node leaving was bumped above
             self.dirty.set()
 
     def rerouted(self) -> None:
-        """Holders changed (call under the lock): C tables built before are stale."""
+        """A holder was lost (call under the lock): C tables built before are stale."""
         self.route_gen[0] += 1
+
+    def rerouted_soft(self) -> None:
+        """A holder was gained or the round trips reordered: C tables built before are still
+        right, but may not read from the nearest holder."""
+        self.route_soft += 1
 
     def _bump(self, node_id: str, why: str) -> None:
         """``node_id`` no longer holds anything: its generation moves on."""
@@ -210,7 +217,7 @@ class ClusterSource(PageSource):
         with self.lock:
             if node_id in self.down:
                 self.down.discard(node_id)
-                self.rerouted()
+                self.rerouted_soft()
                 log.warning("memory node %s answers again", node_id)
             self.dirty.set()
 
@@ -253,7 +260,7 @@ class ClusterSource(PageSource):
             pairs = {(n, self.gen[n]) for n in self.holders(space, ext)}
             pairs.add((node_id, self.gen[node_id]))
             self._held[space, ext] = pairs
-            self.rerouted()
+            self.rerouted_soft()
 
     def drop_holder(self, space: str, ext: int, node_id: str, exc: BaseException) -> None:
         """``node_id`` failed to serve extent ``ext`` of ``space`` from its store: it no longer
@@ -272,7 +279,10 @@ class ClusterSource(PageSource):
 
     def note_rtt(self, node_id: str, seconds: float) -> None:
         old = self.rtt.get(node_id)
+        before = sorted(self.rtt, key=self.rtt.__getitem__)
         self.rtt[node_id] = seconds if old is None else 0.8 * old + 0.2 * seconds
+        if sorted(self.rtt, key=self.rtt.__getitem__) != before:
+            self.rerouted_soft()
 
     def keep(self, space: str, size: int) -> None:
         """Keep ``size`` bytes of ``space`` replicated (repair scans them)."""
@@ -348,13 +358,10 @@ class ClusterSource(PageSource):
                     "replication_lag_seconds": round(lag, 3), **self.counters}
 
 
-class ClusterLane(Lane):
+class ClusterLane(CRouting, Lane):
     """One thread's lanes to the cluster's nodes, one per (node, space), opened on use.
 
-    The C fault loop fetches on them too: ``c_route`` gives it, per extent, the lane of the
-    holder a fetch would try first (lowest round trip); ``c_generation`` is the source's
-    ``route_gen``, so a node failing or an extent moving sends the loop's faults back here
-    (failover, repair bookkeeping) until the table is rebuilt."""
+    The C fault loop fetches on them too (`pager.source.cluster_route.CRouting`)."""
 
     c_capable = True
 
@@ -363,60 +370,8 @@ class ClusterLane(Lane):
         self.bulk = bulk
         self.lanes: dict[tuple[str, str], Any] = {}
         self._c_fds: dict[int, tuple[str, str]] = {}  # fd given to C -> (node, space)
-        self._c_nodes: dict[tuple[str, int, int], tuple[int, list[str | None]]] = {}
-
-    def c_generation(self) -> array:
-        return self.src.route_gen
-
-    def c_route(self, space: str | None, gpa: int, size: int, routes: CRoutes) -> list[int]:
-        name = space or self.src.space
-        nodes = self._read_nodes(name, gpa, size)
-        index: dict[str | None, int] = {None: -1}
-        for node_id in dict.fromkeys(nodes):
-            if node_id is None:
-                continue
-            try:
-                ep = self._lane(node_id, name).c_endpoint()
-            except RemoteError:
-                raise
-            except TransportError as exc:
-                self._failed(node_id, name, exc)  # Python fails over for its extents
-                ep = None
-            if ep is not None:
-                self._c_fds[ep[0]] = (node_id, name)
-            index[node_id] = routes.add(ep)
-        return [index[n] for n in nodes]
-
-    def _read_nodes(self, space: str, gpa: int, size: int) -> list[str | None]:
-        """The node each extent of ``[gpa, gpa + size)`` is read from (None: no live holder),
-        kept while the source's routing generation does not move."""
-        gen = self.src.route_gen[0]
-        key = (space, gpa, size)
-        got = self._c_nodes.get(key)
-        if got is None or got[0] != gen:
-            first, last = gpa >> EXTENT_SHIFT, (gpa + max(size, 1) - 1) >> EXTENT_SHIFT
-            nodes = [next(iter(self.src.holders(space, ext)), None)
-                     for ext in range(first, last + 1)]
-            got = self._c_nodes[key] = (gen, nodes)
-        return got[1]
-
-    def c_failed(self, fd: int, err: int) -> None:
-        where = self._c_fds.pop(fd, None)
-        if where is None:
-            self.reset()
-            return
-        node_id, space = where
-        if err == errno.EPROTO:
-            # an ERROR frame (a replica lost, a stale epoch) or a reply out of step: only
-            # this connection is dropped; Python's fetch tells which, and fails over
-            lane = self.lanes.pop(where, None)
-            if lane is not None:
-                lane.close()
-            return
-        self.src.counters["failovers"] += 1
-        self._failed(node_id, space, TransportError(
-            f"fetch from the C fault loop failed: {os.strerror(err) if err else 'unknown'}",
-            errno=err or None))
+        self._c_nodes: dict[tuple[str, int, int],
+                            tuple[int, int, float, list[str | None]]] = {}
 
     def _lane(self, node_id: str, space: str) -> Any:
         lane = self.lanes.get((node_id, space))
