@@ -13,6 +13,7 @@ from enginekit import wait_or_fail
 
 from pager.core.region import Region
 from pager.engine import FaultEngine
+from pager.source import CRoutes
 from pager.source.cluster import ClusterSource
 from pager.source.placement import EXTENT_SIZE
 from pager.tools.workload import Client, DataSet, Touch
@@ -140,4 +141,32 @@ def test_a_corrupt_replica_read_from_c_is_served_from_the_other(three):
     finally:
         c.close(unmap=True)
         engine.close()
+        src.close()
+
+
+def test_c_route_names_each_extents_nearest_holder_and_a_lost_node_bumps_it(three):
+    src = cluster(three)
+    try:
+        src.repairer.stop()
+        src.rtt.update({three[0].endpoint: 1e-3, three[1].endpoint: 2e-3,
+                        three[2].endpoint: 3e-3})
+        with src.open_lane() as lane:
+            gen = lane.c_generation()
+            seen = gen[0]
+            routes = CRoutes()
+            table = lane.c_route(None, 0, SIZE, routes)
+            assert len(table) == SIZE // EXTENT_SIZE
+            node_of_fd = {ln.c_endpoint()[0]: node for (node, _), ln in lane.lanes.items()}
+            for ext, k in enumerate(table):
+                assert node_of_fd[routes.endpoints[k][0]] == src.holders("default", ext)[0]
+            assert {node_of_fd[fd] for fd, _, _ in routes.endpoints} == {
+                src.holders("default", e)[0] for e in range(len(table))}
+            src.node_failed(three[0].endpoint, RuntimeError("test: n0 lost"))
+            assert gen[0] != seen  # C hands its faults to Python from now on
+            routes = CRoutes()
+            table = lane.c_route(None, 0, SIZE, routes)
+            assert all(k >= 0 for k in table)  # R=2: every extent has another holder
+            assert three[0].endpoint not in {node_of_fd.get(fd) for fd, _, _ in
+                                             routes.endpoints}
+    finally:
         src.close()
