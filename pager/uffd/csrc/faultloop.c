@@ -198,7 +198,8 @@ static const struct ssi_pfl_lane *ssi_pfl_route(const struct ssi_pfl *l,
     int k = r->lane;
     if (k == SSI_PFL_BY_EXTENT) {
         uint64_t e0 = r->gpa >> l->ext_shift;
-        uint64_t first = (gpa >> l->ext_shift) - e0, last = ((gpa + len - 1) >> l->ext_shift) - e0;
+        uint64_t first = (gpa >> l->ext_shift) - e0;
+        uint64_t last = ((gpa + len - 1) >> l->ext_shift) - e0;
         if (last >= r->next || r->ext[first] != r->ext[last])
             return NULL;
         k = r->ext[first];
