@@ -228,7 +228,7 @@ class ClientPager(CLoopMixin, ReadaheadMixin, FarMemMixin, WorkingSetMixin):
                 self._c_fold(cl)
                 if code in (EVENTS, FETCH_ERROR):
                     if code == FETCH_ERROR:
-                        self._c_fetch_failed(lane, err)
+                        self._c_fetch_failed(cl, lane, err)
                     self._handle(raw, words, n, lane, first)
                     continue
                 if code == READ_ERROR:

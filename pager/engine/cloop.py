@@ -1,11 +1,11 @@
 """Glue between a client's fault thread and the C fault loop (``pager.uffd.faultloop``).
 
 ``CLoopMixin`` (part of ``ClientPager``) decides whether a client may use the C loop, gives it
-the region table (with each region's page size), the sockets and the slow ranges (removed,
-read ahead in flight, each readahead stream's next chunk), folds its
-counters into the client's stats and its residency ring into the client state whenever it
-returns, and drops the lane's connections after a failed fetch (Python then serves the fault
-with its retries).
+the routing table (each region's page size and lane, or each of its extents' lanes: a
+cluster's), the sockets and the slow ranges (removed, read ahead in flight, each readahead
+stream's next chunk), folds its counters into the client's stats and its residency ring into
+the client state whenever it returns, and tells the lane which connection failed a fetch
+(Python then serves the fault with its retries, a cluster failing over).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from pager.core.region import PAGE_SIZE
 from pager.engine.stats import LATENCY_BUCKETS_US
-from pager.source import Lane
+from pager.source import CRoutes, Lane
 from pager.uffd.binding import RawEvents
 from pager.uffd.faultloop import MAX_FETCH, MAX_WATCH, PROTO_RAW, PROTO_SSIP, FaultLoop
 from transport.errors import TransportError
@@ -56,22 +56,24 @@ class CLoopMixin:
         fm = self.state.farmem
         if fm is not None:
             cl.set_budget(fm.limit - fm.bytes)  # read without the lock: the evictor only lowers it
-        if not self._c_dirty:
+        if not self._c_dirty and not cl.route_stale():
             return True
         now = time.monotonic()
         if now < self._c_retry_at:
             return False
         state = self.state
-        table = []
+        table: list[tuple[int, int, int, int, int | list[int]]] = []
         slow: list[tuple[int, int]] = []
+        routes = CRoutes()
+        word = lane.c_generation()
+        gen = None if word is None else (word, word[0])  # read before the table is built
         try:
             for r in state.regions:
                 # a huge page up to MAX_FETCH (2 MiB) is fetched by C in pipelined frames;
                 # larger ones are Python's
-                ep = lane.c_endpoint(r.space) if r.page_size <= MAX_FETCH else None
-                sock, proto, space = (-1, 0, 0) if ep is None else (
-                    ep[0], PROTO_RAW if ep[1] == "raw" else PROTO_SSIP, ep[2])
-                table.append((r.base, r.size, r.offset, r.page_size, sock, proto, space))
+                route = (lane.c_route(r.space, r.offset, r.size, routes)
+                         if r.page_size <= MAX_FETCH else -1)
+                table.append((r.base, r.size, r.offset, r.page_size, route))
                 removed = state.removed.get(r.space)
                 if removed is not None:
                     slow += [(r.addr_of(s), r.addr_of(e))
@@ -80,12 +82,15 @@ class CLoopMixin:
             log.debug("%s: C loop waits for the source: %s", self.name, exc)
             self._c_retry_at = now + 1.0
             return False
+        lanes = [(fd, PROTO_RAW if wire == "raw" else PROTO_SSIP, space)
+                 for fd, wire, space in routes.endpoints]
         cs = self.engine.chunk_size
         slow += [(base + i * cs, base + (i + 1) * cs) for base, i in state.inflight]
         # each stream's next chunk: its fault goes on to the detector
         slow += [(base + i * cs, base + (i + 1) * cs) for base, i in
                  state.readahead.watch(self.stats.faults)]
-        if not (cl.set_regions(table) and cl.set_slow(slow)):
+        if not (cl.set_regions(table, lanes, ext_shift=routes.ext_shift, route_gen=gen)
+                and cl.set_slow(slow)):
             self._c_retry_at = now + 1.0  # too many regions / removed ranges for C
             return False
         self._c_dirty = False
@@ -117,10 +122,11 @@ class CLoopMixin:
             if v:
                 lb[i] += v
 
-    def _c_fetch_failed(self: ClientPager, lane: Lane, err: int) -> None:
-        """A fetch from C failed: drop the connections; Python serves the fault, retrying."""
+    def _c_fetch_failed(self: ClientPager, cl: FaultLoop, lane: Lane, err: int) -> None:
+        """A fetch from C failed: the lane drops what broke (a cluster marks that node down);
+        Python serves the fault, retrying or failing over."""
         self.stats.fetch_errors += 1
         log.debug("%s: C loop fetch failed (%s); Python path retries",
                   self.name, os.strerror(err) if err else "?")
-        lane.reset()
+        lane.c_failed(cl.failed_lane(), err)
         self._c_dirty = True

@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 
 from pager.errors import ConfigError
-from pager.source.base import Lane, PageSource
+from pager.source.base import CRoutes, Lane, PageSource
 from pager.source.file import FileSource
 from pager.source.memnode import MemnodeSource
 
-__all__ = ["FileSource", "Lane", "MemnodeSource", "PageSource", "add_cluster_arguments",
+__all__ = ["CRoutes", "FileSource", "Lane", "MemnodeSource", "PageSource", "add_cluster_arguments",
            "parse_source", "source_from_args"]
 
 

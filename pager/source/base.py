@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from array import array
 from typing import Any
 
 from pager.core.region import Region
 from pager.errors import ConfigError
+from pager.source.placement import EXTENT_SHIFT
 
 log = logging.getLogger(__name__)
 
@@ -33,19 +35,63 @@ def close_lanes(lanes: dict[Any, Any]) -> None:
     lanes.clear()
 
 
+Endpoint = tuple[int, str, int]  # (socket fd, wire, space handle) a C fault loop drives
+
+
+class CRoutes:
+    """The C fault loop's routing table while a lane builds it: the connections the loop
+    may fetch on (``endpoints``, each once) and the size of the extents a region's route
+    may name one by one (``1 << ext_shift``)."""
+
+    def __init__(self, ext_shift: int = EXTENT_SHIFT) -> None:
+        self.endpoints: list[Endpoint] = []
+        self.ext_shift = ext_shift
+        self._index: dict[Endpoint, int] = {}
+
+    def add(self, endpoint: Endpoint | None) -> int:
+        """The index of ``endpoint`` in ``endpoints`` (-1 for None: Python serves)."""
+        if endpoint is None:
+            return -1
+        k = self._index.get(endpoint)
+        if k is None:
+            k = self._index[endpoint] = len(self.endpoints)
+            self.endpoints.append(endpoint)
+        return k
+
+
 class Lane(ABC):
     """One thread's connection to a source.
 
     ``c_capable`` lanes can hand the engine's C fault loop their connections:
     ``c_endpoint(space)`` -> ``(socket fd, wire, space handle)``, wire "ssip" (the memory
     node's FETCH) or "raw" (``{u64 offset, u32 length}`` -> raw bytes), connecting if needed
-    (raises like ``fetch_into``); None when that space cannot be served from C.
+    (raises like ``fetch_into``); None when that space cannot be served from C. A lane whose
+    pages of one region live on several connections routes each extent itself
+    (``c_route``), gives the generation word it bumps when that routing changes
+    (``c_generation``) and learns of a fetch C could not complete (``c_failed``).
     """
 
     c_capable = False
 
-    def c_endpoint(self, space: str | None) -> tuple[int, str, int] | None:
+    def c_endpoint(self, space: str | None) -> Endpoint | None:
         return None
+
+    def c_route(self, space: str | None, gpa: int, size: int, routes: CRoutes
+                ) -> int | list[int]:
+        """Where C fetches ``size`` bytes of ``space`` at ``gpa``: the index in ``routes``
+        of the connection serving all of it, or one index per extent (from the one holding
+        ``gpa``); -1: Python serves. Raises like ``fetch_into``."""
+        return routes.add(self.c_endpoint(space))
+
+    def c_generation(self) -> array | None:
+        """A one-word ``array('Q')`` bumped whenever ``c_route`` would answer otherwise (C
+        hands faults to Python until the table is rebuilt); None: routing never changes."""
+        return None
+
+    def c_failed(self, fd: int, err: int) -> None:
+        """C's fetch on connection ``fd`` failed with ``err`` (errno): drop what is broken;
+        Python serves the fault next, with its own retries."""
+        self.reset()
 
     @abstractmethod
     def fetch_into(self, space: str | None, gpa: int, buf: memoryview) -> int: ...

@@ -23,11 +23,13 @@ import logging
 import socket
 import threading
 import time
+from array import array
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pager.core.region import Region
 from pager.source.base import Lane, PageSource, close_lanes
+from pager.source.cluster_route import CRouting
 from pager.source.memnode import MemnodeSource
 from pager.source.placement import EXTENT_SHIFT, EXTENT_SIZE, check_replicas, placed
 from transport.errors import RemoteError, TransportError
@@ -130,6 +132,12 @@ class ClusterSource(PageSource):
         self._held: dict[tuple[str, int], set[tuple[str, int]]] = {}
         self.ext_locks = [threading.Lock() for _ in range(_LOCKS)]
         self.rtt: dict[str, float] = {}
+        # bumped (under the lock) whenever a node or an extent loses a holder: C fault loops
+        # routing by an older table hand their faults to Python until rebuilt. Holders
+        # gained and round trips reordered only move ``route_soft``: an older table is still
+        # right, and is refreshed when next rebuilt (at most once a second)
+        self.route_gen = array("Q", [0])
+        self.route_soft = 0
         self.spaces: dict[str, int] = {}  # space -> bytes kept replicated
         self.counters = {"failovers": 0, "repairs": 0, "repair_bytes": 0, "lost_extents": 0,
                          "node_failures": 0, "lost_replicas": 0}
@@ -175,11 +183,22 @@ class ClusterSource(PageSource):
             for n in self.members - set(nodes):
                 self._bump(n, "left the cluster")
             self.members = set(nodes)
+            self.rerouted_soft()  # a node leaving was bumped above
             self.dirty.set()
+
+    def rerouted(self) -> None:
+        """A holder was lost (call under the lock): C tables built before are stale."""
+        self.route_gen[0] += 1
+
+    def rerouted_soft(self) -> None:
+        """A holder was gained or the round trips reordered: C tables built before are still
+        right, but may not read from the nearest holder."""
+        self.route_soft += 1
 
     def _bump(self, node_id: str, why: str) -> None:
         """``node_id`` no longer holds anything: its generation moves on."""
         self.gen[node_id] = self.gen.get(node_id, 0) + 1
+        self.rerouted()
         # its store may come back empty: the next identity it shows is its new one
         IDENTITIES.forget(self.lanes.nodes.get(node_id, node_id))
         log.warning("memory node %s %s: its extents are re-synced before it serves them",
@@ -198,6 +217,7 @@ class ClusterSource(PageSource):
         with self.lock:
             if node_id in self.down:
                 self.down.discard(node_id)
+                self.rerouted_soft()
                 log.warning("memory node %s answers again", node_id)
             self.dirty.set()
 
@@ -240,6 +260,7 @@ class ClusterSource(PageSource):
             pairs = {(n, self.gen[n]) for n in self.holders(space, ext)}
             pairs.add((node_id, self.gen[node_id]))
             self._held[space, ext] = pairs
+            self.rerouted_soft()
 
     def drop_holder(self, space: str, ext: int, node_id: str, exc: BaseException) -> None:
         """``node_id`` failed to serve extent ``ext`` of ``space`` from its store: it no longer
@@ -247,6 +268,7 @@ class ClusterSource(PageSource):
         with self.lock:
             self._held[space, ext] = {(n, self.gen[n]) for n in self.holders(space, ext)
                                       if n != node_id}
+            self.rerouted()
             self.counters["lost_replicas"] += 1
             self.dirty.set()
         log.warning("memory node %s cannot serve extent %d of space %r (%s): served from "
@@ -257,7 +279,10 @@ class ClusterSource(PageSource):
 
     def note_rtt(self, node_id: str, seconds: float) -> None:
         old = self.rtt.get(node_id)
+        before = sorted(self.rtt, key=self.rtt.__getitem__)
         self.rtt[node_id] = seconds if old is None else 0.8 * old + 0.2 * seconds
+        if sorted(self.rtt, key=self.rtt.__getitem__) != before:
+            self.rerouted_soft()
 
     def keep(self, space: str, size: int) -> None:
         """Keep ``size`` bytes of ``space`` replicated (repair scans them)."""
@@ -333,13 +358,20 @@ class ClusterSource(PageSource):
                     "replication_lag_seconds": round(lag, 3), **self.counters}
 
 
-class ClusterLane(Lane):
-    """One thread's lanes to the cluster's nodes, one per (node, space), opened on use."""
+class ClusterLane(CRouting, Lane):
+    """One thread's lanes to the cluster's nodes, one per (node, space), opened on use.
+
+    The C fault loop fetches on them too (`pager.source.cluster_route.CRouting`)."""
+
+    c_capable = True
 
     def __init__(self, src: ClusterSource, bulk: bool = False) -> None:
         self.src = src
         self.bulk = bulk
         self.lanes: dict[tuple[str, str], Any] = {}
+        self._c_fds: dict[int, tuple[str, str]] = {}  # fd given to C -> (node, space)
+        self._c_nodes: dict[tuple[str, int, int],
+                            tuple[int, int, float, list[str | None]]] = {}
 
     def _lane(self, node_id: str, space: str) -> Any:
         lane = self.lanes.get((node_id, space))

@@ -1,7 +1,8 @@
 """Python side of the C fault loop (``ssi_pfl_run``, see csrc/faultloop.c).
 
-``FaultLoop`` owns the C state of one client's loop: Python sets the region table and the slow
-ranges, calls ``run()`` from the client's fault thread (the GIL is released while C serves
+``FaultLoop`` owns the C state of one client's loop: Python sets the routing table (the lanes
+C may fetch on, each region's lane or per-extent lanes) and the slow ranges, calls ``run()``
+from the client's fault thread (the GIL is released while C serves
 faults), folds the loop's counters into its own statistics with ``take_stats()`` and drains
 what C installed (residency and install counters) from ``log``, an ``InstallLog`` over the
 loop's ring.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from pager.uffd._uffd_cffi import ffi, lib
 from pager.uffd.binding import RawEvents
@@ -28,6 +30,8 @@ MAX_SLOW: int = lib.SSI_PFL_MAX_SLOW
 MAX_FETCH: int = lib.SSI_PFL_MAX_FETCH  # regions with larger pages are served by Python
 MAX_EVICT: int = lib.SSI_PFL_MAX_EVICT
 MAX_WATCH: int = lib.SSI_PFL_MAX_WATCH
+MAX_LANES: int = lib.SSI_PFL_MAX_LANES
+BY_EXTENT: int = lib.SSI_PFL_BY_EXTENT
 COUNTERS = ("faults", "faults_write", "served_fetch", "served_dup", "fetched_bytes",
             "latency_sum_us", "latency_count")
 
@@ -52,6 +56,8 @@ class FaultLoop:
         buf_size = max(chunk, lib.SSI_PFL_MAX_FETCH)
         self._buf = ffi.new("uint8_t[]", buf_size)
         self._raw = raw
+        self._ext: list[Any] = []
+        self._gen: Any = None
         # residency ring: two batches of chunks that each split into single pages (C returns
         # to be drained before reading a batch it might not have room for)
         worst = min(raw.max_events, lib.SSI_READ_MAX) * (2 * (chunk // WIRE_PAGE) + 2)
@@ -85,19 +91,57 @@ class FaultLoop:
             self._l.wake_fds[i] = fd
         self._l.nwake = len(fds)
 
-    def set_regions(self, regions: Iterable[tuple[int, int, int, int, int, int, int]]) -> bool:
-        """``(base, size, gpa, page_size, sock, proto, space)`` per region (sock -1: Python
-        serves it). False if there are more than the C table holds (then do not run the loop)."""
+    def set_regions(self, regions: Iterable[tuple[int, int, int, int, int | Sequence[int]]],
+                    lanes: Sequence[tuple[int, int, int]] = (), *, ext_shift: int = 21,
+                    route_gen: tuple[Any, int] | None = None) -> bool:
+        """The routing table. ``lanes``: ``(sock, proto, space handle)`` per connection the
+        loop may fetch on. ``regions``: ``(base, size, gpa, page_size, route)``, route the
+        index in ``lanes`` serving the whole region (-1: Python serves it) or, per extent of
+        ``1 << ext_shift`` bytes from the one holding ``gpa``, the index of its lane (-1:
+        Python's). ``route_gen``: ``(word, seen)``, an ``array('Q')`` whose first word the source
+        bumps when its routing changes and its value read before the table was built: while
+        they differ, faults go to Python (until the table is set again).
+        False if the table does not fit C's (then do not run the loop)."""
         regions = list(regions)
-        if len(regions) > MAX_REGIONS:
+        if len(regions) > MAX_REGIONS or len(lanes) > MAX_LANES:
             return False
         lp = self._l
-        for i, (base, size, gpa, page_size, sock, proto, space) in enumerate(regions):
+        for i, (sock, proto, space) in enumerate(lanes):
+            c = lp.lanes[i]
+            c.sock, c.proto, c.space = sock, proto, space
+        lp.nlanes = len(lanes)
+        keep = []
+        for i, (base, size, gpa, page_size, route) in enumerate(regions):
             r = lp.regions[i]
             r.base, r.size, r.gpa, r.page_size = base, size, gpa, page_size
-            r.sock, r.proto, r.space = sock, proto, space
+            if isinstance(route, int):
+                r.lane, r.next, r.ext = route, 0, ffi.NULL
+            else:
+                ext = ffi.new("int16_t[]", list(route) or [-1])
+                keep.append(ext)
+                r.lane, r.next, r.ext = BY_EXTENT, len(route), ext
+        lp.ext_shift = ext_shift
+        self._ext = keep  # the extent tables live as long as the loop uses them
+        if route_gen is None:
+            self._gen = None
+            lp.route_gen = ffi.NULL
+        else:
+            word, seen = route_gen
+            self._gen = ffi.from_buffer("uint64_t[]", word)
+            lp.route_gen = self._gen
+            lp.route_gen_seen = seen
         lp.nregions = len(regions)
         return True
+
+    def route_stale(self) -> bool:
+        """Has the source's routing changed since ``set_regions`` (faults go to Python)?"""
+        lp = self._l
+        return self._gen is not None and self._gen[0] != lp.route_gen_seen
+
+    def failed_lane(self) -> int:
+        """After FETCH_ERROR: the socket of the lane whose fetch failed (-1: unknown)."""
+        k = self._l.err_lane
+        return self._l.lanes[k].sock if 0 <= k < self._l.nlanes else -1
 
     def set_slow(self, ranges: Iterable[tuple[int, int]]) -> bool:
         """Host ranges whose chunks Python serves (sorted and merged here). False if too many."""

@@ -50,6 +50,15 @@ class ClusterNode(Memnode):
         self.start(self.endpoint)
 
 
+def flip_byte(path: Path, offset: int = 100) -> None:
+    """Damage one byte of a (stopped) node's page file."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
 def wait_until(cond: Callable[[], object], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not cond():

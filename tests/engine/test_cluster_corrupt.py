@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from clusterkit import wait_until
+from clusterkit import flip_byte, wait_until
 
 from pager.source.cluster import ClusterSource
 from pager.source.placement import EXTENT_SIZE, replicas
@@ -82,14 +82,6 @@ def test_a_damaged_page_file_fails_over_to_the_other_replica(three):
         assert first not in src.holders(SPACE, 0)
     finally:
         src.close()
-
-
-def flip_byte(path) -> None:
-    with open(path, "r+b") as f:
-        f.seek(100)
-        byte = f.read(1)
-        f.seek(100)
-        f.write(bytes([byte[0] ^ 0xFF]))
 
 
 def test_a_flipped_byte_is_served_from_the_other_replica_and_repaired(three):

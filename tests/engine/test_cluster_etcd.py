@@ -63,7 +63,7 @@ def test_pager_survives_kill_9_and_etcd_outage(etcd, three, run_pager):
     data = DataSet(32 * MIB)
     seed(etcd, three, data)
     pager, sock = run_pager("--etcd", etcd.url, "--replicas", "2", "--token-file",
-                        str(three[0].token_file), "--readahead", "0", "--no-c-loop",
+                        str(three[0].token_file), "--readahead", "0",
                         "--metrics", "127.0.0.1:0")
     metrics = pager.wait_for(r"metrics: http://(\S+)/metrics")
     c = Client(32 * MIB)

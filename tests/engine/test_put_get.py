@@ -73,7 +73,7 @@ def test_put_names_what_is_wrong(tmp_path):
     assert r.returncode == 1 and "cannot read memory image" in r.stderr
 
 
-def test_bench_cluster_prints_its_four_figures(tmp_path):
+def test_bench_cluster_prints_its_five_figures(tmp_path):
     import json
     import struct
 
@@ -81,14 +81,17 @@ def test_bench_cluster_prints_its_four_figures(tmp_path):
     with open(image, "wb") as f:
         f.write(b"".join(struct.pack("<QQ", i, i * 7) + bytes(16) for i in range(1 << 16)))
         f.truncate(4 << 20)
-    r = cli("bench", "cluster", "--mib", "2", "--count", "20", "--threads", "1", "--image",
-            str(image))
+    r = cli("bench", "cluster", "--mib", "2", "--count", "20", "--threads", "1",
+            "--fault-runs", "1", "--image", str(image))
     assert r.returncode == 0, r.stderr
     lines = [json.loads(x) for x in r.stdout.splitlines()]
-    assert [x["name"] for x in lines] == ["store_gbps", "fetch_p50_us", "aggregate_gbps",
-                                          "compression_gbps"]
-    assert all(x["ratio"] > 0 for x in lines[:3])
-    link = lines[3]
+    assert [x["name"] for x in lines] == ["store_gbps", "fetch_p50_us", "fault_p50_us",
+                                          "aggregate_gbps", "compression_gbps"]
+    assert all(x["ratio"] > 0 for x in lines[:4])
+    faults = lines[2]  # guest faults through two pagers, every byte checked
+    assert faults["bad_pages"] == 0 and faults["goal"] == "<=1.1"
+    assert len(faults["runs_r2"]) == len(faults["runs_one_node"]) == 1
+    link = lines[4]
     if "skipped" not in link:  # network namespaces available (root)
         assert link["page_bytes"] == 2 << 20
         assert link["raw_store_gbps"] > 0 and link["lz4_fetch_ratio"] > 0

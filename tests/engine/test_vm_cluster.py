@@ -71,7 +71,7 @@ def test_suspend_stores_reach_two_nodes_and_resume_fences_the_old_pager(etcd, th
 
             # resume on a second pager, started as `vm` starts it, on the cluster
             args = argparse.Namespace(token_file=tf, max_resident=None, verbose=0,
-                                      pager_arg=["--readahead", "0", "--no-c-loop"])
+                                      pager_arg=["--readahead", "0"])
             sock = tmp_path / "pager2.sock"
             pager = start_pager(sock, args, "vm1", where)
             with pytest.raises(RemoteError) as refused:

@@ -11,6 +11,8 @@ TYPES = """
 #define SSI_PFL_MAX_EVICT ...
 #define SSI_PFL_MAX_DIRTY ...
 #define SSI_PFL_MAX_WATCH ...
+#define SSI_PFL_MAX_LANES ...
+#define SSI_PFL_BY_EXTENT ...
 
 #define SSI_PFL_IDLE ...
 #define SSI_PFL_WAKE ...
@@ -21,14 +23,20 @@ TYPES = """
 #define SSI_PFL_PROTO_SSIP ...
 #define SSI_PFL_PROTO_RAW ...
 
+struct ssi_pfl_lane {
+    int sock;
+    int proto;
+    uint32_t space;
+};
+
 struct ssi_pfl_region {
-    uint64_t base;      /* host address */
-    uint64_t size;      /* bytes */
-    uint64_t gpa;       /* offset of base in the region's space */
-    uint64_t page_size; /* the region's page size */
-    int sock;           /* that space's fault-lane socket; -1: faults here go to Python */
-    int proto;          /* SSI_PFL_PROTO_* */
-    uint32_t space;     /* the space's handle on that connection */
+    uint64_t base;
+    uint64_t size;
+    uint64_t gpa;
+    uint64_t page_size;
+    int lane;
+    uint32_t next;
+    const int16_t *ext;
 };
 
 struct ssi_pfl_stats {
@@ -49,6 +57,12 @@ struct ssi_pfl {
     uint64_t chunk;
     int nregions;
     struct ssi_pfl_region regions[...];
+    int nlanes;
+    struct ssi_pfl_lane lanes[...];
+    int ext_shift;
+    const uint64_t *route_gen;
+    uint64_t route_gen_seen;
+    int err_lane;
     int nslow;
     uint64_t slow_start[...];
     uint64_t slow_end[...];

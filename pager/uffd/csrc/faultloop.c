@@ -9,8 +9,15 @@
  * faults outside the table or on a slow chunk, a fault on the chunk right after one it served
  * lately when Python watches for sequential streams (nwatch), an install that failed, a
  * residency ring too full for another chunk (it returns SSI_PFL_IDLE before reading a batch
- * the ring may not hold), and any fetch error (SSI_PFL_FETCH_ERROR: Python drops the
- * connection and serves the fault with retries).
+ * the ring may not hold), and any fetch error (SSI_PFL_FETCH_ERROR, err_lane naming the lane:
+ * Python drops that connection, a cluster marks its node, and serves the fault with retries or
+ * from another replica).
+ *
+ * Routing: the loop fetches on l->lanes[] (one per memory node and space it may read from). A
+ * region names its lane, one for all of it (a one-node source), or, per extent of 1 << ext_shift
+ * bytes, in ext[] (a cluster: the holder read first); a fault whose extent has no lane, or
+ * that arrives after the source bumped *route_gen (holders changed since Python built the
+ * table), is Python's.
  *
  * Far memory (l->farmem, a client under a resident limit): installs are write-protected, a
  * write fault's chunk is installed writable and listed in l->dirty; the loop installs at most
@@ -81,7 +88,7 @@ static void ssi_pfl_request(struct ssip_header *h, uint32_t req, uint32_t space,
 
 /* A fetch larger than one frame (a huge page): every FETCH sent at once, the replies taken in
    order, each unpacked in place; zero-mask bits into mask[] (one bit per wire page). */
-static int ssi_pfl_fetch_pipelined(struct ssi_pfl *l, const struct ssi_pfl_region *r,
+static int ssi_pfl_fetch_pipelined(struct ssi_pfl *l, const struct ssi_pfl_lane *r,
                                    uint64_t gpa, uint32_t len, uint64_t *mask)
 {
     struct ssip_header hs[SSI_PFL_MAX_FETCH / SSIP_MAX_DATA];
@@ -116,7 +123,7 @@ static int ssi_pfl_fetch_pipelined(struct ssi_pfl *l, const struct ssi_pfl_regio
 
 /* One fetch of len bytes at gpa into l->buf; the zero mask in mask[] (len / 4 KiB bits, the
    caller zeroes it). 0 or -errno. */
-static int ssi_pfl_fetch(struct ssi_pfl *l, const struct ssi_pfl_region *r, uint64_t gpa,
+static int ssi_pfl_fetch(struct ssi_pfl *l, const struct ssi_pfl_lane *r, uint64_t gpa,
                          uint32_t len, uint64_t *mask)
 {
     uint8_t *buf = l->buf;
@@ -180,6 +187,30 @@ static const struct ssi_pfl_region *ssi_pfl_find(const struct ssi_pfl *l, uint64
     return NULL;
 }
 
+/* The lane that serves [gpa, gpa + len) of region r (a fetch is at most one extent long, so
+   it spans at most two), or NULL: Python's (no C lane there, the extents on different lanes,
+   or the routing changed since Python built the table). A one-node source is one lane for
+   every extent (r->lane >= 0). */
+static const struct ssi_pfl_lane *ssi_pfl_route(const struct ssi_pfl *l,
+                                                const struct ssi_pfl_region *r, uint64_t gpa,
+                                                uint64_t len)
+{
+    if (l->route_gen && __atomic_load_n(l->route_gen, __ATOMIC_ACQUIRE) != l->route_gen_seen)
+        return NULL;
+    int k = r->lane;
+    if (k == SSI_PFL_BY_EXTENT) {
+        uint64_t e0 = r->gpa >> l->ext_shift;
+        uint64_t first = (gpa >> l->ext_shift) - e0;
+        uint64_t last = ((gpa + len - 1) >> l->ext_shift) - e0;
+        if (last >= r->next || r->ext[first] != r->ext[last])
+            return NULL;
+        k = r->ext[first];
+    }
+    if (k < 0 || k >= l->nlanes || l->lanes[k].sock < 0)
+        return NULL;
+    return &l->lanes[k];
+}
+
 static int ssi_pfl_is_slow(const struct ssi_pfl *l, uint64_t start, uint64_t end)
 {
     int lo = 0, hi = l->nslow;  /* first range ending after start */
@@ -226,7 +257,7 @@ static int ssi_pfl_fault(struct ssi_pfl *l, int i, uint64_t t0, uint64_t *done_s
         return 0;
     uint64_t addr = w[2];
     const struct ssi_pfl_region *r = ssi_pfl_find(l, addr);
-    if (!r || r->sock < 0)
+    if (!r || r->lane == -1)
         return 0;
     struct ssi_pfl_stats *st = &l->stats;
     for (int k = 0; k < *ndone; k++) {
@@ -263,10 +294,16 @@ static int ssi_pfl_fault(struct ssi_pfl *l, int i, uint64_t t0, uint64_t *done_s
             return 0;
         mode = write ? 0 : UFFDIO_COPY_MODE_WP;
     }
+    uint64_t gpa = r->gpa + (start - r->base);
+    const struct ssi_pfl_lane *c = ssi_pfl_route(l, r, gpa, len);
+    if (!c)
+        return 0;
     uint64_t mask[SSI_PFL_MASK_WORDS] = {0};
-    int rc = ssi_pfl_fetch(l, r, r->gpa + (start - r->base), (uint32_t)len, mask);
-    if (rc < 0)
+    int rc = ssi_pfl_fetch(l, c, gpa, (uint32_t)len, mask);
+    if (rc < 0) {
+        l->err_lane = (int)(c - l->lanes);
         return rc;
+    }
     st->fetched_bytes += len;
     int any = 0;
     for (uint64_t k = 0; k < (len / SSIP_PAGE_SIZE + 63) / 64; k++)
@@ -329,6 +366,7 @@ int ssi_pfl_run(struct ssi_pfl *l)
     int served = 0;
     l->first = l->n = 0;
     l->err = 0;
+    l->err_lane = -1;
     /* room in the residency ring for a batch of chunks that each split into single pages */
     uint64_t worst = (uint64_t)max_events * (2 * (l->chunk / SSIP_PAGE_SIZE) + 2);
     for (;;) {

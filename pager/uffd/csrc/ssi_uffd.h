@@ -278,6 +278,8 @@ int ssi_install(int uffd, uint64_t dst, uint64_t src, uint64_t len, const uint64
 #define SSI_PFL_MAX_EVICT 64
 #define SSI_PFL_MAX_DIRTY 256
 #define SSI_PFL_MAX_WATCH 16
+#define SSI_PFL_MAX_LANES 64
+#define SSI_PFL_BY_EXTENT (-2)  /* a region's lane: each extent's own, in its ext[] table */
 
 #define SSI_PFL_IDLE 0
 #define SSI_PFL_WAKE 1
@@ -288,14 +290,22 @@ int ssi_install(int uffd, uint64_t dst, uint64_t src, uint64_t len, const uint64
 #define SSI_PFL_PROTO_SSIP 0
 #define SSI_PFL_PROTO_RAW 1
 
+/* A connection the loop fetches on: a memory node's fault lane for one space. */
+struct ssi_pfl_lane {
+    int sock;           /* socket; -1: faults routed here go to Python */
+    int proto;          /* SSI_PFL_PROTO_* */
+    uint32_t space;     /* the space's handle on that connection */
+};
+
 struct ssi_pfl_region {
     uint64_t base;      /* host address */
     uint64_t size;      /* bytes */
     uint64_t gpa;       /* offset of base in the region's space */
     uint64_t page_size; /* the region's page size */
-    int sock;           /* that space's fault-lane socket; -1: faults here go to Python */
-    int proto;          /* SSI_PFL_PROTO_* */
-    uint32_t space;     /* the space's handle on that connection */
+    int lane;           /* index in lanes[] serving every extent; -1: faults here go to
+                           Python; SSI_PFL_BY_EXTENT: ext[] names each extent's lane */
+    uint32_t next;      /* entries of ext[] */
+    const int16_t *ext; /* lane of extent (gpa >> ext_shift) + i, -1: Python's */
 };
 
 struct ssi_pfl_stats {
@@ -316,6 +326,14 @@ struct ssi_pfl {
     uint64_t chunk;                     /* chunk size (power of two) */
     int nregions;
     struct ssi_pfl_region regions[SSI_PFL_MAX_REGIONS];
+    int nlanes;
+    struct ssi_pfl_lane lanes[SSI_PFL_MAX_LANES];
+    int ext_shift;                      /* log2 of an extent (the placement unit) */
+    /* routing generation: while *route_gen differs from route_gen_seen (a node failed,
+       an extent moved, since the table was built) every fault goes to Python; NULL: none */
+    const uint64_t *route_gen;
+    uint64_t route_gen_seen;
+    int err_lane;                       /* on SSI_PFL_FETCH_ERROR: the lane that failed */
     int nslow;                          /* sorted, disjoint [start, end) host ranges */
     uint64_t slow_start[SSI_PFL_MAX_SLOW];
     uint64_t slow_end[SSI_PFL_MAX_SLOW];
