@@ -84,17 +84,20 @@ class FaultLoop:
             self._l.wake_fds[i] = fd
         self._l.nwake = len(fds)
 
-    def set_regions(self, regions: Iterable[tuple[int, int, int, int, int, int, int]]) -> bool:
-        """``(base, size, gpa, page_size, sock, proto, space)`` per region (sock -1: Python
-        serves it). False if there are more than the C table holds (then do not run the loop)."""
+    def set_regions(self, regions: Iterable[tuple[int, ...]]) -> bool:
+        """``(base, size, gpa, page_size, sock, proto, space[, tls])`` per region (sock -1:
+        Python serves it; tls: the socket's C TLS session, `transport.tlsc`, 0 or absent:
+        plaintext). False if there are more than the C table holds (then do not run the
+        loop)."""
         regions = list(regions)
         if len(regions) > MAX_REGIONS:
             return False
         lp = self._l
-        for i, (base, size, gpa, page_size, sock, proto, space) in enumerate(regions):
+        for i, (base, size, gpa, page_size, sock, proto, space, *tls) in enumerate(regions):
             r = lp.regions[i]
             r.base, r.size, r.gpa, r.page_size = base, size, gpa, page_size
             r.sock, r.proto, r.space = sock, proto, space
+            r.ssl = ffi.cast("void *", tls[0] if tls else 0)
         lp.nregions = len(regions)
         return True
 

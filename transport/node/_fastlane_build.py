@@ -39,7 +39,8 @@ ffi.set_source("transport.node._fastlane_cffi", '#include "fastlane.h"\n',
                depends=[os.path.join(_NODE, "fastlane.h"), os.path.join(_WIRE, "ssip_wire.h"),
                         os.path.join(_WIRE, "ssip_io.h"), os.path.join(_WIRE, "ssip_poll.h")],
                define_macros=[("_GNU_SOURCE", None)],
-               libraries=["z"],  # crc32 of each page read, as zlib.crc32 on the Python side
+               # crc32 of each page read, as zlib.crc32 on the Python side; OpenSSL for TLS lanes
+               libraries=["z", "ssl", "crypto"],
                extra_compile_args=CFLAGS)
 
 if __name__ == "__main__":
