@@ -8,6 +8,11 @@ so no client can make the node queue unbounded replies.
 
 A pager's fault-lane connection (HELLO ``"lane": "fault"``) is served by the C loop of
 `transport.node.fastlane` while it sends nothing but FETCH frames; anything else comes back here.
+
+A TLS node (``tls=``) runs each connection's TLS in C (`transport.tlsc`) on memory buffers: the
+ciphertext the protocol receives is fed in, plaintext lands in the session's frame buffer and
+replies are encrypted on their way out. A fault lane handed to C takes its TLS session along
+(moved onto the socket while C serves it), so TLS connections get the C lane too.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import threading
 from collections import Counter
 from typing import Any
 
-from transport.errors import ProtocolError, StoreCorruptError, StoreError
+from transport.errors import ProtocolError, StoreCorruptError, StoreError, TlsError
 from transport.node import fastlane
 from transport.node.fence import Fences
 from transport.node.store import PageStore
@@ -81,8 +86,19 @@ class NodeConnection(asyncio.BufferedProtocol):
         # after anything else stay here until the next FETCH, so a stream of stores or pings
         # on a fault lane is not bounced between Python and C
         self.c_ready = False
-        # BufferedProtocol: received bytes land straight in the session's frame buffer
-        self.get_buffer = self.session.reader.get_buffer
+        # BufferedProtocol: received bytes land straight in the session's frame buffer; with
+        # TLS, ciphertext lands in _cipher and is decrypted into it (`transport.tlsc`)
+        self.tls: Any = None
+        self._send = self._write_plain
+        if node.tls_c is not None:
+            from transport.tlsc import TlsSession
+
+            self.tls = TlsSession(node.tls_c)
+            self._cipher = bytearray(1 << 16)
+            self.get_buffer = self._tls_get_buffer
+            self._send = self._write_tls
+        else:
+            self.get_buffer = self.session.reader.get_buffer
 
     # asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -111,8 +127,68 @@ class NodeConnection(asyncio.BufferedProtocol):
             self._timer.cancel()
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.session.reader.buffer_updated(nbytes)
+        if self.tls is not None:
+            self.tls.feed(memoryview(self._cipher)[:nbytes])
+            self._tls_pump()
+        else:
+            self.session.reader.buffer_updated(nbytes)
         self._drain()
+
+    # TLS (memory buffers; see the module docstring)
+    def _tls_get_buffer(self, sizehint: int = -1) -> memoryview:
+        return memoryview(self._cipher)
+
+    def _write_plain(self, data: Any) -> None:
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    def _write_tls(self, data: Any) -> None:
+        try:
+            self.tls.write(data)
+        except (TlsError, OSError) as exc:
+            log.info("memnode: %s: TLS failed: %s", self.peer, exc)
+            self._close()
+            return
+        self.transport.write(self.tls.drain())  # type: ignore[union-attr]
+
+    def _tls_pump(self) -> bool:
+        """Advance the handshake, decrypt what fits into the frame buffer; True if plaintext
+        arrived. A refused handshake or a broken stream closes the connection (logged)."""
+        tls = self.tls
+        if self.closing:
+            return False
+        try:
+            if not tls.done:
+                done = tls.handshake()
+                out = tls.drain()
+                if out:
+                    self.transport.write(out)  # type: ignore[union-attr]
+                if not done:
+                    return False
+                log.debug("memnode: %s: TLS 1.3 session established", self.peer)
+            reader = self.session.reader
+            got = False
+            while not reader.nearly_full():
+                view = reader.get_buffer()
+                if not len(view):
+                    break
+                n = tls.read_into(view)
+                if n is None:
+                    break
+                if n == 0:
+                    self.eof = True  # the peer's close_notify: answer what is left, close
+                    break
+                reader.buffer_updated(n)
+                got = True
+            return got
+        except (TlsError, OSError) as exc:
+            stage = "handshake" if not tls.done else "stream"
+            self.node.count("tls", stage + "_failed")
+            log.warning("memnode: %s: TLS %s failed: %s; a pager must connect with --tls and "
+                        "a certificate of this node's cluster CA", self.peer, stage, exc)
+            with contextlib.suppress(Exception):  # the alert that tells the peer why
+                self.transport.write(tls.drain())  # type: ignore[union-attr]
+            self._close()
+            return False
 
     def eof_received(self) -> bool:
         # half-closed client: answer everything it sent, then close (see _drain)
@@ -162,7 +238,8 @@ class NodeConnection(asyncio.BufferedProtocol):
         transport = self.transport
         if (self.closing or self.eof or self.paused or self.reading_paused
                 or transport is None or not session.authenticated or session.reader.buffered()
-                or transport.get_write_buffer_size()):
+                or transport.get_write_buffer_size()
+                or (self.tls is not None and (self.tls.buffered() or self.tls.pending()))):
             return
         if self.lane is None:
             self.lane = fastlane.FastLane(session.max_space_bytes)
@@ -183,7 +260,7 @@ class NodeConnection(asyncio.BufferedProtocol):
                 loop.call_soon_threadsafe(self._from_c, rc)
 
         try:
-            self.lane.start(sock.fileno(), list(names), spaces, done)
+            self.lane.start(sock.fileno(), list(names), spaces, done, tls=self.tls)
         except (OSError, RuntimeError) as exc:  # no thread or fd to spare: stay in Python
             log.warning("memnode: %s: fault lane stays in Python: %s", self.peer, exc)
             self.in_c = self.fault_lane = False
@@ -208,6 +285,8 @@ class NodeConnection(asyncio.BufferedProtocol):
             return
         if leftover:
             self.session.receive_data(leftover)
+        if self.tls is not None:
+            self._tls_pump()  # plaintext C decrypted and did not take (after the leftover)
         if rc == fastlane.EOF_:
             self.eof = True  # answer what is left, then close (as eof_received does)
         else:
@@ -223,14 +302,18 @@ class NodeConnection(asyncio.BufferedProtocol):
         if self.in_c:
             return
         session = self.session
-        write = self.transport.write  # type: ignore[union-attr]
+        write = self._send
         budget = BULK_TURN
         while not self.closing and not self.paused:
             try:
                 ev = session.next_event()
             except ProtocolError as exc:
                 self.node.count("bad_frame", ErrorCode(exc.code).name.lower())
-                log.info("memnode: %s: %s", self.peer, exc)
+                if self.tls is None and not session.authenticated and "\\x16\\x03" in str(exc):
+                    log.warning("memnode: %s speaks TLS but this node runs without --tls: "
+                                "start both sides with --tls, or neither", self.peer)
+                else:
+                    log.info("memnode: %s: %s", self.peer, exc)
                 write(encode_error(exc.request_id, exc.code, str(exc)))
                 self.c_ready = False
                 if exc.fatal:
@@ -238,6 +321,8 @@ class NodeConnection(asyncio.BufferedProtocol):
                     return
                 continue
             if ev is None:
+                if self.tls is not None and self._tls_pump():
+                    continue  # decrypted bytes the frame buffer had no room for before
                 if self.eof:
                     self._close()  # half-closed and all answered (close flushes replies)
                     return
@@ -384,9 +469,14 @@ class MemoryNode:
         self.counters: Counter[str] = Counter()
         self._server: asyncio.Server | None = None
         # fault lanes in C (None: unless $SSI_PAGER_NO_FASTLANE); False without the extension
-        # TLS connections are served in Python: the C fault lane reads the raw socket
+        self.fastlane = _fastlane_enabled(fastlane)
+        # TLS: every connection's session runs in C (`transport.tlsc`), C lanes included
         self.tls = tls
-        self.fastlane = _fastlane_enabled(fastlane) and tls is None
+        self.tls_c = None
+        if tls is not None:
+            from transport.tls import c_context
+
+            self.tls_c = c_context(tls, server=True)
         self._lane_lock = threading.Lock()  # stats() may run on another thread (metrics)
 
     def admit(self, conn: NodeConnection) -> None:
@@ -412,8 +502,8 @@ class MemoryNode:
         def factory() -> NodeConnection:
             return NodeConnection(self)
 
-        self._server, self.port = await start_server(factory, self.host, self.port,
-                                                     tls=self.tls)
+        # plain sockets: a TLS node's connections run their TLS in C (NodeConnection)
+        self._server, self.port = await start_server(factory, self.host, self.port)
         return self.endpoint
 
     @property
@@ -441,6 +531,7 @@ class MemoryNode:
         fetches, per_space = lane.counters()
         with self._lane_lock:
             self.requests[_FETCH_OK] += fetches
+            self.counters["fastlane_fetches"] += fetches
             for name, fetched, zero in per_space:
                 space = self.store.spaces.get(name)
                 if space is not None:
@@ -453,11 +544,13 @@ class MemoryNode:
         with self._lane_lock:
             requests = Counter(self.requests)
             spaces = self.store.stats()
+            in_c = self.counters["fastlane_fetches"]
             for conn in list(self.connections):
                 if conn.lane is None:
                     continue
                 fetches, per_space = conn.lane.counters()
                 requests[_FETCH_OK] += fetches
+                in_c += fetches
                 for name, fetched, zero in per_space:
                     if name in spaces:
                         spaces[name]["fetched_pages"] += fetched
@@ -469,6 +562,8 @@ class MemoryNode:
             "node": self.name,
             "endpoint": self.endpoint,
             "auth": self.token is not None,
+            "tls": self.tls is not None,
+            "fastlane_fetches": in_c,  # FETCH requests the C fault lane answered (in fetch ok)
             "connections_open": len(self.connections),
             "connections_total": self.counters["connections"],
             "auth_failures": self.counters["auth_failures"],
