@@ -85,6 +85,8 @@ class Relay:
             except OSError:
                 return
             n = socket.create_connection(self.target)
+            for s in (c, n):  # forward at once, as the lanes' own sockets do
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             threading.Thread(target=self._pump, args=(c, n), daemon=True).start()
             threading.Thread(target=self._pump, args=(n, c), daemon=True).start()
 
