@@ -98,7 +98,8 @@ class TlsSession:
     def handshake(self) -> bool:
         """One step: True when done, False when it needs more bytes; `TlsError` if refused."""
         if not self.done:
-            rc = lib.ssi_tls_handshake(self.ptr)
+            while (rc := lib.ssi_tls_handshake(self.ptr)) == -errno_mod.EINTR:
+                pass  # a signal (its Python handler runs between the calls)
             if rc < 0 and rc != WANT:
                 raise TlsError(self.error())
             self.done = rc == 1
@@ -107,7 +108,9 @@ class TlsSession:
     def read_into(self, view: Any) -> int | None:
         """Plaintext into ``view``: bytes read, 0 at the end of the stream, None when no
         whole record is there (or the socket timed out); OSError/`TlsError` on failure."""
-        n = lib.ssi_tls_read(self.ptr, ffi.from_buffer(view, require_writable=True), len(view))
+        buf = ffi.from_buffer(view, require_writable=True)
+        while (n := lib.ssi_tls_read(self.ptr, buf, len(view))) == -errno_mod.EINTR:
+            pass  # a signal (its Python handler runs between the calls)
         if n >= 0:
             return n
         if n == WANT:
@@ -120,7 +123,11 @@ class TlsSession:
         """Encrypt all of ``data`` (to the socket, or the outgoing BIO): len, or None when the
         socket timed out."""
         mv = memoryview(data).cast("B")
-        n = lib.ssi_tls_write(self.ptr, ffi.from_buffer(mv), len(mv)) if len(mv) else 0
+        if not len(mv):
+            return 0
+        buf = ffi.from_buffer(mv)
+        while (n := lib.ssi_tls_write(self.ptr, buf, len(mv))) == -errno_mod.EINTR:
+            pass  # a signal (its Python handler runs between the calls)
         if n >= 0:
             return n
         if n == WANT:

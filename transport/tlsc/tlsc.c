@@ -114,7 +114,7 @@ int ssi_tls_handshake(void *p)
         return 1;
     int e = SSL_get_error(ssl, k);
     if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE)
-        return SSI_TLS_WANT;
+        return errno == EINTR ? -EINTR : SSI_TLS_WANT;
     return -1;  /* the error queue stays for ssi_tls_error */
 }
 
@@ -125,8 +125,8 @@ static int io_result(SSL *ssl, int k)
     int e = SSL_get_error(ssl, k);
     if (e == SSL_ERROR_ZERO_RETURN)
         return 0;
-    if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE)
-        return SSI_TLS_WANT;
+    if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE)  /* a signal: the caller retries */
+        return errno == EINTR ? -EINTR : SSI_TLS_WANT;
     if (e == SSL_ERROR_SYSCALL && !ERR_peek_error())
         return errno ? (errno == EAGAIN ? SSI_TLS_WANT : -errno) : 0;
     return -EPROTO;  /* the queue stays for ssi_tls_error */

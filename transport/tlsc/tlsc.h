@@ -16,10 +16,11 @@ void ssi_tls_ctx_free(void *ctx);
 /* A session on ctx: on the socket fd (fd >= 0), or on memory BIOs (fd < 0: feed/drain). */
 void *ssi_tls_new(void *ctx, int fd);
 void ssi_tls_free(void *ssl);
-/* Handshake step: 1 done, SSI_TLS_WANT, or -1 (ssi_tls_error says why). */
+/* Handshake step: 1 done, SSI_TLS_WANT, -EINTR (a signal: call again), or -1 (ssi_tls_error
+   says why). */
 int ssi_tls_handshake(void *ssl);
-/* Plaintext: bytes done (> 0), 0 at the end of the stream, SSI_TLS_WANT, or -errno (-EPROTO:
-   a TLS error, ssi_tls_error says which). */
+/* Plaintext: bytes done (> 0), 0 at the end of the stream, SSI_TLS_WANT, or -errno (-EINTR:
+   a signal, call again; -EPROTO: a TLS error, ssi_tls_error says which). */
 int ssi_tls_read(void *ssl, uint8_t *buf, int n);
 int ssi_tls_write(void *ssl, const uint8_t *buf, int n);
 int ssi_tls_pending(void *ssl);

@@ -38,7 +38,7 @@ static inline int ssip_tls_errno(SSL *ssl, int k)
     switch (SSL_get_error(ssl, k)) {
     case SSL_ERROR_WANT_READ:
     case SSL_ERROR_WANT_WRITE:
-        rc = -EAGAIN;
+        rc = e == EINTR ? -EINTR : -EAGAIN;  /* the socket's recv/send failed with e */
         break;
     case SSL_ERROR_ZERO_RETURN:
         rc = -ECONNRESET;
