@@ -111,6 +111,9 @@ class TlsSession:
         buf = ffi.from_buffer(view, require_writable=True)
         while (n := lib.ssi_tls_read(self.ptr, buf, len(view))) == -errno_mod.EINTR:
             pass  # a signal (its Python handler runs between the calls)
+        return self._result(n)
+
+    def _result(self, n: int) -> int | None:
         if n >= 0:
             return n
         if n == WANT:
@@ -128,13 +131,7 @@ class TlsSession:
         buf = ffi.from_buffer(mv)
         while (n := lib.ssi_tls_write(self.ptr, buf, len(mv))) == -errno_mod.EINTR:
             pass  # a signal (its Python handler runs between the calls)
-        if n >= 0:
-            return n
-        if n == WANT:
-            return None
-        if n == -errno_mod.EPROTO:
-            raise TlsError(self.error())
-        raise OSError(-n, os.strerror(-n))
+        return self._result(n)
 
     def pending(self) -> int:
         return lib.ssi_tls_pending(self.ptr)

@@ -17,13 +17,9 @@ LIBS = ["ssl", "crypto"]  # libssl-dev 3.x (deploy/setup-host.sh)
 
 
 def _cdef(header: str) -> str:
-    keep = []
-    for line in header.splitlines():
-        s = line.strip()
-        if s.startswith(("#ifndef", "#endif", "#include")) or s == "#define SSI_TLSC_H":
-            continue
-        keep.append(line.replace("(-11)", "-11"))
-    return "\n".join(keep)
+    """The header's declarations: no guard, no include (cffi's cdef does not parse them)."""
+    return "\n".join(line.replace("(-11)", "-11") for line in header.splitlines()
+                     if not line.startswith(("#if", "#endif", "#include", "#define SSI_TLSC_H")))
 
 
 ffi = FFI()
