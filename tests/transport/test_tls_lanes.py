@@ -103,3 +103,52 @@ def test_plaintext_peer_on_a_tls_node_is_refused_and_named(node_factory, tmp_pat
         BlockingChannel.connect(node.endpoint, node.token, "vm", retry_for=0, timeout=5)
     err = node.stop()
     assert "TLS handshake failed" in err and "--tls" in err, err
+
+
+def test_random_ops_on_a_tls_fault_lane_move_between_c_and_python_right(tls_node):
+    """Stores (Python), fetches of one frame and pipelined ones (C), pings: the session moves
+    between the node's memory buffers and its socket on every turn, and every answer is the
+    model's."""
+    import random
+
+    node = tls_node
+    rnd = random.Random(14)
+    npages = 256
+    model: dict[int, bytes] = {}
+    with BlockingChannel.connect(node.endpoint, node.token, "fz") as ch:
+        for i in range(300):
+            op = rnd.random()
+            first = rnd.randrange(npages - 64)
+            if op < 0.3:
+                n = rnd.randint(1, 40)
+                data = rnd.randbytes(n * PAGE)
+                ch.store(first * PAGE, data)
+                for k in range(n):
+                    model[first + k] = data[k * PAGE:(k + 1) * PAGE]
+            elif op < 0.95:
+                n = rnd.choice((1, 2, 16, 32, 33, 64))
+                buf = bytearray(n * PAGE)
+                mask = ch.fetch_into(first * PAGE, buf)
+                for k in range(n):
+                    want = model.get(first + k)
+                    assert bool(mask >> k & 1) == (want is None), (i, k)
+                    if want is not None:
+                        assert buf[k * PAGE:(k + 1) * PAGE] == want, (i, k)
+            else:
+                assert ch.ping(rnd.choice((0, 4096))) > 0
+    st = node_stats(node)
+    assert st["fastlane_fetches"] > 0 and st["requests"]["store"]["ok"] > 0
+
+
+def test_tls_node_stops_cleanly_with_a_lane_in_c(tls_node):
+    node = tls_node
+    ch = BlockingChannel.connect(node.endpoint, node.token, "stop", retry_for=0)
+    for _ in range(3):
+        assert ch.fetch_into(0, bytearray(PAGE)) == 1
+    assert node_stats(node)["fastlane_fetches"] >= 2  # the lane is in C, its session too
+    node.proc.terminate()
+    assert node.proc.wait(10) == 0
+    with pytest.raises(TransportError):
+        ch.fetch_into(0, bytearray(PAGE))
+    ch.close()
+    assert "Traceback" not in node.stop()
