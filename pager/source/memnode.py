@@ -218,7 +218,8 @@ class MemnodeLane(Lane):
                                                                         bulk=self.bulk)
         return lane
 
-    def c_endpoint(self, space: str | None) -> tuple[int, str, int] | None:
+    def c_endpoint(self, space: str | None
+                   ) -> tuple[int, str, int] | tuple[int, str, int, int] | None:
         if self.only is None:  # pages of one region on several nodes: Python's loop
             return None
         return self._lane(self.only, space or self.src.space).c_endpoint()
