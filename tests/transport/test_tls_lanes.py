@@ -11,7 +11,7 @@ import pytest
 
 from transport.errors import TlsError, TransportError
 from transport.tcp import BlockingChannel, TcpTransport, run
-from transport.tls import client_context, ensure_tls_dir, use_client_tls
+from transport.tls import client_context, client_tls, ensure_tls_dir, use_client_tls
 
 PAGE = 4096
 
@@ -66,6 +66,7 @@ def test_tls_fault_lane_is_served_by_the_nodes_c_lane(tls_node):
 
 def test_pager_of_another_ca_is_refused_by_the_node(tls_node, tmp_path):
     node = tls_node
+    cluster = client_tls()
     rogue = ensure_tls_dir(tmp_path / "rogue", name="rogue", who="rogue")
     # trusts the node (the cluster CA) but holds a certificate of its own CA
     (rogue / "ca.pem").unlink()
@@ -73,7 +74,9 @@ def test_pager_of_another_ca_is_refused_by_the_node(tls_node, tmp_path):
     use_client_tls(client_context(rogue))
     with pytest.raises(TlsError, match=r"TLS .*memory node .* failed: .*(certificate|unknown ca)"):
         BlockingChannel.connect(node.endpoint, node.token, "vm", retry_for=5, timeout=5)
-    use_client_tls(None)
+    use_client_tls(cluster)
+    st = node_stats(node)
+    assert st["requests"]["handshake"]["tls_refused"] >= 1 and st["auth_failures"] >= 1, st
     err = node.stop()
     assert "TLS handshake failed" in err and "127.0.0.1:" in err and "cluster CA" in err, err
     assert "Traceback" not in err

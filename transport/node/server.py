@@ -182,7 +182,9 @@ class NodeConnection(asyncio.BufferedProtocol):
             return got
         except (TlsError, OSError) as exc:
             stage = "handshake" if not tls.done else "stream"
-            self.node.count("tls", stage + "_failed")
+            # a refused TLS handshake is an authentication failure (the peer's certificate)
+            self.node.count(*(("handshake", "tls_refused") if not tls.done
+                              else ("tls", "stream_failed")))
             log.warning("memnode: %s: TLS %s failed: %s; a pager must connect with --tls and "
                         "a certificate of this node's cluster CA", self.peer, stage, exc)
             with contextlib.suppress(Exception):  # the alert that tells the peer why
