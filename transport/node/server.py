@@ -9,10 +9,8 @@ so no client can make the node queue unbounded replies.
 A pager's fault-lane connection (HELLO ``"lane": "fault"``) is served by the C loop of
 `transport.node.fastlane` while it sends nothing but FETCH frames; anything else comes back here.
 
-A TLS node (``tls=``) runs each connection's TLS in C (`transport.tlsc`) on memory buffers: the
-ciphertext the protocol receives is fed in, plaintext lands in the session's frame buffer and
-replies are encrypted on their way out. A fault lane handed to C takes its TLS session along
-(moved onto the socket while C serves it), so TLS connections get the C lane too.
+A TLS node (``tls=``) runs each connection's TLS in C (`transport.node.tlsconn`), and a fault
+lane handed to C takes its TLS session along.
 """
 
 from __future__ import annotations
@@ -26,11 +24,13 @@ import threading
 from collections import Counter
 from typing import Any
 
-from transport.errors import ProtocolError, StoreCorruptError, StoreError, TlsError
+from transport.errors import ProtocolError, StoreCorruptError, StoreError
 from transport.node import fastlane
 from transport.node.fence import Fences
 from transport.node.store import PageStore
+from transport.node.tlsconn import TlsConnection
 from transport.tcp import start_server, tune_socket
+from transport.tls import c_context
 from transport.wire import (
     DEFAULT_MAX_SPACE_BYTES,
     FAULT_LANE,
@@ -66,7 +66,7 @@ _FETCH_OK = ("fetch", "ok")
 MAX_OPEN_PER_CONNECTION = 64  # spaces one connection may open (a pager opens one or a few)
 
 
-class NodeConnection(asyncio.BufferedProtocol):
+class NodeConnection(TlsConnection, asyncio.BufferedProtocol):
     def __init__(self, node: MemoryNode) -> None:
         self.node = node
         self.session = ServerSession(token=node.token, challenge=os.urandom(NONCE_SIZE),
@@ -87,18 +87,9 @@ class NodeConnection(asyncio.BufferedProtocol):
         # on a fault lane is not bounced between Python and C
         self.c_ready = False
         # BufferedProtocol: received bytes land straight in the session's frame buffer; with
-        # TLS, ciphertext lands in _cipher and is decrypted into it (`transport.tlsc`)
-        self.tls: Any = None
-        self._send = self._write_plain
-        if node.tls_c is not None:
-            from transport.tlsc import TlsSession
-
-            self.tls = TlsSession(node.tls_c)
-            self._cipher = bytearray(1 << 16)
-            self.get_buffer = self._tls_get_buffer
-            self._send = self._write_tls
-        else:
-            self.get_buffer = self.session.reader.get_buffer
+        # TLS, ciphertext is decrypted into it (`TlsConnection`)
+        self.get_buffer = self.session.reader.get_buffer
+        self._tls_init(node.tls_c)
 
     # asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -133,64 +124,6 @@ class NodeConnection(asyncio.BufferedProtocol):
         else:
             self.session.reader.buffer_updated(nbytes)
         self._drain()
-
-    # TLS (memory buffers; see the module docstring)
-    def _tls_get_buffer(self, sizehint: int = -1) -> memoryview:
-        return memoryview(self._cipher)
-
-    def _write_plain(self, data: Any) -> None:
-        self.transport.write(data)  # type: ignore[union-attr]
-
-    def _write_tls(self, data: Any) -> None:
-        try:
-            self.tls.write(data)
-        except (TlsError, OSError) as exc:
-            log.info("memnode: %s: TLS failed: %s", self.peer, exc)
-            self._close()
-            return
-        self.transport.write(self.tls.drain())  # type: ignore[union-attr]
-
-    def _tls_pump(self) -> bool:
-        """Advance the handshake, decrypt what fits into the frame buffer; True if plaintext
-        arrived. A refused handshake or a broken stream closes the connection (logged)."""
-        tls = self.tls
-        if self.closing:
-            return False
-        try:
-            if not tls.done:
-                done = tls.handshake()
-                out = tls.drain()
-                if out:
-                    self.transport.write(out)  # type: ignore[union-attr]
-                if not done:
-                    return False
-                log.debug("memnode: %s: TLS 1.3 session established", self.peer)
-            reader = self.session.reader
-            got = False
-            while not reader.nearly_full():
-                view = reader.get_buffer()
-                if not len(view):
-                    break
-                n = tls.read_into(view)
-                if n is None:
-                    break
-                if n == 0:
-                    self.eof = True  # the peer's close_notify: answer what is left, close
-                    break
-                reader.buffer_updated(n)
-                got = True
-            return got
-        except (TlsError, OSError) as exc:
-            stage = "handshake" if not tls.done else "stream"
-            # a refused TLS handshake is an authentication failure (the peer's certificate)
-            self.node.count(*(("handshake", "tls_refused") if not tls.done
-                              else ("tls", "stream_failed")))
-            log.warning("memnode: %s: TLS %s failed: %s; a pager must connect with --tls and "
-                        "a certificate of this node's cluster CA", self.peer, stage, exc)
-            with contextlib.suppress(Exception):  # the alert that tells the peer why
-                self.transport.write(tls.drain())  # type: ignore[union-attr]
-            self._close()
-            return False
 
     def eof_received(self) -> bool:
         # half-closed client: answer everything it sent, then close (see _drain)
@@ -472,13 +405,8 @@ class MemoryNode:
         self._server: asyncio.Server | None = None
         # fault lanes in C (None: unless $SSI_PAGER_NO_FASTLANE); False without the extension
         self.fastlane = _fastlane_enabled(fastlane)
-        # TLS: every connection's session runs in C (`transport.tlsc`), C lanes included
-        self.tls = tls
-        self.tls_c = None
-        if tls is not None:
-            from transport.tls import c_context
-
-            self.tls_c = c_context(tls, server=True)
+        self.tls = tls  # every connection's session runs in C, C lanes included
+        self.tls_c = None if tls is None else c_context(tls, server=True)
         self._lane_lock = threading.Lock()  # stats() may run on another thread (metrics)
 
     def admit(self, conn: NodeConnection) -> None:
