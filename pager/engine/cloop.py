@@ -63,9 +63,9 @@ class CLoopMixin:
                 # a huge page up to MAX_FETCH (2 MiB) is fetched by C in pipelined frames;
                 # larger ones are Python's
                 ep = lane.c_endpoint(r.space) if r.page_size <= MAX_FETCH else None
-                sock, proto, space, tls = (-1, 0, 0, 0) if ep is None else (
+                sock, proto, space, tls = (-1, 0, 0, None) if ep is None else (
                     ep[0], PROTO_RAW if ep[1] == "raw" else PROTO_SSIP, ep[2],
-                    ep[3] if len(ep) > 3 else 0)  # a TLS lane's C session
+                    ep[3] if len(ep) > 3 else None)  # a TLS lane's C session
                 table.append((r.base, r.size, r.offset, r.page_size, sock, proto, space, tls))
                 removed = state.removed.get(r.space)
                 if removed is not None:

@@ -39,14 +39,14 @@ class Lane(ABC):
     ``c_capable`` lanes can hand the engine's C fault loop their connections:
     ``c_endpoint(space)`` -> ``(socket fd, wire, space handle)``, wire "ssip" (the memory
     node's FETCH) or "raw" (``{u64 offset, u32 length}`` -> raw bytes), connecting if needed
-    (raises like ``fetch_into``); a TLS connection adds its C session's handle as a fourth
-    item (`transport.tlsc`); None when that space cannot be served from C.
+    (raises like ``fetch_into``); a TLS connection adds its C session as a fourth item (a
+    `transport.tlsc.TlsSession`); None when that space cannot be served from C.
     """
 
     c_capable = False
 
     def c_endpoint(self, space: str | None
-                   ) -> tuple[int, str, int] | tuple[int, str, int, int] | None:
+                   ) -> tuple[int, str, int] | tuple[int, str, int, Any] | None:
         return None
 
     @abstractmethod

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from pager.uffd._uffd_cffi import ffi, lib
 from pager.uffd.binding import RawEvents
@@ -51,6 +52,7 @@ class FaultLoop:
         buf_size = max(chunk, lib.SSI_PFL_MAX_FETCH)
         self._buf = ffi.new("uint8_t[]", buf_size)
         self._raw = raw
+        self._tls: list[Any] = []  # the TLS sessions the region table names (set_regions)
         # residency ring: two batches of chunks that each split into single pages (C returns
         # to be drained before reading a batch it might not have room for)
         worst = min(raw.max_events, lib.SSI_READ_MAX) * (2 * (chunk // WIRE_PAGE) + 2)
@@ -84,20 +86,24 @@ class FaultLoop:
             self._l.wake_fds[i] = fd
         self._l.nwake = len(fds)
 
-    def set_regions(self, regions: Iterable[tuple[int, ...]]) -> bool:
+    def set_regions(self, regions: Iterable[tuple[Any, ...]]) -> bool:
         """``(base, size, gpa, page_size, sock, proto, space[, tls])`` per region (sock -1:
-        Python serves it; tls: the socket's C TLS session, `transport.tlsc`, 0 or absent:
-        plaintext). False if there are more than the C table holds (then do not run the
-        loop)."""
+        Python serves it; tls: the socket's C TLS session, a `transport.tlsc.TlsSession`,
+        kept alive here until the next call; None or absent: plaintext). False if there are
+        more than the C table holds (then do not run the loop)."""
         regions = list(regions)
         if len(regions) > MAX_REGIONS:
             return False
         lp = self._l
+        keep = []  # a session the table names outlives its lane's close (C then fails a read)
         for i, (base, size, gpa, page_size, sock, proto, space, *tls) in enumerate(regions):
             r = lp.regions[i]
             r.base, r.size, r.gpa, r.page_size = base, size, gpa, page_size
             r.sock, r.proto, r.space = sock, proto, space
-            r.ssl = ffi.cast("void *", tls[0] if tls else 0)
+            session = tls[0] if tls else None
+            r.ssl = ffi.cast("void *", session.handle if session is not None else 0)
+            keep.append(session)
+        self._tls = keep
         lp.nregions = len(regions)
         return True
 

@@ -45,7 +45,7 @@ def test_tls_fault_lane_is_served_by_the_nodes_c_lane(tls_node):
     node = tls_node
     pages = b"".join(bytes([i + 1]) * PAGE for i in range(32))
     with BlockingChannel.connect(node.endpoint, node.token, "vm") as ch:
-        assert ch.tls and ch.tls_handle() != 0
+        assert ch.tls and ch.tls_session().handle != 0
         ch.store(0, pages)  # a STORE: answered by Python (the session on memory buffers)
         buf = bytearray(64 * PAGE)
         for _ in range(40):  # FETCHes: answered by C (the session on the socket) ...

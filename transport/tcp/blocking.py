@@ -72,7 +72,7 @@ class BlockingChannel:
         self.retry_for = retry_for
         self.node = node
         self.sock: Any = None  # a socket, or a `transport.tlsc.TlsSocket`
-        self.tls = False  # the connection runs TLS (in C: `tls_handle` for the C fault loop)
+        self.tls = False  # the connection runs TLS (in C: `tls_session` for the C fault loop)
         self.space = 0
         self.session = self._new_session()
         self._label = f"memory node {endpoint}"
@@ -116,9 +116,10 @@ class BlockingChannel:
     def fileno(self) -> int:
         return self.sock.fileno() if self.sock is not None else -1
 
-    def tls_handle(self) -> int:
-        """The connection's TLS session (an SSL pointer for the C fault loop); 0: plaintext."""
-        return self.sock.handle if self.tls and self.sock is not None else 0
+    def tls_session(self) -> Any:
+        """The connection's C TLS session (`transport.tlsc.TlsSession`, its ``handle`` for a C
+        fault loop), or None (plaintext, or not connected)."""
+        return self.sock.session if self.tls and self.sock is not None else None
 
     # connection
     def _connect(self) -> None:

@@ -4,8 +4,8 @@ Every TLS session of a lane lives in C for its whole life, so the C loops can ca
 
 * `TlsContext`: TLS 1.3, this host's certificate, the cluster CA, a peer certificate required
   (the files `transport.tls` manages);
-* `TlsSocket`: a pager's blocking lane, its handshake and plaintext I/O on the socket, the
-  handle (`TlsSocket.handle`) given to the pager's C fault loop with the fd;
+* `TlsSocket`: a pager's blocking lane, its handshake and plaintext I/O on the socket; its
+  session (``TlsSocket.session``, its ``handle``) goes to the pager's C fault loop with the fd;
 * `TlsSession`: a memory node's connection on memory BIOs fed by its asyncio protocol, moved
   onto the socket while the node's C fault lane serves it (``to_fd``/``to_mem``).
 """
