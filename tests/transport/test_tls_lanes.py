@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from transport.errors import TlsError, TransportError
+from transport.errors import AuthError, TlsError, TransportError
 from transport.tcp import BlockingChannel, TcpTransport, run
 from transport.tls import client_context, client_tls, ensure_tls_dir, use_client_tls
 
@@ -102,10 +102,10 @@ def test_node_of_another_ca_and_plaintext_node_are_refused_by_the_pager(node_fac
 
 def test_plaintext_peer_on_a_tls_node_is_refused_and_named(node_factory, tmp_path):
     node = node_factory("--tls", "--tls-dir", str(tmp_path / "tls"))
-    with pytest.raises(TransportError):
-        BlockingChannel.connect(node.endpoint, node.token, "vm", retry_for=0, timeout=5)
+    with pytest.raises(AuthError, match=r"memory node .* requires TLS .*connect with --tls"):
+        BlockingChannel.connect(node.endpoint, node.token, "vm", retry_for=5, timeout=5)
     err = node.stop()
-    assert "TLS handshake failed" in err and "--tls" in err, err
+    assert "sent SSIP in clear to this TLS node" in err and "--tls" in err, err
 
 
 def test_random_ops_on_a_tls_fault_lane_move_between_c_and_python_right(tls_node):

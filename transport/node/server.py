@@ -119,8 +119,7 @@ class NodeConnection(TlsConnection, asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         if self.tls is not None:
-            self.tls.feed(memoryview(self._cipher)[:nbytes])
-            self._tls_pump()
+            self._tls_received(nbytes)
         else:
             self.session.reader.buffer_updated(nbytes)
         self._drain()

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import struct
 from typing import TYPE_CHECKING, Any
 
 from transport.errors import TlsError
+from transport.wire import MAGIC, ErrorCode, encode_error
 
 if TYPE_CHECKING:
     from transport.node.server import NodeConnection
@@ -41,6 +43,23 @@ class TlsConnection:
 
     def _tls_get_buffer(self: NodeConnection, sizehint: int = -1) -> memoryview:
         return memoryview(self._cipher)
+
+    def _tls_received(self: NodeConnection, nbytes: int) -> None:
+        """Ciphertext arrived in ``_cipher``: into the session, plaintext out of it. A peer
+        that sends SSIP in clear instead of a TLS handshake is told, in clear, what to do."""
+        data = memoryview(self._cipher)[:nbytes]
+        if not self.tls.done and data[:4] == MAGIC and not self.closing:
+            self.node.count("handshake", "tls_required")
+            log.warning("memnode: %s sent SSIP in clear to this TLS node; a pager must connect "
+                        "with --tls and a certificate of this node's cluster CA", self.peer)
+            req = struct.unpack_from("<I", data, 8)[0] if nbytes >= 12 else 0
+            self.transport.write(encode_error(  # type: ignore[union-attr]
+                req, ErrorCode.AUTH_REQUIRED, "this memory node requires TLS (memnode --tls): "
+                "connect with --tls and a certificate of its cluster CA (--tls-dir)"))
+            self._close()
+            return
+        self.tls.feed(data)
+        self._tls_pump()
 
     def _write_plain(self: NodeConnection, data: Any) -> None:
         self.transport.write(data)  # type: ignore[union-attr]
