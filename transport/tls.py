@@ -167,8 +167,11 @@ _client: ssl.SSLContext | None = None
 
 def use_client_tls(ctx: ssl.SSLContext | None) -> None:
     """Every connection this process makes to a memory node from now on uses ``ctx`` (None:
-    plaintext). `serve --tls` sets it once, before any lane exists."""
+    plaintext). `serve --tls` sets it once, before any lane exists. The C layer's context
+    is made now, so missing TLS support fails here (`TlsError`), not at the first fault."""
     global _client
+    if ctx is not None:
+        c_context(ctx, server=False)
     _client = ctx
 
 
