@@ -16,16 +16,21 @@ from transport.tls import client_context, client_tls, ensure_tls_dir, use_client
 PAGE = 4096
 
 
-@pytest.fixture
-def tls_node(node_factory, tmp_path):
+def start_tls_node(node_factory, tmp_path, *args: str):
+    """A TLS node, and this process's lanes given a certificate of its cluster CA."""
     d = tmp_path / "tls"
-    node = node_factory("--tls", "--tls-dir", str(d))
+    node = node_factory("--tls", "--tls-dir", str(d), *args)
     pager = tmp_path / "pager-tls"
     pager.mkdir(mode=0o700)
     for name in ("ca.pem", "ca.key"):  # what an operator copies to a pager host
         shutil.copy(d / name, pager / name)
     use_client_tls(client_context(ensure_tls_dir(pager, name="pager", who="pager")))
-    yield node
+    return node
+
+
+@pytest.fixture
+def tls_node(node_factory, tmp_path):
+    yield start_tls_node(node_factory, tmp_path)
     use_client_tls(None)
 
 
@@ -155,3 +160,21 @@ def test_tls_node_stops_cleanly_with_a_lane_in_c(tls_node):
         ch.fetch_into(0, bytearray(PAGE))
     ch.close()
     assert "Traceback" not in node.stop()
+
+
+@pytest.mark.parametrize("poll_us", ["0", "500"])
+def test_tls_c_lane_blocking_and_polling(node_factory, tmp_path, poll_us):
+    """The node's C lane reads its TLS session blocking (--poll-us 0) and polling (decrypted
+    bytes already buffered are taken before the socket is polled): the same answers."""
+    node = start_tls_node(node_factory, tmp_path, "--poll-us", poll_us)
+    try:
+        page = bytes(range(256)) * 16
+        with BlockingChannel.connect(node.endpoint, node.token, "p") as ch:
+            ch.store(0, page * 3)
+            buf = bytearray(40 * PAGE)  # two frames in one send: one read may decrypt both
+            for _ in range(30):
+                assert ch.fetch_into(0, buf) == (1 << 40) - 1 - 0b111
+                assert bytes(buf[:3 * PAGE]) == page * 3
+        assert node_stats(node)["fastlane_fetches"] >= 2 * 30 - 2
+    finally:
+        use_client_tls(None)
