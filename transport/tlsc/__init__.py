@@ -36,6 +36,7 @@ WANT = -11  # tlsc.h's SSI_TLS_WANT
 _CHUNK = 1 << 16
 _contexts: dict[tuple[bool, str], TlsContext] = {}
 _lock = threading.Lock()
+_local = threading.local()
 
 
 def _require() -> None:
@@ -83,7 +84,6 @@ class TlsSession:
             raise TlsError("cannot make a TLS session (out of memory?)")
         self.ptr = ffi.gc(ptr, lib.ssi_tls_free)
         self.done = False
-        self._out = ffi.new("uint8_t[]", _CHUNK)
 
     @property
     def handle(self) -> int:
@@ -144,9 +144,12 @@ class TlsSession:
 
     def drain(self) -> bytes:
         """Ciphertext to send (handshake records, encrypted replies)."""
+        out = getattr(_local, "out", None)
+        if out is None:  # one buffer per thread, not per connection
+            out = _local.out = ffi.new("uint8_t[]", _CHUNK)
         parts = []
-        while (n := lib.ssi_tls_drain(self.ptr, self._out, _CHUNK)) > 0:
-            parts.append(bytes(ffi.buffer(self._out, n)))
+        while (n := lib.ssi_tls_drain(self.ptr, out, _CHUNK)) > 0:
+            parts.append(bytes(ffi.buffer(out, n)))
         return b"".join(parts)
 
     def buffered(self) -> int:
