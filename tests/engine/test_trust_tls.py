@@ -11,6 +11,7 @@ import shutil
 import socket
 import threading
 
+import pytest
 from enginekit import Memnode, Proc, run_workload, wait_or_fail, wait_until
 
 from pager.core.region import Region
@@ -94,7 +95,8 @@ class Relay:
         self.server.close()
 
 
-def test_tls_faults_are_served_by_both_c_lanes_and_never_in_clear(tmp_path):
+@pytest.mark.parametrize("chunk", [64 * 1024, 256 * 1024], ids=["one-frame", "pipelined"])
+def test_tls_faults_are_served_by_both_c_lanes_and_never_in_clear(tmp_path, chunk):
     node_tls, pager_tls = tmp_path / "node-tls", tmp_path / "pager-tls"
     m = Memnode(tmp_path, "127.0.0.1:0", "--tls", "--tls-dir", str(node_tls))
     pager_tls.mkdir(mode=0o700)
@@ -108,7 +110,7 @@ def test_tls_faults_are_served_by_both_c_lanes_and_never_in_clear(tmp_path):
         m.seed(data)
         token = load_token(m.token_file)
         engine = FaultEngine(MemnodeSource(relay.endpoint, token, "default"),
-                             chunk_size=64 * 1024, readahead=0, c_loop=True)
+                             chunk_size=chunk, readahead=0, c_loop=True)
         c = Client(8 * MIB)
         engine.add_client(os.dup(c.uffd.fileno()), [Region(c.base, c.size, c.offset)])
         t = c.touch(threads=2, order="rand")
