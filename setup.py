@@ -14,6 +14,7 @@ SHIM = Extension("pager.shim._ssi_shim", sources=["pager/shim/ssi_shim.c"],
 
 CFFI = ["pager/uffd/_build.py:ffi", "transport/node/_fastlane_build.py:ffi",
         "transport/node/_crc32c_build.py:ffi",
+        "transport/tlsc/_build.py:ffi",  # the lanes' TLS (OpenSSL)
         "transport/rdma_c/_build.py:ffi_loopback"]  # the RDMA test double: builds anywhere
 _missing = have_verbs_headers()
 if _missing:  # the RDMA data path needs rdma-core's headers; without them TCP only

@@ -11,7 +11,8 @@ PY=${PYTHON:-python3}
 if [ "${SSI_PAGER_SKIP_APT:-0}" != 1 ]; then
   apt-get update -qq
   # gcc/libc6-dev: cffi extensions, preload shim, test helpers; zlib1g-dev: the node's C lane
-  # checks page crc32s with zlib; qemu + busybox: test guests;
+  # checks page crc32s with zlib; libssl-dev: TLS 1.3 of the C lanes (transport/tlsc);
+  # qemu + busybox: test guests;
   # prometheus: promtool and the scrape test; systemd: systemd-analyze verify of the units;
   # iproute2: network namespaces; libibverbs-dev/librdmacm-dev: headers to compile the RDMA
   # data path (transport/rdma_c, -Wall -Wextra) and rdma-core/ibverbs-providers to run it
@@ -19,7 +20,7 @@ if [ "${SSI_PAGER_SKIP_APT:-0}" != 1 ]; then
   # memnode --fsync sync each store; etcd-server (3.4): cluster membership, ownership and
   # fencing of several memory nodes (`--etcd URL`), and the cluster tests' own etcd.
   apt-get install -y -qq --no-install-recommends \
-    gcc libc6-dev zlib1g-dev make cpio kmod iproute2 procps strace \
+    gcc libc6-dev zlib1g-dev libssl-dev make cpio kmod iproute2 procps strace \
     qemu-system-x86 busybox-static \
     prometheus systemd etcd-server \
     libibverbs-dev librdmacm-dev rdma-core ibverbs-providers >/dev/null

@@ -10,11 +10,14 @@ Lines (``name``, ``p50_us``, ``p99_us``, ``gbps`` where they apply):
 * ``ref_remote_4k`` / ``ref_remote_64k``   the C reference pager (refpager-remote against
   refpager-memnode) in the same run: fault latency, and its handler's mean fetch time
 * ``ratio_*``             ours / reference (goal: 4 KiB p50 <= 1.5, pipelined >= 0.75)
+* ``fault_4k``            real 4 KiB page faults (uffd) served by the pager's C fault loop from
+  the node's C fault lane (``c_faults``: how many the C loop served): the fault path
 * with ``--tls``: the same lines (label ``<label>-tls``) against a second node started with
   ``--tls`` in the same rounds, and ``tls_cost_*`` (how many times TLS costs: plaintext / TLS
-  Gbit/s where the line has a rate, else TLS / plaintext p50). TLS connections are served by
-  the Python paths on both sides (no C fault loop or C fast lane), so the cost includes losing
-  those.
+  Gbit/s where the line has a rate, else TLS / plaintext p50). TLS runs in C on both sides
+  (`transport.tlsc`): ``fetch_*`` and ``fault_4k`` go through the node's C fault lane, and
+  ``fault_4k`` through the pager's C fault loop, so the cost is encryption's alone;
+  ``pipelined`` is the bulk transfer (asyncio lanes, Python's ``ssl`` on the pager side).
 * ``rdma_fetch_4k`` / ``rdma_fetch_64k``   with ``--rdma --endpoint``: the same fetches over a
   proven RDMA lane (`transport.rdma_c.check.bench_lines`)
 * ``checksum-crc32-4k`` / ``checksum-crc32c-4k``   the memory node's per-page checksum
@@ -164,9 +167,24 @@ def measure(endpoint: str, token: bytes | None, args: argparse.Namespace,
                                     label))
         lines.append(bench_blocking(ch, "fetch_4k_zero", PAGE_SIZE, span,
                                     max(500, args.count // 4), label, gpa_base=span + (1 << 30)))
+    lines.append(bench_faults(endpoint, token, args, label))
     lines += run_loop(bench_async(endpoint, token, args.space, span, args.count, args.seconds,
                              label))
     return lines
+
+
+def bench_faults(endpoint: str, token: bytes | None, args: argparse.Namespace,
+                 label: str) -> dict[str, Any]:
+    """``fault_4k``: real 4 KiB page faults served by the pager's C fault loop (engine in this
+    process) from the node's C fault lane, one toucher thread in random order; ``c_faults``
+    says how many the C loop served (with TLS: both C lanes through their TLS sessions)."""
+    from pager.source import MemnodeSource
+    from pager.tools.bench import engine_case
+
+    mib = max(1, min(args.mib, 16))
+    r = engine_case(MemnodeSource(endpoint, token, args.space), mib, PAGE_SIZE, "rand", 0)
+    r["gbps"] = round(r["gbps"] * 8, 3)  # GB/s there, Gbit/s in these lines
+    return {"name": "fault_4k", "label": label, **r}
 
 
 # --- the C reference ---------------------------------------------------------------------------
@@ -408,7 +426,11 @@ def main(args: argparse.Namespace) -> int:
                 emit(line)
         if not args.json:
             for line in ours + refs:
-                print(f"{line['name']:>20} {line.get('label', ''):>9} p50 "
-                      f"{line.get('p50_us', 0):8.1f} us  p99 {line.get('p99_us', 0):8.1f} us  "
-                      f"{line.get('gbps', 0):6.2f} Gbit/s", file=sys.stderr)
+                head = f"{line['name']:>20} {line.get('label', ''):>9}"
+                if "ratio" in line:  # tls_cost_*: how many times TLS costs
+                    print(f"{head} {line['ratio']:6.2f}x", file=sys.stderr)
+                    continue
+                print(f"{head} p50 {line.get('p50_us', 0):8.1f} us  p99 "
+                      f"{line.get('p99_us', 0):8.1f} us  {line.get('gbps', 0):6.2f} Gbit/s",
+                      file=sys.stderr)
     return 0

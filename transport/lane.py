@@ -7,7 +7,8 @@ thread at a time, with no event loop:
   page i was never written; its bytes in ``buf`` are unspecified);
 * ``store_from(gpa, buf)`` writes whole pages and returns after the node's acknowledgement;
 * ``c_endpoint()`` is the raw endpoint a C fault loop drives, ``(fd, wire, space handle)``
-  with wire "ssip", or None when this lane cannot be driven from C (RDMA);
+  with wire "ssip" (a TLS lane adds its C session, a `transport.tlsc.TlsSession`: ``(fd,
+  wire, space, session)``), or None when this lane cannot be driven from C (RDMA);
 * ``ping()`` is one round trip (seconds); ``reset()`` drops the connection (the next call
   reconnects where the lane can), ``close()`` releases it.
 
@@ -66,7 +67,8 @@ class BlockingLane(abc.ABC):
         """One round trip to the node (seconds)."""
 
     def c_endpoint(self) -> tuple[int, str, int] | None:
-        """``(fd, wire, space handle)`` for a C fault loop, or None (not drivable from C)."""
+        """``(fd, wire, space handle[, TLS session])`` for a C fault loop, or None (not
+        drivable from C)."""
         return None
 
     def reset(self) -> None:  # noqa: B027 - default: the next call reconnects by itself
@@ -105,12 +107,12 @@ class TcpLane(BlockingLane):
     def ping(self) -> float:
         return self.channel.ping()
 
-    def c_endpoint(self) -> tuple[int, str, int] | None:
+    def c_endpoint(self) -> tuple[int, str, int] | tuple[int, str, int, Any] | None:
         fd = self.channel.fileno()
         if fd < 0 or self.channel.compress:  # a compressing lane is never driven from C
             return None
-        if getattr(self.channel, "tls", False):
-            return None  # TLS is served by Python: C reads raw sockets
+        if self.channel.tls:  # the C loop reads and writes through the C TLS session
+            return (fd, "ssip", self.channel.space, self.channel.tls_session())
         return (fd, "ssip", self.channel.space)
 
     def reset(self) -> None:

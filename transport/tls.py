@@ -15,10 +15,14 @@ its first start; or give every host the operator's own ``ca.pem``, ``cert.pem`` 
 (nodes are addressed by IP): anyone holding a certificate of the cluster's CA is a peer, as
 anyone holding the token is. The token handshake still runs inside TLS.
 
-Both sides require TLS 1.3 and a peer certificate. The C lanes (the pager's C fault loop and
-the node's C fault lane) read and write raw sockets, so a TLS connection is served by the
-Python paths on both sides (`BlockingChannel` over `ssl.SSLSocket`, the asyncio lanes via
-`ssl`); RDMA is not used with TLS.
+Both sides require TLS 1.3 and a peer certificate. The TLS of a lane runs in C
+(`transport.tlsc`, OpenSSL), so the C lanes carry it: a pager's `BlockingChannel` does its
+handshake and plaintext I/O through a C session whose handle its C fault loop gets with the
+fd (SSL_read/SSL_write in `transport/wire/ssip_io.h`); a memory node runs every connection's
+TLS in C on memory buffers fed by its asyncio protocol, and moves the session onto the socket
+while its C fault lane serves the connection. TLS then costs encryption, not the C fast path
+(`ssi-pager bench transport --tls` measures it beside plaintext). The pager's asyncio lanes
+(bulk transfers) use Python's `ssl` with the same files. RDMA is not used with TLS.
 """
 
 from __future__ import annotations
@@ -142,6 +146,7 @@ def _context(purpose: int, d: Path) -> ssl.SSLContext:
                        "them there", errno=getattr(exc, "errno", None)) from exc
     ctx.check_hostname = False  # peers are the CA's, addressed by IP: see the module doc
     ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.ssi_tls_dir = d  # type: ignore[attr-defined]  # the C layer's context: `c_context`
     return ctx
 
 
@@ -162,8 +167,11 @@ _client: ssl.SSLContext | None = None
 
 def use_client_tls(ctx: ssl.SSLContext | None) -> None:
     """Every connection this process makes to a memory node from now on uses ``ctx`` (None:
-    plaintext). `serve --tls` sets it once, before any lane exists."""
+    plaintext). `serve --tls` sets it once, before any lane exists. The C layer's context
+    is made now, so missing TLS support fails here (`TlsError`), not at the first fault."""
     global _client
+    if ctx is not None:
+        c_context(ctx, server=False)
     _client = ctx
 
 
@@ -171,41 +179,26 @@ def client_tls() -> ssl.SSLContext | None:
     return _client
 
 
-class TlsSocket:
-    """An `ssl.SSLSocket` with the calls `BlockingChannel` makes on a plain socket
-    (``recv_into`` with flags, ``recvmsg_into``, ``sendmsg``), so its code stays one."""
+def c_context(ctx: ssl.SSLContext, *, server: bool) -> Any:
+    """The C layer's context (`transport.tlsc.TlsContext`) for the files ``ctx`` was made
+    from: the lanes' TLS runs in C, the Python context serves the asyncio client lanes."""
+    from transport import tlsc
 
-    def __init__(self, sock: ssl.SSLSocket) -> None:
-        self.sock = sock
-
-    def recv_into(self, view: Any, nbytes: int = 0, flags: int = 0) -> int:
-        return self.sock.recv_into(view, nbytes)
-
-    def recvmsg_into(self, buffers: list[memoryview]) -> tuple[int, list, int, Any]:
-        """Fills the first buffer only (never reads past what was asked)."""
-        n = self.sock.recv_into(buffers[0])
-        return n, [], 0, None
-
-    def sendmsg(self, buffers: list[Any]) -> int:
-        data = b"".join(bytes(b) for b in buffers)
-        self.sock.sendall(data)
-        return len(data)
-
-    def sendall(self, data: Any) -> None:
-        self.sock.sendall(data)
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def close(self) -> None:
-        self.sock.close()
+    d = getattr(ctx, "ssi_tls_dir", None)
+    if d is None:
+        raise TlsError("this TLS context was not made by transport.tls.server_context/"
+                       "client_context: the lanes need its directory")
+    return tlsc.context(server, d)
 
 
-def wrap_client(sock: socket.socket, ctx: ssl.SSLContext, label: str) -> TlsSocket:
-    """TLS over a connected socket (handshake included, bounded by the socket's timeout)."""
+def wrap_client(sock: socket.socket, ctx: ssl.SSLContext, label: str) -> Any:
+    """TLS over a connected blocking socket, run by the C layer (handshake included, bounded
+    by the socket's SO_RCVTIMEO/SO_SNDTIMEO): a `transport.tlsc.TlsSocket`."""
+    from transport import tlsc
+
     try:
-        return TlsSocket(ctx.wrap_socket(sock, server_hostname=None))
-    except ssl.SSLError as exc:
+        cctx = c_context(ctx, server=False)
+    except TlsError:
         sock.close()
-        raise TlsError(f"TLS handshake with {label} failed: {exc.reason or exc}; both sides "
-                       "need --tls and certificates of the same cluster CA") from exc
+        raise
+    return tlsc.connect(sock, cctx, label)

@@ -82,8 +82,9 @@ class CLoopMixin:
             log.debug("%s: C loop waits for the source: %s", self.name, exc)
             self._c_retry_at = now + 1.0
             return False
-        lanes = [(fd, PROTO_RAW if wire == "raw" else PROTO_SSIP, space)
-                 for fd, wire, space in routes.endpoints]
+        lanes = [(ep[0], PROTO_RAW if ep[1] == "raw" else PROTO_SSIP, ep[2],
+                  ep[3] if len(ep) > 3 else None)  # a TLS lane's C session
+                 for ep in routes.endpoints]
         cs = self.engine.chunk_size
         slow += [(base + i * cs, base + (i + 1) * cs) for base, i in state.inflight]
         # each stream's next chunk: its fault goes on to the detector

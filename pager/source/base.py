@@ -35,7 +35,8 @@ def close_lanes(lanes: dict[Any, Any]) -> None:
     lanes.clear()
 
 
-Endpoint = tuple[int, str, int]  # (socket fd, wire, space handle) a C fault loop drives
+# (socket fd, wire, space handle[, TLS session]) a C fault loop drives
+Endpoint = tuple[int, str, int] | tuple[int, str, int, Any]
 
 
 class CRoutes:
@@ -65,7 +66,8 @@ class Lane(ABC):
     ``c_capable`` lanes can hand the engine's C fault loop their connections:
     ``c_endpoint(space)`` -> ``(socket fd, wire, space handle)``, wire "ssip" (the memory
     node's FETCH) or "raw" (``{u64 offset, u32 length}`` -> raw bytes), connecting if needed
-    (raises like ``fetch_into``); None when that space cannot be served from C. A lane whose
+    (raises like ``fetch_into``); a TLS connection adds its C session as a fourth item (a
+    `transport.tlsc.TlsSession`); None when that space cannot be served from C. A lane whose
     pages of one region live on several connections routes each extent itself
     (``c_route``), gives the generation word it bumps when that routing changes
     (``c_generation``) and learns of a fetch C could not complete (``c_failed``).

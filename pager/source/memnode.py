@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pager.errors import ConfigError, HandoffError
 from pager.source.base import Lane, PageSource, close_lanes
@@ -218,7 +218,8 @@ class MemnodeLane(Lane):
                                                                         bulk=self.bulk)
         return lane
 
-    def c_endpoint(self, space: str | None) -> tuple[int, str, int] | None:
+    def c_endpoint(self, space: str | None
+                   ) -> tuple[int, str, int] | tuple[int, str, int, Any] | None:
         if self.only is None:  # pages of one region on several nodes: Python's loop
             return None
         return self._lane(self.only, space or self.src.space).c_endpoint()

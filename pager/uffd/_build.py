@@ -38,7 +38,7 @@ ffi = build_ffi(
     preamble='#include "ssi_uffd.h"',
     sources=[_path(os.path.join(_CSRC, s)) for s in _SOURCES],
     include_dirs=[_path(_CSRC), _path(_WIRE)],
-    libraries=["pthread"],
+    libraries=["pthread", "ssl", "crypto"],  # TLS lanes: transport/wire/ssip_io.h
     extra_compile_args=["-O2", "-Wall", "-Wextra"],
 )
 

@@ -58,6 +58,7 @@ class FaultLoop:
         self._raw = raw
         self._ext: list[Any] = []
         self._gen: Any = None
+        self._tls: list[Any] = []  # the TLS sessions the lanes name (set_regions)
         # residency ring: two batches of chunks that each split into single pages (C returns
         # to be drained before reading a batch it might not have room for)
         worst = min(raw.max_events, lib.SSI_READ_MAX) * (2 * (chunk // WIRE_PAGE) + 2)
@@ -92,10 +93,12 @@ class FaultLoop:
         self._l.nwake = len(fds)
 
     def set_regions(self, regions: Iterable[tuple[int, int, int, int, int | Sequence[int]]],
-                    lanes: Sequence[tuple[int, int, int]] = (), *, ext_shift: int = 21,
+                    lanes: Sequence[tuple[Any, ...]] = (), *, ext_shift: int = 21,
                     route_gen: tuple[Any, int] | None = None) -> bool:
-        """The routing table. ``lanes``: ``(sock, proto, space handle)`` per connection the
-        loop may fetch on. ``regions``: ``(base, size, gpa, page_size, route)``, route the
+        """The routing table. ``lanes``: ``(sock, proto, space handle[, tls])`` per connection
+        the loop may fetch on (tls: the socket's C TLS session, a `transport.tlsc.TlsSession`,
+        kept alive here until the next call, so a lane closed meanwhile fails a read; None or
+        absent: plaintext). ``regions``: ``(base, size, gpa, page_size, route)``, route the
         index in ``lanes`` serving the whole region (-1: Python serves it) or, per extent of
         ``1 << ext_shift`` bytes from the one holding ``gpa``, the index of its lane (-1:
         Python's). ``route_gen``: ``(word, seen)``, an ``array('Q')`` whose first word the source
@@ -106,9 +109,14 @@ class FaultLoop:
         if len(regions) > MAX_REGIONS or len(lanes) > MAX_LANES:
             return False
         lp = self._l
-        for i, (sock, proto, space) in enumerate(lanes):
+        sessions = []
+        for i, (sock, proto, space, *tls) in enumerate(lanes):
             c = lp.lanes[i]
             c.sock, c.proto, c.space = sock, proto, space
+            session = tls[0] if tls else None
+            c.ssl = ffi.cast("void *", session.handle if session is not None else 0)
+            sessions.append(session)
+        self._tls = sessions
         lp.nlanes = len(lanes)
         keep = []
         for i, (base, size, gpa, page_size, route) in enumerate(regions):

@@ -53,7 +53,10 @@ def test_bench_transport_tls_beside_plaintext():
     out = bench("--no-ref", "--tls")
     assert out.returncode == 0, out.stderr
     lines = {(x["name"], x["label"]): x for x in map(json.loads, out.stdout.splitlines())}
-    for name in ("fetch_4k", "fetch_4k_async", "pipelined"):
+    for label in ("loopback", "loopback-tls"):  # the fault path: the pager's C loop served
+        fault = lines["fault_4k", label]
+        assert 0 < fault["c_faults"] <= fault["faults"], fault
+    for name in ("fetch_4k", "fault_4k", "fetch_4k_async", "pipelined"):
         plain, tls = lines[name, "loopback"], lines[name, "loopback-tls"]
         assert tls["p50_us"] > 0 and plain["p50_us"] > 0
         cost = lines[f"tls_cost_{name}", "loopback-tls"]["ratio"]

@@ -40,8 +40,9 @@ ffi.set_source("transport.node._fastlane_cffi", '#include "fastlane.h"\n',
                         os.path.join(_WIRE, "ssip_wire.h"),
                         os.path.join(_WIRE, "ssip_io.h"), os.path.join(_WIRE, "ssip_poll.h")],
                define_macros=[("_GNU_SOURCE", None)],
-               # page checksums: crc32c.c (crc32c stores), zlib's crc32 (stores written before)
-               libraries=["z"],
+               # page checksums: crc32c.c (crc32c stores), zlib's crc32 (stores written before);
+               # OpenSSL for TLS lanes
+               libraries=["z", "ssl", "crypto"],
                extra_compile_args=CFLAGS)
 
 if __name__ == "__main__":

@@ -16,6 +16,11 @@
  * Every wire number and the header layout come from ssip_wire.h (generated from
  * transport/wire/frames.py), the socket helpers from ssip_io.h; the header fields are
  * little-endian, as is every host this builds for (checked below).
+ *
+ * A TLS node's connection comes with its session (c->ssl, transport/tlsc), moved onto the
+ * socket by the Python side before the loop starts and back onto memory BIOs after it
+ * returned: the loop reads and writes plaintext through ssip_io.h, and decrypted bytes the
+ * loop did not take stay in the session for the Python path.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -144,7 +149,7 @@ static int serve_frame(struct ssi_fl_conn *c)
         __atomic_fetch_add(&sp->zero_pages, (uint64_t)__builtin_popcount(zero_mask),
                            __ATOMIC_RELAXED);
     __atomic_fetch_add(&c->fetch_ok, 1, __ATOMIC_RELAXED);
-    int rc = ssip_send_all(c->fd, c->out, SSIP_HEADER_SIZE + nbytes);
+    int rc = ssip_send_all(SSIP_CONN(c->fd, c->ssl), c->out, SSIP_HEADER_SIZE + nbytes);
     if (rc < 0) {
         c->err = -rc;
         return -1;
@@ -161,8 +166,8 @@ static ssize_t recv_polling(struct ssi_fl_conn *c, uint64_t since)
 {
     struct iovec iov = {c->inbuf + c->end, c->in_cap - c->end};
     struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1};
-    return ssip_recvmsg_polling(c->fd, &msg, since, c->poll_ns, &c->poll_skip_until,
-                                &c->poll_backoff_ns);
+    return ssip_conn_recv_polling(SSIP_CONN(c->fd, c->ssl), &msg, since, c->poll_ns,
+                                  &c->poll_skip_until, &c->poll_backoff_ns);
 }
 
 int ssi_fl_serve(struct ssi_fl_conn *c)

@@ -24,6 +24,7 @@ struct ssi_fl_space {
 
 struct ssi_fl_conn {
     int fd;                   /* the connection's socket (a dup owned by the caller) */
+    void *ssl;                /* its TLS session on fd (SSL *, transport/tlsc); NULL: plain */
     int nspaces;              /* handles 1..nspaces */
     uint64_t max_space_bytes; /* gpa + length limit, as the Python session checks */
     struct ssi_fl_space spaces[SSI_FL_MAX_SPACES];

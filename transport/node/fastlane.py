@@ -82,16 +82,24 @@ class FastLane:
         self._bitmaps: list[Any] = []  # keeps the bitmaps' buffer exports alive
         self._names: list[str] = []
         self.thread: threading.Thread | None = None
+        self._tls: Any = None  # the connection's TLS session while C serves it
 
     def can_serve(self, names: list[str]) -> bool:
         return 0 < len(names) <= MAX_SPACES
 
     def start(self, sock_fd: int, names: list[str], spaces: list[Space],
-              done: Callable[[int], None]) -> None:
+              done: Callable[[int], None], tls: Any = None) -> None:
         """Serve FETCH frames on a duplicate of ``sock_fd`` from a new thread; ``done(rc)``
-        is called from that thread when the C loop returns."""
+        is called from that thread when the C loop returns. ``tls``: the connection's
+        `transport.tlsc.TlsSession` (no ciphertext buffered), moved onto the socket until
+        `finish`."""
         c = self.c
         fd = os.dup(sock_fd)
+        if tls is not None and not tls.to_fd(fd):
+            os.close(fd)
+            raise OSError(f"its TLS session still buffers {tls.buffered()} bytes")
+        self._tls = tls
+        c.ssl = ffi.cast("void *", tls.handle if tls is not None else 0)
         c.nspaces = len(spaces)
         c.pos = c.end = 0
         c.inbuf = self._in
@@ -127,13 +135,22 @@ class FastLane:
         except RuntimeError:
             self.thread = None
             c.fd = -1
+            self._untls()
             os.close(fd)
             raise
+
+    def _untls(self) -> None:
+        """The TLS session back onto memory buffers (its socket BIO is forgotten)."""
+        if self._tls is not None:
+            self._tls.to_mem()
+            self._tls = None
+            self.c.ssl = ffi.NULL
 
     def finish(self) -> bytes:
         """After the loop returned: close the duplicate, return the unconsumed bytes."""
         c = self.c
         self.thread = None
+        self._untls()
         if c.fd >= 0:
             os.close(c.fd)
             c.fd = -1

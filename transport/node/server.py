@@ -8,6 +8,9 @@ so no client can make the node queue unbounded replies.
 
 A pager's fault-lane connection (HELLO ``"lane": "fault"``) is served by the C loop of
 `transport.node.fastlane` while it sends nothing but FETCH frames; anything else comes back here.
+
+A TLS node (``tls=``) runs each connection's TLS in C (`transport.node.tlsconn`), and a fault
+lane handed to C takes its TLS session along.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from transport.errors import ProtocolError, StoreCorruptError, StoreError
 from transport.node import fastlane
 from transport.node.fence import Fences
 from transport.node.store import PageStore
+from transport.node.tlsconn import TlsConnection
 from transport.tcp import start_server, tune_socket
+from transport.tls import c_context
 from transport.wire import (
     DEFAULT_MAX_SPACE_BYTES,
     FAULT_LANE,
@@ -61,7 +66,7 @@ _FETCH_OK = ("fetch", "ok")
 MAX_OPEN_PER_CONNECTION = 64  # spaces one connection may open (a pager opens one or a few)
 
 
-class NodeConnection(asyncio.BufferedProtocol):
+class NodeConnection(TlsConnection, asyncio.BufferedProtocol):
     def __init__(self, node: MemoryNode) -> None:
         self.node = node
         self.session = ServerSession(token=node.token, challenge=os.urandom(NONCE_SIZE),
@@ -81,8 +86,10 @@ class NodeConnection(asyncio.BufferedProtocol):
         # after anything else stay here until the next FETCH, so a stream of stores or pings
         # on a fault lane is not bounced between Python and C
         self.c_ready = False
-        # BufferedProtocol: received bytes land straight in the session's frame buffer
+        # BufferedProtocol: received bytes land straight in the session's frame buffer; with
+        # TLS, ciphertext is decrypted into it (`TlsConnection`)
         self.get_buffer = self.session.reader.get_buffer
+        self._tls_init(node.tls_c)
 
     # asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -111,7 +118,10 @@ class NodeConnection(asyncio.BufferedProtocol):
             self._timer.cancel()
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.session.reader.buffer_updated(nbytes)
+        if self.tls is not None:
+            self._tls_received(nbytes)
+        else:
+            self.session.reader.buffer_updated(nbytes)
         self._drain()
 
     def eof_received(self) -> bool:
@@ -162,7 +172,8 @@ class NodeConnection(asyncio.BufferedProtocol):
         transport = self.transport
         if (self.closing or self.eof or self.paused or self.reading_paused
                 or transport is None or not session.authenticated or session.reader.buffered()
-                or transport.get_write_buffer_size()):
+                or transport.get_write_buffer_size()
+                or (self.tls is not None and (self.tls.buffered() or self.tls.pending()))):
             return
         if self.lane is None:
             self.lane = fastlane.FastLane(session.max_space_bytes)
@@ -183,7 +194,7 @@ class NodeConnection(asyncio.BufferedProtocol):
                 loop.call_soon_threadsafe(self._from_c, rc)
 
         try:
-            self.lane.start(sock.fileno(), list(names), spaces, done)
+            self.lane.start(sock.fileno(), list(names), spaces, done, tls=self.tls)
         except (OSError, RuntimeError) as exc:  # no thread or fd to spare: stay in Python
             log.warning("memnode: %s: fault lane stays in Python: %s", self.peer, exc)
             self.in_c = self.fault_lane = False
@@ -208,6 +219,8 @@ class NodeConnection(asyncio.BufferedProtocol):
             return
         if leftover:
             self.session.receive_data(leftover)
+        if self.tls is not None:
+            self._tls_pump()  # plaintext C decrypted and did not take (after the leftover)
         if rc == fastlane.EOF_:
             self.eof = True  # answer what is left, then close (as eof_received does)
         else:
@@ -223,14 +236,18 @@ class NodeConnection(asyncio.BufferedProtocol):
         if self.in_c:
             return
         session = self.session
-        write = self.transport.write  # type: ignore[union-attr]
+        write = self._send
         budget = BULK_TURN
         while not self.closing and not self.paused:
             try:
                 ev = session.next_event()
             except ProtocolError as exc:
                 self.node.count("bad_frame", ErrorCode(exc.code).name.lower())
-                log.info("memnode: %s: %s", self.peer, exc)
+                if self.tls is None and not session.authenticated and "\\x16\\x03" in str(exc):
+                    log.warning("memnode: %s speaks TLS but this node runs without --tls: "
+                                "start both sides with --tls, or neither", self.peer)
+                else:
+                    log.info("memnode: %s: %s", self.peer, exc)
                 write(encode_error(exc.request_id, exc.code, str(exc)))
                 self.c_ready = False
                 if exc.fatal:
@@ -238,6 +255,8 @@ class NodeConnection(asyncio.BufferedProtocol):
                     return
                 continue
             if ev is None:
+                if self.tls is not None and self._tls_pump():
+                    continue  # decrypted bytes the frame buffer had no room for before
                 if self.eof:
                     self._close()  # half-closed and all answered (close flushes replies)
                     return
@@ -384,9 +403,9 @@ class MemoryNode:
         self.counters: Counter[str] = Counter()
         self._server: asyncio.Server | None = None
         # fault lanes in C (None: unless $SSI_PAGER_NO_FASTLANE); False without the extension
-        # TLS connections are served in Python: the C fault lane reads the raw socket
-        self.tls = tls
-        self.fastlane = _fastlane_enabled(fastlane) and tls is None
+        self.fastlane = _fastlane_enabled(fastlane)
+        self.tls = tls  # every connection's session runs in C, C lanes included
+        self.tls_c = None if tls is None else c_context(tls, server=True)
         self._lane_lock = threading.Lock()  # stats() may run on another thread (metrics)
 
     def admit(self, conn: NodeConnection) -> None:
@@ -412,8 +431,8 @@ class MemoryNode:
         def factory() -> NodeConnection:
             return NodeConnection(self)
 
-        self._server, self.port = await start_server(factory, self.host, self.port,
-                                                     tls=self.tls)
+        # plain sockets: a TLS node's connections run their TLS in C (NodeConnection)
+        self._server, self.port = await start_server(factory, self.host, self.port)
         return self.endpoint
 
     @property
@@ -441,6 +460,7 @@ class MemoryNode:
         fetches, per_space = lane.counters()
         with self._lane_lock:
             self.requests[_FETCH_OK] += fetches
+            self.counters["fastlane_fetches"] += fetches
             for name, fetched, zero in per_space:
                 space = self.store.spaces.get(name)
                 if space is not None:
@@ -453,11 +473,13 @@ class MemoryNode:
         with self._lane_lock:
             requests = Counter(self.requests)
             spaces = self.store.stats()
+            in_c = self.counters["fastlane_fetches"]
             for conn in list(self.connections):
                 if conn.lane is None:
                     continue
                 fetches, per_space = conn.lane.counters()
                 requests[_FETCH_OK] += fetches
+                in_c += fetches
                 for name, fetched, zero in per_space:
                     if name in spaces:
                         spaces[name]["fetched_pages"] += fetched
@@ -469,6 +491,8 @@ class MemoryNode:
             "node": self.name,
             "endpoint": self.endpoint,
             "auth": self.token is not None,
+            "tls": self.tls is not None,
+            "fastlane_fetches": in_c,  # FETCH requests the C fault lane answered (in fetch ok)
             "connections_open": len(self.connections),
             "connections_total": self.counters["connections"],
             "auth_failures": self.counters["auth_failures"],

@@ -71,8 +71,8 @@ class BlockingChannel:
         self.timeout = timeout
         self.retry_for = retry_for
         self.node = node
-        self.sock: Any = None  # a socket, or a `transport.tls.TlsSocket`
-        self.tls = False  # the connection runs TLS (the C fault loop cannot serve it)
+        self.sock: Any = None  # a socket, or a `transport.tlsc.TlsSocket`
+        self.tls = False  # the connection runs TLS (in C: `tls_session` for the C fault loop)
         self.space = 0
         self.session = self._new_session()
         self._label = f"memory node {endpoint}"
@@ -116,6 +116,11 @@ class BlockingChannel:
     def fileno(self) -> int:
         return self.sock.fileno() if self.sock is not None else -1
 
+    def tls_session(self) -> Any:
+        """The connection's C TLS session (`transport.tlsc.TlsSession`, its ``handle`` for a C
+        fault loop), or None (plaintext, or not connected)."""
+        return self.sock.session if self.tls and self.sock is not None else None
+
     # connection
     def _connect(self) -> None:
         try:
@@ -124,20 +129,16 @@ class BlockingChannel:
             raise ConnectError(f"cannot connect to {self._label}: {exc.strerror or exc}; is "
                                f"`ssi-pager memnode` running there?", errno=exc.errno) from exc
         tune_socket(sock)
+        # blocking mode for the hot path (no poll per recv); SO_RCVTIMEO/SO_SNDTIMEO bound it
+        sock.settimeout(None)
+        tv = int(self.timeout).to_bytes(8, "little") + int(
+            (self.timeout % 1) * 1e6).to_bytes(8, "little")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
         ctx = client_tls()
-        if ctx is not None:  # TLS: Python's socket timeout bounds every read and write
-            self.sock = wrap_client(sock, ctx, self._label)
-            self.tls = True
-        else:
-            # blocking mode for the hot path (no poll per recv); SO_RCVTIMEO/SO_SNDTIMEO
-            # bound it
-            sock.settimeout(None)
-            tv = int(self.timeout).to_bytes(8, "little") + int(
-                (self.timeout % 1) * 1e6).to_bytes(8, "little")
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
-            self.sock = sock
-            self.tls = False
+        # TLS runs in C (transport.tlsc): its session is handed to the C fault loop with the fd
+        self.sock = wrap_client(sock, ctx, self._label) if ctx is not None else sock
+        self.tls = ctx is not None
         sock = self.sock
         hs = self.session = self._new_session()
         try:

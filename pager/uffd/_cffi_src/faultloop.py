@@ -27,6 +27,7 @@ struct ssi_pfl_lane {
     int sock;
     int proto;
     uint32_t space;
+    void *ssl;
 };
 
 struct ssi_pfl_region {

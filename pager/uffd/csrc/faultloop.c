@@ -38,6 +38,8 @@
 #include "ssi_uffd.h"
 
 #define SSI_PFL_FOLD_MS 10
+/* a region's connection (ssip_io.h): its socket, and its TLS session or NULL */
+#define SSI_PFL_CONN(r) SSIP_CONN((r)->sock, (r)->ssl)
 #define SSI_PFL_MASK_WORDS (SSI_PFL_MAX_FETCH / SSIP_PAGE_SIZE / 64)
 
 _Static_assert(SSIP_MAX_PAGES == 32 && SSIP_MAX_DATA == SSIP_MAX_PAGES * SSIP_PAGE_SIZE
@@ -101,18 +103,18 @@ static int ssi_pfl_fetch_pipelined(struct ssi_pfl *l, const struct ssi_pfl_lane 
         ssi_pfl_request(&hs[f], req, r->space, gpa + (uint64_t)f * SSIP_MAX_DATA,
                         n < SSIP_MAX_DATA ? n : SSIP_MAX_DATA);
     }
-    if ((rc = ssip_send_all(r->sock, (const uint8_t *)hs, nf * sizeof hs[0])) < 0)
+    if ((rc = ssip_send_all(SSI_PFL_CONN(r), (const uint8_t *)hs, nf * sizeof hs[0])) < 0)
         return rc;
     for (uint32_t f = 0, req = first; f < nf; f++, req = req + 1 ? req + 1 : 1) {
         struct ssip_header h;
         uint32_t npages = hs[f].arg / SSIP_PAGE_SIZE;
         uint8_t *p = l->buf + (uint64_t)f * SSIP_MAX_DATA;
-        if ((rc = ssip_recv_all(r->sock, (uint8_t *)&h, sizeof h)) < 0)
+        if ((rc = ssip_recv_all(SSI_PFL_CONN(r), (uint8_t *)&h, sizeof h)) < 0)
             return rc;
         int64_t m = ssi_pfl_check(&h, req, npages);
         if (m < 0)
             return (int)m;
-        if (h.length && (rc = ssip_recv_all(r->sock, p, h.length)) < 0)
+        if (h.length && (rc = ssip_recv_all(SSI_PFL_CONN(r), p, h.length)) < 0)
             return rc;
         ssi_pfl_unpack(p, npages, (uint32_t)m, h.length);
         uint64_t bit = (uint64_t)f * SSIP_MAX_PAGES;  /* frames are whole 32-page groups */
@@ -132,36 +134,36 @@ static int ssi_pfl_fetch(struct ssi_pfl *l, const struct ssi_pfl_lane *r, uint64
         uint8_t q[12];
         memcpy(q, &gpa, 8);
         memcpy(q + 8, &len, 4);
-        if ((rc = ssip_send_all(r->sock, q, sizeof q)) < 0)
+        if ((rc = ssip_send_all(SSI_PFL_CONN(r), q, sizeof q)) < 0)
             return rc;
         struct iovec v = {buf, len};
         struct msghdr mh = {.msg_iov = &v, .msg_iovlen = 1};
-        ssize_t got = ssip_recvmsg_polling(r->sock, &mh, ssip_mono_ns(), l->poll_ns,
-                                           &l->poll_skip_until, &l->poll_backoff_ns);
+        ssize_t got = ssip_conn_recv_polling(SSI_PFL_CONN(r), &mh, ssip_mono_ns(), l->poll_ns,
+                                             &l->poll_skip_until, &l->poll_backoff_ns);
         if (got <= 0)
             return got < 0 ? -errno : -ECONNRESET;
-        return ssip_recv_all(r->sock, buf + got, len - (uint32_t)got);
+        return ssip_recv_all(SSI_PFL_CONN(r), buf + got, len - (uint32_t)got);
     }
     if (len > SSIP_MAX_DATA)
         return ssi_pfl_fetch_pipelined(l, r, gpa, len, mask);
     uint32_t req = ssi_pfl_next_req(l);
     struct ssip_header h;
     ssi_pfl_request(&h, req, r->space, gpa, len);
-    if ((rc = ssip_send_all(r->sock, (const uint8_t *)&h, sizeof h)) < 0)
+    if ((rc = ssip_send_all(SSI_PFL_CONN(r), (const uint8_t *)&h, sizeof h)) < 0)
         return rc;
     /* header and pages in one recvmsg: only this reply can arrive */
     struct iovec iov[2] = {{&h, sizeof h}, {buf, len}};
     struct msghdr msg = {.msg_iov = iov, .msg_iovlen = 2};
     /* adaptive polling: the reply of a fast node arrives within the window, and this
        thread is not put to sleep and woken for it */
-    ssize_t nb = ssip_recvmsg_polling(r->sock, &msg, ssip_mono_ns(), l->poll_ns,
-                                      &l->poll_skip_until, &l->poll_backoff_ns);
+    ssize_t nb = ssip_conn_recv_polling(SSI_PFL_CONN(r), &msg, ssip_mono_ns(), l->poll_ns,
+                                        &l->poll_skip_until, &l->poll_backoff_ns);
     if (nb < 0)
         return -errno;
     if (nb == 0)
         return -ECONNRESET;
     if ((size_t)nb < sizeof h) {
-        if ((rc = ssip_recv_all(r->sock, (uint8_t *)&h + nb, sizeof h - (size_t)nb)) < 0)
+        if ((rc = ssip_recv_all(SSI_PFL_CONN(r), (uint8_t *)&h + nb, sizeof h - (size_t)nb)) < 0)
             return rc;
         nb = sizeof h;
     }
@@ -170,7 +172,7 @@ static int ssi_pfl_fetch(struct ssi_pfl *l, const struct ssi_pfl_lane *r, uint64
     size_t got = (size_t)nb - sizeof h;
     if (m < 0 || got > h.length)
         return -EPROTO;
-    if (got < h.length && (rc = ssip_recv_all(r->sock, buf + got, h.length - got)) < 0)
+    if (got < h.length && (rc = ssip_recv_all(SSI_PFL_CONN(r), buf + got, h.length - got)) < 0)
         return rc;
     ssi_pfl_unpack(buf, npages, (uint32_t)m, h.length);
     mask[0] = (uint64_t)m;

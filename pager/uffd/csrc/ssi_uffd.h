@@ -295,6 +295,7 @@ struct ssi_pfl_lane {
     int sock;           /* socket; -1: faults routed here go to Python */
     int proto;          /* SSI_PFL_PROTO_* */
     uint32_t space;     /* the space's handle on that connection */
+    void *ssl;          /* that socket's TLS session (SSL *, transport/tlsc); NULL: plain */
 };
 
 struct ssi_pfl_region {
