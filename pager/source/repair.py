@@ -85,9 +85,10 @@ class Repairer(threading.Thread):
         turn = self._round % len(order) if order else 0
         for node_id in order[turn:] + order[:turn]:
             try:
-                # two pings, the faster counts (the node's side was asleep for the first)
+                # the fastest of a few pings counts (the node's side was asleep for the
+                # first); more in the first round, whose figure orders reads until the next
                 lane = self._lane(node_id, src.space)
-                rtt = min(lane.ping(), lane.ping())
+                rtt = min(lane.ping() for _ in range(4 if self._round == 1 else 2))
             except TransportError as exc:
                 self._drop(node_id)
                 src.node_failed(node_id, exc)
