@@ -40,7 +40,7 @@ from pager.source.placement import (
     check_replicas,
     nearness,
     placed,
-    read_order,
+    read_order_of,
 )
 from transport.errors import RemoteError, TransportError
 from transport.membership import Membership, Ownership
@@ -253,7 +253,8 @@ class ClusterSource(PageSource):
                 pairs = {(n, 0) for n in placed(space, ext, nodes, r)}
             got = [n for n, g in pairs if self.gen.get(n) == g and n not in self.down
                    and n in self.members]
-        return read_order(space, got, self.rtt)
+        rtt = self.rtt
+        return list(read_order_of(space, tuple(got), tuple(rtt.get(n) for n in got)))
 
     def _base(self, space: str) -> tuple[frozenset[str], int]:
         base = self.bases.get(space)

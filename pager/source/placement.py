@@ -83,8 +83,22 @@ def near_groups(rtt: Mapping[str, float], nodes: Iterable[str]) -> dict[str, int
 def read_order(space: str, holders: Iterable[str], rtt: Mapping[str, float]) -> list[str]:
     """``holders`` of an extent of ``space`` in the order a fetch tries them: nearest round
     trip first, equally near ones (`near_groups`) in ``space``'s fixed preference order."""
-    group = near_groups(rtt, holders)
-    return sorted(group, key=lambda n: (group[n], -affinity(n, space), n))
+    nodes = list(holders)
+    known = [rtt[n] for n in nodes if n in rtt]
+    if not known or max(known) <= min(known) * (1 + NEAR_REL) + NEAR_ABS:
+        # one group (the usual case, on every fetch): the preference alone
+        return sorted(nodes, key=lambda n: (-affinity(n, space), n))
+    group = near_groups(rtt, nodes)
+    return sorted(nodes, key=lambda n: (group[n], -affinity(n, space), n))
+
+
+@functools.lru_cache(maxsize=1 << 12)
+def read_order_of(space: str, holders: tuple[str, ...], rtts: tuple[float | None, ...]
+                  ) -> tuple[str, ...]:
+    """`read_order` cached, for the fault path: ``rtts`` are the ``holders``' round trips
+    (None: not measured yet)."""
+    rtt = {n: t for n, t in zip(holders, rtts, strict=True) if t is not None}
+    return tuple(read_order(space, holders, rtt))
 
 
 def nearness(rtt: Mapping[str, float]) -> list[dict[str, int]]:
