@@ -10,11 +10,11 @@ node that returns (empty or stale) serves an extent only after it has been re-sy
 
 * fetch: from the extent's live holders, lowest measured round trip first (holders about as
   near as the best in the space's fixed preference order: `pager.source.placement.read_order`;
-  a node's round trip is the least of its last `RTT_SAMPLES` pings); a failure marks
-  the node down and the fetch goes on to the next replica (latency, never zeros). A node
-  that answers but cannot serve the extent from its store (an I/O error, a failed store
-  identity or checksum check: `replica_lost`) loses that extent only: the fetch goes on to
-  the next replica and the repair thread copies the extent back onto it.
+  a node's round trip: the least of its last `RTT_SAMPLES` pings, from the `RTT_FIRST`th on);
+  a failure marks the node down and the fetch goes on to the next replica (latency, never
+  zeros). A node that answers but cannot serve the extent from its store (an I/O error, a
+  failed store identity or checksum check: `replica_lost`) loses that extent only: the fetch
+  goes on to the next replica and the repair thread copies the extent back onto it.
 * store: to every target and holder of the extent; done once it reached ``R`` targets (or
   every live node, when fewer are live), else `ReplicationError` and the engine retries.
 """
@@ -57,6 +57,7 @@ PARALLEL_STORE_BYTES = 128 << 10  # stores this large go to their replicas in pa
 # a node's round trip is the least of its last pings (one a second): what the link costs,
 # not how busy this host's scheduler was when one ping was sent
 RTT_SAMPLES = 8
+RTT_FIRST = 3  # pings before a node's round trip orders reads: one can be anything
 _LOCKS = 256  # extent locks, striped: a store and a repair of one extent never interleave
 
 
@@ -298,6 +299,8 @@ class ClusterSource(PageSource):
         which holders count as nearer than others."""
         pings = self._pings.setdefault(node_id, deque(maxlen=RTT_SAMPLES))
         pings.append(seconds)
+        if len(pings) < RTT_FIRST:
+            return  # not measured yet: as near as the nearest (the preference orders it)
         before = nearness(self.rtt)
         self.rtt[node_id] = min(pings)
         if nearness(self.rtt) != before:

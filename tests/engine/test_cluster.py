@@ -9,7 +9,7 @@ import threading
 import pytest
 from clusterkit import nodes, wait_until
 
-from pager.source.cluster import ClusterSource
+from pager.source.cluster import RTT_FIRST, ClusterSource
 from pager.source.placement import EXTENT_SIZE, replicas
 from transport.membership import StaticMembership
 from transport.token import load_token
@@ -139,7 +139,9 @@ def test_equally_near_replicas_are_read_from_as_few_nodes_as_placement_allows(th
     src.repairer.stop()  # the round trips are ours: pings noted below
     ids = sorted(src.members)
     for n, rtt in zip(ids, (40e-6, 44e-6, 47e-6), strict=True):
-        src.note_rtt(n, rtt)
+        for _ in range(RTT_FIRST):
+            src.note_rtt(n, rtt)
+    assert len(src.rtt) == 3
     exts = range(SPACE_BYTES // EXTENT_SIZE)
     first = [src.holders("vm1", e)[0] for e in exts]
     top = max(set(first), key=first.count)
