@@ -45,7 +45,8 @@ from pager.engine.readahead import ReadaheadMixin
 from pager.engine.stats import EngineStats
 from pager.errors import FaultError
 from pager.source import Lane
-from pager.uffd.binding import EVENT_WORDS, RawEvents, address_of
+from pager.uffd.binding import EVENT_WORDS, RawEvents
+from pager.uffd.buffers import address_of
 from pager.uffd.errors import UffdGone, UffdRetry, uffd_error
 from pager.uffd.events import (
     EVENT_PAGEFAULT,

@@ -38,7 +38,7 @@ from pager.core.workingset import (
     parse_header,
     record_space,
 )
-from pager.uffd.binding import address_of
+from pager.uffd.buffers import address_of
 from pager.uffd.errors import UffdError, UffdRetry
 from pager.uffd.install import COPY_DONTWAKE
 from transport.errors import TransportError

@@ -16,7 +16,7 @@ import time
 from typing import TYPE_CHECKING
 
 from pager.core.state import Fetch
-from pager.uffd.binding import address_of
+from pager.uffd.buffers import address_of
 from pager.uffd.errors import UffdRetry
 
 if TYPE_CHECKING:

@@ -77,7 +77,7 @@ def child(args: argparse.Namespace) -> int:
     """Allocate (in the cgroup, or behind the pager), warm up, time the workload; one JSON
     line with ``ops_per_s`` and ``errors``."""
     from pager.tools.workload import Client
-    from pager.uffd.binding import address_of
+    from pager.uffd.buffers import address_of
     from pager.uffd.rmw import Rmw
 
     if args.cgroup:

@@ -151,7 +151,8 @@ class Client:
     def __init__(self, size: int, *, offset: int = 0, space: str | None = None,
                  fork: bool = False, memory: mmap.mmap | None = None,
                  page_size: int = PAGE, memfd: int | None = None) -> None:
-        from pager.uffd.binding import Userfaultfd, address_of
+        from pager.uffd.binding import Userfaultfd
+        from pager.uffd.buffers import address_of
         self.size = size
         self.offset = offset
         self.page_size = page_size

@@ -31,10 +31,9 @@ from pager.uffd.binding import (
     Ioctl,
     RawEvents,
     Userfaultfd,
-    address_of,
     feature_mask,
-    supported_features,
 )
+from pager.uffd.buffers import address_of
 from pager.uffd.errors import (
     UffdClosed,
     UffdError,
@@ -60,6 +59,7 @@ from pager.uffd.events import (
     UnknownEvent,
     Unmap,
 )
+from pager.uffd.opener import supported_features
 
 __all__ = [
     "EVENT_FORK", "EVENT_PAGEFAULT", "EVENT_REMAP", "EVENT_REMOVE", "EVENT_UNMAP", "PAGE_SIZE",

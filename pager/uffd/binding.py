@@ -16,9 +16,9 @@ import select
 from collections.abc import Iterable
 
 from pager.uffd._uffd_cffi import ffi, lib
+from pager.uffd.buffers import pin
 from pager.uffd.errors import (
     ADVICE,
-    PERMISSION_HINT,
     UffdError,
     UffdExists,
     UffdInvalid,
@@ -27,6 +27,7 @@ from pager.uffd.errors import (
     uffd_error,
 )
 from pager.uffd.events import Event, decode
+from pager.uffd.opener import open_raw_fd, supported_features
 
 log = logging.getLogger(__name__)
 
@@ -103,92 +104,6 @@ def names(flags: enum.IntFlag | int, kind: type[enum.IntFlag]) -> list[str]:
         known |= m.value
     out += [f"bit{i}" for i in range(64) if value & ~known & (1 << i)]
     return out
-
-
-def address_of(buffer) -> tuple[object, int]:
-    """``(keepalive, address)`` of any writable or read-only buffer, without copying.
-
-    Keep ``keepalive`` referenced while the address is in use.
-    """
-    if isinstance(buffer, int):
-        return None, buffer
-    keep, addr, _ = pin(buffer)
-    return keep, addr
-
-
-def pin(buffer) -> tuple[object, int, int]:
-    """``(keepalive, address, nbytes)`` of a contiguous buffer; the keepalive holds the
-    memory in place (a bytearray cannot be resized, an mmap not closed) while it lives.
-
-    For a memoryview the keepalive pins the object that owns the memory (``view.obj``), never
-    the memoryview itself: an exported memoryview must not end up in cyclic garbage with its
-    exporter. CPython 3.11 (and 3.12 before 3.12.7; gh-77894) may clear such a memoryview
-    first: it drops the managed buffer while the export is alive (the bytes can be freed under
-    the C code using them), then dereferences NULL when the export is released. The fault
-    engine's readahead install (a memoryview and its keepalive in a frame that an exception's
-    traceback kept in a reference cycle) crashed the pager in garbage collection that way.
-    """
-    if type(buffer) is not memoryview:
-        keep = ffi.from_buffer(buffer)
-        return keep, int(ffi.cast("uintptr_t", keep)), len(keep)
-    probe = ffi.from_buffer(buffer)  # the view's own address and size, released at once
-    try:
-        addr, nbytes = int(ffi.cast("uintptr_t", probe)), len(probe)
-    finally:
-        ffi.release(probe)
-    owner = buffer.obj
-    while type(owner) is memoryview:
-        owner = owner.obj
-    try:
-        keep = ffi.from_buffer(owner)
-    except TypeError:  # the owner exports no buffer itself: pin the view (nothing better)
-        keep = ffi.from_buffer(buffer)
-        return keep, int(ffi.cast("uintptr_t", keep)), len(keep)
-    base = int(ffi.cast("uintptr_t", keep))
-    if not base <= addr <= addr + nbytes <= base + len(keep):  # an exporter's own layout
-        ffi.release(keep)
-        keep = ffi.from_buffer(buffer)
-    return keep, addr, nbytes
-
-
-def open_raw_fd(flags: int, access: str) -> tuple[int, str]:
-    """A new userfaultfd fd (no UFFDIO_API yet) and how it was opened ("syscall" or
-    "/dev/userfaultfd"): the syscall first, the device when the syscall is refused (EPERM)."""
-    if access not in ("auto", "syscall", "dev"):
-        raise ValueError(f"access must be 'auto', 'syscall' or 'dev', not {access!r}")
-    sys_err = 0
-    if access in ("auto", "syscall"):
-        fd = lib.ssi_uffd_open(flags)
-        if fd >= 0:
-            return fd, "syscall"
-        sys_err = -fd
-        if access == "syscall" or sys_err not in (errno.EPERM, errno.ENOSYS):
-            raise uffd_error(sys_err, "userfaultfd(2)")
-        log.debug("userfaultfd(2) refused (%s), trying /dev/userfaultfd", os.strerror(sys_err))
-    fd = lib.ssi_uffd_open_dev(flags)
-    if fd >= 0:
-        return fd, "/dev/userfaultfd"
-    dev_err = -fd
-    detail = f"/dev/userfaultfd: {os.strerror(dev_err)}"
-    if sys_err:
-        detail = f"userfaultfd(2): {os.strerror(sys_err)}; " + detail
-    if dev_err in (errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTTY) or sys_err:
-        raise uffd_error(errno.EPERM if sys_err == errno.EPERM else dev_err,
-                         "open userfaultfd", f"{detail}; {PERMISSION_HINT}")
-    raise uffd_error(dev_err, "open /dev/userfaultfd", detail)
-
-
-def supported_features(access: str = "auto") -> int:
-    """Every feature the running kernel offers (UFFDIO_API on a throw-away userfaultfd)."""
-    fd, _ = open_raw_fd(os.O_CLOEXEC | lib.UFFD_USER_MODE_ONLY, access)
-    try:
-        api = ffi.new("struct uffdio_api *")
-        rc = lib.ssi_uffd_api(fd, 0, api)
-        if rc < 0:
-            raise uffd_error(-rc, "UFFDIO_API")
-        return int(api.features)
-    finally:
-        os.close(fd)
 
 
 class RawEvents:

@@ -15,9 +15,10 @@ import stat
 import sys
 
 from pager.uffd._uffd_cffi import lib
-from pager.uffd.binding import Feature, Ioctl, Userfaultfd, names, open_raw_fd
+from pager.uffd.binding import Feature, Ioctl, Userfaultfd, names
 from pager.uffd.errors import UffdError
 from pager.uffd.mman import Mapping
+from pager.uffd.opener import open_raw_fd
 
 SYSCTL = "/proc/sys/vm/unprivileged_userfaultfd"
 DEV = "/dev/userfaultfd"

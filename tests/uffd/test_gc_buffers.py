@@ -18,7 +18,7 @@ import textwrap
 import pytest
 
 from pager.uffd import UffdExists, Userfaultfd, address_of
-from pager.uffd.binding import pin
+from pager.uffd.buffers import pin
 from pager.uffd.mman import Mapping
 
 from .conftest import PAGE

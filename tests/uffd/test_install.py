@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from pager.uffd import Userfaultfd
-from pager.uffd.binding import address_of
+from pager.uffd.buffers import address_of
 from pager.uffd.errors import UffdError, UffdInvalid
 from pager.uffd.install import InstallLog, install
 from pager.uffd.toucher import pattern_bytes
