@@ -2,9 +2,32 @@
 
 from __future__ import annotations
 
+import os
+import re
 from types import ModuleType
 
 from cffi import FFI
+
+CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+_DIM = re.compile(r"\[([A-Za-z_][^\]]*)\]")  # an array size named by a macro
+
+
+def header_cdef(name: str) -> str:
+    """The cdef of ``csrc/<name>``: its declarations as they are, with each ``#define`` and each
+    array size taken from the compiled header (``...``) and the guard lines left out."""
+    out = []
+    with open(os.path.join(CSRC, name)) as f:
+        for line in f.read().splitlines():
+            s = line.strip()
+            if s.startswith(("#ifndef", "#endif", "#include")):
+                continue
+            m = re.match(r"#define\s+(\w+)\s+\S", s)
+            if s.startswith("#define"):
+                if m is None:  # the guard (a name without a value)
+                    continue
+                line = f"#define {m.group(1)} ..."
+            out.append(_DIM.sub("[...]", line))
+    return "\n".join(out)
 
 
 def build_ffi(module_name: str, modules: list[ModuleType], *,

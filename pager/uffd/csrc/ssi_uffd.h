@@ -1,6 +1,7 @@
 /* ssi_uffd.h - the C side of pager.uffd._uffd_cffi: userfaultfd helpers, mman, the toucher,
  * the shared page installer and the fault loop. This header is the extension's preamble (cffi
- * set_source); the matching cdef declarations are the TYPES/FUNCTIONS strings in
+ * set_source); the cdef of the project's own declarations is read from the headers it
+ * includes (ssi_rmw.h, ssi_install.h, ssi_pfl.h), the rest are the TYPES/FUNCTIONS strings of
  * the _cffi_src modules. Every helper returns -errno on failure.
  *
  * Constants newer than the build's linux/userfaultfd.h (Debian 12 ships Linux 6.1's) are
@@ -164,26 +165,7 @@ uint64_t ssi_mremap(uint64_t old, uint64_t old_len, uint64_t new_len, int flags,
 int ssi_memfd_create(const char *name, unsigned int flags);
 int ssi_punch_hole(int fd, int64_t off, int64_t len);
 
-/* rmw.c: the far-memory workload (random reads and read-modify-writes checked against a model) */
-#define SSI_RMW_MAX_THREADS 64
-struct ssi_rmw {
-    uint64_t base;      /* first page */
-    uint64_t npages;
-    uint64_t page;      /* bytes per page */
-    uint64_t ops;       /* operations per thread */
-    uint64_t seed;
-    int nthreads;
-    int write_pct;      /* percent of operations that are read-modify-writes */
-    int hot_pages;      /* skew: hot_ops percent of operations on the first hot_pages percent */
-    int hot_ops;        /* 0: uniform */
-    uint64_t *model;    /* npages counters, outside the paged memory */
-    uint64_t done;
-    uint64_t errors;
-    int64_t first_bad;
-    uint64_t checksum;
-};
-int ssi_rmw_run(struct ssi_rmw *w);
-uint64_t ssi_rmw_check(struct ssi_rmw *w);
+#include "ssi_rmw.h"
 int ssi_errno(void);
 
 /* ---- the toucher (toucher.c) ---- */
@@ -243,135 +225,7 @@ void ssi_pattern_fill_at(uint64_t addr, uint64_t len, uint64_t seed, uint64_t or
 int64_t ssi_pattern_check_at(uint64_t addr, uint64_t len, uint64_t seed, uint64_t origin);
 uint64_t ssi_now_ns(void);
 
-/* ---- the page installer (install.c): the one implementation of UFFDIO_COPY/ZEROPAGE,
- * EEXIST and zero masks, used by the C fault loop and by the Python path ---- */
-#define SSI_WIRE_PAGE SSIP_PAGE_SIZE  /* the zero mask's granule */
-#define SSI_RES_COPY 0      /* installed with UFFDIO_COPY */
-#define SSI_RES_ZERO 1      /* installed with UFFDIO_ZEROPAGE */
-#define SSI_RES_EEXIST 2    /* found present (someone else installed it) */
-
-struct ssi_res {            /* one resident chunk */
-    uint64_t addr;
-    uint64_t len;
-    uint64_t how;           /* SSI_RES_* */
-};
-
-struct ssi_install_log {
-    uint64_t copied_bytes;  /* counters, added to */
-    uint64_t zero_pages;
-    uint64_t eexist;
-    uint64_t lost;          /* bytes installed with no room left in res (caller's bug) */
-    uint32_t nres;          /* res[0:nres] filled; the caller drains and resets it */
-    uint32_t max_res;
-    struct ssi_res *res;
-};
-
-int ssi_install(int uffd, uint64_t dst, uint64_t src, uint64_t len, const uint64_t *zero_mask,
-                uint64_t page_size, uint64_t mode, struct ssi_install_log *log);
-
-/* ---- the fault loop (faultloop.c) ---- */
-#define SSI_PFL_MAX_REGIONS 64
-#define SSI_PFL_MAX_SLOW 256
-#define SSI_PFL_MAX_WAKE 2
-#define SSI_PFL_NBUCKETS 15
-#define SSI_PFL_MAX_FETCH (2u << 20)  /* largest fetch C serves (a 2 MiB page); more: Python */
-#define SSI_PFL_MAX_EVICT 64
-#define SSI_PFL_MAX_DIRTY 256
-#define SSI_PFL_MAX_WATCH 16
-#define SSI_PFL_MAX_LANES 64
-#define SSI_PFL_BY_EXTENT (-2)  /* a region's lane: each extent's own, in its ext[] table */
-
-#define SSI_PFL_IDLE 0
-#define SSI_PFL_WAKE 1
-#define SSI_PFL_EVENTS 2
-#define SSI_PFL_FETCH_ERROR 3
-#define SSI_PFL_READ_ERROR 4
-
-#define SSI_PFL_PROTO_SSIP 0
-#define SSI_PFL_PROTO_RAW 1
-
-/* A connection the loop fetches on: a memory node's fault lane for one space. */
-struct ssi_pfl_lane {
-    int sock;           /* socket; -1: faults routed here go to Python */
-    int proto;          /* SSI_PFL_PROTO_* */
-    uint32_t space;     /* the space's handle on that connection */
-    void *ssl;          /* that socket's TLS session (SSL *, transport/tlsc); NULL: plain */
-};
-
-struct ssi_pfl_region {
-    uint64_t base;      /* host address */
-    uint64_t size;      /* bytes */
-    uint64_t gpa;       /* offset of base in the region's space */
-    uint64_t page_size; /* the region's page size */
-    int lane;           /* index in lanes[] serving every extent; -1: faults here go to
-                           Python; SSI_PFL_BY_EXTENT: ext[] names each extent's lane */
-    uint32_t next;      /* entries of ext[] */
-    const int16_t *ext; /* lane of extent (gpa >> ext_shift) + i, -1: Python's */
-};
-
-struct ssi_pfl_stats {
-    uint64_t faults;
-    uint64_t faults_write;
-    uint64_t served_fetch;
-    uint64_t served_dup;
-    uint64_t fetched_bytes;
-    uint64_t latency_sum_us;
-    uint64_t latency_count;
-    uint64_t latency_buckets[SSI_PFL_NBUCKETS];
-};
-
-struct ssi_pfl {
-    int uffd;
-    int nwake;
-    int wake_fds[SSI_PFL_MAX_WAKE];     /* readable -> SSI_PFL_WAKE */
-    uint64_t chunk;                     /* chunk size (power of two) */
-    int nregions;
-    struct ssi_pfl_region regions[SSI_PFL_MAX_REGIONS];
-    int nlanes;
-    struct ssi_pfl_lane lanes[SSI_PFL_MAX_LANES];
-    int ext_shift;                      /* log2 of an extent (the placement unit) */
-    /* routing generation: while *route_gen differs from route_gen_seen (a node failed,
-       an extent moved, since the table was built) every fault goes to Python; NULL: none */
-    const uint64_t *route_gen;
-    uint64_t route_gen_seen;
-    int err_lane;                       /* on SSI_PFL_FETCH_ERROR: the lane that failed */
-    int nslow;                          /* sorted, disjoint [start, end) host ranges */
-    uint64_t slow_start[SSI_PFL_MAX_SLOW];
-    uint64_t slow_end[SSI_PFL_MAX_SLOW];
-    uint64_t *events;                   /* 4 words per event, max_events of them */
-    int max_events;
-    uint8_t *buf;                       /* chunk buffer */
-    uint64_t buf_size;
-    uint64_t bucket_us[SSI_PFL_NBUCKETS - 1];
-    int timeout_ms;                     /* poll timeout -> SSI_PFL_IDLE */
-    uint64_t max_ns;                    /* serve at most this long per call -> SSI_PFL_IDLE */
-    uint64_t poll_ns;                   /* adaptive polling: read without blocking this long
-                                           after the last event before poll() (0: off) */
-    uint64_t last_event_ns;             /* when the last event was read or served */
-    uint64_t poll_skip_until;           /* no polling before (back-off, ssip_poll.h) */
-    uint64_t poll_backoff_ns;
-    uint32_t req;                       /* last request id */
-    int first;                          /* on return: events[first:n] are Python's */
-    int n;
-    int err;                            /* errno of SSI_PFL_FETCH_ERROR / SSI_PFL_READ_ERROR */
-    struct ssi_pfl_stats stats;
-    struct ssi_install_log log;         /* install counters and the residency ring */
-    /* far memory (a client under a resident limit; all zero otherwise) */
-    int farmem;                         /* installs write-protected, within budget */
-    int64_t budget;                     /* bytes the loop may still install (Python sets it) */
-    /* ranges the evictor is working on (end 0: a free slot), written by the evictor thread
-       while the loop runs: published before the punch, cleared after the wake */
-    uint64_t evict_start[SSI_PFL_MAX_EVICT];
-    uint64_t evict_end[SSI_PFL_MAX_EVICT];
-    int ndirty;                         /* chunks installed writable for a write fault */
-    uint64_t dirty[SSI_PFL_MAX_DIRTY];
-    /* sequential streams (readahead on: nwatch > 0): the chunk after each of the last nwatch
-       chunks the loop served; a fault there is Python's (its stream detector decides) */
-    int nwatch;
-    uint32_t watch_next;
-    uint64_t watch[SSI_PFL_MAX_WATCH];
-};
-
-int ssi_pfl_run(struct ssi_pfl *l);
+#include "ssi_install.h"
+#include "ssi_pfl.h"
 
 #endif /* SSI_UFFD_H */
