@@ -11,7 +11,8 @@ PY=${PYTHON:-python3}
 if [ "${SSI_PAGER_SKIP_APT:-0}" != 1 ]; then
   apt-get update -qq
   # gcc/libc6-dev: cffi extensions, preload shim, test helpers; zlib1g-dev: the node's C lane
-  # checks page crc32s with zlib; libssl-dev: TLS 1.3 of the C lanes (transport/tlsc);
+  # checks the zlib crc32s of stores written before crc32c; libssl-dev: TLS 1.3 of the C lanes
+  # (transport/tlsc);
   # qemu + busybox: test guests;
   # prometheus: promtool and the scrape test; systemd: systemd-analyze verify of the units;
   # iproute2: network namespaces; libibverbs-dev/librdmacm-dev: headers to compile the RDMA
