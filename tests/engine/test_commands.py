@@ -131,4 +131,6 @@ def test_pager_rss_stays_small_while_a_4_gib_client_is_served():
     (line,) = [x for x in map(json.loads, r.stdout.splitlines())
                if x["name"] == "pager-rss-4g-client"]
     assert line["gbps"] > 0  # the whole client was faulted in through the pager
-    assert 0 < line["rss_peak_mib"] <= line["hwm_mib"] < 150, line  # VmHWM: the true peak
+    # both below the goal: the sampled peak, and VmHWM (the kernel updates its high-water mark
+    # lazily, so a sample may exceed it by a few pages; neither bounds the other)
+    assert 0 < line["rss_peak_mib"] < 150 and 0 < line["hwm_mib"] < 150, line
