@@ -306,6 +306,13 @@ class ClusterSource(PageSource):
         if nearness(self.rtt) != before:
             self.rerouted_soft()
 
+    def forget_rtt(self) -> None:
+        """Forget every round trip measured: reads follow the preference order alone until
+        pings measure them again."""
+        self._pings.clear()
+        self.rtt.clear()
+        self.rerouted_soft()
+
     def keep(self, space: str, size: int) -> None:
         """Keep ``size`` bytes of ``space`` replicated (repair scans them)."""
         with self.lock:
