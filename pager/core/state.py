@@ -220,7 +220,13 @@ class ClientState:
             if waiters is not None:
                 waiters.append(addr)
                 return Wait(key)
+        return self.fetch_of(r, start, length)
+
+    def fetch_of(self, r: Region, start: int, length: int) -> Fetch:
+        """The fetch of ``[start, start+length)`` of region ``r`` (the REMOVE'd pages in it left
+        out)."""
         gone: tuple[tuple[int, int], ...] = ()
+        removed = self.removed.get(r.space)
         if removed is not None:
             gone = tuple((r.addr_of(s), r.addr_of(e))
                          for s, e in removed.overlaps(r.gpa(start), r.gpa(start + length)))

@@ -402,11 +402,15 @@ def register_wp(u: Userfaultfd, regions: list[Region]) -> None:
 
 def rebuild_residency(client: ClientPager) -> int:
     """A (restarted) pager adopting a far-memory client: what the memfd holds is resident, and
-    dirty (nothing proves the node has that copy). Returns the bytes found."""
+    dirty (nothing proves the node has that copy). A unit found only partly there (the previous
+    pager was killed inside the copy that installed it) has its missing pages installed from the
+    node now: written back later as a whole, they would otherwise go as zeros over the node's
+    copy. Returns the bytes found."""
     fm = client.state.farmem
     assert fm is not None and client.memfd is not None
     found = 0
     cs = client.engine.chunk_size
+    partial: dict[int, tuple[Region, int, int]] = {}  # unit start -> (region, length, bytes)
     for r in client.state.regions:
         for off, n in data_ranges(client.memfd, r.offset + r.size, r.offset):
             a, end = r.addr_of(off), r.addr_of(off + n)
@@ -414,6 +418,16 @@ def rebuild_residency(client: ClientPager) -> int:
             while a < end:
                 start, length = r.chunk(a, cs)
                 fm.installed(start, length, known=False)
-                found += min(end, start + length) - a
+                got = min(end, start + length) - a
+                _, _, had = partial.get(start, (r, length, 0))
+                partial[start] = (r, length, had + got)
+                found += got
                 a = start + length
+    holes = [(r, start, length) for start, (r, length, got) in partial.items() if got < length]
+    if holes:
+        with client.engine.source.open_lane(bulk=True) as lane:
+            for r, start, length in holes:
+                client._fetch_and_install(client.state.fetch_of(r, start, length), lane)
+        log.info("%s: %d units were partly in the memfd; their other pages were installed "
+                 "from the node", client.name, len(holes))
     return found

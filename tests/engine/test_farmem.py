@@ -21,7 +21,7 @@ from pager.errors import ConfigError, HandoffError
 from pager.source import FileSource
 from pager.tools.workload import Client
 from pager.uffd import Userfaultfd
-from pager.uffd.mman import Mapping
+from pager.uffd.mman import Mapping, data_ranges
 from pager.uffd.rmw import Rmw
 from pager.uffd.toucher import Background
 
@@ -112,6 +112,67 @@ def test_removed_range_written_and_evicted_is_fetched_again_not_zeroed(farmem):
     assert removed.check() == 0, f"page {removed.first_bad} lost its writes"
     st = engine.stats()
     assert st.removes == 1 and st.served_zero > 0 and st.written_back_bytes > 0
+
+
+def test_restarted_pager_fills_a_unit_found_partly_in_the_memfd(memnode):
+    """A pager killed inside the copy that installs a unit leaves part of it in the memfd. The
+    next pager takes the unit as resident and dirty; written back as a whole, the missing pages
+    must not go to the node as zeros (they hold the guest's writes on the node)."""
+    limit, size, chunk = MIB, 4 * MIB, 16 * 1024
+    m = Mapping.memfd(size)
+    u = Userfaultfd(features=FEATURES)
+    u.register(m.address, size, missing=True)
+    region = Region(m.address, size, 0, memfd=True)
+    tail_pages = chunk // PAGE  # the last unit: written, then pushed out to the node
+    head = Rmw(m.address, size // PAGE - tail_pages, threads=2, ops=3000, write_pct=70)
+    tail = Rmw(m.address + size - chunk, tail_pages, threads=1, ops=200, write_pct=100)
+    tail_off = size - chunk
+    engines = []
+
+    def start(wake: bool) -> FaultEngine:
+        e = FaultEngine(memnode.source(), chunk_size=chunk, readahead=0, max_resident=limit)
+        engines.append(e)
+        e.add_client(os.dup(u.fileno()), [region], memfd=os.dup(m.fd), wake=wake)
+        return e
+
+    def tail_resident() -> int:
+        return sum(n for _, n in data_ranges(m.fd, size, tail_off))
+
+    try:
+        first = start(False)
+        tail.run()
+        for _ in range(10):  # the head's traffic evicts the tail unit (written back)
+            head.run()
+            if tail_resident() == 0:
+                break
+        assert tail_resident() == 0, "the tail unit was never evicted"
+        assert first.clients[0].quiesce(30)
+        first.close()
+        # what the killed pager's copy had installed: the first page of the unit only
+        lane = memnode.source().open_lane()
+        try:
+            buf = bytearray(chunk)
+            lane.fetch_into(None, tail_off, memoryview(buf))
+        finally:
+            lane.close()
+        assert int.from_bytes(buf[PAGE:PAGE + 8], "little") > 0  # the node has the writes
+        os.pwrite(m.fd, bytes(buf[:PAGE]), tail_off)
+        second = start(True)
+        assert tail_resident() == chunk  # the rest of the unit installed from the node
+        for _ in range(10):  # the unit is evicted again, written back as a whole
+            head.run()
+            if tail_resident() == 0:
+                break
+        assert tail_resident() == 0, "the tail unit was never evicted again"
+        assert head.errors == 0, f"page {head.first_bad} differed from the model"
+        assert tail.check() == 0, f"tail page {tail.first_bad} lost its writes"
+        assert head.check() == 0, f"page {head.first_bad} differs from the model"
+        assert second.stats().written_back_bytes > 0
+    finally:
+        for e in engines:
+            e.close()
+        u.close()
+        m.close()
 
 
 def test_memory_node_restarted_during_write_back(farmem, memnode):
