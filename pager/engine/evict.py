@@ -196,10 +196,36 @@ class Evictor:
                 j += 1
             off = run[i][1]
             n = run[j][1] + run[j][0].length - off
-            if not self._write_back(lane, memoryview(bytearray(n)), off, space):
-                return False
+            for p_off, p_n in self._pieces(off, n, space):
+                if not self._write_back(lane, memoryview(bytearray(p_n)), p_off, space):
+                    return False
             i = j + 1
         return True
+
+    def _pieces(self, off: int, n: int, space: str | None) -> list[tuple[int, int]]:
+        """What of ``[off, off+n)`` of the memfd to store: its pages present, and the holes a
+        REMOVE made (zeros now). Any other hole was never installed since the unit's last
+        eviction (the node's copy is the guest's; a copy cut short by EAGAIN or a kill leaves
+        such a unit): storing it would put zeros over the guest's writes."""
+        c = self.client
+        assert c.memfd is not None
+        keep = list(data_ranges(c.memfd, off + n, off))
+        if keep == [(off, n)]:
+            return keep  # the usual case: the whole stretch is there
+        with c.fm_lock:
+            removed = c.state.removed.get(space)
+            gone = removed.overlaps(off, off + n) if removed is not None else []
+        spans = sorted([(s, s + k) for s, k in keep] + list(gone))
+        merged: list[list[int]] = []
+        for s, e in spans:
+            if merged and s <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], e)
+            else:
+                merged.append([s, e])
+        if len(merged) != 1 or merged[0] != [off, off + n]:
+            with self._lanes_lock:  # store workers count side by side
+                c.stats.holes_kept += 1
+        return [(s, e - s) for s, e in merged]
 
     def _finish_run(self, run: list[tuple[Victim, int, str | None]], stored: bool) -> int:
         """After the run's acks (``stored``): punch, forget, wake; else keep it resident."""

@@ -27,6 +27,8 @@ reprotects         dirty units write-protected again by the CLOCK hand (referenc
 evict_waits        faults on a unit being evicted, resolved by the evictor's wake
 full_waits         faults that waited for the evictor to make room under the limit
 store_errors       failed write-back attempts (retried; nothing is punched before the ack)
+holes_kept         dirty stretches written back around pages never installed (their node copy
+                   is kept, not overwritten with zeros)
 eexist             UFFDIO_COPY/ZEROPAGE that found pages present
 eagain             faults deferred by EAGAIN (a layout event was pending)
 fetch_errors       failed fetch attempts; ``retries`` of them retried
@@ -101,6 +103,7 @@ class EngineStats:
     evict_waits: int = 0
     full_waits: int = 0
     store_errors: int = 0
+    holes_kept: int = 0
     latency_sum_us: int = 0
     latency_count: int = 0
     latency_buckets: list[int] = field(

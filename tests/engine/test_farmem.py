@@ -21,7 +21,7 @@ from pager.errors import ConfigError, HandoffError
 from pager.source import FileSource
 from pager.tools.workload import Client
 from pager.uffd import Userfaultfd
-from pager.uffd.mman import Mapping, data_ranges
+from pager.uffd.mman import Mapping, data_ranges, punch_hole
 from pager.uffd.rmw import Rmw
 from pager.uffd.toucher import Background
 
@@ -173,6 +173,48 @@ def test_restarted_pager_fills_a_unit_found_partly_in_the_memfd(memnode):
             e.close()
         u.close()
         m.close()
+
+
+def test_write_back_keeps_the_node_copy_of_a_page_never_installed(farmem, memnode):
+    """A dirty unit with a page missing from the memfd that no REMOVE explains (an install cut
+    short): its write-back stores the pages present and leaves the node's copy of the missing
+    one alone, never zeros over it."""
+    limit, chunk = MIB, 16 * 1024
+    engine, g = farmem(4 * MIB, limit, chunk)
+    w = Rmw(g.map.address, g.size // PAGE, threads=2, ops=4000, write_pct=100)
+    w.run()
+    w.run()  # written, evicted and written again: the node holds older copies
+    assert w.errors == 0 and g.client.quiesce(30)
+    fm = g.client.state.farmem
+    lane = memnode.source().open_lane()
+    try:
+        def node_page(off: int) -> bytes:
+            buf = bytearray(chunk)
+            lane.fetch_into(None, off - off % chunk, memoryview(buf))
+            return bytes(buf[off % chunk:off % chunk + PAGE])
+
+        with g.client.fm_lock:
+            dirty = [start for start, u in fm.units.items() if u.dirty and not u.busy]
+        for start in dirty:
+            old = node_page(start - g.map.address + PAGE)
+            if int.from_bytes(old[:8], "little"):
+                break
+        else:
+            pytest.fail("no dirty resident unit has a page on the node")
+        off = start - g.map.address
+        punch_hole(g.map.fd, off + PAGE, PAGE)  # as a copy cut short would have left it
+        with g.client.fm_lock:
+            fm.set_limit(4 * chunk)  # evict (nearly) everything
+        g.client.evictor.kick()
+        deadline = time.monotonic() + 30
+        while any(True for _ in data_ranges(g.map.fd, off + chunk, off)):
+            assert time.monotonic() < deadline, "the unit was never evicted"
+            time.sleep(0.01)
+        assert node_page(off + PAGE) == old, "the write-back put zeros over the node's copy"
+        assert node_page(off) != bytes(PAGE)
+        assert engine.stats().holes_kept >= 1
+    finally:
+        lane.close()
 
 
 def test_memory_node_restarted_during_write_back(farmem, memnode):
