@@ -42,6 +42,7 @@ from pager.core.region import Region
 from pager.core.state import Fetch
 from pager.errors import ConfigError, HandoffError
 from pager.uffd.errors import UffdError
+from pager.uffd.faultloop import MAX_VICTIMS
 from pager.uffd.mman import data_ranges, punch_hole
 from transport.errors import TransportError
 
@@ -72,6 +73,7 @@ class Evictor:
         self._local = threading.local()  # a store worker's lane
         self._lanes: list[Lane] = []
         self._lanes_lock = threading.Lock()
+        self.batch: list[int] = []  # the units of the batch in progress (under fm_lock)
         self._thread = threading.Thread(target=self._run, name=f"evict-{client.name}",
                                         daemon=True)
 
@@ -127,13 +129,46 @@ class Evictor:
         t0 = time.perf_counter_ns()
         with c.fm_lock:
             victims, reprotect = fm.pick(want)
+            for v in victims[MAX_VICTIMS:]:  # more than the C loop can be told of: later
+                fm.abort(v, dirty=False)
+            del victims[MAX_VICTIMS:]
             for start, length in reprotect:
                 try:
                     c.uffd.writeprotect(start, length, protect=True)
                     c.stats.reprotects += 1
                 except UffdError:
                     fm.installed(start, length, known=False)  # protection not known to hold
+            # the C loop resolves write faults: tell it the batch first (it leaves write faults
+            # there to Python from now on), write-protect, then take what it un-protected
+            # before: those units are dirty, whatever they were when picked
+            self.batch = sorted(v.start for v in victims)
+            cl = c.c_farmem
+            if cl is not None:
+                cl.set_victims(self.batch)
             runs = self._protect(victims)
+            if cl is not None:
+                for start in cl.take_wp_dirty():
+                    fm.written(start)
+                runs = [[(self._current(v), off, space) for v, off, space in run]
+                        for run in runs]
+        try:
+            return self._write_runs(pool, runs, victims, t0)
+        finally:
+            with c.fm_lock:
+                self.batch = []
+                if c.c_farmem is not None:  # (made during this batch, by the fault thread)
+                    c.c_farmem.set_victims(())
+
+    def _current(self, v: Victim) -> Victim:
+        """``v`` dirty if the state says so now (holding ``fm_lock``)."""
+        u = self.fm.units.get(v.start)
+        return Victim(v.start, v.length, True) if u is not None and u.dirty else v
+
+    def _write_runs(self, pool: ThreadPoolExecutor,
+                    runs: list[list[tuple[Victim, int, str | None]]], victims: list[Victim],
+                    t0: int) -> int:
+        """The write-protected runs of a batch stored, punched and woken (see ``_batch``)."""
+        c = self.client
         done = 0
         pending = {pool.submit(self._store_run, run): run for run in runs if _dirty(run)}
         for run in runs:  # clean runs: the node holds them, nothing to wait for

@@ -10,6 +10,8 @@ TYPES = """
 #define SSI_PFL_MAX_FETCH ...
 #define SSI_PFL_MAX_EVICT ...
 #define SSI_PFL_MAX_DIRTY ...
+#define SSI_PFL_MAX_VICTIMS ...
+#define SSI_PFL_MAX_WPD ...
 #define SSI_PFL_MAX_WATCH ...
 #define SSI_PFL_MAX_LANES ...
 #define SSI_PFL_BY_EXTENT ...
@@ -45,6 +47,8 @@ struct ssi_pfl_stats {
     uint64_t served_fetch;
     uint64_t served_dup;
     uint64_t fetched_bytes;
+    uint64_t faults_wp;
+    uint64_t wp_dirty;
     uint64_t latency_sum_us;
     uint64_t latency_count;
     uint64_t latency_buckets[...];
@@ -89,6 +93,11 @@ struct ssi_pfl {
     uint64_t evict_end[...];
     int ndirty;
     uint64_t dirty[...];
+    int fm_lock;
+    int nvictims;
+    uint64_t victims[...];
+    int nwpd;
+    uint64_t wpd[...];
     int nwatch;
     uint32_t watch_next;
     uint64_t watch[...];
@@ -97,4 +106,7 @@ struct ssi_pfl {
 
 FUNCTIONS = """
 int ssi_pfl_run(struct ssi_pfl *l);
+int ssi_pfl_wp_fault(struct ssi_pfl *l, uint64_t start, uint64_t len);
+int ssi_pfl_set_victims(struct ssi_pfl *l, const uint64_t *starts, int n);
+int ssi_pfl_take_wp(struct ssi_pfl *l, uint64_t *out, int max);
 """
