@@ -108,6 +108,7 @@ class ClientPager(CLoopMixin, ReadaheadMixin, FarMemMixin, WorkingSetMixin):
         self.evictor: Evictor | None = None
         self._write_miss = False
         self.c_farmem: FaultLoop | None = None  # the C loop, for the evictor's in-flight ranges
+        self.c_wp_later: list[int] = []  # units C un-protected, taken by the evictor too early
         if state.farmem is not None:
             from pager.uffd.install import COPY_MODE_WP
             self.installer.mode = COPY_MODE_WP

@@ -109,7 +109,11 @@ class CLoopMixin:
             with self.fm_lock:
                 for start in dirty:  # installed writable for a write fault: dirty at once
                     fm.on_write(start, fm.units[start].length if start in fm.units else fm.unit)
-                for start in cl.take_wp_dirty():  # un-protected by C for a write
+                # un-protected by C for a write (after the residency above: C may have
+                # installed the unit in this call); units not resident are older than an
+                # eviction
+                later, self.c_wp_later = self.c_wp_later, []
+                for start in later + cl.take_wp_dirty():
                     fm.written(start)
                 excess = fm.excess()
             if excess > 0:
@@ -123,6 +127,7 @@ class CLoopMixin:
                 setattr(st, name, getattr(st, name) + v)
         st.c_faults += counters["served_fetch"] + counters["served_dup"] + counters["wp_dirty"]
         st.served_unprotect += counters["wp_dirty"]
+        st.c_wp_dirty += counters["wp_dirty"]
         lb = st.latency_buckets
         for i, v in enumerate(buckets):
             if v:

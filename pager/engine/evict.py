@@ -147,8 +147,8 @@ class Evictor:
                 cl.set_victims(self.batch)
             runs = self._protect(victims)
             if cl is not None:
-                for start in cl.take_wp_dirty():
-                    fm.written(start)
+                # a unit C installed and its residency not folded yet: the fold marks it
+                c.c_wp_later += [s for s in cl.take_wp_dirty() if not fm.written(s)]
                 runs = [[(self._current(v), off, space) for v, off, space in run]
                         for run in runs]
         try:

@@ -41,7 +41,8 @@ prefetch_bytes     bytes a working-set replay installed ahead of faults
 prefetch_wasted    replay bytes dropped (layout changed, client gone, install failed)
 ws_recorded_pages  pages of working sets recorded (stored on the memory node)
 inflight           chunks being fetched right now (gauge)
-c_faults           faults served by the C loop (also counted in ``faults`` and ``served_*``)
+c_faults           faults served by the C loop (also counted in ``faults`` and ``served_*``);
+                   ``c_wp_dirty`` of them write-protect faults (also in ``wp_dirty``)
 ================== ========================================================================
 """
 
@@ -90,6 +91,7 @@ class EngineStats:
     ws_recorded_pages: int = 0
     inflight: int = 0
     c_faults: int = 0
+    c_wp_dirty: int = 0
     evictions: int = 0
     evicted_bytes: int = 0
     clean_drops: int = 0

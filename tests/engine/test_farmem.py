@@ -94,6 +94,7 @@ def test_random_rmw_over_4x_the_limit_matches_the_model(farmem, skewed):
     assert st.written_back_bytes == (st.evictions - st.clean_drops) * 16 * 1024
     assert st.wp_dirty > 0 and st.failed_faults == 0
     assert st.served_fetch > 0
+    assert st.c_wp_dirty > 0  # write-protect faults resolved by the C loop
 
 
 def test_removed_range_written_and_evicted_is_fetched_again_not_zeroed(farmem):
