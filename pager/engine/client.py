@@ -38,7 +38,8 @@ from pager.core.state import (
     ZeroFill,
 )
 from pager.engine.cloop import CLoopMixin
-from pager.engine.evict import Evictor, FarMemMixin
+from pager.engine.dirty import FarMemMixin
+from pager.engine.evict import Evictor
 from pager.engine.install import Installer
 from pager.engine.prefetch import WorkingSetMixin
 from pager.engine.readahead import ReadaheadMixin
@@ -381,7 +382,7 @@ class ClientPager(CLoopMixin, ReadaheadMixin, FarMemMixin, WorkingSetMixin):
 
     def _fm_serve(self, action: Action, addr: int, lane: Lane,
                   t0: int) -> tuple[int, int] | None:
-        """``_serve`` for a client under a resident limit (see ``pager.engine.evict``)."""
+        """``_serve`` for a client under a resident limit (see ``pager.engine.dirty``)."""
         if type(action) is Unprotect:
             self._fm_write(addr)
             self.stats.served_unprotect += 1

@@ -13,9 +13,18 @@
  * and leaves the fault to Python (which waits for the evictor's wake). The set is cleared
  * after the batch's last wake. A fault read after its unit was evicted un-protects a hole (no
  * page: nothing to clear) and wakes the thread, which faults again as a missing page; Python
- * ignores listed units it does not hold. */
+ * ignores listed units it does not hold.
+ *
+ * Eviction's I/O is here too (pager/engine/evict.py decides and keeps the state): a batch's
+ * dirty stretches read with pread and written to the node pipelined on one connection
+ * (ssi_fm_write_back), the acked runs punched (ssi_fm_punch) and, after Python forgot them,
+ * woken (ssi_fm_wake): three calls per batch instead of several per unit. */
 #include <sched.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
 
+#include "ssip_io.h"
+#include "ssip_wire.h"
 #include "ssi_uffd.h"
 
 static void ssi_fm_lock(struct ssi_pfl *l)
@@ -63,6 +72,15 @@ int ssi_pfl_wp_fault(struct ssi_pfl *l, uint64_t start, uint64_t len)
     return rc;
 }
 
+/* Is the unit at start in the evictor's batch (a missing fault there waits for its wake)? */
+int ssi_pfl_fm_busy(struct ssi_pfl *l, uint64_t start)
+{
+    ssi_fm_lock(l);
+    int busy = ssi_fm_is_victim(l, start);
+    ssi_fm_unlock(l);
+    return busy;
+}
+
 /* The evictor's batch: n sorted unit starts (0 clears it). -EINVAL if more than fit. */
 int ssi_pfl_set_victims(struct ssi_pfl *l, const uint64_t *starts, int n)
 {
@@ -85,4 +103,132 @@ int ssi_pfl_take_wp(struct ssi_pfl *l, uint64_t *out, int max)
     l->nwpd -= n;
     ssi_fm_unlock(l);
     return n;
+}
+
+/* -- eviction: a batch's write-back, punch and wake, each one call (no Python per unit) -- */
+
+/* Receive exactly n bytes, waiting at most timeout_ms for each piece: 0 or -errno. */
+static int ssi_fm_recv(int fd, void *buf, size_t n, int timeout_ms)
+{
+    uint8_t *p = buf;
+    while (n) {
+        struct pollfd q = {.fd = fd, .events = POLLIN};
+        int r = poll(&q, 1, timeout_ms);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            return r < 0 ? -errno : -ETIMEDOUT;
+        ssize_t k = recv(fd, p, n, MSG_DONTWAIT);
+        if (k < 0) {
+            if (errno == EINTR || errno == EAGAIN)
+                continue;
+            return -errno;
+        }
+        if (k == 0)
+            return -ECONNRESET;
+        p += k;
+        n -= (size_t)k;
+    }
+    return 0;
+}
+
+/* Read every store's bytes from the memfd (a hole reads as zeros) into buf, one after the
+   other, and write them to the node on sock (space handle space): every STORE frame sent,
+   then every STORED reply taken, in order. 0 when all were acked; -errno (the connection is
+   out of step: drop it), -EPROTO for an ERROR frame or a reply out of step, -EINVAL if buf is
+   too small. Nothing is punched here: the caller does, for the runs acked. */
+int ssi_fm_write_back(int memfd, int sock, uint32_t space, struct ssi_fm_store *st, int n,
+                      uint8_t *buf, uint64_t buf_size, uint32_t *req, int timeout_ms)
+{
+    uint64_t pos = 0;
+    uint32_t first = *req + 1 ? *req + 1 : 1, nframes = 0;
+    for (int i = 0; i < n; i++) {
+        if (st[i].len > buf_size - pos || st[i].len % SSIP_PAGE_SIZE)
+            return -EINVAL;
+        for (uint64_t got = 0; got < st[i].len;) {
+            ssize_t k = pread(memfd, buf + pos + got, st[i].len - got, (off_t)(st[i].off + got));
+            if (k < 0 && errno == EINTR)
+                continue;
+            if (k < 0)
+                return -errno;
+            if (k == 0) {  /* past the end: zeros (the guest shrank it meanwhile) */
+                memset(buf + pos + got, 0, st[i].len - got);
+                break;
+            }
+            got += (uint64_t)k;
+        }
+        for (uint64_t f = 0; f < st[i].len; f += SSIP_MAX_DATA) {
+            uint32_t len = st[i].len - f < SSIP_MAX_DATA ? (uint32_t)(st[i].len - f)
+                                                         : SSIP_MAX_DATA;
+            *req = *req + 1 ? *req + 1 : 1;
+            struct ssip_header h = {.version = SSIP_VERSION, .type = SSIP_T_STORE,
+                                    .request_id = *req, .space = space, .gpa = st[i].gpa + f,
+                                    .length = len, .arg = 0};
+            memcpy(h.magic, SSIP_MAGIC, 4);
+            struct iovec v[2] = {{&h, sizeof h}, {buf + pos + f, len}};
+            struct msghdr mh = {.msg_iov = v, .msg_iovlen = 2};
+            size_t want = sizeof h + len;
+            ssize_t k = sendmsg(sock, &mh, MSG_NOSIGNAL);
+            if (k < 0)
+                return -errno;
+            if ((size_t)k < want) {  /* a partial send: the rest of header, then of data */
+                int rc = 0;
+                if ((size_t)k < sizeof h)
+                    rc = ssip_send_all(sock, (uint8_t *)&h + k, sizeof h - (size_t)k);
+                size_t d = (size_t)k > sizeof h ? (size_t)k - sizeof h : 0;
+                if (rc == 0)
+                    rc = ssip_send_all(sock, buf + pos + f + d, len - d);
+                if (rc < 0)
+                    return rc;
+            }
+            nframes++;
+        }
+        pos += st[i].len;
+    }
+    int err = 0;
+    for (uint32_t f = 0, r = first; f < nframes; f++, r = r + 1 ? r + 1 : 1) {
+        struct ssip_header h;
+        int rc = ssi_fm_recv(sock, &h, sizeof h, timeout_ms);
+        if (rc < 0)
+            return rc;
+        if (memcmp(h.magic, SSIP_MAGIC, 4) || h.version != SSIP_VERSION || h.request_id != r)
+            return -EPROTO;
+        if (h.type == SSIP_T_ERROR) {  /* its message is Python's to read on a retry */
+            uint8_t skip[512];
+            for (uint32_t left = h.length; left;) {
+                uint32_t k = left < sizeof skip ? left : (uint32_t)sizeof skip;
+                if ((rc = ssi_fm_recv(sock, skip, k, timeout_ms)) < 0)
+                    return rc;
+                left -= k;
+            }
+            err = -EPROTO;
+        } else if (h.type != SSIP_T_STORED || h.length) {
+            return -EPROTO;
+        }
+    }
+    return err;
+}
+
+/* Punch n ranges of the memfd (fallocate PUNCH_HOLE|KEEP_SIZE): 0, or -errno of the first
+   that failed (its index in *failed; those after it are not punched). */
+int ssi_fm_punch(int memfd, const uint64_t *offs, const uint64_t *lens, int n, int *failed)
+{
+    for (int i = 0; i < n; i++)
+        if (fallocate(memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offs[i],
+                      (off_t)lens[i]) < 0) {
+            *failed = i;
+            return -errno;
+        }
+    return 0;
+}
+
+/* UFFDIO_WAKE n ranges; how many failed (a range unmapped meanwhile: nothing waits there). */
+int ssi_fm_wake(int uffd, const uint64_t *addrs, const uint64_t *lens, int n)
+{
+    int bad = 0;
+    for (int i = 0; i < n; i++) {
+        struct uffdio_range r = {addrs[i], lens[i]};
+        bad += ioctl(uffd, UFFDIO_WAKE, &r) < 0;
+    }
+    return bad;
 }

@@ -312,7 +312,7 @@ static int ssi_pfl_fault(struct ssi_pfl *l, int i, uint64_t t0, uint64_t *done_s
     uint64_t mode = 0;
     if (l->farmem) {
         if ((int64_t)len > l->budget || l->ndirty >= SSI_PFL_MAX_DIRTY
-                || ssi_pfl_is_evicting(l, start, start + len))
+                || ssi_pfl_is_evicting(l, start, start + len) || ssi_pfl_fm_busy(l, start))
             return 0;
         mode = write ? 0 : UFFDIO_COPY_MODE_WP;
     }
