@@ -273,7 +273,9 @@ class Evictor:
                 failed.update(id(run) for run in group)
                 continue
             with self._lanes_lock:
-                c.stats.written_back_bytes += sum(n for _, _, n in stretches)
+                n = sum(n for _, _, n in stretches)
+                c.stats.written_back_bytes += n
+                c.stats.c_written_back_bytes += n
         return failed
 
     def _c_lane(self) -> Lane:

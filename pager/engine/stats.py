@@ -17,7 +17,8 @@ copied_bytes       bytes installed with UFFDIO_COPY
 zero_pages         pages installed with UFFDIO_ZEROPAGE (never written, or removed)
 served_unprotect   write-protect faults resolved by clearing the protection (no dirty tracking)
 served_continue    minor faults resolved with UFFDIO_CONTINUE
-written_back_bytes bytes of dirty pages written back to the node by the evictor (far memory)
+written_back_bytes bytes of dirty pages written back to the node by the evictor (far memory);
+                   ``c_written_back_bytes`` of them in C (a batch at once)
 evictions          units evicted (``evicted_bytes``); ``clean_drops`` of them clean, dropped
                    without a transfer; ``evict_latency_sum_us`` / ``evict_latency_count``: time
                    per evicted unit (write-protect .. wake, averaged over its batch)
@@ -92,6 +93,7 @@ class EngineStats:
     inflight: int = 0
     c_faults: int = 0
     c_wp_dirty: int = 0
+    c_written_back_bytes: int = 0
     evictions: int = 0
     evicted_bytes: int = 0
     clean_drops: int = 0

@@ -95,6 +95,7 @@ def test_random_rmw_over_4x_the_limit_matches_the_model(farmem, skewed):
     assert st.wp_dirty > 0 and st.failed_faults == 0
     assert st.served_fetch > 0
     assert st.c_wp_dirty > 0  # write-protect faults resolved by the C loop
+    assert st.c_written_back_bytes > 0  # batches written back from C
 
 
 def test_removed_range_written_and_evicted_is_fetched_again_not_zeroed(farmem):

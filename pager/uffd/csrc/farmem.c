@@ -107,29 +107,16 @@ int ssi_pfl_take_wp(struct ssi_pfl *l, uint64_t *out, int max)
 
 /* -- eviction: a batch's write-back, punch and wake, each one call (no Python per unit) -- */
 
-/* Receive exactly n bytes, waiting at most timeout_ms for each piece: 0 or -errno. */
+/* Receive exactly n bytes once some arrive within timeout_ms: 0 or -errno (-ETIMEDOUT). */
 static int ssi_fm_recv(int fd, void *buf, size_t n, int timeout_ms)
 {
-    uint8_t *p = buf;
-    while (n) {
-        struct pollfd q = {.fd = fd, .events = POLLIN};
-        int r = poll(&q, 1, timeout_ms);
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r <= 0)
-            return r < 0 ? -errno : -ETIMEDOUT;
-        ssize_t k = recv(fd, p, n, MSG_DONTWAIT);
-        if (k < 0) {
-            if (errno == EINTR || errno == EAGAIN)
-                continue;
-            return -errno;
-        }
-        if (k == 0)
-            return -ECONNRESET;
-        p += k;
-        n -= (size_t)k;
-    }
-    return 0;
+    struct pollfd q = {.fd = fd, .events = POLLIN};
+    int r;
+    while ((r = poll(&q, 1, timeout_ms)) < 0 && errno == EINTR)
+        ;
+    if (r <= 0)
+        return r < 0 ? -errno : -ETIMEDOUT;
+    return ssip_recv_all(fd, buf, n);
 }
 
 /* Read every store's bytes from the memfd (a hole reads as zeros) into buf, one after the
