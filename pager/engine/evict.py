@@ -157,12 +157,7 @@ class Evictor:
             for v in victims[MAX_VICTIMS:]:  # more than the C loop can be told of: later
                 fm.abort(v, dirty=False)
             del victims[MAX_VICTIMS:]
-            for start, length in reprotect:
-                try:
-                    c.uffd.writeprotect(start, length, protect=True)
-                    c.stats.reprotects += 1
-                except UffdError:
-                    fm.installed(start, length, known=False)  # protection not known to hold
+            self._reprotect(reprotect)
             # the C loop resolves write faults: tell it the batch first (it leaves write faults
             # there to Python from now on), write-protect, then take what it un-protected
             # before: those units are dirty, whatever they were when picked
@@ -183,6 +178,25 @@ class Evictor:
                 self.batch = []
                 if c.c_farmem is not None:  # (made during this batch, by the fault thread)
                     c.c_farmem.set_victims(())
+
+    def _reprotect(self, units: list[tuple[int, int]]) -> None:
+        """Holding ``fm_lock``: write-protect the CLOCK's sampled dirty units again."""
+        c, fm = self.client, self.fm
+        if self._io is not None:
+            bad = set()
+            for k in range(0, len(units), self._io.max_runs):
+                bad.update(k + i for i in self._io.protect(c.uffd.fileno(),
+                                                           units[k:k + self._io.max_runs]))
+        else:
+            bad = set()
+            for i, (start, length) in enumerate(units):
+                try:
+                    c.uffd.writeprotect(start, length, protect=True)
+                except UffdError:
+                    bad.add(i)
+        c.stats.reprotects += len(units) - len(bad)
+        for i in bad:
+            fm.installed(*units[i], known=False)  # protection not known to hold
 
     def _current(self, v: Victim) -> Victim:
         """``v`` dirty if the state says so now (holding ``fm_lock``)."""
@@ -231,17 +245,21 @@ class Evictor:
                 runs[-1].append(item)
             else:
                 runs.append([item])
-        out = []
-        for run in runs:
-            first, last = run[0][0], run[-1][0]
-            try:
-                c.uffd.writeprotect(first.start, last.start + last.length - first.start)
-                out.append(run)
-            except UffdError as exc:  # a layout event pending (EAGAIN), unmapped meanwhile
-                log.debug("%s: cannot evict %#x now: %s", c.name, first.start, exc)
-                for v, _, _ in run:
-                    fm.abort(v, dirty=False)
-        return out
+        if self._io is not None:  # one call for the batch (at most MAX_VICTIMS runs)
+            bad = set(self._io.protect(c.uffd.fileno(),
+                                       [(run[0][0].start, _length(run)) for run in runs]))
+        else:
+            bad = set()
+            for i, run in enumerate(runs):
+                try:
+                    c.uffd.writeprotect(run[0][0].start, _length(run))
+                except UffdError:
+                    bad.add(i)
+        for i in bad:  # a layout event pending (EAGAIN), unmapped meanwhile: not now
+            log.debug("%s: cannot evict %#x now", c.name, runs[i][0][0].start)
+            for v, _, _ in runs[i]:
+                fm.abort(v, dirty=False)
+        return [run for i, run in enumerate(runs) if i not in bad]
 
     def _c_store(self, runs: list[list[tuple[Victim, int, str | None]]]) -> set[int]:
         """Write back the dirty stretches of ``runs`` from C, one connection per space: the

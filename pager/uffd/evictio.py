@@ -28,6 +28,7 @@ class BatchIO:
         self._a = ffi.new("uint64_t[]", max_runs)
         self._b = ffi.new("uint64_t[]", max_runs)
         self._failed = ffi.new("int *")
+        self._err = ffi.new("int[]", max_runs)
         self._req = ffi.new("uint32_t *")
 
     def write_back(self, memfd: int, sock: int, space: int,
@@ -59,6 +60,14 @@ class BatchIO:
         """``UFFDIO_WAKE`` each ``(address, length)``; how many failed (unmapped meanwhile)."""
         n = self._fill(ranges)
         return lib.ssi_fm_wake(uffd, self._a, self._b, n)
+
+    def protect(self, uffd: int, ranges: Sequence[tuple[int, int]]) -> list[int]:
+        """Write-protect each ``(address, length)``: the indexes of those that failed (a
+        layout event pending: EAGAIN; unmapped meanwhile)."""
+        n = self._fill(ranges)
+        if not lib.ssi_fm_protect(uffd, self._a, self._b, n, self._err):
+            return []
+        return [i for i in range(n) if self._err[i]]
 
     def _fill(self, ranges: Sequence[tuple[int, int]]) -> int:
         n = len(ranges)

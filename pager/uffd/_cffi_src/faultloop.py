@@ -120,4 +120,5 @@ int ssi_fm_write_back(int memfd, int sock, uint32_t space, struct ssi_fm_store *
                       uint8_t *buf, uint64_t buf_size, uint32_t *req, int timeout_ms);
 int ssi_fm_punch(int memfd, const uint64_t *offs, const uint64_t *lens, int n, int *failed);
 int ssi_fm_wake(int uffd, const uint64_t *addrs, const uint64_t *lens, int n);
+int ssi_fm_protect(int uffd, const uint64_t *addrs, const uint64_t *lens, int n, int *err);
 """

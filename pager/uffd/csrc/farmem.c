@@ -219,3 +219,17 @@ int ssi_fm_wake(int uffd, const uint64_t *addrs, const uint64_t *lens, int n)
     }
     return bad;
 }
+
+/* UFFDIO_WRITEPROTECT (mode WP) n ranges; err[i]: 0 or -errno of each (EAGAIN: a layout event
+   pending). How many failed. */
+int ssi_fm_protect(int uffd, const uint64_t *addrs, const uint64_t *lens, int n, int *err)
+{
+    int bad = 0;
+    for (int i = 0; i < n; i++) {
+        struct uffdio_writeprotect w = {.range = {addrs[i], lens[i]},
+                                        .mode = UFFDIO_WRITEPROTECT_MODE_WP};
+        err[i] = ioctl(uffd, UFFDIO_WRITEPROTECT, &w) < 0 ? -errno : 0;
+        bad += err[i] != 0;
+    }
+    return bad;
+}
