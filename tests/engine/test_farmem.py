@@ -21,6 +21,7 @@ from pager.errors import ConfigError, HandoffError
 from pager.source import FileSource
 from pager.tools.workload import Client
 from pager.uffd import Userfaultfd
+from pager.uffd.binding import address_of
 from pager.uffd.mman import Mapping
 from pager.uffd.rmw import Rmw
 from pager.uffd.toucher import Background
@@ -79,12 +80,13 @@ def check_run(engine: FaultEngine, g: Guest, w: Rmw, limit: int) -> None:
     assert g.client.resident_bytes <= limit
 
 
-@pytest.mark.parametrize("skewed", [False, True], ids=["uniform", "skewed"])
-def test_random_rmw_over_4x_the_limit_matches_the_model(farmem, skewed):
+@pytest.mark.parametrize(("skewed", "fill"), [(False, False), (True, False), (False, True)],
+                         ids=["uniform", "skewed", "uniform-filled"])
+def test_random_rmw_over_4x_the_limit_matches_the_model(farmem, skewed, fill):
     limit = 2 * MIB
     engine, g = farmem(4 * limit, limit)
     w = Rmw(g.map.address, g.size // PAGE, threads=2, ops=3000, write_pct=50,
-            hot_ops=90 if skewed else 0, hot_pages=20)
+            hot_ops=90 if skewed else 0, hot_pages=20, fill=fill)
     for _ in range(3):
         w.run()
         check_run(engine, g, w, limit)
@@ -96,6 +98,19 @@ def test_random_rmw_over_4x_the_limit_matches_the_model(farmem, skewed):
     assert st.served_fetch > 0
     assert st.c_wp_dirty > 0  # write-protect faults resolved by the C loop
     assert st.c_written_back_bytes > 0  # batches written back from C
+
+
+def test_filled_pages_are_checked_whole():
+    """The workload's ``fill`` data is part of the check: one changed byte is found."""
+    m = mmap.mmap(-1, 64 * PAGE)
+    keep, addr = address_of(m)
+    w = Rmw(addr, 64, threads=2, ops=2000, write_pct=100, fill=True)
+    w.run()
+    assert w.errors == 0 and w.check() == 0
+    page = next(p for p in range(64) if m[p * PAGE:p * PAGE + 8] != bytes(8))
+    m[page * PAGE + PAGE - 1] ^= 0xFF  # the last byte of a written page's fill
+    assert w.check() == 1 and w.first_bad == page
+    del keep
 
 
 def test_removed_range_written_and_evicted_is_fetched_again_not_zeroed(farmem):
