@@ -22,9 +22,9 @@
  * Far memory (l->farmem, a client under a resident limit): installs are write-protected, a
  * write fault's chunk is installed writable and listed in l->dirty; the loop installs at most
  * l->budget bytes (the room Python saw under the limit) and never into a range the evictor
- * thread published in evict_start/evict_end (published before its punch, cleared after its
- * wake): such faults go back to Python. Write-protect faults are resolved in farmem.c (its
- * protocol with the evictor there); those it cannot take are Python's.
+ * thread published in evict_start/evict_end or in its batch (farmem.c): such faults go back
+ * to Python. Write-protect faults are resolved in farmem.c (its protocol with the evictor
+ * there); those it cannot take are Python's.
  *
  * Wire: SSI_PFL_PROTO_SSIP is the memory node's FETCH/DATA (ssip_wire.h, generated from
  * transport/wire/protocol.py); the DATA reply's arg is the zero mask and only the written pages
