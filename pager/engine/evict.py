@@ -146,10 +146,10 @@ class Evictor:
 
     def _batch(self, pool: ThreadPoolExecutor, want: int) -> int:
         """Evict up to ``want`` bytes; the bytes evicted (0: nothing could be). Victims
-        adjacent in the guest and in the memfd go as one run: one write-protect, one store per
-        dirty stretch, one punch, one wake. The runs' stores go to ``pool`` (``DEPTH`` in
-        flight, each on its worker's lane); each run is punched and woken after its own acks,
-        never before."""
+        adjacent in the guest and in the memfd go as one run (one write-protect, one store per
+        dirty stretch, one punch, one wake); each step is one C call for the batch where it
+        can be, and no run is punched before its acks. Runs C could not store go to ``pool``
+        (``DEPTH`` in flight, each on its worker's lane, retried until acked)."""
         c, fm = self.client, self.fm
         t0 = time.perf_counter_ns()
         with c.fm_lock:
@@ -181,22 +181,28 @@ class Evictor:
 
     def _reprotect(self, units: list[tuple[int, int]]) -> None:
         """Holding ``fm_lock``: write-protect the CLOCK's sampled dirty units again."""
-        c, fm = self.client, self.fm
-        if self._io is not None:
-            bad = set()
-            for k in range(0, len(units), self._io.max_runs):
-                bad.update(k + i for i in self._io.protect(c.uffd.fileno(),
-                                                           units[k:k + self._io.max_runs]))
-        else:
-            bad = set()
-            for i, (start, length) in enumerate(units):
-                try:
-                    c.uffd.writeprotect(start, length, protect=True)
-                except UffdError:
-                    bad.add(i)
-        c.stats.reprotects += len(units) - len(bad)
+        bad = self._write_protect(units)
+        self.client.stats.reprotects += len(units) - len(bad)
         for i in bad:
-            fm.installed(*units[i], known=False)  # protection not known to hold
+            self.fm.installed(*units[i], known=False)  # protection not known to hold
+
+    def _write_protect(self, ranges: list[tuple[int, int]]) -> set[int]:
+        """Write-protect each ``(address, length)`` in the guest's mm (one C call per
+        ``MAX_VICTIMS``); the indexes of those that failed (a layout event pending: EAGAIN,
+        unmapped meanwhile)."""
+        u = self.client.uffd
+        bad: set[int] = set()
+        if self._io is not None:
+            step = self._io.max_runs
+            for k in range(0, len(ranges), step):
+                bad.update(k + i for i in self._io.protect(u.fileno(), ranges[k:k + step]))
+            return bad
+        for i, (start, length) in enumerate(ranges):
+            try:
+                u.writeprotect(start, length, protect=True)
+            except UffdError:
+                bad.add(i)
+        return bad
 
     def _current(self, v: Victim) -> Victim:
         """``v`` dirty if the state says so now (holding ``fm_lock``)."""
@@ -245,16 +251,7 @@ class Evictor:
                 runs[-1].append(item)
             else:
                 runs.append([item])
-        if self._io is not None:  # one call for the batch (at most MAX_VICTIMS runs)
-            bad = set(self._io.protect(c.uffd.fileno(),
-                                       [(run[0][0].start, _length(run)) for run in runs]))
-        else:
-            bad = set()
-            for i, run in enumerate(runs):
-                try:
-                    c.uffd.writeprotect(run[0][0].start, _length(run))
-                except UffdError:
-                    bad.add(i)
+        bad = self._write_protect([(run[0][0].start, _length(run)) for run in runs])
         for i in bad:  # a layout event pending (EAGAIN), unmapped meanwhile: not now
             log.debug("%s: cannot evict %#x now", c.name, runs[i][0][0].start)
             for v, _, _ in runs[i]:

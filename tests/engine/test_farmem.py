@@ -100,8 +100,9 @@ def test_random_rmw_over_4x_the_limit_matches_the_model(farmem, skewed, fill, ch
     assert st.written_back_bytes == (st.evictions - st.clean_drops) * chunk
     assert st.wp_dirty > 0 and st.failed_faults == 0
     assert st.served_fetch > 0
-    assert st.c_wp_dirty > 0  # write-protect faults resolved by the C loop
-    assert st.c_written_back_bytes > 0  # batches written back from C
+    if engine.c_loop:  # (SSI_PAGER_C_LOOP=0: Python serves and writes back everything)
+        assert st.c_wp_dirty > 0  # write-protect faults resolved by the C loop
+        assert st.c_written_back_bytes > 0  # batches written back from C
 
 
 def test_filled_pages_are_checked_whole():
