@@ -10,6 +10,8 @@ TYPES = """
 #define SSI_PFL_MAX_FETCH ...
 #define SSI_PFL_MAX_EVICT ...
 #define SSI_PFL_MAX_DIRTY ...
+#define SSI_PFL_MAX_VICTIMS ...
+#define SSI_PFL_MAX_WPD ...
 #define SSI_PFL_MAX_WATCH ...
 #define SSI_PFL_MAX_LANES ...
 #define SSI_PFL_BY_EXTENT ...
@@ -22,6 +24,12 @@ TYPES = """
 
 #define SSI_PFL_PROTO_SSIP ...
 #define SSI_PFL_PROTO_RAW ...
+
+struct ssi_fm_store {
+    uint64_t off;
+    uint64_t gpa;
+    uint64_t len;
+};
 
 struct ssi_pfl_lane {
     int sock;
@@ -46,6 +54,8 @@ struct ssi_pfl_stats {
     uint64_t served_fetch;
     uint64_t served_dup;
     uint64_t fetched_bytes;
+    uint64_t faults_wp;
+    uint64_t wp_dirty;
     uint64_t latency_sum_us;
     uint64_t latency_count;
     uint64_t latency_buckets[...];
@@ -90,6 +100,11 @@ struct ssi_pfl {
     uint64_t evict_end[...];
     int ndirty;
     uint64_t dirty[...];
+    int fm_lock;
+    int nvictims;
+    uint64_t victims[...];
+    int nwpd;
+    uint64_t wpd[...];
     int nwatch;
     uint32_t watch_next;
     uint64_t watch[...];
@@ -98,4 +113,13 @@ struct ssi_pfl {
 
 FUNCTIONS = """
 int ssi_pfl_run(struct ssi_pfl *l);
+int ssi_pfl_wp_fault(struct ssi_pfl *l, uint64_t start, uint64_t len);
+int ssi_pfl_set_victims(struct ssi_pfl *l, const uint64_t *starts, int n);
+int ssi_pfl_take_wp(struct ssi_pfl *l, uint64_t *out, int max);
+int ssi_pfl_fm_busy(struct ssi_pfl *l, uint64_t start);
+int ssi_fm_write_back(int memfd, int sock, uint32_t space, struct ssi_fm_store *st, int n,
+                      uint8_t *buf, uint64_t buf_size, uint32_t *req, int timeout_ms);
+int ssi_fm_punch(int memfd, const uint64_t *offs, const uint64_t *lens, int n, int *failed);
+int ssi_fm_wake(int uffd, const uint64_t *addrs, const uint64_t *lens, int n);
+int ssi_fm_protect(int uffd, const uint64_t *addrs, const uint64_t *lens, int n, int *err);
 """

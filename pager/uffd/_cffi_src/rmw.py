@@ -18,6 +18,7 @@ struct ssi_rmw {
     uint64_t errors;
     int64_t first_bad;
     uint64_t checksum;
+    int fill;
 };
 """
 
