@@ -278,7 +278,8 @@ class Evictor:
             if ep is None or ep[1] == "raw":
                 failed.update(id(run) for run in group)
                 continue
-            rc = self._io.write_back(c.memfd, ep[0], ep[2], stretches)
+            rc = self._io.write_back(c.memfd, ep[0], ep[2], stretches,
+                                     ep[3] if len(ep) > 3 else None)
             if rc < 0:
                 with self._lanes_lock:
                     c.stats.store_errors += 1

@@ -8,6 +8,7 @@ punch, forget, wake) and falls back to its Python lanes where this cannot be use
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from pager.uffd._uffd_cffi import ffi, lib
 from pager.uffd.errors import uffd_error
@@ -32,17 +33,19 @@ class BatchIO:
         self._req = ffi.new("uint32_t *")
 
     def write_back(self, memfd: int, sock: int, space: int,
-                   stretches: Sequence[tuple[int, int, int]]) -> int:
+                   stretches: Sequence[tuple[int, int, int]], tls: Any = None) -> int:
         """Store ``(memfd offset, gpa, length)`` stretches on connection ``sock`` (space handle
-        ``space``) and wait for every ack: 0, or -errno (-EPROTO: the node refused one or
-        replied out of step; drop the connection and let Python's lane retry)."""
+        ``space``; ``tls``: its C TLS session, a `transport.tlsc.TlsSession`, or None) and
+        wait for every ack: 0, or -errno (-EPROTO: the node refused one or replied out of
+        step; drop the connection and let Python's lane retry)."""
         n = len(stretches)
         if n > self.max_runs or sum(s[2] for s in stretches) > self.max_bytes:
             raise ValueError(f"{n} stretches do not fit this batch's buffers")
         st = self._stores
         for i, (off, gpa, length) in enumerate(stretches):
             st[i].off, st[i].gpa, st[i].len = off, gpa, length
-        return lib.ssi_fm_write_back(memfd, sock, space, st, n, self._buf, self.max_bytes,
+        ssl = ffi.cast("void *", tls.handle if tls is not None else 0)
+        return lib.ssi_fm_write_back(memfd, sock, ssl, space, st, n, self._buf, self.max_bytes,
                                      self._req, REPLY_TIMEOUT_MS)
 
     def punch(self, memfd: int, ranges: Sequence[tuple[int, int]]) -> None:

@@ -107,26 +107,31 @@ int ssi_pfl_take_wp(struct ssi_pfl *l, uint64_t *out, int max)
 
 /* -- eviction: a batch's write-back, punch and wake, each one call (no Python per unit) -- */
 
-/* Receive exactly n bytes once some arrive within timeout_ms: 0 or -errno (-ETIMEDOUT). */
-static int ssi_fm_recv(int fd, void *buf, size_t n, int timeout_ms)
+/* Receive exactly n bytes once some arrive within timeout_ms: 0 or -errno (-ETIMEDOUT). A TLS
+   session may hold decrypted bytes already: then there is nothing to wait for. */
+static int ssi_fm_recv(struct ssip_conn c, void *buf, size_t n, int timeout_ms)
 {
-    struct pollfd q = {.fd = fd, .events = POLLIN};
-    int r;
-    while ((r = poll(&q, 1, timeout_ms)) < 0 && errno == EINTR)
-        ;
-    if (r <= 0)
-        return r < 0 ? -errno : -ETIMEDOUT;
-    return ssip_recv_all(fd, buf, n);
+    if (!c.ssl || SSL_pending(c.ssl) <= 0) {
+        struct pollfd q = {.fd = c.fd, .events = POLLIN};
+        int r;
+        while ((r = poll(&q, 1, timeout_ms)) < 0 && errno == EINTR)
+            ;
+        if (r <= 0)
+            return r < 0 ? -errno : -ETIMEDOUT;
+    }
+    return ssip_recv_all(c, buf, n);
 }
 
 /* Read every store's bytes from the memfd (a hole reads as zeros) into buf, one after the
-   other, and write them to the node on sock (space handle space): every STORE frame sent,
+   other, and write them to the node on sock (space handle space; ssl: the socket's TLS
+   session, NULL: plaintext): every STORE frame sent,
    then every STORED reply taken, in order. 0 when all were acked; -errno (the connection is
    out of step: drop it), -EPROTO for an ERROR frame or a reply out of step, -EINVAL if buf is
    too small. Nothing is punched here: the caller does, for the runs acked. */
-int ssi_fm_write_back(int memfd, int sock, uint32_t space, struct ssi_fm_store *st, int n,
-                      uint8_t *buf, uint64_t buf_size, uint32_t *req, int timeout_ms)
+int ssi_fm_write_back(int memfd, int sock, void *ssl, uint32_t space, struct ssi_fm_store *st,
+                      int n, uint8_t *buf, uint64_t buf_size, uint32_t *req, int timeout_ms)
 {
+    struct ssip_conn c = SSIP_CONN(sock, ssl);
     uint64_t pos = 0;
     uint32_t first = *req + 1 ? *req + 1 : 1, nframes = 0;
     for (int i = 0; i < n; i++) {
@@ -152,6 +157,15 @@ int ssi_fm_write_back(int memfd, int sock, uint32_t space, struct ssi_fm_store *
                                     .request_id = *req, .space = space, .gpa = st[i].gpa + f,
                                     .length = len, .arg = 0};
             memcpy(h.magic, SSIP_MAGIC, 4);
+            if (c.ssl) {  /* TLS: header and data as two writes of the session */
+                int rc = ssip_send_all(c, &h, sizeof h);
+                if (rc == 0)
+                    rc = ssip_send_all(c, buf + pos + f, len);
+                if (rc < 0)
+                    return rc;
+                nframes++;
+                continue;
+            }
             struct iovec v[2] = {{&h, sizeof h}, {buf + pos + f, len}};
             struct msghdr mh = {.msg_iov = v, .msg_iovlen = 2};
             size_t want = sizeof h + len;
@@ -161,10 +175,10 @@ int ssi_fm_write_back(int memfd, int sock, uint32_t space, struct ssi_fm_store *
             if ((size_t)k < want) {  /* a partial send: the rest of header, then of data */
                 int rc = 0;
                 if ((size_t)k < sizeof h)
-                    rc = ssip_send_all(sock, (uint8_t *)&h + k, sizeof h - (size_t)k);
+                    rc = ssip_send_all(c, (uint8_t *)&h + k, sizeof h - (size_t)k);
                 size_t d = (size_t)k > sizeof h ? (size_t)k - sizeof h : 0;
                 if (rc == 0)
-                    rc = ssip_send_all(sock, buf + pos + f + d, len - d);
+                    rc = ssip_send_all(c, buf + pos + f + d, len - d);
                 if (rc < 0)
                     return rc;
             }
@@ -175,7 +189,7 @@ int ssi_fm_write_back(int memfd, int sock, uint32_t space, struct ssi_fm_store *
     int err = 0;
     for (uint32_t f = 0, r = first; f < nframes; f++, r = r + 1 ? r + 1 : 1) {
         struct ssip_header h;
-        int rc = ssi_fm_recv(sock, &h, sizeof h, timeout_ms);
+        int rc = ssi_fm_recv(c, &h, sizeof h, timeout_ms);
         if (rc < 0)
             return rc;
         if (memcmp(h.magic, SSIP_MAGIC, 4) || h.version != SSIP_VERSION || h.request_id != r)
@@ -184,7 +198,7 @@ int ssi_fm_write_back(int memfd, int sock, uint32_t space, struct ssi_fm_store *
             uint8_t skip[512];
             for (uint32_t left = h.length; left;) {
                 uint32_t k = left < sizeof skip ? left : (uint32_t)sizeof skip;
-                if ((rc = ssi_fm_recv(sock, skip, k, timeout_ms)) < 0)
+                if ((rc = ssi_fm_recv(c, skip, k, timeout_ms)) < 0)
                     return rc;
                 left -= k;
             }

@@ -398,8 +398,9 @@ struct ssi_fm_store {
     uint64_t gpa;
     uint64_t len;
 };
-int ssi_fm_write_back(int memfd, int sock, uint32_t space, struct ssi_fm_store *st, int n,
-                      uint8_t *buf, uint64_t buf_size, uint32_t *req, int timeout_ms);
+int ssi_fm_write_back(int memfd, int sock, void *ssl, uint32_t space,
+                      struct ssi_fm_store *st, int n, uint8_t *buf, uint64_t buf_size,
+                      uint32_t *req, int timeout_ms);
 int ssi_fm_punch(int memfd, const uint64_t *offs, const uint64_t *lens, int n, int *failed);
 int ssi_fm_wake(int uffd, const uint64_t *addrs, const uint64_t *lens, int n);
 int ssi_fm_protect(int uffd, const uint64_t *addrs, const uint64_t *lens, int n, int *err);
