@@ -8,11 +8,13 @@ that fails an operation (or leaves the membership, or re-registers with a new bo
 targets (the ``R`` rendezvous nodes over the live set) it does not hold, from a holder, so a
 node that returns (empty or stale) serves an extent only after it has been re-synced.
 
-* fetch: from the extent's live holders, lowest measured round trip first; a failure marks
-  the node down and the fetch goes on to the next replica (latency, never zeros). A node
-  that answers but cannot serve the extent from its store (an I/O error, a failed store
-  identity or checksum check: `replica_lost`) loses that extent only: the fetch goes on to
-  the next replica and the repair thread copies the extent back onto it.
+* fetch: from the extent's live holders, lowest measured round trip first (holders about as
+  near as the best in the space's fixed preference order: `pager.source.placement.read_order`;
+  a node's round trip: the least of its last `RTT_SAMPLES` pings, from the `RTT_FIRST`th on);
+  a failure marks the node down and the fetch goes on to the next replica (latency, never
+  zeros). A node that answers but cannot serve the extent from its store (an I/O error, a
+  failed store identity or checksum check: `replica_lost`) loses that extent only: the fetch
+  goes on to the next replica and the repair thread copies the extent back onto it.
 * store: to every target and holder of the extent; done once it reached ``R`` targets (or
   every live node, when fewer are live), else `ReplicationError` and the engine retries.
 """
@@ -24,6 +26,7 @@ import socket
 import threading
 import time
 from array import array
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -31,7 +34,14 @@ from pager.core.region import Region
 from pager.source.base import Lane, PageSource, close_lanes
 from pager.source.cluster_route import CRouting
 from pager.source.memnode import MemnodeSource
-from pager.source.placement import EXTENT_SHIFT, EXTENT_SIZE, check_replicas, placed
+from pager.source.placement import (
+    EXTENT_SHIFT,
+    EXTENT_SIZE,
+    check_replicas,
+    nearness,
+    placed,
+    read_order_of,
+)
 from transport.errors import RemoteError, TransportError
 from transport.membership import Membership, Ownership
 from transport.wire import IDENTITIES, PAGE_SHIFT
@@ -44,6 +54,10 @@ PROBE_TIMEOUT = 1.0  # seconds a node has to accept a connection before it count
 # no reset: without this bound a fault would wait the lane's default 10 s to fail over)
 LANE_TIMEOUT = 3.0
 PARALLEL_STORE_BYTES = 128 << 10  # stores this large go to their replicas in parallel
+# a node's round trip is the least of its last pings (one a second): what the link costs,
+# not how busy this host's scheduler was when one ping was sent
+RTT_SAMPLES = 8
+RTT_FIRST = 3  # pings before a node's round trip orders reads: one can be anything
 _LOCKS = 256  # extent locks, striped: a store and a repair of one extent never interleave
 
 
@@ -131,7 +145,8 @@ class ClusterSource(PageSource):
         self.boots: dict[str, str | None] = {n: self._boot(n) for n in nodes}
         self._held: dict[tuple[str, int], set[tuple[str, int]]] = {}
         self.ext_locks = [threading.Lock() for _ in range(_LOCKS)]
-        self.rtt: dict[str, float] = {}
+        self.rtt: dict[str, float] = {}  # node -> round trip (s) reads are ordered by
+        self._pings: dict[str, deque[float]] = {}
         # bumped (under the lock) whenever a node or an extent loses a holder: C fault loops
         # routing by an older table hand their faults to Python until rebuilt. Holders
         # gained and round trips reordered only move ``route_soft``: an older table is still
@@ -230,7 +245,8 @@ class ClusterSource(PageSource):
         return list(placed(space, ext, frozenset(self.live()), self.r))
 
     def holders(self, space: str, ext: int) -> list[str]:
-        """Live nodes holding every page of the extent, lowest round trip first."""
+        """Live nodes holding every page of the extent in the order a fetch tries them:
+        lowest round trip first, equally near ones in ``space``'s preference order."""
         with self.lock:
             pairs = self._held.get((space, ext))
             if pairs is None:
@@ -238,7 +254,8 @@ class ClusterSource(PageSource):
                 pairs = {(n, 0) for n in placed(space, ext, nodes, r)}
             got = [n for n, g in pairs if self.gen.get(n) == g and n not in self.down
                    and n in self.members]
-        return sorted(got, key=lambda n: self.rtt.get(n, 0.0))
+        rtt = self.rtt
+        return list(read_order_of(space, tuple(got), tuple(rtt.get(n) for n in got)))
 
     def _base(self, space: str) -> tuple[frozenset[str], int]:
         base = self.bases.get(space)
@@ -278,10 +295,15 @@ class ClusterSource(PageSource):
         return self.ext_locks[hash((space, ext)) % _LOCKS]
 
     def note_rtt(self, node_id: str, seconds: float) -> None:
-        old = self.rtt.get(node_id)
-        before = sorted(self.rtt, key=self.rtt.__getitem__)
-        self.rtt[node_id] = seconds if old is None else 0.8 * old + 0.2 * seconds
-        if sorted(self.rtt, key=self.rtt.__getitem__) != before:
+        """A ping of ``node_id`` took ``seconds``; reads are rerouted (soft) when that changes
+        which holders count as nearer than others."""
+        pings = self._pings.setdefault(node_id, deque(maxlen=RTT_SAMPLES))
+        pings.append(seconds)
+        if len(pings) < RTT_FIRST:
+            return  # not measured yet: as near as the nearest (the preference orders it)
+        before = nearness(self.rtt)
+        self.rtt[node_id] = min(pings)
+        if nearness(self.rtt) != before:
             self.rerouted_soft()
 
     def keep(self, space: str, size: int) -> None:

@@ -1,5 +1,6 @@
 """How a cluster lane routes the C fault loop (`pager.engine.cloop`): per extent, the lane of
-the holder a fetch would try first (lowest round trip); the source's ``route_gen`` as the
+the holder a fetch would try first (`pager.source.placement.read_order`: lowest round trip,
+equally near holders in the space's fixed preference); the source's ``route_gen`` as the
 loop's routing generation, so a holder lost sends the loop's faults back to Python (failover,
 repair bookkeeping) until the table is rebuilt; and what a fetch C could not complete means
 for the node it was sent to."""
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
     from pager.source.cluster import ClusterSource
 
 # seconds at least between two rebuilds of a C table for holders gained (repair adds them one
-# extent at a time) or round trips reordered; a holder lost rebuilds at once
+# extent at a time) or round trips that change a read order; a holder lost rebuilds at once
 SOFT_REROUTE = 1.0
 
 
@@ -63,7 +64,7 @@ class CRouting:
     def _read_nodes(self, space: str, gpa: int, size: int) -> list[str | None]:
         """The node each extent of ``[gpa, gpa + size)`` is read from (None: no live holder),
         kept while no holder is lost (``route_gen``), refreshed at most once a second for
-        holders gained or round trips reordered (``route_soft``)."""
+        holders gained or round trips that change a read order (``route_soft``)."""
         src = self.src
         gen, soft, now = src.route_gen[0], src.route_soft, time.monotonic()
         key = (space, gpa, size)

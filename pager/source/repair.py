@@ -35,6 +35,7 @@ class Repairer(threading.Thread):
         self._halt = threading.Event()
         self.lanes: dict[tuple[str, str], Any] = {}
         self._pinged = 0.0
+        self._round = 0
         self._lost_logged: set[tuple[str, int]] = set()
 
     def stop(self) -> None:
@@ -77,9 +78,17 @@ class Repairer(threading.Thread):
         with src.lock:
             down = set(src.down) & src.members
             live = [n for n in src.members if n not in src.down]
-        for node_id in down | (set(live) if ping_live else set()):
+        # each round starts with another node: the first pings after this thread slept also
+        # pay for its wakeup, which must not make one node look farther than the others
+        order = sorted(down | (set(live) if ping_live else set()))
+        self._round += 1
+        turn = self._round % len(order) if order else 0
+        for node_id in order[turn:] + order[:turn]:
             try:
-                rtt = self._lane(node_id, src.space).ping()
+                # the fastest of a few pings counts (the node's side was asleep for the
+                # first); more in the first round, whose figure orders reads until the next
+                lane = self._lane(node_id, src.space)
+                rtt = min(lane.ping() for _ in range(4 if self._round == 1 else 2))
             except TransportError as exc:
                 self._drop(node_id)
                 src.node_failed(node_id, exc)

@@ -9,7 +9,9 @@ write-back path's store):
 * ``fault_p50_us`` guest faults: a workload client faulting 4 KiB pages at random (one C
   toucher thread, as `bench faults`) through a `serve` pager on the cluster (R=2 over the 3
   nodes) against one through a pager on one node, runs interleaved, the median of each
-  side's p50 reported (``ratio``: goal <= 1.1);
+  side's p50 reported (``ratio``: goal <= 1.1), with the share of the R=2 side's reads each
+  node served (``r2_reads_per_node``, most first: how concentrated the read choice keeps
+  them, `pager.source.placement.read_order`);
 * ``store_gbps`` store throughput with R=2 against R=1 on the same 3 nodes (goal >= 0.5);
 * ``aggregate_gbps`` ``--threads`` threads fetching their own spaces, 3 nodes (R=2) against
   one node;
@@ -37,6 +39,8 @@ from pager.source import MemnodeSource
 from pager.source.cluster import ClusterSource
 from pager.tools import compress_bench
 from pager.tools.child import Child
+from pager.tools.refpager import free_port
+from pager.tools.status import scrape
 from transport.membership import StaticMembership
 from transport.token import load_token
 
@@ -53,7 +57,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     compress_bench.add_arguments(parser)
 
 
-def start_nodes(tmp: Path, n: int) -> list[tuple[Child, str]]:
+def start_nodes(tmp: Path, n: int) -> list[tuple[Child, str, str]]:
+    """``n`` memory nodes: (process, endpoint, metrics endpoint) each."""
     nodes = []
     for i in range(n):
         d = tmp / f"n{i}"
@@ -61,10 +66,18 @@ def start_nodes(tmp: Path, n: int) -> list[tuple[Child, str]]:
         if i:
             shutil.copy(tmp / "n0" / "token", d / "token")
             os.chmod(d / "token", 0o600)
+        metrics = f"127.0.0.1:{free_port()}"
         c = Child(["memnode", "--listen", "127.0.0.1:0", "--store", str(d / "store"),
-                   "--token-file", str(d / "token"), "--name", f"n{i}"], d / "memnode.log")
-        nodes.append((c, c.wait_for(r"listening on (\S+)")))
+                   "--token-file", str(d / "token"), "--name", f"n{i}", "--metrics", metrics],
+                  d / "memnode.log")
+        nodes.append((c, c.wait_for(r"listening on (\S+)"), metrics))
     return nodes
+
+
+def fetches_served(metrics: list[str]) -> list[float]:
+    """FETCH requests each node has answered so far."""
+    return [scrape(m, "memory node").total("ssi_memnode_requests_total", op="fetch",
+                                           result="ok") for m in metrics]
 
 
 def fill(source: Any, space: str, size: int) -> float:
@@ -108,8 +121,8 @@ def aggregate(source: Any, spaces: list[str], size: int) -> float:
     return sum(done) * 8 / (time.perf_counter() - t0) / 1e9
 
 
-def fault_p50(tmp: Path, eps: list[str], sources: dict[str, Any], size: int, runs: int
-              ) -> dict[str, Any]:
+def fault_p50(tmp: Path, eps: list[str], metrics: list[str], sources: dict[str, Any],
+              size: int, runs: int) -> dict[str, Any]:
     """The guest-fault figure: ``sources`` {"one_node": one-node source, "r2": cluster
     source}, each seeded here with its own space; a pager per side (``serve``, 4 KiB
     chunks, no readahead: every touch one fault), ``runs`` interleaved runs of a fresh
@@ -135,9 +148,14 @@ def fault_p50(tmp: Path, eps: list[str], sources: dict[str, Any], size: int, run
             pager.wait_for("pager: serving")
         p50: dict[str, list[float]] = {side: [] for side in pagers}
         bad = 0
+        reads = [0.0] * len(metrics)  # per node, the R=2 side's fetches
         for _ in range(runs):
             for side, (_, sock) in pagers.items():
+                before = fetches_served(metrics) if side == "r2" else []
                 r = measure(sock, size, 4096, "rand", data)
+                if before:
+                    reads = [t + a - b for t, a, b in
+                             zip(reads, fetches_served(metrics), before, strict=True)]
                 p50[side].append(r["p50_us"])
                 bad += r["bad_pages"]
     finally:
@@ -146,7 +164,9 @@ def fault_p50(tmp: Path, eps: list[str], sources: dict[str, Any], size: int, run
     one, r2 = statistics.median(p50["one_node"]), statistics.median(p50["r2"])
     return {"r2": round(r2, 1), "one_node": round(one, 1), "ratio": round(r2 / one, 3),
             "goal": "<=1.1", "runs": runs, "runs_r2": p50["r2"],
-            "runs_one_node": p50["one_node"], "bad_pages": bad}
+            "runs_one_node": p50["one_node"], "bad_pages": bad,
+            "r2_reads_per_node": sorted((round(n / max(1.0, sum(reads)), 3) for n in reads),
+                                        reverse=True)}
 
 
 def emit(name: str, **kw: Any) -> None:
@@ -164,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
         tmp = Path(tmp_name)
         nodes = start_nodes(tmp, 3)
         token = load_token(tmp / "n0" / "token")
-        eps = [ep for _, ep in nodes]
+        eps = [ep for _, ep, _ in nodes]
         one = MemnodeSource(eps[0], token, "b1", prefer="tcp")
         r2 = ClusterSource(StaticMembership(endpoints=eps), token, "b2", replicas=2,
                            prefer="tcp")
@@ -179,7 +199,8 @@ def run(args: argparse.Namespace) -> int:
                            fetch_p50(r2, "b2", size, args.count))
             emit("fetch_p50_us", r2=round(p_r2, 1), one_node=round(p_one, 1),
                  ratio=round(p_r2 / p_one, 3), goal="<=1.1")
-            faults = fault_p50(tmp, eps, {"one_node": one, "r2": r2}, size, args.fault_runs)
+            faults = fault_p50(tmp, eps, [m for _, _, m in nodes], {"one_node": one, "r2": r2},
+                               size, args.fault_runs)
             emit("fault_p50_us", **faults)
             if faults["bad_pages"]:
                 print(f"bench cluster: {faults['bad_pages']} wrong pages served",
@@ -197,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
         finally:
             for src in (r2, r1, one):
                 src.close()
-            for c, _ in nodes:
+            for c, _, _ in nodes:
                 c.stop()
     print("bench cluster: fault_p50_us is guest faults through a pager; the others are "
           "lane-level (the fault and write-back paths' fetch and store)", file=sys.stderr)

@@ -9,7 +9,7 @@ import threading
 import pytest
 from clusterkit import nodes, wait_until
 
-from pager.source.cluster import ClusterSource
+from pager.source.cluster import RTT_FIRST, ClusterSource
 from pager.source.placement import EXTENT_SIZE, replicas
 from transport.membership import StaticMembership
 from transport.token import load_token
@@ -131,6 +131,35 @@ def test_reads_prefer_the_lowest_round_trip(three, sources):
     for ext in range(SPACE_BYTES // EXTENT_SIZE):
         held = src.holders("vm1", ext)
         assert len(held) == 2 and held == sorted(held, key=src.rtt.__getitem__)
+
+
+def test_equally_near_replicas_are_read_from_as_few_nodes_as_placement_allows(three, sources):
+    src = cluster(three)
+    sources(src)
+    src.repairer.stop()  # the round trips are ours: pings noted below
+    ids = sorted(src.members)
+    for n, rtt in zip(ids, (40e-6, 44e-6, 47e-6), strict=True):
+        for _ in range(RTT_FIRST):
+            src.note_rtt(n, rtt)
+    assert len(src.rtt) == 3
+    exts = range(SPACE_BYTES // EXTENT_SIZE)
+    first = [src.holders("vm1", e)[0] for e in exts]
+    top = max(set(first), key=first.count)
+    # every extent the preferred node holds is read from it, the others from one node
+    assert [e for e in exts if first[e] == top] == [e for e in exts
+                                                    if top in src.holders("vm1", e)]
+    assert len(set(first)) == 2
+    # pings that swing within the tolerance change no read and rebuild no C table
+    soft = src.route_soft
+    for n, rtt in zip(ids, (46e-6, 39e-6, 42e-6), strict=True):
+        src.note_rtt(n, rtt)
+    assert [src.holders("vm1", e)[0] for e in exts] == first and src.route_soft == soft
+    # a node really farther (its last 8 pings) is read from no more: every extent has a nearer
+    # holder
+    for _ in range(8):
+        src.note_rtt(top, 900e-6)
+    assert src.route_soft > soft
+    assert all(src.holders("vm1", e)[0] != top for e in exts)
 
 
 def test_a_node_down_from_the_start_costs_nothing(tmp_path):

@@ -91,6 +91,8 @@ def test_bench_cluster_prints_its_five_figures(tmp_path):
     faults = lines[2]  # guest faults through two pagers, every byte checked
     assert faults["bad_pages"] == 0 and faults["goal"] == "<=1.1"
     assert len(faults["runs_r2"]) == len(faults["runs_one_node"]) == 1
+    shares = faults["r2_reads_per_node"]  # every R=2 fault read counted on some node
+    assert len(shares) == 3 and abs(sum(shares) - 1) < 0.01, shares
     link = lines[4]
     if "skipped" not in link:  # network namespaces available (root)
         assert link["page_bytes"] == 2 << 20
