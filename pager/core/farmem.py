@@ -129,6 +129,18 @@ class FarMemory:
         u.ref = min(MAX_REF, u.ref + 1)
         return True
 
+    def written(self, start: int) -> bool:
+        """The C loop cleared unit ``start``'s protection for a write: dirty (also while it
+        is being evicted: the evictor reads this before it decides what is clean). False if
+        the unit is not resident (the fault was older than its eviction)."""
+        u = self.units.get(start)
+        if u is None:
+            return False
+        u.dirty = True
+        u.protected = False
+        u.ref = min(MAX_REF, u.ref + 1)
+        return True
+
     def forget(self, start: int, end: int) -> None:
         """Units inside ``[start, end)`` are gone (REMOVE, UNMAP): no longer resident."""
         for key in [k for k in self.units if start <= k and k + self.units[k].length <= end]:

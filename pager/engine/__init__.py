@@ -5,7 +5,8 @@ per-client fault thread, its event loop and the fault policy: backoff, poisoning
 (installs through the one C installer, residency reported to the client state), ``readahead``
 (the readahead lane), ``prefetch`` (working-set record and replay: fetched on a helper thread,
 installed by the fault thread), ``cloop`` (glue to the C fault loop), ``evict`` (far memory: the
-evictor thread and the write-protect dirty tracking of a client under a resident limit), ``stats``
+evictor thread of a client under a resident limit), ``dirty`` (far memory: the fault thread's
+side, write-protect dirty tracking, and the checks and setup of such a client), ``stats``
 (``EngineStats``).
 
 Shape (decided from measurements, see README "Design"): asyncio scheduling per fault costs more

@@ -38,7 +38,8 @@ from pager.core.state import (
     ZeroFill,
 )
 from pager.engine.cloop import CLoopMixin
-from pager.engine.evict import Evictor, FarMemMixin
+from pager.engine.dirty import FarMemMixin
+from pager.engine.evict import Evictor
 from pager.engine.install import Installer
 from pager.engine.prefetch import WorkingSetMixin
 from pager.engine.readahead import ReadaheadMixin
@@ -109,6 +110,7 @@ class ClientPager(CLoopMixin, ReadaheadMixin, FarMemMixin, WorkingSetMixin):
         self.evictor: Evictor | None = None
         self._write_miss = False
         self.c_farmem: FaultLoop | None = None  # the C loop, for the evictor's in-flight ranges
+        self.c_wp_later: list[int] = []  # units C un-protected, taken by the evictor too early
         if state.farmem is not None:
             from pager.uffd.install import COPY_MODE_WP
             self.installer.mode = COPY_MODE_WP
@@ -381,7 +383,7 @@ class ClientPager(CLoopMixin, ReadaheadMixin, FarMemMixin, WorkingSetMixin):
 
     def _fm_serve(self, action: Action, addr: int, lane: Lane,
                   t0: int) -> tuple[int, int] | None:
-        """``_serve`` for a client under a resident limit (see ``pager.engine.evict``)."""
+        """``_serve`` for a client under a resident limit (see ``pager.engine.dirty``)."""
         if type(action) is Unprotect:
             self._fm_write(addr)
             self.stats.served_unprotect += 1

@@ -45,10 +45,13 @@ class CLoopMixin:
             cl.set_watch(min(ra.max_streams, MAX_WATCH))
         self._cl = cl
         if self.state.farmem is not None:
-            # C serves missing faults, write-protected and within the room under the limit;
-            # write-protect faults and the units the evictor works on are Python's
+            # C serves missing faults, write-protected and within the room under the limit,
+            # and write-protect faults (marked dirty at the next fold); faults on the units the
+            # evictor works on are Python's
             cl.set_farmem()
-            self.c_farmem = cl
+            with self.fm_lock:  # a batch already in progress: its units are not C's
+                cl.set_victims(self.evictor.batch)
+                self.c_farmem = cl
         return cl
 
     def _c_prepare(self: ClientPager, cl: FaultLoop, lane: Lane) -> bool:
@@ -107,6 +110,12 @@ class CLoopMixin:
             with self.fm_lock:
                 for start in dirty:  # installed writable for a write fault: dirty at once
                     fm.on_write(start, fm.units[start].length if start in fm.units else fm.unit)
+                # un-protected by C for a write (after the residency above: C may have
+                # installed the unit in this call); units not resident are older than an
+                # eviction
+                later, self.c_wp_later = self.c_wp_later, []
+                for start in later + cl.take_wp_dirty():
+                    fm.written(start)
                 excess = fm.excess()
             if excess > 0:
                 self.evictor.kick()
@@ -117,7 +126,9 @@ class CLoopMixin:
         for name, v in counters.items():
             if v:
                 setattr(st, name, getattr(st, name) + v)
-        st.c_faults += counters["served_fetch"] + counters["served_dup"]
+        st.c_faults += counters["served_fetch"] + counters["served_dup"] + counters["wp_dirty"]
+        st.served_unprotect += counters["wp_dirty"]
+        st.c_wp_dirty += counters["wp_dirty"]
         lb = st.latency_buckets
         for i, v in enumerate(buckets):
             if v:

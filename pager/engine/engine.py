@@ -13,7 +13,7 @@ from pager.core.readahead import NEVER, Readahead
 from pager.core.region import PAGE_SIZE, Region, RegionTable
 from pager.core.state import ClientState
 from pager.engine.client import ClientPager
-from pager.engine.evict import (
+from pager.engine.dirty import (
     check_far_memory,
     check_writable,
     rebuild_residency,

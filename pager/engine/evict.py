@@ -1,4 +1,4 @@
-"""Far memory for a client: its evictor thread, and the fault thread's side of dirty tracking.
+"""Far memory for a client: its evictor thread (the fault thread's side: ``pager.engine.dirty``).
 
 A client served with a resident limit (``serve --max-resident``) has guest RAM on a shared memfd
 that the pager can read and punch; its regions are registered with write-protect mode, every
@@ -7,11 +7,18 @@ bits and the replacement policy. All of it is guarded by the client's ``fm_lock`
 Condition: the fault thread waits on it for room, the evictor notifies after each batch).
 
 The evictor (its own thread and its own store lanes: a fault never queues behind write-back)
-wakes when the resident bytes pass the high watermark and evicts batches down to the low one;
-the stores of a batch's runs go to ``DEPTH`` store workers (several in flight), and each run
-goes on to steps 3-5 as soon as its own acks are in. The C fault loop serves missing faults of
-the client too (``pager.engine.cloop``): before its punch the evictor publishes the run's range
-to the loop, which then leaves faults there to Python, and clears it after the wake.
+wakes when the resident bytes pass the high watermark and evicts batches down to the low one.
+A batch's I/O runs in C, one call per step for the whole batch (``pager.uffd.evictio``): its
+dirty stretches are read and stored pipelined on the evictor's own connection, then the acked
+runs and the clean ones are punched, forgotten and woken. Runs C could not write back (no C
+path to the node, the connection failed) go to ``DEPTH`` Python store workers, which retry
+until acked, and each of those runs goes on to steps 3-5 after its own acks.
+
+The C fault loop serves missing and write-protect faults of the client (``pager.engine.cloop``,
+``csrc/farmem.c``): before the evictor write-protects a batch it publishes the batch's units to
+the loop, which from then on leaves faults there to Python, and takes the units the loop
+un-protected before (dirty, whatever they were when picked); the batch is cleared after its
+last wake.
 Each victim goes through, in this order:
 
 1. write-protect it in the guest's mm (from here on a write blocks in a WP fault, which the
@@ -38,17 +45,15 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import TYPE_CHECKING
 
 from pager.core.farmem import FarMemory, Victim
-from pager.core.region import Region
-from pager.core.state import Fetch
-from pager.errors import ConfigError, HandoffError
 from pager.uffd.errors import UffdError
+from pager.uffd.evictio import BatchIO
+from pager.uffd.faultloop import MAX_VICTIMS
 from pager.uffd.mman import data_ranges, punch_hole
 from transport.errors import TransportError
 
 if TYPE_CHECKING:
     from pager.engine.client import ClientPager
-    from pager.source import Lane, PageSource
-    from pager.uffd.binding import Userfaultfd
+    from pager.source import Lane
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +63,23 @@ DEPTH = 4  # write-backs in flight (store workers, each with its own lane)
 
 def _dirty(run: list[tuple[Victim, int, str | None]]) -> bool:
     return any(v.dirty for v, _, _ in run)
+
+
+def _length(run: list[tuple[Victim, int, str | None]]) -> int:
+    return run[-1][0].start + run[-1][0].length - run[0][0].start
+
+
+def _stretches(run: list[tuple[Victim, int, str | None]]) -> list[tuple[int, int]]:
+    """``(memfd offset, length)`` of each stretch of adjacent dirty victims of a run."""
+    out: list[tuple[int, int]] = []
+    for v, off, _ in run:
+        if not v.dirty:
+            continue
+        if out and out[-1][0] + out[-1][1] == off:
+            out[-1] = (out[-1][0], out[-1][1] + v.length)
+        else:
+            out.append((off, v.length))
+    return out
 
 
 class Evictor:
@@ -72,6 +94,11 @@ class Evictor:
         self._local = threading.local()  # a store worker's lane
         self._lanes: list[Lane] = []
         self._lanes_lock = threading.Lock()
+        self.batch: list[int] = []  # the units of the batch in progress (under fm_lock)
+        self._c_lane_: Lane | None = None
+        # a batch's I/O in C: needs the C loop (it keeps faults off the batch's units)
+        self._io = (BatchIO(2 * self._max_run, MAX_VICTIMS)
+                    if client.engine.c_loop else None)
         self._thread = threading.Thread(target=self._run, name=f"evict-{client.name}",
                                         daemon=True)
 
@@ -119,26 +146,81 @@ class Evictor:
 
     def _batch(self, pool: ThreadPoolExecutor, want: int) -> int:
         """Evict up to ``want`` bytes; the bytes evicted (0: nothing could be). Victims
-        adjacent in the guest and in the memfd go as one run: one write-protect, one store per
-        dirty stretch, one punch, one wake. The runs' stores go to ``pool`` (``DEPTH`` in
-        flight, each on its worker's lane); each run is punched and woken after its own acks,
-        never before."""
+        adjacent in the guest and in the memfd go as one run (one write-protect, one store per
+        dirty stretch, one punch, one wake); each step is one C call for the batch where it
+        can be, and no run is punched before its acks. Runs C could not store go to ``pool``
+        (``DEPTH`` in flight, each on its worker's lane, retried until acked)."""
         c, fm = self.client, self.fm
         t0 = time.perf_counter_ns()
         with c.fm_lock:
             victims, reprotect = fm.pick(want)
-            for start, length in reprotect:
-                try:
-                    c.uffd.writeprotect(start, length, protect=True)
-                    c.stats.reprotects += 1
-                except UffdError:
-                    fm.installed(start, length, known=False)  # protection not known to hold
+            for v in victims[MAX_VICTIMS:]:  # more than the C loop can be told of: later
+                fm.abort(v, dirty=False)
+            del victims[MAX_VICTIMS:]
+            self._reprotect(reprotect)
+            # the C loop resolves write faults: tell it the batch first (it leaves write faults
+            # there to Python from now on), write-protect, then take what it un-protected
+            # before: those units are dirty, whatever they were when picked
+            self.batch = sorted(v.start for v in victims)
+            cl = c.c_farmem
+            if cl is not None:
+                cl.set_victims(self.batch)
             runs = self._protect(victims)
-        done = 0
-        pending = {pool.submit(self._store_run, run): run for run in runs if _dirty(run)}
-        for run in runs:  # clean runs: the node holds them, nothing to wait for
-            if not _dirty(run):
-                done += self._finish_run(run, True)
+            if cl is not None:
+                # a unit C installed and its residency not folded yet: the fold marks it
+                c.c_wp_later += [s for s in cl.take_wp_dirty() if not fm.written(s)]
+                runs = [[(self._current(v), off, space) for v, off, space in run]
+                        for run in runs]
+        try:
+            return self._write_runs(pool, runs, victims, t0)
+        finally:
+            with c.fm_lock:
+                self.batch = []
+                if c.c_farmem is not None:  # (made during this batch, by the fault thread)
+                    c.c_farmem.set_victims(())
+
+    def _reprotect(self, units: list[tuple[int, int]]) -> None:
+        """Holding ``fm_lock``: write-protect the CLOCK's sampled dirty units again."""
+        bad = self._write_protect(units)
+        self.client.stats.reprotects += len(units) - len(bad)
+        for i in bad:
+            self.fm.installed(*units[i], known=False)  # protection not known to hold
+
+    def _write_protect(self, ranges: list[tuple[int, int]]) -> set[int]:
+        """Write-protect each ``(address, length)`` in the guest's mm (one C call per
+        ``MAX_VICTIMS``); the indexes of those that failed (a layout event pending: EAGAIN,
+        unmapped meanwhile)."""
+        u = self.client.uffd
+        bad: set[int] = set()
+        if self._io is not None:
+            step = self._io.max_runs
+            for k in range(0, len(ranges), step):
+                bad.update(k + i for i in self._io.protect(u.fileno(), ranges[k:k + step]))
+            return bad
+        for i, (start, length) in enumerate(ranges):
+            try:
+                u.writeprotect(start, length, protect=True)
+            except UffdError:
+                bad.add(i)
+        return bad
+
+    def _current(self, v: Victim) -> Victim:
+        """``v`` dirty if the state says so now (holding ``fm_lock``)."""
+        u = self.fm.units.get(v.start)
+        return Victim(v.start, v.length, True) if u is not None and u.dirty else v
+
+    def _write_runs(self, pool: ThreadPoolExecutor,
+                    runs: list[list[tuple[Victim, int, str | None]]], victims: list[Victim],
+                    t0: int) -> int:
+        """The write-protected runs of a batch stored, punched and woken (see ``_batch``)."""
+        c = self.client
+        dirty = [run for run in runs if _dirty(run)]
+        # clean runs: the node holds them, nothing to wait for; dirty ones written back in C
+        # (one call for the batch), those it could not go to the store workers (retrying)
+        failed = self._c_store(dirty)
+        done = self._drop_runs([run for run in runs if not _dirty(run)]
+                               + [run for run in dirty if id(run) not in failed])
+        pending = {pool.submit(self._store_run, run): run for run in dirty if id(run) in failed}
         for fut in as_completed(pending):
             done += self._finish_run(pending[fut], fut.result())
         # nothing could be evicted (a layout event pending makes UFFDIO_WRITEPROTECT fail
@@ -169,38 +251,70 @@ class Evictor:
                 runs[-1].append(item)
             else:
                 runs.append([item])
-        out = []
+        bad = self._write_protect([(run[0][0].start, _length(run)) for run in runs])
+        for i in bad:  # a layout event pending (EAGAIN), unmapped meanwhile: not now
+            log.debug("%s: cannot evict %#x now", c.name, runs[i][0][0].start)
+            for v, _, _ in runs[i]:
+                fm.abort(v, dirty=False)
+        return [run for i, run in enumerate(runs) if i not in bad]
+
+    def _c_store(self, runs: list[list[tuple[Victim, int, str | None]]]) -> set[int]:
+        """Write back the dirty stretches of ``runs`` from C, one connection per space: the
+        ids of the runs not acked (the store workers retry them)."""
+        c = self.client
+        by_space: dict[str | None, list[list[tuple[Victim, int, str | None]]]] = {}
         for run in runs:
-            first, last = run[0][0], run[-1][0]
-            try:
-                c.uffd.writeprotect(first.start, last.start + last.length - first.start)
-                out.append(run)
-            except UffdError as exc:  # a layout event pending (EAGAIN), unmapped meanwhile
-                log.debug("%s: cannot evict %#x now: %s", c.name, first.start, exc)
-                for v, _, _ in run:
-                    fm.abort(v, dirty=False)
-        return out
+            by_space.setdefault(run[0][2], []).append(run)
+        failed: set[int] = set()
+        for space, group in by_space.items():
+            stretches = [(off, off, n) for run in group for off, n in self._stored(run)]
+            ep = None
+            if (self._io is not None and len(stretches) <= self._io.max_runs
+                    and sum(n for _, _, n in stretches) <= self._io.max_bytes):
+                try:
+                    ep = self._c_lane().c_endpoint(space)
+                except (TransportError, OSError) as exc:
+                    log.debug("%s: write-back from C waits for the node: %s", c.name, exc)
+            if ep is None or ep[1] == "raw":
+                failed.update(id(run) for run in group)
+                continue
+            rc = self._io.write_back(c.memfd, ep[0], ep[2], stretches,
+                                     ep[3] if len(ep) > 3 else None)
+            if rc < 0:
+                with self._lanes_lock:
+                    c.stats.store_errors += 1
+                log.debug("%s: write-back from C failed (%s); the store workers retry",
+                          c.name, os.strerror(-rc))
+                self._c_lane().c_failed(ep[0], -rc)
+                failed.update(id(run) for run in group)
+                continue
+            with self._lanes_lock:
+                n = sum(n for _, _, n in stretches)
+                c.stats.written_back_bytes += n
+                c.stats.c_written_back_bytes += n
+        return failed
+
+    def _c_lane(self) -> Lane:
+        """The evictor's own lane for write-back from C (opened on first use)."""
+        if self._c_lane_ is None:
+            self._c_lane_ = self.client.engine.source.open_lane(bulk=True)
+            with self._lanes_lock:
+                self._lanes.append(self._c_lane_)
+        return self._c_lane_
 
     def _store_run(self, run: list[tuple[Victim, int, str | None]]) -> bool:
         """A store worker: write back the dirty stretches of one write-protected run (one
         pread, one store each); False if the client closed first."""
         lane = self._local.lane
         space = run[0][2]
-        i = 0
-        while i < len(run):
-            if not run[i][0].dirty:
-                i += 1
-                continue
-            j = i
-            while j + 1 < len(run) and run[j + 1][0].dirty:
-                j += 1
-            off = run[i][1]
-            n = run[j][1] + run[j][0].length - off
-            for p_off, p_n in self._pieces(off, n, space):
-                if not self._write_back(lane, memoryview(bytearray(p_n)), p_off, space):
-                    return False
-            i = j + 1
+        for off, n in self._stored(run):
+            if not self._write_back(lane, memoryview(bytearray(n)), off, space):
+                return False
         return True
+
+    def _stored(self, run: list[tuple[Victim, int, str | None]]) -> list[tuple[int, int]]:
+        """``(memfd offset, length)`` to store of a run: its dirty stretches (`_pieces`)."""
+        return [p for off, n in _stretches(run) for p in self._pieces(off, n, run[0][2])]
 
     def _pieces(self, off: int, n: int, space: str | None) -> list[tuple[int, int]]:
         """What of ``[off, off+n)`` of the memfd to store: its pages present, and the holes a
@@ -227,6 +341,7 @@ class Evictor:
                 c.stats.holes_kept += 1
         return [(s, e - s) for s, e in merged]
 
+
     def _finish_run(self, run: list[tuple[Victim, int, str | None]], stored: bool) -> int:
         """After the run's acks (``stored``): punch, forget, wake; else keep it resident."""
         c, fm = self.client, self.fm
@@ -250,22 +365,60 @@ class Evictor:
             if slot is not None:
                 cl.evicted(slot)  # after the wake: C may serve that range again
 
+    def _drop_runs(self, runs: list[list[tuple[Victim, int, str | None]]]) -> int:
+        """Punch stored (or clean) runs, forget them, wake their waiters: one call each for
+        the batch (the C loop leaves faults in them to Python until the batch ends)."""
+        c = self.client
+        if not runs:
+            return 0
+        if self._io is None:
+            return sum(self._drop_run(run, _length(run), run[0][2]) for run in runs)
+        spans = [(run[0][0].start, _length(run)) for run in runs]
+        for k in range(0, len(runs), self._io.max_runs):
+            self._io.punch(c.memfd, [(run[0][1], n) for run, (_, n)
+                                     in zip(runs[k:k + self._io.max_runs],
+                                            spans[k:k + self._io.max_runs], strict=True)])
+        stored_ranges = []
+        with c.fm_lock:
+            for run, (start, length) in zip(runs, spans, strict=True):
+                if self._forget(run, start, length):
+                    stored_ranges.append((start, start + length))
+            c.fm_lock.notify_all()
+        for k in range(0, len(spans), self._io.max_runs):
+            self._io.wake(c.uffd.fileno(), spans[k:k + self._io.max_runs])
+        if c.on_layout is not None:  # a restarted pager replays them after REMOVEs
+            for start, end in stored_ranges:
+                c.on_layout("stored", start, end)
+        st = c.stats
+        st.evictions += sum(len(run) for run in runs)
+        st.evicted_bytes += sum(n for _, n in spans)
+        st.clean_drops += sum(1 for run in runs for v, _, _ in run if not v.dirty)
+        return sum(n for _, n in spans)
+
+    def _forget(self, run: list[tuple[Victim, int, str | None]], start: int,
+                length: int) -> bool:
+        """Holding ``fm_lock``: a punched run is not resident; True if part of it had been
+        REMOVE'd and is on the node now (fetched again, not zero)."""
+        c, fm = self.client, self.fm
+        removed = c.state.removed.get(run[0][2])
+        stored = False
+        for v, off, _ in run:
+            fm.evicted(v)
+            if v.dirty and removed is not None and removed.overlaps(off, off + v.length):
+                stored = True
+        c.state.resident.discard(start, start + length)
+        if stored:
+            c.state.on_stored(start, start + length)
+        return stored
+
     def _drop_run(self, run: list[tuple[Victim, int, str | None]], length: int,
                   space: str | None) -> int:
         """Punch a stored (or clean) run, forget it, wake its waiters."""
-        c, fm = self.client, self.fm
+        c = self.client
         first, off0, _ = run[0]
         punch_hole(c.memfd, off0, length)
-        stored = False
         with c.fm_lock:
-            removed = c.state.removed.get(space)
-            for v, off, _ in run:
-                fm.evicted(v)
-                if v.dirty and removed is not None and removed.overlaps(off, off + v.length):
-                    stored = True  # on the node now: fetch it again, not zero
-            c.state.resident.discard(first.start, first.start + length)
-            if stored:
-                c.state.on_stored(first.start, first.start + length)
+            stored = self._forget(run, first.start, length)
             c.fm_lock.notify_all()
         try:
             c.uffd.wake(first.start, length)
@@ -308,152 +461,3 @@ class Evictor:
                                 "dropped before the node acks it", c.name, off, exc)
                 c._stop.wait(delay)
                 delay = min(delay * 2, 1.0)
-
-
-class FarMemMixin:
-    """The fault thread's side of far memory, part of ``ClientPager``."""
-
-    def _fm_unit(self: ClientPager, addr: int) -> tuple[int, int] | None:
-        r = self.state.regions.find(addr)
-        return None if r is None else r.chunk(addr, self.engine.chunk_size)
-
-    def _fm_fetch(self: ClientPager, f: Fetch, lane: Lane | None, zero: bool = False) -> bool:
-        """A missing fault's unit fetched (or zero filled) and installed, write-protected; False
-        if it is being evicted (the evictor's wake makes the thread fault again)."""
-        fm = self.state.farmem
-        assert fm is not None
-        unit = self._fm_unit(f.start)
-        key = f.start if unit is None else unit[0]
-        with self.fm_lock:
-            if not fm.begin_fetch(key):
-                self.stats.evict_waits += 1
-                return False
-            self._fm_room(fm, f.length)
-        # a write fault: install the unit writable and dirty at once (saves the WP fault
-        # that would follow); it is not picked before end_fetch, so nothing sees it clean
-        write, self._write_miss = self._write_miss, False
-        mode = self.installer.mode
-        if write:
-            self.installer.mode = 0
-        try:
-            if zero:
-                self.installer.install(f.start, f.length, None, 0, (), f.region.page_size)
-            else:
-                self._fetch_and_install(f, lane)
-        finally:
-            self.installer.mode = mode
-            with self.fm_lock:
-                if write and key in fm.units:
-                    fm.on_write(key, unit[1] if unit else f.length)
-                fm.end_fetch(key)
-        if fm.excess() > 0:
-            self.evictor.kick()
-        return True
-
-    def _fm_room(self: ClientPager, fm: FarMemory, length: int) -> None:
-        """Holding ``fm_lock``: wait until ``length`` more bytes fit under the limit (the
-        evictor ran behind); past ``fetch_timeout`` go on, over the limit, and say so."""
-        if not fm.full(length):
-            return
-        self.stats.full_waits += 1
-        deadline = time.monotonic() + self.engine.fetch_timeout
-        while fm.full(length) and not self._stop.is_set():
-            self.evictor.kick()
-            if self.evictor.stalled:  # events to read first: serve this one over the limit
-                return
-            if time.monotonic() > deadline or not self.evictor._thread.is_alive():
-                log.warning("%s: the evictor is behind (%d of %d bytes resident); serving "
-                            "over the limit", self.name, fm.bytes, fm.limit)
-                return
-            self.fm_lock.wait(0.05)
-
-    def _fm_write(self: ClientPager, addr: int) -> None:
-        """A write-protect fault: mark the unit dirty and clear the protection, unless it is
-        being evicted or no longer resident (then the wake / a missing fault serves it)."""
-        fm = self.state.farmem
-        assert fm is not None
-        unit = self._fm_unit(addr)
-        if unit is None:
-            return
-        start, length = unit
-        with self.fm_lock:
-            if self.state.resident.find(addr) is None:
-                self.stats.wp_stale += 1
-                self.uffd.wake(start, length)  # a fault from before an eviction: fault again
-                return
-            if not fm.on_write(start, length):
-                self.stats.evict_waits += 1
-                return
-            self.uffd.writeprotect(start, length, protect=False)
-        self.stats.wp_dirty += 1
-
-
-def check_writable(source: PageSource) -> None:
-    """Far memory writes dirty pages back: the source must take stores (a memory node)."""
-    from pager.source import Lane
-    lane = source.open_lane()
-    try:
-        if type(lane).store_from is Lane.store_from:
-            raise ConfigError(f"a resident limit needs a source that takes write-backs; "
-                              f"{source.describe()} is read-only: serve from a memory node "
-                              "(--memnode HOST:PORT)")
-    finally:
-        lane.close()
-
-
-def check_far_memory(regions: list[Region], memfd: int | None) -> None:
-    """A client under a resident limit must hand over the memfd behind all of its RAM (each
-    region's offset is its offset in that memfd, as the QEMU shim sends it)."""
-    if memfd is None or not all(r.memfd for r in regions):
-        raise HandoffError(
-            "this pager keeps guests under a resident limit (--max-resident / "
-            "--pager-max-resident), which needs guest RAM on a shared memfd handed over in the "
-            "handshake (the pager reads and punches evicted pages there); this client's memory "
-            "is anonymous (Firecracker today): serve it from a pager without a limit, or run "
-            "the guest through `ssi-pager vm` (QEMU on a shared memfd)")
-
-
-def register_wp(u: Userfaultfd, regions: list[Region]) -> None:
-    """Register the client's regions again, with write-protect mode added (dirty tracking);
-    the uffd's mm is the client's, so this works from the pager."""
-    for r in regions:
-        try:
-            u.register(r.base, r.size, missing=True, wp=True, page_size=r.page_size)
-        except UffdError as exc:
-            raise HandoffError(f"cannot track dirty pages of region {r.base:#x}+{r.size:#x} "
-                               f"(write-protect mode refused: {exc}); a resident limit needs "
-                               "a kernel with userfaultfd write-protect on shmem "
-                               "(CONFIG_PTE_MARKER_UFFD_WP, Linux 6.1+)") from exc
-
-
-def rebuild_residency(client: ClientPager) -> int:
-    """A (restarted) pager adopting a far-memory client: what the memfd holds is resident, and
-    dirty (nothing proves the node has that copy). A unit found only partly there (the previous
-    pager was killed inside the copy that installed it) has its missing pages installed from the
-    node now: written back later as a whole, they would otherwise go as zeros over the node's
-    copy. Returns the bytes found."""
-    fm = client.state.farmem
-    assert fm is not None and client.memfd is not None
-    found = 0
-    cs = client.engine.chunk_size
-    partial: dict[int, tuple[Region, int, int]] = {}  # unit start -> (region, length, bytes)
-    for r in client.state.regions:
-        for off, n in data_ranges(client.memfd, r.offset + r.size, r.offset):
-            a, end = r.addr_of(off), r.addr_of(off + n)
-            client.state.resident.add(a, end)
-            while a < end:
-                start, length = r.chunk(a, cs)
-                fm.installed(start, length, known=False)
-                got = min(end, start + length) - a
-                _, _, had = partial.get(start, (r, length, 0))
-                partial[start] = (r, length, had + got)
-                found += got
-                a = start + length
-    holes = [(r, start, length) for start, (r, length, got) in partial.items() if got < length]
-    if holes:
-        with client.engine.source.open_lane(bulk=True) as lane:
-            for r, start, length in holes:
-                client._fetch_and_install(client.state.fetch_of(r, start, length), lane)
-        log.info("%s: %d units were partly in the memfd; their other pages were installed "
-                 "from the node", client.name, len(holes))
-    return found

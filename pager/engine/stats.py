@@ -17,7 +17,8 @@ copied_bytes       bytes installed with UFFDIO_COPY
 zero_pages         pages installed with UFFDIO_ZEROPAGE (never written, or removed)
 served_unprotect   write-protect faults resolved by clearing the protection (no dirty tracking)
 served_continue    minor faults resolved with UFFDIO_CONTINUE
-written_back_bytes bytes of dirty pages written back to the node by the evictor (far memory)
+written_back_bytes bytes of dirty pages written back to the node by the evictor (far memory);
+                   ``c_written_back_bytes`` of them in C (a batch at once)
 evictions          units evicted (``evicted_bytes``); ``clean_drops`` of them clean, dropped
                    without a transfer; ``evict_latency_sum_us`` / ``evict_latency_count``: time
                    per evicted unit (write-protect .. wake, averaged over its batch)
@@ -43,7 +44,8 @@ prefetch_bytes     bytes a working-set replay installed ahead of faults
 prefetch_wasted    replay bytes dropped (layout changed, client gone, install failed)
 ws_recorded_pages  pages of working sets recorded (stored on the memory node)
 inflight           chunks being fetched right now (gauge)
-c_faults           faults served by the C loop (also counted in ``faults`` and ``served_*``)
+c_faults           faults served by the C loop (also counted in ``faults`` and ``served_*``);
+                   ``c_wp_dirty`` of them write-protect faults (also in ``wp_dirty``)
 ================== ========================================================================
 """
 
@@ -92,6 +94,8 @@ class EngineStats:
     ws_recorded_pages: int = 0
     inflight: int = 0
     c_faults: int = 0
+    c_wp_dirty: int = 0
+    c_written_back_bytes: int = 0
     evictions: int = 0
     evicted_bytes: int = 0
     clean_drops: int = 0

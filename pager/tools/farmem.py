@@ -3,8 +3,11 @@
 The workload is C (``pager.uffd.rmw``): ``--threads`` threads doing random reads and
 read-modify-writes (``--write-pct``), uniform or skewed (90% of the operations on 20% of the
 pages), over a working set of 1x, 2x and 4x the limit (``--limit``), each value checked
-against a model. Each case runs in a child process, which first touches every page once
-(warm-up) and then times ``--ops`` operations per thread, under:
+against a model. A page holds two words and zeros, which zram compresses to almost nothing;
+``--fill`` makes writes fill the rest of each page with pseudo-random data from the page and
+its counter (checked as well), as real guest memory does not compress so. Each case runs in
+a child process, which first touches every page once (warm-up) and then times ``--ops``
+operations per thread, under:
 
 - ``resident``: anonymous memory, no limit (the ceiling);
 - ``ssi-pager``: memory on a shared memfd handed to ``ssi-pager serve --max-resident LIMIT``
@@ -54,6 +57,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--write-pct", type=int, default=50)
     parser.add_argument("--chunk", type=parse_size, default=4096,
                         help="pager chunk (fetch and eviction unit; default 4K)")
+    parser.add_argument("--fill", action="store_true",
+                        help="writes fill the rest of each page with pseudo-random data (checked)"
+                             " instead of zeros: memory that does not compress to nothing")
     parser.add_argument("--only", default="", help="run only cases whose name contains this")
     parser.add_argument("--no-zram", action="store_true", help="skip the kernel swap cases")
     # the workload child (internal)
@@ -94,7 +100,7 @@ def child(args: argparse.Namespace) -> int:
         mem = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         _keep, base = address_of(mem)
     npages = size // PAGE
-    w = Rmw(base, npages, threads=args.threads, write_pct=100, hot_ops=0)
+    w = Rmw(base, npages, threads=args.threads, write_pct=100, hot_ops=0, fill=args.fill)
     w.run(ops=max(1, npages // args.threads))  # warm-up: (almost) every page written once
     w.set_mix(write_pct=args.write_pct, hot_ops=args.hot_ops)
     t0 = time.perf_counter()
@@ -110,6 +116,8 @@ def _run_child(mode: str, size: int, hot_ops: int, args: argparse.Namespace, *,
     cmd = [sys.executable, "-m", "pager.cli", "bench", "farmem", "--child", mode,
            "--bytes", str(size), "--hot-ops", str(hot_ops), "--threads", str(args.threads),
            "--ops", str(args.ops), "--write-pct", str(args.write_pct)]
+    if args.fill:
+        cmd.append("--fill")
     if socket:
         cmd += ["--socket", socket]
     if cgroup:
@@ -234,7 +242,8 @@ def run(args: argparse.Namespace) -> int:
             if args.only and args.only not in case:
                 continue
             common = {"workload": wl, "working_set_bytes": size, "limit_bytes": args.limit,
-                      "threads": args.threads, "write_pct": args.write_pct}
+                      "threads": args.threads, "write_pct": args.write_pct,
+                      "fill": "random" if args.fill else "zeros"}
             got: dict[str, dict] = {}
             _status(f"{case}: resident")
             got["resident"] = _run_child("anon", size, hot, args)

@@ -23,7 +23,7 @@ sys.path.pop(0)
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _CSRC = os.path.join(_HERE, "csrc")
 _WIRE = os.path.normpath(os.path.join(_HERE, "..", "..", "transport", "wire"))
-_SOURCES = ["uffd.c", "mman.c", "toucher.c", "install.c", "faultloop.c", "rmw.c"]
+_SOURCES = ["uffd.c", "mman.c", "toucher.c", "install.c", "faultloop.c", "farmem.c", "rmw.c"]
 
 
 def _path(p: str) -> str:

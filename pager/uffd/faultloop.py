@@ -32,8 +32,9 @@ MAX_EVICT: int = lib.SSI_PFL_MAX_EVICT
 MAX_WATCH: int = lib.SSI_PFL_MAX_WATCH
 MAX_LANES: int = lib.SSI_PFL_MAX_LANES
 BY_EXTENT: int = lib.SSI_PFL_BY_EXTENT
+MAX_VICTIMS: int = lib.SSI_PFL_MAX_VICTIMS
 COUNTERS = ("faults", "faults_write", "served_fetch", "served_dup", "fetched_bytes",
-            "latency_sum_us", "latency_count")
+            "faults_wp", "wp_dirty", "latency_sum_us", "latency_count")
 
 
 def enabled_by_env() -> bool:
@@ -189,9 +190,12 @@ class FaultLoop:
     # -- far memory (a client under a resident limit) -------------------------------------
     def set_farmem(self) -> None:
         """Install write-protected (a write fault: writable, reported by ``take_dirty``),
-        within ``set_budget``, never in a range published with ``evicting``."""
+        within ``set_budget``, never in a range published with ``evicting``; resolve
+        write-protect faults (reported by ``take_wp_dirty``) outside ``set_victims``."""
         self._l.farmem = 1
         self._l.budget = 0
+        self._victims_buf = ffi.new("uint64_t[]", MAX_VICTIMS)
+        self._wpd_buf = ffi.new("uint64_t[]", lib.SSI_PFL_MAX_WPD)
         self._evict_free = list(range(MAX_EVICT - 1, -1, -1))
 
     def set_budget(self, nbytes: int) -> None:
@@ -205,6 +209,23 @@ class FaultLoop:
         out = list(lp.dirty[0:n]) if n else []
         lp.ndirty = 0
         return out
+
+    def set_victims(self, starts: Sequence[int]) -> None:
+        """From the evictor thread, before it write-protects a batch: the loop leaves write
+        faults in these units (sorted starts) to Python until the next call (``[]`` after the
+        batch's last wake). At most ``MAX_VICTIMS``."""
+        n = len(starts)
+        if n > MAX_VICTIMS:
+            raise ValueError(f"{n} units in one eviction batch; the C loop holds {MAX_VICTIMS}")
+        arr = self._victims_buf
+        arr[0:n] = starts
+        lib.ssi_pfl_set_victims(self._l, arr, n)
+
+    def take_wp_dirty(self) -> list[int]:
+        """Units whose protection the loop cleared for a write since the last call (dirty from
+        that write on; some may have been evicted since: ignore those)."""
+        n = lib.ssi_pfl_take_wp(self._l, self._wpd_buf, lib.SSI_PFL_MAX_WPD)
+        return ffi.unpack(self._wpd_buf, n) if n else []
 
     def evicting(self, start: int, end: int) -> int | None:
         """From the evictor thread, before the punch: the loop leaves ``[start, end)`` alone

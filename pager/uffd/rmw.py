@@ -13,11 +13,13 @@ MAX_THREADS: int = lib.SSI_RMW_MAX_THREADS
 class Rmw:
     """``threads`` threads, ``ops`` operations each over ``npages`` pages at ``base``;
     ``write_pct`` percent read-modify-writes; skew: ``hot_ops`` percent of operations on the
-    first ``hot_pages`` percent of the pages (0: uniform). The model survives runs."""
+    first ``hot_pages`` percent of the pages (0: uniform); ``fill``: writes fill the rest of
+    the page with pseudo-random data from the page and its counter (checked too; otherwise
+    pages are two words and zeros). The model survives runs."""
 
     def __init__(self, base: int, npages: int, *, page: int = 4096, threads: int = 2,
                  ops: int = 10_000, write_pct: int = 50, hot_pages: int = 20, hot_ops: int = 0,
-                 seed: int = 1) -> None:
+                 seed: int = 1, fill: bool = False) -> None:
         if not 1 <= threads <= MAX_THREADS:
             raise ValueError(f"threads must be 1..{MAX_THREADS}, got {threads}")
         self._model = ffi.new("uint64_t[]", npages)
@@ -25,6 +27,7 @@ class Rmw:
         w.base, w.npages, w.page, w.ops, w.seed = base, npages, page, ops, seed
         w.nthreads, w.write_pct, w.hot_pages, w.hot_ops = threads, write_pct, hot_pages, hot_ops
         w.model = self._model
+        w.fill = int(fill)
         w.first_bad = -1
 
     def set_mix(self, *, write_pct: int, hot_ops: int, hot_pages: int = 20) -> None:

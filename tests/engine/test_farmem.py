@@ -21,6 +21,7 @@ from pager.errors import ConfigError, HandoffError
 from pager.source import FileSource
 from pager.tools.workload import Client
 from pager.uffd import Userfaultfd
+from pager.uffd.buffers import address_of
 from pager.uffd.mman import Mapping, data_ranges, punch_hole
 from pager.uffd.rmw import Rmw
 from pager.uffd.toucher import Background
@@ -79,21 +80,42 @@ def check_run(engine: FaultEngine, g: Guest, w: Rmw, limit: int) -> None:
     assert g.client.resident_bytes <= limit
 
 
-@pytest.mark.parametrize("skewed", [False, True], ids=["uniform", "skewed"])
-def test_random_rmw_over_4x_the_limit_matches_the_model(farmem, skewed):
-    limit = 2 * MIB
-    engine, g = farmem(4 * limit, limit)
-    w = Rmw(g.map.address, g.size // PAGE, threads=2, ops=3000, write_pct=50,
-            hot_ops=90 if skewed else 0, hot_pages=20)
+@pytest.mark.parametrize(("skewed", "fill", "chunk"),
+                         [(False, False, 16384), (True, False, 16384), (False, True, 16384),
+                          (False, False, PAGE)],
+                         ids=["uniform", "skewed", "uniform-filled", "uniform-4k"])
+def test_random_rmw_over_4x_the_limit_matches_the_model(farmem, skewed, fill, chunk):
+    """(4 KiB chunks and a larger limit: the most units, and the C loop serves many between
+    two returns, so write faults, units not yet folded and the evictor's batches meet most.)"""
+    limit = 2 * MIB if chunk > PAGE else 16 * MIB
+    engine, g = farmem(4 * limit, limit, chunk)
+    w = Rmw(g.map.address, g.size // PAGE, threads=2, ops=3000 if chunk > PAGE else 30000,
+            write_pct=50, hot_ops=90 if skewed else 0, hot_pages=20, fill=fill)
     for _ in range(3):
         w.run()
         check_run(engine, g, w, limit)
     assert w.check() == 0, f"page {w.first_bad} differs from the model"
     st = engine.stats()
     assert st.evictions > 0 and st.clean_drops > 0 and st.evictions > st.clean_drops
-    assert st.written_back_bytes == (st.evictions - st.clean_drops) * 16 * 1024
+    assert st.written_back_bytes == (st.evictions - st.clean_drops) * chunk
     assert st.wp_dirty > 0 and st.failed_faults == 0
     assert st.served_fetch > 0
+    if engine.c_loop:  # (SSI_PAGER_C_LOOP=0: Python serves and writes back everything)
+        assert st.c_wp_dirty > 0  # write-protect faults resolved by the C loop
+        assert st.c_written_back_bytes > 0  # batches written back from C
+
+
+def test_filled_pages_are_checked_whole():
+    """The workload's ``fill`` data is part of the check: one changed byte is found."""
+    m = mmap.mmap(-1, 64 * PAGE)
+    keep, addr = address_of(m)
+    w = Rmw(addr, 64, threads=2, ops=2000, write_pct=100, fill=True)
+    w.run()
+    assert w.errors == 0 and w.check() == 0
+    page = next(p for p in range(64) if m[p * PAGE:p * PAGE + 8] != bytes(8))
+    m[page * PAGE + PAGE - 1] ^= 0xFF  # the last byte of a written page's fill
+    assert w.check() == 1 and w.first_bad == page
+    del keep
 
 
 def test_removed_range_written_and_evicted_is_fetched_again_not_zeroed(farmem):

@@ -13,11 +13,13 @@ import threading
 
 import pytest
 from enginekit import Memnode, Proc, run_workload, wait_or_fail, wait_until
+from test_farmem import Guest, check_run
 
 from pager.core.region import Region
 from pager.engine import FaultEngine
 from pager.source import MemnodeSource
 from pager.tools.workload import Client, DataSet
+from pager.uffd.rmw import Rmw
 from transport.tcp import TcpTransport, parse_endpoint, run
 from transport.tls import client_context, ensure_tls_dir, use_client_tls
 from transport.token import load_token
@@ -154,3 +156,41 @@ def test_tls_faults_are_served_by_both_c_lanes_and_never_in_clear(tmp_path, chun
         if probe != bytes(64):
             assert probe not in seen, off
     assert b"SSIP" not in seen
+
+
+def test_far_memory_over_tls_writes_back_from_c_through_the_session(tmp_path):
+    """A guest under a resident limit on a TLS node: the evictor's write-back from C goes
+    through the lane's TLS session (never the raw socket), every value matches the model."""
+    node_tls, pager_tls = tmp_path / "node-tls", tmp_path / "pager-tls"
+    m = Memnode(tmp_path, "127.0.0.1:0", "--tls", "--tls-dir", str(node_tls))
+    pager_tls.mkdir(mode=0o700)
+    for name in ("ca.pem", "ca.key"):
+        shutil.copy(node_tls / name, pager_tls / name)
+    use_client_tls(client_context(ensure_tls_dir(pager_tls, who="test")))
+    relay = Relay(m.endpoint)
+    engine = g = None
+    limit = 2 * MIB
+    try:
+        token = load_token(m.token_file)
+        engine = FaultEngine(MemnodeSource(relay.endpoint, token, "default"),
+                             chunk_size=16384, readahead=0, c_loop=True, max_resident=limit)
+        g = Guest(engine, 4 * limit)
+        w = Rmw(g.map.address, g.size // 4096, threads=2, ops=3000, write_pct=50, fill=True)
+        for _ in range(2):
+            w.run()
+            check_run(engine, g, w, limit)
+        assert w.check() == 0, f"page {w.first_bad} differs from the model"
+        st = engine.stats()
+        assert st.failed_faults == 0 and st.store_errors == 0, st.as_dict()
+        assert st.c_written_back_bytes > 0, st.as_dict()  # batches written back from C
+    finally:
+        use_client_tls(None)
+        if engine is not None:
+            engine.close()
+        if g is not None:
+            g.close()
+        relay.close()
+        m.proc.stop()
+    with relay.lock:
+        seen = bytes(relay.seen)
+    assert len(seen) > limit and b"SSIP" not in seen  # pages crossed, never in clear

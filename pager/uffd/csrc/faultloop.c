@@ -22,8 +22,9 @@
  * Far memory (l->farmem, a client under a resident limit): installs are write-protected, a
  * write fault's chunk is installed writable and listed in l->dirty; the loop installs at most
  * l->budget bytes (the room Python saw under the limit) and never into a range the evictor
- * thread published in evict_start/evict_end (published before its punch, cleared after its
- * wake): such faults go back to Python, as do write-protect faults.
+ * thread published in evict_start/evict_end or in its batch (farmem.c): such faults go back
+ * to Python. Write-protect faults are resolved in farmem.c (its protocol with the evictor
+ * there); those it cannot take are Python's.
  *
  * Wire: SSI_PFL_PROTO_SSIP is the memory node's FETCH/DATA (ssip_wire.h, generated from
  * transport/wire/protocol.py); the DATA reply's arg is the zero mask and only the written pages
@@ -249,17 +250,38 @@ static void ssi_pfl_observe(struct ssi_pfl *l, uint64_t t0)
     l->stats.latency_count++;
 }
 
+/* Far memory: a write-protect fault, resolved in farmem.c unless its unit is slow. */
+static int ssi_pfl_wp(struct ssi_pfl *l, const struct ssi_pfl_region *r, uint64_t addr)
+{
+    uint64_t chunk = l->chunk > r->page_size ? l->chunk : r->page_size;
+    uint64_t start = addr - (addr - r->base) % chunk;
+    uint64_t len = r->base + r->size - start;
+    if (len > chunk)
+        len = chunk;
+    if (ssi_pfl_is_slow(l, start, start + len) || !ssi_pfl_wp_fault(l, start, len))
+        return 0;
+    l->stats.faults++;
+    l->stats.faults_write++;
+    l->stats.faults_wp++;
+    l->stats.wp_dirty++;
+    return 1;
+}
+
 /* Serve events[i] if it is an ordinary fault: 1 served, 0 Python's, -errno fetch failed. */
 static int ssi_pfl_fault(struct ssi_pfl *l, int i, uint64_t t0, uint64_t *done_s,
                          uint64_t *done_e, int *ndone)
 {
     const uint64_t *w = l->events + 4 * i;
-    if (w[0] != UFFD_EVENT_PAGEFAULT
-            || (w[1] & (UFFD_PAGEFAULT_FLAG_WP | UFFD_PAGEFAULT_FLAG_MINOR)))
+    if (w[0] != UFFD_EVENT_PAGEFAULT || (w[1] & UFFD_PAGEFAULT_FLAG_MINOR)
+            || (w[1] & UFFD_PAGEFAULT_FLAG_WP && !l->farmem))
         return 0;
     uint64_t addr = w[2];
     const struct ssi_pfl_region *r = ssi_pfl_find(l, addr);
-    if (!r || r->lane == -1)
+    if (!r)
+        return 0;
+    if (w[1] & UFFD_PAGEFAULT_FLAG_WP)
+        return ssi_pfl_wp(l, r, addr);
+    if (r->lane == -1)
         return 0;
     struct ssi_pfl_stats *st = &l->stats;
     for (int k = 0; k < *ndone; k++) {
@@ -292,7 +314,7 @@ static int ssi_pfl_fault(struct ssi_pfl *l, int i, uint64_t t0, uint64_t *done_s
     uint64_t mode = 0;
     if (l->farmem) {
         if ((int64_t)len > l->budget || l->ndirty >= SSI_PFL_MAX_DIRTY
-                || ssi_pfl_is_evicting(l, start, start + len))
+                || ssi_pfl_is_evicting(l, start, start + len) || ssi_pfl_fm_busy(l, start))
             return 0;
         mode = write ? 0 : UFFDIO_COPY_MODE_WP;
     }
@@ -374,7 +396,9 @@ int ssi_pfl_run(struct ssi_pfl *l)
     for (;;) {
         if (served && (l->log.max_res - l->log.nres < worst
                        || (l->farmem && (l->budget < (int64_t)(max_events * l->chunk)
-                                         || l->ndirty + max_events > SSI_PFL_MAX_DIRTY))))
+                                         || l->ndirty + max_events > SSI_PFL_MAX_DIRTY
+                                         || __atomic_load_n(&l->nwpd, __ATOMIC_RELAXED)
+                                                + max_events > SSI_PFL_MAX_WPD))))
             return SSI_PFL_IDLE;  /* Python drains it (and evicts) and calls again */
         int n = ssi_pfl_spin(l, max_events);
         if (n == 0) {

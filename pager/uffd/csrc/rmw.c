@@ -7,7 +7,11 @@
  * exactly the model's value (a lost write-back, a stale copy or a page zeroed by mistake show
  * up at once). Reads of any page check the tag and that the counter never goes back (a
  * per-thread last-seen value) nor runs ahead of the model by more than the write in flight.
- * Skew: hot_ops percent of the operations go to the first hot_pages percent of the pages. */
+ * Skew: hot_ops percent of the operations go to the first hot_pages percent of the pages.
+ * fill: a write also fills the rest of the page with pseudo-random words derived from the page
+ * and its counter (memory that does not compress to nothing, as a guest's does not), checked
+ * where no other thread can be writing it: by its owner before each write and on its reads,
+ * and whole by ssi_rmw_check. */
 #include "ssi_uffd.h"
 
 struct ssi_rmw_arg {
@@ -22,6 +26,29 @@ static uint64_t ssi_rmw_next(uint64_t *s)
     x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
     x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
     return x ^ (x >> 31);
+}
+
+/* Word k (2 .. page/8 - 1) of page p at counter v: filled by ssi_rmw_fill. */
+static uint64_t ssi_rmw_fill_seed(uint64_t p, uint64_t v)
+{
+    return p * 0xD6E8FEB86659FD93ull ^ v;
+}
+
+static void ssi_rmw_fill(volatile uint64_t *pg, uint64_t words, uint64_t p, uint64_t v)
+{
+    uint64_t s = ssi_rmw_fill_seed(p, v);
+    for (uint64_t k = 2; k < words; k++)
+        pg[k] = ssi_rmw_next(&s);
+}
+
+/* Does the fill of page p match counter v (0: never written, nothing to check)? */
+static int ssi_rmw_fill_ok(volatile const uint64_t *pg, uint64_t words, uint64_t p, uint64_t v)
+{
+    uint64_t s = ssi_rmw_fill_seed(p, v);
+    for (uint64_t k = 2; v && k < words; k++)
+        if (pg[k] != ssi_rmw_next(&s))
+            return 0;
+    return 1;
 }
 
 static void ssi_rmw_bad(struct ssi_rmw *w, uint64_t page)
@@ -57,15 +84,20 @@ static void *ssi_rmw_thread(void *p)
                 page = (uint64_t)a->tid;
             pg = (volatile uint64_t *)(uintptr_t)(w->base + page * w->page);
             uint64_t v = pg[0], want = __atomic_load_n(&w->model[page], __ATOMIC_ACQUIRE);
-            if (v != want || pg[1] != (want ? page + 1 : 0))
+            if (v != want || pg[1] != (want ? page + 1 : 0)
+                    || (w->fill && !ssi_rmw_fill_ok(pg, w->page / 8, page, v)))
                 ssi_rmw_bad(w, page);
             pg[1] = page + 1;
+            if (w->fill)
+                ssi_rmw_fill(pg, w->page / 8, page, v + 1);
             pg[0] = v + 1;
             __atomic_store_n(&w->model[page], v + 1, __ATOMIC_RELEASE);
         } else {
             uint64_t v = pg[0], tag = pg[1];
             uint64_t m = __atomic_load_n(&w->model[page], __ATOMIC_ACQUIRE);
-            if (v < a->seen[page] || v > m + 1 || tag != (v ? page + 1 : tag))
+            if (v < a->seen[page] || v > m + 1 || tag != (v ? page + 1 : tag)
+                    || (w->fill && page % (uint64_t)nt == (uint64_t)a->tid
+                        && !ssi_rmw_fill_ok(pg, w->page / 8, page, v)))
                 ssi_rmw_bad(w, page);
             a->seen[page] = v;
             w->checksum += v;
@@ -111,7 +143,8 @@ uint64_t ssi_rmw_check(struct ssi_rmw *w)
     uint64_t bad = 0;
     for (uint64_t p = 0; p < w->npages; p++) {
         volatile uint64_t *pg = (volatile uint64_t *)(uintptr_t)(w->base + p * w->page);
-        if (pg[0] != w->model[p] || pg[1] != (w->model[p] ? p + 1 : 0)) {
+        if (pg[0] != w->model[p] || pg[1] != (w->model[p] ? p + 1 : 0)
+                || (w->fill && !ssi_rmw_fill_ok(pg, w->page / 8, p, w->model[p]))) {
             if (!bad)
                 w->first_bad = (int64_t)p;
             bad++;

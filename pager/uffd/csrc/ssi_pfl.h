@@ -12,6 +12,8 @@
 #define SSI_PFL_MAX_FETCH (2u << 20)  /* largest fetch C serves (a 2 MiB page); more: Python */
 #define SSI_PFL_MAX_EVICT 64
 #define SSI_PFL_MAX_DIRTY 256
+#define SSI_PFL_MAX_VICTIMS 1024  /* units of one eviction batch (write faults there: Python) */
+#define SSI_PFL_MAX_WPD 4096     /* units C un-protected for a write, not yet taken */
 #define SSI_PFL_MAX_WATCH 16
 #define SSI_PFL_MAX_LANES 64
 #define SSI_PFL_BY_EXTENT (-2)  /* a region's lane: each extent's own, in its ext[] table */
@@ -50,6 +52,8 @@ struct ssi_pfl_stats {
     uint64_t served_fetch;
     uint64_t served_dup;
     uint64_t fetched_bytes;
+    uint64_t faults_wp;                 /* far memory: write-protect faults read, and those */
+    uint64_t wp_dirty;                  /* C resolved (unit dirty, protection cleared) */
     uint64_t latency_sum_us;
     uint64_t latency_count;
     uint64_t latency_buckets[SSI_PFL_NBUCKETS];
@@ -100,6 +104,15 @@ struct ssi_pfl {
     uint64_t evict_end[SSI_PFL_MAX_EVICT];
     int ndirty;                         /* chunks installed writable for a write fault */
     uint64_t dirty[SSI_PFL_MAX_DIRTY];
+    /* write-protect faults served by C (farmem.c), under fm_lock (a spin lock shared with the
+       evictor thread): the units of the evictor's batch (sorted starts, published before it
+       write-protects them, cleared after its last wake) are never un-protected by C; every
+       unit C un-protects is listed in wpd until Python takes it (dirty from then on) */
+    int fm_lock;
+    int nvictims;
+    uint64_t victims[SSI_PFL_MAX_VICTIMS];
+    int nwpd;
+    uint64_t wpd[SSI_PFL_MAX_WPD];
     /* sequential streams (readahead on: nwatch > 0): the chunk after each of the last nwatch
        chunks the loop served; a fault there is Python's (its stream detector decides) */
     int nwatch;
@@ -108,5 +121,23 @@ struct ssi_pfl {
 };
 
 int ssi_pfl_run(struct ssi_pfl *l);
+int ssi_pfl_wp_fault(struct ssi_pfl *l, uint64_t start, uint64_t len);
+int ssi_pfl_set_victims(struct ssi_pfl *l, const uint64_t *starts, int n);
+int ssi_pfl_take_wp(struct ssi_pfl *l, uint64_t *out, int max);
+int ssi_pfl_fm_busy(struct ssi_pfl *l, uint64_t start);
+
+/* ---- far memory's batch I/O (farmem.c) ---- */
+/* one dirty stretch of an eviction batch: len bytes at memfd offset off, stored at gpa */
+struct ssi_fm_store {
+    uint64_t off;
+    uint64_t gpa;
+    uint64_t len;
+};
+int ssi_fm_write_back(int memfd, int sock, void *ssl, uint32_t space,
+                      struct ssi_fm_store *st, int n, uint8_t *buf, uint64_t buf_size,
+                      uint32_t *req, int timeout_ms);
+int ssi_fm_punch(int memfd, const uint64_t *offs, const uint64_t *lens, int n, int *failed);
+int ssi_fm_wake(int uffd, const uint64_t *addrs, const uint64_t *lens, int n);
+int ssi_fm_protect(int uffd, const uint64_t *addrs, const uint64_t *lens, int n, int *err);
 
 #endif /* SSI_PFL_H */

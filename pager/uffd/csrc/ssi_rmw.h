@@ -21,6 +21,7 @@ struct ssi_rmw {
     uint64_t errors;
     int64_t first_bad;
     uint64_t checksum;
+    int fill;                           /* writes fill the page (rmw.c) */
 };
 int ssi_rmw_run(struct ssi_rmw *w);
 uint64_t ssi_rmw_check(struct ssi_rmw *w);
