@@ -4,6 +4,7 @@ imported as `conftest`, so tests must not import from it)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pager.source import MemnodeSource
 from pager.tools.child import Child
@@ -41,9 +42,10 @@ class Memnode:
         self.proc.stop()
         self.start(self.endpoint)
 
-    def source(self, space: str = "default") -> MemnodeSource:
+    def source(self, space: str = "default", **kw: Any) -> MemnodeSource:
+        """A source on this node (``kw``: MemnodeSource's options, e.g. ``compress=()``)."""
         from transport.token import load_token
-        return MemnodeSource(self.endpoint, load_token(self.token_file), space)
+        return MemnodeSource(self.endpoint, load_token(self.token_file), space, **kw)
 
     def seed(self, data: DataSet, space: str = "default") -> None:
         lane = self.source(space).open_lane()

@@ -172,7 +172,9 @@ def test_far_memory_over_tls_writes_back_from_c_through_the_session(tmp_path):
     limit = 2 * MIB
     try:
         token = load_token(m.token_file)
-        engine = FaultEngine(MemnodeSource(relay.endpoint, token, "default"),
+        # no compression (a relay's round trips can measure as a slow tier under load): this
+        # test is about write-back from C, which never drives a compressing lane
+        engine = FaultEngine(MemnodeSource(relay.endpoint, token, "default", compress=()),
                              chunk_size=16384, readahead=0, c_loop=True, max_resident=limit)
         g = Guest(engine, 4 * limit)
         w = Rmw(g.map.address, g.size // 4096, threads=2, ops=3000, write_pct=50, fill=True)

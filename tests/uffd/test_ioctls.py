@@ -8,7 +8,7 @@ import time
 from pager.uffd import PageFault, Userfaultfd
 from pager.uffd.mman import Mapping
 from pager.uffd.toucher import Toucher, check_pattern, pattern_bytes
-from tests.kernel import uffd_blocked
+from tests.kernel import uffd_blocked, wait_until
 
 from .conftest import PAGE
 
@@ -68,7 +68,9 @@ def test_zeropage_dontwake_then_wake(anon):
             events = u.read_events(timeout=0.1)
         assert [(type(e), e.address) for e in events] == [(PageFault, anon.address + PAGE)]
         u.zeropage(anon.address + PAGE, PAGE, dontwake=True)
-        # resolved but not woken: the toucher thread still sleeps in the fault
-        assert uffd_blocked() == 1 and not t.finished
+        # resolved but not woken: the toucher thread sleeps in the fault (it may not have
+        # reached its sleep when the event was read: wait for it there) and stays there
+        wait_until(lambda: uffd_blocked() == 1, "the toucher asleep in its fault", 30)
+        assert not t.wait(0.1) and uffd_blocked() == 1
         u.wake(anon.address, anon.length)
         assert t.join(5).checksum == 0
