@@ -97,15 +97,21 @@ class Relay:
         self.server.close()
 
 
-@pytest.mark.parametrize("chunk", [64 * 1024, 256 * 1024], ids=["one-frame", "pipelined"])
-def test_tls_faults_are_served_by_both_c_lanes_and_never_in_clear(tmp_path, chunk):
+def tls_node(tmp_path) -> tuple[Memnode, Relay]:
+    """A memory node with TLS, this process's client TLS signed by its CA, and a relay in
+    front of the node (what crosses it is recorded)."""
     node_tls, pager_tls = tmp_path / "node-tls", tmp_path / "pager-tls"
     m = Memnode(tmp_path, "127.0.0.1:0", "--tls", "--tls-dir", str(node_tls))
     pager_tls.mkdir(mode=0o700)
     for name in ("ca.pem", "ca.key"):
         shutil.copy(node_tls / name, pager_tls / name)
     use_client_tls(client_context(ensure_tls_dir(pager_tls, who="test")))
-    relay = Relay(m.endpoint)
+    return m, Relay(m.endpoint)
+
+
+@pytest.mark.parametrize("chunk", [64 * 1024, 256 * 1024], ids=["one-frame", "pipelined"])
+def test_tls_faults_are_served_by_both_c_lanes_and_never_in_clear(tmp_path, chunk):
+    m, relay = tls_node(tmp_path)
     engine = c = None
     try:
         data = DataSet(8 * MIB)
@@ -161,13 +167,7 @@ def test_tls_faults_are_served_by_both_c_lanes_and_never_in_clear(tmp_path, chun
 def test_far_memory_over_tls_writes_back_from_c_through_the_session(tmp_path):
     """A guest under a resident limit on a TLS node: the evictor's write-back from C goes
     through the lane's TLS session (never the raw socket), every value matches the model."""
-    node_tls, pager_tls = tmp_path / "node-tls", tmp_path / "pager-tls"
-    m = Memnode(tmp_path, "127.0.0.1:0", "--tls", "--tls-dir", str(node_tls))
-    pager_tls.mkdir(mode=0o700)
-    for name in ("ca.pem", "ca.key"):
-        shutil.copy(node_tls / name, pager_tls / name)
-    use_client_tls(client_context(ensure_tls_dir(pager_tls, who="test")))
-    relay = Relay(m.endpoint)
+    m, relay = tls_node(tmp_path)
     engine = g = None
     limit = 2 * MIB
     try:
