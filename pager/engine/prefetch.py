@@ -21,6 +21,7 @@ by the fault thread at install time, as for readahead.
 from __future__ import annotations
 
 import logging
+import select
 import threading
 import time
 from collections import deque
@@ -59,7 +60,8 @@ class WorkingSetMixin:
     """Record and replay for ``ClientPager`` (see the module docstring)."""
 
     def _ws_init(self: ClientPager) -> None:
-        self._pf_done: deque = deque()            # fetched batches for the fault thread
+        self._pf_done: deque = deque()            # fetched batches (deques of runs)
+        self._pf_poll = select.poll()             # the uffd: a fault waits (replay yields)
         self._pf_slots = threading.Semaphore(PF_AHEAD)
         self._pf_installed = IntervalSet()        # host ranges the replay installed
         self._pf_thread: threading.Thread | None = None
@@ -70,6 +72,8 @@ class WorkingSetMixin:
         self._ws_ready = threading.Event()        # records loaded (or none)
         self.replay_done = threading.Event()      # replay fetched and installed (or none)
         self._pf_fetched = False                  # the helper fetched all it will
+        self._pf_t0 = 0.0                         # replay start; stats then (for the log)
+        self._pf_at_start = (0, 0, 0)
 
     def _ws_spaces(self: ClientPager) -> dict[str, list[Region]]:
         """Regions by the memory-node space they map (only sources that can store)."""
@@ -92,6 +96,7 @@ class WorkingSetMixin:
         self._ws_ram = {space: sum(r.size for r in rs) for space, rs in spaces.items()}
         if eng.ws_window:
             self._ws_deadline = time.monotonic() + eng.ws_window
+        self._pf_poll.register(self.uffd.fileno(), select.POLLIN)
         self._pf_thread = threading.Thread(target=self._pf_run, args=(spaces,),
                                            name=f"ws-{self.name}", daemon=True)
         self._pf_thread.start()
@@ -126,6 +131,10 @@ class WorkingSetMixin:
     def _replay(self: ClientPager, lane: Lane, space: str, ws: WorkingSet,
                 regions: list[Region]) -> None:
         t0 = time.monotonic()
+        if not self._pf_t0:
+            st = self.stats
+            self._pf_t0 = t0
+            self._pf_at_start = (st.faults, st.latency_sum_us, st.latency_count)
         total = 0
         rate = self.engine.prefetch_rate
         runs = list(host_runs(list(merged(ws.runs())), regions))
@@ -149,7 +158,7 @@ class WorkingSetMixin:
                         return
                     got.append((r, addr, g, k, buf, mask))
                     total += k
-            self._pf_done.append(got)
+            self._pf_done.append(deque(got))
             self._kick()
             if rate:  # paced: never more than ``rate`` bytes/s
                 ahead = total / rate - (time.monotonic() - t0)
@@ -159,24 +168,44 @@ class WorkingSetMixin:
                  total >> 20, time.monotonic() - t0)
 
     # -- fault thread ------------------------------------------------------------------------
-    def _ws_tick(self: ClientPager) -> None:
-        """One pass of the fault thread with no fault waiting: install one replay batch;
-        close the recording window when it is due."""
-        if self._pf_done:
-            self._pf_install(self._pf_done.popleft())
-        elif self._pf_fetched:
+    def _ws_tick(self: ClientPager, install: bool = True) -> None:
+        """One pass of the fault thread with no fault waiting (``install``): install a replay
+        batch; close the recording window when it is due."""
+        if install and self._pf_done:
+            self._pf_install()
+        if self._pf_fetched and not self._pf_done and not self.replay_done.is_set():
             self.replay_done.set()
+            self._pf_log_done()
         if self._ws_deadline and time.monotonic() >= self._ws_deadline:
             if self._ws_ready.is_set():
                 self._ws_record()
             else:  # the old record is still loading: never wait for it here
                 self._ws_deadline = time.monotonic() + 1.0
 
-    def _pf_install(self: ClientPager, batch: list) -> None:
-        self._pf_slots.release()
-        self._c_dirty = True
+    def _pf_log_done(self: ClientPager) -> None:
+        if not self._pf_t0:
+            return
+        st = self.stats
+        faults, lsum, lcount = (a - b for a, b in zip(
+            (st.faults, st.latency_sum_us, st.latency_count), self._pf_at_start, strict=True))
+        took = time.monotonic() - self._pf_t0
+        log.info("%s: replay installed %d MiB in %.3f s (%.0f MiB/s), %d MiB wasted; %d faults "
+                 "meanwhile, mean service %.0f µs", self.name, st.prefetch_bytes >> 20, took,
+                 (st.prefetch_bytes >> 20) / max(took, 1e-9), st.prefetch_wasted >> 20, faults,
+                 lsum / max(lcount, 1))
+
+    def _pf_install(self: ClientPager) -> None:
+        """Install the first fetched batch run by run, each with COPY DONTWAKE, then wake
+        what was installed once. A fault arriving meanwhile comes first: the rest of the batch
+        goes back to the head of the queue (``prefetch_yields``) until no fault waits."""
+        batch = self._pf_done[0]
+        waiting = self._pf_poll.poll
         lo, hi = None, 0
-        for r, addr, gpa, n, buf, mask in batch:
+        while batch:
+            if waiting(0):
+                self.stats.prefetch_yields += 1
+                break
+            r, addr, gpa, n, buf, mask = batch.popleft()
             plan = self.state.install_plan(Fetch(r, addr, n, gpa))
             if plan is None:
                 self.stats.prefetch_wasted += n
@@ -196,6 +225,9 @@ class WorkingSetMixin:
             self._pf_installed.add(plan.start, plan.start + plan.length)
             lo = plan.start if lo is None else min(lo, plan.start)
             hi = max(hi, plan.start + plan.length)
+        if not batch:
+            self._pf_done.popleft()
+            self._pf_slots.release()
         if lo is not None:
             try:
                 self.uffd.wake(lo, hi - lo)

@@ -86,6 +86,15 @@ class FaultLoop:
         spin = poll_us > 0 and not os.get_blocking(self._l.uffd)
         self._l.poll_ns = poll_us * 1000 if spin else 0
 
+    def set_timeout_ms(self, timeout_ms: int) -> None:
+        """How long the loop blocks with no event before it returns IDLE (0: it serves the
+        events already waiting, spins its polling window, then returns: the caller has other
+        work, such as a replay batch, for when no fault waits)."""
+        if timeout_ms < 0:
+            raise ValueError(f"C loop timeout {timeout_ms} ms is negative; pass 0 to return "
+                             f"as soon as no event waits")
+        self._l.timeout_ms = timeout_ms
+
     def set_wake_fds(self, fds: Sequence[int]) -> None:
         fds = [fd for fd in fds if fd >= 0][:lib.SSI_PFL_MAX_WAKE]
         for i, fd in enumerate(fds):
