@@ -59,7 +59,14 @@ from pager.uffd.events import (
     Unmap,
     decode,
 )
-from pager.uffd.faultloop import EVENTS, FETCH_ERROR, READ_ERROR, FaultLoop
+from pager.uffd.faultloop import (
+    EVENTS,
+    FETCH_ERROR,
+    MAX_MS,
+    READ_ERROR,
+    TIMEOUT_MS,
+    FaultLoop,
+)
 from transport.errors import RemoteError, TransportError
 
 if TYPE_CHECKING:
@@ -68,6 +75,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BATCH = 64  # events per read(2)
+REPLAY_MAX_MS = 2.0  # during a replay the C loop hands back this often (a batch may go in)
 
 
 class ClientPager(CLoopMixin, ReadaheadMixin, FarMemMixin, WorkingSetMixin):
@@ -228,7 +236,7 @@ class ClientPager(CLoopMixin, ReadaheadMixin, FarMemMixin, WorkingSetMixin):
             if cl is not None and not busy and self._c_prepare(cl, lane):
                 if replaying != bool(self._pf_done):  # replay batches wait: C serves the
                     replaying = not replaying         # faults waiting, then hands back
-                    cl.set_timeout_ms(0 if replaying else 1000)
+                    cl.set_limits(*((0, REPLAY_MAX_MS) if replaying else (TIMEOUT_MS, MAX_MS)))
                 code, first, n, err = cl.run()  # GIL released while C serves faults
                 self._c_fold(cl)
                 if code in (EVENTS, FETCH_ERROR):

@@ -20,6 +20,7 @@ by the fault thread at install time, as for readahead.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import select
 import threading
@@ -72,6 +73,7 @@ class WorkingSetMixin:
         self._ws_ready = threading.Event()        # records loaded (or none)
         self.replay_done = threading.Event()      # replay fetched and installed (or none)
         self._pf_fetched = False                  # the helper fetched all it will
+        self._pf_hint: tuple[int] | None = None   # (host address,) of the latest C fault
         self._pf_t0 = 0.0                         # replay start; stats then (for the log)
         self._pf_at_start = (0, 0, 0)
 
@@ -140,12 +142,22 @@ class WorkingSetMixin:
         runs = list(host_runs(list(merged(ws.runs())), regions))
         log.info("%s: prefetching the working set of %r: %d pages in %d runs", self.name,
                  space, ws.count, len(runs))
-        for batch in batches(((gpa, n, r.page_size) for r, _a, gpa, n in runs), PF_BATCH):
+        order = ReplayOrder(list(batches(((gpa, n, r.page_size) for r, _a, gpa, n in runs),
+                                         PF_BATCH)))
+        seen = None
+        while True:
             while not self._pf_slots.acquire(timeout=0.5):
                 if self._stop.is_set():
                     return
             if self._stop.is_set():
                 return
+            hint = self._pf_hint
+            batch = order.next(_gpa_of(hint[0], regions)
+                               if hint is not None and hint is not seen else None)
+            seen = hint
+            if batch is None:
+                self._pf_slots.release()
+                break
             got = []
             for gpa, n in batch:
                 for r, addr, g, k in host_runs([(gpa, n)], regions):
@@ -164,8 +176,8 @@ class WorkingSetMixin:
                 ahead = total / rate - (time.monotonic() - t0)
                 if ahead > 0 and self._stop.wait(ahead):
                     return
-        log.info("%s: working set of %r fetched: %d MiB in %.2f s", self.name, space,
-                 total >> 20, time.monotonic() - t0)
+        log.info("%s: working set of %r fetched: %d MiB in %.2f s (%d batches moved ahead by "
+                 "faults)", self.name, space, total >> 20, time.monotonic() - t0, order.jumps)
 
     # -- fault thread ------------------------------------------------------------------------
     def _ws_tick(self: ClientPager, install: bool = True) -> None:
@@ -181,6 +193,11 @@ class WorkingSetMixin:
                 self._ws_record()
             else:  # the old record is still loading: never wait for it here
                 self._ws_deadline = time.monotonic() + 1.0
+
+    def _pf_seen(self: ClientPager, addr: int, _length: int, _how: str) -> None:
+        """A fault the C loop served installed ``addr`` during the replay: the replay's
+        next batch is the one holding it (the guest touches the rest of it next)."""
+        self._pf_hint = (addr,)
 
     def _pf_log_done(self: ClientPager) -> None:
         if not self._pf_t0:
@@ -315,6 +332,51 @@ class WorkingSetMixin:
         while self._pf_done:
             self.stats.prefetch_wasted += sum(b[3] for b in self._pf_done.popleft())
         self.replay_done.set()
+
+
+class ReplayOrder:
+    """The order a replay fetches its batches in: ascending, except that after a fault the
+    batches around it go first (the guest is there now and moves on to one side or the other:
+    both neighbours give the replay a lead on it either way), those still to fetch."""
+
+    AROUND = (0, 1, -1, 2, -2)  # batches around a fault, in this order
+
+    def __init__(self, plan: list[list[tuple[int, int]]]) -> None:
+        self.plan = plan
+        self.starts = [b[0][0] for b in plan]
+        self.done = [False] * len(plan)
+        self.pos = 0                   # the next batch in ascending order
+        self.urgent: list[int] = []    # batches around the latest fault, next first
+        self.jumps = 0                 # batches fetched out of order for a fault
+
+    def next(self, fault_gpa: int | None = None) -> list[tuple[int, int]] | None:
+        """The next batch to fetch (None: all fetched); ``fault_gpa``: a new fault there."""
+        if fault_gpa is not None:
+            i = bisect.bisect_right(self.starts, fault_gpa) - 1
+            last = self.plan[i][-1] if i >= 0 else None
+            if last is not None and fault_gpa < last[0] + last[1] + PF_BATCH:
+                n = len(self.plan)
+                self.urgent = [j for k in reversed(self.AROUND)
+                               if 0 <= (j := i + k) < n and not self.done[j]]
+        while self.urgent:
+            j = self.urgent.pop()
+            if not self.done[j]:
+                self.done[j] = True
+                self.jumps += j != self.pos
+                return self.plan[j]
+        while self.pos < len(self.plan) and self.done[self.pos]:
+            self.pos += 1
+        if self.pos == len(self.plan):
+            return None
+        self.done[self.pos] = True
+        return self.plan[self.pos]
+
+
+def _gpa_of(addr: int, regions: list[Region]) -> int | None:
+    for r in regions:
+        if r.base <= addr < r.end:
+            return r.gpa(addr)
+    return None
 
 
 def _minus(s: int, e: int, cut: IntervalSet) -> list[tuple[int, int]]:

@@ -14,7 +14,7 @@ from enginekit import wait_or_fail
 from pager.core.region import Region
 from pager.core.workingset import GRANULE, WorkingSet, batches, merged, parse_header
 from pager.engine import FaultEngine
-from pager.engine.prefetch import host_runs, load_record
+from pager.engine.prefetch import ReplayOrder, host_runs, load_record
 from pager.errors import ConfigError
 from pager.tools.workload import Client, DataSet, Touch
 
@@ -76,6 +76,19 @@ def _record(memnode, data: DataSet, ranges: list[tuple[int, int]]) -> int:
         ws = load_record(lane, "default")
     assert ws is not None
     return ws.count
+
+
+def test_replay_order_follows_the_latest_fault():
+    plan = [[(i * MIB, MIB)] for i in range(8)]
+    order = ReplayOrder(plan)
+    assert order.next() == plan[0]
+    # the guest faulted in batch 5: it, then its neighbours on both sides, go first
+    got = [order.next(5 * MIB + 5 * GRANULE)] + [order.next() for _ in range(4)]
+    assert got == [plan[5], plan[6], plan[4], plan[7], plan[3]]
+    assert order.next(40 * MIB) == plan[1]  # outside every batch: ascending order goes on
+    assert order.next(6 * MIB) == plan[2]  # around it all fetched: ascending order goes on
+    assert order.next() is None
+    assert order.jumps == 5
 
 
 def test_recorded_working_set_is_replayed_for_the_next_client(memnode):
