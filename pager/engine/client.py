@@ -342,6 +342,8 @@ class ClientPager(CLoopMixin, ReadaheadMixin, FarMemMixin, WorkingSetMixin):
         installed = self._serve(addr, lane, t0, kind)
         if installed is not None:
             done.append(installed)
+            if not self.replay_done.is_set():
+                self._pf_seen(addr, 0, "")  # the replay fetches around it next
 
     def _serve(self, addr: int, lane: Lane, t0: int,
                kind: str = MISSING) -> tuple[int, int] | None:
