@@ -10,12 +10,16 @@ the client's RAM is not stored (the window was too long to mean anything).
 
 Replay: when the client starts and the node holds a record of its space, a helper thread with
 its own connection fetches the recorded pages in batches of pipelined runs (``PF_BATCH``
-bytes, at most ``PF_AHEAD`` batches ahead) and hands them to the fault thread, which installs a
-batch only when no fault is waiting, each run with UFFDIO_COPY DONTWAKE and then one
-UFFDIO_WAKE over the batch. Faults never wait for the replay: a fault on a page not yet
+bytes, at most ``PF_AHEAD`` batches ahead) and hands them to the fault thread. Faults never
+wait for the replay: while batches wait, the C loop serves every fault already raised and hands
+back when none is left (or every ``REPLAY_MAX_MS`` of a stream of faults); only then does the
+fault thread install a batch, run by run with UFFDIO_COPY DONTWAKE, stopping as soon as a fault
+waits (``prefetch_yields``), and wake what it installed once. A fault on a page not yet
 installed is served at once by the fault path on its own connection (the replay's copy then
-meets EEXIST and leaves the page alone), and removed, unmapped or moved ranges are re-checked
-by the fault thread at install time, as for readahead.
+meets EEXIST and leaves the page alone), and steers the replay (``ReplayOrder``): the batches
+around the latest fault are fetched next, on both sides, so that the replay gets ahead of the
+guest where it is instead of sweeping in address order behind it. Removed, unmapped or moved
+ranges are re-checked by the fault thread at install time, as for readahead.
 """
 
 from __future__ import annotations
