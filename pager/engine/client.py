@@ -60,7 +60,14 @@ from pager.uffd.events import (
     Unmap,
     decode,
 )
-from pager.uffd.faultloop import EVENTS, FETCH_ERROR, READ_ERROR, FaultLoop
+from pager.uffd.faultloop import (
+    EVENTS,
+    FETCH_ERROR,
+    MAX_MS,
+    READ_ERROR,
+    TIMEOUT_MS,
+    FaultLoop,
+)
 from transport.errors import RemoteError, TransportError
 
 if TYPE_CHECKING:
@@ -69,6 +76,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BATCH = 64  # events per read(2)
+REPLAY_MAX_MS = 2.0  # during a replay the C loop hands back this often (a batch may go in)
 
 
 class ClientPager(CLoopMixin, ReadaheadMixin, FarMemMixin, WorkingSetMixin):
@@ -222,11 +230,15 @@ class ClientPager(CLoopMixin, ReadaheadMixin, FarMemMixin, WorkingSetMixin):
         cl = self._c_loop(raw, lane)
         # poll, then read only when the uffd is readable: two syscalls per fault when faults
         # come one at a time, and poll returns at once while more events are queued
+        replaying = False  # the C loop's timeout is 0: it returns when no fault waits
         while not stop.is_set():
-            busy = state.deferred or self._ra_done or self._pf_done
-            timeout = 0 if busy else 1000
+            busy = state.deferred or self._ra_done
+            timeout = 0 if busy or self._pf_done else 1000
             c_next = False  # C returned and runs again next: a fault waiting now is its
             if cl is not None and not busy and self._c_prepare(cl, lane):
+                if replaying != bool(self._pf_done):  # replay batches wait: C serves the
+                    replaying = not replaying         # faults waiting, then hands back
+                    cl.set_limits(*((0, REPLAY_MAX_MS) if replaying else (TIMEOUT_MS, MAX_MS)))
                 code, first, n, err = cl.run()  # GIL released while C serves faults
                 self._c_fold(cl)
                 if code in (EVENTS, FETCH_ERROR):
@@ -249,8 +261,10 @@ class ClientPager(CLoopMixin, ReadaheadMixin, FarMemMixin, WorkingSetMixin):
                     raise UffdGone(3, "forked client exited")
             while self._synced:  # C (if any) returned and folded: all served so far is known
                 self._synced.pop().set()
-            if uffd_ready and not (c_next and not (state.deferred or self._ra_done
-                                                   or self._pf_done)):
+            if uffd_ready:
+                if c_next and not (state.deferred or self._ra_done):
+                    self._ws_tick(install=False)  # the recording window only
+                    continue  # C reads it at once: faults first, a replay batch later
                 n = read_raw(raw)
                 if n:
                     self._handle(raw, words, n, lane)
@@ -330,6 +344,8 @@ class ClientPager(CLoopMixin, ReadaheadMixin, FarMemMixin, WorkingSetMixin):
         installed = self._serve(addr, lane, t0, kind)
         if installed is not None:
             done.append(installed)
+            if not self.replay_done.is_set():
+                self._pf_seen(addr, 0, "")  # the replay fetches around it next
 
     def _serve(self, addr: int, lane: Lane, t0: int,
                kind: str = MISSING) -> tuple[int, int] | None:

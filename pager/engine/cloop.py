@@ -103,7 +103,8 @@ class CLoopMixin:
     def _c_fold(self: ClientPager, cl: FaultLoop) -> None:
         """What C installed (residency) and its counters, into the state and the stats."""
         got = cl.take_stats()
-        self.installer.drain(cl.log)  # after take_stats: its install counters are taken
+        # after take_stats: its install counters are taken; a replay running follows faults
+        self.installer.drain(cl.log, None if self.replay_done.is_set() else self._pf_seen)
         fm = self.state.farmem
         if fm is not None:
             dirty = cl.take_dirty()

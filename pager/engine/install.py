@@ -11,6 +11,7 @@ stats, also when the install failed half way (what was installed is resident). E
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 from pager.core.state import ClientState, segments
 from pager.engine.stats import EngineStats
@@ -54,10 +55,17 @@ class Installer:
             finally:
                 self.drain()
 
-    def drain(self, log: InstallLog | None = None) -> None:
-        """Residency and counters of ``log`` (default this installer's) to state and stats."""
+    def drain(self, log: InstallLog | None = None,
+              also: Callable[[int, int, str], None] | None = None) -> None:
+        """Residency and counters of ``log`` (default this installer's) to state and stats;
+        ``also(addr, length, how)`` is told each range too."""
+        on = self.state.on_installed
+        if also is not None:
+            def on(addr: int, length: int, how: str, _state=on) -> None:
+                _state(addr, length, how)
+                also(addr, length, how)
         with self.lock:
-            c, z, e = (log or self.log).drain(self.state.on_installed)
+            c, z, e = (log or self.log).drain(on)
         if c or z or e:
             st = self.stats
             st.copied_bytes += c

@@ -10,17 +10,23 @@ the client's RAM is not stored (the window was too long to mean anything).
 
 Replay: when the client starts and the node holds a record of its space, a helper thread with
 its own connection fetches the recorded pages in batches of pipelined runs (``PF_BATCH``
-bytes, at most ``PF_AHEAD`` batches ahead) and hands them to the fault thread, which installs a
-batch only when no fault is waiting, each run with UFFDIO_COPY DONTWAKE and then one
-UFFDIO_WAKE over the batch. Faults never wait for the replay: a fault on a page not yet
+bytes, at most ``PF_AHEAD`` batches ahead) and hands them to the fault thread. Faults never
+wait for the replay: while batches wait, the C loop serves every fault already raised and hands
+back when none is left (or every ``REPLAY_MAX_MS`` of a stream of faults); only then does the
+fault thread install a batch, run by run with UFFDIO_COPY DONTWAKE, stopping as soon as a fault
+waits (``prefetch_yields``), and wake what it installed once. A fault on a page not yet
 installed is served at once by the fault path on its own connection (the replay's copy then
-meets EEXIST and leaves the page alone), and removed, unmapped or moved ranges are re-checked
-by the fault thread at install time, as for readahead.
+meets EEXIST and leaves the page alone), and steers the replay (``ReplayOrder``): the batches
+around the latest fault are fetched next, on both sides, so that the replay gets ahead of the
+guest where it is instead of sweeping in address order behind it. Removed, unmapped or moved
+ranges are re-checked by the fault thread at install time, as for readahead.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
+import select
 import threading
 import time
 from collections import deque
@@ -59,7 +65,8 @@ class WorkingSetMixin:
     """Record and replay for ``ClientPager`` (see the module docstring)."""
 
     def _ws_init(self: ClientPager) -> None:
-        self._pf_done: deque = deque()            # fetched batches for the fault thread
+        self._pf_done: deque = deque()            # fetched batches (deques of runs)
+        self._pf_poll = select.poll()             # the uffd: a fault waits (replay yields)
         self._pf_slots = threading.Semaphore(PF_AHEAD)
         self._pf_installed = IntervalSet()        # host ranges the replay installed
         self._pf_thread: threading.Thread | None = None
@@ -70,6 +77,9 @@ class WorkingSetMixin:
         self._ws_ready = threading.Event()        # records loaded (or none)
         self.replay_done = threading.Event()      # replay fetched and installed (or none)
         self._pf_fetched = False                  # the helper fetched all it will
+        self._pf_hint: tuple[int] | None = None   # (host address,) of the latest C fault
+        self._pf_t0 = 0.0                         # replay start; stats then (for the log)
+        self._pf_at_start = (0, 0, 0)
 
     def _ws_spaces(self: ClientPager) -> dict[str, list[Region]]:
         """Regions by the memory-node space they map (only sources that can store)."""
@@ -92,6 +102,7 @@ class WorkingSetMixin:
         self._ws_ram = {space: sum(r.size for r in rs) for space, rs in spaces.items()}
         if eng.ws_window:
             self._ws_deadline = time.monotonic() + eng.ws_window
+        self._pf_poll.register(self.uffd.fileno(), select.POLLIN)
         self._pf_thread = threading.Thread(target=self._pf_run, args=(spaces,),
                                            name=f"ws-{self.name}", daemon=True)
         self._pf_thread.start()
@@ -126,17 +137,31 @@ class WorkingSetMixin:
     def _replay(self: ClientPager, lane: Lane, space: str, ws: WorkingSet,
                 regions: list[Region]) -> None:
         t0 = time.monotonic()
+        if not self._pf_t0:
+            st = self.stats
+            self._pf_t0 = t0
+            self._pf_at_start = (st.faults, st.latency_sum_us, st.latency_count)
         total = 0
         rate = self.engine.prefetch_rate
         runs = list(host_runs(list(merged(ws.runs())), regions))
         log.info("%s: prefetching the working set of %r: %d pages in %d runs", self.name,
                  space, ws.count, len(runs))
-        for batch in batches(((gpa, n, r.page_size) for r, _a, gpa, n in runs), PF_BATCH):
+        order = ReplayOrder(list(batches(((gpa, n, r.page_size) for r, _a, gpa, n in runs),
+                                         PF_BATCH)))
+        seen = None
+        while True:
             while not self._pf_slots.acquire(timeout=0.5):
                 if self._stop.is_set():
                     return
             if self._stop.is_set():
                 return
+            hint = self._pf_hint
+            batch = order.next(_gpa_of(hint[0], regions)
+                               if hint is not None and hint is not seen else None)
+            seen = hint
+            if batch is None:
+                self._pf_slots.release()
+                break
             got = []
             for gpa, n in batch:
                 for r, addr, g, k in host_runs([(gpa, n)], regions):
@@ -149,34 +174,59 @@ class WorkingSetMixin:
                         return
                     got.append((r, addr, g, k, buf, mask))
                     total += k
-            self._pf_done.append(got)
+            self._pf_done.append(deque(got))
             self._kick()
             if rate:  # paced: never more than ``rate`` bytes/s
                 ahead = total / rate - (time.monotonic() - t0)
                 if ahead > 0 and self._stop.wait(ahead):
                     return
-        log.info("%s: working set of %r fetched: %d MiB in %.2f s", self.name, space,
-                 total >> 20, time.monotonic() - t0)
+        log.info("%s: working set of %r fetched: %d MiB in %.2f s (%d batches moved ahead by "
+                 "faults)", self.name, space, total >> 20, time.monotonic() - t0, order.jumps)
 
     # -- fault thread ------------------------------------------------------------------------
-    def _ws_tick(self: ClientPager) -> None:
-        """One pass of the fault thread with no fault waiting: install one replay batch;
-        close the recording window when it is due."""
-        if self._pf_done:
-            self._pf_install(self._pf_done.popleft())
-        elif self._pf_fetched:
+    def _ws_tick(self: ClientPager, install: bool = True) -> None:
+        """One pass of the fault thread with no fault waiting (``install``): install a replay
+        batch; close the recording window when it is due."""
+        if install and self._pf_done:
+            self._pf_install()
+        if self._pf_fetched and not self._pf_done and not self.replay_done.is_set():
             self.replay_done.set()
+            self._pf_log_done()
         if self._ws_deadline and time.monotonic() >= self._ws_deadline:
             if self._ws_ready.is_set():
                 self._ws_record()
             else:  # the old record is still loading: never wait for it here
                 self._ws_deadline = time.monotonic() + 1.0
 
-    def _pf_install(self: ClientPager, batch: list) -> None:
-        self._pf_slots.release()
-        self._c_dirty = True
+    def _pf_seen(self: ClientPager, addr: int, _length: int, _how: str) -> None:
+        """A fault the C loop served installed ``addr`` during the replay: the replay's
+        next batch is the one holding it (the guest touches the rest of it next)."""
+        self._pf_hint = (addr,)
+
+    def _pf_log_done(self: ClientPager) -> None:
+        if not self._pf_t0:
+            return
+        st = self.stats
+        faults, lsum, lcount = (a - b for a, b in zip(
+            (st.faults, st.latency_sum_us, st.latency_count), self._pf_at_start, strict=True))
+        took = time.monotonic() - self._pf_t0
+        log.info("%s: replay installed %d MiB in %.3f s (%.0f MiB/s), %d MiB wasted; %d faults "
+                 "meanwhile, mean service %.0f µs", self.name, st.prefetch_bytes >> 20, took,
+                 (st.prefetch_bytes >> 20) / max(took, 1e-9), st.prefetch_wasted >> 20, faults,
+                 lsum / max(lcount, 1))
+
+    def _pf_install(self: ClientPager) -> None:
+        """Install the first fetched batch run by run, each with COPY DONTWAKE, then wake
+        what was installed once. A fault arriving meanwhile comes first: the rest of the batch
+        goes back to the head of the queue (``prefetch_yields``) until no fault waits."""
+        batch = self._pf_done[0]
+        waiting = self._pf_poll.poll
         lo, hi = None, 0
-        for r, addr, gpa, n, buf, mask in batch:
+        while batch:
+            if waiting(0):
+                self.stats.prefetch_yields += 1
+                break
+            r, addr, gpa, n, buf, mask = batch.popleft()
             plan = self.state.install_plan(Fetch(r, addr, n, gpa))
             if plan is None:
                 self.stats.prefetch_wasted += n
@@ -196,6 +246,9 @@ class WorkingSetMixin:
             self._pf_installed.add(plan.start, plan.start + plan.length)
             lo = plan.start if lo is None else min(lo, plan.start)
             hi = max(hi, plan.start + plan.length)
+        if not batch:
+            self._pf_done.popleft()
+            self._pf_slots.release()
         if lo is not None:
             try:
                 self.uffd.wake(lo, hi - lo)
@@ -283,6 +336,51 @@ class WorkingSetMixin:
         while self._pf_done:
             self.stats.prefetch_wasted += sum(b[3] for b in self._pf_done.popleft())
         self.replay_done.set()
+
+
+class ReplayOrder:
+    """The order a replay fetches its batches in: ascending, except that after a fault the
+    batches around it go first (the guest is there now and moves on to one side or the other:
+    both neighbours give the replay a lead on it either way), those still to fetch."""
+
+    AROUND = (0, 1, -1, 2, -2)  # batches around a fault, in this order
+
+    def __init__(self, plan: list[list[tuple[int, int]]]) -> None:
+        self.plan = plan
+        self.starts = [b[0][0] for b in plan]
+        self.done = [False] * len(plan)
+        self.pos = 0                   # the next batch in ascending order
+        self.urgent: list[int] = []    # batches around the latest fault, next first
+        self.jumps = 0                 # batches fetched out of order for a fault
+
+    def next(self, fault_gpa: int | None = None) -> list[tuple[int, int]] | None:
+        """The next batch to fetch (None: all fetched); ``fault_gpa``: a new fault there."""
+        if fault_gpa is not None:
+            i = bisect.bisect_right(self.starts, fault_gpa) - 1
+            last = self.plan[i][-1] if i >= 0 else None
+            if last is not None and fault_gpa < last[0] + last[1] + PF_BATCH:
+                n = len(self.plan)
+                self.urgent = [j for k in reversed(self.AROUND)
+                               if 0 <= (j := i + k) < n and not self.done[j]]
+        while self.urgent:
+            j = self.urgent.pop()
+            if not self.done[j]:
+                self.done[j] = True
+                self.jumps += j != self.pos
+                return self.plan[j]
+        while self.pos < len(self.plan) and self.done[self.pos]:
+            self.pos += 1
+        if self.pos == len(self.plan):
+            return None
+        self.done[self.pos] = True
+        return self.plan[self.pos]
+
+
+def _gpa_of(addr: int, regions: list[Region]) -> int | None:
+    for r in regions:
+        if r.base <= addr < r.end:
+            return r.gpa(addr)
+    return None
 
 
 def _minus(s: int, e: int, cut: IntervalSet) -> list[tuple[int, int]]:

@@ -42,6 +42,7 @@ latency_buckets    fault service time histogram (event read -> installed), count
                    ``latency_count``
 prefetch_bytes     bytes a working-set replay installed ahead of faults
 prefetch_wasted    replay bytes dropped (layout changed, client gone, install failed)
+prefetch_yields    times a replay batch stopped half way because a fault was waiting
 ws_recorded_pages  pages of working sets recorded (stored on the memory node)
 inflight           chunks being fetched right now (gauge)
 c_faults           faults served by the C loop (also counted in ``faults`` and ``served_*``);
@@ -91,6 +92,7 @@ class EngineStats:
     forks: int = 0
     prefetch_bytes: int = 0
     prefetch_wasted: int = 0
+    prefetch_yields: int = 0
     ws_recorded_pages: int = 0
     inflight: int = 0
     c_faults: int = 0

@@ -19,6 +19,8 @@ from pager.uffd.binding import RawEvents
 from pager.uffd.install import WIRE_PAGE, InstallLog
 
 IDLE: int = lib.SSI_PFL_IDLE
+TIMEOUT_MS = 1000  # with no event, the loop returns IDLE after this long
+MAX_MS = 50.0      # serving a stream of faults, it returns after this long
 WAKE: int = lib.SSI_PFL_WAKE
 EVENTS: int = lib.SSI_PFL_EVENTS
 FETCH_ERROR: int = lib.SSI_PFL_FETCH_ERROR
@@ -47,8 +49,8 @@ class FaultLoop:
     """One client's C loop: uffd, interrupting fds, the event buffer and a chunk buffer."""
 
     def __init__(self, uffd_fd: int, wake_fds: Sequence[int], raw: RawEvents, chunk: int,
-                 bucket_us: Sequence[int], *, timeout_ms: int = 1000,
-                 max_ms: float = 50.0, poll_us: int = 0) -> None:
+                 bucket_us: Sequence[int], *, timeout_ms: int = TIMEOUT_MS,
+                 max_ms: float = MAX_MS, poll_us: int = 0) -> None:
         if len(bucket_us) != lib.SSI_PFL_NBUCKETS - 1:
             raise ValueError(f"{len(bucket_us)} latency bounds; the C loop has "
                              f"{lib.SSI_PFL_NBUCKETS - 1}")
@@ -74,8 +76,7 @@ class FaultLoop:
         lp.buf_size = buf_size
         for i, b in enumerate(bucket_us):
             lp.bucket_us[i] = b
-        lp.timeout_ms = timeout_ms
-        lp.max_ns = int(max_ms * 1e6)
+        self.set_limits(timeout_ms, max_ms)
         self.set_poll_us(poll_us)
 
     def set_poll_us(self, poll_us: int) -> None:
@@ -86,6 +87,18 @@ class FaultLoop:
             raise ValueError(f"poll window {poll_us} µs is negative; pass 0 to turn polling off")
         spin = poll_us > 0 and not os.get_blocking(self._l.uffd)
         self._l.poll_ns = poll_us * 1000 if spin else 0
+
+    def set_limits(self, timeout_ms: int, max_ms: float) -> None:
+        """``timeout_ms``: how long the loop blocks with no event before it returns IDLE (0:
+        it serves the events already waiting, spins its polling window, then returns);
+        ``max_ms``: the longest it serves a stream of faults before it returns. A caller with
+        other work (a replay batch) lowers both, so that work runs whenever no fault waits."""
+        if timeout_ms < 0 or max_ms <= 0:
+            raise ValueError(f"C loop timeout {timeout_ms} ms, longest run {max_ms} ms: the "
+                             f"timeout must be >= 0 (0: return when no event waits) and the "
+                             f"longest run > 0")
+        self._l.timeout_ms = timeout_ms
+        self._l.max_ns = int(max_ms * 1e6)
 
     def set_wake_fds(self, fds: Sequence[int]) -> None:
         fds = [fd for fd in fds if fd >= 0][:lib.SSI_PFL_MAX_WAKE]

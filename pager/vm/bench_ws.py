@@ -11,8 +11,9 @@
         suspend after pass 1, resume: on demand; on demand with the working set the pager
         recorded (serve --ws-window) replayed ahead of faults; all stored RAM loaded before
         `cont`. Each reports ``first_s`` (resume start to the guest's first output),
-        ``done_s`` (to the workload done: QEMU's exit) and ``faults`` (faults the pager served
-        for the resumed guest), medians of --repeat runs.
+        ``done_s`` (to the workload done: QEMU's exit), ``faults`` (faults the pager served
+        for the resumed guest) and ``fault_mean_us`` (their mean service time), medians of
+        --repeat runs, the three modes interleaved run by run.
 Goals (issue 12): prefetch done_s <= lazy done_s / 2, faults <= lazy faults / 10, first_s no
 later than lazy.
 """
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 METRICS_URL = re.compile(r"metrics: (http://\S+)")
 FAULTS_RE = re.compile(r'^ssi_pager_faults_total\{kind="missing",outcome="(\w+)"\} (\S+)$',
                        re.M)
+DURATION_SUM_RE = re.compile(r"^ssi_pager_fault_duration_seconds_sum (\S+)$", re.M)
+DURATION_COUNT_RE = re.compile(r"^ssi_pager_fault_duration_seconds_count (\S+)$", re.M)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -55,11 +58,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="skip the many-pass and working-set cases")
 
 
-def faults_served(url: str) -> float:
-    """Missing faults the pager at metrics ``url`` served so far (every outcome)."""
+def fault_counters(url: str) -> tuple[float, float, float]:
+    """(missing faults served, fault service seconds summed, faults timed) of the pager at
+    metrics ``url`` so far."""
     with urllib.request.urlopen(url, timeout=10) as r:
         text = r.read().decode()
-    return sum(float(v) for _o, v in FAULTS_RE.findall(text))
+    faults = sum(float(v) for _o, v in FAULTS_RE.findall(text))
+    m_sum, m_count = DURATION_SUM_RE.search(text), DURATION_COUNT_RE.search(text)
+    return (faults, float(m_sum.group(1)) if m_sum else 0.0,
+            float(m_count.group(1)) if m_count else 0.0)
 
 
 def metrics_url(logf: Path, timeout: float = 30.0) -> str:
@@ -126,9 +133,9 @@ def many_pass(args: argparse.Namespace, gb: ModuleType, work: Path, token: Path,
                     "ratio": round(h / b, 3), "runs": huge, "goal_ratio_max": 1.10})
 
 
-def _marker(mark: list[float], url: str) -> Callable[[], None]:
-    """Appends the pager's fault count to ``mark`` when called (just before a resume)."""
-    return lambda: mark.append(faults_served(url))
+def _marker(mark: list[tuple[float, float, float]], url: str) -> Callable[[], None]:
+    """Appends the pager's fault counters to ``mark`` when called (just before a resume)."""
+    return lambda: mark.append(fault_counters(url))
 
 
 def resume_ws(args: argparse.Namespace, gb: ModuleType, work: Path, token: Path, reps: int,
@@ -142,24 +149,31 @@ def resume_ws(args: argparse.Namespace, gb: ModuleType, work: Path, token: Path,
         "full_load": ([], True),
     }
     rows: dict[str, dict[str, list[float]]] = {}
-    for mode, (extra, eager) in modes.items():
-        d = work / f"ws-{mode}"
-        d.mkdir(parents=True, exist_ok=True)
-        pager_args = [*args.pager_arg, "--metrics", "127.0.0.1:0", *extra]
-        with bench.services(d, token, pager_args=pager_args) as (endpoint, sock):
-            url = metrics_url(d / "pager.log")
-            a = bench.vm_args(endpoint, token, sock)
-            for i in range(reps):
+    with contextlib.ExitStack() as stack:
+        served: dict[str, tuple[argparse.Namespace, str]] = {}
+        for mode, (extra, _eager) in modes.items():
+            d = work / f"ws-{mode}"
+            d.mkdir(parents=True, exist_ok=True)
+            pager_args = [*args.pager_arg, "--metrics", "127.0.0.1:0", *extra]
+            endpoint, sock = stack.enter_context(
+                bench.services(d, token, pager_args=pager_args))
+            served[mode] = (bench.vm_args(endpoint, token, sock), metrics_url(d / "pager.log"))
+        for i in range(reps):  # the modes interleaved: host load drifts over minutes
+            for mode, (_extra, eager) in modes.items():
+                a, url = served[mode]
                 times: dict[str, float] = {}
-                mark: list[float] = []
+                mark: list[tuple[float, float, float]] = []
                 _, out = bench.resume_lazy(a, argv, f"bench-ws-{mode}-{i}", eager=eager,
-                                           times=times,
-                                           before_resume=_marker(mark, url))
+                                           times=times, before_resume=_marker(mark, url))
                 bench.check(out, expected, f"{mode} resume")
-                row = rows.setdefault(mode, {"first_s": [], "done_s": [], "faults": []})
+                faults, lat_sum, lat_count = (
+                    x - y for x, y in zip(fault_counters(url), mark[0], strict=True))
+                row = rows.setdefault(mode, {"first_s": [], "done_s": [], "faults": [],
+                                             "fault_mean_us": []})
                 row["first_s"].append(times["first_s"])
                 row["done_s"].append(times["done_s"])
-                row["faults"].append(faults_served(url) - mark[0])
+                row["faults"].append(faults)
+                row["fault_mean_us"].append(round(1e6 * lat_sum / max(lat_count, 1), 1))
     lazy = {k: statistics.median(v) for k, v in rows["lazy"].items()}
     for mode, row in rows.items():
         med = {k: statistics.median(v) for k, v in row.items()}

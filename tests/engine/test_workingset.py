@@ -14,9 +14,10 @@ from enginekit import wait_or_fail
 from pager.core.region import Region
 from pager.core.workingset import GRANULE, WorkingSet, batches, merged, parse_header
 from pager.engine import FaultEngine
-from pager.engine.prefetch import host_runs, load_record
+from pager.engine.prefetch import ReplayOrder, host_runs, load_record
 from pager.errors import ConfigError
 from pager.tools.workload import Client, DataSet, Touch
+from pager.uffd.faultloop import enabled_by_env
 
 MIB = 1 << 20
 CHUNK = 64 * 1024
@@ -78,6 +79,19 @@ def _record(memnode, data: DataSet, ranges: list[tuple[int, int]]) -> int:
     return ws.count
 
 
+def test_replay_order_follows_the_latest_fault():
+    plan = [[(i * MIB, MIB)] for i in range(8)]
+    order = ReplayOrder(plan)
+    assert order.next() == plan[0]
+    # the guest faulted in batch 5: it, then its neighbours on both sides, go first
+    got = [order.next(5 * MIB + 5 * GRANULE)] + [order.next() for _ in range(4)]
+    assert got == [plan[5], plan[6], plan[4], plan[7], plan[3]]
+    assert order.next(40 * MIB) == plan[1]  # outside every batch: ascending order goes on
+    assert order.next(6 * MIB) == plan[2]  # around it all fetched: ascending order goes on
+    assert order.next() is None
+    assert order.jumps == 5
+
+
 def test_recorded_working_set_is_replayed_for_the_next_client(memnode):
     data = DataSet(16 * MIB)
     memnode.seed(data)
@@ -127,6 +141,42 @@ def test_fault_during_replay_is_served_before_the_queue(memnode):
         c.close(unmap=True)
         engine.close()
     assert engine.stats().prefetch_bytes < pages * GRANULE  # stopped with the client
+
+
+def test_replay_fetches_around_a_fault_next(memnode):
+    data = DataSet(32 * MIB, holes=False)
+    memnode.seed(data)
+    _record(memnode, data, [(0, 12 * MIB)])
+    # paced at 2 MiB/s: in ascending order the replay reaches MiB 9..11 only after ~5 s
+    engine = _engine(memnode, ws_window=60, prefetch_rate=2 * MIB)
+    c = Client(data.size)
+    try:
+        client = engine.add_client(os.dup(c.uffd.fileno()), [Region(c.base, c.size, 0)])
+        at = 10 * MIB + 5 * CHUNK
+        wait_or_fail(Touch(c.base + at, CHUNK, origin=at, threads=1).start(), 5)
+        around = (c.base + 9 * MIB, c.base + 12 * MIB)
+        deadline = time.monotonic() + 30
+        while not _covered(client._pf_installed, *around, skip=(c.base + at, CHUNK)):
+            assert time.monotonic() < deadline, "the batches around the fault never came"
+            assert not client.replay_done.is_set(), "the replay ended in ascending order"
+            time.sleep(0.02)
+        st = engine.stats()
+        # the three batches around the fault came before the sweep (at most 2 batches
+        # queued before the fault, 1 MiB each) reached them
+        assert st.prefetch_bytes <= 6 * MIB
+        if enabled_by_env():
+            assert st.c_faults >= 1  # the C loop served the fault while batches waited
+        assert client.quiesce()
+        assert c.check(data) == []
+    finally:
+        c.close(unmap=True)
+        engine.close()
+
+
+def _covered(ranges, start: int, end: int, skip: tuple[int, int]) -> bool:
+    """``[start, end)`` all in ``ranges`` but the chunk ``skip`` (the fault installed it)."""
+    got = sum(min(e, end) - max(s, start) for s, e in ranges.overlaps(start, end))
+    return got >= end - start - skip[1]
 
 
 def test_window_closes_while_the_client_runs(memnode):
