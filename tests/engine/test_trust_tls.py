@@ -57,22 +57,54 @@ def test_pager_serves_faults_from_a_tls_node(run_pager, tmp_path):
         node.stop()
 
 
+TLS_RECORD_TYPES = (20, 21, 22, 23)  # change_cipher_spec, alert, handshake, application_data
+TLS_RECORD_MAX = (1 << 14) + 256  # the largest record payload TLS 1.3 allows
+
+
+def tls_records_only(stream: bytes) -> bool:
+    """Whether ``stream`` (one direction of one connection) is TLS records from its first byte
+    on, each with a record type, version 3.x and a legal length, up to a last one possibly cut
+    short. A plaintext frame anywhere breaks the chain at once (a SSIP header starts with "S")."""
+    i = 0
+    while i + 5 <= len(stream):
+        length = int.from_bytes(stream[i + 3:i + 5], "big")
+        if (stream[i] not in TLS_RECORD_TYPES or stream[i + 1] != 3
+                or length > TLS_RECORD_MAX):
+            return False
+        i += 5 + length
+    return True
+
+
+def test_the_record_check_tells_tls_from_a_plaintext_frame():
+    record = bytes([23, 3, 3]) + (100).to_bytes(2, "big") + bytes(100)
+    assert tls_records_only(record * 3 + record[:7])  # the last one cut short
+    assert not tls_records_only(b"SSIP" + bytes(60))
+    assert not tls_records_only(record + b"SSIP" + bytes(60))  # plaintext after a record
+    assert not tls_records_only(bytes([23, 3, 3, 0x48, 0x01]) + bytes(64))  # too long
+
+
 class Relay:
-    """A TCP relay to ``target`` recording every byte that crosses it, both ways."""
+    """A TCP relay to ``target`` recording every byte that crosses it, both ways (``seen``:
+    everything in arrival order; ``streams``: each direction of each connection)."""
 
     def __init__(self, target: str) -> None:
         self.target = parse_endpoint(target)
         self.seen = bytearray()
+        self.streams: list[bytearray] = []
         self.lock = threading.Lock()
         self.server = socket.create_server(("127.0.0.1", 0))
         self.endpoint = f"127.0.0.1:{self.server.getsockname()[1]}"
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _pump(self, a: socket.socket, b: socket.socket) -> None:
+        stream = bytearray()
+        with self.lock:
+            self.streams.append(stream)
         try:
             while data := a.recv(1 << 16):
                 with self.lock:
                     self.seen += data
+                    stream += data
                 b.sendall(data)
         except OSError:
             pass
@@ -161,7 +193,9 @@ def test_tls_faults_are_served_by_both_c_lanes_and_never_in_clear(tmp_path, chun
         probe = bytes(sample[off + 1000:off + 1064])
         if probe != bytes(64):
             assert probe not in seen, off
-    assert b"SSIP" not in seen
+    with relay.lock:
+        streams = [bytes(x) for x in relay.streams]
+    assert len(streams) >= 2 and all(tls_records_only(x) for x in streams)
 
 
 def test_far_memory_over_tls_writes_back_from_c_through_the_session(tmp_path):
@@ -194,5 +228,7 @@ def test_far_memory_over_tls_writes_back_from_c_through_the_session(tmp_path):
         relay.close()
         m.proc.stop()
     with relay.lock:
-        seen = bytes(relay.seen)
-    assert len(seen) > limit and b"SSIP" not in seen  # pages crossed, never in clear
+        seen = len(relay.seen)
+        streams = [bytes(x) for x in relay.streams]
+    assert seen > limit  # pages crossed ...
+    assert len(streams) >= 2 and all(tls_records_only(x) for x in streams)  # ... never in clear
