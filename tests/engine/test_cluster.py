@@ -10,7 +10,7 @@ import pytest
 from clusterkit import nodes, wait_until
 
 from pager.source.cluster import RTT_FIRST, ClusterSource
-from pager.source.placement import EXTENT_SIZE, replicas
+from pager.source.placement import EXTENT_SIZE, read_order, replicas
 from transport.membership import StaticMembership
 from transport.token import load_token
 
@@ -146,11 +146,11 @@ def test_equally_near_replicas_are_read_from_as_few_nodes_as_placement_allows(th
     assert len(src.rtt) == 3
     exts = range(SPACE_BYTES // EXTENT_SIZE)
     first = [src.holders("vm1", e)[0] for e in exts]
-    top = max(set(first), key=first.count)
-    # every extent the preferred node holds is read from it, the others from one node
-    assert [e for e in exts if first[e] == top] == [e for e in exts
-                                                    if top in src.holders("vm1", e)]
-    assert len(set(first)) == 2
+    # the space's preference order of the nodes (node ids are endpoints on ports the kernel
+    # picked: placement and preference differ from run to run, the rule does not)
+    top, second, _ = read_order("vm1", ids, {})
+    # every extent the preferred node holds is read from it, all the others from one node
+    assert first == [top if top in src.holders("vm1", e) else second for e in exts]
     # pings that swing within the tolerance change no read and rebuild no C table
     soft = src.route_soft
     for n, rtt in zip(ids, (46e-6, 39e-6, 42e-6), strict=True):
