@@ -45,6 +45,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import TYPE_CHECKING
 
 from pager.core.farmem import FarMemory, Victim
+from pager.core.state import IntervalSet
 from pager.uffd.errors import UffdError
 from pager.uffd.evictio import BatchIO
 from pager.uffd.faultloop import MAX_VICTIMS
@@ -329,18 +330,16 @@ class Evictor:
         with c.fm_lock:
             removed = c.state.removed.get(space)
             gone = removed.overlaps(off, off + n) if removed is not None else []
-        spans = sorted([(s, s + k) for s, k in keep] + list(gone))
-        merged: list[list[int]] = []
-        for s, e in spans:
-            if merged and s <= merged[-1][1]:
-                merged[-1][1] = max(merged[-1][1], e)
-            else:
-                merged.append([s, e])
-        if len(merged) != 1 or merged[0] != [off, off + n]:
+        pieces = IntervalSet()
+        for s, k in keep:
+            pieces.add(s, s + k)
+        for s, e in gone:
+            pieces.add(s, e)
+        out = [(s, e - s) for s, e in pieces]
+        if out != [(off, n)]:
             with self._lanes_lock:  # store workers count side by side
                 c.stats.holes_kept += 1
-        return [(s, e - s) for s, e in merged]
-
+        return out
 
     def _finish_run(self, run: list[tuple[Victim, int, str | None]], stored: bool) -> int:
         """After the run's acks (``stored``): punch, forget, wake; else keep it resident."""
