@@ -125,6 +125,12 @@ class Relay:
             threading.Thread(target=self._pump, args=(c, n), daemon=True).start()
             threading.Thread(target=self._pump, args=(n, c), daemon=True).start()
 
+    def only_tls(self) -> bool:
+        """Both directions of every connection relayed were TLS records from the first byte."""
+        with self.lock:
+            streams = [bytes(x) for x in self.streams]
+        return len(streams) >= 2 and all(tls_records_only(x) for x in streams)
+
     def close(self) -> None:
         self.server.close()
 
@@ -193,9 +199,7 @@ def test_tls_faults_are_served_by_both_c_lanes_and_never_in_clear(tmp_path, chun
         probe = bytes(sample[off + 1000:off + 1064])
         if probe != bytes(64):
             assert probe not in seen, off
-    with relay.lock:
-        streams = [bytes(x) for x in relay.streams]
-    assert len(streams) >= 2 and all(tls_records_only(x) for x in streams)
+    assert relay.only_tls()
 
 
 def test_far_memory_over_tls_writes_back_from_c_through_the_session(tmp_path):
@@ -229,6 +233,4 @@ def test_far_memory_over_tls_writes_back_from_c_through_the_session(tmp_path):
         m.proc.stop()
     with relay.lock:
         seen = len(relay.seen)
-        streams = [bytes(x) for x in relay.streams]
-    assert seen > limit  # pages crossed ...
-    assert len(streams) >= 2 and all(tls_records_only(x) for x in streams)  # ... never in clear
+    assert seen > limit and relay.only_tls()  # pages crossed, never in clear
