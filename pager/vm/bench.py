@@ -12,7 +12,8 @@ One JSON object per line (`name`, `wall_s`, `ratio`, and details):
   vm_resume_full_load_memnode    `vm suspend`, then resume loading all stored RAM from the
                          memory node before `cont`: the same time
   vm_resume_lazy         `vm suspend` after pass 1, `vm resume`: the same time, RAM on demand
-  vm_many_pass_*, vm_resume_ws_*   many-pass guest; resume lazy / with working-set prefetch /
+  vm_many_pass_*, vm_resume_ws_*, vm_resume_scatter_*   many-pass guest; resume lazy / with
+                         working-set prefetch /
                          full load: first output, workload done, faults (pager.vm.bench_ws)
 ratio: wall time / baseline for the pager runs (goal <= 1.10); memory-node full load / lazy
 for vm_resume_lazy (goal >= 5; ratio_vs_migration against ordinary migration). Times are QEMU
@@ -305,6 +306,9 @@ def run(args: argparse.Namespace) -> int:
         work = Path(tmp)
         os.environ.setdefault("SSI_PAGER_RUNTIME_DIR", str(work / "run"))
         token = work / "token"
+        if args.ws_only:
+            bench_ws.run(args, gb, work, token, reps)
+            return 0
         # baseline and paged runs interleaved: other load on the host drifts over minutes
         base: list[float] = []
         walls: list[float] = []

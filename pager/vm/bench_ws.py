@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import re
 import statistics
@@ -30,6 +31,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from pager.errors import VmError
 from tuning.errors import HugePagesError
@@ -54,8 +56,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "--resume-mem-mib)")
     parser.add_argument("--ws-window", type=float, default=60.0,
                         help="serve --ws-window of the prefetch case (default 60 s)")
+    parser.add_argument("--scatter-work-mib", type=int, default=256,
+                        help="workload of the scattered-touch resume cases (default 256)")
     parser.add_argument("--no-ws", action="store_true",
                         help="skip the many-pass and working-set cases")
+    parser.add_argument("--ws-only", action="store_true",
+                        help="run only the many-pass and working-set cases")
 
 
 def fault_counters(url: str) -> tuple[float, float, float]:
@@ -86,7 +92,13 @@ def run(args: argparse.Namespace, gb: ModuleType, work: Path, token: Path, reps:
     from pager.vm import bench  # it runs us: imported when both are loaded
 
     many_pass(args, gb, work, token, reps, bench)
-    resume_ws(args, gb, work, token, reps, bench)
+    guest = gb.build(args.resume_mem_mib, args.ws_work_mib, args.passes)
+    resume_ws(args, guest, gb.expected_checksums(args.ws_work_mib, args.passes), "ws", work,
+              token, reps, bench)
+    scatter = dataclasses.replace(gb.build(args.resume_mem_mib, args.scatter_work_mib,
+                                           args.passes), scatter=True)
+    resume_ws(args, scatter, gb.expected_checksums(args.scatter_work_mib, args.passes, True),
+              "scatter", work, token, reps, bench)
 
 
 def many_pass(args: argparse.Namespace, gb: ModuleType, work: Path, token: Path, reps: int,
@@ -138,10 +150,9 @@ def _marker(mark: list[tuple[float, float, float]], url: str) -> Callable[[], No
     return lambda: mark.append(fault_counters(url))
 
 
-def resume_ws(args: argparse.Namespace, gb: ModuleType, work: Path, token: Path, reps: int,
-              bench: ModuleType) -> None:
-    guest = gb.build(args.resume_mem_mib, args.ws_work_mib, args.passes)
-    expected = gb.expected_checksums(args.ws_work_mib, args.passes)
+def resume_ws(args: argparse.Namespace, guest: Any, expected: list[str], case: str, work: Path,
+              token: Path, reps: int, bench: ModuleType) -> None:
+    """The lazy, prefetch and full-load resume cases ``vm_resume_{case}_*`` of ``guest``."""
     argv = guest.qemu_args()
     modes: dict[str, tuple[list[str], bool]] = {
         "lazy": ([], False),
@@ -152,7 +163,7 @@ def resume_ws(args: argparse.Namespace, gb: ModuleType, work: Path, token: Path,
     with contextlib.ExitStack() as stack:
         served: dict[str, tuple[argparse.Namespace, str]] = {}
         for mode, (extra, _eager) in modes.items():
-            d = work / f"ws-{mode}"
+            d = work / f"{case}-{mode}"
             d.mkdir(parents=True, exist_ok=True)
             pager_args = [*args.pager_arg, "--metrics", "127.0.0.1:0", *extra]
             endpoint, sock = stack.enter_context(
@@ -163,7 +174,7 @@ def resume_ws(args: argparse.Namespace, gb: ModuleType, work: Path, token: Path,
                 a, url = served[mode]
                 times: dict[str, float] = {}
                 mark: list[tuple[float, float, float]] = []
-                _, out = bench.resume_lazy(a, argv, f"bench-ws-{mode}-{i}", eager=eager,
+                _, out = bench.resume_lazy(a, argv, f"bench-{case}-{mode}-{i}", eager=eager,
                                            times=times, before_resume=_marker(mark, url))
                 bench.check(out, expected, f"{mode} resume")
                 faults, lat_sum, lat_count = (
@@ -177,8 +188,8 @@ def resume_ws(args: argparse.Namespace, gb: ModuleType, work: Path, token: Path,
     lazy = {k: statistics.median(v) for k, v in rows["lazy"].items()}
     for mode, row in rows.items():
         med = {k: statistics.median(v) for k, v in row.items()}
-        out = {"name": f"vm_resume_ws_{mode}", **{k: round(v, 3) for k, v in med.items()},
-               "runs": row, "mem_mib": args.resume_mem_mib, "work_mib": args.ws_work_mib}
+        out = {"name": f"vm_resume_{case}_{mode}", **{k: round(v, 3) for k, v in med.items()},
+               "runs": row, "mem_mib": guest.mem_mib, "work_mib": guest.work_mib}
         if mode != "lazy":
             out["done_speedup_vs_lazy"] = round(lazy["done_s"] / max(med["done_s"], 1e-9), 2)
             out["fault_ratio_vs_lazy"] = round(med["faults"] / max(lazy["faults"], 1), 3)

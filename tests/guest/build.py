@@ -4,8 +4,9 @@ The kernel comes from `fetch-kernel.sh` (cached, downloaded once). The initramfs
 in Python (cpio "newc"), from busybox-static and `workload.c` compiled with `gcc -static` at build
 time, and cached by content hash. The guest's /init mounts /proc, runs
 
-    /workload MIB PASSES [wait]  (from the kernel command line: ssi.mib=, ssi.passes=,
-                                  ssi.wait=1: wait for a console line after each pass)
+    /workload MIB PASSES [wait] [scatter]  (from the kernel command line: ssi.mib=,
+        ssi.passes=, ssi.wait=1: wait for a console line after each pass, ssi.scatter=1:
+        passes touch one word per page in a scattered order, see workload.c)
 
 on the serial console and powers off, so QEMU (started with -no-reboot) exits by itself.
 
@@ -36,15 +37,17 @@ INIT_SCRIPT = """#!/bin/busybox sh
 mib=64
 passes=3
 wait=
+scatter=
 for arg in $(/bin/busybox cat /proc/cmdline); do
   case "$arg" in
     ssi.mib=*) mib=${arg#ssi.mib=} ;;
     ssi.passes=*) passes=${arg#ssi.passes=} ;;
     ssi.wait=1) wait=wait ;;
+    ssi.scatter=1) scatter=scatter ;;
   esac
 done
 echo "guest up mib=$mib passes=$passes"
-/workload "$mib" "$passes" $wait
+/workload "$mib" "$passes" $wait $scatter
 echo "workload exit $?"
 /bin/busybox poweroff -f
 """
@@ -142,9 +145,10 @@ def workload_binary() -> Path:
     return target
 
 
-def expected_checksums(work_mib: int, passes: int) -> list[str]:
+def expected_checksums(work_mib: int, passes: int, scatter: bool = False) -> list[str]:
     """Per-pass checksums of an uninterrupted run, computed by the same binary on the host."""
-    out = subprocess.run([str(workload_binary()), str(work_mib), str(passes)],
+    argv = [str(workload_binary()), str(work_mib), str(passes)] + (["scatter"] if scatter else [])
+    out = subprocess.run(argv,
                          capture_output=True, text=True, check=True, timeout=300).stdout
     return checksums(out)
 
@@ -188,11 +192,13 @@ class Guest:
     work_mib: int = 128
     passes: int = 3
     wait: bool = False  # after each pass but the last, wait for a line on the console
+    scatter: bool = False  # passes touch one word per page, pages in a scattered order
 
     def cmdline(self) -> str:
         return (f"console=ttyS0 panic=-1 quiet rdinit=/init "
                 f"ssi.mib={self.work_mib} ssi.passes={self.passes}"
-                + (" ssi.wait=1" if self.wait else ""))
+                + (" ssi.wait=1" if self.wait else "")
+                + (" ssi.scatter=1" if self.scatter else ""))
 
     def qemu_args(self, qemu: str = "qemu-system-x86_64", accel: str = "tcg",
                   memory: bool = True) -> list[str]:

@@ -17,14 +17,15 @@ BENCH_TIMEOUT = 900
 CASES = ["vm_baseline", "vm_pager_local", "vm_boot_baseline", "vm_boot_pager_local",
          "vm_resume_full_load_migration", "vm_resume_full_load_memnode", "vm_resume_lazy",
          "vm_many_pass_baseline", "vm_many_pass_pager_local", "vm_many_pass_pager_hugetlb"]
-WS_CASES = ["vm_resume_ws_lazy", "vm_resume_ws_prefetch", "vm_resume_ws_full_load"]
+WS_CASES = [f"vm_resume_{case}_{mode}" for case in ("ws", "scatter")
+            for mode in ("lazy", "prefetch", "full_load")]
 
 
 def test_bench_vm_runs_every_case(guest, tmp_path):
     cmd = [sys.executable, "-m", "pager.cli", "bench", "vm", "--json", "--repeat", "1",
            "--mem-mib", "128", "--work-mib", "16", "--passes", "2", "--resume-mem-mib", "128",
            "--resume-work-mib", "16", "--no-netns", "--many-work-mib", "8", "--many-passes", "4",
-           "--ws-work-mib", "16"]
+           "--ws-work-mib", "16", "--scatter-work-mib", "16"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=BENCH_TIMEOUT,
                           env={**os.environ,
                                "SSI_PAGER_RUNTIME_DIR": str(tmp_path / "run")})
