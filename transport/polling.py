@@ -11,9 +11,13 @@ import argparse
 
 from transport.errors import TransportError
 
-# µs of non-blocking reads after the last event (``--poll-us`` of serve and memnode).
-# Placeholder until measured: the lead sets it from `ssi-pager bench faults` (poll cases,
-# CPU s per million faults) on a quiet machine.
+# µs of non-blocking reads after the last event (``--poll-us`` of serve and memnode), chosen
+# with `ssi-pager bench faults` (polling on/off cases, CPU s per million faults): it covers the
+# gap between a fault's reply and the next fault of a faulting thread (remote 4 KiB p50 ~21 µs
+# on against ~41-44 µs off on the idle development VM) and costs ~0% CPU when no fault comes.
+# A node whose lane sees sparser requests (R=2 over 3 nodes) gains from longer windows
+# (`bench cluster`: 200 µs on the nodes took the R=2 / one-node fault p50 ratio from
+# 1.18-1.26 to 1.10-1.15 in four alternated pairs), which `memnode --poll-us` sets.
 DEFAULT_POLL_US = 50
 MAX_POLL_US = 1_000_000
 
