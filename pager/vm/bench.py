@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -40,7 +41,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import IO
+from typing import IO, Any
 
 from pager.errors import VmError
 from pager.vm import bench_ws
@@ -196,27 +197,40 @@ def load_all_ram(lau: Launch) -> None:
     load_ram(f"/proc/{st.qemu_pid}/fd/{st.memfd}", st.ram_size, nodes, st.space)
 
 
-def resume_lazy(args: argparse.Namespace, argv: list[str], name: str,
+def resume_lazy(args: argparse.Namespace, guest: Any, name: str,
                 eager: bool = False, times: dict[str, float] | None = None,
                 before_resume: Callable[[], None] | None = None) -> tuple[float, str]:
-    """Run to pass 1, suspend, resume; (time from resume start to first output, full text).
+    """Run ``guest`` (a test guest waiting after each pass) to pass 1, suspend it there,
+    resume; (time from resume start to first output, full text). The suspend happens while
+    the guest waits, so it never races the next pass; the resumed guest is let go at once.
     ``eager``: load all RAM from the memory node before `cont` instead of on demand.
     ``times`` gets ``first_s`` and ``done_s`` (resume start to QEMU's exit, the workload
     done); ``before_resume`` runs between the suspend and the resume."""
+    if not guest.wait or guest.passes < 2:
+        raise VmError("the resume cases need a guest that waits after each pass, 2+ passes")
+    argv = guest.qemu_args()
     args = argparse.Namespace(**vars(args))  # resume fills in --space etc.: not for the next run
-    lau = launch(args, argv, name, stdout=subprocess.PIPE)
-    _, before = read_until(lau.qemu.stdout, "pass 1 checksum")
-    do_suspend(args, name)
-    before += rest_of_console(lau.qemu)
+    lau = launch(args, argv, name, stdout=subprocess.PIPE, stdin=subprocess.PIPE)
+    try:
+        _, before = read_until(lau.qemu.stdout, "pass 1 waiting")
+        do_suspend(args, name)
+        before += rest_of_console(lau.qemu)
+    finally:
+        lau.qemu.stdin.close()
     finish(lau)
     if before_resume is not None:
         before_resume()
     t0 = time.monotonic()
-    res = resume_start(args, name, argv, stdout=subprocess.PIPE,
+    res = resume_start(args, name, argv, stdout=subprocess.PIPE, stdin=subprocess.PIPE,
                           before_cont=load_all_ram if eager else None)
-    t1 = first_output(res.qemu.stdout)
-    after = rest_of_console(res.qemu)
-    t2 = time.monotonic()
+    try:  # one line for each wait left (pass 1's included): the guest runs to its end
+        res.qemu.stdin.write(b"go\n" * (guest.passes - 1))
+        res.qemu.stdin.flush()
+        t1 = first_output(res.qemu.stdout)
+        after = rest_of_console(res.qemu)
+        t2 = time.monotonic()
+    finally:
+        res.qemu.stdin.close()
     rc = finish(res)
     if rc != 0:
         raise VmError(f"resumed QEMU failed ({rc})")
@@ -225,15 +239,18 @@ def resume_lazy(args: argparse.Namespace, argv: list[str], name: str,
     return t1 - t0, before + after
 
 
-def resume_full_load(argv: list[str], workdir: Path) -> tuple[float, str, int]:
-    """Ordinary migration with RAM in the stream, through a file; (time to first output,
-    text, state bytes)."""
+def resume_full_load(guest: Any, workdir: Path) -> tuple[float, str, int]:
+    """Ordinary migration with RAM in the stream, through a file, of ``guest`` (waiting after
+    each pass, migrated while it waits after pass 1); (time to first output, text, state
+    bytes)."""
+    argv = guest.qemu_args()
     qmp_path = workdir / "full-qmp.sock"
     state = workdir / "full-state"
     qmp_arg = ["-qmp", f"unix:{qmp_path},server=on,wait=off"]
-    src = subprocess.Popen([*argv, *qmp_arg], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    src = subprocess.Popen([*argv, *qmp_arg], **pipes)
     try:
-        _, before = read_until(src.stdout, "pass 1 checksum")
+        _, before = read_until(src.stdout, "pass 1 waiting")
         q = Qmp(qmp_path)
         q.execute("stop")
         q.execute("migrate", uri=f"exec:cat > {state}")
@@ -243,20 +260,23 @@ def resume_full_load(argv: list[str], workdir: Path) -> tuple[float, str, int]:
         src.wait(60)
     finally:
         stop_process(src)
+        src.stdin.close()
     size = state.stat().st_size
     t0 = time.monotonic()
-    dst = subprocess.Popen([*argv, *qmp_arg, "-incoming", "defer"], stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE)
+    dst = subprocess.Popen([*argv, *qmp_arg, "-incoming", "defer"], **pipes)
     try:
         q = Qmp(qmp_path)
         q.execute("migrate-incoming", uri=f"exec:cat {state}")
         q.wait_migration()
         q.execute("cont")
         q.close()
+        dst.stdin.write(b"go\n" * (guest.passes - 1))
+        dst.stdin.flush()
         t1 = first_output(dst.stdout)
         after = rest_of_console(dst)
     finally:
         stop_process(dst)
+        dst.stdin.close()
         state.unlink(missing_ok=True)
     return t1 - t0, before + after, size
 
@@ -336,21 +356,21 @@ def run(args: argparse.Namespace) -> int:
             emit({"name": "vm_boot_baseline", "wall_s": round(b0, 3), "ratio": 1.0, "runs": bb})
             emit({"name": "vm_boot_pager_local", "wall_s": round(p0, 3),
                   "ratio": round(p0 / b0, 3), "runs": bp})
-        rguest = gb.build(args.resume_mem_mib, args.resume_work_mib, args.passes)
+        rguest = dataclasses.replace(
+            gb.build(args.resume_mem_mib, args.resume_work_mib, args.passes), wait=True)
         rexpected = gb.expected_checksums(args.resume_work_mib, args.passes)
-        rplain = rguest.qemu_args()
         lazies, eagers, fulls = [], [], []
         with services(work, token, pager_args=args.pager_arg) as (endpoint, sock):
             a = vm_args(endpoint, token, sock)
             for i in range(reps):
-                lazy, out = resume_lazy(a, rplain, f"bench-resume-{i}")
+                lazy, out = resume_lazy(a, rguest, f"bench-resume-{i}")
                 check(out, rexpected, "lazy resume")
                 lazies.append(lazy)
-                eager, out = resume_lazy(a, rplain, f"bench-eager-{i}", eager=True)
+                eager, out = resume_lazy(a, rguest, f"bench-eager-{i}", eager=True)
                 check(out, rexpected, "eager resume")
                 eagers.append(eager)
         for _ in range(reps):
-            full, out, size = resume_full_load(rplain, work)
+            full, out, size = resume_full_load(rguest, work)
             check(out, rexpected, "ordinary migration")
             fulls.append(full)
         lazy, eager, full = (statistics.median(x) for x in (lazies, eagers, fulls))

@@ -92,11 +92,12 @@ def run(args: argparse.Namespace, gb: ModuleType, work: Path, token: Path, reps:
     from pager.vm import bench  # it runs us: imported when both are loaded
 
     many_pass(args, gb, work, token, reps, bench)
-    guest = gb.build(args.resume_mem_mib, args.ws_work_mib, args.passes)
+    guest = dataclasses.replace(gb.build(args.resume_mem_mib, args.ws_work_mib, args.passes),
+                                wait=True)
     resume_ws(args, guest, gb.expected_checksums(args.ws_work_mib, args.passes), "ws", work,
               token, reps, bench)
     scatter = dataclasses.replace(gb.build(args.resume_mem_mib, args.scatter_work_mib,
-                                           args.passes), scatter=True)
+                                           args.passes), scatter=True, wait=True)
     resume_ws(args, scatter, gb.expected_checksums(args.scatter_work_mib, args.passes, True),
               "scatter", work, token, reps, bench)
 
@@ -153,7 +154,6 @@ def _marker(mark: list[tuple[float, float, float]], url: str) -> Callable[[], No
 def resume_ws(args: argparse.Namespace, guest: Any, expected: list[str], case: str, work: Path,
               token: Path, reps: int, bench: ModuleType) -> None:
     """The lazy, prefetch and full-load resume cases ``vm_resume_{case}_*`` of ``guest``."""
-    argv = guest.qemu_args()
     modes: dict[str, tuple[list[str], bool]] = {
         "lazy": ([], False),
         "prefetch": (["--ws-window", str(args.ws_window)], False),
@@ -174,7 +174,7 @@ def resume_ws(args: argparse.Namespace, guest: Any, expected: list[str], case: s
                 a, url = served[mode]
                 times: dict[str, float] = {}
                 mark: list[tuple[float, float, float]] = []
-                _, out = bench.resume_lazy(a, argv, f"bench-{case}-{mode}-{i}", eager=eager,
+                _, out = bench.resume_lazy(a, guest, f"bench-{case}-{mode}-{i}", eager=eager,
                                            times=times, before_resume=_marker(mark, url))
                 bench.check(out, expected, f"{mode} resume")
                 faults, lat_sum, lat_count = (

@@ -53,7 +53,8 @@ class Launch:
 
 def launch(args: argparse.Namespace, qemu_argv: list[str], name: str, *,
            incoming: bool = False, ram_id: str = RAM_ID,
-           expect_size: int | None = None, stdout: int | None = None) -> Launch:
+           expect_size: int | None = None, stdout: int | None = None,
+           stdin: int | None = None) -> Launch:
     """Start (or join) the pager and QEMU with the shim; return after the handoff."""
     from pager.shim import library
 
@@ -99,7 +100,7 @@ def launch(args: argparse.Namespace, qemu_argv: list[str], name: str, *,
     env.update(SSI_PAGER_SOCKET=str(pager_sock), SSI_PAGER_RAM_SIZE=str(cmd.ram_size),
                SSI_PAGER_SPACE=space, SSI_PAGER_STATUS_FD=str(w))
     try:
-        qemu = subprocess.Popen(argv, env=env, pass_fds=(w,), stdout=stdout)
+        qemu = subprocess.Popen(argv, env=env, pass_fds=(w,), stdout=stdout, stdin=stdin)
     except OSError as exc:
         os.close(r)
         os.close(w)

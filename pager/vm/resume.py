@@ -55,7 +55,7 @@ def _saved_state(args: argparse.Namespace, name: str, d: Path) -> VmState:
 
 
 def resume_start(args: argparse.Namespace, name: str, qemu_argv: list[str], *,
-                 stdout: int | None = None,
+                 stdout: int | None = None, stdin: int | None = None,
                  before_cont: Callable[[Launch], None] | None = None) -> Launch:
     """Start the new QEMU, load the device state, `cont`; returns the running guest.
     ``before_cont`` runs once the device state is loaded (the benchmark's eager load).
@@ -87,7 +87,8 @@ def resume_start(args: argparse.Namespace, name: str, qemu_argv: list[str], *,
         state_file = held
     t0 = time.monotonic()
     try:
-        lau = _start_and_load(args, name, qemu_argv, saved, state_file, stdout, before_cont)
+        lau = _start_and_load(args, name, qemu_argv, saved, state_file, stdout, stdin,
+                              before_cont)
     except BaseException:
         if own:
             os.replace(held, d / "device-state")
@@ -105,9 +106,9 @@ def resume_start(args: argparse.Namespace, name: str, qemu_argv: list[str], *,
 
 def _start_and_load(args: argparse.Namespace, name: str, qemu_argv: list[str],
                     saved: VmState, state_file: Path, stdout: int | None,
-                    before_cont: Callable[[Launch], None] | None) -> Launch:
+                    stdin: int | None, before_cont: Callable[[Launch], None] | None) -> Launch:
     lau = launch(args, qemu_argv, name, incoming=True, ram_id=saved.ram_id,
-                 expect_size=saved.ram_size, stdout=stdout)
+                 expect_size=saved.ram_size, stdout=stdout, stdin=stdin)
     if lau.qemu.poll() is not None:
         return lau
     try:
