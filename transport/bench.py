@@ -44,6 +44,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,8 @@ from transport.tcp import BlockingChannel, TcpTransport
 from transport.tcp import run as run_loop
 from transport.token import load_token
 from transport.wire import PAGE_SIZE
+
+NODE_START_TIMEOUT = 60.0  # s for a memory node to say where it listens
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -270,12 +273,18 @@ def start_memnode(tmp: Path, listen: str, prefix: list[str] | None = None,
            "--store", str(tmp / store), "--token-file", str(tmp / "token"), *extra]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
-    for line in proc.stderr:
-        m = re.search(r"listening on (\S+)", line)
-        if m:
-            return proc, m.group(1)
+    watchdog = threading.Timer(NODE_START_TIMEOUT, proc.kill)  # a silent node ends the loop
+    watchdog.start()
+    try:
+        for line in proc.stderr:
+            m = re.search(r"listening on (\S+)", line)
+            if m:
+                return proc, m.group(1)
+    finally:
+        watchdog.cancel()
     proc.wait()
-    raise RuntimeError("the memory node did not start")
+    raise RuntimeError(f"the memory node did not start within {NODE_START_TIMEOUT:.0f} s "
+                       f"(exit code {proc.returncode}): {' '.join(cmd)}")
 
 
 def bench_netns(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:

@@ -71,10 +71,21 @@ class Etcd:
 
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
-        self.client_port = _free_port()
-        self.peer_port = _free_port()
-        self.url = f"http://127.0.0.1:{self.client_port}"
-        self.start()
+        # etcd takes no port 0: ports found free may be taken before it binds them; then it
+        # exits saying so, and it is started again on others
+        for attempt in range(3):
+            self.client_port = _free_port()
+            self.peer_port = _free_port()
+            self.url = f"http://127.0.0.1:{self.client_port}"
+            try:
+                self.start()
+                return
+            except AssertionError:
+                log = (tmp / "etcd.log").read_text(errors="replace")
+                if attempt == 2 or "address already in use" not in log:
+                    raise
+                (tmp / "etcd.log").rename(tmp / f"etcd-attempt{attempt}.log")
+                shutil.rmtree(tmp / "etcd", ignore_errors=True)
 
     def start(self) -> None:
         exe = shutil.which("etcd")

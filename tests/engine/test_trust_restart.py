@@ -14,6 +14,7 @@ from enginekit import Proc, memnode_args, wait_or_fail
 from trustkit import SERVED, start_halves
 
 from pager.tools.workload import Client, DataSet, Touch
+from tests.procs import line_within
 
 MIB = 1 << 20
 PAGE = 4096
@@ -63,7 +64,7 @@ def test_stop_timeout_poisons_instead_of_hanging(memnode, run_pager):
     proc, sock = run_pager(*memnode_args(memnode), "--stop-timeout", "1")
     w = start_halves(sock, data.seed, 4)
     try:
-        assert w.stdout.readline() == "half\n", w.stderr.read()
+        assert line_within(w) == "half\n", w.stderr.read()
         proc.p.send_signal(signal.SIGTERM)
         assert _exits(proc) == 0
         log = proc.log.read_text()
@@ -157,7 +158,7 @@ def test_supervisor_death_stops_its_pager(memnode, run_pager):
     child = int(sup.wait_for(r"pager pid (\d+) started"))
     w = start_halves(sock, data.seed, 4)
     try:
-        assert w.stdout.readline() == "half\n", w.stderr.read()
+        assert line_within(w) == "half\n", w.stderr.read()
         sup.kill(signal.SIGKILL)
         deadline = time.monotonic() + 60
         while _alive(child):
@@ -188,7 +189,7 @@ def test_halves_client_is_served_without_a_stop(memnode, run_pager):
     _, sock = run_pager(*memnode_args(memnode))
     w = start_halves(sock, data.seed, 4)
     try:
-        assert w.stdout.readline() == "half\n"
+        assert line_within(w) == "half\n"
         w.stdin.write("go\n")
         w.stdin.flush()
         assert w.wait(60) == SERVED, w.stderr.read()
@@ -210,7 +211,7 @@ def test_supervisor_giving_up_poisons_the_clients_it_holds(memnode, run_pager, t
     first = int(sup.wait_for(r"pager pid (\d+) started"))
     w = start_halves(sock, data.seed, 4)
     try:
-        assert w.stdout.readline() == "half\n", w.stderr.read()
+        assert line_within(w) == "half\n", w.stderr.read()
         token.unlink()  # every later start fails: a permanent start-up error
         os.kill(first, signal.SIGKILL)
         assert _exits(sup, 120) == 1

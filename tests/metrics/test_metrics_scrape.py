@@ -16,6 +16,7 @@ import pytest
 
 from pager.tools.workload import PAGE, DataSet
 from tests.metrics.promserver import PromServer, stop_process
+from tests.procs import line_within
 
 ROOT = Path(__file__).resolve().parents[2]
 MIB = 1 << 20
@@ -120,8 +121,7 @@ def workload(stack: dict[str, object]) -> Iterator[dict[str, object]]:
                           "--socket", str(stack["socket"]),
                           "--mib", str(WORKLOAD_MIB), "--threads", "2", "--hold", "30"],
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert w.stdout is not None
-    line = w.stdout.readline()
+    line = line_within(w)
     assert line, w.stderr.read() if w.stderr else ""
     result = json.loads(line)
     yield result

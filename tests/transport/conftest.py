@@ -7,7 +7,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,17 +35,19 @@ class NodeProc:
                "--token-file", str(self.token_file), *self.args]
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                      text=True)
-        deadline = time.monotonic() + timeout
         assert self.proc.stderr is not None
-        while time.monotonic() < deadline:
-            line = self.proc.stderr.readline()
-            if not line:
-                break
-            self.stderr_lines.append(line)
-            m = LISTENING.search(line)
-            if m:
-                self.endpoint = m.group(1)
-                return self
+        # a node that prints nothing is killed at the deadline, which ends the readline below
+        watchdog = threading.Timer(timeout, self.proc.kill)
+        watchdog.start()
+        try:
+            while line := self.proc.stderr.readline():
+                self.stderr_lines.append(line)
+                m = LISTENING.search(line)
+                if m:
+                    self.endpoint = m.group(1)
+                    return self
+        finally:
+            watchdog.cancel()
         self.stop()
         raise AssertionError(f"memnode did not start: {''.join(self.stderr_lines)}")
 

@@ -31,8 +31,9 @@ def test_dontwake_then_wake(anon):
         (ev,) = u.read_events(timeout=5)
         assert isinstance(ev, PageFault)
         assert u.copy(anon.address, pattern_bytes(PAGE, 4), dontwake=True) == PAGE
-        # the page is there, but the faulting thread sleeps until WAKE
-        assert not t.wait(0.1)
+        # the page is there, but the faulting thread sleeps in the fault until WAKE
+        wait_until(lambda: uffd_blocked() == 1, "the toucher asleep in its fault", 30)
+        assert not t.wait(0.1) and uffd_blocked() == 1
         u.wake(anon.address, PAGE)
         r = t.join(5)
         assert r.mismatches == 0
