@@ -44,12 +44,12 @@ import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from pager.tools import refpager
+from pager.tools.child import killed_after
 from transport.node.checksum import bench_lines as checksum_lines
 from transport.tcp import BlockingChannel, TcpTransport
 from transport.tcp import run as run_loop
@@ -273,15 +273,11 @@ def start_memnode(tmp: Path, listen: str, prefix: list[str] | None = None,
            "--store", str(tmp / store), "--token-file", str(tmp / "token"), *extra]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
-    watchdog = threading.Timer(NODE_START_TIMEOUT, proc.kill)  # a silent node ends the loop
-    watchdog.start()
-    try:
+    with killed_after(proc, NODE_START_TIMEOUT):  # a silent node is killed: the loop ends
         for line in proc.stderr:
             m = re.search(r"listening on (\S+)", line)
             if m:
                 return proc, m.group(1)
-    finally:
-        watchdog.cancel()
     proc.wait()
     raise RuntimeError(f"the memory node did not start within {NODE_START_TIMEOUT:.0f} s "
                        f"(exit code {proc.returncode}): {' '.join(cmd)}")

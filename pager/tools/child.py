@@ -7,12 +7,34 @@ can be waited for without a reader thread. A process restarted on the same log a
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+
+@contextlib.contextmanager
+def killed_after(proc: subprocess.Popen, timeout: float) -> Iterator[threading.Event]:
+    """Within the block ``proc`` is killed once ``timeout`` s have passed, which ends any
+    blocking read of its output; the event yielded tells whether that happened."""
+    fired = threading.Event()
+
+    def expire() -> None:
+        fired.set()
+        proc.kill()
+
+    watchdog = threading.Timer(timeout, expire)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        yield fired
+    finally:
+        watchdog.cancel()
 
 
 class Child:

@@ -8,12 +8,12 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 from enginekit import ROOT
 
+from pager.tools.child import killed_after
 from transport.node.checksum import page_sums, store_checksum
 
 # the cases `bench faults --only remote-4k-rand` runs: readahead on/off, polling off, CPU burners
@@ -83,37 +83,35 @@ def test_demo_exits_non_zero_on_a_wrong_byte():
     last = max(e for _s, e in data.data_ranges()) - 4096  # touched last by the seq workload
     p = subprocess.Popen([sys.executable, "-m", "pager.cli", "demo", "--mib", str(mib)],
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    guard = threading.Timer(300, p.kill)  # a hang guard on every wait below
-    guard.start()
     try:
-        store = None
-        assert p.stderr is not None
-        for line in p.stderr:
-            if m := re.search(r"store and token in (\S+)\)", line):
-                store = Path(m.group(1)) / "store" / "demo.pages"
-            if line.startswith("demo: seeded"):
-                os.kill(p.pid, signal.SIGSTOP)  # hold the demo while its store is edited
-                try:
-                    assert store is not None, "the demo did not say where its store is"
-                    with open(store, "r+b") as f:
-                        f.seek(last + 100)
-                        byte = f.read(1)
-                        f.seek(last + 100)
-                        f.write(bytes([byte[0] ^ 0xFF]))
-                        f.seek(last)
-                        page = f.read(4096)
-                    # and its checksum to match: a wrong byte the node cannot tell from a
-                    # right one, which only the demo's own check of every byte can catch
-                    with open(store.with_suffix(".sums"), "r+b") as f:
-                        f.seek(last // 4096 * 4)
-                        kind = store_checksum(store.parent, fresh=False)
-                        f.write(page_sums(kind, page).tobytes())
-                finally:
-                    os.kill(p.pid, signal.SIGCONT)
-                break
-        out, err = p.communicate(timeout=300)
+        with killed_after(p, 300):  # a hang guard on every wait below
+            store = None
+            assert p.stderr is not None
+            for line in p.stderr:
+                if m := re.search(r"store and token in (\S+)\)", line):
+                    store = Path(m.group(1)) / "store" / "demo.pages"
+                if line.startswith("demo: seeded"):
+                    os.kill(p.pid, signal.SIGSTOP)  # hold the demo while its store is edited
+                    try:
+                        assert store is not None, "the demo did not say where its store is"
+                        with open(store, "r+b") as f:
+                            f.seek(last + 100)
+                            byte = f.read(1)
+                            f.seek(last + 100)
+                            f.write(bytes([byte[0] ^ 0xFF]))
+                            f.seek(last)
+                            page = f.read(4096)
+                        # and its checksum to match: a wrong byte the node cannot tell from a
+                        # right one, which only the demo's own check of every byte can catch
+                        with open(store.with_suffix(".sums"), "r+b") as f:
+                            f.seek(last // 4096 * 4)
+                            kind = store_checksum(store.parent, fresh=False)
+                            f.write(page_sums(kind, page).tobytes())
+                    finally:
+                        os.kill(p.pid, signal.SIGCONT)
+                    break
+            out, err = p.communicate(timeout=300)
     finally:
-        guard.cancel()
         if p.poll() is None:
             p.kill()
             p.wait()

@@ -7,12 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from nodekit import LISTENING
+
+from pager.tools.child import killed_after
 
 
 @dataclass
@@ -37,17 +38,13 @@ class NodeProc:
                                      text=True)
         assert self.proc.stderr is not None
         # a node that prints nothing is killed at the deadline, which ends the readline below
-        watchdog = threading.Timer(timeout, self.proc.kill)
-        watchdog.start()
-        try:
+        with killed_after(self.proc, timeout):
             while line := self.proc.stderr.readline():
                 self.stderr_lines.append(line)
                 m = LISTENING.search(line)
                 if m:
                     self.endpoint = m.group(1)
                     return self
-        finally:
-            watchdog.cancel()
         self.stop()
         raise AssertionError(f"memnode did not start: {''.join(self.stderr_lines)}")
 
