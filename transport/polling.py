@@ -19,6 +19,11 @@ from transport.errors import TransportError
 # (`bench cluster`: 200 µs on the nodes took the R=2 / one-node fault p50 ratio from
 # 1.18-1.26 to 1.10-1.15 in four alternated pairs), which `memnode --poll-us` sets.
 DEFAULT_POLL_US = 50
+# The memory node's lanes adapt their window between --poll-us and this (--poll-max-us), by the
+# halt-polling rule (ssip_poll_adapt in transport/wire/ssip_poll.h). Chosen with `bench
+# cluster` (R=2 over 3 nodes, alternated pairs): 1000 µs took the R=2 fault p50 from a median
+# of 43.5 to 40.3 µs; 400 µs gained less. An idle lane still sleeps after one window.
+DEFAULT_POLL_MAX_US = 1000
 MAX_POLL_US = 1_000_000
 
 
@@ -43,8 +48,17 @@ def poll_us_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def add_poll_argument(parser: argparse.ArgumentParser, what: str) -> None:
+def add_poll_argument(parser: argparse.ArgumentParser, what: str,
+                      adaptive: bool = False) -> None:
+    """``--poll-us`` (and with ``adaptive``, ``--poll-max-us``) on ``parser``."""
     parser.add_argument("--poll-us", type=poll_us_arg, default=DEFAULT_POLL_US, metavar="N",
                         help=f"µs {what} keeps reading without blocking after the last event "
                              f"before it sleeps (adaptive polling; 0 = off, default "
                              f"%(default)s)")
+    if adaptive:
+        parser.add_argument("--poll-max-us", type=poll_us_arg, default=DEFAULT_POLL_MAX_US,
+                            metavar="N",
+                            help=f"{what} doubles its window, up to this many µs, while "
+                                 "requests keep arriving just after it ends, and halves it "
+                                 "back to --poll-us when they stop (0 or <= --poll-us: a "
+                                 "fixed window; default %(default)s)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from pathlib import Path
 
 import pytest
 from enginekit import Memnode, memnode_args, wait_or_fail
@@ -59,7 +60,8 @@ def _idle_share(pid: int, seconds: float = 1.0) -> float:
 
 
 def test_idle_pager_and_node_that_poll_use_no_cpu(tmp_path, run_pager):
-    node = Memnode(tmp_path, "127.0.0.1:0", "--poll-us", "2000")
+    # the node's window may grow to 8 ms (--poll-max-us) while faults come: still idle after
+    node = Memnode(tmp_path, "127.0.0.1:0", "--poll-us", "2000", "--poll-max-us", "8000")
     try:
         data = DataSet(4 * MIB, holes=False)
         node.seed(data)
@@ -79,6 +81,59 @@ def test_idle_pager_and_node_that_poll_use_no_cpu(tmp_path, run_pager):
             c.close(unmap=True)
     finally:
         node.proc.stop()
+
+
+def _sleeps(pid: int) -> int:
+    """Times the threads of ``pid`` blocked so far (voluntary context switches)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            text = (task / "status").read_text()
+        except OSError:
+            continue  # the thread ended
+        total += int(text.split("voluntary_ctxt_switches:")[1].split()[0])
+    return total
+
+
+def _node_sleeps_per_fault(tmp_path: Path, run_pager, name: str, *window: str) -> float:
+    """A guest that faults a page every ~0.5 ms (sparser than the node's 50 µs base window):
+    how often the memory node's threads blocked per fault."""
+    tmp_path.mkdir()
+    node = Memnode(tmp_path, "127.0.0.1:0", "--poll-us", "50", *window)
+    try:
+        data = DataSet(2 * MIB, holes=False)
+        node.seed(data)
+        pager, sock = run_pager(*memnode_args(node), "--space", "default", "--chunk", "4K",
+                                "--readahead", "0", name=name)
+        c = Client(data.size)
+        expect = bytearray(data.size)
+        data.fill(expect, 0)
+        try:
+            c.handoff(sock)
+            pages = data.size // PAGE
+            c.mem[0]  # the first fault opens the node's lane
+            before = _sleeps(node.proc.p.pid)
+            for p in range(1, pages):
+                time.sleep(0.0004)
+                assert c.mem[p * PAGE:p * PAGE + 8] == expect[p * PAGE:p * PAGE + 8]
+            return (_sleeps(node.proc.p.pid) - before) / (pages - 1)
+        finally:
+            c.close(unmap=True)
+            pager.stop()
+    finally:
+        node.proc.stop()
+
+
+def test_node_window_grows_over_a_guests_gaps(tmp_path, run_pager):
+    """With --poll-max-us the node's lane doubles its window while each request comes just
+    after it ended, so a steady sparse guest finds it polling; a fixed window (--poll-max-us
+    0) sleeps before nearly every request."""
+    fixed = _node_sleeps_per_fault(tmp_path / "fixed", run_pager, "fixed", "--poll-max-us", "0")
+    adaptive = _node_sleeps_per_fault(tmp_path / "adaptive", run_pager, "adaptive",
+                                      "--poll-max-us", "5000")
+    assert fixed > 0.5, f"a fixed 50 µs window blocked only {fixed:.2f} times per fault"
+    assert adaptive < fixed / 3, (f"the adaptive window blocked {adaptive:.2f} times per "
+                                  f"fault, a fixed one {fixed:.2f}")
 
 
 def test_bad_poll_windows_are_refused(tmp_path, run_pager):

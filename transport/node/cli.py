@@ -58,7 +58,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-fastlane", action="store_true",
                         help="serve pagers' fault lanes in Python too, not in the C loop "
                              "(for comparison; also SSI_PAGER_NO_FASTLANE=1)")
-    add_poll_argument(parser, "the C fault lane")
+    add_poll_argument(parser, "the C fault lane", adaptive=True)
     from pager import metrics
 
     metrics.add_metrics_argument(parser)
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_spaces < 1 or args.max_space_gib < 1:
         raise TransportError(f"--max-spaces {args.max_spaces} and --max-space-gib "
                              f"{args.max_space_gib} must each be at least 1")
-    fastlane.set_poll_us(args.poll_us)
+    fastlane.set_poll_us(args.poll_us, args.poll_max_us)
     store = PageStore(args.store or default_store_dir(), sync=args.fsync,
                       max_space_bytes=args.max_space_gib << 30, max_spaces=args.max_spaces)
     tls = None

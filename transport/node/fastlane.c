@@ -159,14 +159,15 @@ static int serve_frame(struct ssi_fl_conn *c)
 
 /* Adaptive polling: for poll_ns after the last frame, recv without blocking so the next FETCH
  * of a burst is read at once instead of after a thread wakeup; then a blocking recv. The window
- * restarts only when bytes arrive, so an idle lane sleeps; the spin yields now and then and
+ * restarts only when bytes arrive, so an idle lane sleeps; it adapts between poll_ns and
+ * poll_max_ns to the gaps between frames (ssip_poll_adapt); the spin yields now and then and
  * backs off when that got it preempted (ssip_poll.h). Returns what recv returned (-1 with
  * errno set). */
 static ssize_t recv_polling(struct ssi_fl_conn *c, uint64_t since)
 {
     struct iovec iov = {c->inbuf + c->end, c->in_cap - c->end};
     struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1};
-    return ssip_conn_recv_polling(SSIP_CONN(c->fd, c->ssl), &msg, since, c->poll_ns,
+    return ssip_conn_recv_polling(SSIP_CONN(c->fd, c->ssl), &msg, since, c->poll_win_ns,
                                   &c->poll_skip_until, &c->poll_backoff_ns);
 }
 
@@ -177,6 +178,8 @@ int ssi_fl_serve(struct ssi_fl_conn *c)
     if (flags >= 0 && (flags & O_NONBLOCK))
         fcntl(c->fd, F_SETFL, flags & ~O_NONBLOCK);
     c->err = 0;
+    if (c->poll_win_ns < c->poll_ns || c->poll_win_ns > c->poll_max_ns)
+        c->poll_win_ns = c->poll_ns;
     for (;;) {
         ssize_t n;
         while (c->end - c->pos >= SSIP_HEADER_SIZE) {
@@ -195,8 +198,10 @@ int ssi_fl_serve(struct ssi_fl_conn *c)
         }
         n = recv_polling(c, last);
         if (n > 0) {
+            uint64_t now = ssip_mono_ns();
             c->end += (uint32_t)n;
-            last = ssip_mono_ns();
+            ssip_poll_adapt(&c->poll_win_ns, c->poll_ns, c->poll_max_ns, now - last);
+            last = now;
         } else if (n == 0) {
             rc = SSI_FL_EOF;
             break;

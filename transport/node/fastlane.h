@@ -35,8 +35,11 @@ struct ssi_fl_conn {
     uint8_t *out;             /* reply buffer, header + the largest DATA payload */
     uint32_t out_cap;
     int err;                  /* errno of a failed recv/send (SSI_FL_ERROR) */
-    uint64_t poll_ns;         /* adaptive polling: recv without blocking this long after the
-                                 last frame before a blocking recv (0: off) */
+    uint64_t poll_ns;         /* adaptive polling: recv without blocking at least this long
+                                 after the last frame before a blocking recv (0: off) */
+    uint64_t poll_max_ns;     /* the window grows up to this while frames keep coming just
+                                 after it (ssip_poll_adapt; <= poll_ns: fixed window) */
+    uint64_t poll_win_ns;     /* the window now, between the two (the loop's own) */
     uint64_t poll_skip_until; /* no polling before (back-off, ssip_poll.h) */
     uint64_t poll_backoff_ns;
     uint64_t fetch_ok;        /* FETCH requests answered */

@@ -23,7 +23,7 @@ from typing import Any
 
 from transport.node.checksum import CRC32C
 from transport.node.store import Space
-from transport.polling import DEFAULT_POLL_US, check_poll_us
+from transport.polling import DEFAULT_POLL_MAX_US, DEFAULT_POLL_US, check_poll_us
 from transport.wire import HEADER_SIZE, MAX_DATA, MAX_FRAME
 
 log = logging.getLogger(__name__)
@@ -42,13 +42,16 @@ EOF_ = lib.SSI_FL_EOF if lib is not None else 2
 ERROR = lib.SSI_FL_ERROR if lib is not None else 3
 MAX_SPACES = lib.SSI_FL_MAX_SPACES if lib is not None else 0
 _poll_us = DEFAULT_POLL_US
+_poll_max_us = DEFAULT_POLL_MAX_US
 
 
-def set_poll_us(poll_us: int) -> None:
+def set_poll_us(poll_us: int, poll_max_us: int = DEFAULT_POLL_MAX_US) -> None:
     """The adaptive polling window of the lanes started from now on in this process (µs of
-    non-blocking reads after the last frame; 0 = off): ``memnode --poll-us``."""
-    global _poll_us
+    non-blocking reads after the last frame; 0 = off), growing up to ``poll_max_us`` while
+    frames come just after it: ``memnode --poll-us``, ``--poll-max-us``."""
+    global _poll_us, _poll_max_us
     _poll_us = check_poll_us(poll_us)
+    _poll_max_us = check_poll_us(poll_max_us)
 
 
 def poll_us() -> int:
@@ -79,6 +82,7 @@ class FastLane:
         c.fd = -1
         c.max_space_bytes = max_space_bytes
         c.poll_ns = _poll_us * 1000
+        c.poll_max_ns = _poll_max_us * 1000
         self._bitmaps: list[Any] = []  # keeps the bitmaps' buffer exports alive
         self._names: list[str] = []
         self.thread: threading.Thread | None = None

@@ -61,6 +61,23 @@ static inline int ssip_poll_over(uint64_t start, uint64_t window, uint64_t *prev
     return now - start >= window;
 }
 
+/* The window's own adaptation (the halt-polling rule of Linux's cpuidle-haltpoll and KVM):
+ * ``idle`` is the time from the previous event to the one that just came. An event that came
+ * after the window had ended but within ``max`` would have been caught by a longer window:
+ * double it (up to ``max``); an idle time longer than ``max`` means the events stopped: halve it
+ * (down to ``base``). A lane that sees every few faults of a busy guest (one replica among
+ * several) thus spins over its gaps, and an idle one goes back to ``base`` and sleeps. */
+static inline void ssip_poll_adapt(uint64_t *window, uint64_t base, uint64_t max,
+                                   uint64_t idle)
+{
+    if (!base || max <= base)
+        return;
+    if (idle > max)
+        *window = *window / 2 > base ? *window / 2 : base;
+    else if (idle > *window)
+        *window = *window * 2 < max ? *window * 2 : max;
+}
+
 /* recvmsg with adaptive polling: non-blocking reads from ``start`` until ``window`` has passed
  * (or a preemption ended it), then a blocking read. What recvmsg returned (-1: errno). */
 static inline ssize_t ssip_recvmsg_polling(int fd, struct msghdr *msg, uint64_t start,
