@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PF_BATCH = 1 << 20   # bytes per replay batch (one wake per batch)
+PF_PIECE = 64 << 10  # bytes per install ioctl of a batch: a waiting fault goes first after one
 PF_AHEAD = 2         # batches fetched and not yet installed, at most
 STORE_CHUNK = 1 << 20
 STORE_WAIT = 10.0    # s a starting client waits for its space's record being stored
@@ -218,7 +219,8 @@ class WorkingSetMixin:
     def _pf_install(self: ClientPager) -> None:
         """Install the first fetched batch run by run, each with COPY DONTWAKE, then wake
         what was installed once. A fault arriving meanwhile comes first: the rest of the batch
-        goes back to the head of the queue (``prefetch_yields``) until no fault waits."""
+        goes back to the head of the queue (``prefetch_yields``) until no fault waits. Runs
+        go in pieces of ``PF_PIECE`` bytes: a fault waits for one piece's copy at most."""
         batch = self._pf_done[0]
         waiting = self._pf_poll.poll
         lo, hi = None, 0
@@ -227,6 +229,11 @@ class WorkingSetMixin:
                 self.stats.prefetch_yields += 1
                 break
             r, addr, gpa, n, buf, mask = batch.popleft()
+            piece = max(PF_PIECE, r.page_size)
+            if n > piece:  # the rest after this piece: a fault waiting now goes before it
+                batch.appendleft((r, addr + piece, gpa + piece, n - piece, buf[piece:],
+                                  mask >> (piece // GRANULE)))
+                n, buf, mask = piece, buf[:piece], mask & ((1 << (piece // GRANULE)) - 1)
             plan = self.state.install_plan(Fetch(r, addr, n, gpa))
             if plan is None:
                 self.stats.prefetch_wasted += n
