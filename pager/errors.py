@@ -25,3 +25,7 @@ class FaultError(PagerError):
 
 class VmError(PagerError):
     """Starting, suspending or resuming a QEMU guest failed."""
+
+
+class ChildError(PagerError):
+    """A process started by a tool (a bench's memory node or pager) did not come up."""

@@ -17,6 +17,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from pager.errors import ChildError
+
 
 @contextlib.contextmanager
 def killed_after(proc: subprocess.Popen, timeout: float) -> Iterator[threading.Event]:
@@ -65,8 +67,8 @@ class Child:
             if self.p.poll() is not None:
                 break
             time.sleep(0.05)
-        raise RuntimeError(f"{self.log.name}: no {pattern!r} (exit {self.p.poll()}): "
-                           f"{self.text()[-2000:]}")
+        raise ChildError(f"{self.log.name}: no {pattern!r} (exit {self.p.poll()}): "
+                         f"{self.text()[-2000:]}")
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.p.poll() is None:

@@ -54,11 +54,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=3, help="threads of the aggregate run")
     parser.add_argument("--fault-runs", type=int, default=5, metavar="N",
                         help="runs of each side of the guest-fault figure (medians reported)")
+    parser.add_argument("--node-arg", action="append", default=[], metavar="ARG",
+                        help="extra `ssi-pager memnode` argument for every node, e.g. "
+                             "--node-arg=--poll-max-us=0 (repeatable)")
     compress_bench.add_arguments(parser)
 
 
-def start_nodes(tmp: Path, n: int) -> list[tuple[Child, str, str]]:
-    """``n`` memory nodes: (process, endpoint, metrics endpoint) each."""
+def start_nodes(tmp: Path, n: int, extra: list[str] | None = None
+                ) -> list[tuple[Child, str, str]]:
+    """``n`` memory nodes: (process, endpoint, metrics endpoint) each (``extra``: more
+    memnode arguments)."""
     nodes = []
     for i in range(n):
         d = tmp / f"n{i}"
@@ -68,7 +73,8 @@ def start_nodes(tmp: Path, n: int) -> list[tuple[Child, str, str]]:
             os.chmod(d / "token", 0o600)
         metrics = f"127.0.0.1:{free_port()}"
         c = Child(["memnode", "--listen", "127.0.0.1:0", "--store", str(d / "store"),
-                   "--token-file", str(d / "token"), "--name", f"n{i}", "--metrics", metrics],
+                   "--token-file", str(d / "token"), "--name", f"n{i}", "--metrics", metrics,
+                   *(extra or [])],
                   d / "memnode.log")
         nodes.append((c, c.wait_for(r"listening on (\S+)"), metrics))
     return nodes
@@ -182,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
     spaces = [f"agg{i}" for i in range(args.threads)]
     with tempfile.TemporaryDirectory(prefix="ssi-bench-cluster-") as tmp_name:
         tmp = Path(tmp_name)
-        nodes = start_nodes(tmp, 3)
+        nodes = start_nodes(tmp, 3, args.node_arg)
         token = load_token(tmp / "n0" / "token")
         eps = [ep for _, ep, _ in nodes]
         one = MemnodeSource(eps[0], token, "b1", prefer="tcp")

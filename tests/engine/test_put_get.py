@@ -97,3 +97,11 @@ def test_bench_cluster_prints_its_five_figures(tmp_path):
     if "skipped" not in link:  # network namespaces available (root)
         assert link["page_bytes"] == 2 << 20
         assert link["raw_store_gbps"] > 0 and link["lz4_fetch_ratio"] > 0
+
+
+def test_bench_cluster_passes_node_arguments_and_names_a_node_that_failed():
+    r = cli("bench", "cluster", "--mib", "1", "--no-link", "--node-arg=--bogus-option")
+    assert r.returncode == 1, r.stderr
+    assert "ssi-pager: error: memnode.log" in r.stderr  # one line, no traceback
+    assert "unrecognized arguments: --bogus-option" in r.stderr
+    assert "Traceback" not in r.stderr
