@@ -11,6 +11,13 @@ acknowledged: a killed node (even ``kill -9``) loses no acknowledged page; ``syn
 over pages written before leaves them written, with old or new bytes.) A store from before the
 bitmap file existed gets one built from the page file's extents (``SEEK_DATA``/``SEEK_HOLE``).
 
+A store's pages and their checksums are two writes. Before the first, the range of pages the
+store changes goes into ``<store>/<space>.intent`` (mapped shared, so a ``kill -9`` keeps it;
+synced first with ``sync=True``), and it is cleared after the second. A node killed between the
+two finds the range there at its next start and checksums those pages again from the bytes on
+disk (each page is whole, old or new: the store was never acknowledged, and its sender sends it
+again), instead of failing them as corrupt.
+
 The bitmap mapping has a fixed capacity (one bit per page up to the node's address space limit;
 untouched parts cost no memory or disk), so its address never changes: the memory node's C fault
 lane (`transport.node.fastlane`) reads it from its own thread while stores set bits here, under the
@@ -47,6 +54,7 @@ log = logging.getLogger(__name__)
 BITMAP_SUFFIX = ".written"
 SUMS_SUFFIX = ".sums"  # checksum of each written page, 4 bytes per page (native order)
 GEN_SUFFIX = ".gen"  # the space's generation: random, made with its page file
+INTENT_SUFFIX = ".intent"  # the store under way: (first page, pages), u64 each; 0 pages: none
 STORE_ID_FILE = "store.id"  # the store's identity: random, made with the store
 DEFAULT_MAX_SPACES = 1024  # two fds each (pages and bitmap)
 
@@ -152,6 +160,7 @@ class Space:
                 self._count()
             if self._map_sums(path.with_name(path.stem + SUMS_SUFFIX)) and self.pages:
                 self._sum_existing()
+            self._map_intent(path.with_name(path.stem + INTENT_SUFFIX))
             self.generation = _identity_file(path.with_name(path.stem + GEN_SUFFIX), 8,
                                              f"generation of space {name}")
         except BaseException:
@@ -170,6 +179,30 @@ class Space:
             spath, max(self.capacity_pages * 4, 4), "the page checksums")
         self._sums = memoryview(self._sums_map).cast("I")
         return fresh
+
+    def _map_intent(self, ipath: Path) -> None:
+        """Map the store-under-way slot (no fd kept), and finish a store a kill cut short."""
+        fd, self._intent_map, _fresh = _map_sparse(ipath, 16, "the store-in-progress record")
+        os.close(fd)
+        self._intent = memoryview(self._intent_map).cast("Q")
+        first, count = self._intent[0], self._intent[1]
+        if not count:
+            return
+        log.warning("space %s: a store of pages %d-%d was cut short (the node was stopped in "
+                    "it); checksumming them again from the page file", self.name, first,
+                    first + count - 1)
+        self._resum(first, first + count)
+        self._intent[1] = 0
+
+    def _resum(self, first: int, end: int) -> None:
+        """Checksum the written pages in ``[first, end)`` from the bytes in the page file."""
+        buf = bytearray(PAGE_SIZE)
+        for p in range(first, min(end, self.capacity_pages)):
+            if self._bits[p >> 3] >> (p & 7) & 1:
+                n = os.preadv(self.fd, [buf], p << PAGE_SHIFT)
+                if n < PAGE_SIZE:
+                    buf[n:] = bytes(PAGE_SIZE - n)
+                self._sums[p] = page_sums(self.checksum, buf)[0]
 
     def _sum_existing(self) -> None:
         """Checksum the written pages of a store made before checksums existed (only the page
@@ -220,6 +253,11 @@ class Space:
         log.info("space %s: %d written pages in %s", self.name, self.pages, self.path)
 
     def close(self) -> None:
+        intent = getattr(self, "_intent", None)
+        if intent is not None:
+            intent.release()
+            self._intent_map.close()
+            self._intent = None
         sums = getattr(self, "_sums", None)
         if sums is not None:
             sums.release()
@@ -358,12 +396,20 @@ class Space:
         # under the lock: a reader whose checksum failed reads again under it, and so never
         # takes a store under way for corruption
         with self._lock:
+            intent = self._intent
+            intent[0], intent[1] = first, len(crcs)  # (the count last: it makes the record)
+            if self.sync:
+                self._sync_intent()
             try:
                 while done < len(view):
                     done += os.pwrite(self.fd, view[done:], gpa + done)
                 if self.sync:
                     os.fdatasync(self.fd)
             except OSError as exc:
+                # pages written before hold old or new bytes now: checksummed as they are
+                with contextlib.suppress(OSError):
+                    self._resum(first, first + len(crcs))
+                    intent[1] = 0
                 raise StoreError(f"writing {len(view)} bytes at {gpa:#x} of space {self.name} "
                                  f"failed: {exc.strerror}; free space in {self.path.parent}",
                                  errno=exc.errno) from exc
@@ -372,8 +418,16 @@ class Space:
             self._sums[first:first + len(crcs)] = crcs
             # only now: a store that failed half-way marks nothing
             self._mark(first, len(view) >> PAGE_SHIFT)
+            intent[1] = 0
         if self.sync:
             self._flush_bits(first, len(crcs))
+
+    def _sync_intent(self) -> None:
+        try:
+            self._intent_map.flush()
+        except OSError as exc:
+            raise StoreError(f"syncing the store-in-progress record of space {self.name} "
+                             f"failed: {exc.strerror}", errno=exc.errno) from exc
 
     def _flush_bits(self, first: int, count: int) -> None:
         lo = (first >> 3) & ~(mmap.PAGESIZE - 1)
