@@ -321,7 +321,7 @@ def test_a_store_cut_short_by_a_kill_is_checksummed_again_not_corrupt(node_facto
         f.seek(6 * PAGE)
         f.write(old)
     node3 = node_factory(*_args(lane))
-    with BlockingChannel.connect(node3.endpoint, node3.token, "vm") as ch:
-        with pytest.raises(CorruptPageError, match=r"page 6 .*fails its checksum"):
-            ch.fetch_into(6 * PAGE, bytearray(PAGE))
+    with (BlockingChannel.connect(node3.endpoint, node3.token, "vm") as ch,
+          pytest.raises(CorruptPageError, match=r"page 6 .*fails its checksum")):
+        ch.fetch_into(6 * PAGE, bytearray(PAGE))
     node3.stop()

@@ -197,7 +197,7 @@ class Space:
     def _resum(self, first: int, end: int) -> None:
         """Checksum the written pages in ``[first, end)`` from the bytes in the page file."""
         buf = bytearray(PAGE_SIZE)
-        for p in range(first, min(end, self.capacity_pages)):
+        for p in range(first, min(end, len(self._bits) * 8)):
             if self._bits[p >> 3] >> (p & 7) & 1:
                 n = os.preadv(self.fd, [buf], p << PAGE_SHIFT)
                 if n < PAGE_SIZE:
@@ -208,15 +208,8 @@ class Space:
         """Checksum the written pages of a store made before checksums existed (only the page
         file's data extents are read)."""
         log.info("space %s: computing checksums of %d written pages", self.name, self.pages)
-        buf = bytearray(PAGE_SIZE)
-        nbits = len(self._bits) * 8
         for data, hole in _extents(self.fd):
-            for p in range(data >> PAGE_SHIFT, min((hole + PAGE_SIZE - 1) >> PAGE_SHIFT, nbits)):
-                if self._bits[p >> 3] >> (p & 7) & 1:
-                    n = os.preadv(self.fd, [buf], p << PAGE_SHIFT)
-                    if n < PAGE_SIZE:
-                        buf[n:] = bytes(PAGE_SIZE - n)
-                    self._sums[p] = page_sums(self.checksum, buf)[0]
+            self._resum(data >> PAGE_SHIFT, (hole + PAGE_SIZE - 1) >> PAGE_SHIFT)
 
     @property
     def sums(self) -> mmap.mmap:
