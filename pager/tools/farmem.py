@@ -62,6 +62,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              " instead of zeros: memory that does not compress to nothing")
     parser.add_argument("--only", default="", help="run only cases whose name contains this")
     parser.add_argument("--no-zram", action="store_true", help="skip the kernel swap cases")
+    parser.add_argument("--node-arg", action="append", default=[], metavar="ARG",
+                        help="extra `ssi-pager memnode` argument (repeatable)")
+    parser.add_argument("--pager-arg", action="append", default=[], metavar="ARG",
+                        help="extra `ssi-pager serve` argument (repeatable)")
     # the workload child (internal)
     parser.add_argument("--child", choices=("anon", "memfd"), help=argparse.SUPPRESS)
     parser.add_argument("--bytes", type=int, help=argparse.SUPPRESS)
@@ -201,14 +205,15 @@ def _ssi_case(size: int, hot_ops: int, args: argparse.Namespace, work: Path,
               policy: str = "clock") -> dict:
     token = work / "token"
     node = Child(["memnode", "--listen", "127.0.0.1:0", "--store", str(work / "store"),
-                  "--token-file", str(token)], work / "memnode.log")
+                  "--token-file", str(token), *args.node_arg], work / "memnode.log")
     pager = None
     try:
         endpoint = node.wait_for(r"listening on (\S+)")
         sock = str(work / "pager.sock")
         pager = Child(["serve", "--socket", sock, "--memnode", endpoint, "--token-file",
                        str(token), "--max-resident", str(args.limit), "--chunk",
-                       str(args.chunk), "--readahead", "0", "--evict-policy", policy],
+                       str(args.chunk), "--readahead", "0", "--evict-policy", policy,
+                       *args.pager_arg],
                       work / "pager.log")
         pager.wait_for(r"pager: serving")
         return _run_child("memfd", size, hot_ops, args, socket=sock)
