@@ -4,6 +4,7 @@ served is the same, and an idle pager or node that polls still sleeps (~0% CPU).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import subprocess
@@ -88,7 +89,8 @@ def test_idle_pager_and_node_that_poll_use_no_cpu(tmp_path, run_pager):
 def _pin(pid: int, cpu: int) -> None:
     """Every thread of ``pid`` (and so the threads they start) on ``cpu``."""
     for task in Path(f"/proc/{pid}/task").iterdir():
-        os.sched_setaffinity(int(task.name), {cpu})
+        with contextlib.suppress(ProcessLookupError):  # the thread ended
+            os.sched_setaffinity(int(task.name), {cpu})
 
 
 TWO_CPUS = pytest.mark.skipif(not {0, 1} <= os.sched_getaffinity(0), reason="needs CPUs 0 and 1")
@@ -106,20 +108,26 @@ def _sleeps(pid: int) -> int:
     return total
 
 
-def _node_sleeps_per_fault(tmp_path: Path, run_pager, name: str, *window: str) -> float:
-    """A guest that faults a page every ~0.5 ms (sparser than the node's 50 µs base window):
-    how often the memory node's threads blocked per fault. The node has CPU 0 to itself, the
-    pager and the guest CPU 1: a spin preempted by a neighbour backs off (tested below), which
-    is not what this measures."""
+def _paced_faults(tmp_path: Path, run_pager, node_args: tuple[str, ...], gap: float,
+                  burner: bool = False) -> tuple[float, float]:
+    """A guest that faults a page every ``gap`` seconds, the memory node (``node_args``)
+    pinned to CPU 0, the pager and the guest to CPU 1 (a spin preempted by a neighbour backs
+    off, so where the scheduler puts them must not decide what is measured); ``burner``: a
+    CPU-bound process shares CPU 0. Returns the share of CPU 0 the node took while the guest
+    faulted, and how often its threads blocked per fault."""
     tmp_path.mkdir()
-    node = Memnode(tmp_path, "127.0.0.1:0", "--poll-us", "50", *window)
+    node = Memnode(tmp_path, "127.0.0.1:0", *node_args)
+    hog = None
     try:
         data = DataSet(2 * MIB, holes=False)
         node.seed(data)
         pager, sock = run_pager(*memnode_args(node), "--space", "default", "--chunk", "4K",
-                                "--readahead", "0", name=name)
+                                "--readahead", "0", name=tmp_path.name)
         _pin(node.proc.p.pid, 0)
         _pin(pager.p.pid, 1)
+        if burner:
+            hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            os.sched_setaffinity(hog.pid, {0})
         c = Client(data.size)
         expect = bytearray(data.size)
         data.fill(expect, 0)
@@ -129,17 +137,28 @@ def _node_sleeps_per_fault(tmp_path: Path, run_pager, name: str, *window: str) -
             c.handoff(sock)
             pages = data.size // PAGE
             c.mem[0]  # the first fault opens the node's lane
-            before = _sleeps(node.proc.p.pid)
+            pid = node.proc.p.pid
+            t0, c0, s0 = time.monotonic(), cpu_seconds(pid), _sleeps(pid)
             for p in range(1, pages):
-                time.sleep(0.0004)
+                time.sleep(gap)
                 assert c.mem[p * PAGE:p * PAGE + 8] == expect[p * PAGE:p * PAGE + 8]
-            return (_sleeps(node.proc.p.pid) - before) / (pages - 1)
+            return ((cpu_seconds(pid) - c0) / (time.monotonic() - t0),
+                    (_sleeps(pid) - s0) / (pages - 1))
         finally:
             os.sched_setaffinity(0, here)
             c.close(unmap=True)
             pager.stop()
     finally:
+        if hog is not None:
+            hog.kill()
+            hog.wait(10)
         node.proc.stop()
+
+
+def _node_sleeps_per_fault(tmp_path: Path, run_pager, *window: str) -> float:
+    """A guest that faults a page every ~0.5 ms (sparser than the node's 50 µs base window):
+    how often the memory node's threads blocked per fault."""
+    return _paced_faults(tmp_path, run_pager, ("--poll-us", "50", *window), 0.0004)[1]
 
 
 @TWO_CPUS
@@ -147,9 +166,8 @@ def test_node_window_grows_over_a_guests_gaps(tmp_path, run_pager):
     """With --poll-max-us the node's lane doubles its window while each request comes just
     after it ended, so a steady sparse guest finds it polling; a fixed window (--poll-max-us
     0) sleeps before nearly every request."""
-    fixed = _node_sleeps_per_fault(tmp_path / "fixed", run_pager, "fixed", "--poll-max-us", "0")
-    adaptive = _node_sleeps_per_fault(tmp_path / "adaptive", run_pager, "adaptive",
-                                      "--poll-max-us", "5000")
+    fixed = _node_sleeps_per_fault(tmp_path / "fixed", run_pager, "--poll-max-us", "0")
+    adaptive = _node_sleeps_per_fault(tmp_path / "adaptive", run_pager, "--poll-max-us", "5000")
     assert fixed > 0.5, f"a fixed 50 µs window blocked only {fixed:.2f} times per fault"
     assert adaptive < fixed / 3, (f"the adaptive window blocked {adaptive:.2f} times per "
                                   f"fault, a fixed one {fixed:.2f}")
@@ -169,46 +187,10 @@ def test_bad_poll_windows_are_refused(tmp_path, run_pager):
 
 
 def _node_cpu_share(tmp_path: Path, run_pager, burner: bool) -> float:
-    """A guest faults a page every ~1 ms; the memory node is pinned to CPU 0 with a 20 ms
-    polling window (it would spin between all of those faults), the pager and the guest on
-    CPU 1; ``burner``: a CPU-bound process shares CPU 0. Returns the share of CPU 0 the node
-    took while the guest faulted."""
-    tmp_path.mkdir()
-    node = Memnode(tmp_path, "127.0.0.1:0", "--poll-us", "20000", "--poll-max-us", "0")
-    hog = None
-    try:
-        data = DataSet(2 * MIB, holes=False)
-        node.seed(data)
-        pager, sock = run_pager(*memnode_args(node), "--space", "default", "--chunk", "4K",
-                                "--readahead", "0", name=tmp_path.name)
-        _pin(node.proc.p.pid, 0)
-        _pin(pager.p.pid, 1)
-        if burner:
-            hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-            os.sched_setaffinity(hog.pid, {0})
-        c = Client(data.size)
-        expect = bytearray(data.size)
-        data.fill(expect, 0)
-        here = os.sched_getaffinity(0)
-        os.sched_setaffinity(0, {1})
-        try:
-            c.handoff(sock)
-            c.mem[0]  # the first fault opens the node's lane
-            pages = data.size // PAGE
-            t0, c0 = time.monotonic(), cpu_seconds(node.proc.p.pid)
-            for p in range(1, pages):
-                time.sleep(0.001)
-                assert c.mem[p * PAGE:p * PAGE + 8] == expect[p * PAGE:p * PAGE + 8]
-            return (cpu_seconds(node.proc.p.pid) - c0) / (time.monotonic() - t0)
-        finally:
-            os.sched_setaffinity(0, here)
-            c.close(unmap=True)
-            pager.stop()
-    finally:
-        if hog is not None:
-            hog.kill()
-            hog.wait(10)
-        node.proc.stop()
+    """The share of its CPU a node with a 20 ms polling window (it would spin between all of
+    the faults) took while a guest faulted every ~1 ms."""
+    return _paced_faults(tmp_path, run_pager, ("--poll-us", "20000", "--poll-max-us", "0"),
+                         0.001, burner)[0]
 
 
 @TWO_CPUS
