@@ -6,14 +6,17 @@ anonymous memory refused with the reason."""
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
-from enginekit import memnode_args
+from enginekit import ROOT, memnode_args
 
 from pager.core.region import Region
 from pager.engine import FaultEngine
@@ -386,3 +389,26 @@ def test_limit_needs_a_source_that_takes_stores(tmp_path):
         FaultEngine(FileSource(str(path)), max_resident=64 * MIB)
     with pytest.raises(ConfigError, match="too small"):
         FaultEngine(FileSource(str(path)), max_resident=4096)
+
+
+def _bench_farmem(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pager.cli", "bench", "farmem", "--json",
+                           "--limit", "4M", "--ratios", "2", "--ops", "2000", "--no-zram",
+                           "--only", "uniform", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_bench_farmem_runs_its_cases_and_passes_options_on():
+    r = _bench_farmem("--node-arg=--poll-us=0", "--pager-arg=--poll-us=0")
+    assert r.returncode == 0, r.stderr
+    got = {d["name"]: d for d in map(json.loads, r.stdout.splitlines())}
+    for mode in ("resident", "ssi-pager"):
+        case = got[f"farmem-uniform-2x-{mode}"]
+        assert case["ops_per_s"] > 0 and case["errors"] == 0 and case["check"] == 0, case
+    assert got["farmem-uniform-2x-ssi-pager/resident"]["ratio"] > 0
+    # an option the pager does not take: named in one line, no traceback
+    bad = _bench_farmem("--pager-arg=--bogus-option")
+    assert bad.returncode == 1, bad.stderr
+    assert "ssi-pager: error:" in bad.stderr and "pager.log" in bad.stderr, bad.stderr
+    assert "unrecognized arguments: --bogus-option" in bad.stderr
+    assert "Traceback" not in bad.stderr
