@@ -97,13 +97,16 @@ def cpu_seconds(pid: int) -> float:
 
 
 class Burners:
-    """One CPU-bound process per core while a case runs: ``share()`` is the part of all
-    CPUs they got (1.0 = the faults cost them nothing)."""
+    """One CPU-bound process per core while a case runs (``pinned``: one on each of those
+    CPUs, pinned there): ``share()`` is the part of all CPUs they got (1.0 = the faults cost
+    them nothing)."""
 
-    def __init__(self) -> None:
-        n = os.cpu_count() or 1
+    def __init__(self, pinned: list[int] | None = None) -> None:
+        n = len(pinned) if pinned is not None else os.cpu_count() or 1
         self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
                       for _ in range(n)]
+        for p, cpu in zip(self.procs, pinned or [], strict=False):
+            os.sched_setaffinity(p.pid, {cpu})
         self.t0 = time.monotonic()
         self.c0 = [cpu_seconds(p.pid) for p in self.procs]
 

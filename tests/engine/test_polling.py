@@ -7,8 +7,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +16,7 @@ from enginekit import Memnode, memnode_args, wait_or_fail
 from pager.core.region import Region
 from pager.engine import FaultEngine
 from pager.errors import ConfigError
-from pager.tools.bench import cpu_seconds
+from pager.tools.bench import Burners, cpu_seconds
 from pager.tools.workload import Client, DataSet
 
 MIB = 1 << 20
@@ -126,8 +124,7 @@ def _paced_faults(tmp_path: Path, run_pager, node_args: tuple[str, ...], gap: fl
         _pin(node.proc.p.pid, 0)
         _pin(pager.p.pid, 1)
         if burner:
-            hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-            os.sched_setaffinity(hog.pid, {0})
+            hog = Burners(pinned=[0])
         c = Client(data.size)
         expect = bytearray(data.size)
         data.fill(expect, 0)
@@ -150,8 +147,7 @@ def _paced_faults(tmp_path: Path, run_pager, node_args: tuple[str, ...], gap: fl
             pager.stop()
     finally:
         if hog is not None:
-            hog.kill()
-            hog.wait(10)
+            hog.stop()
         node.proc.stop()
 
 
