@@ -137,6 +137,7 @@ static inline ssize_t ssip_conn_recv_polling(struct ssip_conn c, struct msghdr *
     if (!SSL_pending(c.ssl) && prev - start < window
             && ssip_poll_allowed(window, *skip_until, prev)) {
         unsigned k = 1;
+        long switches = -1;
         uint8_t b;
         do {
             ssize_t n = recv(c.fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
@@ -145,7 +146,7 @@ static inline ssize_t ssip_conn_recv_polling(struct ssip_conn c, struct msghdr *
                 break;
             }
             ssip_poll_relax(k++);
-        } while (!ssip_poll_over(start, window, &prev, skip_until, backoff));
+        } while (!ssip_poll_over(start, window, &prev, skip_until, backoff, &switches));
     }
     ssize_t n = ssip_recv_some(c, msg->msg_iov[0].iov_base, msg->msg_iov[0].iov_len, 0);
     if (n < 0) {

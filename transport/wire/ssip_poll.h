@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <sched.h>
 #include <stdint.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
 
@@ -39,24 +40,42 @@ static inline int ssip_poll_allowed(uint64_t window, uint64_t skip_until, uint64
     return window && now >= skip_until;
 }
 
+/* The calling thread's involuntary context switches so far (-1: not known). A yield that let
+ * another thread run counts one, and so does a preemption; time the host took the whole vCPU
+ * away (steal) does not, as the guest kernel switched nothing. */
+static inline long ssip_thread_preemptions(void)
+{
+    struct rusage r;
+    return getrusage(RUSAGE_THREAD, &r) ? -1 : r.ru_nivcsw;
+}
+
 /* Whether a polling window should end: it is over, or this thread was just preempted (a gap
- * between two reads far longer than one read: a yield let a CPU-bound thread run for its
- * time slice). A yielding thread stays runnable and loses the wakeup preemption a sleeping
- * one gets, so on a busy host it would wait whole time slices for its own events: after a
- * preemption polling backs off (no spinning for 1 ms, doubling to 1 s while it repeats, reset
- * by a window that ends in data). ``*prev`` is the last read's time. */
+ * between two reads far longer than one read, and the thread's involuntary switches rose:
+ * a yield let a CPU-bound thread run for its time slice). A yielding thread stays runnable
+ * and loses the wakeup preemption a sleeping one gets, so on a busy host it would wait whole
+ * time slices for its own events: after a preemption polling backs off (no spinning for 1 ms,
+ * doubling to 1 s while it repeats, reset by a window that ends in data). A long gap with no
+ * switch is the vCPU stolen by its host: no other thread wanted this CPU, so the window goes
+ * on. ``*prev`` is the last read's time; ``*switches`` the thread's switches when the window
+ * was first checked (-1 before: the first check takes it, so a window served by its first
+ * read costs no system call for it). */
 static inline int ssip_poll_over(uint64_t start, uint64_t window, uint64_t *prev,
-                                 uint64_t *skip_until, uint64_t *backoff)
+                                 uint64_t *skip_until, uint64_t *backoff, long *switches)
 {
     uint64_t now = ssip_mono_ns();
     uint64_t gap = now - *prev;
     *prev = now;
-    if (gap > SSIP_POLL_PREEMPTED_NS) {
-        *backoff = *backoff ? (*backoff * 2 > SSIP_POLL_BACKOFF_MAX_NS ? SSIP_POLL_BACKOFF_MAX_NS
-                                                                       : *backoff * 2)
-                            : SSIP_POLL_BACKOFF_MIN_NS;
-        *skip_until = now + *backoff;
-        return 1;
+    if (*switches < 0)
+        *switches = ssip_thread_preemptions();
+    else if (gap > SSIP_POLL_PREEMPTED_NS) {
+        long seen = ssip_thread_preemptions();
+        if (seen < 0 || seen != *switches) {
+            *backoff = *backoff ? (*backoff * 2 > SSIP_POLL_BACKOFF_MAX_NS
+                                   ? SSIP_POLL_BACKOFF_MAX_NS : *backoff * 2)
+                                : SSIP_POLL_BACKOFF_MIN_NS;
+            *skip_until = now + *backoff;
+            return 1;
+        }
     }
     return now - start >= window;
 }
@@ -88,6 +107,7 @@ static inline ssize_t ssip_recvmsg_polling(int fd, struct msghdr *msg, uint64_t 
     uint64_t prev = ssip_mono_ns();
     if (prev - start < window && ssip_poll_allowed(window, *skip_until, prev)) {
         unsigned k = 1;
+        long switches = -1;
         do {
             n = recvmsg(fd, msg, MSG_DONTWAIT);
             if (n >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
@@ -95,7 +115,7 @@ static inline ssize_t ssip_recvmsg_polling(int fd, struct msghdr *msg, uint64_t 
                 return n;
             }
             ssip_poll_relax(k++);
-        } while (!ssip_poll_over(start, window, &prev, skip_until, backoff));
+        } while (!ssip_poll_over(start, window, &prev, skip_until, backoff, &switches));
     }
     do {
         n = recvmsg(fd, msg, 0);

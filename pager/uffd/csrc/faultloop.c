@@ -367,6 +367,7 @@ static int ssi_pfl_spin(struct ssi_pfl *l, int max_events)
     if (prev - l->last_event_ns >= l->poll_ns
             || !ssip_poll_allowed(l->poll_ns, l->poll_skip_until, prev))
         return 0;
+    long switches = -1;
     for (unsigned k = 1;; k++) {
         int n = ssi_uffd_read(l->uffd, l->events, max_events);
         if (n) {
@@ -374,7 +375,7 @@ static int ssi_pfl_spin(struct ssi_pfl *l, int max_events)
             return n;
         }
         if (ssip_poll_over(l->last_event_ns, l->poll_ns, &prev, &l->poll_skip_until,
-                           &l->poll_backoff_ns))
+                           &l->poll_backoff_ns, &switches))
             return 0;
         ssip_poll_relax(k);
     }
