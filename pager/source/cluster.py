@@ -144,6 +144,9 @@ class ClusterSource(PageSource):
         self.members: set[str] = set(nodes)
         self.boots: dict[str, str | None] = {n: self._boot(n) for n in nodes}
         self._held: dict[tuple[str, int], set[tuple[str, int]]] = {}
+        # (space, extent) -> (routing stamp, read order) for `holders` on the fault path:
+        # valid while neither routing counter moved (every change to what it reads moves one)
+        self._orders: dict[tuple[str, int], tuple[tuple[int, int], tuple[str, ...]]] = {}
         self.ext_locks = [threading.Lock() for _ in range(_LOCKS)]
         self.rtt: dict[str, float] = {}  # node -> round trip (s) reads are ordered by
         self._pings: dict[str, deque[float]] = {}
@@ -247,7 +250,19 @@ class ClusterSource(PageSource):
     def holders(self, space: str, ext: int) -> list[str]:
         """Live nodes holding every page of the extent in the order a fetch tries them:
         lowest round trip first, equally near ones in ``space``'s preference order."""
+        return list(self._read_order(space, ext))
+
+    def _read_order(self, space: str, ext: int) -> tuple[str, ...]:
+        """`holders` as a tuple, kept per extent while the routing counters stand still: a
+        holder lost or gained, a node down or back, a member change and round trips that
+        reorder reads each move ``route_gen`` or ``route_soft``. The stamp is read before
+        the order is computed, so an order computed across a change is recomputed."""
+        stamp = (self.route_gen[0], self.route_soft)
+        hit = self._orders.get((space, ext))
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
         with self.lock:
+            stamp = (self.route_gen[0], self.route_soft)
             pairs = self._held.get((space, ext))
             if pairs is None:
                 nodes, r = self._base(space)
@@ -255,7 +270,9 @@ class ClusterSource(PageSource):
             got = [n for n, g in pairs if self.gen.get(n) == g and n not in self.down
                    and n in self.members]
         rtt = self.rtt
-        return list(read_order_of(space, tuple(got), tuple(rtt.get(n) for n in got)))
+        order = read_order_of(space, tuple(got), tuple(rtt.get(n) for n in got))
+        self._orders[space, ext] = (stamp, order)
+        return order
 
     def _base(self, space: str) -> tuple[frozenset[str], int]:
         base = self.bases.get(space)
@@ -305,6 +322,12 @@ class ClusterSource(PageSource):
         self.rtt[node_id] = min(pings)
         if nearness(self.rtt) != before:
             self.rerouted_soft()
+
+    def set_rtt(self, rtts: dict[str, float]) -> None:
+        """Take ``rtts`` (node -> seconds) as the nodes' round trips, as if measured: reads
+        are reordered by them (until pings measure them again, if the repairer runs)."""
+        self.rtt.update(rtts)
+        self.rerouted_soft()
 
     def forget_rtt(self) -> None:
         """Forget every round trip measured: reads follow the preference order alone until
@@ -420,8 +443,12 @@ class ClusterLane(CRouting, Lane):
 
     def fetch_into(self, space: str | None, gpa: int, buf: memoryview) -> int:
         name = space or self.src.space
+        n = len(buf)
+        ext = gpa >> EXTENT_SHIFT
+        if (gpa + n - 1) >> EXTENT_SHIFT == ext:  # the usual case: one extent
+            return self._fetch_extent(name, ext, gpa, memoryview(buf))
         view = memoryview(buf)
-        mask, off, n = 0, 0, len(view)
+        mask, off = 0, 0
         while off < n:
             ext = (gpa + off) >> EXTENT_SHIFT
             end = min(n, ((ext + 1) << EXTENT_SHIFT) - gpa)
@@ -432,10 +459,11 @@ class ClusterLane(CRouting, Lane):
 
     def _fetch_extent(self, space: str, ext: int, gpa: int, part: memoryview) -> int:
         tried: list[str] = []
-        for node_id in self.src.holders(space, ext):
+        for node_id in self.src._read_order(space, ext):
             tried.append(node_id)
             try:
-                return self._lane(node_id, space).fetch_into(gpa, part)
+                lane = self.lanes.get((node_id, space)) or self._lane(node_id, space)
+                return lane.fetch_into(gpa, part)
             except RemoteError as exc:
                 if not replica_lost(exc):
                     raise

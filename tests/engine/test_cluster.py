@@ -128,7 +128,7 @@ def test_reads_prefer_the_lowest_round_trip(three, sources):
     sources(src)
     src.repairer.stop()  # no pings: the round trips below stay as set
     src.forget_rtt()
-    src.rtt.update({ns[0].endpoint: 3e-3, ns[1].endpoint: 1e-3, ns[2].endpoint: 2e-3})
+    src.set_rtt({ns[0].endpoint: 3e-3, ns[1].endpoint: 1e-3, ns[2].endpoint: 2e-3})
     for ext in range(SPACE_BYTES // EXTENT_SIZE):
         held = src.holders("vm1", ext)
         assert len(held) == 2 and held == sorted(held, key=src.rtt.__getitem__)

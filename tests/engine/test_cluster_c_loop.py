@@ -60,7 +60,7 @@ def test_cluster_faults_are_served_in_c_and_a_kill_of_the_read_replica_loses_not
         # fixed round trips (no probe changes them): every extent is read from its replica
         # with the lowest one, n0 wherever it holds one
         src.repairer.stop()
-        src.rtt.update({three[0].endpoint: 1e-3, three[1].endpoint: 2e-3,
+        src.set_rtt({three[0].endpoint: 1e-3, three[1].endpoint: 2e-3,
                         three[2].endpoint: 3e-3})
         victim = three[0]
         read_from = {src.holders("default", e)[0] for e in range(SIZE // EXTENT_SIZE)}
@@ -127,7 +127,7 @@ def test_a_corrupt_replica_read_from_c_is_served_from_the_other(three):
     bad.start(bad.endpoint)
     src = cluster(three)
     src.repairer.stop()  # no probe reorders the replicas: extent 0 is read from ``bad``
-    src.rtt.update({n: 0.0 if n == first else 1.0 for n in src.members})
+    src.set_rtt({n: 0.0 if n == first else 1.0 for n in src.members})
     engine = FaultEngine(src, chunk_size=64 * 1024, readahead=0, c_loop=True)
     c = Client(size)
     try:
@@ -148,7 +148,7 @@ def test_c_route_names_each_extents_nearest_holder_and_a_lost_node_bumps_it(thre
     src = cluster(three)
     try:
         src.repairer.stop()
-        src.rtt.update({three[0].endpoint: 1e-3, three[1].endpoint: 2e-3,
+        src.set_rtt({three[0].endpoint: 1e-3, three[1].endpoint: 2e-3,
                         three[2].endpoint: 3e-3})
         with src.open_lane() as lane:
             gen = lane.c_generation()

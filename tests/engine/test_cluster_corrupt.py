@@ -68,9 +68,8 @@ def damaged(three, damage) -> tuple[str, str, ClusterSource]:
     damage(bad.store / f"{SPACE}.pages")
     bad.start(bad.endpoint)
     src = cluster(three)
-    src.rtt[first] = 0.0  # read from the damaged replica first
-    for other in src.members - {first}:
-        src.rtt[other] = 1.0
+    # read from the damaged replica first
+    src.set_rtt({n: 0.0 if n == first else 1.0 for n in src.members})
     return first, second, src
 
 
