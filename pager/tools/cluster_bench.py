@@ -53,7 +53,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mib", type=int, default=64, help="data set per space (MiB)")
     parser.add_argument("--count", type=int, default=2000, help="fetches per latency figure")
     parser.add_argument("--threads", type=int, default=3, help="threads of the aggregate run")
-    parser.add_argument("--fault-runs", type=int, default=5, metavar="N",
+    parser.add_argument("--fault-runs", type=int, default=9, metavar="N",
                         help="runs of each side of the guest-fault figure (medians reported)")
     parser.add_argument("--node-arg", action="append", default=[], metavar="ARG",
                         help="extra `ssi-pager memnode` argument for every node, e.g. "
