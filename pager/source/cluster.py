@@ -59,6 +59,7 @@ PARALLEL_STORE_BYTES = 128 << 10  # stores this large go to their replicas in pa
 RTT_SAMPLES = 8
 RTT_FIRST = 3  # pings before a node's round trip orders reads: one can be anything
 _LOCKS = 256  # extent locks, striped: a store and a repair of one extent never interleave
+ORDERS_KEPT = 1 << 16  # extents whose read order `ClusterSource.holders` keeps
 
 
 # errors about the request itself: every replica would refuse it alike, so they are raised;
@@ -271,6 +272,8 @@ class ClusterSource(PageSource):
                    and n in self.members]
         rtt = self.rtt
         order = read_order_of(space, tuple(got), tuple(rtt.get(n) for n in got))
+        if len(self._orders) >= ORDERS_KEPT:
+            self._orders.clear()  # bounded like `placed`'s cache: a huge space cycles through
         self._orders[space, ext] = (stamp, order)
         return order
 
