@@ -465,8 +465,7 @@ class ClusterLane(CRouting, Lane):
         for node_id in self.src._read_order(space, ext):
             tried.append(node_id)
             try:
-                lane = self.lanes.get((node_id, space)) or self._lane(node_id, space)
-                return lane.fetch_into(gpa, part)
+                return self._lane(node_id, space).fetch_into(gpa, part)
             except RemoteError as exc:
                 if not replica_lost(exc):
                     raise

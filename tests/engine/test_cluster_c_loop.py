@@ -61,7 +61,7 @@ def test_cluster_faults_are_served_in_c_and_a_kill_of_the_read_replica_loses_not
         # with the lowest one, n0 wherever it holds one
         src.repairer.stop()
         src.set_rtt({three[0].endpoint: 1e-3, three[1].endpoint: 2e-3,
-                        three[2].endpoint: 3e-3})
+                     three[2].endpoint: 3e-3})
         victim = three[0]
         read_from = {src.holders("default", e)[0] for e in range(SIZE // EXTENT_SIZE)}
         assert victim.endpoint in read_from
@@ -149,7 +149,7 @@ def test_c_route_names_each_extents_nearest_holder_and_a_lost_node_bumps_it(thre
     try:
         src.repairer.stop()
         src.set_rtt({three[0].endpoint: 1e-3, three[1].endpoint: 2e-3,
-                        three[2].endpoint: 3e-3})
+                     three[2].endpoint: 3e-3})
         with src.open_lane() as lane:
             gen = lane.c_generation()
             seen = gen[0]

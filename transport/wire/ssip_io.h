@@ -137,7 +137,7 @@ static inline ssize_t ssip_conn_recv_polling(struct ssip_conn c, struct msghdr *
     if (!SSL_pending(c.ssl) && prev - start < window
             && ssip_poll_allowed(window, *skip_until, prev)) {
         unsigned k = 1;
-        long switches = -1;
+        long switches = SSIP_POLL_UNCOUNTED;
         uint8_t b;
         do {
             ssize_t n = recv(c.fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);

@@ -4,6 +4,7 @@
 #define SSIP_POLL_H
 
 #include <errno.h>
+#include <limits.h>
 #include <sched.h>
 #include <stdint.h>
 #include <sys/resource.h>
@@ -13,6 +14,7 @@
 #define SSIP_POLL_PREEMPTED_NS 100000u        /* 100 µs between two reads: preempted */
 #define SSIP_POLL_BACKOFF_MIN_NS 1000000u     /* first back-off after a preemption */
 #define SSIP_POLL_BACKOFF_MAX_NS 1000000000u  /* longest back-off */
+#define SSIP_POLL_UNCOUNTED LONG_MIN          /* a window's switch count, not taken yet */
 
 static inline uint64_t ssip_mono_ns(void)
 {
@@ -57,15 +59,16 @@ static inline long ssip_thread_preemptions(void)
  * doubling to 1 s while it repeats, reset by a window that ends in data). A long gap with no
  * switch is the vCPU stolen by its host: no other thread wanted this CPU, so the window goes
  * on. ``*prev`` is the last read's time; ``*switches`` the thread's switches when the window
- * was first checked (-1 before: the first check takes it, so a window served by its first
- * read costs no system call for it). */
+ * was first checked (SSIP_POLL_UNCOUNTED before: the first check takes it, so a window served
+ * by its first read costs no system call for it; a count that cannot be read backs off on
+ * every long gap, as before). */
 static inline int ssip_poll_over(uint64_t start, uint64_t window, uint64_t *prev,
                                  uint64_t *skip_until, uint64_t *backoff, long *switches)
 {
     uint64_t now = ssip_mono_ns();
     uint64_t gap = now - *prev;
     *prev = now;
-    if (*switches < 0)
+    if (*switches == SSIP_POLL_UNCOUNTED)
         *switches = ssip_thread_preemptions();
     else if (gap > SSIP_POLL_PREEMPTED_NS) {
         long seen = ssip_thread_preemptions();
@@ -107,7 +110,7 @@ static inline ssize_t ssip_recvmsg_polling(int fd, struct msghdr *msg, uint64_t 
     uint64_t prev = ssip_mono_ns();
     if (prev - start < window && ssip_poll_allowed(window, *skip_until, prev)) {
         unsigned k = 1;
-        long switches = -1;
+        long switches = SSIP_POLL_UNCOUNTED;
         do {
             n = recvmsg(fd, msg, MSG_DONTWAIT);
             if (n >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {

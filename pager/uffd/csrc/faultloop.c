@@ -367,7 +367,7 @@ static int ssi_pfl_spin(struct ssi_pfl *l, int max_events)
     if (prev - l->last_event_ns >= l->poll_ns
             || !ssip_poll_allowed(l->poll_ns, l->poll_skip_until, prev))
         return 0;
-    long switches = -1;
+    long switches = SSIP_POLL_UNCOUNTED;
     for (unsigned k = 1;; k++) {
         int n = ssi_uffd_read(l->uffd, l->events, max_events);
         if (n) {
