@@ -34,6 +34,7 @@ units busy (being fetched or evicted) are skipped.
 from __future__ import annotations
 
 import collections
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 IDLE, FETCHING, EVICTING = 0, 1, 2
@@ -141,10 +142,18 @@ class FarMemory:
         u.ref = min(MAX_REF, u.ref + 1)
         return True
 
-    def forget(self, start: int, end: int) -> None:
-        """Units inside ``[start, end)`` are gone (REMOVE, UNMAP): no longer resident."""
-        for key in [k for k in self.units if start <= k and k + self.units[k].length <= end]:
-            self.bytes -= self.units.pop(key).length
+    def forget(self, start: int, end: int, starts: Sequence[int] | None = None) -> None:
+        """Units inside ``[start, end)`` are gone (REMOVE, UNMAP): no longer resident.
+        ``starts``: where a unit there can start (each region's chunks in the range), looked up
+        one by one when there are fewer of them than resident units: a REMOVE of a few pages
+        then costs a few lookups, not a pass over every resident unit."""
+        units = self.units
+        keys = starts if starts is not None and len(starts) < len(units) else list(units)
+        for key in keys:
+            u = units.get(key)
+            if u is not None and start <= key and key + u.length <= end:
+                del units[key]
+                self.bytes -= u.length
 
     def move(self, old: int, new: int, length: int) -> None:
         """mremap: units of ``[old, old+length)`` now live at ``new``."""

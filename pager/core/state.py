@@ -15,11 +15,11 @@ the resident set is kept in host addresses (what the kernel maps), moved with th
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pager.core.farmem import FarMemory
+from pager.core.intervals import IntervalSet
 from pager.core.readahead import Readahead
 from pager.core.region import PAGE_SIZE, Region, RegionTable
 
@@ -29,84 +29,6 @@ MISSING = "missing"
 WP = "wp"
 MINOR = "minor"
 FAULT_KINDS = (MISSING, WP, MINOR)
-
-
-class IntervalSet:
-    """Disjoint half-open integer intervals, merged on insert."""
-
-    __slots__ = ("_ends", "_starts")
-
-    def __init__(self) -> None:
-        self._starts: list[int] = []
-        self._ends: list[int] = []
-
-    def __len__(self) -> int:
-        return len(self._starts)
-
-    def __iter__(self):
-        return iter(zip(self._starts, self._ends, strict=True))
-
-    def copy(self) -> IntervalSet:
-        c = IntervalSet()
-        c._starts, c._ends = list(self._starts), list(self._ends)
-        return c
-
-    def add(self, start: int, end: int) -> None:
-        if start >= end:
-            return
-        starts, ends = self._starts, self._ends
-        if not starts or start > ends[-1]:  # the common cases first: after the last interval
-            starts.append(start)
-            ends.append(end)
-            return
-        if start >= starts[-1]:  # touching or inside the last one
-            if end > ends[-1]:
-                ends[-1] = end
-            return
-        i = bisect.bisect_left(self._ends, start)  # first interval ending at/after start
-        j = bisect.bisect_right(self._starts, end)  # first interval starting after end
-        if i < j:
-            start = min(start, self._starts[i])
-            end = max(end, self._ends[j - 1])
-        self._starts[i:j] = [start]
-        self._ends[i:j] = [end]
-
-    def discard(self, start: int, end: int) -> None:
-        if start >= end:
-            return
-        i = bisect.bisect_right(self._ends, start)
-        j = bisect.bisect_left(self._starts, end)
-        keep_s: list[int] = []
-        keep_e: list[int] = []
-        if i < j:
-            if self._starts[i] < start:
-                keep_s.append(self._starts[i])
-                keep_e.append(start)
-            if self._ends[j - 1] > end:
-                keep_s.append(end)
-                keep_e.append(self._ends[j - 1])
-            self._starts[i:j] = keep_s
-            self._ends[i:j] = keep_e
-
-    def find(self, x: int) -> tuple[int, int] | None:
-        """The interval containing ``x``."""
-        i = bisect.bisect_right(self._starts, x) - 1
-        if i >= 0 and x < self._ends[i]:
-            return self._starts[i], self._ends[i]
-        return None
-
-    def total(self) -> int:
-        """Integers covered (from another thread: never raises, approximate while it changes)."""
-        return sum(self._ends) - sum(self._starts)
-
-    def overlaps(self, start: int, end: int) -> list[tuple[int, int]]:
-        """The parts of the set inside ``[start, end)``."""
-        i = bisect.bisect_right(self._ends, start)
-        out = []
-        while i < len(self._starts) and self._starts[i] < end:
-            out.append((max(start, self._starts[i]), min(end, self._ends[i])))
-            i += 1
-        return out
 
 
 @dataclass(slots=True)  # not frozen: frozen dataclasses cost ~1 us more to build per fault
@@ -311,7 +233,25 @@ class ClientState:
             self.removed.setdefault(r.space, IntervalSet()).add(r.gpa(s), r.gpa(e))
         self.resident.discard(start, end)
         if self.farmem is not None:
-            self.farmem.forget(start, end)
+            self.farmem.forget(start, end, self._unit_starts(start, end))
+
+    def _unit_starts(self, start: int, end: int) -> list[int] | None:
+        """Where a far-memory unit inside ``[start, end)`` can start (each region's chunks
+        there), or None when there are more of them than resident units (every unit is
+        checked then)."""
+        fm = self.farmem
+        assert fm is not None
+        spans = []
+        count = 0
+        for r in self.regions.overlapping(start, end):
+            s, e = r.clip(start, end)  # type: ignore[misc]
+            first, _ = r.chunk(s, self.chunk_size)
+            step = max(r.page_size, -(-self.chunk_size // r.page_size) * r.page_size)
+            spans.append(range(first, e, step))
+            count += len(spans[-1])
+            if count >= len(fm.units):
+                return None
+        return [k for span in spans for k in span]
 
     def on_stored(self, start: int, end: int) -> None:
         """``[start, end)`` was written back to the node and dropped (far memory): fetch it
@@ -323,10 +263,11 @@ class ClientState:
                 removed.discard(r.gpa(s), r.gpa(e))
 
     def on_unmap(self, start: int, end: int) -> None:
+        starts = self._unit_starts(start, end) if self.farmem is not None else None
         self.regions.remove_range(start, end)
         self.resident.discard(start, end)
         if self.farmem is not None:
-            self.farmem.forget(start, end)
+            self.farmem.forget(start, end, starts)
 
     def on_remap(self, old: int, new: int, length: int) -> None:
         self.regions.move(old, new, length)

@@ -45,7 +45,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import TYPE_CHECKING
 
 from pager.core.farmem import FarMemory, Victim
-from pager.core.state import IntervalSet
+from pager.core.intervals import IntervalSet
 from pager.uffd.errors import UffdError
 from pager.uffd.evictio import BatchIO
 from pager.uffd.faultloop import MAX_VICTIMS

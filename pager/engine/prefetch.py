@@ -33,8 +33,9 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
+from pager.core.intervals import IntervalSet
 from pager.core.region import Region
-from pager.core.state import Fetch, IntervalSet
+from pager.core.state import Fetch
 from pager.core.workingset import (
     GRANULE,
     HEADER,

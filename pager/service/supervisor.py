@@ -45,8 +45,8 @@ import sys
 import threading
 from dataclasses import dataclass
 
+from pager.core.intervals import IntervalSet
 from pager.core.region import Region
-from pager.core.state import IntervalSet
 from pager.service.handoff import HandoffServer, Handshake, parse_regions
 from pager.service.lifecycle import HANDOVER_EXIT
 

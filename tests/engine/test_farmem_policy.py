@@ -100,3 +100,30 @@ def test_clock_with_ghosts_beats_fifo_on_a_skewed_workload():
         trace.append((u, rnd.random() < 0.5))
     clock, fifo = misses("clock", trace, limit), misses("fifo", trace, limit)
     assert clock < 0.8 * fifo, (clock, fifo)  # a miss-count ratio, not a timing
+
+
+def test_remove_and_unmap_forget_only_the_units_inside():
+    """A REMOVE or an UNMAP drops exactly the units wholly inside it, whether the state looks
+    the range's chunks up one by one (a small range) or passes over every unit (a range with
+    more chunks than units resident); a unit only partly covered stays."""
+    from pager.core.region import Region, RegionTable
+    from pager.core.state import ClientState
+
+    base = 0x40000000
+    for pages in (20 * 16, 4096):  # 21 chunks (< 64 units resident) or the whole region
+        st = ClientState(RegionTable([Region(base, 256 * U, 0, space="vm")]), chunk_size=U)
+        st.farmem = FarMemory(1024 * U, U)
+        for i in range(0, 256, 4):  # every 4th unit resident
+            st.on_installed(base + i * U, U, "copy")
+        fm = st.farmem
+        assert len(fm.units) == 64 and fm.bytes == 64 * U
+        before = set(fm.units)
+        start = base + 16 * U + 4096  # one page into unit 16: that unit is only partly inside
+        end = start + pages * 4096
+        st.on_remove(start, end)
+        inside = {k for k in before if start <= k and k + U <= end}
+        assert inside and set(fm.units) == before - inside
+        assert base + 16 * U in fm.units and fm.bytes == len(fm.units) * U
+        st.on_unmap(base + 128 * U, base + 256 * U)
+        assert all(k < base + 128 * U for k in fm.units)
+        assert fm.bytes == len(fm.units) * U
