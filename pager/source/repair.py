@@ -10,7 +10,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from pager.source.base import close_lanes
-from pager.source.cluster import replica_lost
+from pager.source.cluster_lane import replica_lost
 from pager.source.placement import EXTENT_SHIFT
 from transport.errors import TransportError
 from transport.wire import PAGE_SIZE
