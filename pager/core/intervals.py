@@ -50,6 +50,24 @@ class IntervalSet:
     def add(self, start: int, end: int) -> None:
         if start >= end:
             return
+        if self._blocks:  # the common cases first: at the end (a sequential stream)
+            starts, ends = self._blocks[-1]
+            last = ends[-1]
+            if start > last:  # after every interval
+                starts.append(start)
+                ends.append(end)
+                self._lasts[-1] = end
+                self._count += 1
+                self._total += end - start
+                if len(starts) > 2 * self._block:
+                    self._settle(len(self._blocks) - 1)
+                return
+            if start >= starts[-1]:  # touching or inside the last interval
+                if end > last:
+                    ends[-1] = end
+                    self._lasts[-1] = end
+                    self._total += end - last
+                return
         b0 = bisect.bisect_left(self._lasts, start)  # first block reaching start
         b1 = bisect.bisect_right(self._firsts, end) - 1  # last block starting by end
         if b0 > b1:  # touches nothing: a new interval between blocks b1 and b0
