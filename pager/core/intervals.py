@@ -4,7 +4,7 @@ The pager keeps every client's resident set in one (host addresses, a chunk per 
 ranges a guest REMOVE'd in others. Faults arrive in any order, so a resident set can hold as
 many intervals as the guest has chunks resident: hundreds of thousands for a guest of a few
 GiB faulting at random. A single sorted list would move half of them on every insert or
-removal in the middle (~25 µs at 200k intervals, on the fault thread); here the intervals are
+removal in the middle (18-25 µs at 200k intervals, on the fault thread); here the intervals are
 kept in sorted blocks of at most ``2 * block`` entries, so an update moves one block's
 entries and the short lists of block bounds, whatever the set's size.
 """
