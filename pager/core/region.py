@@ -47,11 +47,16 @@ class Region:
         """Host address of space offset ``gpa`` (inverse of :meth:`gpa`)."""
         return self.base + (gpa - self.offset)
 
+    def chunk_bytes(self, chunk_size: int) -> int:
+        """This region's chunk size for ``chunk_size``: rounded up to a multiple of the page
+        size (one page at least)."""
+        ps = self.page_size
+        return max(ps, -(-chunk_size // ps) * ps)
+
     def chunk(self, addr: int, chunk_size: int) -> tuple[int, int]:
         """The chunk holding ``addr``: (host start, length), aligned to the region base and
-        clipped to the region. ``chunk_size`` is rounded up to a multiple of the page size."""
-        ps = self.page_size
-        chunk_size = max(ps, -(-chunk_size // ps) * ps)
+        clipped to the region (`chunk_bytes` long before the clip)."""
+        chunk_size = self.chunk_bytes(chunk_size)
         start = self.base + (addr - self.base) // chunk_size * chunk_size
         return start, min(chunk_size, self.end - start)
 

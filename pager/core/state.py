@@ -246,8 +246,7 @@ class ClientState:
         for r in self.regions.overlapping(start, end):
             s, e = r.clip(start, end)  # type: ignore[misc]
             first, _ = r.chunk(s, self.chunk_size)
-            step = max(r.page_size, -(-self.chunk_size // r.page_size) * r.page_size)
-            spans.append(range(first, e, step))
+            spans.append(range(first, e, r.chunk_bytes(self.chunk_size)))
             count += len(spans[-1])
             if count >= len(fm.units):
                 return None
