@@ -240,6 +240,40 @@ def test_half_closed_client_gets_its_replies(memnode):
     assert_good_client(memnode)
 
 
+@pytest.mark.parametrize("half_close", [False, True])
+def test_store_acks_batched_stay_in_request_order(memnode, half_close):
+    """STORED replies of one read are sent in one write (transport/node/server.py): among
+    fetches and pings, more stores than one loop turn takes, every reply still comes in
+    request order, and each fetch sees the stores before it."""
+    c = RawClient(memnode.endpoint).handshake(memnode.token)
+
+    def store(req: int, page: int) -> bytes:
+        return pack_header(T.STORE, req, space=c.space, gpa=page * PAGE,
+                           length=PAGE) + bytes([page + 1]) * PAGE
+
+    frames = store(1, 0) + store(2, 1)
+    frames += pack_header(T.FETCH, 3, space=c.space, arg=2 * PAGE)
+    frames += store(4, 2) + pack_header(T.FETCH, 5, space=c.space, gpa=2 * PAGE, arg=2 * PAGE)
+    frames += pack_header(T.PING, 6)
+    frames += b"".join(store(7 + i, 4 + i) for i in range(9))
+    frames += pack_header(T.FETCH, 16, space=c.space, gpa=4 * PAGE, arg=12 * PAGE)
+    c.send(frames)
+    if half_close:
+        c.sock.shutdown(socket.SHUT_WR)
+    replies = [c.reply() for _ in range(16)]
+    assert [r.request_id for r in replies] == list(range(1, 17))
+    kinds = [r.type for r in replies]
+    assert kinds == ([T.STORED] * 2 + [T.DATA, T.STORED, T.DATA, T.PONG] + [T.STORED] * 9
+                     + [T.DATA])
+    assert replies[2].arg == 0  # pages 0 and 1 stored before the fetch
+    assert replies[4].arg == 0b10  # page 2 stored, page 3 never
+    assert replies[15].arg == 0b111000000000  # pages 4-12 stored, 13-15 never
+    if half_close:
+        assert c.at_eof()
+    c.close()
+    assert_good_client(memnode)
+
+
 def unread_by_node(client: socket.socket, node_port: int) -> int:
     """Bytes ``client`` sent that the node has not read: the client's send queue (SIOCOUTQ)
     plus the node's socket receive queue (from ss)."""

@@ -236,7 +236,15 @@ class NodeConnection(TlsConnection, asyncio.BufferedProtocol):
         if self.in_c:
             return
         session = self.session
-        write = self._send
+        send = self._send
+        acks: list[bytes] = []  # STORED replies of this pass: one write for them all
+
+        def write(reply: Any) -> None:  # any other reply: after the acks before it, in order
+            if acks:
+                send(b"".join(acks))
+                acks.clear()
+            send(reply)
+
         budget = BULK_TURN
         while not self.closing and not self.paused:
             try:
@@ -258,6 +266,8 @@ class NodeConnection(TlsConnection, asyncio.BufferedProtocol):
                 if self.tls is not None and self._tls_pump():
                     continue  # decrypted bytes the frame buffer had no room for before
                 if self.eof:
+                    if acks:
+                        send(b"".join(acks))
                     self._close()  # half-closed and all answered (close flushes replies)
                     return
                 break
@@ -267,7 +277,7 @@ class NodeConnection(TlsConnection, asyncio.BufferedProtocol):
                 if ev.flags & _URGENT:
                     continue
             elif type(ev) is Store:
-                write(self._store(ev))
+                acks.append(self._store(ev))
                 self.c_ready = False
             else:
                 write(self._control(ev))
@@ -279,6 +289,8 @@ class NodeConnection(TlsConnection, asyncio.BufferedProtocol):
                     self._scheduled = True
                     asyncio.get_running_loop().call_soon(self._drain)
                 break
+        if acks and not self.closing:
+            send(b"".join(acks))
         if self.paused or self.reading_paused or session.reader.nearly_full():
             self._flow()
         elif self.fault_lane and self.c_ready and not self.closing:
