@@ -122,6 +122,33 @@ static int ssi_fm_recv(struct ssip_conn c, void *buf, size_t n, int timeout_ms)
     return ssip_recv_all(c, buf, n);
 }
 
+#define SSI_FM_SENDV 32  /* plaintext STORE frames per sendmsg */
+
+/* sendmsg all of v[0..n) (blocking socket; a partial send goes on where it stopped): 0 or
+   -errno. The iovecs are consumed. */
+static int ssi_fm_sendv(int sock, struct iovec *v, int n)
+{
+    while (n > 0) {
+        struct msghdr mh = {.msg_iov = v, .msg_iovlen = (size_t)n};
+        ssize_t k = sendmsg(sock, &mh, MSG_NOSIGNAL);
+        if (k < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        while (n > 0 && (size_t)k >= v->iov_len) {
+            k -= (ssize_t)v->iov_len;
+            v++;
+            n--;
+        }
+        if (n > 0) {
+            v->iov_base = (uint8_t *)v->iov_base + k;
+            v->iov_len -= (size_t)k;
+        }
+    }
+    return 0;
+}
+
 /* Read every store's bytes from the memfd (a hole reads as zeros) into buf, one after the
    other, and write them to the node on sock (space handle space; ssl: the socket's TLS
    session, NULL: plaintext): every STORE frame sent,
@@ -134,6 +161,9 @@ int ssi_fm_write_back(int memfd, int sock, void *ssl, uint32_t space, struct ssi
     struct ssip_conn c = SSIP_CONN(sock, ssl);
     uint64_t pos = 0;
     uint32_t first = *req + 1 ? *req + 1 : 1, nframes = 0;
+    struct ssip_header hv[SSI_FM_SENDV];
+    struct iovec v[2 * SSI_FM_SENDV];
+    int nq = 0;
     for (int i = 0; i < n; i++) {
         if (st[i].len > buf_size - pos || st[i].len % SSIP_PAGE_SIZE)
             return -EINVAL;
@@ -166,25 +196,25 @@ int ssi_fm_write_back(int memfd, int sock, void *ssl, uint32_t space, struct ssi
                 nframes++;
                 continue;
             }
-            struct iovec v[2] = {{&h, sizeof h}, {buf + pos + f, len}};
-            struct msghdr mh = {.msg_iov = v, .msg_iovlen = 2};
-            size_t want = sizeof h + len;
-            ssize_t k = sendmsg(sock, &mh, MSG_NOSIGNAL);
-            if (k < 0)
-                return -errno;
-            if ((size_t)k < want) {  /* a partial send: the rest of header, then of data */
-                int rc = 0;
-                if ((size_t)k < sizeof h)
-                    rc = ssip_send_all(c, (uint8_t *)&h + k, sizeof h - (size_t)k);
-                size_t d = (size_t)k > sizeof h ? (size_t)k - sizeof h : 0;
-                if (rc == 0)
-                    rc = ssip_send_all(c, buf + pos + f + d, len - d);
+            /* plaintext: frames queued, SSI_FM_SENDV per sendmsg (the node's loop then
+               wakes once for many, and acks them in one write) */
+            hv[nq] = h;
+            v[2 * nq] = (struct iovec){&hv[nq], sizeof h};
+            v[2 * nq + 1] = (struct iovec){buf + pos + f, len};
+            nframes++;
+            if (++nq == SSI_FM_SENDV) {
+                int rc = ssi_fm_sendv(sock, v, 2 * nq);
                 if (rc < 0)
                     return rc;
+                nq = 0;
             }
-            nframes++;
         }
         pos += st[i].len;
+    }
+    if (nq) {
+        int rc = ssi_fm_sendv(sock, v, 2 * nq);
+        if (rc < 0)
+            return rc;
     }
     int err = 0;
     for (uint32_t f = 0, r = first; f < nframes; f++, r = r + 1 ? r + 1 : 1) {
