@@ -17,15 +17,18 @@ resident by a restarted pager, or installed by someone else: EEXIST) is dirty.
 Replacement policy (the kernel gives a userspace pager no accessed bits): CLOCK, with the
 reference count fed by what userspace can see:
 
-- a write-protect fault (a write to a clean or re-protected unit): +1;
+- a write-protect fault: +1 for the first write after the unit's fetch; the full count
+  (``MAX_REF``) for a write to a unit the hand protected again (re-use across a whole turn);
 - a *ghost hit*: a missing fault on a unit evicted recently (the ghost list remembers as many
   evicted units as the limit holds) starts at 2: the working set came back, keep it longer;
 - a first fetch starts at 0: a unit touched once (a scan, the cold part of a skewed workload)
   leaves at the hand's next pass, FIFO among themselves.
-- sampled re-protection: when the hand passes a dirty, unprotected unit with a reference, it
-  takes one off and asks the evictor to write-protect the unit again (still dirty): its next
-  write is seen as a reference again. Reads of resident units remain invisible; the ghost list
-  is what catches a read-mostly hot set (its units come back and are kept).
+- sampled re-protection: when the hand takes the last reference of a dirty, unprotected unit,
+  it asks the evictor to write-protect the unit again (still dirty): a write before the hand's
+  next turn is seen and gives the full count, so a unit written all the time costs one
+  write-protect fault every ``MAX_REF`` turns, not one a turn. Reads of resident units remain
+  invisible; the ghost list is what catches a read-mostly hot set (its units come back and are
+  kept).
 
 The hand gives a unit with a reference a second chance (count - 1, to the back of the queue);
 units busy (being fetched or evicted) are skipped.
@@ -51,6 +54,7 @@ class Unit:
     ref: int = 0
     protected: bool = True  # write-protected in the guest's mm: its next write faults
     busy: int = IDLE
+    sampled: bool = False  # protected again by the hand: its next write proves re-use
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +64,17 @@ class Victim:
     start: int
     length: int
     dirty: bool
+
+
+def _referenced(u: Unit) -> None:
+    """A write-protect fault on ``u``: dirty and unprotected from now on, and a reference.
+    A write after the hand protected the unit again shows re-use across a whole turn of the
+    hand: the full count (the hand then samples it only every ``MAX_REF`` turns); a first
+    write after its fetch (a read-modify-write of a unit touched once): one."""
+    u.dirty = True
+    u.protected = False
+    u.ref = MAX_REF if u.sampled else min(MAX_REF, u.ref + 1)
+    u.sampled = False
 
 
 class FarMemory:
@@ -125,9 +140,7 @@ class FarMemory:
             return True
         if u.busy == EVICTING:
             return False
-        u.dirty = True
-        u.protected = False
-        u.ref = min(MAX_REF, u.ref + 1)
+        _referenced(u)
         return True
 
     def written(self, start: int) -> bool:
@@ -137,9 +150,7 @@ class FarMemory:
         u = self.units.get(start)
         if u is None:
             return False
-        u.dirty = True
-        u.protected = False
-        u.ref = min(MAX_REF, u.ref + 1)
+        _referenced(u)
         return True
 
     def forget(self, start: int, end: int, starts: Sequence[int] | None = None) -> None:
@@ -186,8 +197,8 @@ class FarMemory:
                 continue
             if u.ref and self.policy == "clock":
                 u.ref -= 1
-                if u.dirty and not u.protected:
-                    u.protected = True
+                if not u.ref and u.dirty and not u.protected:
+                    u.protected = u.sampled = True
                     reprotect.append((key, u.length))
                 continue
             u.busy = EVICTING
