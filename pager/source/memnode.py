@@ -76,6 +76,8 @@ class MemnodeSource(PageSource):
         self.transports: dict[str, PageTransport] = {}  # node id -> selected transport
         self.lane_kinds: dict[str, str] = {}  # node id -> kind of the lanes carrying faults
         self.tiers: dict[str, str] = {}  # node id -> measured tier ("Standard", ...)
+        # node id -> the node is on this host (its route goes through "lo"): no wire to save
+        self.local: dict[str, bool] = {}
         # codecs of bulk lanes: None = by the node's measured tier (`codecs_for`)
         self.compress = compress
         self._lock = threading.Lock()
@@ -151,22 +153,40 @@ class MemnodeSource(PageSource):
     def codecs_for(self, node_id: str) -> tuple[str, ...]:
         """Compression a bulk lane to ``node_id`` offers: the source's choice, else every
         codec installed when the link to the node is slow enough for it to pay (its measured
-        tier, measured here with a few pings when no transport manager did)."""
+        tier, measured here with a few pings when no transport manager did). A node on this
+        host never gets it, whatever its round trips measured: there is no wire to save, and
+        a busy host's pings (CPU contention, not the link) would otherwise turn compression
+        on, which also takes write-back off its C path (a compressing lane is Python's)."""
         from transport.wire.codec import CODECS, pays_on
 
         if self.compress is not None:
             return self.compress
+        if self._is_local(node_id):
+            return ()
         tier = self.tiers.get(node_id)
         if tier is None:
-            import statistics
-
             from transport.base import TransportTier
             from transport.lane import open_lane_or_tcp
 
             with open_lane_or_tcp(self._transport(node_id), node_id, self.space) as probe:
-                rtt = statistics.median(probe.ping() for _ in range(5))
+                rtt = min(probe.ping() for _ in range(5))  # the link's floor, not the load
             tier = self.tiers[node_id] = TransportTier.from_latency(rtt).value
         return CODECS if pays_on(tier) else ()
+
+    def _is_local(self, node_id: str) -> bool:
+        """Whether ``node_id``'s endpoint is on this host (routed through "lo"); asked once."""
+        local = self.local.get(node_id)
+        if local is None:
+            from transport.errors import TransportError
+            from transport.manager import route_interface
+            from transport.tcp import parse_endpoint
+
+            try:
+                host: str | None = parse_endpoint(self.nodes[node_id])[0]
+            except TransportError:
+                host = None
+            local = self.local[node_id] = host is not None and route_interface(host) == "lo"
+        return local
 
     def open_node_lane(self, node_id: str, space: str | None = None, *,
                        bulk: bool = False) -> BlockingLane:

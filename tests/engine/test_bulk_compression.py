@@ -28,6 +28,7 @@ def lanes(src: MemnodeSource):
 
 def test_the_tier_is_measured_once(node):
     src = source(node)
+    src.local[DEFAULT_NODE] = False  # as if across a link: the tier decides
     lane = src.open_node_lane(DEFAULT_NODE, bulk=True)
     lane.close()
     assert src.tiers[DEFAULT_NODE] in {"HighPerformance", "MediumPerformance", "Standard",
@@ -51,6 +52,7 @@ def test_fast_tiers_keep_bulk_lanes_raw(node, tier):
 def test_slow_tiers_compress_bulk_lanes_only(node, tier):
     src = source(node)
     src.tiers[DEFAULT_NODE] = tier  # as the transport manager measured it
+    src.local[DEFAULT_NODE] = False  # as if the node were across a link (it is on loopback)
     fault, bulk = lanes(src)
     try:
         assert fault.channel.codec is None and fault.c_endpoint() is not None
@@ -61,6 +63,20 @@ def test_slow_tiers_compress_bulk_lanes_only(node, tier):
         assert fault.fetch_into(0, back) == 0 and back == data
     finally:
         fault.close()
+        bulk.close()
+
+
+@pytest.mark.parametrize("tier", ["Standard", "Basic"])
+def test_a_node_on_this_host_never_compresses(node, tier):
+    """Round trips to a node on this host measure the host's load, not a link: even when
+    they put it in a slow tier, its bulk lanes stay raw and drivable from C (write-back)."""
+    src = source(node)
+    src.tiers[DEFAULT_NODE] = tier  # a busy host's pings
+    bulk = src.open_node_lane(DEFAULT_NODE, bulk=True)
+    try:
+        assert src.local[DEFAULT_NODE] is True  # 127.0.0.1: routed through "lo"
+        assert bulk.channel.codec is None and bulk.c_endpoint() is not None
+    finally:
         bulk.close()
 
 
