@@ -346,11 +346,7 @@ class ClusterSource(PageSource):
                                 "answers", node_id, endpoint, exc)
                     self.node_failed(node_id, exc)
                     continue
-                t = self.lanes.arm(manager.transport(node_id))
-                with self.lanes._lock:
-                    self.lanes.transports[node_id] = t
-                    self.lanes.lane_kinds[node_id] = info.transport
-                    self.lanes.tiers[node_id] = info.tier.value
+                self.lanes.record_peer(node_id, self.lanes.arm(manager.transport(node_id)), info)
         finally:
             await manager.close()
 

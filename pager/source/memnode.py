@@ -116,12 +116,20 @@ class MemnodeSource(PageSource):
         infos = {}
         for node_id, endpoint in self.nodes.items():
             info = await manager.connect_peer(node_id, endpoint)
-            with self._lock:
-                self.transports[node_id] = manager.transport(node_id)
-                self.lane_kinds[node_id] = info.transport
-                self.tiers[node_id] = info.tier.value
+            self.record_peer(node_id, manager.transport(node_id), info)
             infos[node_id] = info
         return infos
+
+    def record_peer(self, node_id: str, transport: PageTransport, info: PeerInfo) -> None:
+        """What a transport manager selected and measured for ``node_id``: its transport, the
+        kind of its fault lanes, its tier, and whether it is on this host (the interface the
+        manager found its route through)."""
+        with self._lock:
+            self.transports[node_id] = transport
+            self.lane_kinds[node_id] = info.transport
+            self.tiers[node_id] = info.tier.value
+            if info.interface is not None:
+                self.local[node_id] = info.interface == "lo"
 
     def lane_kind(self, node_id: str) -> str | None:
         """"tcp" or "rdma": the kind of lane that carries ``node_id``'s faults (None before

@@ -239,10 +239,13 @@ class NodeConnection(TlsConnection, asyncio.BufferedProtocol):
         send = self._send
         acks: list[bytes] = []  # STORED replies of this pass: one write for them all
 
-        def write(reply: Any) -> None:  # any other reply: after the acks before it, in order
+        def flush() -> None:
             if acks:
                 send(b"".join(acks))
                 acks.clear()
+
+        def write(reply: Any) -> None:  # any other reply: after the acks before it, in order
+            flush()
             send(reply)
 
         budget = BULK_TURN
@@ -266,8 +269,7 @@ class NodeConnection(TlsConnection, asyncio.BufferedProtocol):
                 if self.tls is not None and self._tls_pump():
                     continue  # decrypted bytes the frame buffer had no room for before
                 if self.eof:
-                    if acks:
-                        send(b"".join(acks))
+                    flush()
                     self._close()  # half-closed and all answered (close flushes replies)
                     return
                 break
@@ -289,8 +291,8 @@ class NodeConnection(TlsConnection, asyncio.BufferedProtocol):
                     self._scheduled = True
                     asyncio.get_running_loop().call_soon(self._drain)
                 break
-        if acks and not self.closing:
-            send(b"".join(acks))
+        if not self.closing:
+            flush()
         if self.paused or self.reading_paused or session.reader.nearly_full():
             self._flow()
         elif self.fault_lane and self.c_ready and not self.closing:
