@@ -27,6 +27,9 @@ UDEV_RULE = "etc/udev/rules.d/60-ssi-pager-userfaultfd.rules"
 LIMITS_FILE = "etc/security/limits.d/90-ssi-pager-memlock.conf"
 THP_ENABLED = "sys/kernel/mm/transparent_hugepage/enabled"
 THP_DEFRAG = "sys/kernel/mm/transparent_hugepage/defrag"
+HALT_POLL = "sys/module/haltpoll/parameters/guest_halt_poll_ns"
+CPUIDLE_DRIVER = "sys/devices/system/cpu/cpuidle/current_driver"
+HALT_POLL_NS = 200000              # cpuidle-haltpoll's own default: 200 µs at most, adaptive
 
 SLOW_LINK_WARNING = "{speed} network detected - consider upgrading to 10G for remote memory"
 RDMA_TIP = ("no RDMA device found - an RDMA NIC (InfiniBand or RoCE) cuts page fetches from "
@@ -299,6 +302,43 @@ class HugePages:
                                str(want))])
 
 
+# ---------------------------------------------------------------- a host that is a VM
+
+class GuestHaltPoll:
+    """A pager (or memory node) host that is itself a KVM guest: how long its idle vCPUs poll
+    before they halt. A halted vCPU takes 60-100 µs to run again, and every fault wakes two
+    threads (the pager's, then the guest's); cpuidle-haltpoll polls first, growing its window
+    up to this bound while wake-ups keep coming within it, and shrinking it when they do not."""
+
+    name = "haltpoll.guest_halt_poll_ns"
+
+    def inspect(self, root: str, options: Options) -> Finding:
+        cur = sysfs.read_text(root, HALT_POLL)
+        if cur is None:
+            return Finding(self.name, "missing", None, None,
+                           "not a KVM guest with cpuidle-haltpoll (bare metal, or another "
+                           "hypervisor): nothing to do")
+        driver = sysfs.read_text(root, CPUIDLE_DRIVER)
+        if driver != "haltpoll":
+            return Finding(self.name, "info", cur, None,
+                           f"cpuidle driver is {driver or 'unknown'}, not haltpoll: this "
+                           f"value is not used (boot with cpuidle_haltpoll.force=1 to use it)")
+        try:
+            ns = int(cur)
+        except ValueError:
+            return Finding(self.name, "warn", cur, str(HALT_POLL_NS),
+                           f"unreadable value {cur!r} in /{HALT_POLL}: expected nanoseconds")
+        if ns >= HALT_POLL_NS:
+            return Finding(self.name, "ok", cur, cur,
+                           "idle vCPUs poll before they halt: wake-ups for faults are fast")
+        return Finding(self.name, "change", cur, str(HALT_POLL_NS),
+                       f"idle vCPUs poll at most {ns} ns before halting, and a halted vCPU "
+                       f"takes 60-100 µs to wake for a fault; {HALT_POLL_NS} is the kernel's "
+                       f"default (costs host CPU only while this VM idles; at boot: kernel "
+                       f"parameter haltpoll.guest_halt_poll_ns={HALT_POLL_NS})",
+                       [Change(self.name, "text", HALT_POLL, cur, str(HALT_POLL_NS))])
+
+
 # ---------------------------------------------------------------- hardware (report only)
 
 class Network:
@@ -333,7 +373,7 @@ class Rdma:
 
 
 KNOBS: list[Any] = [UnprivilegedUffd(), UffdDevice(), *SYSCTLS, *THPS, HugePages(), Memlock(),
-                    Network(), Rdma()]
+                    GuestHaltPoll(), Network(), Rdma()]
 
 
 def inspect(root: str = "/", options: Options | None = None) -> list[Finding]:

@@ -19,7 +19,8 @@ from tuning.errors import StateError
 ROOT_GROUP = grp.getgrgid(0).gr_name
 COPIED = [sysfs.sysctl_rel(s.name) for s in knobs.SYSCTLS] + [
     sysfs.sysctl_rel("vm.unprivileged_userfaultfd"), knobs.THP_ENABLED, knobs.THP_DEFRAG,
-    "proc/self/limits", sysfs.sysctl_rel("vm.nr_hugepages"), "proc/meminfo"]
+    "proc/self/limits", sysfs.sysctl_rel("vm.nr_hugepages"), "proc/meminfo", knobs.HALT_POLL,
+    knobs.CPUIDLE_DRIVER]
 
 
 @pytest.fixture
@@ -120,6 +121,40 @@ def test_missing_knobs_are_reported_not_fatal(root: Path, tmp_path: Path) -> Non
     done, errors = state.apply(root, list(found.values()), tmp_path / "s.json")
     assert errors == []
     assert "net.core.busy_poll" not in {c.knob for c in done}
+
+
+def test_guest_halt_polling_set_only_where_the_haltpoll_driver_uses_it(root: Path,
+                                                                      tmp_path: Path) -> None:
+    """A KVM guest whose cpuidle-haltpoll polls 0 ns gets the kernel's default back (and the
+    0 again on revert); another idle driver, a garbled value or no such module: left alone,
+    each said."""
+    knob = "haltpoll.guest_halt_poll_ns"
+    poll, driver = root / knobs.HALT_POLL, root / knobs.CPUIDLE_DRIVER
+    poll.parent.mkdir(parents=True, exist_ok=True)
+    driver.parent.mkdir(parents=True, exist_ok=True)
+    poll.write_text("0\n")
+    driver.write_text("haltpoll\n")
+    f = by_knob(knobs.inspect(root, options()))[knob]
+    assert (f.status, f.current, f.desired) == ("change", "0", str(knobs.HALT_POLL_NS))
+    assert "60-100 µs" in f.message and "haltpoll.guest_halt_poll_ns=" in f.message
+    st = tmp_path / "state.json"
+    done, errors = state.apply(root, [f], st)
+    assert errors == [] and [c.knob for c in done] == [knob]
+    assert poll.read_text().strip() == str(knobs.HALT_POLL_NS)
+    assert by_knob(knobs.inspect(root, options()))[knob].status == "ok"
+    state.revert(root, st)
+    assert poll.read_text().strip() == "0"
+
+    driver.write_text("acpi_idle\n")
+    f = by_knob(knobs.inspect(root, options()))[knob]
+    assert f.status == "info" and f.changes == [] and "acpi_idle" in f.message
+    driver.write_text("haltpoll\n")
+    poll.write_text("lots\n")
+    f = by_knob(knobs.inspect(root, options()))[knob]
+    assert f.status == "warn" and f.changes == [] and "'lots'" in f.message
+    poll.unlink()
+    f = by_knob(knobs.inspect(root, options()))[knob]
+    assert f.status == "missing" and f.changes == []
 
 
 def test_tcp_buffers_raise_only_the_max(root: Path) -> None:
