@@ -26,9 +26,10 @@ MEMINFO = "proc/meminfo"
 
 @dataclass(frozen=True)
 class Pool:
-    total: int       # pages reserved (vm.nr_hugepages)
+    total: int       # pages in the pool (vm.nr_hugepages reads this)
     free: int        # of which not in use
     page_size: int   # bytes (the default huge page size)
+    surplus: int = 0  # of which in use beyond the persistent pool (freed when released)
 
 
 def pool(root: str | os.PathLike[str] = "/") -> Pool | None:
@@ -44,7 +45,7 @@ def pool(root: str | os.PathLike[str] = "/") -> Pool | None:
     if "HugePages_Total" not in info or "Hugepagesize" not in info:
         return None
     return Pool(info["HugePages_Total"], info.get("HugePages_Free", 0),
-                info["Hugepagesize"] * 1024)
+                info["Hugepagesize"] * 1024, info.get("HugePages_Surp", 0))
 
 
 def pages_for(nbytes: int, page_size: int) -> int:
@@ -55,7 +56,11 @@ def pages_for(nbytes: int, page_size: int) -> int:
 def reserved(count: int, root: str | os.PathLike[str] = "/") -> Iterator[Pool]:
     """At least ``count`` free huge pages while the block runs (vm.nr_hugepages raised as
     needed, lowered again by as much after: other users' reservations in between are kept).
-    HugePagesError when the kernel cannot."""
+    HugePagesError when the kernel cannot.
+
+    Surplus pages (still in use after an earlier block lowered the pool under them) become
+    persistent when the pool is raised; they are given back too, or each block that starts
+    while an earlier one's memory is still mapped would leave that many pages reserved."""
     before = pool(root)
     if before is None:
         raise HugePagesError("this kernel has no hugetlb pool (CONFIG_HUGETLBFS off)")
@@ -80,8 +85,9 @@ def reserved(count: int, root: str | os.PathLike[str] = "/") -> Iterator[Pool]:
         after = pool(root) if raise_by else None
         if after is not None:
             try:
+                persistent = after.total - after.surplus
                 sysfs.write_text(root, sysfs.sysctl_rel(SYSCTL),
-                                 str(max(0, after.total - raise_by)))
+                                 str(max(0, persistent - raise_by - before.surplus)))
             except KnobWriteError as exc:
                 log.warning("could not give %d huge pages back (%s): %s", raise_by, SYSCTL,
                             exc)

@@ -343,3 +343,45 @@ def test_reserved_pool_is_given_back(tmp_path: Path) -> None:
         pytest.skip(str(exc))
     after = hugepages.pool()
     assert after is not None and after.total <= inside - 2
+
+
+def test_a_pool_lowered_under_pages_in_use_is_not_left_raised() -> None:
+    """On the real kernel: a block ends while its pages are still mapped (a client's memory
+    outliving the test that made it: the kernel keeps them as surplus); a block that starts
+    meanwhile promotes them to persistent. Once both ended and the pages are unmapped, the
+    pool is back where it was (the old arithmetic left those pages reserved for good)."""
+    import mmap
+
+    from tuning import hugepages
+    from tuning.errors import HugePagesError
+
+    before = hugepages.pool()
+    if before is None or os.getuid() != 0 or before.page_size != 2 << 20:
+        pytest.skip("needs root and a 2 MiB hugetlb pool")
+    held = 3
+    fd, mem = -1, None
+    try:
+        with hugepages.reserved(before.free + 4):
+            fd = os.memfd_create("held", os.MFD_HUGETLB | os.MFD_CLOEXEC)
+            os.ftruncate(fd, held * before.page_size)
+            mem = mmap.mmap(fd, held * before.page_size, flags=mmap.MAP_SHARED)
+            for i in range(held):
+                mem[i * before.page_size] = 1
+        lowered = hugepages.pool()
+        assert lowered is not None and lowered.surplus >= held  # still mapped: surplus
+        with hugepages.reserved(lowered.free + 4) as p:
+            assert p.free >= lowered.free + 4
+            mem.close()
+            mem = None
+            os.close(fd)
+            fd = -1
+    except HugePagesError as exc:
+        pytest.skip(str(exc))
+    finally:
+        if mem is not None:
+            mem.close()
+        if fd >= 0:
+            os.close(fd)
+    after = hugepages.pool()
+    assert after is not None
+    assert (after.total, after.surplus) == (before.total, before.surplus), (before, after)
