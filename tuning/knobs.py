@@ -324,19 +324,19 @@ class GuestHaltPoll:
                            f"cpuidle driver is {driver or 'unknown'}, not haltpoll: this "
                            f"value is not used (boot with cpuidle_haltpoll.force=1 to use it)")
         try:
-            ns = int(cur)
+            desired = at_least(HALT_POLL_NS)(cur)
         except ValueError:
             return Finding(self.name, "warn", cur, str(HALT_POLL_NS),
                            f"unreadable value {cur!r} in /{HALT_POLL}: expected nanoseconds")
-        if ns >= HALT_POLL_NS:
+        if desired is None:
             return Finding(self.name, "ok", cur, cur,
                            "idle vCPUs poll before they halt: wake-ups for faults are fast")
-        return Finding(self.name, "change", cur, str(HALT_POLL_NS),
-                       f"idle vCPUs poll at most {ns} ns before halting, and a halted vCPU "
-                       f"takes 60-100 µs to wake for a fault; {HALT_POLL_NS} is the kernel's "
+        return Finding(self.name, "change", cur, desired,
+                       f"idle vCPUs poll at most {cur} ns before halting, and a halted vCPU "
+                       f"takes 60-100 µs to wake for a fault; {desired} is the kernel's "
                        f"default (costs host CPU only while this VM idles; at boot: kernel "
-                       f"parameter haltpoll.guest_halt_poll_ns={HALT_POLL_NS})",
-                       [Change(self.name, "text", HALT_POLL, cur, str(HALT_POLL_NS))])
+                       f"parameter haltpoll.guest_halt_poll_ns={desired})",
+                       [Change(self.name, "text", HALT_POLL, cur, desired)])
 
 
 # ---------------------------------------------------------------- hardware (report only)
