@@ -133,6 +133,7 @@ def test_clock_beats_fifo_whatever_the_share_of_writes(over, write_share, write_
     assert clock < 0.8 * fifo, (clock, fifo)  # counts from a replay, not timings
     assert clock_wb < 0.8 * fifo_wb, (clock_wb, fifo_wb)
 
+
 def test_remove_and_unmap_forget_only_the_units_inside():
     """A REMOVE or an UNMAP drops exactly the units wholly inside it, whether the state looks
     the range's chunks up one by one (a small range) or passes over every unit (a range with
