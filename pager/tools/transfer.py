@@ -5,7 +5,9 @@ file, say) into an address space of the memory nodes, and back.
     ssi-pager get --space NAME --size BYTES FILE (same node options)
 
 ``put`` skips zero pages (a node answers never-written pages as zero, so they need not
-travel) and, on a cluster, returns once every extent reached ``--replicas`` nodes. ``get``
+travel), except where the space already holds written pages (an earlier image): those are
+overwritten with zeros, so the space reads back as the image, never as a mix of the two. On a
+cluster it returns once every extent reached ``--replicas`` nodes. ``get``
 writes the space's first ``--size`` bytes to FILE, leaving holes where pages were never
 written.
 """
@@ -20,7 +22,9 @@ import time
 
 from pager.errors import ConfigError
 from pager.source import PageSource, add_cluster_arguments, parse_source
+from pager.source.base import Lane
 from transport.wire import PAGE_SIZE
+from transport.wire.frames import zero_mask_runs
 
 log = logging.getLogger(__name__)
 
@@ -86,24 +90,49 @@ def put(args: argparse.Namespace) -> int:
     if hasattr(source, "keep"):
         source.keep(args.space, size)
     t0 = time.monotonic()
-    stored = 0
+    stored = cleared = 0
     buf = bytearray(BLOCK)
+    scratch = bytearray(BLOCK)
     try:
         with source.open_lane(bulk=True) as lane:
             for gpa in range(0, size, BLOCK):
                 n = f.readinto(buf)
                 view = memoryview(buf)[:n]
-                for start, end in written_runs(view):
-                    lane.store_from(args.space, gpa + start, view[start:end])
-                    stored += end - start
+                pos = 0
+                for start, end in [*written_runs(view), (n, n)]:
+                    if pos < start:  # zero pages: only those written before travel
+                        cleared += clear_written(lane, args.space, gpa + pos,
+                                                 memoryview(scratch)[:start - pos])
+                    if start < end:
+                        lane.store_from(args.space, gpa + start, view[start:end])
+                        stored += end - start
+                    pos = end
+        if hasattr(source, "record_identities"):
+            source.record_identities(args.space)
     finally:
         source.close()
         f.close()
     secs = time.monotonic() - t0
+    skipped = size - stored - cleared
     print(f"put: {args.file} -> space {args.space}: {size >> 20} MiB, {stored >> 12} pages "
-          f"stored, {(size - stored) >> 12} zero pages skipped, {secs:.1f} s",
-          file=sys.stderr)
+          f"stored, {skipped >> 12} zero pages skipped"
+          + (f", {cleared >> 12} pages of an earlier image zeroed" if cleared else "")
+          + f", {secs:.1f} s", file=sys.stderr)
     return 0
+
+
+def clear_written(lane: Lane, space: str, gpa: int, scratch: memoryview) -> int:
+    """Zero the pages of ``[gpa, gpa + len(scratch))`` the space holds with other bytes (the
+    image has zeros there): a fetch says which (never-written pages come back as a mask bit,
+    with no data), a store of zeros overwrites them. Bytes zeroed."""
+    mask = lane.fetch_into(space, gpa, scratch)
+    done = 0
+    for first, count in zero_mask_runs(len(scratch) // PAGE_SIZE, mask):
+        for start, end in written_runs(scratch[first * PAGE_SIZE:(first + count) * PAGE_SIZE]):
+            at = first * PAGE_SIZE + start
+            lane.store_from(space, gpa + at, bytes(end - start))
+            done += end - start
+    return done
 
 
 def get(args: argparse.Namespace) -> int:

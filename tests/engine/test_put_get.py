@@ -59,6 +59,34 @@ def test_put_skips_zero_pages_and_reaches_two_nodes_get_reads_back(tmp_path):
             n.proc.stop()
 
 
+def test_put_over_an_earlier_image_leaves_none_of_it(tmp_path):
+    """A second image into the same space: where it has zero pages and the first had data,
+    the space reads back zeros (a restore must never see the older snapshot's pages)."""
+    ns = nodes(tmp_path, 2)
+    try:
+        common = [a for n in ns for a in ("--memnode", n.endpoint)] + [
+            "--token-file", str(ns[0].token_file), "--space", "fc1", "--replicas", "2"]
+        first = os.urandom(1024 * PAGE)
+        (tmp_path / "a.img").write_bytes(first)
+        second, nonzero = image(tmp_path / "b.img")  # every third page zero
+        assert cli("put", str(tmp_path / "a.img"), *common).returncode == 0
+        r = cli("put", str(tmp_path / "b.img"), *common)
+        assert r.returncode == 0, r.stderr
+        assert f"{nonzero} pages stored" in r.stderr
+        assert f"{1024 - nonzero} pages of an earlier image zeroed" in r.stderr
+        r = cli("get", str(tmp_path / "back.img"), *common[:-2], "--size", str(len(second)))
+        assert r.returncode == 0, r.stderr
+        assert (tmp_path / "back.img").read_bytes() == second
+        # the same image again: nothing left to zero, and still byte for byte
+        r = cli("put", str(tmp_path / "b.img"), *common)
+        assert r.returncode == 0 and "zeroed" not in r.stderr, r.stderr
+        r = cli("get", str(tmp_path / "back.img"), *common[:-2], "--size", str(len(second)))
+        assert r.returncode == 0 and (tmp_path / "back.img").read_bytes() == second
+    finally:
+        for n in ns:
+            n.proc.stop()
+
+
 def _count_on(node):
     src = MemnodeSource(node.endpoint, load_token(node.token_file), "fc1", prefer="tcp")
     with src.open_node_lane("memnode") as lane:
