@@ -9,7 +9,9 @@ With etcd (``--etcd http://HOST:2379``) each memory node registers itself under 
 (`register_node`): the key ``/ssi-pager/nodes/NAME`` holds ``{"endpoint": ..., "boot":
 ...}`` and disappears when the node stops renewing the lease. Pagers watch the prefix
 (`EtcdMembership`, a poll every second) and keep the last map they read while etcd cannot be
-reached, so faults keep being served on the last known map.
+reached, so faults keep being served on the last known map. Beside them, per space, the
+placement its extents were written with (``/ssi-pager/placement/SPACE``) and the store each
+node held it in (``/ssi-pager/stores/SPACE/NODE``, `EtcdMembership.identities`).
 
 The etcd client is etcd3gw (HTTP/JSON through etcd's gRPC gateway, ``/v3/``): blocking like
 the pager's lanes and with only ``requests`` underneath (no grpcio/protobuf pins).
@@ -36,6 +38,7 @@ NODES = PREFIX + "nodes/"
 OWNERS = PREFIX + "owners/"
 EPOCHS = PREFIX + "epochs/"
 PLACEMENT = PREFIX + "placement/"
+STORES = PREFIX + "stores/"  # STORES + SPACE/NODE: the store identity the space was left in
 DEFAULT_TTL = 5  # seconds a node's registration outlives its last renewal
 POLL_SECONDS = 1.0
 
@@ -105,6 +108,18 @@ class Membership:
 
     def record_placement(self, space: str, nodes: list[str], r: int) -> None:
         """Every extent of ``space`` is now on its ``r`` rendezvous nodes over ``nodes``."""
+
+    def identities(self, space: str) -> dict[str, tuple[str, int]]:
+        """{node id: (store id, generation)}: the store each node held ``space`` in when its
+        writers last had every extent on its nodes. A node that now shows another one lost
+        its copy (wiped, or restarted on another store) while no pager watched. A static
+        membership records nothing: a pager then knows only the identities it saw itself."""
+        return {}
+
+    def record_identities(self, space: str, ids: dict[str, tuple[str, int]]) -> bool:
+        """``ids`` ({node id: (store id, generation)}) are where ``space`` now is; False:
+        not recorded (etcd unreachable), to be tried again."""
+        return True
 
     def close(self) -> None:
         """Stop watching."""
@@ -209,6 +224,33 @@ class EtcdMembership(Membership):
                             json.dumps({"nodes": sorted(nodes), "replicas": r}))
         except _etcd_errors() as exc:
             log.warning("etcd: cannot record the placement of space %s: %s", space, exc)
+
+    def identities(self, space: str) -> dict[str, tuple[str, int]]:
+        prefix = f"{STORES}{space}/"
+        ids: dict[str, tuple[str, int]] = {}
+        try:
+            for value, meta in self.client.get_prefix(prefix):
+                node = meta["key"].decode()[len(prefix):]
+                try:
+                    doc = json.loads(value)
+                    ids[node] = (str(doc["store"]), int(doc["generation"]))
+                except (ValueError, KeyError, TypeError):
+                    log.warning("etcd: ignoring malformed store record %s%s", prefix, node)
+        except _etcd_errors() as exc:
+            log.warning("etcd: cannot read where space %s was stored (%s): a node wiped while "
+                        "no pager ran is not detected for it", space, _why(exc))
+        return ids
+
+    def record_identities(self, space: str, ids: dict[str, tuple[str, int]]) -> bool:
+        try:
+            for node, (store, generation) in sorted(ids.items()):
+                self.client.put(f"{STORES}{space}/{node}",
+                                json.dumps({"store": store, "generation": generation}))
+        except _etcd_errors() as exc:
+            log.warning("etcd: cannot record where space %s is stored (%s); trying again "
+                        "later", space, _why(exc))
+            return False
+        return True
 
     def _refresh(self) -> None:
         nodes, boots = {}, {}

@@ -45,7 +45,7 @@ from pager.source.placement import (
     placed,
     read_order_of,
 )
-from transport.errors import RemoteError, TransportError
+from transport.errors import RemoteError, StoreIdentityError, TransportError
 from transport.membership import Membership, Ownership
 from transport.wire import IDENTITIES
 
@@ -63,12 +63,29 @@ _LOCKS = 256  # extent locks, striped: a store and a repair of one extent never 
 ORDERS_KEPT = 1 << 16  # extents whose read order `ClusterSource.holders` keeps
 
 
+class NodeStoreChanged(TransportError):
+    """A node holds a space in another store than the one its writers left it in (wiped, or
+    restarted on another store, while no pager watched): to the cluster, a failed node that
+    is re-synced before it serves, never a source of pages."""
+
+
 class _NodeLanes(MemnodeSource):
     """Per-node transports and lanes that fail at once (no reconnect-and-retry: a node
     that breaks a connection may have restarted empty, so the cluster decides, not the lane)
-    and open the owned space under the owner's epoch (fencing)."""
+    and open the owned space under the owner's epoch (fencing). ``before_open(space)`` runs
+    before a lane to ``space`` opens (the cluster seeds the identities recorded for it)."""
 
     epoch: int | None = None
+    before_open: Any = None
+
+    def open_node_lane(self, node_id: str, space: str | None = None, *,
+                       bulk: bool = False) -> Any:
+        if self.before_open is not None:
+            self.before_open(space or self.space)
+        try:
+            return super().open_node_lane(node_id, space, bulk=bulk)
+        except StoreIdentityError as exc:
+            raise NodeStoreChanged(str(exc), errno=exc.errno) from exc
 
     def arm(self, t: Any) -> Any:
         if hasattr(t, "retry_for"):
@@ -120,6 +137,9 @@ class ClusterSource(PageSource):
         self.lanes = _NodeLanes(nodes, token, space, prefer=prefer,
                                 placement=lambda s, g: "", compress=compress)
         self.lanes.epoch = self.epoch
+        self.lanes.before_open = self._expect_identities
+        self._expected: set[str] = set()  # spaces whose recorded identities are seeded
+        self._ids_recorded: dict[str, dict[str, tuple[str, int]]] = {}
         self.lock = threading.RLock()
         self.gen: dict[str, int] = dict.fromkeys(nodes, 0)
         self.down: set[str] = set()
@@ -267,11 +287,54 @@ class ClusterSource(PageSource):
 
     def settled(self, space: str) -> None:
         """Repair found every extent of ``space`` on its targets: record the live set as its
-        placement, so a pager started later computes the holders from it."""
+        placement, so a pager started later computes the holders from it, and the store
+        identity each live node shows for it, so that pager refuses a node wiped meanwhile."""
         live = sorted(self.live())
         if self._recorded.get(space) != (live, self.r):
             self._recorded[space] = (live, self.r)
             self.membership.record_placement(space, live, self.r)
+        self.record_identities(space, live)
+
+    def record_identities(self, space: str, nodes: list[str] | None = None) -> None:
+        """Record the store identity each of ``nodes`` showed this process for ``space``
+        (None: the live nodes that hold every extent of the kept space they are targets of;
+        `put` calls this once its stores are done), so a pager started later refuses a node
+        that shows another (`_expect_identities`). A node being refilled is never among
+        them: its old record stands, and the next pager refills it too."""
+        if nodes is None:
+            size = self.spaces.get(space)
+            if size is None:
+                return
+            missing: set[str] = set()
+            for ext in range(-(-size >> EXTENT_SHIFT)):
+                missing.update(set(self.targets(space, ext)) - set(self.holders(space, ext)))
+            nodes = [n for n in self.live() if n not in missing]
+        ids = {}
+        for n in sorted(nodes):
+            got = IDENTITIES.get(self.lanes.nodes.get(n, n), space)
+            if got is not None and got[0]:  # a node before store ids shows none
+                ids[n] = got
+        done = self._ids_recorded.setdefault(space, {})
+        new = {n: i for n, i in ids.items() if done.get(n) != i}
+        if new and self.membership.record_identities(space, new):
+            done.update(new)
+
+    def _expect_identities(self, space: str) -> None:
+        """Before the first lane to ``space``: what its writers recorded of each node's store
+        is what a lane must find there (`transport.wire.StoreIdentities.expect`)."""
+        if space in self._expected:
+            return
+        with self.lock:
+            if space in self._expected:
+                return
+            recorded = self.membership.identities(space)
+            for node_id, (store, generation) in recorded.items():
+                ep = self.lanes.nodes.get(node_id)
+                if ep is not None:
+                    IDENTITIES.expect(ep, space, store, generation,
+                                      f"its writers (recorded in {self.membership.source})")
+            self._ids_recorded[space] = dict(recorded)
+            self._expected.add(space)
 
     def add_holder(self, space: str, ext: int, node_id: str) -> None:
         with self.lock:

@@ -166,6 +166,7 @@ def cluster_status(b: Scrape) -> dict[str, Any] | None:
         "repairs": int(b.total("ssi_pager_cluster_repairs_total")),
         "repair_bytes": int(b.total("ssi_pager_cluster_repair_bytes_total")),
         "failovers": int(b.total("ssi_pager_cluster_failovers_total")),
+        "node_failures": int(b.total("ssi_pager_cluster_node_failures_total")),
         "lost_replicas": int(b.total("ssi_pager_cluster_lost_replicas_total")),
     }
 
@@ -244,7 +245,8 @@ def print_cluster(st: dict[str, Any]) -> None:
         print(f"cluster {c['membership']}: R={c['replicas']}, epoch {c['epoch'] or '-'}, "
               f"under-replicated extents {c['under_replicated']} (lag "
               f"{c['replication_lag_s']:.1f} s), repairs {c['repairs']} "
-              f"({human_bytes(c['repair_bytes'])}), failovers {c['failovers']}, replicas "
+              f"({human_bytes(c['repair_bytes'])}), failovers {c['failovers']}, node failures "
+              f"{c.get('node_failures', 0)}, replicas "
               f"lost to store errors {c.get('lost_replicas', 0)}")
         print(f"  {'NODE':<12} {'ENDPOINT':<22} {'TRANSPORT':<10} {'STATE':<6} "
               f"{'EXTENTS':>7} RTT")

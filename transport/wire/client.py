@@ -309,25 +309,37 @@ class StoreIdentities:
     and the space's generation (OPENED ``gpa``). The first OPENED is remembered; any later one
     that differs (the node restarted on an empty or another store directory, or the space's
     files were deleted) is refused with `StoreIdentityError`: its pages would be wrong (zeros
-    for what the pager wrote). `forget` after a deliberate move (a repair that refilled the
-    space on a new store)."""
+    for what the pager wrote). `expect` seeds what an earlier writer recorded (a cluster's
+    record in etcd), so a pager that never saw the old store still refuses a new one. `forget`
+    after a deliberate move (a repair that refilled the space on a new store)."""
 
     def __init__(self) -> None:
         self._seen: dict[tuple[str, str], tuple[str, int]] = {}
+        self._origin: dict[tuple[str, str], str] = {}  # who recorded an expected identity
 
     def check(self, node: str, space: str, store_id: str, generation: int) -> None:
         seen = self._seen.setdefault((node, space), (store_id, generation))
         if seen != (store_id, generation):
+            origin = self._origin.get((node, space), "this pager")
             raise StoreIdentityError(
                 f"memory node {node} holds space {space} in store {store_id or '?'} generation "
-                f"{generation:#x}, but this pager wrote it to store {seen[0] or '?'} generation "
+                f"{generation:#x}, but {origin} wrote it to store {seen[0] or '?'} generation "
                 f"{seen[1]:#x}: the node was restarted on an empty or another store directory "
                 f"(or the space's files were deleted), so its pages would be wrong. Restart the "
                 f"node on its own --store, or restore the space from a replica; refused", 0)
 
+    def expect(self, node: str, space: str, store_id: str, generation: int,
+               origin: str) -> None:
+        """Refuse any other identity of ``space`` on ``node`` than this one, which
+        ``origin`` (words for the error) recorded; what this process saw itself stays."""
+        if (node, space) not in self._seen:
+            self._seen[node, space] = (store_id, generation)
+            self._origin[node, space] = origin
+
     def forget(self, node: str, space: str | None = None) -> None:
         for key in [k for k in self._seen if k[0] == node and space in (None, k[1])]:
             del self._seen[key]
+            self._origin.pop(key, None)
 
     def get(self, node: str, space: str) -> tuple[str, int] | None:
         return self._seen.get((node, space))
