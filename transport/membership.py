@@ -109,11 +109,12 @@ class Membership:
     def record_placement(self, space: str, nodes: list[str], r: int) -> None:
         """Every extent of ``space`` is now on its ``r`` rendezvous nodes over ``nodes``."""
 
-    def identities(self, space: str) -> dict[str, tuple[str, int]]:
+    def identities(self, space: str) -> dict[str, tuple[str, int]] | None:
         """{node id: (store id, generation)}: the store each node held ``space`` in when its
-        writers last had every extent on its nodes. A node that now shows another one lost
-        its copy (wiped, or restarted on another store) while no pager watched. A static
-        membership records nothing: a pager then knows only the identities it saw itself."""
+        writers last had every extent on its nodes (None: the record cannot be read now). A
+        node that now shows another one lost its copy (wiped, or restarted on another store)
+        while no pager watched. A static membership records nothing: a pager then knows only
+        the identities it saw itself."""
         return {}
 
     def record_identities(self, space: str, ids: dict[str, tuple[str, int]]) -> bool:
@@ -225,7 +226,7 @@ class EtcdMembership(Membership):
         except _etcd_errors() as exc:
             log.warning("etcd: cannot record the placement of space %s: %s", space, exc)
 
-    def identities(self, space: str) -> dict[str, tuple[str, int]]:
+    def identities(self, space: str) -> dict[str, tuple[str, int]] | None:
         prefix = f"{STORES}{space}/"
         ids: dict[str, tuple[str, int]] = {}
         try:
@@ -239,6 +240,7 @@ class EtcdMembership(Membership):
         except _etcd_errors() as exc:
             log.warning("etcd: cannot read where space %s was stored (%s): a node wiped while "
                         "no pager ran is not detected for it", space, _why(exc))
+            return None
         return ids
 
     def record_identities(self, space: str, ids: dict[str, tuple[str, int]]) -> bool:

@@ -139,6 +139,8 @@ class ClusterSource(PageSource):
         self.lanes.epoch = self.epoch
         self.lanes.before_open = self._expect_identities
         self._expected: set[str] = set()  # spaces whose recorded identities are seeded
+        self._expect_lock = threading.Lock()  # not ``lock``: seeding reads etcd
+        self._unchecked: set[str] = set()  # spaces whose record could not be read
         self._ids_recorded: dict[str, dict[str, tuple[str, int]]] = {}
         self.lock = threading.RLock()
         self.gen: dict[str, int] = dict.fromkeys(nodes, 0)
@@ -300,7 +302,10 @@ class ClusterSource(PageSource):
         (None: the live nodes that hold every extent of the kept space they are targets of;
         `put` calls this once its stores are done), so a pager started later refuses a node
         that shows another (`_expect_identities`). A node being refilled is never among
-        them: its old record stands, and the next pager refills it too."""
+        them: its old record stands, and the next pager refills it too. Nor is a space
+        whose record this pager could not read: what it saw was never checked against it."""
+        if space in self._unchecked or space not in self._expected:
+            return
         if nodes is None:
             size = self.spaces.get(space)
             if size is None:
@@ -324,10 +329,13 @@ class ClusterSource(PageSource):
         is what a lane must find there (`transport.wire.StoreIdentities.expect`)."""
         if space in self._expected:
             return
-        with self.lock:
+        with self._expect_lock:
             if space in self._expected:
                 return
             recorded = self.membership.identities(space)
+            if recorded is None:  # unreadable: this pager records none over it either
+                self._unchecked.add(space)
+                recorded = {}
             for node_id, (store, generation) in recorded.items():
                 ep = self.lanes.nodes.get(node_id)
                 if ep is not None:
