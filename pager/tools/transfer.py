@@ -24,7 +24,6 @@ from pager.errors import ConfigError
 from pager.source import PageSource, add_cluster_arguments, parse_source
 from pager.source.base import Lane
 from transport.wire import PAGE_SIZE
-from transport.wire.frames import zero_mask_runs
 
 log = logging.getLogger(__name__)
 
@@ -98,15 +97,11 @@ def put(args: argparse.Namespace) -> int:
             for gpa in range(0, size, BLOCK):
                 n = f.readinto(buf)
                 view = memoryview(buf)[:n]
-                pos = 0
-                for start, end in [*written_runs(view), (n, n)]:
-                    if pos < start:  # zero pages: only those written before travel
-                        cleared += clear_written(lane, args.space, gpa + pos,
-                                                 memoryview(scratch)[:start - pos])
-                    if start < end:
-                        lane.store_from(args.space, gpa + start, view[start:end])
-                        stored += end - start
-                    pos = end
+                runs = written_runs(view)
+                for start, end in runs:
+                    lane.store_from(args.space, gpa + start, view[start:end])
+                    stored += end - start
+                cleared += clear_written(lane, args.space, gpa, view, runs, scratch)
         if hasattr(source, "record_identities"):
             source.record_identities(args.space)
     finally:
@@ -121,17 +116,32 @@ def put(args: argparse.Namespace) -> int:
     return 0
 
 
-def clear_written(lane: Lane, space: str, gpa: int, scratch: memoryview) -> int:
-    """Zero the pages of ``[gpa, gpa + len(scratch))`` the space holds with other bytes (the
-    image has zeros there): a fetch says which (never-written pages come back as a mask bit,
-    with no data), a store of zeros overwrites them. Bytes zeroed."""
-    mask = lane.fetch_into(space, gpa, scratch)
+def clear_written(lane: Lane, space: str, gpa: int, block: memoryview,
+                  runs: list[tuple[int, int]], scratch: bytearray) -> int:
+    """Zero the pages the space holds with other bytes where ``block`` (the image at ``gpa``,
+    its non-zero ``runs``) has zero pages: one fetch over the span of its zero pages says
+    which are written (never-written pages come back as a mask bit, with no data, so a new
+    space costs one small reply per block), a store of zeros overwrites them. Bytes zeroed."""
+    data = bytearray(len(block) // PAGE_SIZE)  # 1: the image has data in that page
+    for start, end in runs:
+        data[start // PAGE_SIZE:end // PAGE_SIZE] = b"\1" * ((end - start) // PAGE_SIZE)
+    zero = [p for p, d in enumerate(data) if not d]
+    if not zero:
+        return 0
+    first, last = zero[0], zero[-1] + 1
+    span = memoryview(scratch)[:(last - first) * PAGE_SIZE]
+    mask = lane.fetch_into(space, gpa + first * PAGE_SIZE, span)
+    todo = [p for p in zero if not mask >> (p - first) & 1
+            and span[(p - first) * PAGE_SIZE:(p - first + 1) * PAGE_SIZE] != _ZERO_PAGE]
     done = 0
-    for first, count in zero_mask_runs(len(scratch) // PAGE_SIZE, mask):
-        for start, end in written_runs(scratch[first * PAGE_SIZE:(first + count) * PAGE_SIZE]):
-            at = first * PAGE_SIZE + start
-            lane.store_from(space, gpa + at, bytes(end - start))
-            done += end - start
+    i = 0
+    while i < len(todo):  # runs of consecutive pages, one store each
+        j = i + 1
+        while j < len(todo) and todo[j] == todo[j - 1] + 1:
+            j += 1
+        lane.store_from(space, gpa + todo[i] * PAGE_SIZE, bytes((j - i) * PAGE_SIZE))
+        done += (j - i) * PAGE_SIZE
+        i = j
     return done
 
 
