@@ -197,8 +197,9 @@ class ClusterSource(PageSource):
             for n, ep in nodes.items():
                 self.lanes.nodes[n] = ep
                 boot = self._boot(n)
-                if n not in self.gen:
-                    self.gen[n] = 0
+                if n not in self.gen:  # away when we started: trusted as placed, if it
+                    self.gen[n] = 0     # still shows the store its writers recorded
+                    self._expect_node(n, ep)
                 elif n not in self.members or boot != self.boots.get(n):
                     self._bump(n, "re-registered")
                 self.boots[n] = boot
@@ -323,6 +324,13 @@ class ClusterSource(PageSource):
         new = {n: i for n, i in ids.items() if done.get(n) != i}
         if new and self.membership.record_identities(space, new):
             done.update(new)
+
+    def _expect_node(self, node_id: str, endpoint: str) -> None:
+        """A node first seen after spaces were seeded: expect what was recorded of it."""
+        for space, ids in list(self._ids_recorded.items()):
+            if node_id in ids and space in self._expected:
+                IDENTITIES.expect(endpoint, space, *ids[node_id],
+                                  f"its writers (recorded in {self.membership.source})")
 
     def _expect_identities(self, space: str) -> None:
         """Before the first lane to ``space``: what its writers recorded of each node's store

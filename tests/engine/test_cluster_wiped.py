@@ -7,6 +7,7 @@ real nodes, `ssi-pager put` and `serve` processes, a client faulting every page.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -39,9 +40,8 @@ def read_all(sock: str, data: DataSet) -> None:
         c.close()
 
 
-def test_node_wiped_while_no_pager_ran_is_refused_then_refilled(tmp_path, etcd, three_etcd,
-                                                                 run_pager):
-    three = three_etcd
+def put_image(tmp_path, etcd, three) -> DataSet:
+    """The data set, put into space "default" with R=2 by `ssi-pager put`."""
     data = DataSet(SIZE)
     image = tmp_path / "memory.img"
     buf = bytearray(SIZE)
@@ -49,11 +49,19 @@ def test_node_wiped_while_no_pager_ran_is_refused_then_refilled(tmp_path, etcd, 
     for s, e in data.hole_ranges():
         buf[s:e] = bytes(e - s)
     image.write_bytes(buf)
-    token = str(three[0].token_file)
     r = subprocess.run([sys.executable, "-m", "pager.cli", "put", "--space", "default",
-                        "--etcd", etcd.url, "--token-file", token, "--replicas", "2",
-                        str(image)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                        "--etcd", etcd.url, "--token-file", str(three[0].token_file),
+                        "--replicas", "2", str(image)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+    return data
+
+
+def test_node_wiped_while_no_pager_ran_is_refused_then_refilled(tmp_path, etcd, three_etcd,
+                                                                 run_pager):
+    three = three_etcd
+    data = put_image(tmp_path, etcd, three)
+    token = str(three[0].token_file)
     args = ("--etcd", etcd.url, "--replicas", "2", "--token-file", token, "--readahead", "0",
             "--metrics", "127.0.0.1:0")
 
@@ -86,3 +94,22 @@ def test_node_wiped_while_no_pager_ran_is_refused_then_refilled(tmp_path, etcd, 
     read_all(sock2, data)
     st = status(metrics2, etcd.url)
     assert st["node_failures"] == 0 and st["repairs"] == 0 and st["failovers"] == 0, st
+
+
+def test_node_away_at_start_and_back_wiped_is_refused(tmp_path, etcd, three_etcd, run_pager):
+    """A node that was away when the pager started counts as holding what placement put on
+    it when it registers again, unless it shows another store than the one recorded."""
+    three = three_etcd
+    data = put_image(tmp_path, etcd, three)
+    wiped = max(three, key=lambda n: affinity(n.name, "default"))
+    wiped.proc.stop()  # a clean stop: it leaves etcd at once
+    shutil.rmtree(wiped.store)
+    pager, sock = run_pager("--etcd", etcd.url, "--replicas", "2", "--token-file",
+                            str(three[0].token_file), "--readahead", "0",
+                            "--metrics", "127.0.0.1:0")
+    metrics = pager.wait_for(r"metrics: http://(\S+)/metrics")
+    wiped.start(wiped.endpoint)  # back, empty, on its old address
+    pager.wait_for(rf"memory node {wiped.name} .*(restarted on an empty or another store)", 60)
+    read_all(sock, data)
+    wait_until(lambda: status(metrics, etcd.url)["under_replicated"] == 0, 90,
+               f"{wiped.name} to be refilled")
