@@ -251,7 +251,10 @@ class HandoffServer:
             if os.path.exists(path) and not _is_socket(path):
                 raise ConfigError(f"--socket {path} exists and is not a socket; remove it or "
                                   "choose another path")
-            os.unlink(path)
+            if _listening(path):
+                raise ConfigError(f"--socket {path}: another process is listening on it (a "
+                                  "pager already running?); stop it or choose another path")
+            os.unlink(path)  # stale: left by a pager that is gone
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
         try:
@@ -406,6 +409,22 @@ class HandoffServer:
             if not data:
                 return
             log.warning("ignoring %d bytes sent after the handshake", len(data))
+
+
+def _listening(path: str) -> bool:
+    """Whether a process accepts connections on the Unix socket ``path`` (a refused connect:
+    the file is stale)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except OSError:
+        return True  # it exists and did not refuse (a full backlog): someone is there
+    finally:
+        probe.close()
+    return True
 
 
 def _is_socket(path: str) -> bool:

@@ -73,6 +73,20 @@ def test_socket_in_a_missing_directory_is_named(tmp_path):
     assert "Traceback" not in r.stderr
     r = _cli("serve", "--socket", str(snap), "--source", f"file:{snap}")
     assert r.returncode == 1 and "exists and is not a socket" in r.stderr
+    # a socket someone listens on is not taken over; one nobody listens on (stale) is
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    live.bind(str(tmp_path / "p.sock"))
+    live.listen(1)
+    r = _cli("serve", "--socket", str(tmp_path / "p.sock"), "--source", f"file:{snap}")
+    assert r.returncode == 1 and "another process is listening on it" in r.stderr
+    assert (tmp_path / "p.sock").exists()
+    live.close()  # the file stays, stale
+    p = Proc(["serve", "--socket", str(tmp_path / "p.sock"), "--source", f"file:{snap}"],
+             tmp_path / "serve.log")
+    try:
+        p.wait_for("pager: serving")
+    finally:
+        p.stop()
 
 
 def test_demo_with_no_memory_says_so():
