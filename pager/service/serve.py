@@ -41,20 +41,33 @@ DEFAULT_SPACE = "default"
 
 
 def parse_size(text: str) -> int:
-    """'65536', '64K', '64KiB', '2M', '1G' -> bytes."""
+    """'65536', '64K', '64KiB', '2M', '1.5G', '1T' -> bytes (a whole number of them)."""
+    from decimal import Decimal, InvalidOperation
+
     t = text.strip().upper().removesuffix("IB").removesuffix("B")
     mult = 1
-    for suffix, m in (("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30)):
+    for suffix, m in (("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30), ("T", 1 << 40)):
         if t.endswith(suffix):
             t, mult = t[:-1], m
             break
     try:
-        value = int(t) * mult
-    except ValueError:
-        raise ConfigError(f"cannot read size {text!r}; write e.g. 65536, 64K or 2M") from None
-    if value < 0:
+        exact = Decimal(t) * mult
+    except InvalidOperation:
+        exact = None
+    if exact is None or not exact.is_finite() or exact != int(exact):
+        raise ConfigError(f"cannot read size {text!r}; write a whole number of bytes or of K, "
+                          f"M, G or T, e.g. 65536, 64K, 2M or 1.5G")
+    if exact < 0:
         raise ConfigError(f"size {text!r} is negative")
-    return value
+    return int(exact)
+
+
+def size_arg(text: str) -> int:
+    """argparse type of a size option: `parse_size`, its errors as usage errors."""
+    try:
+        return parse_size(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,9 +91,9 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
                         help="TLS material (ca.pem, cert.pem, key.pem; with ca.key the "
                              "pager's certificate is made there); default "
                              "$XDG_DATA_HOME/ssi-pager/tls")
-    parser.add_argument("--chunk", type=parse_size, default=DEFAULT_CHUNK,
+    parser.add_argument("--chunk", type=size_arg, default=DEFAULT_CHUNK,
                         help="bytes fetched per fault, a power of two (default 64K)")
-    parser.add_argument("--readahead", type=parse_size, default=DEFAULT_READAHEAD,
+    parser.add_argument("--readahead", type=size_arg, default=DEFAULT_READAHEAD,
                         help="largest readahead window for sequential streams, 0 = off "
                              "(default 2M)")
     parser.add_argument("--fetch-timeout", type=float, default=60.0,
@@ -97,7 +110,7 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
                              "faults when the space starts again (0 = off, the default)")
     parser.add_argument("--no-prefetch", dest="prefetch", action="store_false",
                         help="with --ws-window: record working sets but do not replay them")
-    parser.add_argument("--prefetch-rate", type=parse_size, default=0, metavar="BYTES",
+    parser.add_argument("--prefetch-rate", type=size_arg, default=0, metavar="BYTES",
                         help="most bytes per second a replay fetches, e.g. 256M (0 = no limit)")
 
 
@@ -122,11 +135,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "repeatable. Without it every client gets --space only")
     parser.add_argument("--handshake-timeout", type=float, default=5.0,
                         help="seconds a client has to send its handshake (default %(default)s)")
-    parser.add_argument("--max-resident", type=parse_size, default=None, metavar="SIZE",
+    parser.add_argument("--max-resident", type=size_arg, default=None, metavar="SIZE",
                         help="far memory: keep each guest's resident RAM under SIZE (e.g. "
                              "128M), evicting to the memory node; needs guests on a shared "
                              "memfd (QEMU through `ssi-pager vm`)")
-    parser.add_argument("--pager-max-resident", type=parse_size, default=None, metavar="SIZE",
+    parser.add_argument("--pager-max-resident", type=size_arg, default=None, metavar="SIZE",
                         help="far memory: all guests of this pager together under SIZE "
                              "(an even share each, capped by --max-resident)")
     parser.add_argument("--evict-policy", choices=("clock", "fifo"), default="clock",

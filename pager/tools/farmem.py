@@ -37,7 +37,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from pager.service.serve import parse_size
+from pager.service.serve import size_arg
 from pager.tools.child import Child
 
 PAGE = 4096
@@ -50,14 +50,14 @@ ZRAM_ATTEMPTS = 3  # runs of a zram case the cgroup OOM-killed, at most
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="JSON lines (the only format)")
-    parser.add_argument("--limit", type=parse_size, default=64 << 20,
+    parser.add_argument("--limit", type=size_arg, default=64 << 20,
                         help="resident limit (default 64M)")
     parser.add_argument("--ratios", default="1,2,4",
                         help="working sets as multiples of the limit (default 1,2,4)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ops", type=int, default=200_000, help="timed operations per thread")
     parser.add_argument("--write-pct", type=int, default=50)
-    parser.add_argument("--chunk", type=parse_size, default=4096,
+    parser.add_argument("--chunk", type=size_arg, default=4096,
                         help="pager chunk (fetch and eviction unit; default 4K)")
     parser.add_argument("--fill", action="store_true",
                         help="writes fill the rest of each page with pseudo-random data (checked)"

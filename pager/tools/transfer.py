@@ -36,9 +36,9 @@ def configure(parser: argparse.ArgumentParser, *, get: bool = False) -> None:
                         help="raw memory image to write" if get else "raw memory image")
     parser.add_argument("--space", required=True, help="address space on the memory nodes")
     if get:
-        from pager.service.serve import parse_size
+        from pager.service.serve import size_arg
 
-        parser.add_argument("--size", type=parse_size, required=True,
+        parser.add_argument("--size", type=size_arg, required=True,
                             help="bytes to download (the guest's memory size, e.g. 512M)")
     parser.add_argument("--memnode", metavar="HOST:PORT", action="append", default=None,
                         help="memory node (repeat for a cluster)")

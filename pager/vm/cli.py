@@ -6,7 +6,7 @@ import argparse
 import logging
 
 from pager.errors import VmError
-from pager.service.serve import parse_size
+from pager.service.serve import size_arg
 from pager.vm.launch import do_run
 from pager.vm.resume import do_resume
 from pager.vm.suspend import do_suspend
@@ -32,7 +32,7 @@ def _add_options(p: argparse.ArgumentParser) -> None:
                    help="join the pager on this socket (started here if nothing listens)")
     p.add_argument("--name", metavar="NAME", help="VM name for suspend/resume (default: space)")
     p.add_argument("--state", metavar="FILE", help="resume: device state file (default: saved)")
-    p.add_argument("--max-resident", type=parse_size, metavar="SIZE",
+    p.add_argument("--max-resident", type=size_arg, metavar="SIZE",
                    help="far memory: keep the guest's resident RAM under SIZE (e.g. 128M), "
                         "the rest on the memory node (passed to the pager started here)")
     p.add_argument("--pager-arg", action="append", metavar="ARG",

@@ -89,6 +89,17 @@ def test_socket_in_a_missing_directory_is_named(tmp_path):
         p.stop()
 
 
+def test_bad_sizes_are_usage_errors():
+    for opt, bad in (("--max-resident", "1x"), ("--chunk", "-5M"), ("--readahead", "zz")):
+        r = _cli("serve", "--socket", "/tmp/none.sock", "--memnode", "127.0.0.1:1",
+                 f"{opt}={bad}")
+        assert r.returncode == 2 and f"argument {opt}: " in r.stderr and bad in r.stderr
+        assert "Traceback" not in r.stderr
+    from pager.service.serve import parse_size
+    assert parse_size("1.5M") == 3 << 19 and parse_size("1T") == 1 << 40
+    assert parse_size("64KiB") == parse_size("64k") == 65536
+
+
 def test_demo_with_no_memory_says_so():
     r = _cli("demo", "--mib", "0")
     assert r.returncode == 1
