@@ -6,8 +6,8 @@ A static file (``--cluster FILE``, JSON) suits small setups with no extra servic
      "owners": {"vm1": {"pager": "host-a", "epoch": 1}}}
 
 With etcd (``--etcd http://HOST:2379``) each memory node registers itself under a lease
-(`register_node`): the key ``/ssi-pager/nodes/NAME`` holds ``{"endpoint": ..., "boot":
-...}`` and disappears when the node stops renewing the lease. Pagers watch the prefix
+(`transport.leases.register_node`): the key ``/ssi-pager/nodes/NAME`` holds ``{"endpoint":
+..., "boot": ...}`` and disappears when the node stops renewing the lease. Pagers watch the prefix
 (`EtcdMembership`, a poll every second) and keep the last map they read while etcd cannot be
 reached, so faults keep being served on the last known map. Beside them, per space, the
 placement its extents were written with (``/ssi-pager/placement/SPACE``) and the store each
@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -213,10 +211,11 @@ class EtcdMembership(Membership):
                 got = self.client.get(PLACEMENT + space)
                 if got:
                     doc = json.loads(got[0])
-                    return [str(n) for n in doc["nodes"]], int(doc["replicas"])
+                    if doc["nodes"]:  # an empty set (recorded by an older pager) places nothing
+                        return [str(n) for n in doc["nodes"]], int(doc["replicas"])
         except (*_etcd_errors(), TypeError) as exc:
             log.warning("etcd: cannot read the placement of space %s (%s): assuming the "
-                        "current nodes hold it", space, exc)
+                        "current nodes hold it", space, _why(exc))
         return nodes, r
 
     def record_placement(self, space: str, nodes: list[str], r: int) -> None:
@@ -224,7 +223,7 @@ class EtcdMembership(Membership):
             self.client.put(PLACEMENT + space,
                             json.dumps({"nodes": sorted(nodes), "replicas": r}))
         except _etcd_errors() as exc:
-            log.warning("etcd: cannot record the placement of space %s: %s", space, exc)
+            log.warning("etcd: cannot record the placement of space %s: %s", space, _why(exc))
 
     def identities(self, space: str) -> dict[str, tuple[str, int]] | None:
         prefix = f"{STORES}{space}/"
@@ -284,59 +283,6 @@ class EtcdMembership(Membership):
         self._stop.set()
 
 
-class LeasedKey:
-    """A key in etcd under a lease renewed by a thread; put again after etcd comes back or
-    the lease expired. ``close()`` revokes it (the key goes at once)."""
-
-    def __init__(self, url: str, key: str, value: dict[str, Any], *, ttl: int = DEFAULT_TTL,
-                 client: Any = None) -> None:
-        self.client = client or etcd_client(url)
-        self.url, self.key, self.ttl = url, key, ttl
-        self.value = json.dumps({**value, "host": socket.gethostname()})
-        self.lease: Any = None
-        self.exclusive = False  # re-register only if nobody else wrote the key meanwhile
-        self._stop = threading.Event()
-        self._thread = _start(self._register, self._renew, "etcd-lease",
-                              f"cannot write {key} to etcd at {url}")
-
-    def _register(self) -> None:
-        lease = self.client.lease(ttl=self.ttl)
-        if self.exclusive and not self.client.create(self.key, self.value, lease=lease):
-            lease.revoke()
-            log.error("etcd: %s was taken by someone else while our lease had lapsed: not "
-                      "renewing it (nodes refuse our stores once they are fenced)", self.key)
-            self._stop.set()
-            return
-        if not self.exclusive:
-            self.client.put(self.key, self.value, lease=lease)
-        self.lease = lease
-        log.info("etcd: registered %s (lease ttl %ds)", self.key, self.ttl)
-
-    def _renew(self) -> None:
-        while not self._stop.wait(self.ttl / 3):
-            try:
-                if self.lease is None or self.lease.refresh() <= 0:
-                    self._register()
-            except _etcd_errors() as exc:
-                log.warning("etcd: renewing the lease of %s failed: %s", self.key, exc)
-                self.lease = None
-
-    def close(self) -> None:
-        self._stop.set()
-        try:
-            if self.lease is not None:
-                self.lease.revoke()
-        except _etcd_errors():
-            log.debug("revoking the lease failed", exc_info=True)
-
-
-def register_node(url: str, name: str, endpoint: str, *, ttl: int = DEFAULT_TTL) -> LeasedKey:
-    """A memory node's registration: ``/ssi-pager/nodes/NAME`` -> endpoint and a boot id
-    (new at every start: pagers re-sync a node that restarted)."""
-    return LeasedKey(url, NODES + name, {"endpoint": endpoint, "boot": os.urandom(8).hex()},
-                     ttl=ttl)
-
-
 def membership_from(*, etcd: str | None = None, cluster: str | None = None,
                     memnodes: list[str] | None = None) -> Membership:
     """The membership the command line names: ``--etcd``, ``--cluster`` or ``--memnode``s."""
@@ -348,58 +294,3 @@ def membership_from(*, etcd: str | None = None, cluster: str | None = None,
     if cluster:
         return StaticMembership(cluster)
     return StaticMembership(endpoints=memnodes)
-
-
-class Ownership:
-    """This pager owns ``space`` under ``epoch``: from etcd (`acquire`, a key under a lease
-    renewed by a thread; the epoch counter only grows) or fixed (a static file's owner)."""
-
-    def __init__(self, space: str, epoch: int, pager: str, registration: Any = None) -> None:
-        self.space, self.epoch, self.pager = space, epoch, pager
-        self._reg = registration
-
-    @classmethod
-    def acquire(cls, url: str, space: str, pager: str, *, ttl: int = DEFAULT_TTL) -> Ownership:
-        """Take ``space`` over: the next epoch, whoever owned it before (a guest resumed
-        here); the previous owner's stores are refused from now on by every node fenced."""
-        client = etcd_client(url)
-        try:
-            for _ in range(100):
-                got = client.get(EPOCHS + space, metadata=True)
-                if got:
-                    value, meta = got[0]
-                    epoch = int(value) + 1
-                    compare = {"key": _b64(EPOCHS + space), "result": "EQUAL",
-                               "target": "MOD", "mod_revision": int(meta["mod_revision"])}
-                else:
-                    epoch = 1
-                    compare = {"key": _b64(EPOCHS + space), "result": "EQUAL",
-                               "target": "CREATE", "create_revision": 0}
-                txn = {"compare": [compare], "success": [{"request_put": {
-                    "key": _b64(EPOCHS + space), "value": _b64(str(epoch))}}], "failure": []}
-                if client.transaction(txn).get("succeeded"):
-                    break
-            else:
-                raise ClusterError(f"could not take space {space} over in etcd: too many "
-                                   f"concurrent owners")
-            old = client.get(OWNERS + space)
-            if old:
-                log.warning("etcd: taking space %s over from %s (epoch %d)", space,
-                            old[0].decode(), epoch)
-            reg = LeasedKey(url, OWNERS + space, {"pager": pager, "epoch": epoch}, ttl=ttl,
-                            client=client)
-            reg.exclusive = True  # a lapsed owner key comes back only if still free
-        except _etcd_errors() as exc:
-            raise ClusterError(f"cannot take space {space} over in etcd at {url}: {_why(exc)}; is "
-                               f"etcd running there?") from exc
-        return cls(space, epoch, pager, reg)
-
-    def close(self) -> None:
-        if self._reg is not None:
-            self._reg.close()
-
-
-def _b64(text: str) -> str:
-    import base64
-
-    return base64.b64encode(text.encode()).decode()

@@ -12,6 +12,7 @@ from pager.errors import ConfigError
 from pager.source.base import CRoutes, Lane, PageSource
 from pager.source.file import FileSource
 from pager.source.memnode import MemnodeSource
+from transport.wire import valid_space_name
 
 __all__ = ["CRoutes", "FileSource", "Lane", "MemnodeSource", "PageSource", "add_cluster_arguments",
            "parse_source", "source_from_args"]
@@ -43,11 +44,16 @@ def parse_source(memnode: str | list[str] | None, source: str | None, *,
     ``space`` (serve): it takes the space over in etcd (or uses the cluster file's owner
     epoch) and its stores carry that epoch."""
     memnodes = [memnode] if isinstance(memnode, str) else list(memnode or [])
+    if (memnodes or etcd or cluster or discover) and not valid_space_name(space):
+        raise ConfigError(f"--space {space!r}: an address space name is 1-64 letters, digits, "
+                          f"'-', '_' or '.', not starting with '.'")
     if len(memnodes) > 1 or etcd or cluster or discover:
         if source:
             raise ConfigError("give memory nodes or --source file:PATH, not both")
         from pager.source.cluster import ClusterSource
-        from transport.membership import Ownership, membership_from
+        from pager.source.placement import check_replicas
+        from transport.leases import Ownership
+        from transport.membership import membership_from
 
         if discover:
             if etcd or cluster or memnodes:
@@ -58,14 +64,17 @@ def parse_source(memnode: str | list[str] | None, source: str | None, *,
             membership = DiscoveryMembership()
         else:
             membership = membership_from(etcd=etcd, cluster=cluster, memnodes=memnodes)
+        # every option is checked before the space is taken over: a pager that then exits
+        # on a bad option must not have fenced the one serving the space
+        check_replicas(replicas, len(membership.nodes()))
+        if repair_rate <= 0:
+            raise ConfigError(f"--repair-rate {repair_rate:g}: give a positive MiB/s")
         owner = None
         if owns:
             if etcd:
                 owner = Ownership.acquire(etcd, space, pager_id())
             elif (fixed := membership.owner(space)) is not None:
                 owner = Ownership(space, int(fixed["epoch"]), str(fixed.get("pager", "")))
-        if repair_rate <= 0:
-            raise ConfigError(f"--repair-rate {repair_rate:g}: give a positive MiB/s")
         return ClusterSource(membership, token, space, replicas=replicas, owner=owner,
                              repair_rate=repair_rate * (1 << 20))
     memnode = memnodes[0] if memnodes else None

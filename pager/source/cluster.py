@@ -46,7 +46,8 @@ from pager.source.placement import (
     read_order_of,
 )
 from transport.errors import RemoteError, StoreIdentityError, TransportError
-from transport.membership import Membership, Ownership
+from transport.leases import Ownership
+from transport.membership import Membership
 from transport.wire import IDENTITIES
 
 log = logging.getLogger(__name__)
@@ -293,6 +294,8 @@ class ClusterSource(PageSource):
         placement, so a pager started later computes the holders from it, and the store
         identity each live node shows for it, so that pager refuses a node wiped meanwhile."""
         live = sorted(self.live())
+        if not live:  # nothing holds anything now: no placement to record
+            return
         if self._recorded.get(space) != (live, self.r):
             self._recorded[space] = (live, self.r)
             self.membership.record_placement(space, live, self.r)

@@ -130,7 +130,7 @@ def test_pager_survives_kill_9_and_etcd_outage(etcd, three, run_pager):
 
 def test_second_owner_fences_the_first(etcd, three):
     from transport.errors import RemoteError
-    from transport.membership import Ownership
+    from transport.leases import Ownership
     from transport.wire import ErrorCode
 
     token = load_token(three[0].token_file)

@@ -1,6 +1,7 @@
-"""A memory node wiped while no pager ran: its store comes back empty under a new identity,
-and a pager started afterwards has never seen the old one. The identities every writer saw
-are recorded in etcd, so that pager refuses the wiped node's copy (it would read zeros for
+"""What a cluster records in etcd for a space (its placement, the store each node held it
+in) and what pagers started later make of it. A memory node wiped while no pager ran comes
+back empty under a new store identity, which a later pager never saw: the identities its
+writers saw are recorded, so that pager refuses the wiped node's copy (it would read zeros for
 written pages), serves those pages from the other replica and refills the node. Real etcd,
 real nodes, `ssi-pager put` and `serve` processes, a client faulting every page."""
 
@@ -10,6 +11,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 
 from clusterkit import wait_until
 from enginekit import ROOT, wait_or_fail
@@ -113,3 +115,49 @@ def test_node_away_at_start_and_back_wiped_is_refused(tmp_path, etcd, three_etcd
     read_all(sock, data)
     wait_until(lambda: status(metrics, etcd.url)["under_replicated"] == 0, 90,
                f"{wiped.name} to be refilled")
+
+
+def test_no_live_node_records_no_placement(etcd, three_etcd):
+    """With every node gone, repair finds nothing to place: it must not record an empty node
+    set (every later put and fault of the space would find no holder), and an empty set an
+    older pager recorded is not taken as the placement."""
+    from pager.source.cluster import ClusterSource
+    from transport.membership import PLACEMENT, EtcdMembership
+    from transport.token import load_token
+
+    three = three_etcd
+    m = EtcdMembership(etcd.url, poll=0.1)
+    src = ClusterSource(m, load_token(three[0].token_file), "sp", replicas=2, prefer="tcp",
+                        probe_interval=0.05)
+    try:
+        src.keep("sp", 8 * MIB)
+        for n in three:
+            n.proc.stop()  # clean stops: all leave etcd at once
+        wait_until(lambda: not m.nodes() and not src.live(), 30, "every node to leave")
+        src.dirty.set()
+        time.sleep(1.0)  # repair passes over the space with no node
+        got = m.client.get(PLACEMENT + "sp")
+        assert not got or json.loads(got[0])["nodes"], got
+        m.client.put(PLACEMENT + "sq", json.dumps({"nodes": [], "replicas": 2}))
+        assert m.placement("sq", ["n0", "n1"], 2) == (["n0", "n1"], 2)
+    finally:
+        src.close()
+        m.close()
+
+
+def test_a_pager_refused_for_its_options_takes_nothing_over(etcd, three_etcd, tmp_path):
+    """`serve` checks its options before it takes the space over in etcd: one that exits on
+    a bad --replicas has fenced no running pager."""
+    from transport.membership import EPOCHS, OWNERS, EtcdMembership
+
+    for bad in ("0", "4"):
+        r = subprocess.run([sys.executable, "-m", "pager.cli", "serve", "--etcd", etcd.url,
+                            "--space", "fx", "--socket", str(tmp_path / "fx.sock"),
+                            "--token-file", str(three_etcd[0].token_file), "--replicas", bad],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and f"--replicas {bad}" in r.stderr, r.stderr
+    m = EtcdMembership(etcd.url)
+    try:
+        assert not m.client.get(OWNERS + "fx") and not m.client.get(EPOCHS + "fx")
+    finally:
+        m.close()

@@ -99,6 +99,12 @@ def test_put_names_what_is_wrong(tmp_path):
     assert r.returncode == 1 and "not a whole number of 4 KiB pages" in r.stderr
     r = cli("put", str(tmp_path / "missing.img"), "--space", "s", "--memnode", "127.0.0.1:1")
     assert r.returncode == 1 and "cannot read memory image" in r.stderr
+    (tmp_path / "ok.img").write_bytes(bytes(4096))
+    for bad in ("a/b", "x" * 65, ".hidden", ""):
+        r = cli("put", str(tmp_path / "ok.img"), "--space", bad, "--memnode", "127.0.0.1:1",
+                "--memnode", "127.0.0.1:2", "--insecure-no-auth")
+        assert r.returncode == 1 and f"--space {bad!r}: an address space name" in r.stderr
+        assert "Traceback" not in r.stderr
 
 
 def test_bench_cluster_prints_its_five_figures(tmp_path):

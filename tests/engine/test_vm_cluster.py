@@ -19,7 +19,8 @@ from pager.vm.procs import start_pager, stop_process
 from pager.vm.ramstore import load_device_state, store_device_state, store_ram
 from pager.vm.state import VmState
 from transport.errors import RemoteError
-from transport.membership import EtcdMembership, Ownership
+from transport.leases import Ownership
+from transport.membership import EtcdMembership
 from transport.token import load_token
 from transport.wire import ErrorCode
 

@@ -18,7 +18,8 @@ from clusterkit import Etcd, nodes
 
 from pager.source.cluster import ClusterSource
 from transport.errors import RemoteError
-from transport.membership import EtcdMembership, Ownership
+from transport.leases import Ownership
+from transport.membership import EtcdMembership
 from transport.token import load_token
 from transport.wire import ErrorCode
 

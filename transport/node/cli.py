@@ -152,7 +152,7 @@ async def _serve(node: MemoryNode, args: argparse.Namespace) -> int:
 
 
 def _register(args: argparse.Namespace, endpoint: str) -> Any:
-    from transport.membership import register_node
+    from transport.leases import register_node
 
     advertise = args.advertise or endpoint
     if parse_endpoint(advertise)[0] in ("0.0.0.0", "::"):
