@@ -21,7 +21,7 @@ from pager.engine.dirty import (
 )
 from pager.engine.readahead import RA_BATCH
 from pager.engine.stats import EngineStats
-from pager.errors import ConfigError
+from pager.errors import ConfigError, HandoffError
 from pager.source import PageSource
 from pager.uffd.binding import Userfaultfd
 from pager.uffd.faultloop import enabled_by_env
@@ -102,6 +102,7 @@ class FaultEngine:
         limited = self.max_resident is not None or self.pager_max_resident is not None
         if limited:
             check_far_memory(regions, memfd)
+            self._check_share(max(self.chunk_size, *(r.page_size for r in regions)))
         u = Userfaultfd.adopt(uffd_fd)
         state = ClientState(RegionTable(regions), chunk_size=self.chunk_size,
                             readahead=self._detector() if not limited
@@ -130,6 +131,20 @@ class FaultEngine:
         if wake:
             client.wake_all()
         return client
+
+    def _check_share(self, unit: int) -> None:
+        """Refuse a far-memory client the pager-wide limit cannot give its floor (4 units;
+        a smaller share would silently exceed that limit)."""
+        if self.pager_max_resident is None:
+            return
+        with self._lock:
+            n = 1 + sum(1 for c in self.clients if c.state.farmem is not None)
+        if self.pager_max_resident // n < 4 * unit:
+            raise HandoffError(
+                f"--pager-max-resident {self.pager_max_resident >> 10} KiB cannot take another "
+                f"guest: {n} guests would get {self.pager_max_resident // n >> 10} KiB each, "
+                f"under the 4 chunks ({4 * unit >> 10} KiB) a guest needs; raise the limit or "
+                f"serve this guest from another pager")
 
     def _share_limit(self) -> None:
         """Holding ``_lock``: each far-memory client's limit, its own one capped by an even

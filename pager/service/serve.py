@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass
 
 from pager.engine import DEFAULT_CHUNK, DEFAULT_READAHEAD, ClientPager, FaultEngine
-from pager.errors import ConfigError
+from pager.errors import ConfigError, PagerError
 from pager.service.access import AccessPolicy, SpaceRule, resolve_gid, resolve_uid
 from pager.service.handoff import HandoffServer, Handshake
 from pager.service.lifecycle import (
@@ -197,6 +197,19 @@ class _Held:
             self.service.keeper.drop(self.key)
 
 
+def _poison_refused(hs: Handshake, why: BaseException) -> None:
+    """A client refused after its handshake (its memory is registered, and no one will serve
+    it): poison its regions, so a client that does not watch the socket (a VMM) gets SIGBUS
+    on its first touch instead of waiting forever."""
+    try:
+        n = poison_unserved(os.dup(hs.uffd), hs.regions, f"pid {hs.pid}")
+    except (OSError, PagerError) as exc:
+        log.debug("poisoning a refused client failed: %s", exc)
+        return
+    say(f"client pid {hs.pid} refused ({why}); its {n >> 10} KiB poisoned: it gets SIGBUS "
+        f"where it touches them")
+
+
 class PagerService:
     """The engine plus its handoff server (and optionally a supervisor's keeper)."""
 
@@ -233,9 +246,10 @@ class PagerService:
             # lost; waking raises them again, and costs nothing where nothing waits
             client = self.engine.add_client(hs.uffd, hs.regions, memfd=hs.memfd, pid=hs.pid,
                                             wake=True, on_layout=self._recorder(key))
-        except Exception:
+        except Exception as exc:
             if self.keeper is not None:
                 self.keeper.drop(key)
+            _poison_refused(hs, exc)
             raise
         log.info("serving %s: pid %d, %d regions, %d MiB, %s KiB pages", client.name, hs.pid,
                  len(hs.regions), sum(r.size for r in hs.regions) >> 20,

@@ -106,7 +106,7 @@ def start_pager(sock: Path, args: argparse.Namespace, space: str,
     limit = getattr(args, "max_resident", None)
     return spawn_pager(sock, None, args.token_file,
                        [*nodes.serve_args(), "--space", space,
-                        *(["--max-resident", str(limit)] if limit else []),
+                        *(["--max-resident", str(limit)] if limit is not None else []),
                         *(args.pager_arg or [])],
                        verbose=getattr(args, "verbose", 0) or 0)
 

@@ -16,7 +16,7 @@ import threading
 import time
 
 import pytest
-from enginekit import ROOT, memnode_args
+from enginekit import ROOT, memnode_args, run_workload
 
 from pager.core.region import Region
 from pager.engine import FaultEngine
@@ -366,6 +366,35 @@ def test_pager_wide_limit_is_shared_by_its_guests(memnode):
             g.close()
 
 
+def test_a_guest_the_pager_wide_limit_cannot_hold_is_refused(memnode):
+    """Each guest needs 4 chunks: a pager-wide limit of 8 holds two guests, and a third is
+    refused (it would have taken 4 chunks beyond the limit), with the reason."""
+    chunk = 16 * 1024
+    engine = FaultEngine(memnode.source(), chunk_size=chunk, readahead=0,
+                         pager_max_resident=8 * chunk)
+    guests = []
+    try:
+        guests = [Guest(engine, MIB, space=f"g{i}") for i in range(2)]
+        m = Mapping.memfd(MIB)
+        u = Userfaultfd(features=FEATURES)
+        u.register(m.address, MIB, missing=True)
+        fd, memfd = os.dup(u.fileno()), os.dup(m.fd)
+        try:
+            with pytest.raises(HandoffError, match=r"cannot take another guest: 3 guests"):
+                engine.add_client(fd, [Region(m.address, MIB, 0, space="g2", memfd=True)],
+                                  memfd=memfd)
+        finally:
+            os.close(fd)
+            os.close(memfd)
+            u.close()  # before the unmap: nobody reads this uffd's events
+            m.close()
+        assert [g.client.state.farmem.limit for g in guests] == [4 * chunk, 4 * chunk]
+    finally:
+        engine.close()
+        for g in guests:
+            g.close()
+
+
 def test_anonymous_client_is_refused_with_the_reason(memnode):
     engine = FaultEngine(memnode.source(), readahead=0, max_resident=64 * MIB)
     m = Mapping.anonymous(MIB)
@@ -412,3 +441,14 @@ def test_bench_farmem_runs_its_cases_and_passes_options_on():
     assert "ssi-pager: error:" in bad.stderr and "pager.log" in bad.stderr, bad.stderr
     assert "unrecognized arguments: --bogus-option" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_a_refused_vmm_gets_sigbus_not_a_hang(memnode, run_pager):
+    """A VMM handing anonymous memory to a pager with a limit is refused; it does not watch
+    the socket, so its regions are poisoned: SIGBUS at the first touch, not a hung guest."""
+    proc, sock = run_pager(*memnode_args(memnode), "--max-resident", "32M")
+    rc, err = run_workload(sock, 4, "the refused client hung")
+    assert rc == -signal.SIGBUS, (rc, err[-500:])
+    log = proc.log.read_text()
+    assert "anonymous" in log and "KiB poisoned: it gets SIGBUS" in log, log[-2000:]
+    assert proc.p.poll() is None  # the pager keeps serving others
