@@ -74,7 +74,7 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
                             "written back (dirty) or dropped without a transfer (clean)",
                             ("result",)),
     "ssi_pager_eviction_seconds": ("counter", "Time spent evicting (write-protect to wake), "
-                                   "per evicted unit summed; divide by evictions", ()),
+                                   "summed over batches; divide by evictions", ()),
     "ssi_pager_prefetched_bytes": ("counter", "Bytes a working-set replay installed ahead of "
                                               "faults", ()),
     "ssi_pager_zero_filled_pages": ("counter", "Pages installed with UFFDIO_ZEROPAGE (never "
@@ -249,9 +249,7 @@ class PagerCollector(Collector):
         ev.add_metric(["written_back"], st.evictions - st.clean_drops)
         ev.add_metric(["clean"], st.clean_drops)
         yield ev
-        yield family("ssi_pager_eviction_seconds",
-                     value=st.evict_latency_sum_us / 1e6 * st.evictions
-                     / max(1, st.evict_latency_count))
+        yield family("ssi_pager_eviction_seconds", value=st.evict_latency_sum_us / 1e6)
 
         clients = list(getattr(self.engine, "clients", []))
         resident = family("ssi_pager_resident_bytes")

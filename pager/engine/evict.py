@@ -231,7 +231,7 @@ class Evictor:
             with c.fm_lock:
                 c.fm_lock.notify_all()
         if victims:
-            c.stats.observe_evict_us((time.perf_counter_ns() - t0) // 1000 // len(victims))
+            c.stats.observe_evict_us((time.perf_counter_ns() - t0) // 1000, len(victims))
         return done
 
     def _protect(self, victims: list[Victim]) -> list[list[tuple[Victim, int, str | None]]]:

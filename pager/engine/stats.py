@@ -20,8 +20,8 @@ served_continue    minor faults resolved with UFFDIO_CONTINUE
 written_back_bytes bytes of dirty pages written back to the node by the evictor (far memory);
                    ``c_written_back_bytes`` of them in C (a batch at once)
 evictions          units evicted (``evicted_bytes``); ``clean_drops`` of them clean, dropped
-                   without a transfer; ``evict_latency_sum_us`` / ``evict_latency_count``: time
-                   per evicted unit (write-protect .. wake, averaged over its batch)
+                   without a transfer; ``evict_latency_sum_us``: time spent evicting them
+                   (write-protect .. wake, per batch), ``evict_latency_count`` units
 wp_dirty           write-protect faults that marked a unit dirty (far memory); ``wp_stale``:
                    write-protect faults on a unit evicted meanwhile (woken, fault again)
 reprotects         dirty units write-protected again by the CLOCK hand (reference sampling)
@@ -120,9 +120,10 @@ class EngineStats:
         self.latency_sum_us += us
         self.latency_count += 1
 
-    def observe_evict_us(self, us: int) -> None:
+    def observe_evict_us(self, us: int, units: int) -> None:
+        """A batch of ``units`` evicted in ``us`` µs (write-protect .. wake)."""
         self.evict_latency_sum_us += us
-        self.evict_latency_count += 1
+        self.evict_latency_count += units
 
     def add(self, other: EngineStats) -> None:
         for f in fields(self):

@@ -63,7 +63,7 @@ def engine_stats() -> EngineStats:
     st.inflight = 2
     st.evictions, st.clean_drops, st.written_back_bytes = 5, 2, 3 * 65536
     st.faults_wp, st.wp_dirty = 4, 3
-    st.observe_evict_us(20)
+    st.observe_evict_us(5 * 20, 5)  # a batch of 5 units in 100 µs
     for us in (3, 30, 30, 400, 2_000_000):
         st.observe_us(us)
     return st
