@@ -6,15 +6,17 @@ file, say) into an address space of the memory nodes, and back.
 
 ``put`` skips zero pages (a node answers never-written pages as zero, so they need not
 travel), except where the space already holds written pages (an earlier image): those are
-overwritten with zeros, so the space reads back as the image, never as a mix of the two. On a
-cluster it returns once every extent reached ``--replicas`` nodes. ``get``
-writes the space's first ``--size`` bytes to FILE, leaving holes where pages were never
-written.
+overwritten with zeros, so within the image's size the space reads back as the image, never
+as a mix of the two (pages past its end keep what an earlier, larger image left: `get` the
+new image's size). On a cluster it returns once every extent reached ``--replicas`` nodes.
+``get`` writes the space's first ``--size`` bytes to FILE (through FILE.part, renamed once
+whole), leaving holes where pages were never written.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -151,8 +153,10 @@ def get(args: argparse.Namespace) -> int:
     source = open_source(args)
     written = 0
     buf = bytearray(BLOCK)
+    part = f"{args.file}.part"  # renamed to FILE once whole: a failed get leaves no image
+    done = False
     try:
-        with open(args.file, "wb") as f, source.open_lane(bulk=True) as lane:
+        with open(part, "wb") as f, source.open_lane(bulk=True) as lane:
             f.truncate(args.size)
             for gpa in range(0, args.size, BLOCK):
                 n = min(BLOCK, args.size - gpa)
@@ -163,10 +167,15 @@ def get(args: argparse.Namespace) -> int:
                         f.seek(gpa + i * PAGE_SIZE)
                         f.write(view[i * PAGE_SIZE:(i + 1) * PAGE_SIZE])
                         written += PAGE_SIZE
+        os.replace(part, args.file)
+        done = True
     except OSError as exc:
         raise ConfigError(f"cannot write {args.file}: {exc.strerror}") from exc
     finally:
         source.close()
+        if not done:
+            with contextlib.suppress(OSError):
+                os.unlink(part)
     print(f"get: space {args.space} -> {args.file}: {args.size >> 20} MiB, {written >> 12} "
           f"pages written, the rest never written (holes)", file=sys.stderr)
     return 0

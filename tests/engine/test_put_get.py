@@ -100,6 +100,10 @@ def test_put_names_what_is_wrong(tmp_path):
     r = cli("put", str(tmp_path / "missing.img"), "--space", "s", "--memnode", "127.0.0.1:1")
     assert r.returncode == 1 and "cannot read memory image" in r.stderr
     (tmp_path / "ok.img").write_bytes(bytes(4096))
+    r = cli("get", str(tmp_path / "back.img"), "--space", "s", "--size", "4M", "--memnode",
+            "127.0.0.1:1", "--memnode", "127.0.0.1:2", "--insecure-no-auth")
+    assert r.returncode == 1 and "no live replica" in r.stderr
+    assert not list(tmp_path.glob("back.img*"))  # no image that looks whole, no .part
     for bad in ("a/b", "x" * 65, ".hidden", ""):
         r = cli("put", str(tmp_path / "ok.img"), "--space", bad, "--memnode", "127.0.0.1:1",
                 "--memnode", "127.0.0.1:2", "--insecure-no-auth")
