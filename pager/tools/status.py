@@ -184,7 +184,7 @@ def etcd_status(url: str) -> dict[str, Any]:
         owners = {m["key"].decode()[len(OWNERS):]: json_.loads(v)
                   for v, m in client.get_prefix(OWNERS)}
     except Exception as exc:  # etcd3gw's errors, bad JSON: shown, not raised
-        return {"endpoint": url, "error": str(exc)}
+        return {"endpoint": url, "error": str(exc).strip() or type(exc).__name__}
     return {"endpoint": url, "nodes": nodes, "owners": owners}
 
 
@@ -266,32 +266,54 @@ def print_cluster(st: dict[str, Any]) -> None:
             print(f"etcd {e['endpoint']}: {len(e['nodes'])} nodes registered ({nodes}); "
                   f"owners: {owners or 'none'}")
     for m in st["memnodes"]:
+        if "error" in m:
+            print(f"memnode {m['metrics']}: not reachable ({m['error']})")
+            continue
         print(f"memnode {m['metrics']}: stored {human_bytes(m['stored_bytes'])} "
               f"({m['stored_pages']} pages), {m['connections']} connections, "
               f"{m['requests_per_s']:.0f} requests/s, {m['errors']} errors")
 
 
+def _scrape(hostport: str, what: str) -> Scrape | str:
+    """A scrape, or what went wrong (an endpoint down must not hide the others)."""
+    try:
+        return scrape(hostport, what)
+    except PagerError as exc:
+        return str(exc)
+
+
 def collect(pager: str, memnodes: list[str], interval: float) -> dict[str, Any]:
-    first = {"pager": scrape(pager, "pager")}
-    for m in memnodes:
-        first[m] = scrape(m, "memory node")
+    """The pager's and each memory node's figures over ``interval`` s; an endpoint that does
+    not answer is named with its error (``pager_error``, a memnode's ``error``)."""
+    whats = {pager: "pager", **{m: "memory node" for m in memnodes}}
+    first = {k: _scrape(k, w) for k, w in whats.items()}
     time.sleep(max(interval, 0.0))
-    second = {"pager": scrape(pager, "pager")}
+    second = {k: _scrape(k, w) if not isinstance(first[k], str) else first[k]
+              for k, w in whats.items()}
+
+    def pair(k: str) -> tuple[Scrape, Scrape] | str:
+        a, b = first[k], second[k]
+        return (a, b) if not isinstance(a, str) and not isinstance(b, str) else str(
+            a if isinstance(a, str) else b)
+
+    st: dict[str, Any] = {"endpoint": pager, "pager": None, "memnodes": []}
+    got = pair(pager)
+    if isinstance(got, str):
+        st["pager_error"] = got
+    else:
+        st["pager"] = pager_status(*got)
     for m in memnodes:
-        second[m] = scrape(m, "memory node")
-    return {"endpoint": pager,
-            "pager": pager_status(first["pager"], second["pager"]),
-            "memnodes": [memnode_status(m, first[m], second[m]) for m in memnodes]}
+        got = pair(m)
+        st["memnodes"].append({"metrics": m, "error": got} if isinstance(got, str)
+                              else memnode_status(m, *got))
+    return st
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        st = collect(args.pager, args.memnode, args.interval)
-    except PagerError as exc:
-        if not args.etcd:
-            raise
-        # the cluster's own view is still worth showing
-        st = {"endpoint": args.pager, "pager": None, "pager_error": str(exc), "memnodes": []}
+    st = collect(args.pager, args.memnode, args.interval)
+    if st["pager"] is None and not args.etcd and not any(
+            "error" not in m for m in st["memnodes"]):
+        raise PagerError(st["pager_error"])  # nothing answered: say why, exit 1
     if args.etcd:
         st["etcd"] = etcd_status(args.etcd)
     if args.json:

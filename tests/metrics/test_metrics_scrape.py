@@ -199,6 +199,16 @@ def test_status_agrees_with_prometheus(stack, workload) -> None:
     human = subprocess.run(cli("status", "--pager", stack["pager_metrics"], "--interval", "0"),
                            capture_output=True, text=True, cwd=ROOT, timeout=30)
     assert "clients 1" in human.stdout and "p99" in human.stdout
+    # a memory node that does not answer is named; the pager's figures are still shown
+    from tests.metrics.promserver import refused_port
+    with refused_port() as port:
+        both = subprocess.run(cli("status", "--pager", stack["pager_metrics"], "--memnode",
+                                  f"127.0.0.1:{port}", "--memnode", stack["node_metrics"],
+                                  "--interval", "0"),
+                              capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert both.returncode == 0, both.stderr
+    assert "clients 1" in both.stdout and f"memnode 127.0.0.1:{port}: not reachable" in both.stdout
+    assert f"memnode {stack['node_metrics']}: stored" in both.stdout
 
 
 def test_status_without_a_pager_says_what_to_do() -> None:
