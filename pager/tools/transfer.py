@@ -26,6 +26,7 @@ from pager.errors import ConfigError
 from pager.source import PageSource, add_cluster_arguments, parse_source
 from pager.source.base import Lane
 from transport.wire import PAGE_SIZE
+from transport.wire.frames import zero_mask_runs
 
 log = logging.getLogger(__name__)
 
@@ -133,17 +134,13 @@ def clear_written(lane: Lane, space: str, gpa: int, block: memoryview,
     first, last = zero[0], zero[-1] + 1
     span = memoryview(scratch)[:(last - first) * PAGE_SIZE]
     mask = lane.fetch_into(space, gpa + first * PAGE_SIZE, span)
-    todo = [p for p in zero if not mask >> (p - first) & 1
-            and span[(p - first) * PAGE_SIZE:(p - first + 1) * PAGE_SIZE] != _ZERO_PAGE]
+    for p in range(last - first):  # the mask now says which pages need no zeroing
+        if data[first + p] or span[p * PAGE_SIZE:(p + 1) * PAGE_SIZE] == _ZERO_PAGE:
+            mask |= 1 << p
     done = 0
-    i = 0
-    while i < len(todo):  # runs of consecutive pages, one store each
-        j = i + 1
-        while j < len(todo) and todo[j] == todo[j - 1] + 1:
-            j += 1
-        lane.store_from(space, gpa + todo[i] * PAGE_SIZE, bytes((j - i) * PAGE_SIZE))
-        done += (j - i) * PAGE_SIZE
-        i = j
+    for p, count in zero_mask_runs(last - first, mask):  # one store per run
+        lane.store_from(space, gpa + (first + p) * PAGE_SIZE, bytes(count * PAGE_SIZE))
+        done += count * PAGE_SIZE
     return done
 
 
