@@ -332,8 +332,11 @@ class ClusterSource(PageSource):
         """A node first seen after spaces were seeded: expect what was recorded of it."""
         for space, ids in list(self._ids_recorded.items()):
             if node_id in ids and space in self._expected:
-                IDENTITIES.expect(endpoint, space, *ids[node_id],
-                                  f"its writers (recorded in {self.membership.source})")
+                self._expect(endpoint, space, ids[node_id])
+
+    def _expect(self, endpoint: str, space: str, ident: tuple[str, int]) -> None:
+        IDENTITIES.expect(endpoint, space, *ident,
+                          f"its writers (recorded in {self.membership.source})")
 
     def _expect_identities(self, space: str) -> None:
         """Before the first lane to ``space``: what its writers recorded of each node's store
@@ -347,11 +350,10 @@ class ClusterSource(PageSource):
             if recorded is None:  # unreadable: this pager records none over it either
                 self._unchecked.add(space)
                 recorded = {}
-            for node_id, (store, generation) in recorded.items():
+            for node_id, ident in recorded.items():
                 ep = self.lanes.nodes.get(node_id)
                 if ep is not None:
-                    IDENTITIES.expect(ep, space, store, generation,
-                                      f"its writers (recorded in {self.membership.source})")
+                    self._expect(ep, space, ident)
             self._ids_recorded[space] = dict(recorded)
             self._expected.add(space)
 
