@@ -36,6 +36,7 @@ from typing import Any
 from pager.core.region import Region
 from pager.source.base import PageSource
 from pager.source.cluster_lane import ClusterLane
+from pager.source.cluster_stores import StoreRecords
 from pager.source.memnode import MemnodeSource
 from pager.source.placement import (
     EXTENT_SHIFT,
@@ -138,11 +139,8 @@ class ClusterSource(PageSource):
         self.lanes = _NodeLanes(nodes, token, space, prefer=prefer,
                                 placement=lambda s, g: "", compress=compress)
         self.lanes.epoch = self.epoch
-        self.lanes.before_open = self._expect_identities
-        self._expected: set[str] = set()  # spaces whose recorded identities are seeded
-        self._expect_lock = threading.Lock()  # not ``lock``: seeding reads etcd
-        self._unchecked: set[str] = set()  # spaces whose record could not be read
-        self._ids_recorded: dict[str, dict[str, tuple[str, int]]] = {}
+        self.stores = StoreRecords(membership, self.lanes.nodes)
+        self.lanes.before_open = self.stores.expect_space
         self.lock = threading.RLock()
         self.gen: dict[str, int] = dict.fromkeys(nodes, 0)
         self.down: set[str] = set()
@@ -200,7 +198,7 @@ class ClusterSource(PageSource):
                 boot = self._boot(n)
                 if n not in self.gen:  # away when we started: trusted as placed, if it
                     self.gen[n] = 0     # still shows the store its writers recorded
-                    self._expect_node(n, ep)
+                    self.stores.expect_node(n, ep)
                 elif n not in self.members or boot != self.boots.get(n):
                     self._bump(n, "re-registered")
                 self.boots[n] = boot
@@ -305,11 +303,8 @@ class ClusterSource(PageSource):
         """Record the store identity each of ``nodes`` showed this process for ``space``
         (None: the live nodes that hold every extent of the kept space they are targets of;
         `put` calls this once its stores are done), so a pager started later refuses a node
-        that shows another (`_expect_identities`). A node being refilled is never among
-        them: its old record stands, and the next pager refills it too. Nor is a space
-        whose record this pager could not read: what it saw was never checked against it."""
-        if space in self._unchecked or space not in self._expected:
-            return
+        that shows another (`StoreRecords`). A node being refilled is never among them: its
+        old record stands, and the next pager refills it too."""
         if nodes is None:
             size = self.spaces.get(space)
             if size is None:
@@ -318,44 +313,7 @@ class ClusterSource(PageSource):
             for ext in range(-(-size >> EXTENT_SHIFT)):
                 missing.update(set(self.targets(space, ext)) - set(self.holders(space, ext)))
             nodes = [n for n in self.live() if n not in missing]
-        ids = {}
-        for n in sorted(nodes):
-            got = IDENTITIES.get(self.lanes.nodes.get(n, n), space)
-            if got is not None and got[0]:  # a node before store ids shows none
-                ids[n] = got
-        done = self._ids_recorded.setdefault(space, {})
-        new = {n: i for n, i in ids.items() if done.get(n) != i}
-        if new and self.membership.record_identities(space, new):
-            done.update(new)
-
-    def _expect_node(self, node_id: str, endpoint: str) -> None:
-        """A node first seen after spaces were seeded: expect what was recorded of it."""
-        for space, ids in list(self._ids_recorded.items()):
-            if node_id in ids and space in self._expected:
-                self._expect(endpoint, space, ids[node_id])
-
-    def _expect(self, endpoint: str, space: str, ident: tuple[str, int]) -> None:
-        IDENTITIES.expect(endpoint, space, *ident,
-                          f"its writers (recorded in {self.membership.source})")
-
-    def _expect_identities(self, space: str) -> None:
-        """Before the first lane to ``space``: what its writers recorded of each node's store
-        is what a lane must find there (`transport.wire.StoreIdentities.expect`)."""
-        if space in self._expected:
-            return
-        with self._expect_lock:
-            if space in self._expected:
-                return
-            recorded = self.membership.identities(space)
-            if recorded is None:  # unreadable: this pager records none over it either
-                self._unchecked.add(space)
-                recorded = {}
-            for node_id, ident in recorded.items():
-                ep = self.lanes.nodes.get(node_id)
-                if ep is not None:
-                    self._expect(ep, space, ident)
-            self._ids_recorded[space] = dict(recorded)
-            self._expected.add(space)
+        self.stores.record(space, nodes)
 
     def add_holder(self, space: str, ext: int, node_id: str) -> None:
         with self.lock:
