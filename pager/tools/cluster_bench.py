@@ -13,8 +13,9 @@ write-back path's store):
   node served (``r2_reads_per_node``, most first: how concentrated the read choice keeps
   them, `pager.source.placement.read_order`);
 * ``store_gbps`` store throughput with R=2 against R=1 on the same 3 nodes (goal >= 0.5);
-* ``aggregate_gbps`` ``--threads`` threads fetching their own spaces, 3 nodes (R=2) against
-  one node;
+* ``aggregate_gbps`` guest fault throughput: ``--guests`` clients of one pager, each faulting
+  its own space at random at the same time (4 KiB faults, every byte checked), the pager on
+  the 3 nodes (R=2) against one on one node, in alternated rounds;
 * ``compression_gbps`` page throughput over a 1 Gbit `tc tbf` link between two network
   namespaces, raw against lz4 and zstd, on real guest memory (`pager.tools.compress_bench`).
 
@@ -24,14 +25,15 @@ Numbers only mean something on a quiet machine; the ratios compare runs of the s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,14 +48,16 @@ from transport.token import load_token
 
 CHUNK = 64 << 10
 FETCH_ROUNDS = 5  # alternated rounds of the lane-level fetch figure
+AGGREGATE_ROUNDS = 3  # alternated rounds of the several-guest figure
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="JSON lines (the only format)")
     parser.add_argument("--mib", type=int, default=64, help="data set per space (MiB)")
     parser.add_argument("--count", type=int, default=2000, help="fetches per latency figure")
-    parser.add_argument("--threads", type=int, default=3, help="threads of the aggregate run")
-    parser.add_argument("--fault-runs", type=int, default=9, metavar="N",
+    parser.add_argument("--guests", type=int, default=3,
+                        help="guests faulting at once in the aggregate figure (default 3)")
+    parser.add_argument("--fault-runs", type=int, default=25, metavar="N",
                         help="runs of each side of the guest-fault figure (medians reported)")
     parser.add_argument("--node-arg", action="append", default=[], metavar="ARG",
                         help="extra `ssi-pager memnode` argument for every node, e.g. "
@@ -124,71 +128,98 @@ def fetch_figure(sources: dict[str, Any], spaces: dict[str, str], size: int, cou
             "ratio": round(med["r2"] / med["one_node"], 3), "goal": "<=1.1", "rounds": rounds}
 
 
-def aggregate(source: Any, spaces: list[str], size: int) -> float:
-    done = [0] * len(spaces)
-
-    def worker(i: int) -> None:
-        buf = memoryview(bytearray(CHUNK))
-        with source.open_lane() as lane:
-            for gpa in range(0, size, CHUNK):
-                lane.fetch_into(spaces[i], gpa, buf)
-                done[i] += CHUNK
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(spaces))]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=600)
-    return sum(done) * 8 / (time.perf_counter() - t0) / 1e9
-
-
-def fault_p50(tmp: Path, eps: list[str], metrics: list[str], sources: dict[str, Any],
-              size: int, runs: int) -> dict[str, Any]:
-    """The guest-fault figure: ``sources`` {"one_node": one-node source, "r2": cluster
-    source}, each seeded here with its own space; a pager per side (``serve``, 4 KiB
-    chunks, no readahead: every touch one fault), ``runs`` interleaved runs of a fresh
-    client each."""
-    from pager.tools.bench import measure
-    from pager.tools.workload import DataSet
-
-    data = DataSet(size, holes=False)
+@contextlib.contextmanager
+def side_pagers(tmp: Path, eps: list[str], sources: dict[str, Any], data: Any,
+                guests: int) -> Iterator[dict[str, str]]:
+    """A `serve` pager per side (4 KiB chunks, no readahead: every touch one fault) on
+    ``sources``' nodes ({"one_node": the first node alone, "r2": the cluster, R=2}), and the
+    spaces its guests read, seeded here through ``sources``: ``f-SIDE`` (the latency figure)
+    and ``aggI-SIDE`` (the aggregate figure's guests); yields {side: pager socket}."""
     token = str(tmp / "n0" / "token")
     where = {"one_node": ["--memnode", eps[0]],
              "r2": [a for ep in eps for a in ("--memnode", ep)] + ["--replicas", "2"]}
-    pagers: dict[str, tuple[Child, str]] = {}
+    pagers: list[Child] = []
+    socks: dict[str, str] = {}
     try:
         for side, src in sources.items():
             with src.open_lane() as lane:
-                for off, buf in data.chunks():
-                    lane.store_from(f"f-{side}", off, buf)
-            sock = str(tmp / f"{side}.sock")
-            pager = Child(["serve", "--socket", sock, *where[side], "--token-file", token,
-                           "--space", f"f-{side}", "--chunk", "4096", "--readahead", "0"],
-                          tmp / f"pager-{side}.log")
-            pagers[side] = (pager, sock)
-            pager.wait_for("pager: serving")
-        p50: dict[str, list[float]] = {side: [] for side in pagers}
-        bad = 0
-        reads = [0.0] * len(metrics)  # per node, the R=2 side's fetches
-        for _ in range(runs):
-            for side, (_, sock) in pagers.items():
-                before = fetches_served(metrics) if side == "r2" else []
-                r = measure(sock, size, 4096, "rand", data)
-                if before:
-                    reads = [t + a - b for t, a, b in
-                             zip(reads, fetches_served(metrics), before, strict=True)]
-                p50[side].append(r["p50_us"])
-                bad += r["bad_pages"]
+                for space in [f"f-{side}"] + [f"agg{i}-{side}" for i in range(guests)]:
+                    for off, buf in data.chunks():
+                        lane.store_from(space, off, buf)
+            socks[side] = str(tmp / f"{side}.sock")
+            pagers.append(Child(["serve", "--socket", socks[side], *where[side], "--token-file",
+                                 token, "--space", f"f-{side}", "--chunk", "4096",
+                                 "--readahead", "0"], tmp / f"pager-{side}.log"))
+            pagers[-1].wait_for("pager: serving")
+        yield socks
     finally:
-        for pager, _ in pagers.values():
+        for pager in pagers:
             pager.stop()
+
+
+def fault_p50(socks: dict[str, str], metrics: list[str], data: Any, size: int,
+              runs: int) -> dict[str, Any]:
+    """The guest-fault figure: ``runs`` interleaved runs per side of a fresh client faulting
+    its space at random, the median of each side's p50."""
+    from pager.tools.bench import measure
+
+    p50: dict[str, list[float]] = {side: [] for side in socks}
+    bad = 0
+    reads = [0.0] * len(metrics)  # per node, the R=2 side's fetches
+    for _ in range(runs):
+        for side, sock in socks.items():
+            before = fetches_served(metrics) if side == "r2" else []
+            r = measure(sock, size, 4096, "rand", data)
+            if before:
+                reads = [t + a - b for t, a, b in
+                         zip(reads, fetches_served(metrics), before, strict=True)]
+            p50[side].append(r["p50_us"])
+            bad += r["bad_pages"]
     one, r2 = statistics.median(p50["one_node"]), statistics.median(p50["r2"])
     return {"r2": round(r2, 1), "one_node": round(one, 1), "ratio": round(r2 / one, 3),
             "goal": "<=1.1", "runs": runs, "runs_r2": p50["r2"],
             "runs_one_node": p50["one_node"], "bad_pages": bad,
             "r2_reads_per_node": sorted((round(n / max(1.0, sum(reads)), 3) for n in reads),
                                         reverse=True)}
+
+
+def guests_gbps(sock: str, side: str, data: Any, size: int, guests: int) -> tuple[float, int]:
+    """``guests`` clients of the pager on ``sock``, each faulting its own space (4 KiB at
+    random, one thread each) at the same time: (Gbit/s of all of them, wrong pages)."""
+    from pager.tools.workload import Client
+
+    clients = [Client(size, space=f"agg{i}-{side}") for i in range(guests)]
+    try:
+        for c in clients:
+            c.handoff(sock)
+        t0 = time.perf_counter()
+        touches = [c.touch(order="rand", threads=1, step=4096, latency=False) for c in clients]
+        if not all(t.wait(300) for t in touches):
+            raise RuntimeError("the pager did not serve the guests' faults within 300 s")
+        seconds = time.perf_counter() - t0
+        bad = sum(len(c.check(data)) for c in clients)
+    finally:
+        for c in clients:
+            c.close(unmap=True)
+    return guests * size * 8 / seconds / 1e9, bad
+
+
+def aggregate(socks: dict[str, str], data: Any, size: int, guests: int,
+              rounds: int) -> dict[str, Any]:
+    """The aggregate figure: several guests faulting at once through the 3-node pager (R=2)
+    against through the one-node pager, ``rounds`` alternated rounds, each side's median."""
+    got: dict[str, list[float]] = {side: [] for side in socks}
+    bad = 0
+    for _ in range(rounds):
+        for side, sock in socks.items():
+            gbps, wrong = guests_gbps(sock, side, data, size, guests)
+            got[side].append(round(gbps, 3))
+            bad += wrong
+    three, one = statistics.median(got["r2"]), statistics.median(got["one_node"])
+    return {"three_nodes": round(three, 3), "one_node": round(one, 3),
+            "ratio": round(three / one, 3), "guests": guests, "rounds": rounds,
+            "rounds_three_nodes": got["r2"], "rounds_one_node": got["one_node"],
+            "bad_pages": bad}
 
 
 def emit(name: str, **kw: Any) -> None:
@@ -201,7 +232,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     size = args.mib << 20
     status = 0
-    spaces = [f"agg{i}" for i in range(args.threads)]
     with tempfile.TemporaryDirectory(prefix="ssi-bench-cluster-") as tmp_name:
         tmp = Path(tmp_name)
         nodes = start_nodes(tmp, 3, args.node_arg)
@@ -220,19 +250,18 @@ def run(args: argparse.Namespace) -> int:
             emit("fetch_p50_us", **fetch_figure({"one_node": one, "r2": r2},
                                                 {"one_node": "b1", "r2": "b2"}, size,
                                                 args.count, FETCH_ROUNDS))
-            faults = fault_p50(tmp, eps, [m for _, _, m in nodes], {"one_node": one, "r2": r2},
-                               size, args.fault_runs)
-            emit("fault_p50_us", **faults)
-            if faults["bad_pages"]:
-                print(f"bench cluster: {faults['bad_pages']} wrong pages served",
-                      file=sys.stderr)
+            from pager.tools.workload import DataSet
+
+            data = DataSet(size, holes=False)
+            with side_pagers(tmp, eps, {"one_node": one, "r2": r2}, data, args.guests) as socks:
+                faults = fault_p50(socks, [m for _, _, m in nodes], data, size, args.fault_runs)
+                emit("fault_p50_us", **faults)
+                agg = aggregate(socks, data, size, args.guests, AGGREGATE_ROUNDS)
+                emit("aggregate_gbps", **agg)
+            if faults["bad_pages"] or agg["bad_pages"]:
+                print(f"bench cluster: {faults['bad_pages'] + agg['bad_pages']} wrong pages "
+                      "served", file=sys.stderr)
                 status = 1
-            for s in spaces:
-                fill(one, s, size)
-                fill(r2, s, size)
-            a_one, a_three = aggregate(one, spaces, size), aggregate(r2, spaces, size)
-            emit("aggregate_gbps", three_nodes=round(a_three, 3), one_node=round(a_one, 3),
-                 ratio=round(a_three / a_one, 3), threads=args.threads)
             if not args.no_link:
                 emit("compression_gbps", **compress_bench.compression_figure(
                     tmp, tmp / "n0" / "token", args.image))
@@ -241,6 +270,7 @@ def run(args: argparse.Namespace) -> int:
                 src.close()
             for c, _, _ in nodes:
                 c.stop()
-    print("bench cluster: fault_p50_us is guest faults through a pager; the others are "
-          "lane-level (the fault and write-back paths' fetch and store)", file=sys.stderr)
+    print("bench cluster: fault_p50_us and aggregate_gbps are guest faults through a pager; "
+          "store_gbps and fetch_p50_us are lane-level (the write-back and fault paths' store "
+          "and fetch)", file=sys.stderr)
     return status

@@ -119,7 +119,7 @@ def test_bench_cluster_prints_its_five_figures(tmp_path):
     with open(image, "wb") as f:
         f.write(b"".join(struct.pack("<QQ", i, i * 7) + bytes(16) for i in range(1 << 16)))
         f.truncate(4 << 20)
-    r = cli("bench", "cluster", "--mib", "2", "--count", "20", "--threads", "1",
+    r = cli("bench", "cluster", "--mib", "2", "--count", "20", "--guests", "2",
             "--fault-runs", "1", "--image", str(image))
     assert r.returncode == 0, r.stderr
     lines = [json.loads(x) for x in r.stdout.splitlines()]
@@ -131,6 +131,9 @@ def test_bench_cluster_prints_its_five_figures(tmp_path):
     assert len(faults["runs_r2"]) == len(faults["runs_one_node"]) == 1
     shares = faults["r2_reads_per_node"]  # every R=2 fault read counted on some node
     assert len(shares) == 3 and abs(sum(shares) - 1) < 0.01, shares
+    agg = lines[3]  # two guests at once through each pager, every byte checked
+    assert agg["bad_pages"] == 0 and agg["guests"] == 2
+    assert len(agg["rounds_three_nodes"]) == len(agg["rounds_one_node"]) == agg["rounds"]
     link = lines[4]
     if "skipped" not in link:  # network namespaces available (root)
         assert link["page_bytes"] == 2 << 20
