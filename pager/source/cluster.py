@@ -420,6 +420,7 @@ class ClusterSource(PageSource):
                         per_node[n] = per_node.get(n, 0) + 1
             nodes = [{"id": n, "endpoint": self.lanes.nodes.get(n),
                       "transport": self.lanes.lane_kind(n),
+                      "tier": self.lanes.tiers.get(n),  # measured when its transport was chosen
                       "state": "down" if n in self.down else "live" if n in self.members
                       else "gone",
                       "rtt_us": round(self.rtt[n] * 1e6, 1) if n in self.rtt else None,

@@ -21,15 +21,15 @@ class ClusterCollector(Collector):
         info.add_metric([st["membership"], str(st["replicas"]), str(st["epoch"] or "")], 1)
         yield info
         node = GaugeMetricFamily("ssi_pager_cluster_node_info", "Memory nodes of the cluster",
-                                 labels=["node", "endpoint", "transport", "state"])
+                                 labels=["node", "endpoint", "transport", "tier", "state"])
         rtt = GaugeMetricFamily("ssi_pager_cluster_node_rtt_seconds",
                                 "Measured round trip to a memory node", labels=["node"])
         ext = GaugeMetricFamily("ssi_pager_cluster_node_extents",
                                 "Extents a memory node holds (of the spaces in use)",
                                 labels=["node"])
         for n in st["nodes"]:
-            node.add_metric([n["id"], n["endpoint"] or "", n["transport"] or "?", n["state"]],
-                            1)
+            node.add_metric([n["id"], n["endpoint"] or "", n["transport"] or "?",
+                             n["tier"] or "", n["state"]], 1)
             if n["rtt_us"] is not None:
                 rtt.add_metric([n["id"]], n["rtt_us"] / 1e6)
             ext.add_metric([n["id"]], n["extents"])

@@ -155,9 +155,10 @@ def cluster_status(b: Scrape) -> dict[str, Any] | None:
     extents = {lb["node"]: int(v) for lb, v in b.all("ssi_pager_cluster_node_extents")}
     return {
         "membership": info[0][0]["membership"], "replicas": int(info[0][0]["replicas"]),
-        "epoch": info[0][0]["epoch"] or None,
+        "epoch": int(epoch) if (epoch := info[0][0]["epoch"]).isdigit() else None,
         "nodes": [{"node": lb["node"], "endpoint": lb["endpoint"],
-                   "transport": lb["transport"], "state": lb["state"],
+                   "transport": lb["transport"], "tier": lb.get("tier") or None,
+                   "state": lb["state"],
                    "rtt_us": round(rtts[lb["node"]] * 1e6, 1) if lb["node"] in rtts else None,
                    "extents": extents.get(lb["node"], 0)}
                   for lb, _ in b.all("ssi_pager_cluster_node_info")],
@@ -248,12 +249,14 @@ def print_cluster(st: dict[str, Any]) -> None:
               f"({human_bytes(c['repair_bytes'])}), failovers {c['failovers']}, node failures "
               f"{c.get('node_failures', 0)}, replicas "
               f"lost to store errors {c.get('lost_replicas', 0)}")
-        print(f"  {'NODE':<12} {'ENDPOINT':<22} {'TRANSPORT':<10} {'STATE':<6} "
+        w = max([12, *(len(n["node"]) for n in c["nodes"])])
+        e = max([22, *(len(n["endpoint"]) for n in c["nodes"])])
+        print(f"  {'NODE':<{w}} {'ENDPOINT':<{e}} {'TRANSPORT':<10} {'TIER':<17} {'STATE':<6} "
               f"{'EXTENTS':>7} RTT")
         for n in c["nodes"]:
             rtt = "-" if n["rtt_us"] is None else f"{n['rtt_us']:.0f} µs"
-            print(f"  {n['node']:<12} {n['endpoint']:<22} {n['transport']:<10} "
-                  f"{n['state']:<6} {n['extents']:>7} {rtt}")
+            print(f"  {n['node']:<{w}} {n['endpoint']:<{e}} {n['transport']:<10} "
+                  f"{n.get('tier') or '-':<17} {n['state']:<6} {n['extents']:>7} {rtt}")
     e = st.get("etcd")
     if e:
         if "error" in e:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import pytest
 from clusterkit import nodes, wait_until
@@ -182,3 +183,37 @@ def test_a_node_down_from_the_start_costs_nothing(tmp_path):
         src.close()
         for n in ns:
             n.proc.stop()
+
+
+def test_under_replicated_gauge_falls_while_repair_copies(three, sources):
+    """After a node is lost, the gauge starts at the number of extents short of R and only
+    falls as repair (rate-limited here: 8 MiB/s, ~0.5 s per extent pair) copies them."""
+    ns = three
+    m = StaticMembership(endpoints=[n.endpoint for n in ns])
+    src = ClusterSource(m, load_token(ns[0].token_file), "vm1", replicas=2, prefer="tcp",
+                        repair_rate=8 << 20)
+    sources(src)
+    src.keep("vm1", SPACE_BYTES)
+    with src.open_lane() as lane:
+        lane.store_from(None, 0, os.urandom(SPACE_BYTES))
+    victim = ns[2]
+    lost = [e for e in range(SPACE_BYTES // EXTENT_SIZE)
+            if victim.endpoint in replicas("vm1", e, sorted(src.members), 2)]
+    assert len(lost) >= 3, "placement gives the victim too few extents to watch"
+    samples: list[int] = []
+    victim.proc.kill()
+    with src.open_lane() as lane:  # a read of every extent: the cluster sees the loss
+        assert read_all(lane)[1] == 0
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        samples.append(src.under_replicated)
+        if samples[-1] == 0 and src.counters["repairs"] >= len(lost):
+            break
+        time.sleep(0.01)
+    seen = [n for n in samples if n]
+    assert seen, "repair was never seen under way"
+    assert max(seen) == len(lost), (max(seen), len(lost))
+    # from its first value on, the gauge never rises (it counted up, extent by extent, before)
+    first = samples.index(seen[0])
+    assert all(b <= a for a, b in zip(samples[first:], samples[first + 1:], strict=False)), seen
+    assert samples[-1] == 0 and src.counters["repairs"] >= len(lost)

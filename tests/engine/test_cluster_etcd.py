@@ -88,10 +88,22 @@ def test_pager_survives_kill_9_and_etcd_outage(etcd, three, run_pager):
     st = status()
     cl = st["pager"]["cluster"]
     assert cl["membership"] == etcd.url and cl["replicas"] == 2
+    assert isinstance(cl["epoch"], int) and cl["epoch"] >= 1
+    assert {n["tier"] for n in cl["nodes"] if n["state"] == "live"} <= {
+        "HighPerformance", "MediumPerformance", "Standard", "Basic"}  # each node's, measured
     states = {n["node"]: n["state"] for n in cl["nodes"]}
     assert states["n0"] == states["n2"] == "live" and states["n1"] != "live"
     assert sum(n["extents"] for n in cl["nodes"] if n["state"] == "live") == 2 * 16
     assert list(st["etcd"]["owners"]) == ["default"]
+    text = subprocess.run([sys.executable, "-m", "pager.cli", "status", "--pager", metrics,
+                           "--interval", "0", "--etcd", etcd.url], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert text.returncode == 0, text.stderr
+    rows = {ln.split()[0]: ln.split() for ln in text.stdout.splitlines()
+            if ln.startswith("  ") and ln.split()}
+    assert rows["NODE"][:5] == ["NODE", "ENDPOINT", "TRANSPORT", "TIER", "STATE"], rows
+    tiers = {n["node"]: n["tier"] for n in cl["nodes"]}
+    assert rows["n0"][3] == tiers["n0"] and rows["n0"][4] == "live", rows
     wait_until(lambda: sorted(status()["etcd"]["nodes"]) == ["n0", "n2"], 30,
                "n1's lease to expire")
     # n1 comes back empty (a new boot id): the pager refills it before it serves
