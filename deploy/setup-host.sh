@@ -19,11 +19,12 @@ if [ "${SSI_PAGER_SKIP_APT:-0}" != 1 ]; then
   # data path (transport/rdma_c, -Wall -Wextra) and rdma-core/ibverbs-providers to run it
   # (it falls back to TCP where the kernel has no RDMA, as on CI); strace: the test that sees
   # memnode --fsync sync each store; etcd-server (3.4): cluster membership, ownership and
-  # fencing of several memory nodes (`--etcd URL`), and the cluster tests' own etcd.
+  # fencing of several memory nodes (`--etcd URL`), and the cluster tests' own etcd;
+  # etcd-client: etcdctl, which the cluster guide (deploy/README.md) checks etcd with.
   apt-get install -y -qq --no-install-recommends \
     gcc libc6-dev zlib1g-dev libssl-dev make cpio kmod iproute2 procps strace \
     qemu-system-x86 busybox-static \
-    prometheus systemd etcd-server \
+    prometheus systemd etcd-server etcd-client \
     libibverbs-dev librdmacm-dev rdma-core ibverbs-providers >/dev/null
 fi
 

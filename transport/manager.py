@@ -81,8 +81,8 @@ def slow_link_warnings(node_id: str, interface: str | None, link_mbps: int | Non
         return [f"transport: warning: {link_mbps / 1000:g} Gbps network detected on "
                 f"{interface} to {node_id} - consider upgrading to 10G"]
     if bandwidth_gbps < SLOW_MEASURED_GBPS:
-        return [f"transport: warning: 1 Gbps network detected to {node_id} (measured "
-                f"{bandwidth_gbps:.2f} Gbit/s) - consider upgrading to 10G"]
+        return [f"transport: warning: 1 Gbps network detected (path to {node_id}: "
+                f"{bandwidth_gbps:.2f} Gbit/s measured) - consider upgrading to 10G"]
     return []
 
 

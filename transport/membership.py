@@ -107,6 +107,11 @@ class Membership:
     def record_placement(self, space: str, nodes: list[str], r: int) -> None:
         """Every extent of ``space`` is now on its ``r`` rendezvous nodes over ``nodes``."""
 
+    def known(self, space: str) -> bool | None:
+        """Whether a writer has placed ``space`` in this cluster (None: nothing records it
+        here, or the record cannot be read now)."""
+        return None
+
     def identities(self, space: str) -> dict[str, tuple[str, int]] | None:
         """{node id: (store id, generation)}: the store each node held ``space`` in when its
         writers last had every extent on its nodes (None: the record cannot be read now). A
@@ -217,6 +222,12 @@ class EtcdMembership(Membership):
             log.warning("etcd: cannot read the placement of space %s (%s): assuming the "
                         "current nodes hold it", space, _why(exc))
         return nodes, r
+
+    def known(self, space: str) -> bool | None:
+        try:
+            return bool(self.client.get(PLACEMENT + space))
+        except _etcd_errors():
+            return None
 
     def record_placement(self, space: str, nodes: list[str], r: int) -> None:
         try:

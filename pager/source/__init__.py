@@ -38,11 +38,12 @@ def parse_source(memnode: str | list[str] | None, source: str | None, *,
                  token: bytes | None, space: str, etcd: str | None = None,
                  cluster: str | None = None, replicas: int | None = None,
                  owns: bool = False, repair_rate: float = 64.0,
-                 discover: bool = False) -> PageSource:
+                 discover: bool = False, existing: bool = False) -> PageSource:
     """The source named on the command line: ``--memnode HOST:PORT`` (repeatable),
     ``--etcd URL``, ``--cluster FILE`` or ``--source file:P``. ``owns``: this pager owns
     ``space`` (serve): it takes the space over in etcd (or uses the cluster file's owner
-    epoch) and its stores carry that epoch."""
+    epoch) and its stores carry that epoch. ``existing``: only read ``space`` (get): one the
+    cluster records no placement of is refused before any node is contacted."""
     memnodes = [memnode] if isinstance(memnode, str) else list(memnode or [])
     if (memnodes or etcd or cluster or discover) and not valid_space_name(space):
         raise ConfigError(f"--space {space!r}: an address space name is 1-64 letters, digits, "
@@ -67,6 +68,10 @@ def parse_source(memnode: str | list[str] | None, source: str | None, *,
         # every option is checked before the space is taken over: a pager that then exits
         # on a bad option must not have fenced the one serving the space
         check_replicas(replicas, len(membership.nodes()))
+        if existing and membership.known(space) is False:
+            membership.close()
+            raise ConfigError(f"no space {space!r} in the cluster (etcd records no placement "
+                              f"of it: nothing was put or served there); check --space")
         if repair_rate <= 0:
             raise ConfigError(f"--repair-rate {repair_rate:g}: give a positive MiB/s")
         owner = None

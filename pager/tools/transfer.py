@@ -10,7 +10,8 @@ overwritten with zeros, so within the image's size the space reads back as the i
 as a mix of the two (pages past its end keep what an earlier, larger image left: `get` the
 new image's size). On a cluster it returns once every extent reached ``--replicas`` nodes.
 ``get`` writes the space's first ``--size`` bytes to FILE (through FILE.part, renamed once
-whole), leaving holes where pages were never written.
+whole), leaving holes where pages were never written; a space etcd records nothing of, or
+one with no page written in that range, is refused (rc 1, no file).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def configure(parser: argparse.ArgumentParser, *, get: bool = False) -> None:
                         help="talk to memory nodes that run without authentication")
 
 
-def open_source(args: argparse.Namespace) -> PageSource:
+def open_source(args: argparse.Namespace, *, existing: bool = False) -> PageSource:
     if not (args.memnode or args.etcd or args.cluster or args.discover):
         raise ConfigError("name the memory nodes: --memnode HOST:PORT (repeatable), "
                           "--etcd URL or --cluster FILE")
@@ -62,7 +63,8 @@ def open_source(args: argparse.Namespace) -> PageSource:
         token = load_token(args.token_file)
     return parse_source(args.memnode, None, token=token, space=args.space, etcd=args.etcd,
                         cluster=args.cluster, replicas=args.replicas,
-                        repair_rate=args.repair_rate, discover=args.discover)
+                        repair_rate=args.repair_rate, discover=args.discover,
+                        existing=existing)
 
 
 def written_runs(block: memoryview) -> list[tuple[int, int]]:
@@ -101,10 +103,12 @@ def put(args: argparse.Namespace) -> int:
                 n = f.readinto(buf)
                 view = memoryview(buf)[:n]
                 runs = written_runs(view)
+                # before this block's pages are stored: the fetch over its zero pages' span
+                # then brings back only what an earlier image left (nothing, in a new space)
+                cleared += clear_written(lane, args.space, gpa, view, runs, scratch)
                 for start, end in runs:
                     lane.store_from(args.space, gpa + start, view[start:end])
                     stored += end - start
-                cleared += clear_written(lane, args.space, gpa, view, runs, scratch)
         if hasattr(source, "record_identities"):
             source.record_identities(args.space)
     finally:
@@ -147,7 +151,7 @@ def clear_written(lane: Lane, space: str, gpa: int, block: memoryview,
 def get(args: argparse.Namespace) -> int:
     if args.size % PAGE_SIZE:
         raise ConfigError(f"--size {args.size} is not a multiple of 4 KiB")
-    source = open_source(args)
+    source = open_source(args, existing=True)
     written = 0
     buf = bytearray(BLOCK)
     part = f"{args.file}.part"  # renamed to FILE once whole: a failed get leaves no image
@@ -164,6 +168,11 @@ def get(args: argparse.Namespace) -> int:
                         f.seek(gpa + i * PAGE_SIZE)
                         f.write(view[i * PAGE_SIZE:(i + 1) * PAGE_SIZE])
                         written += PAGE_SIZE
+        if not written and args.size:
+            raise ConfigError(
+                f"space {args.space!r} holds no page in its first {args.size} bytes on "
+                f"these nodes: check --space, and name the nodes as `put` did (a --memnode "
+                f"list, the --cluster file or --etcd); nothing was written to {args.file}")
         os.replace(part, args.file)
         done = True
     except OSError as exc:

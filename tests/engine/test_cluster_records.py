@@ -8,6 +8,7 @@ real nodes, `ssi-pager put` and `serve` processes, a client faulting every page.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -161,3 +162,39 @@ def test_a_pager_refused_for_its_options_takes_nothing_over(etcd, three_etcd, tm
         assert not m.client.get(OWNERS + "fx") and not m.client.get(EPOCHS + "fx")
     finally:
         m.close()
+
+
+def test_get_of_a_space_never_put_is_refused_and_leaves_nothing(etcd, three_etcd, tmp_path):
+    """`get --etcd` of a space no writer placed: one line naming it, rc 1, no file, and no
+    trace in etcd or on the nodes (it used to write an image of zeros, rc 0, and create the
+    space everywhere)."""
+    from transport.membership import PLACEMENT, EtcdMembership
+
+    three = three_etcd
+    r = subprocess.run([sys.executable, "-m", "pager.cli", "get", "--space", "nosuch", "--etcd",
+                        etcd.url, "--token-file", str(three[0].token_file), "--size", "1M",
+                        str(tmp_path / "out.img")], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 1 and "no space 'nosuch' in the cluster" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert not list(tmp_path.glob("out.img*"))
+    m = EtcdMembership(etcd.url)
+    try:
+        assert not m.client.get(PLACEMENT + "nosuch")
+    finally:
+        m.close()
+    for n in three:
+        assert not [p.name for p in n.store.glob("nosuch*")]
+    # once something is put there, the same get reads it back
+    img = tmp_path / "in.img"
+    img.write_bytes(os.urandom(64 << 10) + bytes(64 << 10))
+    common = ["--space", "nosuch", "--etcd", etcd.url, "--token-file",
+              str(three[0].token_file)]
+    r = subprocess.run([sys.executable, "-m", "pager.cli", "put", *common, str(img)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-m", "pager.cli", "get", *common, "--size", "128K",
+                        str(tmp_path / "out.img")], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out.img").read_bytes() == img.read_bytes()

@@ -11,6 +11,7 @@ from clusterkit import nodes
 from enginekit import ROOT
 
 from pager.source import MemnodeSource
+from transport.tcp import TcpTransport, run
 from transport.token import load_token
 
 PAGE = 4096
@@ -48,6 +49,8 @@ def test_put_skips_zero_pages_and_reaches_two_nodes_get_reads_back(tmp_path):
         r = cli("put", str(tmp_path / "mem.img"), *common, "--replicas", "2")
         assert r.returncode == 0, r.stderr
         assert f"{nonzero} pages stored" in r.stderr
+        # a new space: put's check for pages of an earlier image brought no page back
+        assert [_pages_sent(n, "fc1") for n in ns] == [0, 0, 0]
         assert sum(_count_on(n) for n in ns) == 2 * nonzero  # each page on exactly 2 nodes
         # the nodes named in another order: placement goes by node id, not position
         again = [a for n in reversed(ns) for a in ("--memnode", n.endpoint)] + common[6:]
@@ -87,6 +90,20 @@ def test_put_over_an_earlier_image_leaves_none_of_it(tmp_path):
             n.proc.stop()
 
 
+def _pages_sent(node, space):
+    """Pages with data ``node`` has sent of ``space`` (FETCHed pages that were written)."""
+    async def get() -> dict:
+        tr = TcpTransport(load_token(node.token_file), "stats")
+        try:
+            await tr.connect_peer("n", node.endpoint)
+            return await tr.stats("n")
+        finally:
+            await tr.close()
+
+    st = run(get())["spaces"][space]
+    return st["fetched_pages"] - st["zero_pages"]
+
+
 def _count_on(node):
     src = MemnodeSource(node.endpoint, load_token(node.token_file), "fc1", prefer="tcp")
     with src.open_node_lane("memnode") as lane:
@@ -104,6 +121,17 @@ def test_put_names_what_is_wrong(tmp_path):
             "127.0.0.1:1", "--memnode", "127.0.0.1:2", "--insecure-no-auth")
     assert r.returncode == 1 and "no live replica" in r.stderr
     assert not list(tmp_path.glob("back.img*"))  # no image that looks whole, no .part
+    (tmp_path / "n").mkdir()
+    ns = nodes(tmp_path / "n", 2)
+    try:  # a space nothing was put into: refused, not an image of zeros
+        r = cli("get", str(tmp_path / "back.img"), "--space", "never", "--size", "1M",
+                *[a for n in ns for a in ("--memnode", n.endpoint)],
+                "--token-file", str(ns[0].token_file))
+        assert r.returncode == 1 and "'never' holds no page" in r.stderr, r.stderr
+        assert not list(tmp_path.glob("back.img*"))
+    finally:
+        for n in ns:
+            n.proc.stop()
     for bad in ("a/b", "x" * 65, ".hidden", ""):
         r = cli("put", str(tmp_path / "ok.img"), "--space", bad, "--memnode", "127.0.0.1:1",
                 "--memnode", "127.0.0.1:2", "--insecure-no-auth")

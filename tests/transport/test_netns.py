@@ -55,7 +55,7 @@ def client_across_link(tmp_path: Path, rate: str | None
 
 def measured_warning(err: str) -> float | None:
     """The bandwidth quoted by the slow-link warning, None without one."""
-    m = re.search(r"1 Gbps network detected to node-b \(measured ([\d.]+) Gbit/s\)", err)
+    m = re.search(r"1 Gbps network detected \(path to node-b: ([\d.]+) Gbit/s measured\)", err)
     return float(m.group(1)) if m else None
 
 
