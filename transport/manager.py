@@ -72,18 +72,27 @@ def link_speed_mbps(interface: str, sysfs: Path = Path("/sys/class/net")) -> int
     return value if value > 0 else None
 
 
+def slow_link(interface: str | None, link_mbps: int | None, bandwidth_gbps: float) -> bool:
+    """Whether a peer's path is of the ~1 Gbps class: its interface's speed where the kernel
+    knows it, else the measured bandwidth (never a peer on this host). A slow link is warned
+    about, and bulk lanes compress on it (`pager.source.memnode.MemnodeSource.codecs_for`)."""
+    if interface == "lo":
+        return False
+    if link_mbps is not None and link_mbps < FAST_LINK_MBPS:
+        return True
+    return bandwidth_gbps < SLOW_MEASURED_GBPS
+
+
 def slow_link_warnings(node_id: str, interface: str | None, link_mbps: int | None,
                        bandwidth_gbps: float) -> list[str]:
     """The warning lines for this peer's path (empty when it is fast or local)."""
-    if interface == "lo":
+    if not slow_link(interface, link_mbps, bandwidth_gbps):
         return []
     if link_mbps is not None and link_mbps < FAST_LINK_MBPS:
         return [f"transport: warning: {link_mbps / 1000:g} Gbps network detected on "
                 f"{interface} to {node_id} - consider upgrading to 10G"]
-    if bandwidth_gbps < SLOW_MEASURED_GBPS:
-        return [f"transport: warning: 1 Gbps network detected (path to {node_id}: "
-                f"{bandwidth_gbps:.2f} Gbit/s measured) - consider upgrading to 10G"]
-    return []
+    return [f"transport: warning: 1 Gbps network detected (path to {node_id}: "
+            f"{bandwidth_gbps:.2f} Gbit/s measured) - consider upgrading to 10G"]
 
 
 class TransportManager:

@@ -76,6 +76,7 @@ class MemnodeSource(PageSource):
         self.transports: dict[str, PageTransport] = {}  # node id -> selected transport
         self.lane_kinds: dict[str, str] = {}  # node id -> kind of the lanes carrying faults
         self.tiers: dict[str, str] = {}  # node id -> measured tier ("Standard", ...)
+        self.slow: dict[str, bool] = {}  # node id -> its path is ~1 Gbps or slower
         # node id -> the node is on this host (its route goes through "lo"): no wire to save
         self.local: dict[str, bool] = {}
         # codecs of bulk lanes: None = by the node's measured tier (`codecs_for`)
@@ -123,11 +124,14 @@ class MemnodeSource(PageSource):
     def record_peer(self, node_id: str, transport: PageTransport, info: PeerInfo) -> None:
         """What a transport manager selected and measured for ``node_id``: its transport, the
         kind of its fault lanes, its tier, and whether it is on this host (the interface the
-        manager found its route through)."""
+        manager found its route through), and whether its path is ~1 Gbps or slower."""
+        from transport.manager import slow_link
+
         with self._lock:
             self.transports[node_id] = transport
             self.lane_kinds[node_id] = info.transport
             self.tiers[node_id] = info.tier.value
+            self.slow[node_id] = slow_link(info.interface, info.link_mbps, info.bandwidth_gbps)
             if info.interface is not None:
                 self.local[node_id] = info.interface == "lo"
 
@@ -160,8 +164,10 @@ class MemnodeSource(PageSource):
 
     def codecs_for(self, node_id: str) -> tuple[str, ...]:
         """Compression a bulk lane to ``node_id`` offers: the source's choice, else every
-        codec installed when the link to the node is slow enough for it to pay (its measured
-        tier, measured here with a few pings when no transport manager did). A node on this
+        codec installed when the link to the node is slow enough for it to pay: its measured
+        tier (measured here with a few pings when no transport manager did) is Standard or
+        Basic, or the transport manager found the path ~1 Gbps or slower (the interface's
+        speed, or the bandwidth it measured: the path it warns about). A node on this
         host never gets it, whatever its round trips measured: there is no wire to save, and
         a busy host's pings (CPU contention, not the link) would otherwise turn compression
         on, which also takes write-back off its C path (a compressing lane is Python's)."""
@@ -179,7 +185,7 @@ class MemnodeSource(PageSource):
             with open_lane_or_tcp(self._transport(node_id), node_id, self.space) as probe:
                 rtt = min(probe.ping() for _ in range(5))  # the link's floor, not the load
             tier = self.tiers[node_id] = TransportTier.from_latency(rtt).value
-        return CODECS if pays_on(tier) else ()
+        return CODECS if pays_on(tier) or self.slow.get(node_id, False) else ()
 
     def _is_local(self, node_id: str) -> bool:
         """Whether ``node_id``'s endpoint is on this host (routed through "lo"); asked once."""

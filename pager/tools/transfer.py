@@ -61,10 +61,21 @@ def open_source(args: argparse.Namespace, *, existing: bool = False) -> PageSour
     if not args.insecure_no_auth:
         from transport.token import load_token
         token = load_token(args.token_file)
-    return parse_source(args.memnode, None, token=token, space=args.space, etcd=args.etcd,
-                        cluster=args.cluster, replicas=args.replicas,
-                        repair_rate=args.repair_rate, discover=args.discover,
-                        existing=existing)
+    source = parse_source(args.memnode, None, token=token, space=args.space, etcd=args.etcd,
+                          cluster=args.cluster, replicas=args.replicas,
+                          repair_rate=args.repair_rate, discover=args.discover,
+                          existing=existing)
+    # each node measured as a pager does (tier line, slow-link warning): a bulk lane to a
+    # node across a slow link compresses
+    from pager.service.serve import announce_source
+    from transport.tcp import run
+
+    try:
+        run(announce_source(source))
+    except BaseException:
+        source.close()
+        raise
+    return source
 
 
 def written_runs(block: memoryview) -> list[tuple[int, int]]:

@@ -49,3 +49,41 @@ def test_partitioned_node_costs_latency_not_bytes(tmp_path, run_pager):
         assert c.check(data) == []
         pager.wait_for(rf"memory node {nodes[1].endpoint} failed")
         c.close()
+
+
+def test_bulk_lanes_compress_over_a_1gbit_link(tmp_path):
+    """A node behind a 1 Gbit `tc tbf` link (round trips still fast: no tier says slow): the
+    transport manager measures the path's bandwidth, warns, and bulk lanes compress; fault
+    lanes stay raw. Pages round-trip byte for byte."""
+    from pager.service.serve import announce_source
+    from pager.source.memnode import DEFAULT_NODE, MemnodeSource
+    from transport.tcp import run
+    from transport.token import load_token
+    from transport.wire.codec import CODECS
+
+    with ns_cluster(1, tmp_path, ROOT) as (hs, nodes, token_file):
+        ns = hs[0][0]
+        dev = subprocess.run(["ip", "-n", ns, "-o", "link", "show", "type", "veth"],
+                             capture_output=True, text=True, check=True).stdout.split(":")[1]
+        dev = dev.strip().split("@")[0]
+        subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root",
+                        "tbf", "rate", "1gbit", "burst", "256kb", "latency", "50ms"],
+                       check=True, capture_output=True)
+        src = MemnodeSource(nodes[0].endpoint, load_token(token_file), "vm1")
+        try:
+            run(announce_source(src))
+            assert src.slow[DEFAULT_NODE], "the 1 Gbit path was not found slow"
+            data = bytes(range(256)) * 16 * 256  # 1 MiB that compresses
+            bulk = src.open_node_lane(DEFAULT_NODE, bulk=True)
+            fault = src.open_node_lane(DEFAULT_NODE)
+            try:
+                assert bulk.channel.codec in CODECS and fault.channel.codec is None
+                bulk.store_from(0, data)
+                back = bytearray(len(data))
+                assert bulk.fetch_into(0, back) == 0 and bytes(back) == data
+                assert fault.fetch_into(0, back) == 0 and bytes(back) == data
+            finally:
+                bulk.close()
+                fault.close()
+        finally:
+            src.close()
