@@ -85,9 +85,11 @@ def copy_sparse(src: str, size: int, dst: Path) -> None:
 
 
 def link_child(endpoint: str, token_file: str, image: str, codec: str) -> dict[str, Any]:
-    """Store the image's written pages and fetch them back through one bulk lane
-    (``codec`` "raw", "lz4" or "zstd"); Gbit/s of page bytes."""
+    """Store the image's pages that `put` would send (written and not all zero) and fetch
+    them back through one bulk lane (``codec`` "raw", "lz4" or "zstd"); Gbit/s of page
+    bytes."""
     from pager.source import MemnodeSource
+    from pager.tools.transfer import written_runs
     from transport.token import load_token
 
     compress = () if codec == "raw" else (codec,)
@@ -95,26 +97,24 @@ def link_child(endpoint: str, token_file: str, image: str, codec: str) -> dict[s
                         compress=compress)
     fd = os.open(image, os.O_RDONLY)
     size = os.fstat(fd).st_size
-    runs = [(s, n) for s, n in data_ranges(fd, size)]
     buf = memoryview(bytearray(CHUNK))
-    total = 0
+    runs: list[tuple[int, int]] = []  # (offset, bytes): the non-zero pages, CHUNK at most
+    for start, length in data_ranges(fd, size):
+        for off in range(start, start + length, CHUNK):
+            n = min(CHUNK, start + length - off) // PAGE_SIZE * PAGE_SIZE
+            os.preadv(fd, [buf[:n]], off)
+            runs += [(off + a, b - a) for a, b in written_runs(buf[:n])]
+    total = sum(n for _, n in runs)
     try:
         with src.open_lane(bulk=True) as lane:
             t0 = time.perf_counter()
-            for start, length in runs:
-                for off in range(start, start + length, CHUNK):
-                    n = min(CHUNK, start + length - off) // PAGE_SIZE * PAGE_SIZE
-                    if n:
-                        os.preadv(fd, [buf[:n]], off)
-                        lane.store_from(None, off, buf[:n])
-                        total += n
+            for off, n in runs:
+                os.preadv(fd, [buf[:n]], off)
+                lane.store_from(None, off, buf[:n])
             t_store = time.perf_counter() - t0
             t0 = time.perf_counter()
-            for start, length in runs:
-                for off in range(start, start + length, CHUNK):
-                    n = min(CHUNK, start + length - off) // PAGE_SIZE * PAGE_SIZE
-                    if n:
-                        lane.fetch_into(None, off, buf[:n])
+            for off, n in runs:
+                lane.fetch_into(None, off, buf[:n])
             t_fetch = time.perf_counter() - t0
     finally:
         os.close(fd)
