@@ -37,6 +37,7 @@ OWNERS = PREFIX + "owners/"
 EPOCHS = PREFIX + "epochs/"
 PLACEMENT = PREFIX + "placement/"
 STORES = PREFIX + "stores/"  # STORES + SPACE/NODE: the store identity the space was left in
+SIZES = PREFIX + "sizes/"  # SIZES + SPACE: the bytes of it its writers keep replicated
 DEFAULT_TTL = 5  # seconds a node's registration outlives its last renewal
 POLL_SECONDS = 1.0
 
@@ -111,6 +112,14 @@ class Membership:
         """Whether a writer has placed ``space`` in this cluster (None: nothing records it
         here, or the record cannot be read now)."""
         return None
+
+    def recorded_size(self, space: str) -> int:
+        """The bytes of ``space`` its writers kept replicated (a `put` image's size, a
+        guest's RAM), so a pager that has no guest yet still repairs it; 0: unknown."""
+        return 0
+
+    def record_size(self, space: str, size: int) -> None:
+        """``space``'s writers keep ``size`` bytes of it (recorded where it grows)."""
 
     def identities(self, space: str) -> dict[str, tuple[str, int]] | None:
         """{node id: (store id, generation)}: the store each node held ``space`` in when its
@@ -235,6 +244,23 @@ class EtcdMembership(Membership):
                             json.dumps({"nodes": sorted(nodes), "replicas": r}))
         except _etcd_errors() as exc:
             log.warning("etcd: cannot record the placement of space %s: %s", space, _why(exc))
+
+    def recorded_size(self, space: str) -> int:
+        try:
+            got = self.client.get(SIZES + space)
+            return max(0, int(got[0])) if got else 0
+        except (*_etcd_errors(), ValueError) as exc:
+            log.warning("etcd: cannot read the size of space %s (%s): it is repaired once a "
+                        "guest uses it", space, _why(exc))
+            return 0
+
+    def record_size(self, space: str, size: int) -> None:
+        if self.recorded_size(space) >= size:
+            return
+        try:
+            self.client.put(SIZES + space, str(size))
+        except _etcd_errors() as exc:
+            log.warning("etcd: cannot record the size of space %s: %s", space, _why(exc))
 
     def identities(self, space: str) -> dict[str, tuple[str, int]] | None:
         prefix = f"{STORES}{space}/"

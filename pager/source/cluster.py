@@ -67,8 +67,11 @@ ORDERS_KEPT = 1 << 16  # extents whose read order `ClusterSource.holders` keeps
 
 class NodeStoreChanged(TransportError):
     """A node holds a space in another store than the one its writers left it in (wiped, or
-    restarted on another store, while no pager watched): to the cluster, a failed node that
-    is re-synced before it serves, never a source of pages."""
+    restarted on another store, while no pager watched), or missed stores to it while down
+    (``missed``: its store stands): to the cluster, a failed node that is re-synced before
+    it serves, never a source of pages."""
+
+    missed = False
 
 
 class _NodeLanes(MemnodeSource):
@@ -87,7 +90,9 @@ class _NodeLanes(MemnodeSource):
         try:
             return super().open_node_lane(node_id, space, bulk=bulk)
         except StoreIdentityError as exc:
-            raise NodeStoreChanged(str(exc), errno=exc.errno) from exc
+            changed = NodeStoreChanged(str(exc), errno=exc.errno)
+            changed.missed = getattr(exc, "missed", False)
+            raise changed from exc
 
     def arm(self, t: Any) -> Any:
         if hasattr(t, "retry_for"):
@@ -136,6 +141,10 @@ class ClusterSource(PageSource):
         # space -> (nodes, R) its extents were placed on before we came (`_base`)
         self.bases: dict[str, tuple[frozenset[str], int]] = {}
         self._recorded: dict[str, tuple[list[str], int]] = {}
+        # (space, node): recorded as having missed stores since the node last failed
+        self._missed: set[tuple[str, str]] = set()
+        self._gens_at: dict[str, dict[str, int]] = {}  # space -> `_first_gens`
+        self._store_changed: set[str] = set()  # nodes seen on another store than recorded
         self.lanes = _NodeLanes(nodes, token, space, prefer=prefer,
                                 placement=lambda s, g: "", compress=compress)
         self.lanes.epoch = self.epoch
@@ -169,8 +178,14 @@ class ClusterSource(PageSource):
         membership.on_change(self._on_members)
         from pager.source.repair import Repairer
 
+        with self.lock:
+            self._first_gens(space)  # its own space: the generations before any lane opens
         if self.epoch is not None:
             self.fence()
+            # the owner repairs what its space's writers recorded from the start, before
+            # (or without) a guest of its own
+            if size := membership.recorded_size(space):
+                self.keep(space, size, record=False)
         self.repairer = Repairer(self, rate=repair_rate, interval=probe_interval)
         self.repairer.start()
 
@@ -220,6 +235,7 @@ class ClusterSource(PageSource):
     def _bump(self, node_id: str, why: str) -> None:
         """``node_id`` no longer holds anything: its generation moves on."""
         self.gen[node_id] = self.gen.get(node_id, 0) + 1
+        self._missed = {(s, n) for s, n in self._missed if n != node_id}
         self.rerouted()
         # its store may come back empty: the next identity it shows is its new one
         IDENTITIES.forget(self.lanes.nodes.get(node_id, node_id))
@@ -231,6 +247,8 @@ class ClusterSource(PageSource):
             if node_id in self.down:
                 return
             self.down.add(node_id)
+            if isinstance(exc, NodeStoreChanged) and not exc.missed:
+                self._store_changed.add(node_id)
             self.counters["node_failures"] += 1
             self._bump(node_id, f"failed ({exc})")
             self.dirty.set()
@@ -248,6 +266,31 @@ class ClusterSource(PageSource):
             return [n for n in self.members if n not in self.down]
 
     # --- extents ------------------------------------------------------------------------
+    def placed_on(self, space: str, ext: int) -> frozenset[str]:
+        """The nodes a pager started later looks for ``space``'s extent ``ext`` on (its
+        recorded placement), up or down."""
+        nodes, r = self._base(space)
+        return frozenset(placed(space, ext, nodes, r))
+
+    def mark_missed(self, space: str, nodes: set[str]) -> bool:
+        """``nodes`` (placed holders of an extent of ``space``) did not get a store that
+        reached its targets: record it before the store counts as done, so a pager started
+        later (this one may be killed first) does not read their old copy. Once per node
+        and failure; False: not recorded."""
+        with self.lock:
+            todo = sorted(n for n in nodes if (space, n) not in self._missed)
+        if not todo:
+            return True
+        if not self.stores.mark_missed(space, todo):
+            return False
+        with self.lock:
+            self._missed.update((space, n) for n in todo)
+        log.warning("space %s: memory node%s %s missed stores while down: recorded, so no "
+                    "later reader trusts %s copy before it is refilled", space,
+                    "s" if len(todo) > 1 else "", ", ".join(todo),
+                    "their" if len(todo) > 1 else "its")
+        return True
+
     def targets(self, space: str, ext: int) -> list[str]:
         return list(placed(space, ext, frozenset(self.live()), self.r))
 
@@ -268,9 +311,10 @@ class ClusterSource(PageSource):
         with self.lock:
             stamp = (self.route_gen[0], self.route_soft)
             pairs = self._held.get((space, ext))
-            if pairs is None:
+            if pairs is None:  # as placed, at the generations the space was first seen at
                 nodes, r = self._base(space)
-                pairs = {(n, 0) for n in placed(space, ext, nodes, r)}
+                seen = self._first_gens(space)
+                pairs = {(n, seen.get(n, 0)) for n in placed(space, ext, nodes, r)}
             got = [n for n, g in pairs if self.gen.get(n) == g and n not in self.down
                    and n in self.members]
         rtt = self.rtt
@@ -280,10 +324,22 @@ class ClusterSource(PageSource):
         self._orders[space, ext] = (stamp, order)
         return order
 
+    def _first_gens(self, space: str) -> dict[str, int]:
+        """The nodes' generations when this pager first used ``space`` (call under the lock):
+        a node that failed and came back before then missed none of this pager's stores to
+        it, so its copy stands (checked against the recorded store identity when its lane
+        opens), unless this pager saw it on another store than recorded; one that fails
+        later holds nothing of it until re-synced."""
+        gens = self._gens_at.get(space)
+        if gens is None:  # a node seen on another store holds only what it was given since
+            gens = self._gens_at[space] = {n: -1 if n in self._store_changed else g
+                                           for n, g in self.gen.items()}
+        return gens
+
     def _base(self, space: str) -> tuple[frozenset[str], int]:
         base = self.bases.get(space)
-        if base is None:
-            nodes, r = self.membership.placement(space, sorted(self.gen), self.r)
+        if base is None:  # a space no writer placed yet: on the nodes in the cluster now
+            nodes, r = self.membership.placement(space, sorted(self.members), self.r)
             base = self.bases[space] = (frozenset(nodes), r)
         return base
 
@@ -362,12 +418,17 @@ class ClusterSource(PageSource):
         self.rtt.clear()
         self.rerouted_soft()
 
-    def keep(self, space: str, size: int) -> None:
-        """Keep ``size`` bytes of ``space`` replicated (repair scans them)."""
+    def keep(self, space: str, size: int, *, record: bool = True) -> None:
+        """Keep ``size`` bytes of ``space`` replicated (repair scans them); ``record``: in
+        etcd too, so a pager started later repairs them before a guest attaches."""
         with self.lock:
-            if size > self.spaces.get(space, 0):
-                self.spaces[space] = size
-                self.dirty.set()
+            self._first_gens(space)
+            if size <= self.spaces.get(space, 0):
+                return
+            self.spaces[space] = size
+            self.dirty.set()
+        if record:
+            self.membership.record_size(space, size)
 
     async def connect(self) -> None:
         """Select every node's transport (each prints its tier line); a node that cannot be
@@ -421,8 +482,8 @@ class ClusterSource(PageSource):
             nodes = [{"id": n, "endpoint": self.lanes.nodes.get(n),
                       "transport": self.lanes.lane_kind(n),
                       "tier": self.lanes.tiers.get(n),  # measured when its transport was chosen
-                      "state": "down" if n in self.down else "live" if n in self.members
-                      else "gone",
+                      "state": "gone" if n not in self.members else "down" if n in self.down
+                      else "live",  # gone: left the membership (its etcd lease expired)
                       "rtt_us": round(self.rtt[n] * 1e6, 1) if n in self.rtt else None,
                       "extents": per_node.get(n, 0)} for n in sorted(self.gen)]
             lag = 0.0 if self.lag_since is None else time.monotonic() - self.lag_since

@@ -142,6 +142,11 @@ class ClusterLane(CRouting, Lane):
             raise ReplicationError(f"a store to extent {ext} of space {space!r} reached "
                                    f"{reached} of {max(need, src.r)} memory nodes; retrying "
                                    f"once nodes are back")
+        missed = src.placed_on(space, ext) - done
+        if missed and not src.mark_missed(space, missed):
+            raise ReplicationError(f"a store to extent {ext} of space {space!r} reached its "
+                                   f"nodes, but that {', '.join(sorted(missed))} missed it "
+                                   f"could not be recorded (etcd unreachable?); retrying")
 
     def _store_all(self, nodes: list[str], space: str, gpa: int, part: memoryview
                    ) -> list[tuple[str, BaseException | None]]:

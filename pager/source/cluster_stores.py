@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 
 from transport.membership import Membership
-from transport.wire import IDENTITIES
+from transport.wire import IDENTITIES, MISSED_STORES
 
 
 class StoreRecords:
@@ -69,3 +69,15 @@ class StoreRecords:
         new = {n: i for n, i in ids.items() if done.get(n) != i}
         if new and self.membership.record_identities(space, new):
             done.update(new)
+
+    def mark_missed(self, space: str, nodes: list[str]) -> bool:
+        """Record that ``nodes`` missed stores to ``space`` (they were down when a store
+        reached its other targets): a pager started later refuses their copy as it does a
+        wiped node's, and refills them, until this one records them refilled. False: not
+        recorded (etcd unreachable); the store is not done until it is."""
+        mark = {n: (MISSED_STORES, 0) for n in nodes}
+        if not self.membership.record_identities(space, mark):
+            return False
+        # what this pager then records of them (once refilled) differs from the mark
+        self._recorded.setdefault(space, {}).update(mark)
+        return True

@@ -217,3 +217,55 @@ def test_under_replicated_gauge_falls_while_repair_copies(three, sources):
     first = samples.index(seen[0])
     assert all(b <= a for a, b in zip(samples[first:], samples[first + 1:], strict=False)), seen
     assert samples[-1] == 0 and src.counters["repairs"] >= len(lost)
+
+
+def test_a_space_first_read_after_nodes_failed_and_returned_is_served(three, sources):
+    """Two nodes fail and come back (on their own stores) during a pager's life; a space it
+    had not used before then is read: its nodes' copies are current, since this pager wrote
+    none of it meanwhile (it used to find no holder for the extents both of whose nodes had
+    failed once: "no live replica holds extent", then SIGBUS)."""
+    ns = three
+    m = StaticMembership(endpoints=[n.endpoint for n in ns])
+    token = load_token(ns[0].token_file)
+    writer = ClusterSource(m, token, "other", replicas=2, prefer="tcp")
+    sources(writer)
+    data = os.urandom(SPACE_BYTES)
+    with writer.open_lane() as lane:
+        lane.store_from(None, 0, data)
+    writer.close()
+    src = ClusterSource(StaticMembership(endpoints=[n.endpoint for n in ns]), token, "vm1",
+                        replicas=2, prefer="tcp", probe_interval=0.05)
+    sources(src)
+    src.keep("vm1", SPACE_BYTES)
+    for victim in ns[:2]:
+        victim.proc.kill()
+        with src.open_lane() as lane:  # its own space, on every node: it sees the failure
+            lane.store_from(None, 0, os.urandom(SPACE_BYTES))
+        assert victim.endpoint in src.down
+        victim.proc.stop()
+        victim.start(victim.endpoint)
+        wait_until(lambda v=victim: v.endpoint not in src.down, 30, "the node to be back")
+    with src.open_lane() as lane:
+        buf = bytearray(SPACE_BYTES)
+        mask = lane.fetch_into("other", 0, memoryview(buf))
+    assert mask == 0 and bytes(buf) == data
+
+
+def test_a_node_that_refuses_the_token_is_not_probed_on_every_round(three, sources):
+    """A node restarted with another cluster's token: failed, and asked again every
+    ``REFUSED_RETRY`` seconds, not on every probe (4 a second per pager, forever)."""
+    from pager.source.repair import REFUSED_RETRY
+
+    ns = three
+    src = ClusterSource(StaticMembership(endpoints=[n.endpoint for n in ns]),
+                        load_token(ns[0].token_file), "vm1", replicas=2, prefer="tcp",
+                        probe_interval=0.05)
+    sources(src)
+    bad = ns[2]
+    bad.proc.stop()
+    bad.token_file.write_bytes(b"another-cluster-token-0123456789abcdef")
+    bad.start(bad.endpoint)
+    wait_until(lambda: bad.endpoint in src.down, 30, "the node refusing the token to fail")
+    time.sleep(2.0)  # 40 probe rounds
+    refusals = (bad.tmp / "memnode.log").read_text().count("authentication failed")
+    assert 1 <= refusals <= 2 + int(2.0 // REFUSED_RETRY), refusals

@@ -92,6 +92,7 @@ def test_cluster_faults_are_served_in_c_and_a_kill_of_the_read_replica_loses_not
         st = installed(engine, 2 * data.size)
         assert victim.endpoint in src.down and src.counters["node_failures"] == 1
         assert st.fetch_errors >= 1, st.as_dict()  # C's fetch on the dead node failed
+        assert src.counters["failovers"] >= 1  # ... and was retried on a replica, counted
         assert st.c_faults > c_before, st.as_dict()
         assert st.failed_faults == 0
 

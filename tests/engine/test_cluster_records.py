@@ -198,3 +198,62 @@ def test_get_of_a_space_never_put_is_refused_and_leaves_nothing(etcd, three_etcd
                        timeout=120)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "out.img").read_bytes() == img.read_bytes()
+
+
+def test_a_pager_with_no_guest_yet_repairs_its_space(tmp_path, etcd, three_etcd, run_pager):
+    """`put` records the image's size in etcd; `serve --etcd` of that space, before any guest
+    attaches, counts its extents and re-replicates them when a node is lost (it knew of no
+    extent until a guest came, and so neither showed nor repaired a loss)."""
+    three = three_etcd
+    put_image(tmp_path, etcd, three)
+    pager, _sock = run_pager("--etcd", etcd.url, "--replicas", "2", "--token-file",
+                             str(three[0].token_file), "--metrics", "127.0.0.1:0")
+    metrics = pager.wait_for(r"metrics: http://(\S+)/metrics")
+    extents = -(-SIZE // (2 << 20))
+    wait_until(lambda: sum(n["extents"] for n in status(metrics, etcd.url)["nodes"])
+               == 2 * extents, 30, "the space's extents to be counted")
+    lost = three[2]
+    lost.proc.kill()
+    wait_until(lambda: (s := status(metrics, etcd.url))["repairs"] > 0
+               and s["under_replicated"] == 0
+               and sum(n["extents"] for n in s["nodes"] if n["node"] != lost.name)
+               == 2 * extents, 90, "re-replication with no guest attached")
+
+
+def test_a_node_that_missed_stores_is_not_read_by_a_later_pager(tmp_path, etcd, three_etcd):
+    """A node down while a space is rewritten, back on its old store after the writer is
+    gone (before repair refilled it): the writer recorded in etcd that it missed stores, so
+    a later reader refuses its out-of-date copy and reads the new bytes from the others.
+    (The node showed its recorded store id and generation, so it was trusted: a `get` read
+    up to a third of the pages from the old image, with no error.)"""
+    from pager.source.cluster import ClusterSource
+    from transport.membership import EtcdMembership
+    from transport.token import load_token
+
+    three = three_etcd
+    old, new = os.urandom(SIZE), os.urandom(SIZE)
+    m = EtcdMembership(etcd.url, poll=0.1)
+    src = ClusterSource(m, load_token(three[0].token_file), "sp", replicas=2, prefer="tcp",
+                        repair_rate=1 << 10)  # repair too slow to refill the node in time
+    try:
+        src.keep("sp", SIZE)
+        with src.open_lane() as lane:
+            lane.store_from(None, 0, old)
+        lost = three[1]
+        lost.proc.kill()
+        with src.open_lane() as lane:  # rewritten while the node is down
+            lane.store_from(None, 0, new)
+        assert src.counters["node_failures"] >= 1
+    finally:
+        src.close()
+        m.close()
+    lost.proc.stop()
+    lost.start(lost.endpoint)  # back on its old store: same id, same generation
+    r = subprocess.run([sys.executable, "-m", "pager.cli", "get", "--space", "sp", "--etcd",
+                        etcd.url, "--token-file", str(three[0].token_file), "--size",
+                        str(SIZE), str(tmp_path / "out.img")], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    got = (tmp_path / "out.img").read_bytes()
+    stale = sum(got[p:p + 4096] != new[p:p + 4096] for p in range(0, SIZE, 4096))
+    assert stale == 0, f"{stale} pages read from the node that missed the stores"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from transport.wire.client import (
     IDENTITIES,
+    MISSED_STORES,
     Backoff,
     ClientHandshake,
     ClientSession,
@@ -92,6 +93,7 @@ __all__ = [
     "MAX_DATA",
     "MAX_FRAME",
     "MAX_PAGES",
+    "MISSED_STORES",
     "NEED_DATA",
     "NONCE_SIZE",
     "PAGE_PAYLOAD_TYPES",

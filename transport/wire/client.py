@@ -304,6 +304,9 @@ class Backoff:
 
 # --- store identity --------------------------------------------------------------------------
 
+MISSED_STORES = "missed-stores"  # a recorded "store id": the node missed stores while down
+
+
 class StoreIdentities:
     """What a pager saw of each (node endpoint, space): the node's store id (WELCOME "store")
     and the space's generation (OPENED ``gpa``). The first OPENED is remembered; any later one
@@ -321,6 +324,13 @@ class StoreIdentities:
         seen = self._seen.setdefault((node, space), (store_id, generation))
         if seen != (store_id, generation):
             origin = self._origin.get((node, space), "this pager")
+            if seen[0] == MISSED_STORES:  # its store stands: only this space is behind
+                exc = StoreIdentityError(
+                    f"memory node {node} missed stores to space {space} while it was down "
+                    f"({origin}): its copy is out of date, so it is refilled before it "
+                    f"serves that space", 0)
+                exc.missed = True
+                raise exc
             raise StoreIdentityError(
                 f"memory node {node} holds space {space} in store {store_id or '?'} generation "
                 f"{generation:#x}, but {origin} wrote it to store {seen[0] or '?'} generation "
