@@ -7,6 +7,7 @@ on first start; copy that file (keeping mode 0600) to every pager host of the cl
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import secrets
@@ -46,15 +47,25 @@ def load_token(path: str | os.PathLike[str] | None = None) -> bytes:
     try:
         fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError as exc:
-        raise TokenError(f"cannot read cluster token {p}: {exc.strerror}; copy the memory "
-                         f"node's token file there (mode 0600) or pass --token-file",
+        why = ("it is a symbolic link, and links are refused: give the file itself"
+               if exc.errno == errno.ELOOP else exc.strerror)
+        raise TokenError(f"cannot read cluster token {p}: {why}; copy the memory node's "
+                         f"token file there (mode 0600) or pass --token-file",
                          errno=exc.errno) from exc
     try:
         st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise TokenError(f"cluster token {p} is not a regular file: pass --token-file "
+                             f"the token file itself (mode 0600), not a directory",
+                             errno=errno.EISDIR if stat.S_ISDIR(st.st_mode) else None)
         if st.st_mode & 0o077:
             raise TokenError(f"cluster token {p} is readable by others (mode "
                              f"{stat.S_IMODE(st.st_mode):o}): run chmod 600 {p}")
-        token = os.read(fd, 4096).strip()
+        try:
+            token = os.read(fd, 4096).strip()
+        except OSError as exc:
+            raise TokenError(f"cannot read cluster token {p}: {exc.strerror}",
+                             errno=exc.errno) from exc
     finally:
         os.close(fd)
     if len(token) < 16:

@@ -443,7 +443,10 @@ class ClientPager(CLoopMixin, ReadaheadMixin, FarMemMixin, WorkingSetMixin):
                 self.stats.fetch_errors += 1
                 lane.reset()
                 deadline = deadline or time.monotonic() + self.engine.fetch_timeout
-                where = f"{self.engine.source.describe()} gpa {f.gpa:#x}+{f.length:#x}"
+                src = self.engine.source
+                other = f" (this region: space {space})" if space and space != getattr(
+                    src, "space", space) else ""
+                where = f"{src.describe()}{other} gpa {f.gpa:#x}+{f.length:#x}"
                 if isinstance(exc, RemoteError) or time.monotonic() > deadline:
                     raise FaultError(f"cannot fetch {where}: {exc}; check the memory node "
                                      "and the client's regions") from exc

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from pager.source.base import close_lanes
 from pager.source.cluster_lane import replica_lost
 from pager.source.placement import EXTENT_SHIFT
-from transport.errors import TransportError
+from transport.errors import AuthError, TransportError
 from transport.wire import PAGE_SIZE
 from transport.wire.frames import zero_mask_runs
 
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PING_EVERY = 1.0  # seconds between round-trip measurements of a live node
+REFUSED_RETRY = 10.0  # seconds between probes of a node that refused the cluster token
 
 
 class Repairer(threading.Thread):
@@ -35,6 +36,7 @@ class Repairer(threading.Thread):
         self._halt = threading.Event()
         self.lanes: dict[tuple[str, str], Any] = {}
         self._pinged = 0.0
+        self._refused: dict[str, float] = {}  # node -> when it last refused our token
         self._round = 0
         self._lost_logged: set[tuple[str, int]] = set()
 
@@ -80,6 +82,9 @@ class Repairer(threading.Thread):
             live = [n for n in src.members if n not in src.down]
         # each round starts with another node: the first pings after this thread slept also
         # pay for its wakeup, which must not make one node look farther than the others
+        # a node that refused our token is asked again only now and then (its token will
+        # not change by itself: an operator fixes it), not on every probe
+        down -= {n for n, t in self._refused.items() if now - t < REFUSED_RETRY}
         order = sorted(down | (set(live) if ping_live else set()))
         self._round += 1
         turn = self._round % len(order) if order else 0
@@ -92,7 +97,10 @@ class Repairer(threading.Thread):
             except TransportError as exc:
                 self._drop(node_id)
                 src.node_failed(node_id, exc)
+                if isinstance(exc, AuthError):
+                    self._refused[node_id] = time.monotonic()
                 continue
+            self._refused.pop(node_id, None)
             src.note_rtt(node_id, rtt)
             if node_id in down:
                 src.node_back(node_id)

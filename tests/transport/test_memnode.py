@@ -171,6 +171,23 @@ def test_token_created_private_and_checked(memnode):
         load_token(memnode.token_file)
 
 
+def test_a_token_path_that_is_no_token_file_is_named(tmp_path):
+    """A directory (0700 or 0755) and a symbolic link: refused with the path and what to do,
+    never a bare errno or a chmod that would not help."""
+    for mode in (0o700, 0o755):
+        d = tmp_path / f"dir{mode:o}"
+        d.mkdir(mode=mode)
+        with pytest.raises(TokenError, match=rf"{d} is not a regular file: pass --token-file"):
+            load_token(d)
+    real = tmp_path / "token"
+    real.write_bytes(os.urandom(16).hex().encode())
+    real.chmod(0o600)
+    (tmp_path / "link").symlink_to(real)
+    with pytest.raises(TokenError, match="symbolic link, and links are refused"):
+        load_token(tmp_path / "link")
+    assert len(load_token(real)) == 32
+
+
 BAD_FRAMES = {
     # name: (bytes after an authenticated handshake, fatal?, expected error code)
     "garbage": (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + os.urandom(64), True,
