@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from transport.manager import link_speed_mbps, slow_link_warnings
+from transport.manager import link_speed_mbps, slow_link, slow_link_warnings
 
 ROOT = Path(__file__).resolve().parents[2]
 VERBS_BUILT = any((ROOT / "transport" / "rdma_c").glob("_rdma_cffi*.so"))
@@ -106,8 +106,11 @@ def test_link_speed_and_warnings(tmp_path):
     w = slow_link_warnings("n1", "eth1g", 1000, 0.9)
     assert len(w) == 1 and "1 Gbps network detected" in w[0] and "10G" in w[0]
     assert slow_link_warnings("n1", "eth25g", 25000, 20.0) == []
-    assert "measured 0.50" in slow_link_warnings("n1", "veth0", 10000, 0.5)[0]
+    assert "0.50 Gbit/s measured" in slow_link_warnings("n1", "veth0", 10000, 0.5)[0]
     assert slow_link_warnings("n1", "lo", None, 0.1) == []
+    # what is warned about is what bulk lanes compress on
+    assert slow_link("eth1g", 1000, 9.0) and slow_link("veth0", 10000, 0.5)
+    assert not slow_link("eth25g", 25000, 20.0) and not slow_link("lo", None, 0.1)
 
 
 def test_manager_announces_once_per_peer(memnode, capsys):
