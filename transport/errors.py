@@ -83,7 +83,11 @@ class CorruptPageError(RemoteError):
 
 class StoreIdentityError(RemoteError):
     """The memory node's store is not the one this pager wrote the space to (the node was
-    restarted on an empty or another store directory): its answers would be wrong pages."""
+    restarted on an empty or another store directory): its answers would be wrong pages.
+    ``missed``: the store is the same, but the node missed stores to the space while down
+    (its writer recorded so), so only that space's copy is out of date."""
+
+    missed = False
 
 
 class TlsError(TransportError):

@@ -91,7 +91,7 @@ class _NodeLanes(MemnodeSource):
             return super().open_node_lane(node_id, space, bulk=bulk)
         except StoreIdentityError as exc:
             changed = NodeStoreChanged(str(exc), errno=exc.errno)
-            changed.missed = getattr(exc, "missed", False)
+            changed.missed = exc.missed
             raise changed from exc
 
     def arm(self, t: Any) -> Any:
@@ -294,6 +294,11 @@ class ClusterSource(PageSource):
     def targets(self, space: str, ext: int) -> list[str]:
         return list(placed(space, ext, frozenset(self.live()), self.r))
 
+    def short_of(self, space: str, ext: int) -> list[str]:
+        """The targets of ``space``'s extent ``ext`` that do not hold it (repair's work)."""
+        held = self.holders(space, ext)
+        return [n for n in self.targets(space, ext) if n not in held]
+
     def holders(self, space: str, ext: int) -> list[str]:
         """Live nodes holding every page of the extent in the order a fetch tries them:
         lowest round trip first, equally near ones in ``space``'s preference order."""
@@ -367,7 +372,7 @@ class ClusterSource(PageSource):
                 return
             missing: set[str] = set()
             for ext in range(-(-size >> EXTENT_SHIFT)):
-                missing.update(set(self.targets(space, ext)) - set(self.holders(space, ext)))
+                missing.update(self.short_of(space, ext))
             nodes = [n for n in self.live() if n not in missing]
         self.stores.record(space, nodes)
 

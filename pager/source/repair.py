@@ -114,21 +114,21 @@ class Repairer(threading.Thread):
         # the extents short of a target first, so the gauge starts at their count and falls
         # as each is copied (counting them as found made it climb during a repair)
         todo = [(space, size, ext) for space, size in spaces.items()
-                for ext in range(-(-size >> EXTENT_SHIFT)) if self._short(space, ext)]
+                for ext in range(-(-size >> EXTENT_SHIFT)) if src.short_of(space, ext)]
         if todo and src.lag_since is None:
             src.lag_since = time.monotonic()
         src.under_replicated = len(todo)
         for space, size, ext in todo:
             if self._halt.is_set():
                 return False
-            missing = self._short(space, ext)
+            missing = src.short_of(space, ext)
             if missing:  # (a node may have come back meanwhile)
                 self.copy_extent(space, ext, min(size, (ext + 1) << EXTENT_SHIFT), missing)
-            if not self._short(space, ext):
+            if not src.short_of(space, ext):
                 src.under_replicated = max(0, src.under_replicated - 1)
         left = 0
         for space, size in spaces.items():
-            n = sum(1 for ext in range(-(-size >> EXTENT_SHIFT)) if self._short(space, ext))
+            n = sum(1 for ext in range(-(-size >> EXTENT_SHIFT)) if src.short_of(space, ext))
             if n == 0:
                 src.settled(space)
             left += n
@@ -136,11 +136,6 @@ class Repairer(threading.Thread):
         if left == 0:
             src.lag_since = None
         return left == 0
-
-    def _short(self, space: str, ext: int) -> list[str]:
-        """The targets of ``space``'s extent ``ext`` that do not hold it."""
-        held = self.src.holders(space, ext)
-        return [n for n in self.src.targets(space, ext) if n not in held]
 
     def copy_extent(self, space: str, ext: int, end: int, missing: list[str]) -> None:
         src = self.src
