@@ -81,6 +81,12 @@ class CorruptPageError(RemoteError):
     file). Treat the node's copy as lost: read a replica or restore it."""
 
 
+class StaleEpochError(RemoteError):
+    """The memory node answered STALE_EPOCH: a newer owner holds the space (its guest was
+    resumed by another pager), so this pager may neither store into it nor read it: its
+    guest's memory is the newer owner's now."""
+
+
 class StoreIdentityError(RemoteError):
     """The memory node's store is not the one this pager wrote the space to (the node was
     restarted on an empty or another store directory): its answers would be wrong pages.

@@ -12,6 +12,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from transport.membership import (
@@ -55,6 +56,7 @@ class LeasedKey:
         self.lease: Any = None  # set while the key is ours
         self._failing = False  # an etcd error was logged: said once per outage
         self._held = False  # "held by someone else" was logged: said once
+        self.on_taken: Callable[[str], None] | None = None  # an exclusive key taken over
         self._stop = threading.Event()
         self._thread = _start(self._first, self._renew, "etcd-lease",
                               f"cannot write {key} to etcd at {url}")
@@ -173,6 +175,8 @@ class LeasedKey:
             self._stop.set()
             _revoke(self.lease)
             self.lease = None
+            if self.on_taken is not None:
+                self.on_taken(holder)
         elif not self._held:
             log.error("etcd: %s is held by %s: registering it once that goes", self.key,
                       holder)
@@ -251,6 +255,12 @@ class Ownership:
             raise ClusterError(f"cannot take space {space} over in etcd at {url}: {_why(exc)}; is "
                                f"etcd running there?") from exc
         return cls(space, epoch, pager, reg)
+
+    def on_lost(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(why)`` once another pager takes the space over (seen in etcd)."""
+        if self._reg is not None:
+            self._reg.on_taken = lambda holder: callback(
+                f"etcd says {OWNERS + self.space} is held by {holder}")
 
     def close(self) -> None:
         if self._reg is not None:

@@ -6,7 +6,8 @@ per-client fault thread, its event loop and the fault policy: backoff, poisoning
 (the readahead lane), ``prefetch`` (working-set record and replay: fetched on a helper thread,
 installed by the fault thread), ``cloop`` (glue to the C fault loop), ``evict`` (far memory: the
 evictor thread of a client under a resident limit), ``dirty`` (far memory: the fault thread's
-side, write-protect dirty tracking, and the checks and setup of such a client), ``stats``
+side, write-protect dirty tracking, and the checks and setup of such a client), ``fail``
+(a fault that cannot be served: poisoning; a client whose space a newer owner holds), ``stats``
 (``EngineStats``).
 
 Shape (decided from measurements, see README "Design"): asyncio scheduling per fault costs more

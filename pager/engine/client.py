@@ -5,9 +5,9 @@ where it can (``cloop``), and otherwise resolves each fault with the action the 
 returns for its kind: fetch (with the retry policy below) and install, zero fill, wait for
 readahead, unprotect, continue, or fail and poison. Layout events go to the state in order.
 
-Failure policy (here only): a fetch that fails is retried with exponential backoff
-(10 ms .. 1 s) until ``fetch_timeout``; a fault that cannot be served is logged, counted and its
-page poisoned (the client gets SIGBUS there, never wrong data or a silent hang).
+Failure policy: a fetch that fails is retried with exponential backoff (10 ms .. 1 s) until
+``fetch_timeout``; a fault that cannot be served is logged, counted and its page poisoned
+(``pager.engine.fail``: the client gets SIGBUS there, never wrong data or a silent hang).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from pager.core.state import (
 from pager.engine.cloop import CLoopMixin
 from pager.engine.dirty import FarMemMixin
 from pager.engine.evict import Evictor
+from pager.engine.fail import FailMixin
 from pager.engine.install import Installer
 from pager.engine.prefetch import WorkingSetMixin
 from pager.engine.readahead import ReadaheadMixin
@@ -68,7 +69,7 @@ from pager.uffd.faultloop import (
     TIMEOUT_MS,
     FaultLoop,
 )
-from transport.errors import RemoteError, TransportError
+from transport.errors import RemoteError, StaleEpochError, TransportError
 
 if TYPE_CHECKING:
     from pager.engine.engine import FaultEngine
@@ -79,7 +80,7 @@ BATCH = 64  # events per read(2)
 REPLAY_MAX_MS = 2.0  # during a replay the C loop hands back this often (a batch may go in)
 
 
-class ClientPager(CLoopMixin, ReadaheadMixin, FarMemMixin, WorkingSetMixin):
+class ClientPager(CLoopMixin, ReadaheadMixin, FarMemMixin, WorkingSetMixin, FailMixin):
     """One client uffd: its fault thread, its readahead lane, its state and stats."""
 
     def __init__(self, engine: FaultEngine, uffd, state: ClientState, *, name: str, pid: int,
@@ -94,6 +95,7 @@ class ClientPager(CLoopMixin, ReadaheadMixin, FarMemMixin, WorkingSetMixin):
         self.children: list[ClientPager] = []
         self.stats = EngineStats()
         self.error: str | None = None  # last unservable fault, for status
+        self.fenced: str | None = None  # why a newer owner holds its space (`fence`)
         self.on_layout: Callable[..., None] | None = None
         self.finished = threading.Event()
         self._synced: list[threading.Event] = []  # quiesce() callers, set by the fault thread
@@ -357,6 +359,10 @@ class ClientPager(CLoopMixin, ReadaheadMixin, FarMemMixin, WorkingSetMixin):
         else:
             with self.fm_lock:  # the evictor changes removed ranges and residency
                 action = self.state.on_fault(addr, kind)
+        if self.fenced is not None and type(action) in (Fetch, ZeroFill):
+            self.stats.failed_faults += 1  # the newer owner's pages are not this guest's
+            self._fail(addr, f"its space is owned by a newer pager: {self.fenced}")
+            return None
         try:
             if fm is not None and type(action) in (Fetch, ZeroFill, Unprotect):
                 return self._fm_serve(action, addr, lane, t0)
@@ -441,6 +447,8 @@ class ClientPager(CLoopMixin, ReadaheadMixin, FarMemMixin, WorkingSetMixin):
                 return mask
             except (TransportError, OSError) as exc:
                 self.stats.fetch_errors += 1
+                if isinstance(exc, StaleEpochError):
+                    self.fence(str(exc))
                 lane.reset()
                 deadline = deadline or time.monotonic() + self.engine.fetch_timeout
                 src = self.engine.source
@@ -457,20 +465,6 @@ class ClientPager(CLoopMixin, ReadaheadMixin, FarMemMixin, WorkingSetMixin):
                 self.stats.retries += 1
                 self._stop.wait(delay)
                 delay = min(delay * 2, 1.0)
-
-    def _fail(self, addr: int, why: str) -> None:
-        """A fault that cannot be served: log, remember, poison the page (client: SIGBUS)."""
-        r = self.state.regions.find(addr)
-        size = r.page_size if r is not None else PAGE_SIZE
-        page = r.page(addr) if r is not None else addr - addr % PAGE_SIZE
-        self.error = f"fault at {page:#x} not served: {why}"
-        log.error("%s (pid %d): %s; the client gets SIGBUS there", self.name, self.pid,
-                  self.error)
-        try:
-            self.uffd.poison(page, size)
-        except Exception as exc:
-            log.error("%s: cannot poison %#x (%s); the faulting thread stays blocked",
-                      self.name, page, exc)
 
     def _watch_pid(self, tid: int) -> None:
         """A forked child has no socket: watch its process to know when it exits."""

@@ -56,6 +56,8 @@ class CLoopMixin:
 
     def _c_prepare(self: ClientPager, cl: FaultLoop, lane: Lane) -> bool:
         """Give C the current region table, sockets and slow ranges; False: Python's turn."""
+        if self.fenced is not None:  # Python poisons what it would fetch
+            return False
         fm = self.state.farmem
         if fm is not None:
             cl.set_budget(fm.limit - fm.bytes)  # read without the lock: the evictor only lowers it

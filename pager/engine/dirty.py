@@ -76,7 +76,7 @@ class FarMemMixin:
             return
         self.stats.full_waits += 1
         deadline = time.monotonic() + self.engine.fetch_timeout
-        while fm.full(length) and not self._stop.is_set():
+        while fm.full(length) and not self._stop.is_set() and self.fenced is None:
             self.evictor.kick()
             if self.evictor.stalled:  # events to read first: serve this one over the limit
                 return

@@ -50,7 +50,7 @@ from pager.uffd.errors import UffdError
 from pager.uffd.evictio import BatchIO
 from pager.uffd.faultloop import MAX_VICTIMS
 from pager.uffd.mman import data_ranges, punch_hole
-from transport.errors import TransportError
+from transport.errors import StaleEpochError, TransportError
 
 if TYPE_CHECKING:
     from pager.engine.client import ClientPager
@@ -119,10 +119,10 @@ class Evictor:
         pool = ThreadPoolExecutor(DEPTH, thread_name_prefix=f"store-{c.name}",
                                   initializer=self._open_lane)
         try:
-            while not c._stop.is_set():
+            while not c._stop.is_set() and c.fenced is None:
                 self._kick.wait(0.05)
                 self._kick.clear()
-                while not c._stop.is_set():
+                while not c._stop.is_set() and c.fenced is None:
                     with c.fm_lock:
                         want = self.fm.excess()
                     if want <= 0 or not self._batch(pool, min(want, BATCH)):
@@ -433,7 +433,8 @@ class Evictor:
 
     def _write_back(self, lane: Lane, view: memoryview, off: int, space: str | None) -> bool:
         """Read ``len(view)`` bytes at ``off`` of the memfd and store them; returns after the
-        node's ack (retried with backoff); False only if the client is closing first."""
+        node's ack (retried with backoff); False if the client is closing
+        first, or fenced (a newer owner holds its space: nothing more is stored)."""
         c = self.client
         got = 0
         while got < len(view):  # a hole reads as zeros (a page REMOVE'd meanwhile)
@@ -453,7 +454,9 @@ class Evictor:
                 with self._lanes_lock:
                     c.stats.store_errors += 1
                 lane.reset()
-                if c._stop.is_set():
+                if isinstance(exc, StaleEpochError):
+                    c.fence(str(exc))  # never stored: the run stays resident
+                if c._stop.is_set() or c.fenced is not None:
                     return False
                 if delay >= 1.0 or c.stats.store_errors == 1:
                     log.warning("%s: write-back of gpa %#x failed (%s); retrying, nothing is "

@@ -138,6 +138,7 @@ class ClusterSource(PageSource):
         self.r = check_replicas(replicas, len(nodes))
         self.space = space
         self.epoch = owner.epoch if owner is not None else None
+        self.fenced: str | None = None  # why a newer owner holds our space (`lose_space`)
         # space -> (nodes, R) its extents were placed on before we came (`_base`)
         self.bases: dict[str, tuple[frozenset[str], int]] = {}
         self._recorded: dict[str, tuple[list[str], int]] = {}
@@ -180,6 +181,8 @@ class ClusterSource(PageSource):
 
         with self.lock:
             self._first_gens(space)  # its own space: the generations before any lane opens
+        if owner is not None:
+            owner.on_lost(self.lose_space)
         if self.epoch is not None:
             self.fence()
             # the owner repairs what its space's writers recorded from the start, before
@@ -200,6 +203,17 @@ class ClusterSource(PageSource):
                 raise
             except TransportError as exc:
                 self.node_failed(node_id, exc)
+
+    def lose_space(self, why: str) -> None:
+        """A newer owner holds our space (etcd said so, or a node refused us STALE_EPOCH):
+        from now on every fetch and store of it is refused here, without asking a node, and
+        nothing of it is repaired."""
+        if self.fenced is None:
+            self.fenced = why
+            log.error("space %s is owned by a newer pager now (%s): this pager neither reads "
+                      "nor writes it any more; its guest gets SIGBUS at the next page it "
+                      "needs (run the guest where the space's new owner is)", self.space, why)
+        self.dirty.set()
 
     # --- node set -----------------------------------------------------------------------
     def _boot(self, node_id: str) -> str | None:

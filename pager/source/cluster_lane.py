@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from pager.source.base import Lane, close_lanes
 from pager.source.cluster_route import CRouting
 from pager.source.placement import EXTENT_SHIFT
-from transport.errors import RemoteError, TransportError
+from transport.errors import ConnectionLost, RemoteError, StaleEpochError, TransportError
 from transport.wire import PAGE_SHIFT
 from transport.wire.frames import ErrorCode
 
@@ -90,7 +90,36 @@ class ClusterLane(CRouting, Lane):
             off = end
         return mask
 
+    def _fenced(self, space: str) -> None:
+        """Raise STALE_EPOCH for our own space once a newer owner holds it."""
+        src = self.src
+        if src.fenced is not None and space == src.space:
+            raise StaleEpochError(f"space {space} is owned by a newer pager now "
+                                  f"({src.fenced})", ErrorCode.STALE_EPOCH)
+
+    def _refused(self, space: str, exc: RemoteError) -> None:
+        """A request error from a node (raised next): a stale epoch fences our space."""
+        if isinstance(exc, StaleEpochError) and space == self.src.space:
+            self.src.lose_space(f"a memory node refused epoch {self.src.epoch}: {exc}")
+
+    def _fence_check(self, node_id: str, space: str, exc: TransportError) -> None:
+        """A node that closed our connection to our own space may have done so because a
+        newer owner fenced it: a new OPEN tells (raising STALE_EPOCH), before the node is
+        taken for failed. A node that cannot be reached is failed as before."""
+        src = self.src
+        if (space != src.space or src.epoch is None or src.fenced is not None
+                or not isinstance(exc, ConnectionLost)):
+            return
+        try:
+            src.lanes.open_node_lane(node_id, space, bulk=self.bulk).close()
+        except StaleEpochError as stale:
+            self._refused(space, stale)
+            raise
+        except TransportError:
+            pass
+
     def _fetch_extent(self, space: str, ext: int, gpa: int, part: memoryview) -> int:
+        self._fenced(space)
         tried: list[str] = []
         for node_id in self.src._read_order(space, ext):
             tried.append(node_id)
@@ -98,6 +127,7 @@ class ClusterLane(CRouting, Lane):
                 return self._lane(node_id, space).fetch_into(gpa, part)
             except RemoteError as exc:
                 if not replica_lost(exc):
+                    self._refused(space, exc)
                     raise
                 self.src.drop_holder(space, ext, node_id, exc)
                 self.src.counters["failovers"] += 1
@@ -120,6 +150,7 @@ class ClusterLane(CRouting, Lane):
 
     def _store_extent(self, space: str, ext: int, gpa: int, part: memoryview) -> None:
         src = self.src
+        self._fenced(space)
         done: set[str] = set()
         tried: set[str] = set()
         with src.ext_lock(space, ext):
@@ -132,8 +163,10 @@ class ClusterLane(CRouting, Lane):
                     if error is None:
                         done.add(node_id)
                     elif isinstance(error, RemoteError):
+                        self._refused(space, error)
                         raise error
                     else:
+                        self._fence_check(node_id, space, error)
                         self._failed(node_id, space, error)
             targets = src.targets(space, ext)
         need = min(src.r, len(targets))

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from pager.source.base import close_lanes
 from pager.source.cluster_lane import replica_lost
 from pager.source.placement import EXTENT_SHIFT
-from transport.errors import AuthError, TransportError
+from transport.errors import AuthError, StaleEpochError, TransportError
 from transport.wire import PAGE_SIZE
 from transport.wire.frames import zero_mask_runs
 
@@ -49,6 +49,9 @@ class Repairer(threading.Thread):
     def run(self) -> None:
         while not self._halt.is_set():
             try:
+                if self.src.fenced is not None:  # not ours any more: nothing to keep
+                    self._halt.wait(self.interval)
+                    continue
                 self.probe()
                 if self.src.dirty.is_set():
                     self.src.dirty.clear()
@@ -96,6 +99,9 @@ class Repairer(threading.Thread):
                 rtt = min(lane.ping() for _ in range(4 if self._round == 1 else 2))
             except TransportError as exc:
                 self._drop(node_id)
+                if isinstance(exc, StaleEpochError) and src.epoch is not None:
+                    src.lose_space(f"memory node {node_id} refused epoch {src.epoch}: {exc}")
+                    return
                 src.node_failed(node_id, exc)
                 if isinstance(exc, AuthError):
                     self._refused[node_id] = time.monotonic()

@@ -1,8 +1,9 @@
 """Fencing on a memory node: per address space, the highest owner epoch seen.
 
 A pager that owns a space opens it with its epoch (OPEN ``"epoch"``, `transport.wire`); the
-node raises the space's fence to it and refuses OPENs and STOREs under lower epochs with
-STALE_EPOCH, so a pager that lost its guest to a newer owner can never overwrite newer pages.
+node raises the space's fence to it and refuses OPENs, STOREs and FETCHes under lower epochs
+with STALE_EPOCH (and closes the connections opened under them: `MemoryNode.fence_out`), so a
+pager that lost its guest to a newer owner can neither overwrite nor read newer pages.
 The fences survive a restart: ``fences.json`` next to the store's spaces, written atomically.
 """
 

@@ -299,6 +299,9 @@ class NodeConnection(TlsConnection, asyncio.BufferedProtocol):
             self._to_c()
 
     def _fetch(self, ev: Fetch) -> Any:
+        epoch = self.session.epochs.get(ev.space)
+        if epoch is not None and self.node.fences.stale(ev.space, epoch):
+            return self._stale(ev.request_id, ev.space, epoch, "fetch")
         npages = ev.length >> PAGE_SHIFT
         store = self.node.store
         try:
@@ -359,8 +362,11 @@ class NodeConnection(TlsConnection, asyncio.BufferedProtocol):
                 self.node.count("open", "too_many")
                 log.warning("memnode: %s: %s", self.peer, refused)
                 return encode_error(ev.request_id, ErrorCode.TOO_LARGE, refused)
+            fence = self.node.fences.get(ev.space)
             if ev.epoch is not None and not self.node.fences.admit(ev.space, ev.epoch):
                 return self._stale(ev.request_id, ev.space, ev.epoch, "open")
+            if ev.epoch is not None and ev.epoch > fence:
+                self.node.fence_out(ev.space, ev.epoch)
             try:
                 space = self.node.store.open(ev.space)
             except StoreError as exc:
@@ -434,6 +440,20 @@ class MemoryNode:
                         len(self.handshaking) + 1, oldest.peer)
             self.count("handshake", "evicted")
             oldest._close()
+
+    def fence_out(self, space: str, epoch: int) -> None:
+        """``space`` is owned under ``epoch`` now: close the connections that opened it under
+        an older one. A fault lane in C answers fetches without looking at epochs, and the
+        older owner must read none of the newer one's pages either; reconnecting, its OPEN is
+        refused (STALE_EPOCH), as any request on a handle still open under it."""
+        for conn in list(self.connections):
+            old = conn.session.epochs.get(space)
+            if old is not None and old < epoch and not conn.closing:
+                log.warning("memnode: %s: closing its connection: it opened space %s under "
+                            "epoch %d, and a newer owner (epoch %d) holds the space now",
+                            conn.peer, space, old, epoch)
+                self.count("fence", "closed")
+                conn._close()
 
     def count(self, op: str, result: str) -> None:
         self.requests[op, result] += 1

@@ -26,8 +26,9 @@ Frame = fixed 32-byte little-endian header, then ``length`` payload bytes::
   node's store). Store identity: WELCOME's "store" (the store's random id) and the generation
   tell a pager whether the node still holds the store it wrote the space to
   (`client.StoreIdentities`). Fencing: an OPEN with ``"epoch"`` (the space owner's epoch, a
-  u64) raises the space's fence to it; an OPEN or STORE under an epoch below the fence gets
-  STALE_EPOCH (a pager that lost its guest to a newer owner can never overwrite newer pages).
+  u64) raises the space's fence to it; an OPEN, STORE or FETCH under an epoch below the fence
+  gets STALE_EPOCH (a pager that lost its guest to a newer owner can never overwrite newer
+  pages, nor read them), and the node closes connections opened under an older epoch.
   Handles opened without an epoch are not fenced.
   Anything but HELLO/AUTH before authentication closes the connection. ``"lane": "fault"``
   marks a pager's fault thread (one request at a time; the node may serve it from C); nodes
@@ -53,7 +54,13 @@ from typing import Any
 
 import msgpack
 
-from transport.errors import AuthError, CorruptPageError, ProtocolError, RemoteError
+from transport.errors import (
+    AuthError,
+    CorruptPageError,
+    ProtocolError,
+    RemoteError,
+    StaleEpochError,
+)
 
 MAGIC = b"SSIP"
 VERSION = 1
@@ -192,6 +199,8 @@ def error_from_frame(frame: Frame) -> RemoteError:
                          frame.request_id)
     if code == ErrorCode.CORRUPT:
         return CorruptPageError(f"memory node error {name}: {message}", code, frame.request_id)
+    if code == ErrorCode.STALE_EPOCH:
+        return StaleEpochError(f"memory node error {name}: {message}", code, frame.request_id)
     return RemoteError(f"memory node error {name}: {message}", code, frame.request_id)
 
 
