@@ -53,6 +53,11 @@ def poison_unserved(uffd_fd: int, regions, name: str) -> int:
     total = 0
     try:
         for r in regions:
+            # far memory: a page evicted while write-protected keeps a write-protect marker
+            # where its entry was, which the kernel will not poison over (EEXIST, as if it
+            # were there); un-protecting drops the markers (no pager tracks writes any more)
+            with contextlib.suppress(UffdError):
+                u.writeprotect(r.base, r.size, protect=False, dontwake=True)
             total += _poison_range(u, r.base, r.base + r.size, r.page_size, name)
             with contextlib.suppress(UffdError):
                 u.wake(r.base, r.size)

@@ -11,8 +11,8 @@ from pager.tools.child import Child
 from pager.tools.workload import DataSet
 from tests.kernel import uffd_blocked, wait_until
 
-__all__ = ["ROOT", "Memnode", "Proc", "memnode_args", "run_workload", "uffd_blocked",
-           "wait_or_fail", "wait_until"]
+__all__ = ["ROOT", "Memnode", "Proc", "farmem_guest", "memnode_args", "run_workload",
+           "uffd_blocked", "wait_or_fail", "wait_until"]
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -91,3 +91,40 @@ def memnode_args(m: Memnode) -> list[str]:
 def wait_or_fail(touch, timeout: float = 60.0) -> None:
     assert touch.wait(timeout), f"toucher stuck: {touch.done}/{touch.naccess} accesses done"
 
+
+
+# a far-memory guest on a shared memfd (as the QEMU shim hands it over), in its own process:
+# writes every page once (so the pager evicts dirty pages), prints "warm" and its errors, then
+# reads and read-modify-writes pages at random until it is killed
+_FARMEM_GUEST = """
+import mmap, os, sys
+from pager.tools.workload import Client
+from pager.uffd.rmw import Rmw
+size = int(sys.argv[2])
+fd = os.memfd_create("guest")
+os.ftruncate(fd, size)
+c = Client(size, memory=mmap.mmap(fd, size, flags=mmap.MAP_SHARED), memfd=fd)
+c.handoff(sys.argv[1])
+w = Rmw(c.base, size // 4096, threads=2, write_pct=100, hot_ops=0)
+w.run(ops=size // 4096)
+print("warm", w.errors, flush=True)
+w.set_mix(write_pct=50, hot_ops=0)
+while True:
+    w.run(ops=20000)
+"""
+
+
+def farmem_guest(sock: str, size: int) -> Any:
+    """Start `_FARMEM_GUEST` on the pager's socket and wait until it is warm (the caller
+    kills and waits for it)."""
+    import subprocess
+    import sys
+
+    g = subprocess.Popen([sys.executable, "-c", _FARMEM_GUEST, sock, str(size)], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = g.stdout.readline().split() if g.stdout is not None else []
+    if line != ["warm", "0"]:
+        g.kill()
+        _, err = g.communicate()
+        raise AssertionError(f"the far-memory guest did not warm up ({line}): {err[-2000:]}")
+    return g

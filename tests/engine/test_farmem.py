@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import threading
 import time
 
 import pytest
-from enginekit import ROOT, memnode_args, run_workload
+from enginekit import ROOT, farmem_guest, memnode_args, run_workload
 
 from pager.core.region import Region
 from pager.engine import FaultEngine
@@ -452,3 +453,27 @@ def test_a_refused_vmm_gets_sigbus_not_a_hang(memnode, run_pager):
     log = proc.log.read_text()
     assert "anonymous" in log and "KiB poisoned: it gets SIGBUS" in log, log[-2000:]
     assert proc.p.poll() is None  # the pager keeps serving others
+
+
+def test_a_stopped_pager_leaves_its_far_memory_guest_sigbus_not_a_hang(memnode, run_pager):
+    """A pager stopping with a far-memory guest attached poisons the pages it has not served,
+    the evicted ones included (a page punched while write-protected keeps a marker the kernel
+    will not poison over): the guest gets SIGBUS, never a hang (it holds its uffd open) nor
+    zeros."""
+    pager, sock = run_pager(*memnode_args(memnode), "--chunk", "16K", "--max-resident", "2M",
+                            "--stop-timeout", "1")
+    guest = farmem_guest(sock, 8 * MIB)
+    try:
+        pager.p.send_signal(signal.SIGTERM)
+        assert pager.p.wait(30) == 0
+        try:
+            rc = guest.wait(60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the guest of a stopped pager hangs") from None
+        assert rc == -signal.SIGBUS, (rc, guest.stderr.read()[-2000:])
+        poisoned = int(re.search(r"client pid \d+: (\d+) KiB not served yet poisoned",
+                                 pager.log.read_text()).group(1))
+        assert poisoned >= 4 * 1024  # most of its 8 MiB was evicted, under a 2 MiB limit
+    finally:
+        guest.kill()
+        guest.wait()
