@@ -44,7 +44,8 @@ class ClusterCollector(Collector):
                                 value=st["replication_lag_seconds"])
         for name, key, help_ in (
                 ("ssi_pager_cluster_repairs", "repairs", "Extent copies made by repair"),
-                ("ssi_pager_cluster_repair_bytes", "repair_bytes", "Bytes read for repair"),
+                ("ssi_pager_cluster_repair_bytes", "repair_bytes",
+                 "Bytes repair wrote onto nodes (the pages written, not whole extents)"),
                 ("ssi_pager_cluster_failovers", "failovers", "Fetches retried on a replica"),
                 ("ssi_pager_cluster_node_failures", "node_failures",
                  "Memory nodes seen failing"),

@@ -168,27 +168,33 @@ class Repairer(threading.Thread):
                     log.error("extent %d of space %r has no live replica: it cannot be "
                               "repaired until one of its nodes returns", ext, space)
                 return
+            moved = 0
             for node_id in missing:
                 try:
-                    self._store_written(node_id, space, start, buf, mask)
+                    n = self._store_written(node_id, space, start, buf, mask)
                 except TransportError as exc:
                     self._drop(node_id)
                     src.node_failed(node_id, exc)
                     continue
                 src.add_holder(space, ext, node_id)
                 src.counters["repairs"] += 1
-                src.counters["repair_bytes"] += len(buf)
-                log.info("repaired extent %d of space %r onto %s", ext, space, node_id)
+                src.counters["repair_bytes"] += n
+                moved += n
+                log.info("repaired extent %d of space %r onto %s (%d KiB written)", ext, space,
+                         node_id, n >> 10)
         spent = time.monotonic() - t0
-        budget = len(buf) * len(missing) / self.rate
+        budget = (len(buf) - mask.bit_count() * PAGE_SIZE + moved) / self.rate
         if budget > spent:
             self._halt.wait(budget - spent)
 
     def _store_written(self, node_id: str, space: str, start: int, buf: bytearray,
-                       mask: int) -> None:
-        """Store the runs of pages ``mask`` says were written (zero bits)."""
+                       mask: int) -> int:
+        """Store the runs of pages ``mask`` says were written (zero bits); the bytes stored."""
         lane = self._lane(node_id, space)
         view = memoryview(buf)
+        n = 0
         for first, count in zero_mask_runs(len(buf) // PAGE_SIZE, mask):
             lane.store_from(start + first * PAGE_SIZE,
                             view[first * PAGE_SIZE:(first + count) * PAGE_SIZE])
+            n += count * PAGE_SIZE
+        return n

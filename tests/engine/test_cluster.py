@@ -123,6 +123,26 @@ def test_node_killed_mid_workload_then_restarted_empty_is_refilled(three, source
     assert mask == 0 and got == data
 
 
+def test_repair_writes_and_counts_only_the_pages_written(three, sources):
+    src = cluster(three)
+    sources(src)
+    page = os.urandom(4096)
+    with src.open_lane() as lane:  # one page in each extent: the rest was never written
+        for ext in range(SPACE_BYTES // EXTENT_SIZE):
+            lane.store_from(None, ext * EXTENT_SIZE, page)
+    victim = three[1]
+    vid = victim.endpoint
+    victim.proc.stop()
+    victim.wipe_and_restart()
+    wait_until(lambda: src.counters["repairs"] > 0 and vid not in src.down
+               and src.under_replicated == 0 and not src.dirty.is_set(), 60,
+               "the empty node to be refilled")
+    assert src.counters["repair_bytes"] == src.counters["repairs"] * 4096
+    for e in [e for e in range(SPACE_BYTES // EXTENT_SIZE) if vid in src.holders("vm1", e)]:
+        part, mask = on_node(src, vid, e * EXTENT_SIZE, EXTENT_SIZE)
+        assert mask == (1 << EXTENT_SIZE // 4096) - 2 and part[:4096] == page
+
+
 def test_reads_prefer_the_lowest_round_trip(three, sources):
     ns = three
     src = cluster(ns)
