@@ -45,6 +45,15 @@ def parse_source(memnode: str | list[str] | None, source: str | None, *,
     epoch) and its stores carry that epoch. ``existing``: only read ``space`` (get): one the
     cluster records no placement of is refused before any node is contacted."""
     memnodes = [memnode] if isinstance(memnode, str) else list(memnode or [])
+    from transport.errors import TransportError
+    from transport.tcp.endpoint import require_port
+
+    for ep in memnodes:  # a typo fails now, not as a node that never answers
+        try:
+            if require_port(ep)[1] == 0:
+                raise TransportError(f"port 0 in endpoint {ep!r}: give the node's port")
+        except TransportError as exc:
+            raise ConfigError(f"--memnode: {exc} (ports are 1-65535)") from None
     if (memnodes or etcd or cluster or discover) and not valid_space_name(space):
         raise ConfigError(f"--space {space!r}: an address space name is 1-64 letters, digits, "
                           f"'-', '_' or '.', not starting with '.'")

@@ -100,6 +100,18 @@ def test_bad_sizes_are_usage_errors():
     assert parse_size("64KiB") == parse_size("64k") == 65536
 
 
+def test_bad_memory_node_endpoints_are_refused_at_start(tmp_path):
+    for bad, why in (("127.0.0.1:99999", "bad port"), ("127.0.0.1", "has no port"),
+                     ("127.0.0.1:0", "port 0"), ("node-a:port", "expected HOST:PORT")):
+        for more in ([], ["--memnode", "127.0.0.1:1"]):  # one node, or a static cluster
+            r = _cli("serve", "--socket", str(tmp_path / "s.sock"), "--insecure-no-auth",
+                     "--memnode", bad, *more, timeout=30)
+            assert r.returncode != 0 and "--memnode: " in r.stderr and why in r.stderr, \
+                r.stderr
+            assert bad in r.stderr and "Traceback" not in r.stderr
+            assert not (tmp_path / "s.sock").exists()
+
+
 def test_demo_with_no_memory_says_so():
     r = _cli("demo", "--mib", "0")
     assert r.returncode == 1
