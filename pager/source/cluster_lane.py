@@ -135,8 +135,8 @@ class ClusterLane(CRouting, Lane):
                 self._failed(node_id, space, exc)
                 self.src.counters["failovers"] += 1
         raise ReplicationError(f"no live replica holds extent {ext} of space {space!r} "
-                               f"(tried {', '.join(tried) or 'none'}); waiting for a node "
-                               f"to come back")
+                               f"(tried {', '.join(tried) or 'none'}): its nodes are down "
+                               f"or lost it; `ssi-pager status` shows which")
 
     def store_from(self, space: str | None, gpa: int, buf: bytes | memoryview) -> None:
         name = space or self.src.space
