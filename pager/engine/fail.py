@@ -76,4 +76,3 @@ class FailMixin:
             if exc.errno != errno.EEXIST:
                 raise
             self.uffd.wake(page, size)
-
