@@ -291,6 +291,8 @@ class ClusterSource(PageSource):
         reached its targets: record it before the store counts as done, so a pager started
         later (this one may be killed first) does not read their old copy. Once per node
         and failure; False: not recorded."""
+        if self.fenced is not None and space == self.space:
+            return False  # a newer owner's records are not ours to write
         with self.lock:
             todo = sorted(n for n in nodes if (space, n) not in self._missed)
         if not todo:
@@ -380,6 +382,8 @@ class ClusterSource(PageSource):
         `put` calls this once its stores are done), so a pager started later refuses a node
         that shows another (`StoreRecords`). A node being refilled is never among them: its
         old record stands, and the next pager refills it too."""
+        if self.fenced is not None and space == self.space:
+            return  # a newer owner records what it writes
         if nodes is None:
             size = self.spaces.get(space)
             if size is None:

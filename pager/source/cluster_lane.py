@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from pager.source.base import Lane, close_lanes
 from pager.source.cluster_route import CRouting
 from pager.source.placement import EXTENT_SHIFT
-from transport.errors import ConnectionLost, RemoteError, StaleEpochError, TransportError
+from transport.errors import RemoteError, StaleEpochError, TransportError
 from transport.wire import PAGE_SHIFT
 from transport.wire.frames import ErrorCode
 
@@ -102,22 +102,6 @@ class ClusterLane(CRouting, Lane):
         if isinstance(exc, StaleEpochError) and space == self.src.space:
             self.src.lose_space(f"a memory node refused epoch {self.src.epoch}: {exc}")
 
-    def _fence_check(self, node_id: str, space: str, exc: TransportError) -> None:
-        """A node that closed our connection to our own space may have done so because a
-        newer owner fenced it: a new OPEN tells (raising STALE_EPOCH), before the node is
-        taken for failed. A node that cannot be reached is failed as before."""
-        src = self.src
-        if (space != src.space or src.epoch is None or src.fenced is not None
-                or not isinstance(exc, ConnectionLost)):
-            return
-        try:
-            src.lanes.open_node_lane(node_id, space, bulk=self.bulk).close()
-        except StaleEpochError as stale:
-            self._refused(space, stale)
-            raise
-        except TransportError:
-            pass
-
     def _fetch_extent(self, space: str, ext: int, gpa: int, part: memoryview) -> int:
         self._fenced(space)
         tried: list[str] = []
@@ -166,7 +150,6 @@ class ClusterLane(CRouting, Lane):
                         self._refused(space, error)
                         raise error
                     else:
-                        self._fence_check(node_id, space, error)
                         self._failed(node_id, space, error)
             targets = src.targets(space, ext)
         need = min(src.r, len(targets))

@@ -49,9 +49,6 @@ class Repairer(threading.Thread):
     def run(self) -> None:
         while not self._halt.is_set():
             try:
-                if self.src.fenced is not None:  # not ours any more: nothing to keep
-                    self._halt.wait(self.interval)
-                    continue
                 self.probe()
                 if self.src.dirty.is_set():
                     self.src.dirty.clear()
@@ -87,7 +84,8 @@ class Repairer(threading.Thread):
         # pay for its wakeup, which must not make one node look farther than the others
         # a node that refused our token is asked again only now and then (its token will
         # not change by itself: an operator fixes it), not on every probe
-        down -= {n for n, t in self._refused.items() if now - t < REFUSED_RETRY}
+        refused = {n for n, t in self._refused.items() if now - t < REFUSED_RETRY}
+        down -= refused
         order = sorted(down | (set(live) if ping_live else set()))
         self._round += 1
         turn = self._round % len(order) if order else 0
@@ -97,11 +95,17 @@ class Repairer(threading.Thread):
                 # first); more in the first round, whose figure orders reads until the next
                 lane = self._lane(node_id, src.space)
                 rtt = min(lane.ping() for _ in range(4 if self._round == 1 else 2))
+            except StaleEpochError as exc:
+                # it answered: up (its other spaces are served), but our space is a newer
+                # owner's; asked again only now and then, like a node refusing our token
+                self._drop(node_id)
+                src.lose_space(f"memory node {node_id} refused epoch {src.epoch}: {exc}")
+                self._refused[node_id] = time.monotonic()
+                if node_id in down:
+                    src.node_back(node_id)
+                continue
             except TransportError as exc:
                 self._drop(node_id)
-                if isinstance(exc, StaleEpochError) and src.epoch is not None:
-                    src.lose_space(f"memory node {node_id} refused epoch {src.epoch}: {exc}")
-                    return
                 src.node_failed(node_id, exc)
                 if isinstance(exc, AuthError):
                     self._refused[node_id] = time.monotonic()
@@ -117,6 +121,8 @@ class Repairer(threading.Thread):
         src = self.src
         with src.lock:
             spaces = dict(src.spaces)
+        if src.fenced is not None:  # a newer owner keeps it now
+            spaces.pop(src.space, None)
         # the extents short of a target first, so the gauge starts at their count and falls
         # as each is copied (counting them as found made it climb during a repair)
         todo = [(space, size, ext) for space, size in spaces.items()

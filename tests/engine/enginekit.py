@@ -103,25 +103,29 @@ from pager.uffd.rmw import Rmw
 size = int(sys.argv[2])
 fd = os.memfd_create("guest")
 os.ftruncate(fd, size)
-c = Client(size, memory=mmap.mmap(fd, size, flags=mmap.MAP_SHARED), memfd=fd)
+c = Client(size, memory=mmap.mmap(fd, size, flags=mmap.MAP_SHARED), memfd=fd,
+           space=sys.argv[3] or None)
 c.handoff(sys.argv[1])
 w = Rmw(c.base, size // 4096, threads=2, write_pct=100, hot_ops=0)
 w.run(ops=size // 4096)
 print("warm", w.errors, flush=True)
 w.set_mix(write_pct=50, hot_ops=0)
 while True:
-    w.run(ops=20000)
+    w.run(ops=4000)
+    print("round", w.errors, flush=True)
 """
 
 
-def farmem_guest(sock: str, size: int) -> Any:
-    """Start `_FARMEM_GUEST` on the pager's socket and wait until it is warm (the caller
-    kills and waits for it)."""
+def farmem_guest(sock: str, size: int, space: str = "") -> Any:
+    """Start `_FARMEM_GUEST` on the pager's socket (its regions in ``space``, "": the pager's)
+    and wait until it is warm; it then prints "round ERRORS" after each round. The caller
+    kills and waits for it."""
     import subprocess
     import sys
 
-    g = subprocess.Popen([sys.executable, "-c", _FARMEM_GUEST, sock, str(size)], cwd=ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    g = subprocess.Popen([sys.executable, "-c", _FARMEM_GUEST, sock, str(size), space],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         bufsize=1)
     line = g.stdout.readline().split() if g.stdout is not None else []
     if line != ["warm", "0"]:
         g.kill()

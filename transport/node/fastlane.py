@@ -85,6 +85,7 @@ class FastLane:
         c.poll_max_ns = _poll_max_us * 1000
         self._bitmaps: list[Any] = []  # keeps the bitmaps' buffer exports alive
         self._names: list[str] = []
+        self._fenced: set[str] = set()  # spaces C no longer serves (`fence`)
         self.thread: threading.Thread | None = None
         self._tls: Any = None  # the connection's TLS session while C serves it
 
@@ -127,6 +128,9 @@ class FastLane:
                                  else lib.SSI_FL_SUM_CRC32)
                 slot.nbits = min(space.capacity_pages, len(space.bitmap) * 8)
             self._names = list(names)
+        for i, name in enumerate(names):
+            if name in self._fenced:
+                c.spaces[i].fd = -1
 
         def run() -> None:
             done(lib.ssi_fl_serve(c))
@@ -159,6 +163,14 @@ class FastLane:
             os.close(c.fd)
             c.fd = -1
         return bytes(ffi.buffer(c.inbuf + c.pos, c.end - c.pos))
+
+    def fence(self, name: str) -> None:
+        """Serve space ``name`` no longer in C (a newer owner fenced it): its FETCHes go back
+        to Python, which refuses them. Safe while the loop runs: C reads a slot's fd per frame,
+        and a read it started with the old fd fails over to Python the same way."""
+        self._fenced.add(name)
+        if name in self._names:
+            self.c.spaces[self._names.index(name)].fd = -1
 
     def stop(self) -> None:
         """Make a running loop return (the node closes the connection)."""

@@ -2,8 +2,8 @@
 
 A pager that owns a space opens it with its epoch (OPEN ``"epoch"``, `transport.wire`); the
 node raises the space's fence to it and refuses OPENs, STOREs and FETCHes under lower epochs
-with STALE_EPOCH (and closes the connections opened under them: `MemoryNode.fence_out`), so a
-pager that lost its guest to a newer owner can neither overwrite nor read newer pages.
+with STALE_EPOCH (in C fault lanes too: `MemoryNode.fence_out`), so a pager that lost its
+guest to a newer owner can neither overwrite nor read newer pages.
 The fences survive a restart: ``fences.json`` next to the store's spaces, written atomically.
 """
 

@@ -178,6 +178,9 @@ class NodeConnection(TlsConnection, asyncio.BufferedProtocol):
         if self.lane is None:
             self.lane = fastlane.FastLane(session.max_space_bytes)
         names = session.spaces
+        for name in names:  # a newer owner holds it: its fetches are refused in Python
+            if self.node.fences.stale(name, session.epochs.get(name)):
+                self.lane.fence(name)
         sock = transport.get_extra_info("socket")
         if not self.lane.can_serve(names) or sock is None:
             return
@@ -442,18 +445,19 @@ class MemoryNode:
             oldest._close()
 
     def fence_out(self, space: str, epoch: int) -> None:
-        """``space`` is owned under ``epoch`` now: close the connections that opened it under
-        an older one. A fault lane in C answers fetches without looking at epochs, and the
-        older owner must read none of the newer one's pages either; reconnecting, its OPEN is
-        refused (STALE_EPOCH), as any request on a handle still open under it."""
+        """``space`` is owned under ``epoch`` now: connections that opened it under an older
+        one are refused every request on it from now on (STALE_EPOCH). A fault lane in C
+        answers fetches without looking at epochs: it stops serving that space, whose
+        FETCHes then come back to Python and are refused there. Their other spaces are
+        served as before."""
         for conn in list(self.connections):
             old = conn.session.epochs.get(space)
-            if old is not None and old < epoch and not conn.closing:
-                log.warning("memnode: %s: closing its connection: it opened space %s under "
-                            "epoch %d, and a newer owner (epoch %d) holds the space now",
-                            conn.peer, space, old, epoch)
-                self.count("fence", "closed")
-                conn._close()
+            if old is not None and old < epoch:
+                log.warning("memnode: %s: space %s opened under epoch %d is refused from now "
+                            "on: a newer owner holds it (epoch %d)", conn.peer, space, old,
+                            epoch)
+                if conn.lane is not None:
+                    conn.lane.fence(space)
 
     def count(self, op: str, result: str) -> None:
         self.requests[op, result] += 1

@@ -28,7 +28,7 @@ Frame = fixed 32-byte little-endian header, then ``length`` payload bytes::
   (`client.StoreIdentities`). Fencing: an OPEN with ``"epoch"`` (the space owner's epoch, a
   u64) raises the space's fence to it; an OPEN, STORE or FETCH under an epoch below the fence
   gets STALE_EPOCH (a pager that lost its guest to a newer owner can never overwrite newer
-  pages, nor read them), and the node closes connections opened under an older epoch.
+  pages, nor read them).
   Handles opened without an epoch are not fenced.
   Anything but HELLO/AUTH before authentication closes the connection. ``"lane": "fault"``
   marks a pager's fault thread (one request at a time; the node may serve it from C); nodes
