@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable, Collection
 
 from pager.uffd.binding import Userfaultfd
-from pager.uffd.errors import UffdError, UffdExists, UffdRetry
+from pager.uffd.errors import UffdError, UffdExists, UffdGone, UffdRetry
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,9 @@ def _poison_range(u: Userfaultfd, pos: int, end: int, page: int, name: str) -> i
             with contextlib.suppress(UffdError):
                 u.read_events(timeout=0)
             continue
+        except UffdGone:  # the client exited meanwhile: no thread of it is left to block
+            log.info("%s: exited; nothing left to poison", name)
+            return done
         except UffdError as exc:
             log.error("%s: cannot poison %#x-%#x (%s); threads faulting there stay blocked",
                       name, pos, end, exc)

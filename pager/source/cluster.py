@@ -511,7 +511,7 @@ class ClusterSource(PageSource):
                       "extents": per_node.get(n, 0)} for n in sorted(self.gen)]
             lag = 0.0 if self.lag_since is None else time.monotonic() - self.lag_since
             return {"membership": self.membership.source, "replicas": self.r,
-                    "epoch": self.epoch,
+                    "epoch": self.epoch, "fenced": self.fenced,
                     "extent_bytes": EXTENT_SIZE, "nodes": nodes,
                     "under_replicated": self.under_replicated,
                     "replication_lag_seconds": round(lag, 3), **self.counters}

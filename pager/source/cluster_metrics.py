@@ -20,6 +20,9 @@ class ClusterCollector(Collector):
                                  labels=["membership", "replicas", "epoch"])
         info.add_metric([st["membership"], str(st["replicas"]), str(st["epoch"] or "")], 1)
         yield info
+        yield GaugeMetricFamily("ssi_pager_cluster_fenced",
+                                "1 once a newer pager owns this pager's space (it stopped "
+                                "using it)", value=1 if st["fenced"] else 0)
         node = GaugeMetricFamily("ssi_pager_cluster_node_info", "Memory nodes of the cluster",
                                  labels=["node", "endpoint", "transport", "tier", "state"])
         rtt = GaugeMetricFamily("ssi_pager_cluster_node_rtt_seconds",

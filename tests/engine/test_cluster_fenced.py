@@ -8,14 +8,16 @@ nodes."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import queue
 import signal
 import subprocess
+import sys
 import threading
 import time
 
-from enginekit import farmem_guest
+from enginekit import ROOT, farmem_guest
 
 from pager.source.cluster import ClusterSource
 from transport.leases import Ownership
@@ -56,7 +58,8 @@ def test_a_fenced_far_memory_guest_gets_sigbus_not_a_hang(etcd, three_etcd, run_
     token_file = str(three_etcd[0].token_file)
     pager, sock = run_pager("--etcd", etcd.url, "--space", "vm1", "--replicas", "2",
                             "--token-file", token_file, "--readahead", "0", "--chunk", "16K",
-                            "--max-resident", "2M")
+                            "--max-resident", "2M", "--metrics", "127.0.0.1:0")
+    metrics = pager.wait_for(r"metrics: http://(\S+)/metrics")
     guest = farmem_guest(sock, 8 * MIB)
     other = farmem_guest(sock, 8 * MIB, "vm2")  # a guest of another space on the same pager
     out = Lines(other)
@@ -87,6 +90,13 @@ def test_a_fenced_far_memory_guest_gets_sigbus_not_a_hang(etcd, three_etcd, run_
         rounds = out.take(3, 90)
         assert rounds == [["round", "0"]] * 3, (rounds, pager.log.read_text()[-3000:])
         assert pager.p.poll() is None
+        # status says so, and shows the nodes up (they refuse only that space)
+        r = subprocess.run([sys.executable, "-m", "pager.cli", "status", "--json", "--pager",
+                            metrics, "--interval", "0"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=60)
+        cluster = json.loads(r.stdout)["pager"]["cluster"]
+        assert cluster["fenced"] is True and cluster["epoch"] == 1, cluster
+        assert {n["state"] for n in cluster["nodes"]} == {"live"}, cluster
         # and it wrote nothing of vm1 into etcd after the takeover (a node recorded as having
         # missed stores would be refused by every later pager)
         recorded = EtcdMembership(etcd.url).identities("vm1") or {}
