@@ -455,6 +455,8 @@ class ClientPager(CLoopMixin, ReadaheadMixin, FarMemMixin, WorkingSetMixin, Fail
                 other = f" (this region: space {space})" if space and space != getattr(
                     src, "space", space) else ""
                 where = f"{src.describe()}{other} gpa {f.gpa:#x}+{f.length:#x}"
+                if isinstance(exc, StaleEpochError):  # said once, by fence()
+                    raise FaultError(f"cannot fetch {where}: {exc}") from exc
                 if isinstance(exc, RemoteError) or time.monotonic() > deadline:
                     raise FaultError(f"cannot fetch {where}: {exc}; check the memory node "
                                      "and the client's regions") from exc
