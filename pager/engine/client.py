@@ -447,15 +447,14 @@ class ClientPager(CLoopMixin, ReadaheadMixin, FarMemMixin, WorkingSetMixin, Fail
                 return mask
             except (TransportError, OSError) as exc:
                 self.stats.fetch_errors += 1
-                if isinstance(exc, StaleEpochError):
-                    self.fence(str(exc))
                 lane.reset()
                 deadline = deadline or time.monotonic() + self.engine.fetch_timeout
                 src = self.engine.source
                 other = f" (this region: space {space})" if space and space != getattr(
                     src, "space", space) else ""
                 where = f"{src.describe()}{other} gpa {f.gpa:#x}+{f.length:#x}"
-                if isinstance(exc, StaleEpochError):  # said once, by fence()
+                if isinstance(exc, StaleEpochError):
+                    self.fence(str(exc))  # says why, once
                     raise FaultError(f"cannot fetch {where}: {exc}") from exc
                 if isinstance(exc, RemoteError) or time.monotonic() > deadline:
                     raise FaultError(f"cannot fetch {where}: {exc}; check the memory node "

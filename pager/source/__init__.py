@@ -50,10 +50,12 @@ def parse_source(memnode: str | list[str] | None, source: str | None, *,
 
     for ep in memnodes:  # a typo fails now, not as a node that never answers
         try:
-            if require_port(ep)[1] == 0:
-                raise TransportError(f"port 0 in endpoint {ep!r}: give the node's port")
+            port = require_port(ep)[1]
         except TransportError as exc:
             raise ConfigError(f"--memnode: {exc} (ports are 1-65535)") from None
+        if port == 0:
+            raise ConfigError(f"--memnode: port 0 in endpoint {ep!r}: give the node's port "
+                              f"(ports are 1-65535)")
     if (memnodes or etcd or cluster or discover) and not valid_space_name(space):
         raise ConfigError(f"--space {space!r}: an address space name is 1-64 letters, digits, "
                           f"'-', '_' or '.', not starting with '.'")

@@ -215,6 +215,10 @@ class ClusterSource(PageSource):
                       "needs (run the guest where the space's new owner is)", self.space, why)
         self.dirty.set()
 
+    def lost(self, space: str) -> bool:
+        """Is ``space`` the one we owned and a newer owner holds now?"""
+        return self.fenced is not None and space == self.space
+
     # --- node set -----------------------------------------------------------------------
     def _boot(self, node_id: str) -> str | None:
         boot = getattr(self.membership, "boot", None)
@@ -291,7 +295,7 @@ class ClusterSource(PageSource):
         reached its targets: record it before the store counts as done, so a pager started
         later (this one may be killed first) does not read their old copy. Once per node
         and failure; False: not recorded."""
-        if self.fenced is not None and space == self.space:
+        if self.lost(space):
             return False  # a newer owner's records are not ours to write
         with self.lock:
             todo = sorted(n for n in nodes if (space, n) not in self._missed)
@@ -382,7 +386,7 @@ class ClusterSource(PageSource):
         `put` calls this once its stores are done), so a pager started later refuses a node
         that shows another (`StoreRecords`). A node being refilled is never among them: its
         old record stands, and the next pager refills it too."""
-        if self.fenced is not None and space == self.space:
+        if self.lost(space):
             return  # a newer owner records what it writes
         if nodes is None:
             size = self.spaces.get(space)

@@ -93,7 +93,7 @@ class ClusterLane(CRouting, Lane):
     def _fenced(self, space: str) -> None:
         """Raise STALE_EPOCH for our own space once a newer owner holds it."""
         src = self.src
-        if src.fenced is not None and space == src.space:
+        if src.lost(space):
             raise StaleEpochError(f"space {space} is owned by a newer pager now "
                                   f"({src.fenced})", ErrorCode.STALE_EPOCH)
 

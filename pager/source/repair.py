@@ -84,8 +84,7 @@ class Repairer(threading.Thread):
         # pay for its wakeup, which must not make one node look farther than the others
         # a node that refused our token is asked again only now and then (its token will
         # not change by itself: an operator fixes it), not on every probe
-        refused = {n for n, t in self._refused.items() if now - t < REFUSED_RETRY}
-        down -= refused
+        down -= {n for n, t in self._refused.items() if now - t < REFUSED_RETRY}
         order = sorted(down | (set(live) if ping_live else set()))
         self._round += 1
         turn = self._round % len(order) if order else 0
@@ -121,7 +120,7 @@ class Repairer(threading.Thread):
         src = self.src
         with src.lock:
             spaces = dict(src.spaces)
-        if src.fenced is not None:  # a newer owner keeps it now
+        if src.lost(src.space):  # a newer owner keeps it now
             spaces.pop(src.space, None)
         # the extents short of a target first, so the gauge starts at their count and falls
         # as each is copied (counting them as found made it climb during a repair)

@@ -10,6 +10,7 @@ from pager.source import MemnodeSource
 from pager.tools.child import Child
 from pager.tools.workload import DataSet
 from tests.kernel import uffd_blocked, wait_until
+from tests.procs import line_within
 
 __all__ = ["ROOT", "Memnode", "Proc", "farmem_guest", "memnode_args", "run_workload",
            "uffd_blocked", "wait_or_fail", "wait_until"]
@@ -97,7 +98,7 @@ def wait_or_fail(touch, timeout: float = 60.0) -> None:
 # writes every page once (so the pager evicts dirty pages), prints "warm" and its errors, then
 # reads and read-modify-writes pages at random until it is killed
 _FARMEM_GUEST = """
-import mmap, os, sys
+import mmap, os, sys, time
 from pager.tools.workload import Client
 from pager.uffd.rmw import Rmw
 size = int(sys.argv[2])
@@ -112,21 +113,20 @@ print("warm", w.errors, flush=True)
 w.set_mix(write_pct=50, hot_ops=0)
 while True:
     w.run(ops=4000)
-    print("round", w.errors, flush=True)
+    print("round", w.errors, time.monotonic(), flush=True)
 """
 
 
 def farmem_guest(sock: str, size: int, space: str = "") -> Any:
     """Start `_FARMEM_GUEST` on the pager's socket (its regions in ``space``, "": the pager's)
-    and wait until it is warm; it then prints "round ERRORS" after each round. The caller
-    kills and waits for it."""
+    and wait until it is warm; it then prints "round ERRORS MONOTONIC-TIME" after each round.
+    The caller kills and waits for it."""
     import subprocess
     import sys
 
     g = subprocess.Popen([sys.executable, "-c", _FARMEM_GUEST, sock, str(size), space],
-                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         bufsize=1)
-    line = g.stdout.readline().split() if g.stdout is not None else []
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = line_within(g, 120).split()
     if line != ["warm", "0"]:
         g.kill()
         _, err = g.communicate()

@@ -179,7 +179,7 @@ class NodeConnection(TlsConnection, asyncio.BufferedProtocol):
             self.lane = fastlane.FastLane(session.max_space_bytes)
         names = session.spaces
         for name in names:  # a newer owner holds it: its fetches are refused in Python
-            if self.node.fences.stale(name, session.epochs.get(name)):
+            if self.stale_epoch(name) is not None:
                 self.lane.fence(name)
         sock = transport.get_extra_info("socket")
         if not self.lane.can_serve(names) or sock is None:
@@ -302,8 +302,7 @@ class NodeConnection(TlsConnection, asyncio.BufferedProtocol):
             self._to_c()
 
     def _fetch(self, ev: Fetch) -> Any:
-        epoch = self.session.epochs.get(ev.space)
-        if epoch is not None and self.node.fences.stale(ev.space, epoch):
+        if (epoch := self.stale_epoch(ev.space)) is not None:
             return self._stale(ev.request_id, ev.space, epoch, "fetch")
         npages = ev.length >> PAGE_SHIFT
         store = self.node.store
@@ -332,8 +331,7 @@ class NodeConnection(TlsConnection, asyncio.BufferedProtocol):
         return view[:HEADER_SIZE + nbytes] if nbytes < ev.length else reply
 
     def _store(self, ev: Store) -> bytes:
-        epoch = self.session.epochs.get(ev.space)
-        if epoch is not None and self.node.fences.stale(ev.space, epoch):
+        if (epoch := self.stale_epoch(ev.space)) is not None:
             return self._stale(ev.request_id, ev.space, epoch, "store")
         try:
             self.node.store.open(ev.space).write(ev.gpa, ev.data)
@@ -343,6 +341,11 @@ class NodeConnection(TlsConnection, asyncio.BufferedProtocol):
         self.node.store.spaces[ev.space].stored_pages += len(ev.data) >> PAGE_SHIFT
         self.node.requests["store", "ok"] += 1
         return pack_header(T.STORED, ev.request_id, gpa=ev.gpa, arg=len(ev.data))
+
+    def stale_epoch(self, space: str) -> int | None:
+        """The epoch this connection opened ``space`` under, if a newer owner fenced it."""
+        epoch = self.session.epochs.get(space)
+        return epoch if self.node.fences.stale(space, epoch) else None
 
     def _stale(self, request_id: int, space: str, epoch: int, op: str) -> bytes:
         self.node.count(op, "stale_epoch")
@@ -451,8 +454,7 @@ class MemoryNode:
         FETCHes then come back to Python and are refused there. Their other spaces are
         served as before."""
         for conn in list(self.connections):
-            old = conn.session.epochs.get(space)
-            if old is not None and old < epoch:
+            if (old := conn.stale_epoch(space)) is not None:
                 log.warning("memnode: %s: space %s opened under epoch %d is refused from now "
                             "on: a newer owner holds it (epoch %d)", conn.peer, space, old,
                             epoch)
