@@ -36,6 +36,8 @@ NODES = PREFIX + "nodes/"
 OWNERS = PREFIX + "owners/"
 EPOCHS = PREFIX + "epochs/"
 PLACEMENT = PREFIX + "placement/"
+# the placement scheme of a record that names none (written before schemes were recorded)
+UNNAMED_SCHEME = "rendezvous"
 STORES = PREFIX + "stores/"  # STORES + SPACE/NODE: the store identity the space was left in
 SIZES = PREFIX + "sizes/"  # SIZES + SPACE: the bytes of it its writers keep replicated
 DEFAULT_TTL = 5  # seconds a node's registration outlives its last renewal
@@ -98,15 +100,17 @@ class Membership:
     def on_change(self, callback: Callable[[dict[str, str]], None]) -> None:
         """Call ``callback(nodes)`` whenever the node set changes."""
 
-    def placement(self, space: str, nodes: list[str], r: int) -> tuple[list[str], int]:
-        """The node set and R ``space``'s extents were placed with: recorded by the first
-        writer (``nodes``, ``r`` if none is), so a pager started while a holder is away still
-        knows where every extent is. A static membership records nothing: its nodes are the
-        file's, down or not."""
-        return nodes, r
+    def placement(self, space: str, nodes: list[str], r: int, scheme: str
+                  ) -> tuple[list[str], int, str]:
+        """The node set, R and placement scheme (`pager.source.placement`) ``space``'s
+        extents were placed with: recorded by the first writer (``nodes``, ``r``, ``scheme``
+        if none is; a record without a scheme is `UNNAMED_SCHEME`'s), so a pager started
+        while a holder is away still knows where every extent is. A static membership
+        records nothing: its nodes are the file's, down or not, in ``scheme``."""
+        return nodes, r, scheme
 
-    def record_placement(self, space: str, nodes: list[str], r: int) -> None:
-        """Every extent of ``space`` is now on its ``r`` rendezvous nodes over ``nodes``."""
+    def record_placement(self, space: str, nodes: list[str], r: int, scheme: str) -> None:
+        """Every extent of ``space`` is now on its ``r`` nodes over ``nodes`` by ``scheme``."""
 
     def known(self, space: str) -> bool | None:
         """Whether a writer has placed ``space`` in this cluster (None: nothing records it
@@ -218,19 +222,21 @@ class EtcdMembership(Membership):
     def on_change(self, callback: Callable[[dict[str, str]], None]) -> None:
         self._callbacks.append(callback)
 
-    def placement(self, space: str, nodes: list[str], r: int) -> tuple[list[str], int]:
-        value = json.dumps({"nodes": sorted(nodes), "replicas": r})
+    def placement(self, space: str, nodes: list[str], r: int, scheme: str
+                  ) -> tuple[list[str], int, str]:
+        value = json.dumps({"nodes": sorted(nodes), "replicas": r, "scheme": scheme})
         try:
             if not self.client.create(PLACEMENT + space, value):
                 got = self.client.get(PLACEMENT + space)
                 if got:
                     doc = json.loads(got[0])
                     if doc["nodes"]:  # an empty set (recorded by an older pager) places nothing
-                        return [str(n) for n in doc["nodes"]], int(doc["replicas"])
+                        return ([str(n) for n in doc["nodes"]], int(doc["replicas"]),
+                                str(doc.get("scheme", UNNAMED_SCHEME)))
         except (*_etcd_errors(), TypeError) as exc:
             log.warning("etcd: cannot read the placement of space %s (%s): assuming the "
                         "current nodes hold it", space, _why(exc))
-        return nodes, r
+        return nodes, r, scheme
 
     def known(self, space: str) -> bool | None:
         try:
@@ -238,10 +244,10 @@ class EtcdMembership(Membership):
         except _etcd_errors():
             return None
 
-    def record_placement(self, space: str, nodes: list[str], r: int) -> None:
+    def record_placement(self, space: str, nodes: list[str], r: int, scheme: str) -> None:
         try:
-            self.client.put(PLACEMENT + space,
-                            json.dumps({"nodes": sorted(nodes), "replicas": r}))
+            self.client.put(PLACEMENT + space, json.dumps(
+                {"nodes": sorted(nodes), "replicas": r, "scheme": scheme}))
         except _etcd_errors() as exc:
             log.warning("etcd: cannot record the placement of space %s: %s", space, _why(exc))
 

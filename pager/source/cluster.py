@@ -1,11 +1,11 @@
-"""Several memory nodes as one page source: extents placed by rendezvous hashing over the
-live nodes (`pager.source.placement`), ``R`` replicas, failover and repair.
+"""Several memory nodes as one page source: extents placed over the live nodes (the space's
+home and rendezvous hashing: `pager.source.placement`), ``R`` replicas, failover and repair.
 
-Who holds an extent: at start, its ``R`` rendezvous nodes over the nodes known then; a node
+Who holds an extent: at start, its ``R`` placed nodes over the nodes known then; a node
 that fails an operation (or leaves the membership, or re-registers with a new boot id) is
 *down* and its generation moves on, so it holds nothing any more. A background thread
 (`pager.source.repair.Repairer`) probes down nodes and copies every extent whose current
-targets (the ``R`` rendezvous nodes over the live set) it does not hold, from a holder, so a
+targets (the ``R`` placed nodes over the live set) it does not hold, from a holder, so a
 node that returns (empty or stale) serves an extent only after it has been re-synced.
 
 * fetch: from the extent's live holders, lowest measured round trip first (holders about as
@@ -41,6 +41,8 @@ from pager.source.memnode import MemnodeSource
 from pager.source.placement import (
     EXTENT_SHIFT,
     EXTENT_SIZE,
+    HOME,
+    SCHEMES,
     check_replicas,
     nearness,
     placed,
@@ -48,7 +50,7 @@ from pager.source.placement import (
 )
 from transport.errors import RemoteError, StoreIdentityError, TransportError
 from transport.leases import Ownership
-from transport.membership import Membership
+from transport.membership import ClusterError, Membership
 from transport.wire import IDENTITIES
 
 log = logging.getLogger(__name__)
@@ -139,8 +141,8 @@ class ClusterSource(PageSource):
         self.space = space
         self.epoch = owner.epoch if owner is not None else None
         self.fenced: str | None = None  # why a newer owner holds our space (`lose_space`)
-        # space -> (nodes, R) its extents were placed on before we came (`_base`)
-        self.bases: dict[str, tuple[frozenset[str], int]] = {}
+        # space -> (nodes, R, scheme) its extents were placed by before we came (`_base`)
+        self.bases: dict[str, tuple[frozenset[str], int, str]] = {}
         self._recorded: dict[str, tuple[list[str], int]] = {}
         # (space, node): recorded as having missed stores since the node last failed
         self._missed: set[tuple[str, str]] = set()
@@ -287,8 +289,7 @@ class ClusterSource(PageSource):
     def placed_on(self, space: str, ext: int) -> frozenset[str]:
         """The nodes a pager started later looks for ``space``'s extent ``ext`` on (its
         recorded placement), up or down."""
-        nodes, r = self._base(space)
-        return frozenset(placed(space, ext, nodes, r))
+        return frozenset(placed(space, ext, *self._base(space)))
 
     def mark_missed(self, space: str, nodes: set[str]) -> bool:
         """``nodes`` (placed holders of an extent of ``space``) did not get a store that
@@ -312,7 +313,7 @@ class ClusterSource(PageSource):
         return True
 
     def targets(self, space: str, ext: int) -> list[str]:
-        return list(placed(space, ext, frozenset(self.live()), self.r))
+        return list(placed(space, ext, frozenset(self.live()), self.r, self._base(space)[2]))
 
     def short_of(self, space: str, ext: int) -> list[str]:
         """The targets of ``space``'s extent ``ext`` that do not hold it (repair's work)."""
@@ -337,9 +338,8 @@ class ClusterSource(PageSource):
             stamp = (self.route_gen[0], self.route_soft)
             pairs = self._held.get((space, ext))
             if pairs is None:  # as placed, at the generations the space was first seen at
-                nodes, r = self._base(space)
                 seen = self._first_gens(space)
-                pairs = {(n, seen.get(n, 0)) for n in placed(space, ext, nodes, r)}
+                pairs = {(n, seen.get(n, 0)) for n in placed(space, ext, *self._base(space))}
             got = [n for n, g in pairs if self.gen.get(n) == g and n not in self.down
                    and n in self.members]
         rtt = self.rtt
@@ -361,11 +361,17 @@ class ClusterSource(PageSource):
                                            for n, g in self.gen.items()}
         return gens
 
-    def _base(self, space: str) -> tuple[frozenset[str], int]:
+    def _base(self, space: str) -> tuple[frozenset[str], int, str]:
         base = self.bases.get(space)
         if base is None:  # a space no writer placed yet: on the nodes in the cluster now
-            nodes, r = self.membership.placement(space, sorted(self.members), self.r)
-            base = self.bases[space] = (frozenset(nodes), r)
+            nodes, r, scheme = self.membership.placement(space, sorted(self.members), self.r,
+                                                         HOME)
+            if scheme not in SCHEMES:
+                raise ClusterError(
+                    f"space {space!r} was placed by scheme {scheme!r} (recorded in "
+                    f"{self.membership.source}), which this version does not know: serve it "
+                    f"with the version that wrote it")
+            base = self.bases[space] = (frozenset(nodes), r, scheme)
         return base
 
     def settled(self, space: str) -> None:
@@ -377,7 +383,7 @@ class ClusterSource(PageSource):
             return
         if self._recorded.get(space) != (live, self.r):
             self._recorded[space] = (live, self.r)
-            self.membership.record_placement(space, live, self.r)
+            self.membership.record_placement(space, live, self.r, self._base(space)[2])
         self.record_identities(space, live)
 
     def record_identities(self, space: str, nodes: list[str] | None = None) -> None:

@@ -1,17 +1,27 @@
-"""Placement of an address space on memory nodes: fixed-size extents, each on the ``R``
-nodes that rank highest by rendezvous hashing of ``(node, space, extent)``; and the order an
-extent's holders are read in (`read_order`).
+"""Placement of an address space on memory nodes: fixed-size extents, each on ``R`` nodes
+(`replicas`); and the order an extent's holders are read in (`read_order`).
 
-Rendezvous hashing moves only the extents of a node that joins or leaves: every other
-extent keeps its replicas, so losing one of N nodes re-replicates about R/N of the space.
+Two schemes. ``home`` (every space placed from now on): the space's home node, the node it
+prefers (rendezvous hashing of ``(node, space)``: `affinity`), holds every extent, and the
+other ``R - 1`` copies of an extent go to the nodes that rank highest among the rest by
+rendezvous hashing of ``(node, space, extent)``. ``rendezvous`` (spaces recorded before homes,
+their record carries no scheme): all ``R`` copies by that per-extent ranking. Both move
+little when a node joins or leaves: a home changes only for the spaces whose home left or
+whose preference the newcomer tops, and every other extent copy keeps its node unless the
+per-extent ranking changed.
+
+Why a home: a guest's faults then all go to one node (with R=2 over 3 nodes under
+``rendezvous``, two thirds went to one node and the rest to a second), so one fault lane per
+guest sees its faults close together and answers from its polling window, and no second
+node's lane polls beside it for the occasional fault (on two CPUs, that polling slowed the
+lane that serves: `bench cluster` R=2 / one node fault p50 1.04-1.15 against 0.93-1.05 with
+homes, alternated runs). Different spaces have different homes, so several guests still
+spread over the cluster; a home that fails hands the reads to the copies spread over the
+others until repair makes the next node in the space's preference its home.
 
 Reads: from the holder with the lowest round trip, but holders whose round trips are within
-`NEAR_REL` + `NEAR_ABS` of the best count as equally near, and among those each space has a
-fixed preference order (rendezvous hashing of ``(node, space)``). A space's faults so go to
-as few nodes as its placement allows (with R=2 over 3 nodes: two thirds to one node, the rest
-to a second), and those nodes keep answering at once (their fault lanes poll while busy)
-instead of every node seeing an occasional fault and sleeping between them; different spaces
-prefer different nodes, so several guests still spread over the cluster.
+`NEAR_REL` + `NEAR_ABS` of the best count as equally near, and among those the space's
+preference (`affinity`) decides: the home first.
 """
 
 from __future__ import annotations
@@ -45,23 +55,40 @@ def rank(space: str, extent: int, nodes: Iterable[str]) -> list[str]:
     return sorted(nodes, key=lambda n: (score(n, space, extent), n), reverse=True)
 
 
-def replicas(space: str, extent: int, nodes: Iterable[str], r: int) -> list[str]:
-    """The ``r`` nodes holding ``extent`` of ``space`` (fewer if there are fewer nodes)."""
-    return rank(space, extent, nodes)[:r]
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def placed(space: str, extent: int, nodes: frozenset[str], r: int) -> tuple[str, ...]:
-    """`replicas` for a fixed node set, cached: the fault path asks it for every fetch."""
-    return tuple(replicas(space, extent, nodes, r))
-
-
 @functools.lru_cache(maxsize=1 << 12)
 def affinity(node_id: str, space: str) -> int:
     """How much ``space``'s reads prefer ``node_id`` among equally near holders (higher
     first): fixed for a space, different from one space to the next."""
     key = f"read\0{node_id}\0{space}".encode()
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big")
+
+
+HOME = "home"
+RENDEZVOUS = "rendezvous"
+SCHEMES = (HOME, RENDEZVOUS)
+
+
+def home(space: str, nodes: Iterable[str]) -> str:
+    """The node of ``nodes`` that holds every extent of ``space`` under `HOME`."""
+    return max(nodes, key=lambda n: (affinity(n, space), n))
+
+
+def replicas(space: str, extent: int, nodes: Iterable[str], r: int,
+             scheme: str = HOME) -> list[str]:
+    """The ``r`` nodes holding ``extent`` of ``space`` (fewer if there are fewer nodes), the
+    home first under `HOME`."""
+    nodes = list(nodes)
+    if scheme == RENDEZVOUS or not nodes or r < 1:
+        return rank(space, extent, nodes)[:r]
+    first = home(space, nodes)
+    return [first, *rank(space, extent, [n for n in nodes if n != first])[:r - 1]]
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def placed(space: str, extent: int, nodes: frozenset[str], r: int,
+           scheme: str = HOME) -> tuple[str, ...]:
+    """`replicas` for a fixed node set, cached: the fault path asks it for every fetch."""
+    return tuple(replicas(space, extent, nodes, r, scheme))
 
 
 def near_groups(rtt: Mapping[str, float], nodes: Iterable[str]) -> dict[str, int]:

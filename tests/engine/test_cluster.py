@@ -11,7 +11,7 @@ import pytest
 from clusterkit import nodes, wait_until
 
 from pager.source.cluster import RTT_FIRST, ClusterSource
-from pager.source.placement import EXTENT_SIZE, read_order, replicas
+from pager.source.placement import EXTENT_SIZE, home, read_order, replicas
 from transport.membership import StaticMembership
 from transport.token import load_token
 
@@ -47,7 +47,9 @@ def on_node(src, node_id, gpa, n):
         return bytes(buf), mask
 
 
-def test_every_store_reaches_two_nodes_by_rendezvous(three, sources):
+def test_every_store_reaches_the_home_and_one_other_node(three, sources):
+    """R=2 over 3 nodes: the space's home (its preferred node) holds every extent, and the
+    second copy of each extent goes to one of the other two by rendezvous, both used."""
     ns = three
     src = cluster(ns)
     sources(src)
@@ -57,14 +59,19 @@ def test_every_store_reaches_two_nodes_by_rendezvous(three, sources):
         got, mask = read_all(lane)
     assert mask == 0 and got == data
     ids = sorted(src.members)
+    first = home("vm1", ids)
+    seconds = set()
     for ext in range(SPACE_BYTES // EXTENT_SIZE):
         owners = replicas("vm1", ext, ids, 2)
+        assert owners[0] == first and len(set(owners)) == 2
+        seconds.add(owners[1])
         for node_id in ids:
             part, mask = on_node(src, node_id, ext * EXTENT_SIZE, EXTENT_SIZE)
             if node_id in owners:
                 assert mask == 0 and part == data[ext * EXTENT_SIZE:(ext + 1) * EXTENT_SIZE]
             else:
                 assert mask == (1 << EXTENT_SIZE // 4096) - 1  # never written there
+    assert seconds == set(ids) - {first}
 
 
 def test_node_killed_mid_workload_then_restarted_empty_is_refilled(three, sources):

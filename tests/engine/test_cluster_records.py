@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from clusterkit import wait_until
 from enginekit import ROOT, wait_or_fail
 
@@ -140,7 +141,40 @@ def test_no_live_node_records_no_placement(etcd, three_etcd):
         got = m.client.get(PLACEMENT + "sp")
         assert not got or json.loads(got[0])["nodes"], got
         m.client.put(PLACEMENT + "sq", json.dumps({"nodes": [], "replicas": 2}))
-        assert m.placement("sq", ["n0", "n1"], 2) == (["n0", "n1"], 2)
+        assert m.placement("sq", ["n0", "n1"], 2, "home") == (["n0", "n1"], 2, "home")
+    finally:
+        src.close()
+        m.close()
+
+
+def test_the_placement_scheme_is_recorded_and_an_older_record_read_as_it_was(etcd,
+                                                                            three_etcd):
+    """A space placed from now on records its scheme (``home``); a record an older pager
+    wrote names none and its extents stay where per-extent rendezvous put them; a scheme
+    this version does not know is refused by name, not guessed."""
+    from pager.source.cluster import ClusterSource
+    from pager.source.placement import HOME, RENDEZVOUS, home, replicas
+    from transport.membership import PLACEMENT, ClusterError, EtcdMembership
+    from transport.token import load_token
+
+    ids = ["n0", "n1", "n2"]
+    m = EtcdMembership(etcd.url, poll=0.1)
+    wait_until(lambda: sorted(m.nodes()) == ids, 30, "the nodes to register")
+    m.client.put(PLACEMENT + "old", json.dumps({"nodes": ids, "replicas": 2}))
+    m.client.put(PLACEMENT + "fut", json.dumps({"nodes": ids, "replicas": 2,
+                                                "scheme": "striped"}))
+    src = ClusterSource(m, load_token(three_etcd[0].token_file), "new", replicas=2,
+                        prefer="tcp")
+    try:
+        top = home("new", ids)
+        assert all(top in src.placed_on("new", e) for e in range(20))
+        doc = json.loads(m.client.get(PLACEMENT + "new")[0])
+        assert doc == {"nodes": ids, "replicas": 2, "scheme": HOME}
+        old = [src.placed_on("old", e) for e in range(20)]
+        assert old == [frozenset(replicas("old", e, ids, 2, RENDEZVOUS)) for e in range(20)]
+        assert old != [frozenset(replicas("old", e, ids, 2, HOME)) for e in range(20)]
+        with pytest.raises(ClusterError, match="space 'fut' was placed by scheme 'striped'"):
+            src.placed_on("fut", 0)
     finally:
         src.close()
         m.close()
