@@ -15,6 +15,7 @@ from enginekit import ROOT, wait_or_fail
 
 from pager.source import MemnodeSource
 from pager.source.cluster import ClusterSource
+from pager.source.placement import home
 from pager.tools.workload import Client, DataSet
 from transport.membership import EtcdMembership
 from transport.token import load_token
@@ -61,10 +62,12 @@ def test_nodes_register_under_leases_and_leave(etcd, three):
 
 def test_pager_survives_kill_9_and_etcd_outage(etcd, three, run_pager):
     data = DataSet(32 * MIB)
-    seed(etcd, three, data)
-    pager, sock = run_pager("--etcd", etcd.url, "--replicas", "2", "--token-file",
-                        str(three[0].token_file), "--readahead", "0",
-                        "--metrics", "127.0.0.1:0")
+    # n1, the node killed below, is the space's home: every read fails over
+    assert home("sp", ["n0", "n1", "n2"]) == "n1"
+    seed(etcd, three, data, "sp")
+    pager, sock = run_pager("--etcd", etcd.url, "--space", "sp", "--replicas", "2",
+                            "--token-file", str(three[0].token_file), "--readahead", "0",
+                            "--metrics", "127.0.0.1:0")
     metrics = pager.wait_for(r"metrics: http://(\S+)/metrics")
     c = Client(32 * MIB)
     c.handoff(sock)
@@ -94,7 +97,7 @@ def test_pager_survives_kill_9_and_etcd_outage(etcd, three, run_pager):
     states = {n["node"]: n["state"] for n in cl["nodes"]}
     assert states["n0"] == states["n2"] == "live" and states["n1"] != "live"
     assert sum(n["extents"] for n in cl["nodes"] if n["state"] == "live") == 2 * 16
-    assert list(st["etcd"]["owners"]) == ["default"]
+    assert list(st["etcd"]["owners"]) == ["sp"]
     text = subprocess.run([sys.executable, "-m", "pager.cli", "status", "--pager", metrics,
                            "--interval", "0", "--etcd", etcd.url], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
@@ -120,7 +123,7 @@ def test_pager_survives_kill_9_and_etcd_outage(etcd, three, run_pager):
     # this process seeded n1's old store: it forgets that identity, since n1 was wiped on
     # purpose (a reader that did not would be refused, StoreIdentityError)
     IDENTITIES.forget(three[1].endpoint)
-    with MemnodeSource(three[1].endpoint, token, "default", prefer="tcp").open_lane() as lane:
+    with MemnodeSource(three[1].endpoint, token, "sp", prefer="tcp").open_lane() as lane:
         got = bytearray(32 * MIB)
         mask = lane.fetch_into(None, 0, memoryview(got))
     expect = bytearray(32 * MIB)

@@ -13,6 +13,7 @@ from clusterkit import wait_until
 from enginekit import ROOT, wait_or_fail
 from nskit import cut, ns_cluster
 
+from pager.source.placement import home
 from pager.tools.workload import Client, DataSet
 
 MIB = 1 << 20
@@ -44,10 +45,13 @@ def test_partitioned_node_costs_latency_not_bytes(tmp_path, run_pager):
         c.handoff(sock)
         t = c.touch(op="read", order="rand", threads=2)
         wait_until(lambda: t.done > t.naccess // 4 or t.wait(0), 60, "a quarter done")
-        cut(hs[1][2])  # partition the second node mid-run
+        # partition the space's home mid-run: it serves every read until then
+        eps = [n.endpoint for n in nodes]
+        victim = eps.index(home("default", eps))
+        cut(hs[victim][2])
         wait_or_fail(t, 120)
         assert c.check(data) == []
-        pager.wait_for(rf"memory node {nodes[1].endpoint} failed")
+        pager.wait_for(rf"memory node {eps[victim]} failed")
         c.close()
 
 
