@@ -14,7 +14,7 @@ Why a home: a guest's faults then all go to one node (with R=2 over 3 nodes unde
 ``rendezvous``, two thirds went to one node and the rest to a second), so one fault lane per
 guest sees its faults close together and answers from its polling window, and no second
 node's lane polls beside it for the occasional fault (on two CPUs, that polling slowed the
-lane that serves: `bench cluster` R=2 / one node fault p50 1.04-1.15 against 0.93-1.05 with
+lane that serves: `bench cluster` R=2 / one node fault p50 1.02-1.15 against 0.93-1.05 with
 homes, alternated runs). Different spaces have different homes, so several guests still
 spread over the cluster; a home that fails hands the reads to the copies spread over the
 others until repair makes the next node in the space's preference its home.
