@@ -97,6 +97,7 @@ class ClientPager(CLoopMixin, ReadaheadMixin, FarMemMixin, WorkingSetMixin, Fail
         self.error: str | None = None  # last unservable fault, for status
         self.fenced: str | None = None  # why a newer owner holds its space (`fence`)
         self.on_layout: Callable[..., None] | None = None
+        self.claimed: set[str | None] = set()  # spaces it writes back to (the engine's)
         self.finished = threading.Event()
         self._synced: list[threading.Event] = []  # quiesce() callers, set by the fault thread
         self._stop = threading.Event()

@@ -81,6 +81,8 @@ class FaultEngine:
         # the space starting meanwhile, a resume, waits for it before loading)
         self.ws_stored: dict[str, threading.Event] = {}
         self.clients: list[ClientPager] = []
+        # far memory: space -> pid of the guest writing its pages back to it (`_claim`)
+        self._writers: dict[str | None, int] = {}
         self._closed_stats = EngineStats()
         self._lock = threading.Lock()
         self._next_id = 1
@@ -100,9 +102,23 @@ class FaultEngine:
         for r in regions:
             self.source.check_region(r)
         limited = self.max_resident is not None or self.pager_max_resident is not None
+        claimed: set[str | None] = set()
         if limited:
             check_far_memory(regions, memfd)
             self._check_share(max(self.chunk_size, *(r.page_size for r in regions)))
+            claimed = self._claim(regions, pid)
+        try:
+            return self._add(uffd_fd, regions, claimed, memfd=memfd, pid=pid, wake=wake,
+                             name=name, layout=layout, on_layout=on_layout)
+        except BaseException:
+            self._release(claimed)
+            raise
+
+    def _add(self, uffd_fd: int, regions: list[Region], claimed: set[str | None], *,
+             memfd: int | None, pid: int, wake: bool, name: str | None,
+             layout: list[list] | None, on_layout: Callable[..., None] | None
+             ) -> ClientPager:
+        limited = self.max_resident is not None or self.pager_max_resident is not None
         u = Userfaultfd.adopt(uffd_fd)
         state = ClientState(RegionTable(regions), chunk_size=self.chunk_size,
                             readahead=self._detector() if not limited
@@ -119,6 +135,7 @@ class FaultEngine:
             getattr(state, f"on_{kind}")(*args)
         client = ClientPager(self, u, state, name=name or f"client{cid}", pid=pid, memfd=memfd)
         client.on_layout = on_layout
+        client.claimed = claimed
         if state.farmem is not None:
             found = rebuild_residency(client)
             if found:
@@ -131,6 +148,31 @@ class FaultEngine:
         if wake:
             client.wake_all()
         return client
+
+    def _claim(self, regions: list[Region], pid: int) -> set[str | None]:
+        """A far-memory guest writes its pages back to its space: the spaces of ``regions``
+        are its alone while it is attached, or two guests would overwrite each other's pages
+        (and read them back as their own). Another guest of a claimed space is refused."""
+        default = getattr(self.source, "space", None)
+        spaces = {r.space if r.space is not None else default for r in regions}
+        with self._lock:
+            for space in sorted(spaces, key=str):
+                other = self._writers.get(space)
+                if other is not None:
+                    raise HandoffError(
+                        f"space {space!r} is in use by another far-memory guest of this pager "
+                        f"(pid {other}): a guest under a resident limit writes its pages back "
+                        f"to its space, so two would overwrite each other's; give each guest "
+                        f"its own space (\"space\" in the handshake, or a pager per guest "
+                        f"with its own --space) or stop the other guest first")
+            for space in spaces:
+                self._writers[space] = pid
+        return spaces
+
+    def _release(self, spaces: set[str | None]) -> None:
+        with self._lock:
+            for space in spaces:
+                self._writers.pop(space, None)
 
     def _check_share(self, unit: int) -> None:
         """Refuse a far-memory client the pager-wide limit cannot give its floor (4 units;
@@ -190,6 +232,8 @@ class FaultEngine:
         with self._lock:
             if client in self.clients:
                 self.clients.remove(client)
+                for space in client.claimed:
+                    self._writers.pop(space, None)
                 self._closed_stats.add(client.stats)
                 log.debug("%s: retired: %s", client.name, client.stats)
                 self._share_limit()

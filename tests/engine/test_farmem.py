@@ -367,6 +367,44 @@ def test_pager_wide_limit_is_shared_by_its_guests(memnode):
             g.close()
 
 
+def test_a_second_far_memory_guest_of_a_space_is_refused_while_the_first_is_attached(memnode):
+    """A far-memory guest writes its pages back to its space: a second guest of that space
+    would overwrite them and read the first's back as its own, so it is refused with the
+    reason while the first is attached; a guest of another space is served meanwhile, and
+    the space is free again once the first is gone."""
+    engine = FaultEngine(memnode.source(), chunk_size=16 * 1024, readahead=0,
+                         max_resident=MIB)
+    guests = []
+    try:
+        guests.append(Guest(engine, 2 * MIB))  # the source's space, "default"
+        m = Mapping.memfd(MIB)
+        u = Userfaultfd(features=FEATURES)
+        u.register(m.address, MIB, missing=True)
+        fd, memfd = os.dup(u.fileno()), os.dup(m.fd)
+        try:
+            for named in (None, "default"):
+                with pytest.raises(HandoffError, match=r"space 'default' is in use by another "
+                                   r"far-memory guest of this pager \(pid 0\).*its own space"):
+                    engine.add_client(fd, [Region(m.address, MIB, 0, space=named, memfd=True)],
+                                      memfd=memfd)
+        finally:
+            os.close(fd)
+            os.close(memfd)
+            u.close()
+            m.close()
+        guests.append(Guest(engine, MIB, space="vm2"))
+        first = guests.pop(0)
+        first.client.close()  # what the pager does when its guest hangs up
+        first.close()
+        assert first.client not in engine.clients
+        guests.append(Guest(engine, MIB))
+        assert guests[-1].client in engine.clients
+    finally:
+        engine.close()
+        for g in guests:
+            g.close()
+
+
 def test_a_guest_the_pager_wide_limit_cannot_hold_is_refused(memnode):
     """Each guest needs 4 chunks: a pager-wide limit of 8 holds two guests, and a third is
     refused (it would have taken 4 chunks beyond the limit), with the reason."""
