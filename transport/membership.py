@@ -85,6 +85,31 @@ def _start(first: Callable[[], None], loop: Callable[[], None], name: str,
     return thread
 
 
+def placement_record(nodes: list[str], r: int, scheme: str) -> str:
+    """The placement record of a space (``/ssi-pager/placement/SPACE``): ``{"nodes": [...],
+    "replicas": R}`` for `UNNAMED_SCHEME` (what versions before schemes read and write), else
+    the same nested under the scheme's name, which such a version cannot read: it fails on
+    the record instead of reading the space where its own placement would put it."""
+    body = {"nodes": sorted(nodes), "replicas": r}
+    return json.dumps(body if scheme == UNNAMED_SCHEME else {scheme: body})
+
+
+def read_placement(raw: str | bytes) -> tuple[list[str], int, str] | None:
+    """(nodes, R, scheme) of a `placement_record`; None for an empty node set (an older
+    pager could record one: it places nothing). KeyError, ValueError, TypeError: malformed."""
+    doc = json.loads(raw)
+    if not isinstance(doc, dict):
+        raise ValueError("a placement record is a JSON object")
+    if "nodes" in doc:
+        body, scheme = doc, UNNAMED_SCHEME
+    else:
+        if len(doc) != 1:
+            raise ValueError(f"a placement record holds one scheme, not {sorted(doc)}")
+        ((scheme, body),) = doc.items()
+    nodes = [str(n) for n in body["nodes"]]
+    return (nodes, int(body["replicas"]), str(scheme)) if nodes else None
+
+
 class Membership:
     """The live memory nodes: ``nodes()`` -> {node id: endpoint}."""
 
@@ -115,6 +140,10 @@ class Membership:
     def known(self, space: str) -> bool | None:
         """Whether a writer has placed ``space`` in this cluster (None: nothing records it
         here, or the record cannot be read now)."""
+        return None
+
+    def scheme(self, space: str) -> str | None:
+        """The placement scheme recorded for ``space`` (None: none recorded, or unreadable)."""
         return None
 
     def recorded_size(self, space: str) -> int:
@@ -224,19 +253,23 @@ class EtcdMembership(Membership):
 
     def placement(self, space: str, nodes: list[str], r: int, scheme: str
                   ) -> tuple[list[str], int, str]:
-        value = json.dumps({"nodes": sorted(nodes), "replicas": r, "scheme": scheme})
         try:
-            if not self.client.create(PLACEMENT + space, value):
+            if not self.client.create(PLACEMENT + space, placement_record(nodes, r, scheme)):
                 got = self.client.get(PLACEMENT + space)
-                if got:
-                    doc = json.loads(got[0])
-                    if doc["nodes"]:  # an empty set (recorded by an older pager) places nothing
-                        return ([str(n) for n in doc["nodes"]], int(doc["replicas"]),
-                                str(doc.get("scheme", UNNAMED_SCHEME)))
-        except (*_etcd_errors(), TypeError) as exc:
+                if got and (placed := read_placement(got[0])) is not None:
+                    return placed
+        except (*_etcd_errors(), TypeError, KeyError, ValueError) as exc:
             log.warning("etcd: cannot read the placement of space %s (%s): assuming the "
                         "current nodes hold it", space, _why(exc))
         return nodes, r, scheme
+
+    def scheme(self, space: str) -> str | None:
+        try:
+            got = self.client.get(PLACEMENT + space)
+            placed = read_placement(got[0]) if got else None
+        except (*_etcd_errors(), TypeError, KeyError, ValueError):
+            return None
+        return placed[2] if placed is not None else None
 
     def known(self, space: str) -> bool | None:
         try:
@@ -246,8 +279,7 @@ class EtcdMembership(Membership):
 
     def record_placement(self, space: str, nodes: list[str], r: int, scheme: str) -> None:
         try:
-            self.client.put(PLACEMENT + space, json.dumps(
-                {"nodes": sorted(nodes), "replicas": r, "scheme": scheme}))
+            self.client.put(PLACEMENT + space, placement_record(nodes, r, scheme))
         except _etcd_errors() as exc:
             log.warning("etcd: cannot record the placement of space %s: %s", space, _why(exc))
 

@@ -63,7 +63,7 @@ def parse_source(memnode: str | list[str] | None, source: str | None, *,
         if source:
             raise ConfigError("give memory nodes or --source file:PATH, not both")
         from pager.source.cluster import ClusterSource
-        from pager.source.placement import check_replicas
+        from pager.source.placement import check_replicas, unknown_scheme
         from transport.leases import Ownership
         from transport.membership import membership_from
 
@@ -79,6 +79,10 @@ def parse_source(memnode: str | list[str] | None, source: str | None, *,
         # every option is checked before the space is taken over: a pager that then exits
         # on a bad option must not have fenced the one serving the space
         check_replicas(replicas, len(membership.nodes()))
+        if (scheme := membership.scheme(space)) and (why := unknown_scheme(
+                space, scheme, membership.source)):
+            membership.close()
+            raise ConfigError(why)
         if existing and membership.known(space) is False:
             membership.close()
             raise ConfigError(f"no space {space!r} in the cluster (etcd records no placement "

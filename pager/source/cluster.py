@@ -34,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pager.core.region import Region
+from pager.errors import HandoffError
 from pager.source.base import PageSource
 from pager.source.cluster_lane import ClusterLane
 from pager.source.cluster_stores import StoreRecords
@@ -42,11 +43,11 @@ from pager.source.placement import (
     EXTENT_SHIFT,
     EXTENT_SIZE,
     HOME,
-    SCHEMES,
     check_replicas,
     nearness,
     placed,
     read_order_of,
+    unknown_scheme,
 )
 from transport.errors import RemoteError, StoreIdentityError, TransportError
 from transport.leases import Ownership
@@ -366,11 +367,8 @@ class ClusterSource(PageSource):
         if base is None:  # a space no writer placed yet: on the nodes in the cluster now
             nodes, r, scheme = self.membership.placement(space, sorted(self.members), self.r,
                                                          HOME)
-            if scheme not in SCHEMES:
-                raise ClusterError(
-                    f"space {space!r} was placed by scheme {scheme!r} (recorded in "
-                    f"{self.membership.source}), which this version does not know: serve it "
-                    f"with the version that wrote it")
+            if why := unknown_scheme(space, scheme, self.membership.source):
+                raise ClusterError(why)
             base = self.bases[space] = (frozenset(nodes), r, scheme)
         return base
 
@@ -488,7 +486,12 @@ class ClusterSource(PageSource):
 
     # --- PageSource ---------------------------------------------------------------------
     def check_region(self, region: Region) -> None:
-        self.keep(region.space or self.space, region.offset + region.size)
+        space = region.space or self.space
+        try:
+            self._base(space)  # placed by a scheme this version cannot read: refused
+        except ClusterError as exc:
+            raise HandoffError(str(exc)) from exc
+        self.keep(space, region.offset + region.size)
 
     def describe(self) -> str:
         return (f"cluster of {len(self.members)} memory nodes ({self.membership.source}), "

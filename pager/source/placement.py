@@ -68,6 +68,15 @@ RENDEZVOUS = "rendezvous"
 SCHEMES = (HOME, RENDEZVOUS)
 
 
+def unknown_scheme(space: str, scheme: str, where: str) -> str | None:
+    """Why ``space`` cannot be read when its placement ``scheme`` (recorded in ``where``) is
+    not one of `SCHEMES`; None when it is."""
+    if scheme in SCHEMES:
+        return None
+    return (f"space {space!r} was placed by scheme {scheme!r} (recorded in {where}), which "
+            f"this version of ssi-pager does not know: use the version that wrote it")
+
+
 def home(space: str, nodes: Iterable[str]) -> str:
     """The node of ``nodes`` that holds every extent of ``space`` under `HOME`."""
     return max(nodes, key=lambda n: (affinity(n, space), n))

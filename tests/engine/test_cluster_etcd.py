@@ -202,7 +202,7 @@ def test_pager_started_while_a_holder_is_away_reads_every_byte(etcd, three):
         wait_until(lambda: src.under_replicated == 0 and not src.dirty.is_set(), 60,
                    "re-replication")
         wait_until(lambda: json.loads(m.client.get("/ssi-pager/placement/default")[0])
-                   == {"nodes": ["n0", "n2"], "replicas": 2, "scheme": "home"}, 30,
+                   == {"home": {"nodes": ["n0", "n2"], "replicas": 2}}, 30,
                    "the placement record")
     finally:
         src.close()

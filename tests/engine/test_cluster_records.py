@@ -124,7 +124,7 @@ def test_no_live_node_records_no_placement(etcd, three_etcd):
     set (every later put and fault of the space would find no holder), and an empty set an
     older pager recorded is not taken as the placement."""
     from pager.source.cluster import ClusterSource
-    from transport.membership import PLACEMENT, EtcdMembership
+    from transport.membership import PLACEMENT, EtcdMembership, read_placement
     from transport.token import load_token
 
     three = three_etcd
@@ -139,7 +139,7 @@ def test_no_live_node_records_no_placement(etcd, three_etcd):
         src.dirty.set()
         time.sleep(1.0)  # repair passes over the space with no node
         got = m.client.get(PLACEMENT + "sp")
-        assert not got or json.loads(got[0])["nodes"], got
+        assert not got or read_placement(got[0]) is not None, got
         m.client.put(PLACEMENT + "sq", json.dumps({"nodes": [], "replicas": 2}))
         assert m.placement("sq", ["n0", "n1"], 2, "home") == (["n0", "n1"], 2, "home")
     finally:
@@ -148,33 +148,44 @@ def test_no_live_node_records_no_placement(etcd, three_etcd):
 
 
 def test_the_placement_scheme_is_recorded_and_an_older_record_read_as_it_was(etcd,
-                                                                            three_etcd):
-    """A space placed from now on records its scheme (``home``); a record an older pager
-    wrote names none and its extents stay where per-extent rendezvous put them; a scheme
-    this version does not know is refused by name, not guessed."""
+                                                                            three_etcd,
+                                                                            tmp_path):
+    """A space placed from now on records its scheme (``home``), in a record a version
+    before schemes cannot read (it would read the space where its own placement puts it,
+    zeros where that differs); a record such a version wrote names none and its extents stay
+    where per-extent rendezvous put them, and is rewritten in its own form; a scheme this
+    version does not know is refused by name, by `serve` before it takes the space over."""
     from pager.source.cluster import ClusterSource
     from pager.source.placement import HOME, RENDEZVOUS, home, replicas
-    from transport.membership import PLACEMENT, ClusterError, EtcdMembership
+    from transport.membership import EPOCHS, OWNERS, PLACEMENT, ClusterError, EtcdMembership
     from transport.token import load_token
 
     ids = ["n0", "n1", "n2"]
     m = EtcdMembership(etcd.url, poll=0.1)
     wait_until(lambda: sorted(m.nodes()) == ids, 30, "the nodes to register")
     m.client.put(PLACEMENT + "old", json.dumps({"nodes": ids, "replicas": 2}))
-    m.client.put(PLACEMENT + "fut", json.dumps({"nodes": ids, "replicas": 2,
-                                                "scheme": "striped"}))
+    m.client.put(PLACEMENT + "fut", json.dumps({"striped": {"nodes": ids, "replicas": 2}}))
     src = ClusterSource(m, load_token(three_etcd[0].token_file), "new", replicas=2,
                         prefer="tcp")
     try:
         top = home("new", ids)
         assert all(top in src.placed_on("new", e) for e in range(20))
         doc = json.loads(m.client.get(PLACEMENT + "new")[0])
-        assert doc == {"nodes": ids, "replicas": 2, "scheme": HOME}
+        assert doc == {HOME: {"nodes": ids, "replicas": 2}} and "nodes" not in doc
         old = [src.placed_on("old", e) for e in range(20)]
         assert old == [frozenset(replicas("old", e, ids, 2, RENDEZVOUS)) for e in range(20)]
         assert old != [frozenset(replicas("old", e, ids, 2, HOME)) for e in range(20)]
+        m.record_placement("old", ids, 2, RENDEZVOUS)
+        assert json.loads(m.client.get(PLACEMENT + "old")[0]) == {"nodes": ids, "replicas": 2}
         with pytest.raises(ClusterError, match="space 'fut' was placed by scheme 'striped'"):
             src.placed_on("fut", 0)
+        r = subprocess.run([sys.executable, "-m", "pager.cli", "serve", "--etcd", etcd.url,
+                            "--space", "fut", "--socket", str(tmp_path / "fut.sock"),
+                            "--token-file", str(three_etcd[0].token_file)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1, r.stderr
+        assert "space 'fut' was placed by scheme 'striped'" in r.stderr, r.stderr
+        assert not m.client.get(OWNERS + "fut") and not m.client.get(EPOCHS + "fut")
     finally:
         src.close()
         m.close()
