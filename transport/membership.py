@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -87,27 +88,36 @@ def _start(first: Callable[[], None], loop: Callable[[], None], name: str,
 
 def placement_record(nodes: list[str], r: int, scheme: str) -> str:
     """The placement record of a space (``/ssi-pager/placement/SPACE``): ``{"nodes": [...],
-    "replicas": R}`` for `UNNAMED_SCHEME` (what versions before schemes read and write), else
-    the same nested under the scheme's name, which such a version cannot read: it fails on
-    the record instead of reading the space where its own placement would put it."""
+    "replicas": R}`` for `UNNAMED_SCHEME` (what versions before schemes read and write);
+    for any other scheme the same nested under the scheme's name, beside a top-level
+    ``"nodes"`` and an infinite ``"replicas"``. Versions before schemes read only those two
+    and convert R with ``int()``: infinity raises OverflowError, which they do not catch,
+    so they fail on the space instead of reading it by their own placement (zeros where that
+    differs) and recording it as theirs."""
     body = {"nodes": sorted(nodes), "replicas": r}
-    return json.dumps(body if scheme == UNNAMED_SCHEME else {scheme: body})
+    if scheme == UNNAMED_SCHEME:
+        return json.dumps(body)
+    return json.dumps({scheme: body, "nodes": body["nodes"], "replicas": math.inf})
 
 
 def read_placement(raw: str | bytes) -> tuple[list[str], int, str] | None:
     """(nodes, R, scheme) of a `placement_record`; None for an empty node set (an older
-    pager could record one: it places nothing). KeyError, ValueError, TypeError: malformed."""
+    pager could record one: it places nothing). A malformed record raises one of
+    `MALFORMED`."""
     doc = json.loads(raw)
     if not isinstance(doc, dict):
         raise ValueError("a placement record is a JSON object")
-    if "nodes" in doc:
-        body, scheme = doc, UNNAMED_SCHEME
-    else:
-        if len(doc) != 1:
-            raise ValueError(f"a placement record holds one scheme, not {sorted(doc)}")
-        ((scheme, body),) = doc.items()
+    named = [k for k in doc if k not in ("nodes", "replicas")]
+    if len(named) > 1:
+        raise ValueError(f"a placement record names one scheme, not {sorted(named)}")
+    scheme = named[0] if named else UNNAMED_SCHEME
+    body = doc[scheme] if named else doc
     nodes = [str(n) for n in body["nodes"]]
     return (nodes, int(body["replicas"]), str(scheme)) if nodes else None
+
+
+# what a malformed placement record raises in `read_placement`
+MALFORMED = (TypeError, KeyError, ValueError, OverflowError)
 
 
 class Membership:
@@ -258,7 +268,7 @@ class EtcdMembership(Membership):
                 got = self.client.get(PLACEMENT + space)
                 if got and (placed := read_placement(got[0])) is not None:
                     return placed
-        except (*_etcd_errors(), TypeError, KeyError, ValueError) as exc:
+        except (*_etcd_errors(), *MALFORMED) as exc:
             log.warning("etcd: cannot read the placement of space %s (%s): assuming the "
                         "current nodes hold it", space, _why(exc))
         return nodes, r, scheme
@@ -267,7 +277,7 @@ class EtcdMembership(Membership):
         try:
             got = self.client.get(PLACEMENT + space)
             placed = read_placement(got[0]) if got else None
-        except (*_etcd_errors(), TypeError, KeyError, ValueError):
+        except (*_etcd_errors(), *MALFORMED):
             return None
         return placed[2] if placed is not None else None
 

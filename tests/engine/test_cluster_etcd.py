@@ -17,7 +17,7 @@ from pager.source import MemnodeSource
 from pager.source.cluster import ClusterSource
 from pager.source.placement import home
 from pager.tools.workload import Client, DataSet
-from transport.membership import EtcdMembership
+from transport.membership import EtcdMembership, read_placement
 from transport.token import load_token
 from transport.wire import IDENTITIES
 
@@ -201,8 +201,7 @@ def test_pager_started_while_a_holder_is_away_reads_every_byte(etcd, three):
         src.keep("default", 32 * MIB)
         wait_until(lambda: src.under_replicated == 0 and not src.dirty.is_set(), 60,
                    "re-replication")
-        wait_until(lambda: json.loads(m.client.get("/ssi-pager/placement/default")[0])
-                   == {"home": {"nodes": ["n0", "n2"], "replicas": 2}}, 30,
-                   "the placement record")
+        wait_until(lambda: read_placement(m.client.get("/ssi-pager/placement/default")[0])
+                   == (["n0", "n2"], 2, "home"), 30, "the placement record")
     finally:
         src.close()

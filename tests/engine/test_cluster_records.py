@@ -157,7 +157,14 @@ def test_the_placement_scheme_is_recorded_and_an_older_record_read_as_it_was(etc
     version does not know is refused by name, by `serve` before it takes the space over."""
     from pager.source.cluster import ClusterSource
     from pager.source.placement import HOME, RENDEZVOUS, home, replicas
-    from transport.membership import EPOCHS, OWNERS, PLACEMENT, ClusterError, EtcdMembership
+    from transport.membership import (
+        EPOCHS,
+        OWNERS,
+        PLACEMENT,
+        ClusterError,
+        EtcdMembership,
+        read_placement,
+    )
     from transport.token import load_token
 
     ids = ["n0", "n1", "n2"]
@@ -170,8 +177,12 @@ def test_the_placement_scheme_is_recorded_and_an_older_record_read_as_it_was(etc
     try:
         top = home("new", ids)
         assert all(top in src.placed_on("new", e) for e in range(20))
-        doc = json.loads(m.client.get(PLACEMENT + "new")[0])
-        assert doc == {HOME: {"nodes": ids, "replicas": 2}} and "nodes" not in doc
+        raw = m.client.get(PLACEMENT + "new")[0]
+        assert read_placement(raw) == (ids, 2, HOME)
+        doc = json.loads(raw)
+        assert doc[HOME] == {"nodes": ids, "replicas": 2}
+        with pytest.raises(OverflowError):  # how a version before schemes reads a record
+            [str(n) for n in doc["nodes"]], int(doc["replicas"])
         old = [src.placed_on("old", e) for e in range(20)]
         assert old == [frozenset(replicas("old", e, ids, 2, RENDEZVOUS)) for e in range(20)]
         assert old != [frozenset(replicas("old", e, ids, 2, HOME)) for e in range(20)]
