@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-import time
 from array import array
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +40,6 @@ from pager.source.cluster_stores import StoreRecords
 from pager.source.memnode import MemnodeSource
 from pager.source.placement import (
     EXTENT_SHIFT,
-    EXTENT_SIZE,
     HOME,
     check_replicas,
     nearness,
@@ -508,23 +506,7 @@ class ClusterSource(PageSource):
             self.owner.close()
 
     def state(self) -> dict[str, Any]:
-        """The cluster as `ssi-pager status` shows it."""
-        with self.lock:
-            per_node: dict[str, int] = dict.fromkeys(self.members, 0)
-            for space, size in self.spaces.items():
-                for ext in range(-(-size >> EXTENT_SHIFT)):
-                    for n in self.holders(space, ext):
-                        per_node[n] = per_node.get(n, 0) + 1
-            nodes = [{"id": n, "endpoint": self.lanes.nodes.get(n),
-                      "transport": self.lanes.lane_kind(n),
-                      "tier": self.lanes.tiers.get(n),  # measured when its transport was chosen
-                      "state": "gone" if n not in self.members else "down" if n in self.down
-                      else "live",  # gone: left the membership (its etcd lease expired)
-                      "rtt_us": round(self.rtt[n] * 1e6, 1) if n in self.rtt else None,
-                      "extents": per_node.get(n, 0)} for n in sorted(self.gen)]
-            lag = 0.0 if self.lag_since is None else time.monotonic() - self.lag_since
-            return {"membership": self.membership.source, "replicas": self.r,
-                    "epoch": self.epoch, "fenced": self.fenced,
-                    "extent_bytes": EXTENT_SIZE, "nodes": nodes,
-                    "under_replicated": self.under_replicated,
-                    "replication_lag_seconds": round(lag, 3), **self.counters}
+        """The cluster as `ssi-pager status` shows it (`cluster_metrics.cluster_state`)."""
+        from pager.source.cluster_metrics import cluster_state
+
+        return cluster_state(self)

@@ -1,13 +1,19 @@
 """Prometheus metrics of a `ClusterSource` (nodes, extents, replication lag, repairs), read
-from ``source.state()`` at scrape time; `ssi-pager status` shows them."""
+from ``source.state()`` (`cluster_state`) at scrape time; `ssi-pager status` shows them."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from pager.source.placement import EXTENT_SHIFT, EXTENT_SIZE, HOME
+
+if TYPE_CHECKING:
+    from pager.source.cluster import ClusterSource
 
 
 class ClusterCollector(Collector):
@@ -16,9 +22,12 @@ class ClusterCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         st = self.source.state()
-        info = GaugeMetricFamily("ssi_pager_cluster_info", "The cluster a pager reads from",
-                                 labels=["membership", "replicas", "epoch"])
-        info.add_metric([st["membership"], str(st["replicas"]), str(st["epoch"] or "")], 1)
+        info = GaugeMetricFamily("ssi_pager_cluster_info", "The cluster a pager reads from: "
+                                 "its space's placement scheme and home node",
+                                 labels=["membership", "replicas", "epoch", "placement",
+                                         "home"])
+        info.add_metric([st["membership"], str(st["replicas"]), str(st["epoch"] or ""),
+                         st["placement"], st["home"] or ""], 1)
         yield info
         yield GaugeMetricFamily("ssi_pager_cluster_fenced",
                                 "1 once a newer pager owns this pager's space (it stopped "
@@ -55,3 +64,31 @@ class ClusterCollector(Collector):
                 ("ssi_pager_cluster_lost_replicas", "lost_replicas",
                  "Extents a node could not serve from its store (I/O error, failed check)")):
             yield CounterMetricFamily(name, help_, value=st[key])
+
+
+def cluster_state(src: ClusterSource) -> dict[str, Any]:
+    """``src`` as `ssi-pager status` shows it: its space's placement and home, each node
+    (transport, tier, state, round trip, extents held of the spaces in use), replication
+    and repair counters."""
+    scheme = src._base(src.space)[2]
+    first = src.targets(src.space, 0)[:1] if scheme == HOME else []
+    with src.lock:
+        per_node: dict[str, int] = dict.fromkeys(src.members, 0)
+        for space, size in src.spaces.items():
+            for ext in range(-(-size >> EXTENT_SHIFT)):
+                for n in src.holders(space, ext):
+                    per_node[n] = per_node.get(n, 0) + 1
+        nodes = [{"id": n, "endpoint": src.lanes.nodes.get(n),
+                  "transport": src.lanes.lane_kind(n),
+                  "tier": src.lanes.tiers.get(n),  # measured when its transport was chosen
+                  "state": "gone" if n not in src.members else "down" if n in src.down
+                  else "live",  # gone: left the membership (its etcd lease expired)
+                  "rtt_us": round(src.rtt[n] * 1e6, 1) if n in src.rtt else None,
+                  "extents": per_node.get(n, 0)} for n in sorted(src.gen)]
+        lag = 0.0 if src.lag_since is None else time.monotonic() - src.lag_since
+        return {"membership": src.membership.source, "replicas": src.r,
+                "placement": scheme, "home": first[0] if first else None,
+                "epoch": src.epoch, "fenced": src.fenced,
+                "extent_bytes": EXTENT_SIZE, "nodes": nodes,
+                "under_replicated": src.under_replicated,
+                "replication_lag_seconds": round(lag, 3), **src.counters}

@@ -156,6 +156,8 @@ def cluster_status(b: Scrape) -> dict[str, Any] | None:
     return {
         "membership": info[0][0]["membership"], "replicas": int(info[0][0]["replicas"]),
         "epoch": int(epoch) if (epoch := info[0][0]["epoch"]).isdigit() else None,
+        "placement": info[0][0].get("placement") or None,
+        "home": info[0][0].get("home") or None,
         "fenced": b.total("ssi_pager_cluster_fenced") > 0,
         "nodes": [{"node": lb["node"], "endpoint": lb["endpoint"],
                    "transport": lb["transport"], "tier": lb.get("tier") or None,
@@ -245,7 +247,11 @@ def print_cluster(st: dict[str, Any]) -> None:
     c = (st["pager"] or {}).get("cluster")
     if c:
         fenced = " (FENCED: a newer pager owns the space)" if c.get("fenced") else ""
-        print(f"cluster {c['membership']}: R={c['replicas']}, epoch {c['epoch'] or '-'}{fenced}, "
+        placed = c.get("placement") or "?"
+        if c.get("home"):
+            placed += f" ({c['home']})"
+        print(f"cluster {c['membership']}: R={c['replicas']}, placement {placed}, "
+              f"epoch {c['epoch'] or '-'}{fenced}, "
               f"under-replicated extents {c['under_replicated']} (lag "
               f"{c['replication_lag_s']:.1f} s), repairs {c['repairs']} "
               f"({human_bytes(c['repair_bytes'])}), failovers {c['failovers']}, node failures "

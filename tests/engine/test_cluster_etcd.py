@@ -91,6 +91,8 @@ def test_pager_survives_kill_9_and_etcd_outage(etcd, three, run_pager):
     st = status()
     cl = st["pager"]["cluster"]
     assert cl["membership"] == etcd.url and cl["replicas"] == 2
+    # n1 is away: the space's home is the node it prefers among the live ones
+    assert cl["placement"] == "home" and cl["home"] == home("sp", ["n0", "n2"])
     assert isinstance(cl["epoch"], int) and cl["epoch"] >= 1
     assert {n["tier"] for n in cl["nodes"] if n["state"] == "live"} <= {
         "HighPerformance", "MediumPerformance", "Standard", "Basic"}  # each node's, measured
@@ -102,6 +104,7 @@ def test_pager_survives_kill_9_and_etcd_outage(etcd, three, run_pager):
                            "--interval", "0", "--etcd", etcd.url], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert text.returncode == 0, text.stderr
+    assert f"R=2, placement home ({cl['home']})" in text.stdout, text.stdout
     rows = {ln.split()[0]: ln.split() for ln in text.stdout.splitlines()
             if ln.startswith("  ") and ln.split()}
     assert rows["NODE"][:5] == ["NODE", "ENDPOINT", "TRANSPORT", "TIER", "STATE"], rows
