@@ -193,6 +193,8 @@ def get(args: argparse.Namespace) -> int:
         if not done:
             with contextlib.suppress(OSError):
                 os.unlink(part)
+    holes = (args.size - written) >> 12
     print(f"get: space {args.space} -> {args.file}: {args.size >> 20} MiB, {written >> 12} "
-          f"pages written, the rest never written (holes)", file=sys.stderr)
+          f"pages written" + (f", {holes} never written (holes)" if holes else ""),
+          file=sys.stderr)
     return 0
