@@ -163,8 +163,9 @@ class FaultEngine:
                         f"space {space!r} is in use by another far-memory guest of this pager "
                         f"(pid {other}): a guest under a resident limit writes its pages back "
                         f"to its space, so two would overwrite each other's; give each guest "
-                        f"its own space (\"space\" in the handshake, or a pager per guest "
-                        f"with its own --space) or stop the other guest first")
+                        f"its own space (\"space\" in the handshake, SSI_PAGER_SPACE for "
+                        f"QEMU's shim, or a pager per guest with its own --space) or stop "
+                        f"the other guest first")
             for space in spaces:
                 self._writers[space] = pid
         return spaces
