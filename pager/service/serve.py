@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pager.engine import DEFAULT_CHUNK, DEFAULT_READAHEAD, ClientPager, FaultEngine
 from pager.errors import ConfigError, PagerError
@@ -33,6 +34,9 @@ from pager.service.lifecycle import (
 )
 from pager.source import MemnodeSource, PageSource, add_cluster_arguments, source_from_args
 from pager.uffd.faultloop import enabled_by_env
+
+if TYPE_CHECKING:
+    from pager.service.supervisor import Held
 from transport.polling import DEFAULT_POLL_US, add_poll_argument
 
 log = logging.getLogger(__name__)
@@ -197,10 +201,11 @@ class _Held:
             self.service.keeper.drop(self.key)
 
 
-def _poison_refused(hs: Handshake, why: BaseException) -> None:
-    """A client refused after its handshake (its memory is registered, and no one will serve
-    it): poison its regions, so a client that does not watch the socket (a VMM) gets SIGBUS
-    on its first touch instead of waiting forever."""
+def _poison_refused(hs: Handshake | Held, why: BaseException) -> None:
+    """A client refused after its handshake, or kept by the supervisor and refused by the
+    pager taking over (its memory is registered, and no one will serve it): poison its
+    regions, so a client that does not watch the socket (a VMM) gets SIGBUS on its first
+    touch instead of waiting forever."""
     try:
         n = poison_unserved(os.dup(hs.uffd), hs.regions, f"pid {hs.pid}")
     except (OSError, PagerError) as exc:
@@ -232,8 +237,17 @@ class PagerService:
         if self._keeper_fd is not None:
             from pager.service.supervisor import KeeperLink
             self.keeper = KeeperLink(self._keeper_fd)
-            for held in self.keeper.take_over():
-                self._adopt(held)
+            for held in self.keeper.take_over():  # in the order they first came
+                try:
+                    self._adopt(held)
+                except Exception as exc:  # this client alone (its space is an earlier one's)
+                    self.keeper.drop(held.key)
+                    _poison_refused(held, exc)
+                    for fd in (held.uffd, held.memfd):
+                        if fd is not None:
+                            with contextlib.suppress(OSError):
+                                os.close(fd)
+                    held.conn.close()
         await self.server.start()
 
     async def _on_client(self, hs: Handshake) -> _Held:
@@ -264,7 +278,7 @@ class PagerService:
             return None
         return lambda kind, *args: keeper.layout(key, kind, *args)
 
-    def _adopt(self, held) -> None:
+    def _adopt(self, held: Held) -> None:
         """A client kept by the supervisor while the previous pager died: wake and serve."""
         client = self.engine.add_client(held.uffd, held.regions, memfd=held.memfd,
                                         pid=held.pid, wake=True, layout=held.layout,

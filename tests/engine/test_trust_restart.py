@@ -237,3 +237,69 @@ def test_sighup_without_a_supervisor_is_ignored_loudly(memnode, run_pager):
     wait_or_fail(c.touch(threads=2))
     assert c.check(data) == [] and proc.p.poll() is None
     c.close()
+
+
+_LATE_TOUCHER = """
+import sys
+from pager.tools.workload import Client, Touch
+c = Client(int(sys.argv[2]), space=sys.argv[3])
+c.handoff(sys.argv[1])
+assert Touch(c.base, 4096, threads=1).start().wait(60)  # its space is in use from here
+print("ready", flush=True)
+sys.stdin.readline()
+t = Touch(c.base, c.size, threads=1).start()
+print("done" if t.wait(60) else "hung", flush=True)
+"""
+
+
+def test_a_kept_client_the_new_pager_refuses_is_refused_alone(tmp_path, etcd, run_pager):
+    """The pager taking over a supervisor's clients refuses one it cannot serve (here: its
+    space was placed meanwhile by a scheme this version does not know) without exiting:
+    that client gets SIGBUS at its first touch, the others stay served. A pager that exited
+    on it dropped every client it had already taken over."""
+    import ctypes
+    import json
+    import sys
+
+    from clusterkit import nodes, wait_until
+
+    from tests.procs import line_within
+    from transport.membership import PLACEMENT, STORES, etcd_client
+
+    node = nodes(tmp_path, 1, etcd.url)[0]
+    try:
+        sup, sock = run_pager("--etcd", etcd.url, "--space", "kept", "--token-file",
+                              str(node.token_file), "--supervise", "--readahead", "0")
+        a = Client(4 * MIB)
+        a.handoff(sock)
+        wait_or_fail(Touch(a.base, MIB, threads=2).start())
+        b = subprocess.Popen([sys.executable, "-c", _LATE_TOUCHER, sock, str(4 * MIB),
+                              "other"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        try:
+            assert line_within(b, 60).strip() == "ready"
+            sup.wait_for(r"serving client2")
+            ec = etcd_client(etcd.url)
+            # the running pager records the space's placement, then where it is stored: once
+            # the latter is there, it writes the placement no more
+            wait_until(lambda: ec.get(STORES + "other/n0"), 30, "the store record")
+            ec.put(PLACEMENT + "other", json.dumps({"striped": {"nodes": ["n0"],
+                                                                "replicas": 1}}))
+            sup.p.send_signal(signal.SIGHUP)
+            sup.wait_for(r"restarting the pager on request, 2 clients kept")
+            sup.wait_for(r"client pid \d+ refused \(space 'other' was placed by scheme "
+                         r"'striped'.*KiB poisoned")
+            sup.wait_for(r"took over client pid")
+            b.stdin.write("go\n")
+            b.stdin.flush()
+            assert b.wait(60) == -signal.SIGBUS, b.stderr.read()[-2000:]
+            wait_or_fail(Touch(a.base + MIB, 3 * MIB, threads=2).start())  # still served
+            assert ctypes.string_at(a.base, 4 * MIB) == bytes(4 * MIB)  # never written: zeros
+            assert "pager exited" not in sup.log.read_text(), sup.log.read_text()[-2000:]
+            assert sup.p.poll() is None
+        finally:
+            b.kill()
+            b.wait()
+            a.close()
+    finally:
+        node.proc.stop()
