@@ -5,7 +5,8 @@
  * hands the uffd (and the RAM's memfd, if any) to the pager over the Firecracker UFFD handshake:
  * one sendmsg carrying a JSON array of regions and the fds by SCM_RIGHTS.
  *
- * Environment (set by `ssi-pager vm`; without SSI_PAGER_SOCKET the library does nothing):
+ * Environment (set by `ssi-pager vm`, or by hand; left as it is, so a wrapper QEMU is
+ * started through passes it on; without SSI_PAGER_SOCKET the library does nothing):
  *   SSI_PAGER_SOCKET     pager's Unix socket path
  *   SSI_PAGER_RAM_SIZE   guest RAM size in bytes (the mapping to take over)
  *   SSI_PAGER_SPACE      memory-node address space name for this guest (optional)
@@ -422,8 +423,8 @@ __attribute__((constructor)) static void shim_init(void)
 		fcntl(cfg_status_fd, F_SETFD, FD_CLOEXEC); /* not inherited by helper children */
 	}
 	strcpy(cfg_socket, sock);
-	unsetenv("SSI_PAGER_SOCKET");
-	unsetenv("SSI_PAGER_RAM_SIZE");
-	unsetenv("SSI_PAGER_SPACE");
-	unsetenv("SSI_PAGER_STATUS_FD");
+	/* The SSI_PAGER_* variables stay in the environment: a wrapper QEMU is started
+	 * through (env, setsid, taskset, numactl) loads this library too and must pass them
+	 * on to QEMU. A process that never maps guest RAM (a wrapper, a helper QEMU starts)
+	 * hands nothing over. */
 }

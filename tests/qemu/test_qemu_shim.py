@@ -56,7 +56,7 @@ CHILD = textwrap.dedent("""
 
 class Child:
     def __init__(self, tmp: Path, kind: str, space: str | None = "vmtest",
-                 size_env: str | None = None) -> None:
+                 size_env: str | None = None, wrapper: tuple[str, ...] = ()) -> None:
         self.sock_path = tmp / "pager.sock"
         self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.server.bind(str(self.sock_path))
@@ -67,7 +67,8 @@ class Child:
                    SSI_PAGER_RAM_SIZE=size_env or str(SIZE))
         if space is not None:
             env["SSI_PAGER_SPACE"] = space
-        self.proc = subprocess.Popen([sys.executable, "-c", CHILD, kind, str(SIZE)], env=env,
+        self.proc = subprocess.Popen([*wrapper, sys.executable, "-c", CHILD, kind, str(SIZE)],
+                                     env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
@@ -108,9 +109,12 @@ def fd_target(fd: int) -> str:
     return os.readlink(f"/proc/self/fd/{fd}")
 
 
-@pytest.mark.parametrize("kind", ["anon", "memfd"])
-def test_handshake_and_uffd_serves_the_mapping(child_factory, kind):
-    c = child_factory(kind)
+@pytest.mark.parametrize("kind,wrapper", [("anon", ()), ("memfd", ()),
+                                          ("anon", ("env",)), ("memfd", ("setsid", "env"))])
+def test_handshake_and_uffd_serves_the_mapping(child_factory, kind, wrapper):
+    """Also with the process started through wrappers (which load the shim too, and must
+    pass its settings on)."""
+    c = child_factory(kind, wrapper=wrapper)
     conn, regions, fds = c.accept()
     addr = int(c.out.next_line())
     try:

@@ -222,7 +222,7 @@ def test_pager_dies_fails_loudly(waiting_guest, runtime, pager, memnode, token):
 
 
 def test_shim_inert_without_pager_environment(guest, expected, checksums):
-    """Preloaded without SSI_PAGER_SOCKET (as in QEMU's helper children) the shim does nothing."""
+    """Preloaded without SSI_PAGER_SOCKET the shim does nothing."""
     from pager.shim import library
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("SSI_PAGER_")}
