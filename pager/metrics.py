@@ -340,8 +340,9 @@ def memnode_registry(node: Any) -> CollectorRegistry:
 
 # ------------------------------------------------------------------ HTTP endpoint
 
-def parse_hostport(text: str) -> tuple[str, int]:
-    """'9850' -> ('127.0.0.1', 9850); 'HOST:PORT' and '[v6]:PORT' as given."""
+def parse_hostport(text: str, option: str = "--metrics") -> tuple[str, int]:
+    """'9850' -> ('127.0.0.1', 9850); 'HOST:PORT' and '[v6]:PORT' as given (``option``:
+    what an error names)."""
     host, sep, port = text.rpartition(":")
     if not sep:
         host, port = "127.0.0.1", text
@@ -351,7 +352,7 @@ def parse_hostport(text: str) -> tuple[str, int]:
     except ValueError:
         value = -1
     if not 0 <= value <= 65535:
-        raise ConfigError(f"--metrics {text!r}: expected PORT or HOST:PORT (e.g. 9850 or "
+        raise ConfigError(f"{option} {text!r}: expected PORT or HOST:PORT (e.g. 9850 or "
                           f"127.0.0.1:9850)")
     return host, value
 

@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -56,7 +57,11 @@ class Scrape:
 
 
 def url_of(hostport: str) -> str:
-    host, port = parse_hostport(hostport)
+    """The metrics URL of ``--pager``/``--memnode``: HOST:PORT, PORT, or the URL the pager
+    or node prints (``http://HOST:PORT/metrics``)."""
+    if "://" in hostport:
+        hostport = urlsplit(hostport).netloc
+    host, port = parse_hostport(hostport, "--pager/--memnode")
     host = f"[{host}]" if ":" in host else host
     return f"http://{host}:{port}/metrics"
 
@@ -69,7 +74,8 @@ def scrape(hostport: str, what: str) -> Scrape:
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise PagerError(f"cannot read the {what}'s metrics at {url}: {reason}; is it running "
-                         f"with --metrics {hostport}? (pass --pager / --memnode HOST:PORT)") \
+                         f"with --metrics {urlsplit(url).netloc}? (pass --pager / --memnode "
+                         f"HOST:PORT)") \
             from exc
     out = Scrape(time.monotonic())
     for fam in text_string_to_metric_families(text):

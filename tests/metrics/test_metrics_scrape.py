@@ -199,6 +199,11 @@ def test_status_agrees_with_prometheus(stack, workload) -> None:
     human = subprocess.run(cli("status", "--pager", stack["pager_metrics"], "--interval", "0"),
                            capture_output=True, text=True, cwd=ROOT, timeout=30)
     assert "clients 1" in human.stdout and "p99" in human.stdout
+    # the URL the pager prints ("metrics: http://HOST:PORT/metrics") is taken as it is
+    url = subprocess.run(cli("status", "--pager", f"http://{stack['pager_metrics']}/metrics",
+                             "--interval", "0"),
+                         capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert url.returncode == 0 and "clients 1" in url.stdout, url.stderr
     # a memory node that does not answer is named; the pager's figures are still shown
     from tests.metrics.promserver import refused_port
     with refused_port() as port:
