@@ -34,10 +34,10 @@ from pager.service.lifecycle import (
 )
 from pager.source import MemnodeSource, PageSource, add_cluster_arguments, source_from_args
 from pager.uffd.faultloop import enabled_by_env
+from transport.polling import DEFAULT_POLL_US, add_poll_argument
 
 if TYPE_CHECKING:
     from pager.service.supervisor import Held
-from transport.polling import DEFAULT_POLL_US, add_poll_argument
 
 log = logging.getLogger(__name__)
 
