@@ -101,9 +101,8 @@ class FaultEngine:
         """
         for r in regions:
             self.source.check_region(r)
-        limited = self.max_resident is not None or self.pager_max_resident is not None
         claimed: set[str | None] = set()
-        if limited:
+        if self.far_memory:
             check_far_memory(regions, memfd)
             self._check_share(max(self.chunk_size, *(r.page_size for r in regions)))
             claimed = self._claim(regions, pid)
@@ -118,7 +117,7 @@ class FaultEngine:
              memfd: int | None, pid: int, wake: bool, name: str | None,
              layout: list[list] | None, on_layout: Callable[..., None] | None
              ) -> ClientPager:
-        limited = self.max_resident is not None or self.pager_max_resident is not None
+        limited = self.far_memory
         u = Userfaultfd.adopt(uffd_fd)
         state = ClientState(RegionTable(regions), chunk_size=self.chunk_size,
                             readahead=self._detector() if not limited
@@ -148,6 +147,11 @@ class FaultEngine:
         if wake:
             client.wake_all()
         return client
+
+    @property
+    def far_memory(self) -> bool:
+        """Whether the pager keeps its guests under a resident limit."""
+        return self.max_resident is not None or self.pager_max_resident is not None
 
     def _claim(self, regions: list[Region], pid: int) -> set[str | None]:
         """A far-memory guest writes its pages back to its space: the spaces of ``regions``

@@ -243,11 +243,7 @@ class PagerService:
                 except Exception as exc:  # this client alone (its space is an earlier one's)
                     self.keeper.drop(held.key)
                     _poison_refused(held, exc)
-                    for fd in (held.uffd, held.memfd):
-                        if fd is not None:
-                            with contextlib.suppress(OSError):
-                                os.close(fd)
-                    held.conn.close()
+                    held.close()
         await self.server.start()
 
     async def _on_client(self, hs: Handshake) -> _Held:

@@ -88,6 +88,14 @@ class Held:
     conn: socket.socket
     layout: list[list]
 
+    def close(self) -> None:
+        """Let the client go: its fds and the socket it watches (a VMM then stops)."""
+        for fd in (self.uffd, self.memfd):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.conn.close()
+
 
 class KeeperLink:
     """The pager's side of the keeper link."""

@@ -312,7 +312,7 @@ class ClusterSource(PageSource):
         return True
 
     def targets(self, space: str, ext: int) -> list[str]:
-        return list(placed(space, ext, frozenset(self.live()), self.r, self._base(space)[2]))
+        return list(placed(space, ext, frozenset(self.live()), self.r, self.scheme(space)))
 
     def short_of(self, space: str, ext: int) -> list[str]:
         """The targets of ``space``'s extent ``ext`` that do not hold it (repair's work)."""
@@ -370,6 +370,10 @@ class ClusterSource(PageSource):
             base = self.bases[space] = (frozenset(nodes), r, scheme)
         return base
 
+    def scheme(self, space: str) -> str:
+        """The placement scheme ``space``'s extents are placed by (`pager.source.placement`)."""
+        return self._base(space)[2]
+
     def settled(self, space: str) -> None:
         """Repair found every extent of ``space`` on its targets: record the live set as its
         placement, so a pager started later computes the holders from it, and the store
@@ -379,7 +383,7 @@ class ClusterSource(PageSource):
             return
         if self._recorded.get(space) != (live, self.r):
             self._recorded[space] = (live, self.r)
-            self.membership.record_placement(space, live, self.r, self._base(space)[2])
+            self.membership.record_placement(space, live, self.r, self.scheme(space))
         self.record_identities(space, live)
 
     def record_identities(self, space: str, nodes: list[str] | None = None) -> None:

@@ -70,7 +70,7 @@ def cluster_state(src: ClusterSource) -> dict[str, Any]:
     """``src`` as `ssi-pager status` shows it: its space's placement and home, each node
     (transport, tier, state, round trip, extents held of the spaces in use), replication
     and repair counters."""
-    scheme = src._base(src.space)[2]
+    scheme = src.scheme(src.space)
     first = src.targets(src.space, 0)[:1] if scheme == HOME else []
     with src.lock:
         per_node: dict[str, int] = dict.fromkeys(src.members, 0)
