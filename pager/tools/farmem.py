@@ -13,6 +13,12 @@ operations per thread, under:
 - ``ssi-pager``: memory on a shared memfd handed to ``ssi-pager serve --max-resident LIMIT``
   with a memory node on loopback (and ``ssi-pager-fifo``, FIFO eviction, on the skewed
   workload over the limit: what the replacement policy gains);
+- ``c-baseline``: the same scheme with nothing around it (``pager.uffd.fmbase``): a fault
+  thread and an evictor in C in the workload's own process, the store an array in memory, FIFO;
+  no node, no socket, no Python. What a userspace pager of this scheme can do on this host, and
+  so what ``ssi-pager``'s node hop and Python cost; ``c-baseline-tcp``: the same with the store
+  behind two TCP loopback connections served by threads of the process (a fetch lane, a store
+  lane acked once per batch), the least a memory node on the same host costs;
 - ``zram``: anonymous memory in a memory cgroup v1 (``/sys/fs/cgroup/memory``) with the same
   limit, swapping to a zram device the bench creates (and removes). Needs root, the zram module
   and cgroup v1; otherwise skipped with the reason. A cgroup OOM kill is detected and the run
@@ -69,7 +75,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pager-arg", action="append", default=[], metavar="ARG",
                         help="extra `ssi-pager serve` argument (repeatable)")
     # the workload child (internal)
-    parser.add_argument("--child", choices=("anon", "memfd"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("anon", "memfd", "baseline", "baseline-tcp"),
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--limit-bytes", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--bytes", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--hot-ops", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--socket", help=argparse.SUPPRESS)
@@ -95,8 +103,16 @@ def child(args: argparse.Namespace) -> int:
     if args.cgroup:
         Path(args.cgroup, "cgroup.procs").write_text(str(os.getpid()))
     size = args.bytes
-    client = None
-    if args.child == "memfd":
+    client = baseline = None
+    if args.child.startswith("baseline"):
+        from pager.uffd.fmbase import FarMemoryBaseline
+        fd = os.memfd_create("farmem-baseline")
+        os.ftruncate(fd, size)
+        mem = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+        _keep, base = address_of(mem)
+        baseline = FarMemoryBaseline(base, size // PAGE, fd, args.limit_bytes // PAGE,
+                                     remote=args.child == "baseline-tcp")
+    elif args.child == "memfd":
         fd = os.memfd_create("farmem-bench")
         os.ftruncate(fd, size)
         client = Client(size, memory=mmap.mmap(fd, size, flags=mmap.MAP_SHARED), memfd=fd)
@@ -112,8 +128,11 @@ def child(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     w.run(ops=args.ops)
     dt = time.perf_counter() - t0
-    print(json.dumps({"ops_per_s": round(args.ops * args.threads / dt), "seconds": round(dt, 3),
-                      "errors": w.errors, "check": w.check()}), flush=True)
+    out = {"ops_per_s": round(args.ops * args.threads / dt), "seconds": round(dt, 3),
+           "errors": w.errors, "check": w.check()}
+    if baseline is not None:  # after the check, which faults pages in through it
+        out.update(baseline.stop())
+    print(json.dumps(out), flush=True)
     return 0
 
 
@@ -121,7 +140,8 @@ def _run_child(mode: str, size: int, hot_ops: int, args: argparse.Namespace, *,
                socket: str | None = None, cgroup: Path | None = None) -> dict:
     cmd = [sys.executable, "-m", "pager.cli", "bench", "farmem", "--child", mode,
            "--bytes", str(size), "--hot-ops", str(hot_ops), "--threads", str(args.threads),
-           "--ops", str(args.ops), "--write-pct", str(args.write_pct)]
+           "--ops", str(args.ops), "--write-pct", str(args.write_pct),
+           "--limit-bytes", str(args.limit)]
     if args.fill:
         cmd.append("--fill")
     if socket:
@@ -273,6 +293,10 @@ def run(args: argparse.Namespace) -> int:
                 _status(f"{case}: ssi-pager with FIFO eviction")
                 with tempfile.TemporaryDirectory(prefix="ssi-farmem-") as d:
                     got["ssi-pager-fifo"] = _ssi_case(size, hot, args, Path(d), "fifo")
+            _status(f"{case}: C baseline (in-process store)")
+            got["c-baseline"] = _run_child("baseline", size, hot, args)
+            _status(f"{case}: C baseline (store behind TCP loopback)")
+            got["c-baseline-tcp"] = _run_child("baseline-tcp", size, hot, args)
             if not why_not_zram:
                 _status(f"{case}: zram")
                 try:
@@ -286,7 +310,9 @@ def run(args: argparse.Namespace) -> int:
                        **{k: v for k, v in res.items() if k != "ops_per_s"}})
             ops = {m: r.get("ops_per_s") for m, r in got.items()}
             for a, b in (("ssi-pager", "zram"), ("ssi-pager", "resident"), ("zram", "resident"),
-                         ("ssi-pager", "ssi-pager-fifo")):
+                         ("ssi-pager", "ssi-pager-fifo"), ("c-baseline", "zram"),
+                         ("c-baseline-tcp", "zram"), ("ssi-pager", "c-baseline"),
+                         ("ssi-pager", "c-baseline-tcp")):
                 if ops.get(a) and ops.get(b):
                     _emit({"name": f"{case}-{a}/{b}", "ratio": round(ops[a] / ops[b], 3),
                            **common})

@@ -15,7 +15,7 @@ import sys
 # (importing ``pager.uffd`` here would need the extension that is being built).
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _cffi_src import faultloop, install, mman, rmw, toucher, userfaultfd
+from _cffi_src import faultloop, fmbase, install, mman, rmw, toucher, userfaultfd
 from _cffi_src.utils import build_ffi
 
 sys.path.pop(0)
@@ -23,7 +23,8 @@ sys.path.pop(0)
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _CSRC = os.path.join(_HERE, "csrc")
 _WIRE = os.path.normpath(os.path.join(_HERE, "..", "..", "transport", "wire"))
-_SOURCES = ["uffd.c", "mman.c", "toucher.c", "install.c", "faultloop.c", "farmem.c", "rmw.c"]
+_SOURCES = ["uffd.c", "mman.c", "toucher.c", "install.c", "faultloop.c", "farmem.c", "rmw.c",
+            "fmbase.c"]
 
 
 def _path(p: str) -> str:
@@ -34,7 +35,7 @@ def _path(p: str) -> str:
 
 ffi = build_ffi(
     "pager.uffd._uffd_cffi",
-    [userfaultfd, mman, toucher, install, faultloop, rmw],
+    [userfaultfd, mman, toucher, install, faultloop, rmw, fmbase],
     preamble='#include "ssi_uffd.h"',
     sources=[_path(os.path.join(_CSRC, s)) for s in _SOURCES],
     include_dirs=[_path(_CSRC), _path(_WIRE)],

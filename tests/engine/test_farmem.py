@@ -470,10 +470,16 @@ def test_bench_farmem_runs_its_cases_and_passes_options_on():
     r = _bench_farmem("--node-arg=--poll-us=0", "--pager-arg=--poll-us=0")
     assert r.returncode == 0, r.stderr
     got = {d["name"]: d for d in map(json.loads, r.stdout.splitlines())}
-    for mode in ("resident", "ssi-pager"):
+    for mode in ("resident", "ssi-pager", "c-baseline", "c-baseline-tcp"):
         case = got[f"farmem-uniform-2x-{mode}"]
         assert case["ops_per_s"] > 0 and case["errors"] == 0 and case["check"] == 0, case
     assert got["farmem-uniform-2x-ssi-pager/resident"]["ratio"] > 0
+    # the C baselines really paged: over twice the limit, pages went out and came back
+    for mode in ("c-baseline", "c-baseline-tcp"):
+        base = got[f"farmem-uniform-2x-{mode}"]
+        assert base["evicted"] > 0 and base["missing"] > base["evicted"] // 2, base
+        assert base["written_back"] > 0 and base["wp_faults"] > 0, base
+        assert got[f"farmem-uniform-2x-ssi-pager/{mode}"]["ratio"] > 0
     # an option the pager does not take: named in one line, no traceback
     bad = _bench_farmem("--pager-arg=--bogus-option")
     assert bad.returncode == 1, bad.stderr

@@ -1,8 +1,8 @@
 /* ssi_uffd.h - the C side of pager.uffd._uffd_cffi: userfaultfd helpers, mman, the toucher,
  * the shared page installer and the fault loop. This header is the extension's preamble (cffi
  * set_source); the cdef of the project's own declarations is read from the headers it
- * includes (ssi_rmw.h, ssi_install.h, ssi_pfl.h), the rest are the TYPES/FUNCTIONS strings of
- * the _cffi_src modules. Every helper returns -errno on failure.
+ * includes (ssi_rmw.h, ssi_fmbase.h, ssi_install.h, ssi_pfl.h), the rest are the
+ * TYPES/FUNCTIONS strings of the _cffi_src modules. Every helper returns -errno on failure.
  *
  * Constants newer than the build's linux/userfaultfd.h (Debian 12 ships Linux 6.1's) are
  * defined here from the kernel UAPI (Linux 6.8+) under #ifndef; SSI_HAS_<NAME> says whether the
@@ -166,6 +166,7 @@ int ssi_memfd_create(const char *name, unsigned int flags);
 int ssi_punch_hole(int fd, int64_t off, int64_t len);
 
 #include "ssi_rmw.h"
+#include "ssi_fmbase.h"
 int ssi_errno(void);
 
 /* ---- the toucher (toucher.c) ---- */
