@@ -214,6 +214,13 @@ class Handshake:
 OnClient = Callable[[Handshake], Awaitable[Any]]
 
 
+def _refused(exc: BaseException, text: str) -> None:
+    """Log a refused handshake, once: one the pager said already (``reported``: the client
+    poisoned, on stderr) goes to the debug log only."""
+    log.log(logging.DEBUG if getattr(exc, "reported", False) else logging.WARNING,
+            "handoff refused: %s", text)
+
+
 class HandoffServer:
     """Accepts clients on a Unix socket and hands each validated handshake to ``on_client``."""
 
@@ -345,12 +352,12 @@ class HandoffServer:
             log.info("client pid %d hung up", hs.pid)
         except HandoffError as exc:
             self.rejected += 1
-            log.warning("handoff refused: %s", exc)
+            _refused(exc, str(exc))
         except asyncio.CancelledError:
             pass
         except (PagerError, OSError) as exc:  # the uffd binding's errors are OSErrors
             self.rejected += 1
-            log.warning("handoff refused: %s: %s", type(exc).__name__, exc)
+            _refused(exc, f"{type(exc).__name__}: {exc}")
         except Exception:
             self.rejected += 1
             log.exception("handoff failed")

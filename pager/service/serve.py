@@ -205,7 +205,8 @@ def _poison_refused(hs: Handshake | Held, why: BaseException) -> None:
     """A client refused after its handshake, or kept by the supervisor and refused by the
     pager taking over (its memory is registered, and no one will serve it): poison its
     regions, so a client that does not watch the socket (a VMM) gets SIGBUS on its first
-    touch instead of waiting forever."""
+    touch instead of waiting forever. The refusal said here is marked ``reported`` on ``why``
+    (the handoff server then does not say it again)."""
     try:
         n = poison_unserved(os.dup(hs.uffd), hs.regions, f"pid {hs.pid}")
     except (OSError, PagerError) as exc:
@@ -213,6 +214,8 @@ def _poison_refused(hs: Handshake | Held, why: BaseException) -> None:
         return
     say(f"client pid {hs.pid} refused ({why}); its {n >> 10} KiB poisoned: it gets SIGBUS "
         f"where it touches them")
+    with contextlib.suppress(AttributeError):
+        why.reported = True  # type: ignore[attr-defined]
 
 
 class PagerService:

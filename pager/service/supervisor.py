@@ -257,6 +257,10 @@ class Keeper:
             self.held.clear()
 
 
+def _clients(n: int) -> str:
+    return f"{n} client" + ("" if n == 1 else "s")
+
+
 def _strip(argv: list[str]) -> list[str]:
     out = []
     skip = False
@@ -320,8 +324,8 @@ def run_supervised(argv: list[str], *, restart_delay: float = 0.2) -> int:
             if stopping.is_set() or rc == 0:
                 return 0 if rc in (0, -signal.SIGTERM, -signal.SIGINT) else rc
             if rc == HANDOVER_EXIT or restart.is_set():
-                print(f"supervisor: restarting the pager on request, {len(keeper.held)} "
-                      "clients kept", file=sys.stderr, flush=True)
+                print(f"supervisor: restarting the pager on request, "
+                      f"{_clients(len(keeper.held))} kept", file=sys.stderr, flush=True)
                 failures = 0
                 continue
             restarts += 1
@@ -329,12 +333,12 @@ def run_supervised(argv: list[str], *, restart_delay: float = 0.2) -> int:
             if failures >= MAX_START_FAILURES:
                 print(f"supervisor: the pager failed to start {failures} times in a row (last "
                       f"exit code {rc}); giving up: fix the error it printed above, then start "
-                      f"again ({len(keeper.held)} clients were kept)", file=sys.stderr,
+                      f"again ({_clients(len(keeper.held))} kept)", file=sys.stderr,
                       flush=True)
                 return 1
             delay = min(restart_delay * (2 ** failures), 10.0)
             print(f"supervisor: pager exited with {rc}; restarting ({restarts}), "
-                  f"{len(keeper.held)} clients kept, in {delay:.1f} s", file=sys.stderr,
+                  f"{_clients(len(keeper.held))} kept, in {delay:.1f} s", file=sys.stderr,
                   flush=True)
             stopping.wait(delay)
         return 0

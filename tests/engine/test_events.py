@@ -135,7 +135,7 @@ def test_pager_killed_and_restarted_takes_over_blocked_client(memnode, run_pager
         wait_until(lambda: uffd_blocked() == 2, "2 faulting threads blocked")  # in the pager
         assert not t.finished
         os.kill(first, signal.SIGKILL)
-        sup.wait_for(r"restarting \(1\), 1 clients kept", 10)
+        sup.wait_for(r"restarting \(1\), 1 client kept", 10)
     finally:
         memnode.proc.p.send_signal(signal.SIGCONT)
     wait_or_fail(t, 60)

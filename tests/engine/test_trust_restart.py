@@ -87,7 +87,7 @@ def test_sighup_restarts_the_supervised_pager_with_clients_handed_over(memnode, 
     t = _blocked_touch(c, memnode, MIB, 8 * MIB)
     try:
         sup.p.send_signal(signal.SIGHUP)
-        sup.wait_for(r"restarting the pager on request, 1 clients kept")
+        sup.wait_for(r"restarting the pager on request, 1 client kept")
         sup.wait_for(r"took over client")
     finally:
         memnode.proc.p.send_signal(signal.SIGCONT)
@@ -119,7 +119,7 @@ def test_supervisor_replays_thousands_of_removals(memnode, run_pager):
     # when it is read; one read in the instant before a kill -9 is the documented limit)
     wait_or_fail(Touch(c.base, PAGE, threads=1).start())
     os.kill(first, signal.SIGKILL)
-    sup.wait_for(r"restarting \(1\), 1 clients kept")
+    sup.wait_for(r"restarting \(1\), 1 client kept")
     sup.wait_for(r"took over client")
     wait_or_fail(c.touch(threads=2), 120)  # removed pages fault on the new pager
     zero = bytes(PAGE)
