@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from pager.core.farmem import POLICIES, FarMemory
 from pager.core.readahead import NEVER, Readahead
@@ -153,12 +153,16 @@ class FaultEngine:
         """Whether the pager keeps its guests under a resident limit."""
         return self.max_resident is not None or self.pager_max_resident is not None
 
+    def spaces_of(self, regions: Iterable[Region]) -> set[str | None]:
+        """The address spaces ``regions`` are in (a region naming none: the source's)."""
+        default = getattr(self.source, "space", None)
+        return {r.space if r.space is not None else default for r in regions}
+
     def _claim(self, regions: list[Region], pid: int) -> set[str | None]:
         """A far-memory guest writes its pages back to its space: the spaces of ``regions``
         are its alone while it is attached, or two guests would overwrite each other's pages
         (and read them back as their own). Another guest of a claimed space is refused."""
-        default = getattr(self.source, "space", None)
-        spaces = {r.space if r.space is not None else default for r in regions}
+        spaces = self.spaces_of(regions)
         with self._lock:
             for space in sorted(spaces, key=str):
                 other = self._writers.get(space)

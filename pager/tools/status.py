@@ -106,11 +106,19 @@ def fault_buckets(s: Scrape) -> dict[float, float]:
 
 
 def guests(s: Scrape) -> list[dict[str, Any]]:
-    """Resident bytes and the resident limit (None: no limit) of each client."""
+    """Resident bytes and the resident limit (None: no limit) of each client, with its
+    process id and address spaces (None: a pager before they were exported)."""
     limits = {lb["client"]: int(v) for lb, v in s.all("ssi_pager_resident_limit_bytes")}
-    return [{"client": lb["client"], "resident_bytes": int(v),
-             "limit_bytes": limits.get(lb["client"])}
-            for lb, v in s.all("ssi_pager_resident_bytes")]
+    who = {lb["client"]: lb for lb, _ in s.all("ssi_pager_client_info")}
+    out = []
+    for lb, v in s.all("ssi_pager_resident_bytes"):
+        w = who.get(lb["client"], {})
+        pid = w.get("pid")
+        out.append({"client": lb["client"], "resident_bytes": int(v),
+                    "limit_bytes": limits.get(lb["client"]),
+                    "pid": int(pid) if pid and pid.isdigit() else None,
+                    "spaces": w["space"].split(",") if w.get("space") else None})
+    return out
 
 
 def pager_status(a: Scrape, b: Scrape) -> dict[str, Any]:
@@ -238,10 +246,13 @@ def print_pager(st: dict[str, Any]) -> None:
     if any(g["limit_bytes"] is not None for g in p["guests"]):
         print(f"  evictions {p['evictions']}  written back "
               f"{human_bytes(p['written_back_bytes_per_s'])}/s")
-        print(f"  {'GUEST':<24} {'RESIDENT':>12} {'LIMIT':>12}")
+        print(f"  {'GUEST':<12} {'PID':>8} {'RESIDENT':>12} {'LIMIT':>12}  SPACE")
         for g in p["guests"]:
             lim = "-" if g["limit_bytes"] is None else human_bytes(g["limit_bytes"])
-            print(f"  {g['client']:<24} {human_bytes(g['resident_bytes']):>12} {lim:>12}")
+            pid = "-" if g["pid"] is None else str(g["pid"])
+            space = ",".join(g["spaces"]) if g["spaces"] else "-"
+            print(f"  {g['client']:<12} {pid:>8} {human_bytes(g['resident_bytes']):>12} "
+                  f"{lim:>12}  {space}")
     if p["peers"]:
         print(f"  {'PEER':<24} {'TRANSPORT':<10} {'TIER':<16} RTT")
         for peer in p["peers"]:

@@ -330,11 +330,14 @@ def test_status_shows_the_limit_held_and_real_written_back_bytes(memnode, run_pa
         p = json.loads(r.stdout)["pager"]
         [g] = p["guests"]
         assert g["limit_bytes"] == limit and 0 < g["resident_bytes"] <= limit
+        assert g["pid"] == os.getpid() and len(g["spaces"]) == 1 and g["spaces"][0], g
         assert p["evictions"] > 0
         human = subprocess.run([sys.executable, "-m", "pager.cli", "status", "--pager", metrics,
                                 "--interval", "0"], capture_output=True, text=True, cwd=ROOT,
                                timeout=30)
         assert "LIMIT" in human.stdout and "2.0 MiB" in human.stdout, human.stdout
+        row = next(x for x in human.stdout.splitlines() if g["client"] in x)
+        assert str(os.getpid()) in row.split() and g["spaces"][0] in row.split(), human.stdout
     finally:
         c.close(unmap=True)
         os.close(c.memfd)

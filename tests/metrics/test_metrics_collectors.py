@@ -71,10 +71,12 @@ def engine_stats() -> EngineStats:
 
 def test_pager_collector_exports_engine_stats(engine_stats: EngineStats) -> None:
     from pager.core.farmem import FarMemory
-    client = SimpleNamespace(name="vm1", resident_bytes=3 << 20, state=SimpleNamespace(
-        regions=[1, 2], farmem=FarMemory(4 << 20, 65536)))
+    client = SimpleNamespace(name="vm1", pid=4242, resident_bytes=3 << 20,
+                             state=SimpleNamespace(regions=[1, 2],
+                                                   farmem=FarMemory(4 << 20, 65536)))
     engine = SimpleNamespace(stats=lambda: engine_stats, chunk_size=65536, clients=[client],
-                             source=SimpleNamespace(endpoint="10.0.0.2:50051"))
+                             source=SimpleNamespace(endpoint="10.0.0.2:50051"),
+                             spaces_of=lambda regions: {"b", "a"})
     reg = metrics.pager_registry(engine)
     assert REGISTRY.get_sample_value("ssi_pager_clients") is None   # not the global registry
     assert reg.get_sample_value("ssi_pager_faults_total",
@@ -100,6 +102,8 @@ def test_pager_collector_exports_engine_stats(engine_stats: EngineStats) -> None
     assert reg.get_sample_value("ssi_pager_regions") == 2
     assert reg.get_sample_value("ssi_pager_resident_bytes", {"client": "vm1"}) == 3 << 20
     assert reg.get_sample_value("ssi_pager_resident_limit_bytes", {"client": "vm1"}) == 4 << 20
+    assert reg.get_sample_value("ssi_pager_client_info",
+                                {"client": "vm1", "pid": "4242", "space": "a,b"}) == 1
     assert reg.get_sample_value("ssi_pager_written_back_bytes_total") == 3 * 65536
     assert reg.get_sample_value("ssi_pager_evictions_total", {"result": "written_back"}) == 3
     assert reg.get_sample_value("ssi_pager_evictions_total", {"result": "clean"}) == 2
