@@ -19,6 +19,8 @@ operations per thread, under:
   so what ``ssi-pager``'s node hop and Python cost; ``c-baseline-tcp``: the same with the store
   behind two TCP loopback connections served by threads of the process (a fetch lane, a store
   lane acked once per batch), the least a memory node on the same host costs;
+  ``c-baseline-tcp-all-dirty``: that without dirty tracking (pages installed writable, every
+  victim written back);
 - ``zram``: anonymous memory in a memory cgroup v1 (``/sys/fs/cgroup/memory``) with the same
   limit, swapping to a zram device the bench creates (and removes). Needs root, the zram module
   and cgroup v1; otherwise skipped with the reason. A cgroup OOM kill is detected and the run
@@ -51,6 +53,9 @@ CGROUP_V1 = Path("/sys/fs/cgroup/memory")
 ZRAM_CONTROL = Path("/sys/class/zram-control")
 WORKLOADS = {"uniform": 0, "skewed": 90}  # percent of operations on the hot 20% of pages
 CHILD_TIMEOUT = 1800
+# the C baselines (pager.uffd.fmbase): case name -> (store behind TCP loopback, all dirty)
+BASELINES = {"c-baseline": (False, False), "c-baseline-tcp": (True, False),
+             "c-baseline-tcp-all-dirty": (True, True)}
 ZRAM_ATTEMPTS = 3  # runs of a zram case the cgroup OOM-killed, at most
 
 
@@ -75,7 +80,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pager-arg", action="append", default=[], metavar="ARG",
                         help="extra `ssi-pager serve` argument (repeatable)")
     # the workload child (internal)
-    parser.add_argument("--child", choices=("anon", "memfd", "baseline", "baseline-tcp"),
+    parser.add_argument("--child", choices=("anon", "memfd", *BASELINES),
                         help=argparse.SUPPRESS)
     parser.add_argument("--limit-bytes", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--bytes", type=int, help=argparse.SUPPRESS)
@@ -104,14 +109,15 @@ def child(args: argparse.Namespace) -> int:
         Path(args.cgroup, "cgroup.procs").write_text(str(os.getpid()))
     size = args.bytes
     client = baseline = None
-    if args.child.startswith("baseline"):
+    if args.child in BASELINES:
         from pager.uffd.fmbase import FarMemoryBaseline
         fd = os.memfd_create("farmem-baseline")
         os.ftruncate(fd, size)
         mem = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
         _keep, base = address_of(mem)
+        remote, all_dirty = BASELINES[args.child]
         baseline = FarMemoryBaseline(base, size // PAGE, fd, args.limit_bytes // PAGE,
-                                     remote=args.child == "baseline-tcp")
+                                     remote=remote, all_dirty=all_dirty)
     elif args.child == "memfd":
         fd = os.memfd_create("farmem-bench")
         os.ftruncate(fd, size)
@@ -293,10 +299,9 @@ def run(args: argparse.Namespace) -> int:
                 _status(f"{case}: ssi-pager with FIFO eviction")
                 with tempfile.TemporaryDirectory(prefix="ssi-farmem-") as d:
                     got["ssi-pager-fifo"] = _ssi_case(size, hot, args, Path(d), "fifo")
-            _status(f"{case}: C baseline (in-process store)")
-            got["c-baseline"] = _run_child("baseline", size, hot, args)
-            _status(f"{case}: C baseline (store behind TCP loopback)")
-            got["c-baseline-tcp"] = _run_child("baseline-tcp", size, hot, args)
+            for mode in BASELINES:
+                _status(f"{case}: {mode}")
+                got[mode] = _run_child(mode, size, hot, args)
             if not why_not_zram:
                 _status(f"{case}: zram")
                 try:
@@ -311,8 +316,8 @@ def run(args: argparse.Namespace) -> int:
             ops = {m: r.get("ops_per_s") for m, r in got.items()}
             for a, b in (("ssi-pager", "zram"), ("ssi-pager", "resident"), ("zram", "resident"),
                          ("ssi-pager", "ssi-pager-fifo"), ("c-baseline", "zram"),
-                         ("c-baseline-tcp", "zram"), ("ssi-pager", "c-baseline"),
-                         ("ssi-pager", "c-baseline-tcp")):
+                         ("c-baseline-tcp", "zram"), ("c-baseline-tcp-all-dirty", "zram"),
+                         ("ssi-pager", "c-baseline"), ("ssi-pager", "c-baseline-tcp")):
                 if ops.get(a) and ops.get(b):
                     _emit({"name": f"{case}-{a}/{b}", "ratio": round(ops[a] / ops[b], 3),
                            **common})

@@ -3,8 +3,9 @@ scheme (write-protected installs, write-protect faults for dirty tracking, evict
 write-protect, pread, store, punch, wake) in the workload's own process, in C, with the store
 an array in memory and FIFO replacement: no memory node process, no Python on the path. With
 ``remote`` the store sits behind two TCP loopback connections (a fetch lane and a store lane,
-served by two threads of this process), as a memory node on the same host would. It bounds what
-a userspace pager of this scheme can do on the host it runs on."""
+served by two threads of this process), as a memory node on the same host would; with
+``all_dirty`` there is no dirty tracking (pages installed writable, every victim written back).
+It bounds what a userspace pager of this scheme can do on the host it runs on."""
 
 from __future__ import annotations
 
@@ -21,13 +22,14 @@ class FarMemoryBaseline:
     on an empty userfaultfd before it blocks (as ssi-pager's fault loop does by default)."""
 
     def __init__(self, base: int, npages: int, memfd: int, limit_pages: int, *,
-                 poll_us: int = 50, batch: int = 256, remote: bool = False) -> None:
+                 poll_us: int = 50, batch: int = 256, remote: bool = False,
+                 all_dirty: bool = False) -> None:
         self.uffd = Userfaultfd()
         self.uffd.register(base, npages * PAGE, missing=True, wp=True)
         b = self._b = ffi.new("struct ssi_fmb *")
         b.base, b.npages, b.uffd, b.memfd = base, npages, self.uffd.fileno(), memfd
         b.limit_pages, b.poll_us, b.batch = limit_pages, poll_us, batch
-        b.remote = int(remote)
+        b.remote, b.all_dirty = int(remote), int(all_dirty)
         rc = lib.ssi_fmb_start(b)
         if rc < 0:
             self.uffd.close()

@@ -18,7 +18,10 @@
  * a fetch is a request and a 4 KiB reply on the fault thread's connection, a write-back is the
  * batch's pages sent on the evictor's own connection and one ack before the punch; two threads
  * of this process serve the two connections (no second process, no framing beyond a page
- * number: still a bound on what a pager with a node on the same host can do). */
+ * number: still a bound on what a pager with a node on the same host can do).
+ *
+ * all_dirty = 1 drops the dirty tracking: pages are installed writable (no write-protect
+ * faults) and every victim is written back (write-protected first, as the order wants). */
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/socket.h>
@@ -54,8 +57,10 @@ struct fmb_priv {
 };
 
 /* All len bytes read (is_read) or written on a connection, spinning poll_us on an empty
-   socket before blocking in poll(); 0, or -1 at EOF, on an error or once stopping. */
-static int fmb_io(struct fmb_priv *s, int fd, void *buf, size_t len, int is_read, int poll_us)
+   socket before blocking in poll(); 0, or -1 at EOF or on an error. The store's threads end at
+   the EOF ssi_fmb_stop makes once the fault thread and the evictor are gone, so a batch being
+   stored when the stop comes is still acked. */
+static int fmb_io(int fd, void *buf, size_t len, int is_read, int poll_us)
 {
     uint8_t *p = buf;
     struct timespec t0 = {0}, t;
@@ -70,8 +75,6 @@ static int fmb_io(struct fmb_priv *s, int fd, void *buf, size_t len, int is_read
             continue;
         }
         if (n == 0 || (errno != EAGAIN && errno != EINTR))
-            return -1;
-        if (__atomic_load_n(&s->stop, __ATOMIC_RELAXED))
             return -1;
         clock_gettime(CLOCK_MONOTONIC, &t);
         if (!spinning) {
@@ -93,9 +96,9 @@ static void *fmb_serve_fetch(void *arg)
     struct ssi_fmb *b = arg;
     struct fmb_priv *s = b->priv;
     uint64_t p;
-    while (fmb_io(s, s->srv[0], &p, sizeof(p), 1, b->poll_us) == 0) {
+    while (fmb_io(s->srv[0], &p, sizeof(p), 1, b->poll_us) == 0) {
         if (p >= b->npages
-                || fmb_io(s, s->srv[0], s->store + p * FMB_PAGE, FMB_PAGE, 0, b->poll_us) < 0)
+                || fmb_io(s->srv[0], s->store + p * FMB_PAGE, FMB_PAGE, 0, b->poll_us) < 0)
             break;
     }
     return NULL;
@@ -108,12 +111,12 @@ static void *fmb_serve_store(void *arg)
     struct ssi_fmb *b = arg;
     struct fmb_priv *s = b->priv;
     uint64_t h;
-    while (fmb_io(s, s->srv[1], &h, sizeof(h), 1, b->poll_us) == 0) {
+    while (fmb_io(s->srv[1], &h, sizeof(h), 1, b->poll_us) == 0) {
         uint64_t p = h & ~FMB_LAST;
         if (p >= b->npages
-                || fmb_io(s, s->srv[1], s->store + p * FMB_PAGE, FMB_PAGE, 1, b->poll_us) < 0)
+                || fmb_io(s->srv[1], s->store + p * FMB_PAGE, FMB_PAGE, 1, b->poll_us) < 0)
             break;
-        if ((h & FMB_LAST) && fmb_io(s, s->srv[1], &h, sizeof(h), 0, b->poll_us) < 0)
+        if ((h & FMB_LAST) && fmb_io(s->srv[1], &h, sizeof(h), 0, b->poll_us) < 0)
             break;
     }
     return NULL;
@@ -168,20 +171,20 @@ static void fmb_missing(struct ssi_fmb *b, struct fmb_priv *s, uint64_t p, int w
     uint8_t *src = s->store + p * FMB_PAGE;
     if (b->remote) {
         src = s->fetched;
-        if (fmb_io(s, s->lane[0], &p, sizeof(p), 0, b->poll_us) < 0
-                || fmb_io(s, s->lane[0], src, FMB_PAGE, 1, b->poll_us) < 0) {
+        if (fmb_io(s->lane[0], &p, sizeof(p), 0, b->poll_us) < 0
+                || fmb_io(s->lane[0], src, FMB_PAGE, 1, b->poll_us) < 0) {
             fmb_fail(b, EPIPE);
             return;
         }
     }
     struct uffdio_copy c = {
         .dst = addr, .src = (uint64_t)(uintptr_t)src, .len = FMB_PAGE,
-        .mode = write ? 0 : UFFDIO_COPY_MODE_WP,
+        .mode = write || b->all_dirty ? 0 : UFFDIO_COPY_MODE_WP,
     };
     if (ioctl(b->uffd, UFFDIO_COPY, &c) < 0 && errno != EEXIST)
         fmb_fail(b, errno);
     pthread_mutex_lock(&s->lock);
-    s->state[p] = write ? FMB_DIRTY : FMB_CLEAN;
+    s->state[p] = write || b->all_dirty ? FMB_DIRTY : FMB_CLEAN;
     s->fifo[s->tail++ % b->npages] = (uint32_t)p;
     pthread_mutex_unlock(&s->lock);
     b->missing++;
@@ -303,14 +306,14 @@ static void fmb_evict_batch(struct ssi_fmb *b, struct fmb_priv *s, uint32_t *v, 
                     continue;
                 }
                 uint8_t *rest = (uint8_t *)m.msg_iov[j].iov_base + sent;
-                if (fmb_io(s, s->lane[1], rest, len - (size_t)sent, 0, b->poll_us) < 0) {
+                if (fmb_io(s->lane[1], rest, len - (size_t)sent, 0, b->poll_us) < 0) {
                     fmb_fail(b, EPIPE);
                     return;
                 }
                 sent = 0;
             }
         }
-        if (fmb_io(s, s->lane[1], &ack, sizeof(ack), 1, b->poll_us) < 0) {
+        if (fmb_io(s->lane[1], &ack, sizeof(ack), 1, b->poll_us) < 0) {
             fmb_fail(b, EPIPE);
             return;
         }

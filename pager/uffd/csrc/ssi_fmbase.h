@@ -13,6 +13,7 @@ struct ssi_fmb {
     int poll_us;            /* the fault thread spins this long on an empty uffd (0: blocks) */
     int batch;              /* victims per eviction batch */
     int remote;             /* 1: the store is behind TCP loopback (a thread serving it) */
+    int all_dirty;          /* 1: no dirty tracking: installed writable, every victim stored */
     /* counters */
     uint64_t missing;
     uint64_t wp;
