@@ -83,8 +83,9 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "ssi_pager_readahead_pages": ("counter", "Pages fetched ahead of faults, by whether they "
                                   "were installed (hit) or dropped unused (waste)", ("result",)),
     "ssi_pager_clients": ("gauge", "VMM clients (userfaultfds) being served", ()),
-    "ssi_pager_client": ("info", "A VMM client being served: its process and the address "
-                         "spaces its regions are in", ("client", "pid", "space")),
+    "ssi_pager_client": ("info", "A VMM client being served: its process (empty: a forked "
+                         "child's) and the address spaces its regions are in (empty: a "
+                         "snapshot file)", ("client", "pid", "space")),
     "ssi_pager_regions": ("gauge", "Guest memory regions being served", ()),
     "ssi_pager_errors": ("counter", "Errors by kind (fetch attempts that failed, faults that "
                          "could not be served, faults outside every region)", ("kind",)),
@@ -260,8 +261,8 @@ class PagerCollector(Collector):
         spaces_of = getattr(self.engine, "spaces_of", None)
         for c in clients:
             spaces = spaces_of(c.state.regions) if spaces_of is not None else set()
-            who.add_metric([], {"client": c.name, "pid": str(c.pid),
-                                "space": ",".join(sorted(str(x) for x in spaces))})
+            who.add_metric([], {"client": c.name, "pid": str(c.pid) if c.pid else "",
+                                "space": ",".join(sorted(x for x in spaces if x))})
             resident.add_metric([c.name], c.resident_bytes)
             fm = c.state.farmem
             if fm is not None:
