@@ -18,8 +18,9 @@ PAGE = 4096
 
 class FarMemoryBaseline:
     """Serve ``npages`` pages at ``base`` (offset 0 of ``memfd``, mapped shared) under
-    ``limit_pages`` resident pages until `stop`. ``poll_us``: the fault thread spins that long
-    on an empty userfaultfd before it blocks (as ssi-pager's fault loop does by default)."""
+    ``limit_pages`` resident pages until `stop`. ``poll_us``: every reader (the fault thread on
+    the userfaultfd, both ends of the store's connections) polls that long before it blocks,
+    as ssi-pager's lanes do by default."""
 
     def __init__(self, base: int, npages: int, memfd: int, limit_pages: int, *,
                  poll_us: int = 50, batch: int = 256, remote: bool = False,

@@ -125,8 +125,8 @@ static int ssi_fm_recv(struct ssip_conn c, void *buf, size_t n, int timeout_ms)
 #define SSI_FM_SENDV 32  /* plaintext STORE frames per sendmsg */
 
 /* sendmsg all of v[0..n) (blocking socket; a partial send goes on where it stopped): 0 or
-   -errno. The iovecs are consumed. */
-static int ssi_fm_sendv(int sock, struct iovec *v, int n)
+   -errno. The iovecs are consumed. (Also the write-back of fmbase.c.) */
+int ssi_fm_sendv(int sock, struct iovec *v, int n)
 {
     while (n > 0) {
         struct msghdr mh = {.msg_iov = v, .msg_iovlen = (size_t)n};

@@ -26,8 +26,8 @@
 #include <netinet/tcp.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
-#include <time.h>
 
+#include "ssip_io.h"
 #include "ssi_uffd.h"
 
 #define FMB_PAGE 4096ull
@@ -35,6 +35,11 @@
 #define FMB_LAST (1ull << 63)  /* a store header's flag: the batch's last page, ack it */
 
 enum { FMB_ABSENT, FMB_CLEAN, FMB_DIRTY, FMB_EVICTING };
+
+/* One reader's polling state (ssip_poll.h): the window, and its back-off after a preemption. */
+struct fmb_poll {
+    uint64_t window, skip_until, backoff;
+};
 
 struct fmb_priv {
     pthread_t fault, evict;
@@ -52,42 +57,31 @@ struct fmb_priv {
     int lane[2], srv[2];
     pthread_t server[2];
     int servers;
+    struct fmb_poll fetch_poll, ack_poll;  /* the fault thread's, the evictor's */
     uint8_t *fetched;  /* a fetch's reply */
     uint8_t *outbuf;   /* a batch's pages on their way to the store */
 };
 
-/* All len bytes read (is_read) or written on a connection, spinning poll_us on an empty
-   socket before blocking in poll(); 0, or -1 at EOF or on an error. The store's threads end at
-   the EOF ssi_fmb_stop makes once the fault thread and the evictor are gone, so a batch being
-   stored when the stop comes is still acked. */
-static int fmb_io(int fd, void *buf, size_t len, int is_read, int poll_us)
+static void fmb_fail(struct ssi_fmb *b, int err)
 {
-    uint8_t *p = buf;
-    struct timespec t0 = {0}, t;
-    int spinning = 0;
-    while (len) {
-        ssize_t n = is_read ? recv(fd, p, len, MSG_DONTWAIT)
-                            : send(fd, p, len, MSG_DONTWAIT | MSG_NOSIGNAL);
-        if (n > 0) {
-            p += n;
-            len -= (size_t)n;
-            spinning = 0;
-            continue;
-        }
-        if (n == 0 || (errno != EAGAIN && errno != EINTR))
-            return -1;
-        clock_gettime(CLOCK_MONOTONIC, &t);
-        if (!spinning) {
-            spinning = 1;
-            t0 = t;
-        }
-        if ((t.tv_sec - t0.tv_sec) * 1000000 + (t.tv_nsec - t0.tv_nsec) / 1000 >= poll_us) {
-            struct pollfd pfd = {.fd = fd, .events = is_read ? POLLIN : POLLOUT};
-            poll(&pfd, 1, 50);
-            spinning = 0;
-        }
-    }
-    return 0;
+    int zero = 0;
+    __atomic_compare_exchange_n(&b->error, &zero, err, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+}
+
+/* n bytes from a blocking socket, polling for the first of them over q's window as the lanes
+   of ssi-pager and its node do: 0, or -errno (-EPIPE: the other end closed). The store's
+   threads end at the end of stream ssi_fmb_stop makes once the fault thread and the evictor
+   are gone, so a batch being stored when the stop comes is still acked. */
+static int fmb_recv(struct fmb_poll *q, int fd, void *buf, size_t n)
+{
+    struct iovec v = {.iov_base = buf, .iov_len = n};
+    struct msghdr m = {.msg_iov = &v, .msg_iovlen = 1};
+    ssize_t k = ssip_recvmsg_polling(fd, &m, ssip_mono_ns(), q->window, &q->skip_until,
+                                     &q->backoff);
+    if (k <= 0)
+        return k < 0 ? -errno : -EPIPE;
+    int rc = ssip_recv_all(SSIP_CONN(fd, NULL), (uint8_t *)buf + k, n - (size_t)k);
+    return rc == -ECONNRESET ? -EPIPE : rc;
 }
 
 /* The store's end of the fault thread's connection: a page number in, the page out. */
@@ -95,10 +89,12 @@ static void *fmb_serve_fetch(void *arg)
 {
     struct ssi_fmb *b = arg;
     struct fmb_priv *s = b->priv;
+    struct fmb_poll q = {.window = (uint64_t)b->poll_us * 1000};
     uint64_t p;
-    while (fmb_io(s->srv[0], &p, sizeof(p), 1, b->poll_us) == 0) {
+    while (fmb_recv(&q, s->srv[0], &p, sizeof(p)) == 0) {
         if (p >= b->npages
-                || fmb_io(s->srv[0], s->store + p * FMB_PAGE, FMB_PAGE, 0, b->poll_us) < 0)
+                || ssip_send_all(SSIP_CONN(s->srv[0], NULL), s->store + p * FMB_PAGE,
+                                 FMB_PAGE) < 0)
             break;
     }
     return NULL;
@@ -110,38 +106,17 @@ static void *fmb_serve_store(void *arg)
 {
     struct ssi_fmb *b = arg;
     struct fmb_priv *s = b->priv;
+    struct fmb_poll q = {.window = (uint64_t)b->poll_us * 1000};
+    struct ssip_conn c = SSIP_CONN(s->srv[1], NULL);
     uint64_t h;
-    while (fmb_io(s->srv[1], &h, sizeof(h), 1, b->poll_us) == 0) {
+    while (fmb_recv(&q, s->srv[1], &h, sizeof(h)) == 0) {
         uint64_t p = h & ~FMB_LAST;
-        if (p >= b->npages
-                || fmb_io(s->srv[1], s->store + p * FMB_PAGE, FMB_PAGE, 1, b->poll_us) < 0)
+        if (p >= b->npages || ssip_recv_all(c, s->store + p * FMB_PAGE, FMB_PAGE) < 0)
             break;
-        if ((h & FMB_LAST) && fmb_io(s->srv[1], &h, sizeof(h), 0, b->poll_us) < 0)
+        if ((h & FMB_LAST) && ssip_send_all(c, &h, sizeof(h)) < 0)
             break;
     }
     return NULL;
-}
-
-static void fmb_fail(struct ssi_fmb *b, int err)
-{
-    int zero = 0;
-    __atomic_compare_exchange_n(&b->error, &zero, err, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
-}
-
-static int fmb_wp(struct ssi_fmb *b, uint64_t addr, uint64_t len, int protect)
-{
-    struct uffdio_writeprotect w = {
-        .range = {.start = addr, .len = len},
-        .mode = protect ? UFFDIO_WRITEPROTECT_MODE_WP : 0,
-    };
-    return ioctl(b->uffd, UFFDIO_WRITEPROTECT, &w) < 0 ? -errno : 0;
-}
-
-static void fmb_wake(struct ssi_fmb *b, uint64_t addr, uint64_t len)
-{
-    struct uffdio_range r = {.start = addr, .len = len};
-    if (ioctl(b->uffd, UFFDIO_WAKE, &r) < 0)
-        fmb_fail(b, errno);
 }
 
 static void fmb_missing(struct ssi_fmb *b, struct fmb_priv *s, uint64_t p, int write)
@@ -154,7 +129,9 @@ static void fmb_missing(struct ssi_fmb *b, struct fmb_priv *s, uint64_t p, int w
     }
     if (s->state[p] != FMB_ABSENT) {  /* a stale message: installed already */
         pthread_mutex_unlock(&s->lock);
-        fmb_wake(b, addr, FMB_PAGE);
+        int rc = ssi_uffd_range(b->uffd, UFFDIO_WAKE, addr, FMB_PAGE);
+        if (rc < 0)
+            fmb_fail(b, -rc);
         return;
     }
     if (s->resident >= b->limit_pages)
@@ -171,20 +148,21 @@ static void fmb_missing(struct ssi_fmb *b, struct fmb_priv *s, uint64_t p, int w
     uint8_t *src = s->store + p * FMB_PAGE;
     if (b->remote) {
         src = s->fetched;
-        if (fmb_io(s->lane[0], &p, sizeof(p), 0, b->poll_us) < 0
-                || fmb_io(s->lane[0], src, FMB_PAGE, 1, b->poll_us) < 0) {
-            fmb_fail(b, EPIPE);
+        int rc = ssip_send_all(SSIP_CONN(s->lane[0], NULL), &p, sizeof(p));
+        if (rc == 0)
+            rc = fmb_recv(&s->fetch_poll, s->lane[0], src, FMB_PAGE);
+        if (rc < 0) {
+            fmb_fail(b, -rc);
             return;
         }
     }
-    struct uffdio_copy c = {
-        .dst = addr, .src = (uint64_t)(uintptr_t)src, .len = FMB_PAGE,
-        .mode = write || b->all_dirty ? 0 : UFFDIO_COPY_MODE_WP,
-    };
-    if (ioctl(b->uffd, UFFDIO_COPY, &c) < 0 && errno != EEXIST)
-        fmb_fail(b, errno);
+    int dirty = write || b->all_dirty;
+    int64_t rc = ssi_uffd_copy_buf(b->uffd, addr, src, FMB_PAGE,
+                                   dirty ? 0 : UFFDIO_COPY_MODE_WP);
+    if (rc < 0 && rc != -EEXIST)
+        fmb_fail(b, (int)-rc);
     pthread_mutex_lock(&s->lock);
-    s->state[p] = write || b->all_dirty ? FMB_DIRTY : FMB_CLEAN;
+    s->state[p] = dirty ? FMB_DIRTY : FMB_CLEAN;
     s->fifo[s->tail++ % b->npages] = (uint32_t)p;
     pthread_mutex_unlock(&s->lock);
     b->missing++;
@@ -196,7 +174,8 @@ static void fmb_wp_fault(struct ssi_fmb *b, struct fmb_priv *s, uint64_t p)
     int st = s->state[p];
     if (st == FMB_CLEAN || st == FMB_DIRTY) {
         s->state[p] = FMB_DIRTY;
-        int rc = fmb_wp(b, b->base + p * FMB_PAGE, FMB_PAGE, 0);  /* also wakes the writer */
+        /* also wakes the writer */
+        int rc = ssi_uffd_writeprotect(b->uffd, b->base + p * FMB_PAGE, FMB_PAGE, 0);
         if (rc < 0)
             fmb_fail(b, -rc);
         b->wp++;
@@ -208,130 +187,99 @@ static void *fmb_fault_thread(void *arg)
 {
     struct ssi_fmb *b = arg;
     struct fmb_priv *s = b->priv;
-    struct uffd_msg msgs[FMB_READ];
-    struct timespec t0 = {0}, t;
-    int spinning = 0;
+    uint64_t ev[FMB_READ * SSI_EVENT_WORDS];
+    uint64_t window = (uint64_t)b->poll_us * 1000, idle_since = 0;
+    unsigned k = 1;
     while (!__atomic_load_n(&s->stop, __ATOMIC_RELAXED)) {
-        ssize_t n = read(b->uffd, msgs, sizeof(msgs));
-        if (n < 0) {
-            if (errno != EAGAIN && errno != EINTR) {
-                fmb_fail(b, errno);
-                break;
-            }
-            clock_gettime(CLOCK_MONOTONIC, &t);
-            if (!spinning) {
-                spinning = 1;
-                t0 = t;
-            }
-            if ((t.tv_sec - t0.tv_sec) * 1000000 + (t.tv_nsec - t0.tv_nsec) / 1000
-                    >= b->poll_us) {
-                struct pollfd pfd = {.fd = b->uffd, .events = POLLIN};
-                poll(&pfd, 1, 50);
-                spinning = 0;
-            }
-            continue;
-        }
-        spinning = 0;
-        for (ssize_t i = 0; i < n / (ssize_t)sizeof(msgs[0]); i++) {
-            if (msgs[i].event != UFFD_EVENT_PAGEFAULT)
+        int n = ssi_uffd_read(b->uffd, ev, FMB_READ);
+        if (n == 0) {  /* nothing yet: poll over the window, then block (50 ms at a time) */
+            uint64_t now = ssip_mono_ns();
+            if (!idle_since)
+                idle_since = now;
+            if (now - idle_since < window) {
+                ssip_poll_relax(k++);
                 continue;
-            uint64_t addr = msgs[i].arg.pagefault.address & ~(FMB_PAGE - 1);
-            uint64_t flags = msgs[i].arg.pagefault.flags;
-            if (addr < b->base || addr >= b->base + b->npages * FMB_PAGE)
+            }
+            n = ssi_uffd_wait_read(b->uffd, ev, FMB_READ, 50);
+        }
+        if (n < 0) {
+            fmb_fail(b, -n);
+            break;
+        }
+        if (n > 0) {
+            idle_since = 0;
+            k = 1;
+        }
+        for (int i = 0; i < n; i++) {
+            const uint64_t *w = ev + (size_t)i * SSI_EVENT_WORDS;
+            uint64_t addr = w[2] & ~(FMB_PAGE - 1);
+            if (w[0] != UFFD_EVENT_PAGEFAULT || addr < b->base
+                    || addr >= b->base + b->npages * FMB_PAGE)
                 continue;
             uint64_t p = (addr - b->base) / FMB_PAGE;
-            if (flags & UFFD_PAGEFAULT_FLAG_WP)
+            if (w[1] & UFFD_PAGEFAULT_FLAG_WP)
                 fmb_wp_fault(b, s, p);
             else
-                fmb_missing(b, s, p, !!(flags & UFFD_PAGEFAULT_FLAG_WRITE));
+                fmb_missing(b, s, p, !!(w[1] & UFFD_PAGEFAULT_FLAG_WRITE));
         }
     }
     return NULL;
 }
 
-static int fmb_cmp(const void *a, const void *b)
+/* One batch of n victims, already marked evicting; dirty[i]: victim i needs a write-back. */
+static void fmb_evict_batch(struct ssi_fmb *b, struct fmb_priv *s, const uint32_t *v,
+                            const uint8_t *dirty, int n)
 {
-    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
-    return (x > y) - (x < y);
-}
-
-/* One batch of victims, already marked evicting; dirty[i] says victim i needs a write-back. */
-static void fmb_evict_batch(struct ssi_fmb *b, struct fmb_priv *s, uint32_t *v, int n)
-{
-    for (int i = 0; i < n; i++) {
-        uint64_t p = v[i] & 0x7fffffffu;
-        if (!(v[i] & 0x80000000u))
-            continue;  /* clean: protected since its install */
-        int rc = fmb_wp(b, b->base + p * FMB_PAGE, FMB_PAGE, 1);
-        if (rc < 0)
-            fmb_fail(b, -rc);
-    }
-    int dirty = 0;
-    uint64_t hdr[n];
+    uint64_t offs[n], addrs[n], lens[n], dirty_addrs[n], hdr[n];
     struct iovec iov[2 * n];
+    int err[n], nd = 0, failed, rc;
     for (int i = 0; i < n; i++) {
-        uint64_t p = v[i] & 0x7fffffffu;
-        if (!(v[i] & 0x80000000u))
-            continue;
-        uint8_t *to = b->remote ? s->outbuf + (size_t)dirty * FMB_PAGE : s->store + p * FMB_PAGE;
-        if (pread(b->memfd, to, FMB_PAGE, (off_t)(p * FMB_PAGE)) != (ssize_t)FMB_PAGE)
-            fmb_fail(b, EIO);
-        hdr[dirty] = p;
-        iov[2 * dirty] = (struct iovec){.iov_base = &hdr[dirty], .iov_len = sizeof(hdr[0])};
-        iov[2 * dirty + 1] = (struct iovec){.iov_base = to, .iov_len = FMB_PAGE};
-        dirty++;
+        offs[i] = v[i] * FMB_PAGE;
+        addrs[i] = b->base + offs[i];
+        lens[i] = FMB_PAGE;
+        if (dirty[i])  /* a clean one has been protected since its install */
+            dirty_addrs[nd++] = addrs[i];
     }
-    b->written_back += (uint64_t)dirty;
-    if (b->remote && dirty) {  /* sent in one go, acked once, before any punch */
-        hdr[dirty - 1] |= FMB_LAST;
+    if (ssi_fm_protect(b->uffd, dirty_addrs, lens, nd, err))
+        for (int j = 0; j < nd; j++)
+            if (err[j]) {
+                fmb_fail(b, -err[j]);
+                break;
+            }
+    for (int i = 0, j = 0; i < n; i++) {
+        if (!dirty[i])
+            continue;
+        uint8_t *to = b->remote ? s->outbuf + (size_t)j * FMB_PAGE : s->store + offs[i];
+        if (pread(b->memfd, to, FMB_PAGE, (off_t)offs[i]) != (ssize_t)FMB_PAGE)
+            fmb_fail(b, EIO);
+        hdr[j] = v[i];
+        iov[2 * j] = (struct iovec){.iov_base = &hdr[j], .iov_len = sizeof(hdr[0])};
+        iov[2 * j + 1] = (struct iovec){.iov_base = to, .iov_len = FMB_PAGE};
+        j++;
+    }
+    b->written_back += (uint64_t)nd;
+    if (b->remote && nd) {  /* sent in one go, acked once, before any punch */
         uint64_t ack;
-        for (int k = 0; k < 2 * dirty; k += 64) {
-            int left = 2 * dirty - k;
-            struct msghdr m = {.msg_iov = iov + k, .msg_iovlen = left < 64 ? left : 64};
-            size_t want = 0;
-            for (size_t j = 0; j < m.msg_iovlen; j++)
-                want += m.msg_iov[j].iov_len;
-            ssize_t sent = sendmsg(s->lane[1], &m, MSG_NOSIGNAL);
-            if (sent < 0) {
-                fmb_fail(b, errno);
-                return;
-            }
-            if ((size_t)sent == want)
-                continue;
-            /* the rest of a short send, iovec by iovec */
-            for (size_t j = 0; j < m.msg_iovlen; j++) {
-                size_t len = m.msg_iov[j].iov_len;
-                if ((size_t)sent >= len) {
-                    sent -= (ssize_t)len;
-                    continue;
-                }
-                uint8_t *rest = (uint8_t *)m.msg_iov[j].iov_base + sent;
-                if (fmb_io(s->lane[1], rest, len - (size_t)sent, 0, b->poll_us) < 0) {
-                    fmb_fail(b, EPIPE);
-                    return;
-                }
-                sent = 0;
-            }
-        }
-        if (fmb_io(s->lane[1], &ack, sizeof(ack), 1, b->poll_us) < 0) {
-            fmb_fail(b, EPIPE);
+        hdr[nd - 1] |= FMB_LAST;
+        rc = ssi_fm_sendv(s->lane[1], iov, 2 * nd);
+        if (rc == 0)
+            rc = fmb_recv(&s->ack_poll, s->lane[1], &ack, sizeof(ack));
+        if (rc < 0) {
+            fmb_fail(b, -rc);
             return;
         }
     }
-    for (int i = 0; i < n; i++) {
-        uint64_t p = v[i] & 0x7fffffffu;
-        if (fallocate(b->memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                      (off_t)(p * FMB_PAGE), FMB_PAGE) < 0)
-            fmb_fail(b, errno);
-    }
+    rc = ssi_fm_punch(b->memfd, offs, lens, n, &failed);
+    if (rc < 0)
+        fmb_fail(b, -rc);
     pthread_mutex_lock(&s->lock);
     for (int i = 0; i < n; i++)
-        s->state[v[i] & 0x7fffffffu] = FMB_ABSENT;
+        s->state[v[i]] = FMB_ABSENT;
     s->resident -= (uint64_t)n;
     pthread_cond_broadcast(&s->room);
     pthread_mutex_unlock(&s->lock);
-    for (int i = 0; i < n; i++)
-        fmb_wake(b, b->base + (uint64_t)(v[i] & 0x7fffffffu) * FMB_PAGE, FMB_PAGE);
+    if (ssi_fm_wake(b->uffd, addrs, lens, n))
+        fmb_fail(b, EIO);  /* a victim's range gone: the memory stays mapped, so a bug */
     b->evicted += (uint64_t)n;
 }
 
@@ -340,8 +288,11 @@ static void *fmb_evict_thread(void *arg)
     struct ssi_fmb *b = arg;
     struct fmb_priv *s = b->priv;
     uint32_t *v = malloc(sizeof(uint32_t) * (size_t)b->batch);
-    if (!v) {
+    uint8_t *dirty = malloc((size_t)b->batch);
+    if (!v || !dirty) {
         fmb_fail(b, ENOMEM);
+        free(v);
+        free(dirty);
         return NULL;
     }
     pthread_mutex_lock(&s->lock);
@@ -354,19 +305,20 @@ static void *fmb_evict_thread(void *arg)
             int n = 0;
             while (n < b->batch && s->head < s->tail && s->resident - (uint64_t)n > s->low) {
                 uint32_t p = s->fifo[s->head++ % b->npages];
-                v[n++] = p | (s->state[p] == FMB_DIRTY ? 0x80000000u : 0);
+                dirty[n] = s->state[p] == FMB_DIRTY;
+                v[n++] = p;
                 s->state[p] = FMB_EVICTING;
             }
             if (!n)
                 break;
             pthread_mutex_unlock(&s->lock);
-            qsort(v, (size_t)n, sizeof(v[0]), fmb_cmp);
-            fmb_evict_batch(b, s, v, n);
+            fmb_evict_batch(b, s, v, dirty, n);
             pthread_mutex_lock(&s->lock);
         }
     }
     pthread_mutex_unlock(&s->lock);
     free(v);
+    free(dirty);
     return NULL;
 }
 
@@ -438,6 +390,7 @@ int ssi_fmb_start(struct ssi_fmb *b)
     pthread_cond_init(&s->need, NULL);
     pthread_cond_init(&s->room, NULL);
     s->lane[0] = s->lane[1] = s->srv[0] = s->srv[1] = -1;
+    s->fetch_poll.window = s->ack_poll.window = (uint64_t)b->poll_us * 1000;
     b->priv = s;
     if (b->remote) {
         int rc = fmb_connect(b, s);

@@ -10,7 +10,7 @@ struct ssi_fmb {
     int uffd;
     int memfd;
     uint64_t limit_pages;   /* resident limit */
-    int poll_us;            /* the fault thread spins this long on an empty uffd (0: blocks) */
+    int poll_us;            /* polling window of every reader, uffd and sockets (0: block) */
     int batch;              /* victims per eviction batch */
     int remote;             /* 1: the store is behind TCP loopback (a thread serving it) */
     int all_dirty;          /* 1: no dirty tracking: installed writable, every victim stored */

@@ -229,4 +229,8 @@ uint64_t ssi_now_ns(void);
 #include "ssi_install.h"
 #include "ssi_pfl.h"
 
+/* farmem.c, for fmbase.c too (C only: not in the cffi cdef) */
+struct iovec;
+int ssi_fm_sendv(int sock, struct iovec *v, int n);
+
 #endif /* SSI_UFFD_H */
